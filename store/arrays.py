@@ -1,0 +1,167 @@
+"""Zarr arrays of the store: token-major, preallocated, written and committed in units.
+
+An array is `[n_slots, width]` over a tokenization's layout (see `store.tokens`): token
+`tok_index` of every row is its row in every array of that tokenization. The token axis
+is chunked by the layout's unit (one chunk = one unit = a run of whole rows), so a writer
+owns whole chunks and two ranks never write the same chunk.
+
+A unit is committed by writing `catalog/array_units/<array>/u<unit>.parquet` listing the
+rows it holds, and only after its chunk file is fsynced. Readers trust the commit table,
+never the chunk files, so a killed writer leaves nothing visible that is half-written.
+
+Storage dtypes: zarr 3.1 has no bfloat16, so bf16 is stored as its uint16 bit pattern with
+`attrs["dtype"] = "bfloat16"`; `decode()` turns it back (exactly) into float32. A plain
+zarr reader does the same with `arr[:].astype("uint32") << 16` viewed as float32.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from store.core import Store, StoreError, _fsync_path
+
+StorageDtype = Literal["bf16", "fp16", "fp32", "int32", "uint16", "int64"]
+_ZARR_DTYPE = {"bf16": "uint16", "fp16": "float16", "fp32": "float32", "int32": "int32",
+               "uint16": "uint16", "int64": "int64"}
+_REAL_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "int32": "int32",
+               "uint16": "uint16", "int64": "int64"}
+
+UNITS_TABLE = "array_units"
+ARRAYS_TABLE = "arrays"
+
+
+def array_key(name: str) -> str:
+    """`hidden/layer_17` -> `hidden__layer_17`: the name as one path component."""
+    return name.replace("/", "__")
+
+
+def encode(x: Any, dtype: StorageDtype) -> np.ndarray:
+    """A torch tensor or numpy array -> the numpy array zarr stores for `dtype`."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach()
+        if dtype == "bf16":
+            return x.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
+        return x.cpu().numpy().astype(_ZARR_DTYPE[dtype], copy=False)
+    x = np.asarray(x)
+    if dtype == "bf16":
+        if x.dtype == np.uint16:
+            return x
+        f = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        # round to nearest even, as torch does
+        rounded = (f + 0x7FFF + ((f >> 16) & 1)) >> 16
+        return rounded.astype(np.uint16)
+    return x.astype(_ZARR_DTYPE[dtype], copy=False)
+
+
+def decode(raw: np.ndarray, real_dtype: str) -> np.ndarray:
+    """Stored values -> float32 (bf16 bit patterns are widened exactly)."""
+    if real_dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    if raw.dtype.kind == "f":
+        return raw.astype(np.float32, copy=False)
+    return raw
+
+
+def create_array(store: Store, name: str, *, n_slots: int, width: int | None, chunk_slots: int,
+                 dtype: StorageDtype, attrs: dict[str, Any]) -> zarr.Array:
+    """Create the array, or open it if it exists with the same shape, dtype and identity.
+
+    `width=None` makes a 1-D array (e.g. per-token gradient norms).
+    """
+    path = store.array_path(name)
+    shape = (n_slots,) if width is None else (n_slots, width)
+    chunks = (chunk_slots,) if width is None else (chunk_slots, width)
+    attrs = {**attrs, "dtype": _REAL_DTYPE[dtype], "storage_dtype": _ZARR_DTYPE[dtype],
+             "store_array": name}
+    if (path / "zarr.json").exists():
+        arr = zarr.open_array(str(path), mode="r+")
+        mism = [k for k in ("tokenization", "model_hash", "dtype") if k in attrs and arr.attrs.get(k) != attrs[k]]
+        if tuple(arr.shape) != shape or mism:
+            have = {k: arr.attrs.get(k) for k in mism}
+            want = {k: attrs[k] for k in mism}
+            raise StoreError(
+                f"array {name!r} already exists with shape {tuple(arr.shape)} and {have}, "
+                f"but this run would write shape {shape} and {want}; use another --store "
+                f"or delete {path}"
+            )
+        return arr
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return zarr.create_array(
+        store=str(path), shape=shape, chunks=chunks, dtype=_ZARR_DTYPE[dtype],
+        compressors=None, fill_value=0, attributes=attrs,
+        dimension_names=("token",) if width is None else ("token", "feature"),
+        config={"write_empty_chunks": True},
+    )
+
+
+def open_array(store: Store, name: str) -> zarr.Array:
+    path = store.array_path(name)
+    if not (path / "zarr.json").exists():
+        have = [r["name"] for r in store.query("SELECT name FROM arrays ORDER BY 1").to_pylist()] \
+            if store.has_table(ARRAYS_TABLE) else []
+        raise StoreError(f"array {name!r} is not in {store.root}; arrays there: {have or 'none'}")
+    return zarr.open_array(str(path), mode="r")
+
+
+def write_unit(store: Store, arr: zarr.Array, name: str, unit: int, data: np.ndarray) -> None:
+    """Write the whole chunk of `unit` and make it durable."""
+    chunk = arr.chunks[0]
+    arr[unit * chunk: unit * chunk + data.shape[0]] = data
+    path = store.array_path(name) / "c" / str(unit)
+    if arr.ndim == 2:
+        path = path / "0"
+    _fsync_path(path)
+    _fsync_path(path.parent)
+
+
+def commit_unit(store: Store, name: str, unit: int, row_ids: list[str], run_id: str) -> None:
+    """Make `row_ids` of `unit` visible to readers (call after `write_unit`)."""
+    now = datetime.now(timezone.utc)
+    tbl = pa.table({
+        "array": pa.array([name] * len(row_ids), pa.string()),
+        "unit": pa.array([unit] * len(row_ids), pa.int32()),
+        "row_id": pa.array(sorted(row_ids), pa.string()),
+        "run_id": pa.array([run_id] * len(row_ids), pa.string()),
+        "committed_at": pa.array([now] * len(row_ids), pa.timestamp("us", tz="UTC")),
+    })
+    store.write_table(UNITS_TABLE, tbl, part=f"{array_key(name)}/u{unit:06d}")
+
+
+def committed_rows(store: Store, name: str) -> dict[int, set[str]]:
+    """{unit: rows committed} for one array."""
+    d = store.table_dir(UNITS_TABLE) / array_key(name)
+    files = sorted(d.glob("*.parquet")) if d.is_dir() else []
+    if not files:
+        return {}
+    t = pq.read_table(files, columns=["unit", "row_id"]) if len(files) > 1 else pq.read_table(files[0], columns=["unit", "row_id"])
+    out: dict[int, set[str]] = {}
+    for u, r in zip(t.column("unit").to_pylist(), t.column("row_id").to_pylist()):
+        out.setdefault(u, set()).add(r)
+    return out
+
+
+def record_array(store: Store, name: str, arr: zarr.Array, *, kind: str, layer: int | None,
+                 run_id: str, extra: dict[str, Any] | None = None) -> None:
+    """One row in the `arrays` table per array (rewritten when a run adds to it)."""
+    a = dict(arr.attrs)
+    row = {
+        "name": name, "kind": kind, "layer": layer, "dtype": a.get("dtype"),
+        "storage_dtype": a.get("storage_dtype"), "shape": list(arr.shape), "chunks": list(arr.chunks),
+        "codec": "none", "tokenization": a.get("tokenization"), "model": a.get("model"),
+        "model_hash": a.get("model_hash"), "created_by_run": a.get("run_id"), "last_run": run_id,
+        "path": str(store.array_path(name).relative_to(store.root)),
+        "updated_at": datetime.now(timezone.utc),
+        **(extra or {}),
+    }
+    store.write_rows(ARRAYS_TABLE, [row], part=array_key(name))

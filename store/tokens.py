@@ -1,0 +1,135 @@
+"""Tokenizations and their layout: where each token of each row lives in the arrays.
+
+A store has one tokenization (rows rendered with one model's chat template and tokenizer,
+identified by a hash). Its layout places every row's tokens contiguously on one token axis
+shared by all arrays of that tokenization:
+
+* rows are ordered by split (train_base, attr_query, eval, then others), then by
+  (n_tokens, row_id), so rows of similar length sit together and batches barely pad;
+* rows are packed greedily into units of at most `unit_tokens` slots; a unit starts at
+  `unit * unit_tokens` and its tail slots are unused (never read: the `tokens` table only
+  points at used slots);
+* `tokens.tok_index = row_layout.tok_start + token_pos` is a token's row in every array.
+
+Tables written here: `tokenizations` (one row per tokenization), `row_layout` (one row per
+row: unit, tok_start, n_tokens) and `tokens` (one row per token).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import NamedTuple
+
+import pyarrow as pa
+
+from store.core import Store, StoreError
+
+SPLIT_ORDER = ("train_base", "attr_query", "eval")
+
+TOKENS_SCHEMA = pa.schema([
+    ("tokenization", pa.string()),
+    ("row_id", pa.string()),
+    ("token_pos", pa.int32()),
+    ("token_id", pa.int32()),
+    ("token_text", pa.string()),
+    ("role", pa.string()),
+    ("msg_index", pa.int16()),
+    ("is_supervised", pa.bool_()),
+    ("rel_pos", pa.float32()),
+    ("char_start", pa.int32()),
+    ("char_end", pa.int32()),
+    ("tok_index", pa.int64()),
+])
+
+
+class Layout(NamedTuple):
+    tokenization: str
+    unit_tokens: int
+    n_units: int
+    row_ids: list[str]        # in layout order
+    units: list[int]          # per row
+    tok_starts: list[int]     # per row
+    lengths: list[int]        # per row
+
+    @property
+    def n_slots(self) -> int:
+        return self.n_units * self.unit_tokens
+
+    def rows_of_unit(self) -> dict[int, list[int]]:
+        """{unit: indices into row_ids}."""
+        out: dict[int, list[int]] = {}
+        for i, u in enumerate(self.units):
+            out.setdefault(u, []).append(i)
+        return out
+
+
+def plan_layout(tokenization: str, rows: list[tuple[str, str, int]], unit_tokens: int) -> Layout:
+    """Place rows given as (row_id, split, n_tokens) into units (see the module docstring)."""
+    if unit_tokens <= 0:
+        raise StoreError(f"unit_tokens must be positive, got {unit_tokens}")
+    longest = max((n for _, _, n in rows), default=0)
+    if longest > unit_tokens:
+        raise StoreError(
+            f"a row has {longest} tokens but a unit holds {unit_tokens}; pass --unit-tokens >= {longest}"
+        )
+    rank = {s: i for i, s in enumerate(SPLIT_ORDER)}
+    ordered = sorted(rows, key=lambda r: (rank.get(r[1], len(SPLIT_ORDER)), r[1], r[2], r[0]))
+    row_ids, units, starts, lengths = [], [], [], []
+    unit, used = 0, 0
+    for row_id, _, n in ordered:
+        if used + n > unit_tokens:
+            unit, used = unit + 1, 0
+        row_ids.append(row_id)
+        units.append(unit)
+        starts.append(unit * unit_tokens + used)
+        lengths.append(n)
+        used += n
+    n_units = unit + 1 if ordered else 0
+    return Layout(tokenization, unit_tokens, n_units, row_ids, units, starts, lengths)
+
+
+def write_tokenization(store: Store, layout: Layout, tokens: pa.Table, info: dict) -> None:
+    """Write the three tables of a tokenization. `tokens` has TOKENS_SCHEMA minus
+    tok_index and tokenization; they are filled from the layout here."""
+    start_of = dict(zip(layout.row_ids, layout.tok_starts))
+    starts = pa.array([start_of[r] for r in tokens.column("row_id").to_pylist()], pa.int64())
+    tok_index = pa.compute.add(starts, tokens.column("token_pos").cast(pa.int64()))
+    tokens = tokens.append_column("tok_index", tok_index)
+    tokens = tokens.append_column("tokenization", pa.array([layout.tokenization] * len(tokens), pa.string()))
+    tokens = tokens.select(TOKENS_SCHEMA.names).cast(TOKENS_SCHEMA)
+    sup = pa.compute.filter(tokens.column("row_id"), tokens.column("is_supervised")).to_pylist()
+    n_sup: dict[str, int] = {}
+    for r in sup:
+        n_sup[r] = n_sup.get(r, 0) + 1
+    store.write_table("tokens", tokens, part=layout.tokenization)
+    store.write_table("row_layout", pa.table({
+        "tokenization": [layout.tokenization] * len(layout.row_ids),
+        "row_id": layout.row_ids,
+        "unit": pa.array(layout.units, pa.int32()),
+        "tok_start": pa.array(layout.tok_starts, pa.int64()),
+        "n_tokens": pa.array(layout.lengths, pa.int32()),
+        "n_supervised": pa.array([n_sup.get(r, 0) for r in layout.row_ids], pa.int32()),
+    }), part=layout.tokenization)
+    store.write_rows("tokenizations", [{
+        **info,
+        "tokenization": layout.tokenization, "unit_tokens": layout.unit_tokens,
+        "n_units": layout.n_units, "n_rows": len(layout.row_ids), "n_tokens": sum(layout.lengths),
+        "n_slots": layout.n_slots, "created_at": datetime.now(timezone.utc),
+    }], part=layout.tokenization)
+
+
+def read_layout(store: Store, tokenization: str) -> Layout:
+    t = store.query(
+        "SELECT l.row_id, l.unit, l.tok_start, l.n_tokens, z.unit_tokens, z.n_units "
+        "FROM row_layout l JOIN tokenizations z USING (tokenization) "
+        "WHERE tokenization = ? ORDER BY l.tok_start", [tokenization]).to_pydict()
+    if not t["row_id"]:
+        raise StoreError(f"tokenization {tokenization!r} is not in {store.root}")
+    return Layout(tokenization, t["unit_tokens"][0], t["n_units"][0], t["row_id"], t["unit"],
+                  t["tok_start"], t["n_tokens"])
+
+
+def tokenizations(store: Store) -> list[dict]:
+    if not store.has_table("tokenizations"):
+        return []
+    return store.query("SELECT * FROM tokenizations ORDER BY created_at").to_pylist()
