@@ -129,7 +129,7 @@ def commit_unit(store: Store, name: str, unit: int, row_ids: list[str], run_id: 
     """Make `row_ids` of `unit` visible to readers (call after `write_unit`)."""
     now = datetime.now(timezone.utc)
     tbl = pa.table({
-        "array": pa.array([name] * len(row_ids), pa.string()),
+        "array_name": pa.array([name] * len(row_ids), pa.string()),
         "unit": pa.array([unit] * len(row_ids), pa.int32()),
         "row_id": pa.array(sorted(row_ids), pa.string()),
         "run_id": pa.array([run_id] * len(row_ids), pa.string()),

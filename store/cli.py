@@ -74,7 +74,14 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
                 kw["help"] += f" (default: {default})"
         if optional and default is None and "help" in kw:
             kw["help"] += " (default: none)"
-        parser.add_argument(*names, **kw)
+        if f.metadata.get("positional"):
+            kw.pop("dest")
+            kw.pop("required", None)
+            if default is not dataclasses.MISSING:
+                kw["nargs"] = "?"
+            parser.add_argument(f.name, **kw)
+        else:
+            parser.add_argument(*names, **kw)
     return parser
 
 

@@ -192,7 +192,7 @@ class Store:
     def query(self, sql: str, params: Iterable[Any] | None = None) -> pa.Table:
         con = self.connect()
         try:
-            return con.execute(sql, list(params) if params is not None else None).fetch_arrow_table()
+            return con.sql(sql, params=list(params) if params is not None else None).to_arrow_table()
         finally:
             con.close()
 

@@ -1,0 +1,94 @@
+"""Ad-hoc SQL over a store's catalog, with every table and view registered.
+
+    python -m store.sql "SELECT split, count(*) FROM rows GROUP BY split"
+    python -m store.sql --store /data/st --format csv "SELECT * FROM needle_tokens LIMIT 100"
+    python -m store.sql --format parquet --out sel.parquet "SELECT * FROM assistant_tokens"
+    python -m store.sql --views        # list tables and views (and views not creatable yet)
+    python -m store.sql --refresh      # rebuild catalog.duckdb (e.g. after moving the store)
+
+The plain DuckDB CLI works too: `duckdb store_data/catalog.duckdb`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+from store.cli import parse_config
+from store.core import Store
+
+
+@dataclass
+class SqlConfig:
+    """Run SQL over a store's catalog (tables + sql/views) and print or save the result."""
+
+    query: str | None = field(default=None, metadata={"help": "the SQL to run", "positional": True})
+    store: str = field(default="./store_data", metadata={"help": "store folder"})
+    format: Literal["table", "csv", "json", "parquet"] = field(default="table", metadata={
+        "help": "output format; parquet needs --out"})
+    out: str | None = field(default=None, metadata={"help": "write the result to this file instead of stdout"})
+    max_rows: int = field(default=40, metadata={"help": "rows shown by --format table"})
+    views: bool = field(default=False, metadata={"help": "list the tables and views instead of querying"})
+    refresh: bool = field(default=False, metadata={"help": "rebuild catalog.duckdb and exit"})
+
+    def __post_init__(self) -> None:
+        if self.format == "parquet" and not self.out:
+            raise ValueError("--format parquet needs --out FILE")
+        if not (self.query or self.views or self.refresh):
+            raise ValueError('pass a query, e.g. python -m store.sql "SELECT split, count(*) FROM rows GROUP BY 1"')
+
+
+def run_sql(cfg: SqlConfig) -> str:
+    """Execute cfg's request; returns what to print."""
+    import duckdb
+    import polars as pl
+
+    store = Store(cfg.store)
+    if not store.root.exists():
+        raise ValueError(f"no store at {store.root}; create one with python -m extractors.run --layer 17")
+    if cfg.refresh:
+        return f"rebuilt {store.refresh_catalog()}"
+    if cfg.views:
+        con = store.connect()
+        names = con.sql("SELECT table_name, table_type FROM information_schema.tables ORDER BY 1").fetchall()
+        lines = [f"{n}  ({'table' if n in store.tables() else 'view'})" for n, _ in names]
+        lines += [f"{n}  (not available yet: {err})" for n, err in store.view_errors().items()]
+        return "\n".join(lines)
+    con = store.connect()
+    try:
+        rel = con.sql(cfg.query)
+    except duckdb.Error as e:
+        raise ValueError(f"{e}\n(tables and views: python -m store.sql --views --store {cfg.store})") from None
+    if rel is None:
+        return "ok"
+    frame = pl.from_arrow(rel.to_arrow_table())
+    if cfg.format == "parquet":
+        frame.write_parquet(cfg.out)
+        return f"wrote {len(frame)} rows to {cfg.out}"
+    if cfg.format == "csv":
+        text = frame.write_csv()
+    elif cfg.format == "json":
+        text = frame.write_json()
+    else:
+        with pl.Config(tbl_rows=cfg.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+            text = str(frame)
+    if cfg.out:
+        with open(cfg.out, "w") as fh:
+            fh.write(text)
+        return f"wrote {len(frame)} rows to {cfg.out}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(SqlConfig, argv, prog="python -m store.sql")
+    try:
+        print(run_sql(cfg))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
