@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny random-init model for fast tests, and one real-model store.
+
+`real_store` runs the real SmolLM2-135M-Instruct over a small slice of the embedded sample
+once per session (train_base 120, attr_query 20, eval 20 rows; layers 6 and 17 in one
+pass, ~30k tokens, ~45 s on 2 CPU cores). Tests must treat it as read-only: a test that
+writes copies it first (`copy_store`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REAL_SIZES = {"train_base": 120, "attr_query": 20, "eval": 20}
+REAL_LAYERS = [6, 17]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 4-layer, 64-wide random Llama with the real SmolLM2 tokenizer, as a local folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from extractors.model import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve("embedded").path)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    d = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def ingest_small(store: Path, sizes: dict[str, int], model: str = "embedded") -> None:
+    from extractors.dataset import IngestConfig, run_ingest
+
+    run_ingest(IngestConfig(store=str(store), model=model, **sizes), progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_store(tmp_path_factory) -> Path:
+    """The real model's layers 6 and 17 over 160 rows of the embedded sample (read-only)."""
+    from extractors.run import ExtractConfig, run
+
+    store = tmp_path_factory.mktemp("real") / "store"
+    ingest_small(store, REAL_SIZES)
+    run(ExtractConfig(layers=REAL_LAYERS, store=str(store), progress=False))
+    return store
+
+
+@pytest.fixture
+def copy_store(tmp_path):
+    """copy_store(src) -> a private copy of a store that a test may write to."""
+    def _copy(src: Path) -> Path:
+        dst = tmp_path / "store_copy"
+        shutil.copytree(src, dst)
+        from store.core import Store
+
+        Store(dst).refresh_catalog()
+        return dst
+    return _copy
