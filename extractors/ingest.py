@@ -253,7 +253,7 @@ def ingest(store: Store, source: Source, tokenizer: Any, *, tokenizer_id: str, s
             "order": "per category: row_ids sorted, then shuffled with Random(f'{seed}:{split}:{category}')",
         },
         "filter_stats": stats,
-        "category_distribution": {s: dict(sorted(Counter(r["category"] for r in chosen[s]).items()))
+        "category_distribution": {s: dict(sorted(Counter(str(r["category"]) for r in chosen[s]).items()))
                                   for s in SPLITS},
         "extra_columns": extras,
     }

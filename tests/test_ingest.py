@@ -1,0 +1,165 @@
+"""Ingest: splits, quarantine reasons, determinism, schema errors, catalog round trip."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import pytest
+
+from extractors.dataset import IngestConfig, run_ingest
+from extractors.ingest import IngestError, SPLITS
+from extractors.sources import SchemaError
+from store.core import Store, StoreError
+
+
+def _ingest(path, **kw):
+    return run_ingest(IngestConfig(store=str(path), **kw), progress=False)
+
+
+@pytest.fixture(scope="module")
+def sample_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ingest") / "store"
+    _ingest(path)
+    return Store(path)
+
+
+def test_embedded_splits_meet_the_spec(sample_store):
+    sizes = dict(sample_store.connect().sql("SELECT split, count(*) FROM rows GROUP BY 1").fetchall())
+    assert sizes == {"train_base": 600, "attr_query": 100, "eval": 100}
+    con = sample_store.connect()
+    # disjoint splits, attr_query/eval from the source's test split, train_base from train
+    assert con.sql("SELECT count(*) FROM (SELECT row_id FROM rows GROUP BY 1 HAVING count(*) > 1)").fetchall()[0][0] == 0
+    src = dict(con.sql("SELECT split, list(DISTINCT source_split) FROM rows GROUP BY 1").fetchall())
+    assert src == {"train_base": ["train"], "attr_query": ["test"], "eval": ["test"]}
+    # score_pool is the train_base rows
+    pool = con.sql("SELECT count(*) FROM split_members m JOIN rows r USING (row_id) "
+                   "WHERE m.split = 'score_pool' AND r.split = 'train_base'").fetchall()[0][0]
+    assert pool == 600
+    # no empty prompt or completion; every metadata column present
+    assert con.sql("SELECT count(*) FROM rows WHERE trim(completion) = '' OR len(prompt) = 0").fetchall()[0][0] == 0
+    cols = {r[0] for r in con.sql("DESCRIBE rows").fetchall()}
+    assert {"category", "difficulty", "quality", "reward_model_score", "conversation_tokens"} <= cols
+    # group_id follows the spec
+    gid, cat, diff, ss, idx = con.sql("SELECT group_id, category, difficulty, source_split, source_index "
+                                      "FROM rows LIMIT 1").fetchall()[0]
+    assert gid == f"{cat}::{diff}::{ss}::{idx}"
+
+
+def test_stratified_by_category_and_reported(sample_store):
+    m = json.loads(sample_store.query("SELECT manifest FROM manifests").column(0)[0].as_py())
+    dist = m["category_distribution"]
+    assert set(dist) == set(SPLITS)
+    for split, want in m["split_policy"]["requested"].items():
+        counts = dist[split]
+        assert sum(counts.values()) == want
+        assert len(counts) >= 8
+        # proportional allocation: categories are near-balanced in the sample, so within +-3 of the mean
+        mean = want / len(counts)
+        assert max(abs(c - mean) for c in counts.values()) <= max(3, 0.2 * mean)
+    assert m["split_policy"]["stratify_by"] == "category"
+    assert m["dataset"]["content_hash"]
+    fs = m["filter_stats"]
+    assert fs["source_rows"]["train"] == 1007 and fs["after_token_cap"]["train"] == 1000
+
+
+def test_default_data_quarantines_every_bad_row(sample_store):
+    rows = sample_store.connect().sql("SELECT reason, count(*) FROM quarantine GROUP BY 1").fetchall()
+    assert dict(rows) == {"duplicate_conversation": 2, "empty_completion": 2, "missing_content": 1,
+                          "no_final_assistant": 1, "non_string_content": 1, "over_token_cap": 1}
+    # the raw record is kept, so nothing is lost
+    rec = sample_store.query("SELECT record FROM quarantine WHERE reason = 'no_final_assistant'").column(0)[0].as_py()
+    assert json.loads(rec)["messages"][-1]["role"] == "user"
+
+
+def _row(msgs, category="math", **meta):
+    return {"messages": msgs, "category": category, "difficulty": meta.get("difficulty", "easy"),
+            "quality": meta.get("quality", "good"), "reward_model_score": meta.get("rms", 1.0),
+            "conversation_tokens": 10}
+
+
+def _write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def _clean(i, category="math"):
+    return _row([{"role": "user", "content": f"What is {i} + {i}?"},
+                 {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}], category=category)
+
+
+def test_every_quarantine_reason_with_hand_made_rows(tmp_path):
+    bad = [
+        _row("not a list"),                                                          # malformed_messages
+        _row([{"role": "user"}, {"role": "assistant", "content": "x"}]),             # missing_content
+        _row([{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]),  # non_string_content
+        _row([{"role": "user", "content": "hi"}]),                                   # no_final_assistant
+        _row([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]),      # empty_completion
+        _row([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \n\t"}]),  # empty_completion
+        _row([{"role": "system", "content": "sys"}, {"role": "assistant", "content": "x"}]),   # empty_prompt
+        _row([{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]),       # malformed_messages
+        _clean(1),                                                                   # duplicate of row 0 below
+        _row([{"role": "user", "content": "long " * 50}, {"role": "assistant", "content": "word " * 3000}]),
+        {**_clean(99), "category": None, "quality": None},                           # null metadata: kept
+    ]
+    train = [_clean(i, category=["math", "coding"][i % 2]) for i in range(1, 21)] + bad
+    test = [_clean(i, category=["math", "coding"][i % 2]) for i in range(100, 110)]
+    src = tmp_path / "src"
+    src.mkdir()
+    _write_jsonl(src / "train.jsonl", train)
+    _write_jsonl(src / "test.jsonl", test)
+    res = _ingest(tmp_path / "st", source=str(src), train_base=21, attr_query=4, eval=4)
+    assert res.quarantined == {"duplicate_conversation": 1, "empty_completion": 2, "empty_prompt": 1,
+                               "malformed_messages": 2, "missing_content": 1, "no_final_assistant": 1,
+                               "non_string_content": 1, "over_token_cap": 1}
+    st = Store(tmp_path / "st")
+    assert st.query("SELECT count(*) FROM quarantine").column(0)[0].as_py() == 10
+    nulls = st.query("SELECT count(*) FROM rows WHERE category IS NULL").column(0)[0].as_py()
+    assert nulls == 1
+    stats = res.manifest["filter_stats"]
+    assert stats["source_rows"]["train"] == 31 and stats["after_flatten"]["train"] == 23
+    assert stats["after_dedup"]["train"] == 22 and stats["after_token_cap"]["train"] == 21
+
+
+def test_determinism_same_seed_same_rows_other_seed_differs(tmp_path, sample_store):
+    again = _ingest(tmp_path / "a")
+    other = _ingest(tmp_path / "b", seed=1)
+    q = "SELECT split, row_id FROM rows ORDER BY split, row_id"
+    base = sample_store.query(q).to_pylist()
+    assert Store(tmp_path / "a").query(q).to_pylist() == base
+    assert Store(tmp_path / "b").query(q).to_pylist() != base
+    assert again.ingest_id != other.ingest_id
+
+
+def test_sql_round_trip_in_plain_duckdb(sample_store):
+    con = duckdb.connect(str(sample_store.catalog_db), read_only=True)
+    got = dict(con.sql("SELECT category, count(*) FROM rows GROUP BY 1").fetchall())
+    assert sum(got.values()) == 800 and len(got) >= 8
+    assert con.sql("SELECT count(*) FROM quarantine").fetchall()[0][0] == 8
+
+
+def test_wrong_schema_names_column_and_file(tmp_path):
+    f = tmp_path / "train.jsonl"
+    _write_jsonl(f, [{"messages": [], "category": "x"}])
+    with pytest.raises(SchemaError) as e:
+        _ingest(tmp_path / "st", source=str(f))
+    assert "difficulty" in str(e.value) and str(f) in str(e.value)
+
+
+def test_no_test_split_is_carved_and_said(tmp_path):
+    f = _write_jsonl(tmp_path / "data.jsonl", [_clean(i, ["math", "coding"][i % 2]) for i in range(40)])
+    res = _ingest(tmp_path / "st", source=str(f), train_base=20, attr_query=5, eval=5)
+    assert res.manifest["split_policy"]["attr_query_eval_from"].startswith("carved")
+    assert res.sizes == {"train_base": 20, "attr_query": 5, "eval": 5, "score_pool": 20}
+
+
+def test_too_many_rows_requested_says_how_many_exist(tmp_path):
+    with pytest.raises(IngestError, match=r"only 250 usable rows.*--attr-query <= 250"):
+        _ingest(tmp_path / "st", attr_query=300)
+
+
+def test_reingest_is_a_noop_and_a_different_one_is_refused(tmp_path):
+    _ingest(tmp_path / "st", train_base=50, attr_query=10, eval=10)
+    assert _ingest(tmp_path / "st", train_base=50, attr_query=10, eval=10).skipped
+    with pytest.raises(StoreError, match="new --store"):
+        _ingest(tmp_path / "st", train_base=60, attr_query=10, eval=10)
