@@ -16,7 +16,6 @@ zarr reader does the same with `arr[:].astype("uint32") << 16` viewed as float32
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timezone
 from typing import Any, Literal
 
