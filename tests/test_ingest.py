@@ -163,3 +163,23 @@ def test_reingest_is_a_noop_and_a_different_one_is_refused(tmp_path):
     assert _ingest(tmp_path / "st", train_base=50, attr_query=10, eval=10).skipped
     with pytest.raises(StoreError, match="new --store"):
         _ingest(tmp_path / "st", train_base=60, attr_query=10, eval=10)
+
+
+def test_parquet_folder_and_saved_datasets_sources(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset, DatasetDict
+
+    train = [_clean(i, ["math", "coding"][i % 2]) for i in range(1, 31)]
+    test = [_clean(i, ["math", "coding"][i % 2]) for i in range(100, 112)]
+    pq_dir = tmp_path / "pq"
+    pq_dir.mkdir()
+    pq.write_table(pa.Table.from_pylist(train), pq_dir / "train-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(test), pq_dir / "test-00000.parquet")
+    DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)}).save_to_disk(tmp_path / "ds")
+    q = "SELECT split, row_id FROM rows ORDER BY 1, 2"
+    a = _ingest(tmp_path / "a", source=str(pq_dir), train_base=20, attr_query=5, eval=5)
+    b = _ingest(tmp_path / "b", source=str(tmp_path / "ds"), train_base=20, attr_query=5, eval=5)
+    assert a.sizes == b.sizes == {"train_base": 20, "attr_query": 5, "eval": 5, "score_pool": 20}
+    assert Store(tmp_path / "a").query(q).to_pylist() == Store(tmp_path / "b").query(q).to_pylist()
+    assert a.manifest["dataset"]["content_hash"] and "test-00000.parquet" in a.manifest["dataset"]["files"]["test"]
