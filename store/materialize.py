@@ -46,6 +46,16 @@ def view_sql(store: Store, view_or_sql: str) -> str:
     return view_or_sql
 
 
+def view_text(store: Store, view_or_sql: str) -> str:
+    """The SQL text behind a view name (its .sql file), for run records; SQL is returned as is."""
+    name = view_or_sql.strip()
+    if _IDENT.match(name):
+        for p in store.view_files():
+            if p.stem == name:
+                return p.read_text()
+    return view_sql(store, view_or_sql)
+
+
 def select(store: Store, view_or_sql: str, array: str | None = None) -> pl.DataFrame:
     """Run the view; with `array`, fail unless all its rows are committed there."""
     sql = view_sql(store, view_or_sql)
