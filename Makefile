@@ -27,3 +27,4 @@ test: setup
 bench: setup
 	$(BIN)/python -m bench.extract
 	$(BIN)/python -m bench.read
+	$(BIN)/python -m bench.sae_codes

@@ -35,6 +35,8 @@ class ExtractConfig:
         "help": "what to extract: hidden (hidden states) and/or sae (sparse SAE codes, needs --sae)"})
     sae: str | None = field(default=None, metadata={"help": "SAE for --kinds sae: a local sae-lens folder or "
                             "RELEASE/SAE_ID of a pretrained one"})
+    sae_k: int | None = field(default=None, metadata={"help": "feature slots kept per token for SAEs without "
+                              "their own k (default 64); TopK SAEs use their k"})
     split: str = field(default="all", metadata={"help": "rows to extract: all, train_base, attr_query, eval "
                        "or score_pool"})
     max_rows: int | None = field(default=None, metadata={"help": "extract only the first N selected rows by "
