@@ -8,6 +8,14 @@ depend only on the unit and the selection, a killed run rerun with the same comm
 recomputes exactly the uncommitted units with the same batches: the arrays end up
 byte-identical to an uninterrupted run. A background thread writes units while the next
 one computes.
+
+Per batch there is no per-token Python and no host synchronisation: the real tokens' flat
+positions and their unit slots are computed with numpy, each layer's output is gathered
+(`index_select`), cast to the storage dtype and scattered into the unit buffer
+(`index_copy_`) where the model runs. On CUDA the unit buffer lives on the GPU and goes to
+the host once per unit, non-blocking into pinned memory, with an event the writer waits on
+(see `_Staging`); on CPU the unit buffer is the host array the writer gets. Both paths give
+the same bytes as `store.arrays.encode` of the masked outputs.
 """
 
 from __future__ import annotations
@@ -26,9 +34,9 @@ import zarr
 from tqdm.auto import tqdm
 
 from extractors.chat_tokens import tokenize_rows, tokenizer_hash
+from extractors.forward import Batch, LayerCapture, pad_batch, padding_fraction, plan_batches, validate_layers
 from extractors.model import decoder_layers
-from extractors.forward import LayerCapture, pad_batch, padding_fraction, plan_batches, validate_layers
-from store.arrays import commit_unit, committed_rows, create_array, encode, record_array, write_unit
+from store.arrays import commit_unit, committed_rows, create_array, record_array, write_unit
 from store.core import Store, StoreError
 from store.runs import Run
 from store.tokens import Layout, plan_layout, read_layout, tokenizations, write_tokenization
@@ -49,7 +57,7 @@ def hidden_array_name(layer: int) -> str:
     return f"hidden/layer_{layer}"
 
 
-def _wait_for(check, what: str, timeout: float = 3600.0) -> None:
+def wait_for(check, what: str, timeout: float = 3600.0) -> None:
     t0 = time.monotonic()
     while not check():
         if time.monotonic() - t0 > timeout:
@@ -70,7 +78,7 @@ def ensure_tokenization(store: Store, tok: Any, model_id: str, unit_tokens: int,
             f"{store.root} is tokenized for {have[0]['model']} ({have[0]['tokenization']}); "
             f"{model_id} tokenizes differently. Use another --store for this model.")
     if rank != 0:
-        _wait_for(lambda: any(t["tokenization"] == tz for t in tokenizations(store)), f"tokenization {tz}")
+        wait_for(lambda: any(t["tokenization"] == tz for t in tokenizations(store)), f"tokenization {tz}")
         return read_layout(store, tz)
     rows = store.query("SELECT row_id, split, messages FROM rows ORDER BY row_id").to_pydict()
     table = tokenize_rows(tok, rows["row_id"],
@@ -132,26 +140,45 @@ def plan_work(layout: Layout, selected: list[str], names: list[str], rank: int, 
     return work
 
 
-class _Writer(threading.Thread):
-    """Writes and commits finished units in order, while the next unit computes."""
+class UnitWriter:
+    """Writes and commits finished units on background threads while the next unit computes.
 
-    def __init__(self, store: Store, arrays: dict[str, Any], layout: Layout, run_id: str):
-        super().__init__(daemon=True)
+    An item is `(work, buffers)` or `(work, buffers, ready, release)`: `ready` (a CUDA event,
+    or None) is waited on before the buffers are read (their device-to-host copy was queued
+    without blocking), and `release(buffers)` hands them back to their pool once written.
+    Units are independent (each its own chunk and commit file), so with `threads > 1` they
+    are written concurrently, which keeps the disk busy during each unit's fsyncs and
+    commit; the order of commits does not matter for readers or for resume."""
+
+    def __init__(self, store: Store, arrays: dict[str, Any], layout: Layout, run_id: str, threads: int = 1):
         self.store, self.arrays, self.layout, self.run_id = store, arrays, layout, run_id
         self.q: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
-        self.seconds = 0.0
+        self.seconds = 0.0                      # busy time, summed over threads
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self.run, daemon=True, name=f"unit-writer-{k}")
+                         for k in range(max(1, threads))]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
 
     def run(self) -> None:
         while (item := self.q.get()) is not None:
-            if self.error is not None:
-                continue
+            work, buffers, ready, release = (*item, None, None)[:4]
             try:
-                t0 = time.perf_counter()
-                self._write(*item)
-                self.seconds += time.perf_counter() - t0
+                if self.error is None:
+                    if ready is not None:
+                        ready.synchronize()
+                    t0 = time.perf_counter()
+                    self._write(work, buffers)
+                    with self._lock:
+                        self.seconds += time.perf_counter() - t0
             except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
                 self.error = e
+            finally:
+                if release is not None:
+                    release(buffers)
 
     def _write(self, work: UnitWork, buffers: dict[str, np.ndarray]) -> None:
         lo = work.unit * self.layout.unit_tokens
@@ -175,10 +202,13 @@ class _Writer(threading.Thread):
             raise self.error
         self.q.put(item)
 
-    def close(self) -> None:
-        self.q.put(None)
-        self.join()
-        if self.error is not None:
+    def close(self, raise_error: bool = True) -> None:
+        """Finish the queued units, then stop (units already computed are still committed)."""
+        for _ in self._threads:
+            self.q.put(None)
+        for t in self._threads:
+            t.join()
+        if raise_error and self.error is not None:
             raise self.error
 
 
@@ -214,7 +244,7 @@ def extract_hidden(store: Store, lm: Any, layout: Layout, selected: list[str], s
                                             chunk_slots=layout.unit_tokens, dtype=spec.dtype, attrs={**attrs, "layer": L})
                 record_array(store, name, arrays[name], kind="hidden", layer=L, run_id=run.run_id)
             else:
-                _wait_for(lambda n=name: (store.array_path(n) / "zarr.json").exists(), name)
+                wait_for(lambda n=name: (store.array_path(n) / "zarr.json").exists(), name)
                 arrays[name] = zarr.open_array(str(store.array_path(name)), mode="r+")
         result = _run_units(store, lm, layout, work, layers, names, arrays, spec.dtype, batch_tokens, run, progress)
         for L, name in zip(layers, names):
@@ -225,50 +255,152 @@ def extract_hidden(store: Store, lm: Any, layout: Layout, selected: list[str], s
     return result
 
 
-def _run_units(store, lm, layout, work, layers, names, arrays, dtype, batch_tokens, run, progress):
+def unit_batches(layout: Layout, rows: list[int], batch_tokens: int) -> list[Batch]:
+    """The batches of one unit's rows: sorted by (length, row_id), packed greedily up to
+    batch_tokens padded tokens. A function of the unit's rows alone, so a resumed run
+    recomputes a unit with the very batches an uninterrupted run used."""
+    order = sorted(rows, key=lambda i: (layout.lengths[i], layout.row_ids[i]))
+    return plan_batches(layout.lengths, order, batch_tokens)
+
+
+def token_index(layout: Layout, b: Batch, lo: int) -> tuple[np.ndarray, np.ndarray]:
+    """(src, dst) for a batch: flat positions of its real tokens in the padded [B*T] batch,
+    and their slots in the unit buffer (row after row). Vectorized: no per-token Python."""
+    lens = np.asarray(b.lengths, dtype=np.int64)
+    n = int(lens.sum())
+    first = np.repeat(np.cumsum(lens) - lens, lens)           # index of each token's row start
+    pos = np.arange(n, dtype=np.int64) - first                # token position within its row
+    rows = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
+    starts = np.asarray([layout.tok_starts[i] - lo for i in b.rows], dtype=np.int64)
+    return rows * b.width + pos, starts[rows] + pos
+
+
+# Same bits as store.arrays.encode(tensor, dtype), computed where the tensor lives.
+_STAGE_DTYPE = {"bf16": torch.int16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def to_storage(h: torch.Tensor, dtype: str) -> torch.Tensor:
+    if dtype == "bf16":
+        return h.to(torch.bfloat16).view(torch.int16)
+    return h.to(_STAGE_DTYPE[dtype])
+
+
+class _Staging:
+    """Where each unit is assembled, one [unit_tokens, d] buffer per array.
+
+    CPU: a fresh zeroed host buffer per unit, filled in place and handed to the writer.
+    CUDA (`resident`): one buffer per array on the device, filled in place there; at the
+    unit's end it is copied with non_blocking=True into a pinned host buffer taken from a
+    small pool, and a CUDA event marks the copy, which the writer waits on. The GPU never
+    waits for the host: the only blocking point is the pool (every host buffer still queued
+    for writing). `resident=True` on CPU runs the same logic without pinning or events, so
+    the GPU path's bookkeeping is testable on CPU."""
+
+    def __init__(self, names: list[str], arrays: dict[str, Any], unit_tokens: int, dtype: str,
+                 device: torch.device, pool_size: int, resident: bool | None = None):
+        self.names, self.arrays, self.rows, self.dtype = names, arrays, unit_tokens, dtype
+        self.cuda = device.type == "cuda"
+        self.resident = self.cuda if resident is None else resident
+        self.width = {n: arrays[n].shape[1] for n in names}
+        self.dev: dict[str, torch.Tensor] = {}
+        self.pool: queue.Queue = queue.Queue()
+        if self.resident:
+            for n in names:
+                self.dev[n] = torch.zeros((unit_tokens, self.width[n]), dtype=_STAGE_DTYPE[dtype], device=device)
+            for _ in range(pool_size):
+                self.pool.put({n: torch.empty((unit_tokens, self.width[n]), dtype=_STAGE_DTYPE[dtype],
+                                              pin_memory=self.cuda) for n in names})
+
+    def begin(self) -> dict[str, torch.Tensor]:
+        """Zeroed buffers for the next unit (slots of unselected rows and the tail stay 0)."""
+        if self.resident:
+            for t in self.dev.values():
+                t.zero_()
+            return self.dev
+        self._host = {n: np.zeros((self.rows, self.width[n]), dtype=self.arrays[n].dtype) for n in self.names}
+        return {n: torch.from_numpy(a.view(np.int16) if self.dtype == "bf16" else a) for n, a in self._host.items()}
+
+    def finish(self) -> tuple[dict[str, np.ndarray], Any, Any]:
+        """(numpy buffers for the writer, event to wait on or None, release callback or None)."""
+        if not self.resident:
+            return self._host, None, None
+        host = self.pool.get()
+        for n in self.names:
+            host[n].copy_(self.dev[n], non_blocking=self.cuda)
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        views = {n: host[n].numpy().view(self.arrays[n].dtype) for n in self.names}
+        return views, ready, lambda _views, host=host: self.pool.put(host)
+
+
+def _run_units(store, lm, layout, work, layers, names, arrays, dtype, batch_tokens, run, progress,
+               writers: int | None = None, resident: bool | None = None):
+    """The extraction loop (see the module docstring). `writers` (writer threads) and
+    `resident` (device-resident unit buffers + host pool) default to the device's best:
+    2 and True on CUDA, 1 and False on CPU; any setting writes the same bytes."""
     ids = row_token_ids(store, layout.tokenization, [layout.row_ids[i] for w in work for i in w.rows])
     total = sum(layout.lengths[i] for w in work for i in w.rows)
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    cuda = lm.device.type == "cuda"
-    writer = _Writer(store, arrays, layout, run.run_id)
+    dev = lm.device
+    cuda = dev.type == "cuda"
+    # On a GPU the disk is the bound: two writer threads overlap one unit's fsync with the next write.
+    writer = UnitWriter(store, arrays, layout, run.run_id, threads=writers or (2 if cuda else 1))
+    staging = _Staging(names, arrays, layout.unit_tokens, dtype, dev, pool_size=len(writer._threads) + 3,
+                       resident=resident)
     writer.start()
-    fwd_s = 0.0
+    fwd_s, events = 0.0, []
     all_batches = []
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc=f"extract {','.join(map(str, layers))}", unit="tok", unit_scale=True,
                disable=not progress)
-    with LayerCapture(lm.model, layers) as cap:
-        for w in work:
-            lo = w.unit * layout.unit_tokens
-            order = sorted(w.rows, key=lambda i: (layout.lengths[i], layout.row_ids[i]))
-            batches = plan_batches(layout.lengths, order, batch_tokens)
-            all_batches += batches
-            buffers = {n: np.zeros((layout.unit_tokens, arrays[n].shape[1]), dtype=arrays[n].dtype) for n in names}
-            for b in batches:
-                x = pad_batch([ids[layout.row_ids[i]] for i in b.rows], b.width, pad_id, lm.device)
-                tf = time.perf_counter()
-                out = cap.capture(x)
-                if cuda:
-                    torch.cuda.synchronize()
-                fwd_s += time.perf_counter() - tf
-                lens = torch.as_tensor(b.lengths, device=lm.device)
-                mask = torch.arange(b.width, device=lm.device)[None, :] < lens[:, None]
-                offs = np.concatenate([[0], np.cumsum(b.lengths)])
-                for L, n in zip(layers, names):
-                    flat = encode(out[L][mask], dtype)     # real tokens only, row after row
-                    for k, i in enumerate(b.rows):
-                        s = layout.tok_starts[i] - lo
-                        buffers[n][s: s + b.lengths[k]] = flat[offs[k]: offs[k + 1]]
-                bar.update(sum(b.lengths))
-            writer.put((w, buffers))
+    try:
+        with LayerCapture(lm.model, layers) as cap, torch.inference_mode():
+            for w in work:
+                lo = w.unit * layout.unit_tokens
+                batches = unit_batches(layout, w.rows, batch_tokens)
+                all_batches += batches
+                stage = staging.begin()
+                for b in batches:
+                    x = pad_batch([ids[layout.row_ids[i]] for i in b.rows], b.width, pad_id, dev)
+                    src, dst = (_to_device(torch.from_numpy(a), dev) for a in token_index(layout, b, lo))
+                    if cuda:
+                        events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                        events[-1][0].record()
+                    else:
+                        tf = time.perf_counter()
+                    out = cap.capture(x)
+                    if cuda:
+                        events[-1][1].record()
+                    else:
+                        fwd_s += time.perf_counter() - tf
+                    for L, n in zip(layers, names):
+                        h = out[L].reshape(-1, out[L].shape[-1]).index_select(0, src)
+                        stage[n].index_copy_(0, dst, to_storage(h, dtype))
+                    bar.update(sum(b.lengths))
+                writer.put((w, *staging.finish()))
+    except BaseException:
+        writer.close(raise_error=False)   # units already computed are still committed
+        raise
     writer.close()
     bar.close()
     secs = time.perf_counter() - t0
+    if cuda:
+        fwd_s = sum(a.elapsed_time(b) for a, b in events) / 1000.0   # all done: the writer waited
     pad = padding_fraction(all_batches)
     n_rows = sum(len(w.rows) for w in work)
     result = ExtractResult(run.run_id, n_rows, total, secs, total / secs, total / fwd_s if fwd_s else 0.0, pad, False)
     run.finish(counts={"rows": n_rows, "tokens": total, "units": len(work), "batches": len(all_batches),
                        "padding_fraction": round(pad, 4)},
                metrics={"tokens_per_s": result.tokens_per_s, "forward_tokens_per_s": result.forward_tokens_per_s,
-                        "seconds": secs, "forward_seconds": fwd_s, "writer_seconds": writer.seconds})
+                        "seconds": secs, "forward_seconds": fwd_s, "writer_seconds": writer.seconds,
+                        "writer_threads": len(writer._threads)})
     return result
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without blocking the host (pinned source on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

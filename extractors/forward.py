@@ -105,4 +105,7 @@ def pad_batch(token_ids: list[list[int]], width: int, pad_id: int, device: torch
     out = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
     for i, ids in enumerate(token_ids):
         out[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+    if device.type == "cuda":
+        # A copy from pageable memory waits for the GPU to drain; from pinned memory it is queued.
+        out = out.pin_memory()
     return out.to(device, non_blocking=True)

@@ -97,8 +97,8 @@ def run(cfg: ExtractConfig):
             print(summary(run_ingest(IngestConfig(store=cfg.store, source=cfg.source, model=cfg.model),
                                      progress=cfg.progress)))
         else:
-            from extractors.extract import _wait_for
-            _wait_for(lambda: store.has_table("manifests"), "the ingest")
+            from extractors.extract import wait_for
+            wait_for(lambda: store.has_table("manifests"), "the ingest")
     lm = load_model(cfg.model, cfg.device, cfg.compute_dtype,
                     Path(cfg.model_cache) if cfg.model_cache else None)
     print(f"model {lm.model_id} on {lm.device} ({str(lm.dtype).replace('torch.', '')}) loaded in "

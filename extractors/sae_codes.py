@@ -37,7 +37,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from extractors.extract import _wait_for, _Writer, plan_work, row_token_ids
+from extractors.extract import wait_for, UnitWriter, plan_work, row_token_ids
 from extractors.forward import LayerCapture, pad_batch, plan_batches
 from store.arrays import committed_rows, create_array, decode, encode, open_array, record_array
 from store.cli import config_dict
@@ -190,7 +190,7 @@ def extract_sae_codes(store: Store, cfg: Any, lm: Any, layout: Layout, selected:
                 record_array(store, name, arrays[name], kind="sae", layer=layer, run_id=run.run_id,
                              extra={"sae": loaded.name, "k": k, "part": part})
             else:
-                _wait_for(lambda n=name: (store.array_path(n) / "zarr.json").exists(), name)
+                wait_for(lambda n=name: (store.array_path(n) / "zarr.json").exists(), name)
                 arrays[name] = zarr.open_array(str(store.array_path(name)), mode="r+")
         counts = _run_units(store, lm, layout, work, sae, layer, k, arrays, idx_name, val_name, cfg, batch_tokens, run)
         for name in names:
@@ -223,7 +223,7 @@ def _run_units(store, lm, layout, work, sae, layer, k, arrays, idx_name, val_nam
     need_model = [i for w in work for i in w.rows if layout.row_ids[i] not in hidden_done.get(w.unit, set())]
     ids = row_token_ids(store, layout.tokenization, [layout.row_ids[i] for i in need_model]) if need_model else {}
     total = sum(layout.lengths[i] for w in work for i in w.rows)
-    writer = _Writer(store, arrays, layout, run.run_id)
+    writer = UnitWriter(store, arrays, layout, run.run_id)
     writer.start()
     t0, enc_s, n_fresh, truncated = time.perf_counter(), 0.0, 0, 0
     bar = tqdm(total=total, desc=f"SAE codes layer {layer}", unit="tok", unit_scale=True, disable=not cfg.progress)

@@ -1,0 +1,136 @@
+"""The benchmarks run end to end in a tiny CPU setting (tiny model, a few rows), so they do not
+rot: every method yields a positive rate, the JSON and chart are written, the extractor's
+arrays equal what the naive approach computes, and bad arguments are refused. They time
+nothing: speed is measured by `python -m bench.extract` / `python -m bench.read`, not tests."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench import extract as bench_extract
+from bench import read as bench_read
+from bench.common import disk_write_bandwidth, print_table
+
+
+@pytest.fixture(scope="module")
+def extract_result(tiny_model, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    store = d / "store"
+    res = bench_extract.run_bench(bench_extract.BenchExtractConfig(
+        model=tiny_model, layers=[1, 3], rows=6, unit_tokens=1024, disk_mb=8, saelens_context=64,
+        methods=["forward", "extract", "naive", "saelens", "forward_full", "forward_windows"], store=str(store),
+        out=str(d / "extract.json"), progress=False))
+    return res, store, d
+
+
+def test_bench_extract_measures_every_method(extract_result):
+    res, _, d = extract_result
+    saved = json.loads((d / "extract.json").read_text())
+    assert (d / "extract.png").stat().st_size > 0
+    assert saved["summary"] == pytest.approx(res["summary"])
+    assert set(saved["methods"]) == {"forward", "extract", "naive", "saelens", "forward_full", "forward_windows"}
+    for name, m in saved["methods"].items():
+        assert m["tokens_per_s"] > 0 and m["tokens"] > 0, name
+    s = saved["summary"]
+    assert s["disk_write_GBps"] > 0 and 0 <= s["padding_fraction"] < 1
+    # 6 rows (~1,100 tokens) take two 1024-slot units: 2 layers x 2 units x 1024 slots x 64 wide x 2 bytes (bf16)
+    assert saved["units"] == 2
+    assert 4 * 1024 * 64 * 2 <= s["bytes_per_token"] * saved["tokens"] <= 4 * 1024 * 64 * 2 + 8192
+    assert saved["methods"]["extract"]["payload_bytes_per_token"] == 2 * 64 * 2
+    assert s["extract_vs_naive"] > 0 and s["extract_vs_saelens"] > 0 and s["saelens_vs_its_forward"] > 0
+    assert saved["methods"]["saelens"]["tokens"] == saved["methods"]["forward_windows"]["tokens"] > 0
+    assert "extract" in saved["table"] and saved["machine"]["cpu_cores"] >= 1
+
+
+def test_bench_extract_writes_what_the_model_computes(extract_result, tiny_model):
+    """The benchmarked extractor wrote the model's own hidden states (bf16 of the fp32 values)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from store.core import Store
+    from store.materialize import materialize
+
+    _, store, _ = extract_result
+    st = Store(store)
+    m = materialize(st, "SELECT row_id, token_pos, tok_index FROM tokens ORDER BY tok_index", "hidden/layer_1")
+    row = m.frame["row_id"][0]
+    ids = st.query("SELECT token_id FROM tokens WHERE row_id = ? ORDER BY token_pos", [row]).column(0).to_pylist()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        want = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0]   # layer 1
+    want = want.to(torch.bfloat16).float().numpy()
+    got = m.X[(m.frame["row_id"] == row).to_numpy()]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * np.abs(want).max())
+
+
+def test_bench_extract_refuses_a_real_store_and_bad_methods(extract_result, tiny_model, tmp_path):
+    from extractors.run import ExtractConfig, run
+
+    _, store, _ = extract_result
+    run(ExtractConfig(layers=[2], store=str(store), model=tiny_model, progress=False))   # a real extraction
+    with pytest.raises(ValueError, match="written by a real extraction"):
+        bench_extract.run_bench(bench_extract.BenchExtractConfig(
+            model=tiny_model, layers=[2], rows=6, store=str(store), out=str(tmp_path / "x.json"),
+            methods=["forward"], disk_mb=8, progress=False))
+    from store.cli import parse_config
+    with pytest.raises(SystemExit):
+        parse_config(bench_extract.BenchExtractConfig, ["--methods", "fastest"])
+
+
+def test_bench_read_compares_with_memmap(extract_result, tmp_path):
+    _, store, _ = extract_result
+    out = tmp_path / "read.json"
+    res = bench_read.run_bench(bench_read.BenchReadConfig(
+        store=str(store), array="hidden/layer_3", n_tokens=200, n_rows=2, batch_size=256, repeats=1,
+        out=str(out), progress=False))
+    saved = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 0
+    cases = {(r["case"], r["method"]) for r in saved["results"]}
+    assert {("tokens", "materialize"), ("tokens", "memmap"), ("rows", "gather"),
+            ("stream", "iter_materialize shuffled"), ("stream", "raw sequential read")} <= cases
+    for r in res["results"]:
+        assert r["cold_tokens_per_s"] > 0 and r["warm_tokens_per_s"] > 0
+    assert all("warm_vs_memmap" in r for r in saved["results"] if r["method"] in ("materialize", "gather"))
+    # the store was only read: no raw copy or benchmark folder left behind
+    assert not any(p.name == "raw.bin" for p in store.rglob("raw.bin"))
+
+
+def test_disk_probe_and_table(tmp_path, capsys):
+    d = disk_write_bandwidth(tmp_path / "probe", total_mb=4, file_mb=1)
+    assert d["bytes"] == 4 << 20 and d["write_GBps"] > 0 and not (tmp_path / "probe").exists()
+    text = print_table([{"m": "a", "v": 1234.5}, {"m": "bb", "v": None}], [("m", "method", ""), ("v", "tok/s", ",.0f")])
+    assert text.splitlines()[2].endswith("1,234") and text.splitlines()[3].endswith("-")
+    assert text in capsys.readouterr().out
+
+
+def test_gpu_staging_path_writes_the_same_bytes_on_cpu(extract_result, tiny_model, tmp_path, monkeypatch):
+    """The CUDA path's bookkeeping (device-resident unit buffers, a pool of host buffers,
+    several writer threads) runs on CPU too, and must write what the default path wrote."""
+    import functools
+    import shutil
+
+    import zarr
+
+    import extractors.extract as ex
+    from extractors.model import load_model
+    from store.core import Store
+    from store.tokens import read_layout, tokenizations
+
+    _, store, _ = extract_result
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    st = Store(copy)
+    bench_extract._clear_arrays(st, ["hidden/layer_1", "hidden/layer_3"])
+    monkeypatch.setattr(ex, "_run_units", functools.partial(ex._run_units, writers=3, resident=True))
+    lm = load_model(tiny_model, "cpu")
+    layout = read_layout(st, tokenizations(st)[0]["tokenization"])
+    res = ex.extract_hidden(st, lm, layout, ex.select_rows(st, "all", 6), ex.HiddenSpec([1, 3], "bf16"),
+                            batch_tokens=8192, run_config={"bench": True}, progress=False)
+    assert res.rows == 6 and len(set(layout.units)) == 2      # the second unit reuses the staging buffers
+    for name in ("hidden/layer_1", "hidden/layer_3"):
+        a = zarr.open_array(str(Store(store).array_path(name)), mode="r")[:]
+        b = zarr.open_array(str(st.array_path(name)), mode="r")[:]
+        assert a.any() and np.array_equal(a, b)
