@@ -2,8 +2,10 @@
 
     python -m bench.extract                                   # embedded SmolLM2, layer 17, 200 rows
     python -m bench.extract --rows 40 --disk-mb 64            # CPU-sized smoke run
-    python -m bench.extract --model random:smollm2-135m --rows 4000 --device cuda
-    python -m bench.extract --model random:llama-1b --layers 15 --rows 4000 --device cuda
+    python -m bench.extract --model random:smollm2-135m --rows 20000 --unit-tokens 65536 --repeats 2
+    python -m bench.extract --model random:llama-1b --layers 15 --rows 8000 --unit-tokens 65536 --repeats 2
+
+(the last two on a GPU: batches never span a unit, so GPU runs want larger units).
 
 Methods, all over the same rows cut into the same batches (the extractor's own per-unit,
 length-sorted batches, `extractors.extract.unit_batches`):
