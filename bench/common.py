@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from store.core import Store
+from store.core import fsync_path, Store
 
 # Shapes from the models' config.json (Llama-3.2-1B without its rope scaling: irrelevant here).
 RANDOM_SHAPES: dict[str, dict[str, Any]] = {
@@ -89,14 +89,6 @@ def ingest_rows(store: Store, rows: int, model: str, progress: bool) -> None:
                             sample_train=max(1000, int(rows * 1.1) + 50)), progress=progress)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def disk_write_bandwidth(folder: Path, total_mb: int = 256, file_mb: int = 16) -> dict[str, float]:
     """Write `total_mb` in files of `file_mb` (each written, fsynced, its folder fsynced: the
     store's unit write) into `folder`, then delete them. Returns GB/s (1e9 bytes)."""
@@ -110,7 +102,7 @@ def disk_write_bandwidth(folder: Path, total_mb: int = 256, file_mb: int = 16) -
             fh.write(block)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync(folder)
+        fsync_path(folder)
     secs = time.perf_counter() - t0
     shutil.rmtree(folder, ignore_errors=True)
     return {"write_GBps": n * len(block) / secs / 1e9, "bytes": n * len(block), "seconds": secs}

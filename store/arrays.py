@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from store.core import Store, StoreError, _fsync_path
+from store.core import Store, StoreError, fsync_path
 
 StorageDtype = Literal["bf16", "fp16", "fp32", "int32", "uint16", "int64"]
 _ZARR_DTYPE = {"bf16": "uint16", "fp16": "float16", "fp32": "float32", "int32": "int32",
@@ -120,8 +120,8 @@ def write_unit(store: Store, arr: zarr.Array, name: str, unit: int, data: np.nda
     path = store.array_path(name) / "c" / str(unit)
     if arr.ndim == 2:
         path = path / "0"
-    _fsync_path(path)
-    _fsync_path(path.parent)
+    fsync_path(path)
+    fsync_path(path.parent)
 
 
 def commit_unit(store: Store, name: str, unit: int, row_ids: list[str], run_id: str) -> None:

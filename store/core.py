@@ -38,7 +38,7 @@ class StoreError(RuntimeError):
     """A store operation that cannot proceed; the message says what to do."""
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -55,7 +55,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 class Store:
@@ -113,9 +113,9 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         pq.write_table(data, tmp, compression="zstd")
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync_path(path.parent)
+        fsync_path(path.parent)
         return path
 
     def write_rows(self, table: str, rows: list[dict[str, Any]], part: str = "part-0",
@@ -212,7 +212,7 @@ class Store:
             con.execute("CHECKPOINT")
         finally:
             con.close()
-        _fsync_path(tmp)
+        fsync_path(tmp)
         os.replace(tmp, self.catalog_db)
         Path(str(tmp) + ".wal").unlink(missing_ok=True)
         return self.catalog_db
