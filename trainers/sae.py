@@ -186,7 +186,8 @@ def run_sae(cfg: SAETrainConfig) -> SAEResult:
     from extractors.model import pick_device
     from store.runs import Run
     from trainers.sae_load import load_sae
-    from trainers.sae_train import count_tokens, split_sql, view_body
+    from store.materialize import view_text
+    from trainers.sae_train import count_tokens, split_sql
 
     store = Store(cfg.store)
     array, attrs = hidden_array(store, cfg.layer)
@@ -202,7 +203,7 @@ def run_sae(cfg: SAETrainConfig) -> SAEResult:
     if loaded is not None and loaded.layer is not None and loaded.layer != cfg.layer:
         raise StoreError(f"SAE {cfg.sae} was trained on layer {loaded.layer}; pass --layer {loaded.layer}")
     kind = "eval_sae" if loaded else "train_sae"
-    run = Run(store, kind, {**config_dict(cfg), "view_sql": view_body(store, cfg.view), "train_sql": train_sql,
+    run = Run(store, kind, {**config_dict(cfg), "view_sql": view_text(store, cfg.view), "train_sql": train_sql,
                             "eval_sql": eval_sql, "array": array},
               model_id=attrs.get("model", ""), model_hash=attrs.get("model_hash", ""), layers=[cfg.layer])
     try:
@@ -222,7 +223,7 @@ def run_sae(cfg: SAETrainConfig) -> SAEResult:
                                 mean_vec=mean_vec, baseline_sae=baseline))
         metrics.update({"sae_name": name, "sae_path": path, "architecture": arch, "d_sae": int(sae.cfg.d_sae), "k": k})
         store.write_json(run.dir / "metrics.json", {"run_id": run.run_id, "config": config_dict(cfg),
-                                                    "view_sql": view_body(store, cfg.view),
+                                                    "view_sql": view_text(store, cfg.view),
                                                     "train_sql": train_sql, "eval_sql": eval_sql,
                                                     "counts": counts, "metrics": metrics})
         write_sae_record(store, name=name, layer=cfg.layer, architecture=arch, d_in=d_in, d_sae=int(sae.cfg.d_sae),
@@ -246,7 +247,8 @@ def _train(store: Store, cfg: SAETrainConfig, run: Any, train_sql: str, array: s
     Returns (the saved SAE reloaded, the training mean, the untrained baseline SAE)."""
     from sae_lens import SAE
 
-    from trainers.sae_train import build_training_sae, init_from_sample, make_orders, plot_curves, train, view_body
+    from store.materialize import view_text
+    from trainers.sae_train import build_training_sae, init_from_sample, make_orders, plot_curves, train
 
     n_epochs = -(-(cfg.steps * cfg.batch_tokens) // n_train) + 1
     orders = make_orders(n_train, n_epochs, cfg.seed)
@@ -258,7 +260,7 @@ def _train(store: Store, cfg: SAETrainConfig, run: Any, train_sql: str, array: s
     meta.store_layer, meta.store_view, meta.store_sae_name = cfg.layer, cfg.view, run.run_id
     meta.store_model_hash, meta.store_tokenization = attrs.get("model_hash"), attrs.get("tokenization")
     meta.store_run_id, meta.store_train_sql = run.run_id, train_sql
-    meta.store_view_sql = view_body(store, cfg.view)
+    meta.store_view_sql = view_text(store, cfg.view)
     tsae.save_inference_model(run.dir / "sae")
     sae = SAE.load_from_disk(run.dir / "sae", device=device)   # evaluate exactly what was saved
     sae.eval()

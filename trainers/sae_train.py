@@ -48,15 +48,6 @@ def split_sql(store: Store, view: str, split: str) -> str:
             f"WHERE split = '{split}')\nORDER BY v.tok_index")
 
 
-def view_body(store: Store, view: str) -> str:
-    """The SQL text behind a view name (the packaged or store file), or the SQL itself."""
-    name = view.strip()
-    for p in store.view_files():
-        if p.stem == name:
-            return p.read_text()
-    return view
-
-
 def count_tokens(store: Store, sql: str, array: str, what: str) -> int:
     n = len(select(store, sql, array))  # also checks that every selected row is committed
     if n == 0:
