@@ -99,6 +99,14 @@ def run(cfg: ExtractConfig):
         else:
             from extractors.extract import wait_for
             wait_for(lambda: store.has_table("manifests"), "the ingest")
+    loaded_sae = None
+    if "sae" in cfg.kinds:  # a bad --sae fails here, before the model loads
+        from extractors.model import pick_device
+        from extractors.sae_codes import pick_layer
+        from trainers.sae_load import load_sae
+        loaded_sae = load_sae(cfg.sae, str(pick_device(cfg.device)),
+                              layer=cfg.layers[0] if len(cfg.layers) == 1 else None, store=str(store.root))
+        pick_layer(cfg.layers, loaded_sae.layer, cfg.sae)
     lm = load_model(cfg.model, cfg.device, cfg.compute_dtype,
                     Path(cfg.model_cache) if cfg.model_cache else None)
     print(f"model {lm.model_id} on {lm.device} ({str(lm.dtype).replace('torch.', '')}) loaded in "
@@ -117,7 +125,7 @@ def run(cfg: ExtractConfig):
                   f"tok/s; padding {result.padding:.1%}; run {result.run_id}")
     if "sae" in cfg.kinds:
         from extractors.sae_codes import extract_sae_codes
-        extract_sae_codes(store, cfg, lm, layout, selected, batch_tokens)
+        extract_sae_codes(store, cfg, lm, layout, selected, batch_tokens, loaded_sae)
     store.refresh_catalog()
     print(f"catalog: duckdb {store.catalog_db}")
     return result

@@ -142,13 +142,16 @@ def _unit_inputs(store: Store, lm: Any, layout: Layout, rows: list[int], lo: int
     return X, sum(layout.lengths[i] for i in fresh)
 
 
-def extract_sae_codes(store: Store, cfg: Any, lm: Any, layout: Layout, selected: list[str], batch_tokens: int):
-    """Fill sae/<name>/layer_L/{indices,values} for the selected rows, then the catalog tables."""
+def extract_sae_codes(store: Store, cfg: Any, lm: Any, layout: Layout, selected: list[str], batch_tokens: int,
+                      loaded: Any = None):
+    """Fill sae/<name>/layer_L/{indices,values} for the selected rows, then the catalog tables.
+    `loaded`: the SAE already loaded on lm.device (else cfg.sae is loaded here)."""
     from extractors.sae_tables import build_sae_tables, tables_current, write_sae_row
     from trainers.sae_load import load_sae
 
-    loaded = load_sae(cfg.sae, str(lm.device), layer=cfg.layers[0] if len(cfg.layers) == 1 else None,
-                      store=str(store.root))
+    if loaded is None:
+        loaded = load_sae(cfg.sae, str(lm.device), layer=cfg.layers[0] if len(cfg.layers) == 1 else None,
+                          store=str(store.root))
     sae = loaded.sae
     layer = pick_layer(cfg.layers, loaded.layer, cfg.sae)
     d_model = lm.model.config.hidden_size

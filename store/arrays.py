@@ -16,6 +16,7 @@ zarr reader does the same with `arr[:].astype("uint32") << 16` viewed as float32
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -137,17 +138,44 @@ def commit_unit(store: Store, name: str, unit: int, row_ids: list[str], run_id: 
     store.write_table(UNITS_TABLE, tbl, part=f"{array_key(name)}/u{unit:06d}")
 
 
+_COMMITTED: dict[str, tuple[list[tuple], pa.Table]] = {}
+_COMMITTED_MAX = 64
+
+
+def _committed_table(store: Store, name: str) -> pa.Table:
+    """(unit, row_id) of every committed row of `name`, cached per process and re-read when
+    a commit file of that array is added, replaced or removed (name, inode, mtime, size)."""
+    d = store.table_dir(UNITS_TABLE) / array_key(name)
+    try:
+        entries = sorted((e.name, e.inode(), e.stat().st_mtime_ns, e.stat().st_size)
+                         for e in os.scandir(d) if e.name.endswith(".parquet"))
+    except FileNotFoundError:
+        entries = []
+    hit = _COMMITTED.get(str(d))
+    if hit is not None and hit[0] == entries:
+        return hit[1]
+    if entries:
+        t = pq.read_table([str(d / e[0]) for e in entries], columns=["unit", "row_id"])
+    else:
+        t = pa.table({"unit": pa.array([], pa.int32()), "row_id": pa.array([], pa.string())})
+    if len(_COMMITTED) >= _COMMITTED_MAX:
+        _COMMITTED.pop(next(iter(_COMMITTED)))
+    _COMMITTED[str(d)] = (entries, t)
+    return t
+
+
 def committed_rows(store: Store, name: str) -> dict[int, set[str]]:
     """{unit: rows committed} for one array."""
-    d = store.table_dir(UNITS_TABLE) / array_key(name)
-    files = sorted(d.glob("*.parquet")) if d.is_dir() else []
-    if not files:
-        return {}
-    t = pq.read_table(files, columns=["unit", "row_id"]) if len(files) > 1 else pq.read_table(files[0], columns=["unit", "row_id"])
+    t = _committed_table(store, name)
     out: dict[int, set[str]] = {}
     for u, r in zip(t.column("unit").to_pylist(), t.column("row_id").to_pylist()):
         out.setdefault(u, set()).add(r)
     return out
+
+
+def committed_row_ids(store: Store, name: str) -> pa.ChunkedArray:
+    """Every row committed in one array (unordered)."""
+    return _committed_table(store, name).column("row_id")
 
 
 def record_array(store: Store, name: str, arr: zarr.Array, *, kind: str, layer: int | None,

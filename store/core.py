@@ -12,7 +12,11 @@ Layout under the root (every path below is built here and nowhere else):
                                    live in sql/views/)
 
 Readers use `Store.connect()`, an in-memory DuckDB connection with the same views, so a
-query never takes a file lock that a writer would wait on.
+query never takes a file lock that a writer would wait on. Creating those views binds every
+Parquet table (tens of ms), so a Store keeps one in-memory database with the views and hands
+out cheap cursors on it, building a fresh database only when the set of tables or of SQL
+view files changes (a new file of an existing table needs nothing: the views re-read their
+globs at every query).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from importlib import resources
 from pathlib import Path
@@ -71,6 +76,17 @@ class Store:
         self.root = Path(root_s).expanduser().resolve()
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store path {self.root} exists and is not a folder; pass another --store")
+        self._lock = threading.Lock()
+        self._views_db: tuple[Any, duckdb.DuckDBPyConnection, dict[str, str]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A Store travels to worker processes as its root; the cached database stays behind.
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.root = state["root"]
+        self._lock = threading.Lock()
+        self._views_db = None
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -127,7 +143,8 @@ class Store:
         return sorted(d.rglob("*.parquet")) if d.is_dir() else []
 
     def has_table(self, table: str) -> bool:
-        return bool(self.table_files(table))
+        d = self.table_dir(table)
+        return d.is_dir() and next(d.rglob("*.parquet"), None) is not None
 
     def tables(self) -> list[str]:
         if not self.catalog_dir.is_dir():
@@ -153,12 +170,14 @@ class Store:
             files.update({p.stem: p for p in self.views_dir.glob("*.sql")})
         return [files[k] for k in sorted(files)]
 
-    def _register(self, con: duckdb.DuckDBPyConnection) -> dict[str, str]:
-        """Create the table views and SQL views on `con`; returns {view: error} for views
-        whose tables are not in the store yet."""
-        for table in self.tables():
-            con.execute(f'CREATE OR REPLACE VIEW "{table}" AS {self._table_sql(table)}')
-        pending = {p.stem: p.read_text() for p in self.view_files()}
+    def _register(self, con: duckdb.DuckDBPyConnection, only: Iterable[str] | None = None) -> dict[str, str]:
+        """Create the table views and SQL views on `con` (with `only`: just those SQL views);
+        returns {view: error} for views that cannot be created yet (usually a missing table)."""
+        if only is None:
+            for table in self.tables():
+                con.execute(f'CREATE OR REPLACE VIEW "{table}" AS {self._table_sql(table)}')
+        wanted = None if only is None else set(only)
+        pending = {p.stem: p.read_text() for p in self.view_files() if wanted is None or p.stem in wanted}
         errors: dict[str, str] = {}
         # Views may depend on each other: retry until no progress.
         while pending:
@@ -175,19 +194,39 @@ class Store:
                 break
         return errors
 
+    def _views_key(self) -> tuple:
+        """What the registered views depend on: the tables present and the view files."""
+        views = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in self.view_files())
+        return tuple(self.tables()), views
+
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with every table and view of the store."""
-        con = duckdb.connect(":memory:")
-        self._register(con)
-        return con
+        """A DuckDB connection with every table and view of the store.
+
+        It is a cursor on this Store's in-memory database of views (see the module
+        docstring): close it when done; TEMP tables and `register`ed objects are private to
+        it. To define views of your own, use TEMP views or a views/*.sql file of the store."""
+        return self._views()[1].cursor()
+
+    def _views(self) -> tuple[Any, duckdb.DuckDBPyConnection, dict[str, str]]:
+        key = self._views_key()
+        with self._lock:
+            if self._views_db is None or self._views_db[0] != key:
+                con = duckdb.connect(":memory:")
+                # The old database lives on while cursors opened on it are in use.
+                self._views_db = (key, con, self._register(con))
+            else:
+                # A view missing a table waits for the key to change; one missing a column may
+                # be fixed by a new file of a table, so it is retried.
+                key, con, errors = self._views_db
+                retry = [n for n, e in errors.items() if not e.startswith("Catalog Error")]
+                if retry:
+                    kept = {n: e for n, e in errors.items() if n not in retry}
+                    self._views_db = (key, con, {**kept, **self._register(con, only=retry)})
+            return self._views_db
 
     def view_errors(self) -> dict[str, str]:
         """Views that cannot be created yet, with DuckDB's reason (usually a missing table)."""
-        con = duckdb.connect(":memory:")
-        try:
-            return self._register(con)
-        finally:
-            con.close()
+        return dict(self._views()[2])
 
     def query(self, sql: str, params: Iterable[Any] | None = None) -> pa.Table:
         con = self.connect()

@@ -8,9 +8,14 @@ run), and gathers the rows of the array:
 * indices are sorted and grouped by chunk, and each chunk file of an uncompressed local
   array is memory-mapped and fancy-indexed (a chunk file is raw C-order rows), which
   beats zarr's own `oindex` several-fold; compressed arrays fall back to `oindex`;
-* results come back in the view's row order, as float32 (bf16 is widened exactly);
+* results come back in the view's row order, as float32 (bf16 is widened exactly, in
+  place in the output);
 * `iter_materialize` streams batches for selections larger than memory, in chunk order or
-  in a given permutation (a stored shuffle), gathering each batch sorted.
+  in a given permutation (a stored shuffle), gathering each batch sorted through one
+  `ArrayReader` that keeps the chunk files mapped for the whole pass.
+
+The fixed cost of a call is the view's own SQL: the store's DuckDB views are registered
+once per Store (see store.core) and the commit check reads a cached list of committed rows.
 """
 
 from __future__ import annotations
@@ -20,10 +25,9 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import zarr
 
-from store.arrays import decode, open_array
+from store.arrays import committed_row_ids, open_array
 from store.core import Store, StoreError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -62,75 +66,103 @@ def select(store: Store, view_or_sql: str, array: str | None = None) -> pl.DataF
     con = store.connect()
     try:
         frame = pl.from_arrow(con.sql(sql).to_arrow_table())
-        if array is not None and len(frame):
-            if "row_id" not in frame.columns:
-                raise StoreError("the view must return row_id (join tokens or rows) to be materialized")
-            con.register("_sel", pa.table({"row_id": frame["row_id"].unique().to_arrow()}))
-            committed = "(SELECT row_id FROM array_units WHERE array_name = $a)" if store.has_table("array_units") \
-                else "(SELECT NULL::VARCHAR AS row_id WHERE false)"
-            missing = con.sql(f"SELECT s.row_id, r.split FROM _sel s JOIN rows r USING (row_id) "
-                              f"ANTI JOIN {committed} u USING (row_id) ORDER BY 1",
-                              params={"a": array} if "$a" in committed else None).fetchall()
-            if missing:
-                counts: dict[str, int] = {}
-                for _, split in missing:
-                    counts[split] = counts.get(split, 0) + 1
-                where = ", ".join(f"{k} ({v})" for k, v in sorted(counts.items()))
-                layer = array.rsplit("_", 1)[-1] if array.startswith("hidden/layer_") else "L"
-                raise StoreError(
-                    f"{len(missing)} of {frame['row_id'].n_unique()} selected rows are not in {array} "
-                    f"(e.g. {missing[0][0]}; splits: {where}); extract them first: "
-                    f"python -m extractors.run --layer {layer} --store {store.root}")
     finally:
         con.close()
+    if array is not None and len(frame):
+        if "row_id" not in frame.columns:
+            raise StoreError("the view must return row_id (join tokens or rows) to be materialized")
+        selected = frame["row_id"].unique()
+        missing = selected.filter(~selected.is_in(pl.Series(committed_row_ids(store, array))))
+        if len(missing):
+            _missing_error(store, array, missing.sort(), len(selected))
     if array is not None and "tok_index" not in frame.columns:
         raise StoreError("the view must return tok_index (join the tokens table) to be materialized")
     return frame
 
 
+def _missing_error(store: Store, array: str, missing: pl.Series, n_selected: int) -> None:
+    splits = pl.from_arrow(store.query("SELECT row_id, split FROM rows")).join(
+        missing.to_frame("row_id"), on="row_id", how="semi")
+    counts = splits.group_by("split").len().sort("split").rows()
+    where = ", ".join(f"{k} ({v})" for k, v in counts)
+    layer = array.rsplit("_", 1)[-1] if array.startswith("hidden/layer_") else "L"
+    raise StoreError(
+        f"{len(missing)} of {n_selected} selected rows are not in {array} "
+        f"(e.g. {missing[0]}; splits: {where}); extract them first: "
+        f"python -m extractors.run --layer {layer} --store {store.root}")
+
+
+class ArrayReader:
+    """Gathers rows of one array, keeping its chunk files memory-mapped between calls.
+
+    `gather()` below makes one per call; a loop over batches (streaming, training) keeps one
+    for the whole pass. Chunk files are replaced atomically by writers, so a map held open
+    sees the chunk as it was when first read, never a torn one."""
+
+    def __init__(self, store: Store, array: str | zarr.Array):
+        self.arr = open_array(store, array) if isinstance(array, str) else array
+        self.name = self.arr.attrs.get("store_array", str(array))
+        self.dtype = self.arr.attrs.get("dtype", str(self.arr.dtype))
+        self._rows = self.arr.chunks[0]
+        self._base = _chunk_base(self.arr)
+        self._maps: dict[int, np.memmap | None] = {}
+
+    def _chunk(self, c: int) -> np.memmap | None:
+        """The chunk's rows (None: never written, read as the fill value 0)."""
+        if c not in self._maps:
+            path = self._base / "c" / str(c)
+            path = path / "0" if self.arr.ndim == 2 else path
+            self._maps[c] = np.memmap(path, dtype=self.arr.dtype, mode="r",
+                                      shape=(self._rows, *self.arr.shape[1:])) if path.exists() else None
+        return self._maps[c]
+
+    def gather(self, tok_index: np.ndarray, *, decoded: bool = True) -> np.ndarray:
+        """Rows `tok_index`, in the given order: sorted reads, chunk by chunk, written straight
+        into the output (bf16 is widened in place: one pass, no temporary float copy)."""
+        arr, idx = self.arr, np.asarray(tok_index, dtype=np.int64)
+        widen = decoded and self.dtype == "bfloat16"
+        out_dtype = np.uint32 if widen else np.float32 if decoded and arr.dtype.kind == "f" else arr.dtype
+        out = np.empty((len(idx), *arr.shape[1:]), dtype=out_dtype)
+        if not len(idx):
+            return out.view(np.float32) if widen else out
+        ascending = bool(np.all(idx[1:] >= idx[:-1]))
+        order = None if ascending else np.argsort(idx, kind="stable")
+        sidx = idx if ascending else idx[order]
+        if sidx[0] < 0 or sidx[-1] >= arr.shape[0]:
+            raise StoreError(f"tok_index out of range 0..{arr.shape[0] - 1} for {self.name}")
+        chunk_of = sidx // self._rows
+        bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+        for s, e in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(sidx)]])):
+            c = int(chunk_of[s])
+            dst = slice(s, e) if ascending else order[s:e]
+            if self._base is None:
+                out[dst] = arr.oindex[sidx[s:e]] if arr.ndim > 1 else arr.oindex[(sidx[s:e],)]
+            elif (mm := self._chunk(c)) is None:
+                out[dst] = 0  # chunk never written: fill value (commit checks keep this unread)
+            else:
+                out[dst] = mm[sidx[s:e] - c * self._rows]
+        if widen:
+            out <<= 16
+            return out.view(np.float32)
+        return out
+
+    def close(self) -> None:
+        self._maps.clear()
+
+
 def gather(store: Store, array: str | zarr.Array, tok_index: np.ndarray, *, decoded: bool = True) -> np.ndarray:
     """Rows `tok_index` of an array, in the given order (sorted, chunk-aware reads)."""
-    arr = open_array(store, array) if isinstance(array, str) else array
-    idx = np.asarray(tok_index, dtype=np.int64)
-    order = np.argsort(idx, kind="stable")
-    sidx = idx[order]
-    out = np.empty((len(idx), *arr.shape[1:]), dtype=arr.dtype)
-    if len(idx):
-        if sidx[0] < 0 or sidx[-1] >= arr.shape[0]:
-            raise StoreError(f"tok_index out of range 0..{arr.shape[0] - 1} for {arr.attrs.get('store_array')}")
-        _gather_sorted(arr, sidx, out, order)
-    return decode(out, arr.attrs.get("dtype", str(arr.dtype))) if decoded else out
+    return ArrayReader(store, array).gather(tok_index, decoded=decoded)
 
 
-def _chunk_file(arr: zarr.Array, chunk: int):
+def _chunk_base(arr: zarr.Array):
+    """The folder of an uncompressed local array's chunk files (raw C-order rows), else None."""
     from pathlib import Path
 
     root = getattr(arr.store, "root", None)
     if root is None or arr.compressors or arr.filters:
         return None
-    base = Path(root) / arr.path if arr.path else Path(root)
-    return base / "c" / str(chunk) / "0" if arr.ndim == 2 else base / "c" / str(chunk)
-
-
-def _gather_sorted(arr: zarr.Array, sidx: np.ndarray, out: np.ndarray, order: np.ndarray) -> None:
-    rows = arr.chunks[0]
-    chunk_of = sidx // rows
-    bounds = np.flatnonzero(np.diff(chunk_of)) + 1
-    starts = np.concatenate([[0], bounds])
-    ends = np.concatenate([bounds, [len(sidx)]])
-    fast = _chunk_file(arr, 0) is not None
-    for s, e in zip(starts, ends):
-        c = int(chunk_of[s])
-        local = sidx[s:e] - c * rows
-        path = _chunk_file(arr, c) if fast else None
-        if path is not None and path.exists():
-            mm = np.memmap(path, dtype=arr.dtype, mode="r", shape=(rows, *arr.shape[1:]))
-            out[order[s:e]] = mm[local]
-            del mm
-        elif path is not None:
-            out[order[s:e]] = 0  # chunk never written: fill value (commit checks keep this unread)
-        else:
-            out[order[s:e]] = arr.oindex[sidx[s:e]] if arr.ndim > 1 else arr.oindex[(sidx[s:e],)]
+    return Path(root) / arr.path if arr.path else Path(root)
 
 
 def _pool(X: np.ndarray, frame: pl.DataFrame, pool: str) -> tuple[np.ndarray, pl.DataFrame]:
@@ -145,9 +177,14 @@ def _pool(X: np.ndarray, frame: pl.DataFrame, pool: str) -> tuple[np.ndarray, pl
         return X[take], frame[take]
     if pool != "mean":
         raise ValueError(f"pool must be 'mean' or 'last', got {pool!r}")
-    out = np.stack([X[np.asarray(ix)].mean(axis=0) for ix in groups["_i"].to_list()]) if len(groups) else X[:0]
-    first = np.array([ix[0] for ix in groups["_i"].to_list()], dtype=np.int64)
-    return out, frame[first]
+    if not len(groups):
+        return X[:0], frame[:0]
+    members = groups["_i"].explode().to_numpy()            # token rows, grouped by row_id
+    sizes = groups["_i"].list.len().to_numpy().astype(np.int64)
+    starts = np.zeros(len(sizes), np.int64)
+    starts[1:] = np.cumsum(sizes)[:-1]
+    sums = np.add.reduceat(X[members].astype(np.float64), starts, axis=0)
+    return (sums / sizes[:, None]).astype(np.float32), frame[members[starts]]
 
 
 def materialize(store: Store, view_or_sql: str, array: str = "hidden/layer_17", *,
@@ -173,7 +210,6 @@ def iter_materialize(store: Store, view_or_sql: str, array: str = "hidden/layer_
     order: "chunk" (ascending tok_index: sequential reads), "view" (the view's order), or a
     permutation of range(n_selected) (e.g. a shuffle saved with a training run)."""
     frame = select(store, view_or_sql, array)
-    arr = open_array(store, array)
     if isinstance(order, str):
         if order not in ("chunk", "view"):
             raise ValueError(f"order must be 'chunk', 'view' or a permutation, got {order!r}")
@@ -183,6 +219,10 @@ def iter_materialize(store: Store, view_or_sql: str, array: str = "hidden/layer_
         if len(perm) != len(frame) or not np.array_equal(np.sort(perm), np.arange(len(frame))):
             raise ValueError(f"order must be a permutation of range({len(frame)}) (the view's row count)")
     tok = frame["tok_index"].to_numpy()
-    for s in range(0, len(perm), batch_size):
-        take = perm[s: s + batch_size]
-        yield Materialized(gather(store, arr, tok[take]), frame[take], array)
+    reader = ArrayReader(store, array)
+    try:
+        for s in range(0, len(perm), batch_size):
+            take = perm[s: s + batch_size]
+            yield Materialized(reader.gather(tok[take]), frame[take], array)
+    finally:
+        reader.close()

@@ -260,3 +260,17 @@ def test_standard_l1_architecture_trains(sae_store):
     # Measured: EV ~0.3 after 60 small steps (0.0 untrained); L1 SAEs converge slower than TopK.
     assert m["eval"]["explained_variance"] > m["baselines"]["untrained_sae_explained_variance"] + 0.2
     assert 0 < m["eval"]["l0"] < 256
+
+
+def test_bad_sae_path_fails_before_the_model_loads(sae_store, monkeypatch, capsys):
+    import extractors.model as model
+    from extractors.run import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before --sae was checked")
+
+    monkeypatch.setattr(model, "load_model", no_load)
+    rc = main(["--layer", "17", "--store", str(sae_store), "--kinds", "sae", "--sae", "./no/such/sae", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'./no/such/sae' is neither an existing sae-lens folder" in err
+    assert "python -m trainers.sae --layer 17" in err

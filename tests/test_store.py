@@ -142,3 +142,76 @@ def test_sql_cli_formats(tmp_path, fmt, capsys):
         assert "train_base" in text
     assert sql_main(["--store", str(st.root), "SELECT nope FROM rows"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_one_store_object_sees_every_catalog_change(tmp_path):
+    """connect() reuses one database of views per Store; each kind of change must still show."""
+    st = Store(tmp_path / "st")
+    st.write_table("rows", pa.table({"row_id": ["a"], "split": ["eval"]}))
+    assert st.query("SELECT count(*) FROM rows").column(0)[0].as_py() == 1
+    st.write_table("rows", pa.table({"row_id": ["b"], "split": ["eval"], "extra": [1]}), part="part-1")
+    assert st.query("SELECT count(*), count(extra) FROM rows").to_pylist() == [{"count_star()": 2, "count(extra)": 1}]
+    assert "needle_tokens" in st.view_errors()
+    st.write_table("tokens", pa.table({"row_id": ["a"], "tok_index": pa.array([0], pa.int64())}))   # a new table
+    assert st.query("SELECT count(*) FROM tokens").column(0)[0].as_py() == 1
+    st.views_dir.mkdir()
+    view = st.views_dir / "mine.sql"
+    view.write_text("SELECT row_id, extra FROM rows WHERE extra IS NOT NULL")            # a new view file
+    assert st.query("SELECT row_id FROM mine").column(0).to_pylist() == ["b"]
+    view.write_text("SELECT row_id, extra FROM rows WHERE extra IS NULL -- edited")      # an edited one
+    assert st.query("SELECT row_id FROM mine").column(0).to_pylist() == ["a"]
+    (st.views_dir / "later.sql").write_text("SELECT row_id, score FROM rows")            # needs a column not there yet
+    assert "later" in st.view_errors()
+    st.write_table("rows", pa.table({"row_id": ["c"], "split": ["eval"], "score": [0.5]}), part="part-2")
+    assert "later" not in st.view_errors()
+    assert st.query("SELECT row_id FROM later WHERE score > 0").column(0).to_pylist() == ["c"]
+    con = st.connect()
+    con.execute("CREATE TEMP TABLE scratch AS SELECT 1 AS x")       # private to that connection
+    with pytest.raises(duckdb.CatalogException):
+        st.connect().sql("SELECT * FROM scratch").fetchall()
+    import pickle
+    assert pickle.loads(pickle.dumps(st)).query("SELECT count(*) FROM rows").column(0)[0].as_py() == 3
+
+
+def test_commit_check_follows_new_commits_in_one_process(tmp_path):
+    from store.materialize import materialize
+    st = Store(tmp_path / "st")
+    arr = create_array(st, "hidden/layer_0", n_slots=128, width=4, chunk_slots=64, dtype="bf16", attrs={})
+    data = np.random.default_rng(5).standard_normal((128, 4)).astype(np.float32)
+    st.write_table("tokens", pa.table({"row_id": ["a"] * 3 + ["b"] * 2, "tok_index": pa.array([0, 1, 2, 64, 65]),
+                                       "token_pos": [0, 1, 2, 0, 1]}))
+    st.write_table("rows", pa.table({"row_id": ["a", "b"], "split": ["eval", "train_base"]}))
+    write_unit(st, arr, "hidden/layer_0", 0, encode(data[:64], "bf16"))
+    commit_unit(st, "hidden/layer_0", 0, ["a"], "run")
+    assert len(materialize(st, "SELECT * FROM tokens WHERE row_id = 'a'", "hidden/layer_0").X) == 3
+    with pytest.raises(StoreError, match=r"1 of 2 selected rows are not in hidden/layer_0 \(e.g. b; splits: "
+                                         r"train_base \(1\)\).*--layer 0"):
+        materialize(st, "tokens", "hidden/layer_0")
+    write_unit(st, arr, "hidden/layer_0", 1, encode(data[64:], "bf16"))
+    commit_unit(st, "hidden/layer_0", 1, ["b"], "run")
+    m = materialize(st, "tokens", "hidden/layer_0", pool="mean")
+    want = decode(encode(data, "bf16"), "bfloat16")
+    assert m.frame["row_id"].to_list() == ["a", "b"]
+    assert np.allclose(m.X, np.stack([want[[0, 1, 2]].mean(0), want[[64, 65]].mean(0)]), atol=1e-6)
+    last = materialize(st, "SELECT * FROM tokens ORDER BY tok_index DESC", "hidden/layer_0", pool="last")
+    assert last.frame["row_id"].to_list() == ["b", "a"] and np.array_equal(last.X, want[[65, 2]])
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32", "int32"])
+def test_array_reader_matches_numpy_for_every_dtype_and_order(tmp_path, dtype):
+    from store.materialize import ArrayReader
+    st = Store(tmp_path / "st")
+    arr = create_array(st, "x/y", n_slots=200, width=3, chunk_slots=64, dtype=dtype, attrs={})
+    rng = np.random.default_rng(7)
+    raw = encode(rng.standard_normal((192, 3)).astype(np.float32) * 100, dtype)   # chunk 3 never written
+    for u in range(3):
+        write_unit(st, arr, "x/y", u, raw[u * 64:(u + 1) * 64])
+    want = np.concatenate([decode(raw, arr.attrs["dtype"]), np.zeros((8, 3), np.float32)])
+    want = want.astype(np.float32) if dtype != "int32" else want.astype(np.int32)
+    reader = ArrayReader(st, "x/y")
+    for idx in (rng.integers(0, 200, 300), np.sort(rng.integers(0, 200, 300)), np.array([], np.int64)):
+        got = reader.gather(idx)
+        assert got.dtype == want.dtype and np.array_equal(got, want[idx])
+        assert np.array_equal(gather(st, "x/y", idx, decoded=False), np.concatenate([raw, np.zeros((8, 3), raw.dtype)])[idx])
+    with pytest.raises(StoreError, match="out of range 0..199"):
+        reader.gather(np.array([200]))

@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 
 from store.arrays import commit_unit, create_array, open_array, record_array, write_unit
 from store.core import Store, StoreError
-from store.materialize import gather, view_sql
+from store.materialize import ArrayReader, view_sql
 from store.tokens import read_layout
 from trainers.logreg import Standardizer, binary_metrics, logits_of, to_device
 
@@ -85,9 +85,9 @@ def score_frame(store: Store, probe: LoadedProbe, frame: pl.DataFrame, array: st
     """Logits of the frame's tokens (gathered in batches of `batch`)."""
     tok = frame["tok_index"].to_numpy()
     out = np.zeros(len(tok), np.float32)
-    arr = open_array(store, array)
+    reader = ArrayReader(store, array)
     for s in range(0, len(tok), batch):
-        out[s: s + batch] = probe.score(gather(store, arr, tok[s: s + batch]), device, feature_dtype)
+        out[s: s + batch] = probe.score(reader.gather(tok[s: s + batch]), device, feature_dtype)
     return out
 
 

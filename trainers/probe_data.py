@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from store.core import Store
-from store.materialize import gather, view_sql
+from store.materialize import ArrayReader, gather, view_sql
 from trainers.probe_config import ProbeConfig
 
 
@@ -48,6 +48,7 @@ class ProbeData:
         """float32 [len(idx), d] for sorted candidate indices `idx`."""
         if self.target == "token":
             return gather(store, array, self.frame["tok_index"].to_numpy()[idx])
+        reader = ArrayReader(store, array)
         toks = self.tokens.filter(pl.col("ex").is_in(idx.tolist()))   # sorted by (ex, token_pos)
         ex = toks["ex"].to_numpy()
         starts = np.flatnonzero(np.r_[True, ex[1:] != ex[:-1]])
@@ -56,7 +57,7 @@ class ProbeData:
         while s < len(starts):  # blocks of whole rows, about block_tokens tokens each
             e = s + max(1, int(np.searchsorted(starts[s:], starts[s] + block_tokens)))
             lo, hi = starts[s], ends[e - 1]
-            X = gather(store, array, toks["tok_index"].to_numpy()[lo:hi])
+            X = reader.gather(toks["tok_index"].to_numpy()[lo:hi])
             st = starts[s:e] - lo
             if self.pool == "last":
                 out.append(X[ends[s:e] - lo - 1])
