@@ -175,7 +175,8 @@ def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
             "tokens": f"SELECT t.row_id, t.tok_index FROM tokens t WHERE {tz_sql} AND t.row_id IN {committed} "
                       f"ORDER BY hash(t.tok_index + {cfg.seed}) LIMIT {cfg.n_tokens}",
             "rows": f"SELECT t.row_id, t.tok_index FROM tokens t WHERE {tz_sql} AND t.row_id IN "
-                    f"(SELECT row_id FROM {committed} ORDER BY hash(row_id || '{cfg.seed}') LIMIT {cfg.n_rows})",
+                    f"(SELECT row_id FROM {committed} ORDER BY hash(row_id || '{cfg.seed}') LIMIT {cfg.n_rows}) "
+                    f"ORDER BY t.tok_index",
         }
         results: list[dict[str, Any]] = []
 
@@ -189,9 +190,9 @@ def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
             return r
 
         for case, sql in views.items():
-            idx = select(store, sql)["tok_index"].to_numpy()
-            ref = materialize(store, sql, cfg.array).X
-            if not np.array_equal(ref, raw.gather(idx)):
+            ref = materialize(store, sql, cfg.array)
+            idx = ref.frame["tok_index"].to_numpy()
+            if not np.array_equal(ref.X, raw.gather(idx)):
                 raise RuntimeError("the store and the raw copy disagree; the benchmark is broken")
             n = len(idx)
             fns = {"materialize": (lambda sql=sql: materialize(store, sql, cfg.array),

@@ -51,6 +51,13 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def row_group_rows(n_rows: int) -> int:
+    """Parquet row-group size: about 8 groups per table, so DuckDB scans a table on several
+    threads (it parallelises by row group; one group of a 154k-row tokens table scanned 2.2x
+    slower on 2 cores), between 8,192 rows and DuckDB's own 122,880."""
+    return min(122_880, max(8_192, -(-n_rows // 8)))
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old or the new content, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +135,7 @@ class Store:
         path = self.table_dir(table) / f"{part}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        pq.write_table(data, tmp, compression="zstd")
+        pq.write_table(data, tmp, compression="zstd", row_group_size=row_group_rows(data.num_rows))
         fsync_path(tmp)
         os.replace(tmp, path)
         fsync_path(path.parent)

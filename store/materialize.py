@@ -72,7 +72,7 @@ def select(store: Store, view_or_sql: str, array: str | None = None) -> pl.DataF
         if "row_id" not in frame.columns:
             raise StoreError("the view must return row_id (join tokens or rows) to be materialized")
         selected = frame["row_id"].unique()
-        missing = selected.filter(~selected.is_in(pl.Series(committed_row_ids(store, array))))
+        missing = selected.filter(~selected.is_in(pl.Series(committed_row_ids(store, array)).implode()))
         if len(missing):
             _missing_error(store, array, missing.sort(), len(selected))
     if array is not None and "tok_index" not in frame.columns:
@@ -134,17 +134,23 @@ class ArrayReader:
         bounds = np.flatnonzero(np.diff(chunk_of)) + 1
         for s, e in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(sidx)]])):
             c = int(chunk_of[s])
-            dst = slice(s, e) if ascending else order[s:e]
             if self._base is None:
-                out[dst] = arr.oindex[sidx[s:e]] if arr.ndim > 1 else arr.oindex[(sidx[s:e],)]
+                src = arr.oindex[sidx[s:e]] if arr.ndim > 1 else arr.oindex[(sidx[s:e],)]
             elif (mm := self._chunk(c)) is None:
-                out[dst] = 0  # chunk never written: fill value (commit checks keep this unread)
+                src = None  # chunk never written: fill value 0 (commit checks keep this unread)
             else:
-                out[dst] = mm[sidx[s:e] - c * self._rows]
-        if widen:
+                src = mm[sidx[s:e] - c * self._rows]
+            if not ascending:
+                out[order[s:e]] = 0 if src is None else src
+            elif src is None:
+                out[s:e] = 0
+            elif widen:  # read, widen and shift in one pass
+                np.left_shift(src, 16, out=out[s:e], dtype=np.uint32)
+            else:
+                out[s:e] = src
+        if widen and not ascending:
             out <<= 16
-            return out.view(np.float32)
-        return out
+        return out.view(np.float32) if widen else out
 
     def close(self) -> None:
         self._maps.clear()
