@@ -10,7 +10,8 @@ Cases, each timed cold (page cache dropped with posix_fadvise before every repea
             commit check, sorted chunk-aware gather, bf16 -> float32), its gather alone
             (`store.materialize.gather`), and a sorted `np.memmap` gather of the same indices
             from one raw file holding the same bytes, decoded the same way;
-* `rows`    the same for every token of R random whole rows;
+* `rows`    the same for every token of R random whole rows (a row-level view: `row_id` only,
+            so the rows are located through row_layout);
 * `stream`  `iter_materialize` over a whole view (--view, default content_tokens: the SAE
             training set) in chunk order and in a shuffled order, against a memmap pass over
             the same indices in the same batches; and the raw file read sequentially, the
@@ -174,9 +175,8 @@ def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
         views = {
             "tokens": f"SELECT t.row_id, t.tok_index FROM tokens t WHERE {tz_sql} AND t.row_id IN {committed} "
                       f"ORDER BY hash(t.tok_index + {cfg.seed}) LIMIT {cfg.n_tokens}",
-            "rows": f"SELECT t.row_id, t.tok_index FROM tokens t WHERE {tz_sql} AND t.row_id IN "
-                    f"(SELECT row_id FROM {committed} ORDER BY hash(row_id || '{cfg.seed}') LIMIT {cfg.n_rows}) "
-                    f"ORDER BY t.tok_index",
+            # A row-level view: whole rows come from row_layout, no scan of the tokens table.
+            "rows": f"SELECT row_id FROM {committed} ORDER BY hash(row_id || '{cfg.seed}') LIMIT {cfg.n_rows}",
         }
         results: list[dict[str, Any]] = []
 

@@ -1,9 +1,13 @@
 """Materialize a view: the vectors of the tokens it selects, beside its columns.
 
 `materialize(store, "needle_tokens", array="hidden/layer_17")` runs the view (a name in
-sql/views or the store's views/, or any SQL over the catalog; it must return `tok_index`),
-checks that every selected row is committed in the array (else says which extraction to
-run), and gathers the rows of the array:
+sql/views or the store's views/, or any SQL over the catalog; it returns `row_id` and
+`tok_index`, one line per token), checks that every selected row is committed in the array
+(else says which extraction to run), and gathers the rows of the array. A view that returns
+`row_id` and no token columns (e.g. `SELECT row_id, category FROM rows WHERE ...`) selects
+whole rows: every token of each row, located through `row_layout` without scanning the
+tokens table. The order of the result is the view's: a view without ORDER BY has none in
+DuckDB (parallel scans, joins), so order explicitly where it matters.
 
 * indices are sorted and grouped by chunk, and each chunk file of an uncompressed local
   array is memory-mapped and fancy-indexed (a chunk file is raw C-order rows), which
@@ -76,8 +80,31 @@ def select(store: Store, view_or_sql: str, array: str | None = None) -> pl.DataF
         if len(missing):
             _missing_error(store, array, missing.sort(), len(selected))
     if array is not None and "tok_index" not in frame.columns:
-        raise StoreError("the view must return tok_index (join the tokens table) to be materialized")
+        if "token_pos" in frame.columns or "row_id" not in frame.columns:
+            raise StoreError("the view must return tok_index (join the tokens table) to be materialized, "
+                             "or return row_id alone (no token columns) to select whole rows")
+        frame = _whole_rows(store, array, frame)
     return frame
+
+
+def _whole_rows(store: Store, array: str, frame: pl.DataFrame) -> pl.DataFrame:
+    """A row-level view (row_id, no tok_index) -> one line per token of each row, in the view's
+    row order, with token_pos and tok_index from row_layout: rows are contiguous runs of the
+    token axis, so the tokens table is not scanned."""
+    tz = open_array(store, array).attrs.get("tokenization")
+    if tz is None:
+        raise StoreError(f"{array} has no tokenization attribute, so whole rows cannot be located; "
+                         "select tokens (join the tokens table and return tok_index)")
+    lay = pl.from_arrow(store.query("SELECT row_id, tok_start, n_tokens FROM row_layout WHERE tokenization = ?",
+                                    [tz]))
+    f = frame.with_row_index("_view_row").join(lay, on="row_id", how="left").sort("_view_row")
+    if f["tok_start"].null_count():
+        bad = f.filter(pl.col("tok_start").is_null())["row_id"][0]
+        raise StoreError(f"row {bad!r} is not in tokenization {tz} of {store.root}")
+    return (f.with_columns(pl.int_ranges(0, "n_tokens", dtype=pl.Int32).alias("token_pos"))
+             .explode("token_pos")
+             .with_columns((pl.col("tok_start") + pl.col("token_pos")).cast(pl.Int64).alias("tok_index"))
+             .drop("_view_row", "tok_start", "n_tokens"))
 
 
 def _missing_error(store: Store, array: str, missing: pl.Series, n_selected: int) -> None:

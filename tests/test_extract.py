@@ -16,7 +16,7 @@ import zarr
 
 from extractors.run import ExtractConfig, main, run
 from store.arrays import committed_rows
-from store.core import Store
+from store.core import Store, StoreError
 from store.materialize import gather, materialize
 from tests.conftest import ingest_small
 
@@ -128,11 +128,20 @@ def test_materialize_equals_naive_per_row_reads(fresh, tiny_model):
     pooled = materialize(st, "assistant_tokens", "hidden/layer_2", pool="mean")
     first = pooled.frame["row_id"][0]
     assert np.allclose(pooled.X[0], m.X[(m.frame["row_id"] == first).to_numpy()].mean(axis=0), atol=1e-5)
+    # A row-level view selects whole rows through row_layout; same as asking the tokens table.
+    whole = materialize(st, "SELECT row_id, category FROM rows ORDER BY row_id DESC LIMIT 3", "hidden/layer_2")
+    ids = whole.frame["row_id"].unique(maintain_order=True).to_list()
+    assert len(ids) == 3 and ids == sorted(ids, reverse=True) and "category" in whole.frame.columns
+    ref = materialize(st, f"SELECT row_id, token_pos, tok_index FROM tokens WHERE row_id IN {tuple(ids)} "
+                          "ORDER BY row_id DESC, token_pos", "hidden/layer_2")
+    assert whole.frame.select("row_id", "token_pos", "tok_index").equals(ref.frame)
+    assert np.array_equal(whole.X, ref.X)
+    with pytest.raises(StoreError, match="return row_id alone"):
+        materialize(st, "SELECT row_id, token_pos FROM tokens LIMIT 3", "hidden/layer_2")
 
 
 def test_materialize_refuses_rows_not_extracted(fresh, tiny_model):
     _extract(fresh, tiny_model, [1], split="eval", unit_tokens=2048)
-    from store.core import StoreError
     with pytest.raises(StoreError, match=r"not in hidden/layer_1.*python -m extractors.run --layer 1"):
         materialize(Store(fresh), "assistant_tokens", "hidden/layer_1")
 
