@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from extractors.chat_tokens import tokenize_rows, tokenizer_hash
 from extractors.forward import Batch, LayerCapture, pad_batch, padding_fraction, plan_batches, validate_layers
 from extractors.model import decoder_layers
-from store.arrays import commit_unit, committed_rows, create_array, record_array, write_unit
+from store.arrays import commit_unit, committed_in_unit, committed_rows, create_array, record_array, write_unit
 from store.core import Store, StoreError
 from store.runs import Run
 from store.tokens import Layout, plan_layout, read_layout, tokenizations, write_tokenization
@@ -185,7 +185,7 @@ class UnitWriter:
         for name, todo in work.todo.items():
             if not todo:
                 continue
-            done = committed_rows(self.store, name).get(work.unit, set())
+            done = committed_in_unit(self.store, name, work.unit)
             buf = buffers[name]
             if done:
                 # Keep the committed rows' values: they may come from other batches.

@@ -17,6 +17,7 @@ zarr reader does the same with `arr[:].astype("uint32") << 16` viewed as float32
 from __future__ import annotations
 
 import os
+import threading
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -138,30 +139,43 @@ def commit_unit(store: Store, name: str, unit: int, row_ids: list[str], run_id: 
     store.write_table(UNITS_TABLE, tbl, part=f"{array_key(name)}/u{unit:06d}")
 
 
-_COMMITTED: dict[str, tuple[list[tuple], pa.Table]] = {}
+_COMMITTED: dict[str, tuple[list[tuple], pa.Table, dict[str, tuple[tuple, pa.Table]]]] = {}
 _COMMITTED_MAX = 64
+_COMMITTED_LOCK = threading.Lock()
 
 
 def _committed_table(store: Store, name: str) -> pa.Table:
-    """(unit, row_id) of every committed row of `name`, cached per process and re-read when
-    a commit file of that array is added, replaced or removed (name, inode, mtime, size)."""
+    """(unit, row_id) of every committed row of `name`, cached per process: a commit file is
+    read again only when it is added or replaced (name, inode, mtime, size change)."""
     d = store.table_dir(UNITS_TABLE) / array_key(name)
     try:
         entries = sorted((e.name, e.inode(), e.stat().st_mtime_ns, e.stat().st_size)
                          for e in os.scandir(d) if e.name.endswith(".parquet"))
     except FileNotFoundError:
         entries = []
-    hit = _COMMITTED.get(str(d))
-    if hit is not None and hit[0] == entries:
-        return hit[1]
-    if entries:
-        t = pq.read_table([str(d / e[0]) for e in entries], columns=["unit", "row_id"])
-    else:
-        t = pa.table({"unit": pa.array([], pa.int32()), "row_id": pa.array([], pa.string())})
-    if len(_COMMITTED) >= _COMMITTED_MAX:
-        _COMMITTED.pop(next(iter(_COMMITTED)))
-    _COMMITTED[str(d)] = (entries, t)
+    with _COMMITTED_LOCK:
+        hit = _COMMITTED.get(str(d))
+        if hit is not None and hit[0] == entries:
+            return hit[1]
+        old_files = hit[2] if hit is not None else {}
+    files = {}
+    for e in entries:
+        cached = old_files.get(e[0])
+        files[e[0]] = cached if cached is not None and cached[0] == e[1:] else \
+            (e[1:], pq.read_table(d / e[0], columns=["unit", "row_id"]))
+    schema = pa.schema([("unit", pa.int32()), ("row_id", pa.string())])
+    t = pa.concat_tables([f[1].cast(schema) for f in files.values()]) if files else schema.empty_table()
+    with _COMMITTED_LOCK:
+        if len(_COMMITTED) >= _COMMITTED_MAX and str(d) not in _COMMITTED:
+            _COMMITTED.pop(next(iter(_COMMITTED)))
+        _COMMITTED[str(d)] = (entries, t, files)
     return t
+
+
+def committed_in_unit(store: Store, name: str, unit: int) -> set[str]:
+    """Rows committed in one unit of one array (reads that unit's commit file alone)."""
+    path = store.table_dir(UNITS_TABLE) / array_key(name) / f"u{unit:06d}.parquet"
+    return set(pq.read_table(path, columns=["row_id"]).column(0).to_pylist()) if path.exists() else set()
 
 
 def committed_rows(store: Store, name: str) -> dict[int, set[str]]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from extractors.forward import padding_fraction, plan_batches
-from store.arrays import commit_unit, committed_rows, create_array, decode, encode, write_unit
+from store.arrays import commit_unit, committed_in_unit, committed_rows, create_array, decode, encode, write_unit
 from store.core import Store, StoreError
 from store.materialize import gather, iter_materialize
 from store.sql import main as sql_main
@@ -38,6 +38,11 @@ def test_made_up_array_round_trip_with_units(tmp_path):
         write_unit(st, arr, "hidden/layer_3", unit, data[unit * 64:(unit + 1) * 64])
         commit_unit(st, "hidden/layer_3", unit, [f"r{unit}a", f"r{unit}b"], "run-1")
     assert committed_rows(st, "hidden/layer_3") == {u: {f"r{u}a", f"r{u}b"} for u in range(4)}
+    assert committed_in_unit(st, "hidden/layer_3", 2) == {"r2a", "r2b"} and not committed_in_unit(st, "hidden/layer_3", 9)
+    commit_unit(st, "hidden/layer_3", 1, ["r1a", "r1b", "r1c"], "run-2")       # a replaced commit file is re-read
+    assert committed_rows(st, "hidden/layer_3")[1] == {"r1a", "r1b", "r1c"}
+    st.delete_part("array_units", "hidden__layer_3/u000003")                     # and a removed one forgotten
+    assert sorted(committed_rows(st, "hidden/layer_3")) == [0, 1, 2]
     idx = rng.integers(0, 256, 500)
     assert np.array_equal(gather(st, "hidden/layer_3", idx), data[idx])
     # the chunk files are raw rows, one per unit: readable without this package
