@@ -87,6 +87,21 @@ def select(store: Store, view_or_sql: str, array: str | None = None) -> pl.DataF
     return frame
 
 
+_LAYOUTS: dict[tuple[str, str], tuple[list[tuple], pl.DataFrame]] = {}
+
+
+def _layout_frame(store: Store, tz: str) -> pl.DataFrame:
+    """row_id, tok_start, n_tokens of a tokenization, cached until row_layout's files change."""
+    sig = [(str(p), p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in store.table_files("row_layout")]
+    hit = _LAYOUTS.get((str(store.root), tz))
+    if hit is None or hit[0] != sig:
+        lay = pl.from_arrow(store.query("SELECT row_id, tok_start, n_tokens FROM row_layout WHERE tokenization = ?",
+                                        [tz]))
+        hit = _LAYOUTS[(str(store.root), tz)] = (sig, lay.with_columns(pl.col("tok_start").cast(pl.Int64),
+                                                                       pl.col("n_tokens").cast(pl.Int64)))
+    return hit[1]
+
+
 def _whole_rows(store: Store, array: str, frame: pl.DataFrame) -> pl.DataFrame:
     """A row-level view (row_id, no tok_index) -> one line per token of each row, in the view's
     row order, with token_pos and tok_index from row_layout: rows are contiguous runs of the
@@ -95,16 +110,16 @@ def _whole_rows(store: Store, array: str, frame: pl.DataFrame) -> pl.DataFrame:
     if tz is None:
         raise StoreError(f"{array} has no tokenization attribute, so whole rows cannot be located; "
                          "select tokens (join the tokens table and return tok_index)")
-    lay = pl.from_arrow(store.query("SELECT row_id, tok_start, n_tokens FROM row_layout WHERE tokenization = ?",
-                                    [tz]))
-    f = frame.with_row_index("_view_row").join(lay, on="row_id", how="left").sort("_view_row")
+    f = frame.select("row_id").with_row_index("_i").join(_layout_frame(store, tz), on="row_id", how="left").sort("_i")
     if f["tok_start"].null_count():
         bad = f.filter(pl.col("tok_start").is_null())["row_id"][0]
         raise StoreError(f"row {bad!r} is not in tokenization {tz} of {store.root}")
-    return (f.with_columns(pl.int_ranges(0, "n_tokens", dtype=pl.Int32).alias("token_pos"))
-             .explode("token_pos")
-             .with_columns((pl.col("tok_start") + pl.col("token_pos")).cast(pl.Int64).alias("tok_index"))
-             .drop("_view_row", "tok_start", "n_tokens"))
+    start, n = f["tok_start"].to_numpy(), f["n_tokens"].to_numpy()
+    line = np.repeat(np.arange(len(f)), n)                         # the view's line of each token
+    first = np.repeat(np.cumsum(n) - n, n)
+    pos = np.arange(len(line), dtype=np.int64) - first
+    return frame[line].with_columns(pl.Series("token_pos", pos.astype(np.int32)),
+                                    pl.Series("tok_index", start[line] + pos))
 
 
 def _missing_error(store: Store, array: str, missing: pl.Series, n_selected: int) -> None:
@@ -152,11 +167,15 @@ class ArrayReader:
         out = np.empty((len(idx), *arr.shape[1:]), dtype=out_dtype)
         if not len(idx):
             return out.view(np.float32) if widen else out
+        if idx.min() < 0 or idx.max() >= arr.shape[0]:
+            raise StoreError(f"tok_index out of range 0..{arr.shape[0] - 1} for {self.name}")
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+        if self._base is not None and (len(breaks) + 1) * 16 <= len(idx):
+            self._copy_runs(idx, np.r_[0, breaks], np.r_[breaks, len(idx)], out, widen)
+            return out.view(np.float32) if widen else out
         ascending = bool(np.all(idx[1:] >= idx[:-1]))
         order = None if ascending else np.argsort(idx, kind="stable")
         sidx = idx if ascending else idx[order]
-        if sidx[0] < 0 or sidx[-1] >= arr.shape[0]:
-            raise StoreError(f"tok_index out of range 0..{arr.shape[0] - 1} for {self.name}")
         chunk_of = sidx // self._rows
         bounds = np.flatnonzero(np.diff(chunk_of)) + 1
         for s, e in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(sidx)]])):
@@ -178,6 +197,26 @@ class ArrayReader:
         if widen and not ascending:
             out <<= 16
         return out.view(np.float32) if widen else out
+
+    def _copy_runs(self, idx: np.ndarray, starts: np.ndarray, ends: np.ndarray, out: np.ndarray, widen: bool) -> None:
+        """Runs of consecutive tok_index (whole rows, spans) are copied as slices of the chunk
+        maps, widened on the way: no index arrays, no temporaries."""
+        rows = self._rows
+        for o, e in zip(starts.tolist(), ends.tolist()):
+            t0, t1 = int(idx[o]), int(idx[e - 1]) + 1
+            while t0 < t1:                       # a run may cross a chunk boundary
+                c = t0 // rows
+                stop = min(t1, (c + 1) * rows)
+                dst = out[o: o + stop - t0]
+                mm = self._chunk(c)
+                if mm is None:
+                    dst[...] = 0
+                elif widen:
+                    np.left_shift(mm[t0 - c * rows: stop - c * rows], 16, out=dst, dtype=np.uint32)
+                else:
+                    dst[...] = mm[t0 - c * rows: stop - c * rows]
+                o += stop - t0
+                t0 = stop
 
     def close(self) -> None:
         self._maps.clear()

@@ -64,6 +64,7 @@ def test_one_dimensional_arrays_and_gather_order(tmp_path):
         write_unit(st, arr, "scores/x", u, vals[u * 32:(u + 1) * 32])
     idx = np.array([99, 3, 64, 3, 31, 32])
     assert np.array_equal(gather(st, "scores/x", idx), vals[idx])
+    assert np.array_equal(gather(st, "scores/x", np.arange(10, 90)), vals[10:90])   # one run over 3 chunks
 
 
 def test_layout_packs_whole_rows_into_units_by_split_then_length():
@@ -214,9 +215,12 @@ def test_array_reader_matches_numpy_for_every_dtype_and_order(tmp_path, dtype):
     want = np.concatenate([decode(raw, arr.attrs["dtype"]), np.zeros((8, 3), np.float32)])
     want = want.astype(np.float32) if dtype != "int32" else want.astype(np.int32)
     reader = ArrayReader(st, "x/y")
-    for idx in (rng.integers(0, 200, 300), np.sort(rng.integers(0, 200, 300)), np.array([], np.int64)):
+    runs = np.concatenate([np.arange(50, 140), np.arange(180, 200), np.arange(0, 30)])  # slices across chunks
+    for idx in (rng.integers(0, 200, 300), np.sort(rng.integers(0, 200, 300)), np.array([], np.int64), runs):
         got = reader.gather(idx)
         assert got.dtype == want.dtype and np.array_equal(got, want[idx])
         assert np.array_equal(gather(st, "x/y", idx, decoded=False), np.concatenate([raw, np.zeros((8, 3), raw.dtype)])[idx])
     with pytest.raises(StoreError, match="out of range 0..199"):
         reader.gather(np.array([200]))
+    with pytest.raises(StoreError, match="out of range 0..199"):
+        reader.gather(np.arange(170, 201))
