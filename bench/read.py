@@ -210,7 +210,8 @@ def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
         perm = np.random.default_rng(cfg.seed).permutation(n)
 
         def stream(order) -> None:
-            for m in iter_materialize(store, cfg.view, cfg.array, batch_size=cfg.batch_size, order=order):
+            for m in iter_materialize(store, cfg.view, cfg.array, batch_size=cfg.batch_size, order=order,
+                                      columns=[]):  # as the SAE trainer streams: X alone
                 m.X.sum()
 
         def stream_raw(order_idx: np.ndarray) -> None:

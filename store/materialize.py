@@ -276,12 +276,20 @@ def materialize(store: Store, view_or_sql: str, array: str = "hidden/layer_17", 
 
 
 def iter_materialize(store: Store, view_or_sql: str, array: str = "hidden/layer_17", *,
-                     batch_size: int = 65536, order: str | np.ndarray = "chunk") -> Iterator[Materialized]:
+                     batch_size: int = 65536, order: str | np.ndarray = "chunk",
+                     columns: list[str] | None = None) -> Iterator[Materialized]:
     """Stream a large selection in batches of `batch_size` tokens.
 
     order: "chunk" (ascending tok_index: sequential reads), "view" (the view's order), or a
-    permutation of range(n_selected) (e.g. a shuffle saved with a training run)."""
+    permutation of range(n_selected) (e.g. a shuffle saved with a training run).
+    columns: the view's columns each batch's frame carries (default all; row_id and tok_index
+    always): `columns=[]` for training loops that use X alone skips slicing the rest."""
     frame = select(store, view_or_sql, array)
+    if columns is not None:
+        unknown = sorted(set(columns) - set(frame.columns))
+        if unknown:
+            raise ValueError(f"columns {unknown} are not in the view; it has {frame.columns}")
+        frame = frame.select(list(dict.fromkeys(["row_id", "tok_index", *columns])))
     if isinstance(order, str):
         if order not in ("chunk", "view"):
             raise ValueError(f"order must be 'chunk', 'view' or a permutation, got {order!r}")

@@ -125,6 +125,10 @@ def test_iter_materialize_streams_every_token_once(tmp_path):
     assert seen == perm.tolist()
     with pytest.raises(ValueError, match="permutation"):
         next(iter_materialize(st, "SELECT * FROM tokens", "hidden/layer_0", order=np.zeros(100, int)))
+    lean = next(iter_materialize(st, "SELECT 1 AS x, * FROM tokens", "hidden/layer_0", batch_size=10, columns=[]))
+    assert lean.frame.columns == ["row_id", "tok_index"] and lean.X.shape == (10, 4)
+    with pytest.raises(ValueError, match=r"columns \['nope'\] are not in the view"):
+        next(iter_materialize(st, "tokens", "hidden/layer_0", columns=["nope"]))
 
 
 @pytest.mark.parametrize("fmt", ["csv", "json", "parquet", "table"])

@@ -73,7 +73,8 @@ class TokenStream:
         have = 0
         for e in range(len(self.orders)):
             self.epochs_started = e + 1
-            for m in iter_materialize(self.store, self.sql, self.array, batch_size=self.batch, order=self.orders[e]):
+            for m in iter_materialize(self.store, self.sql, self.array, batch_size=self.batch, order=self.orders[e],
+                                      columns=[]):
                 rest.append(m.X)
                 have += len(m.X)
                 while have >= self.batch:
