@@ -144,6 +144,14 @@ _COMMITTED_MAX = 64
 _COMMITTED_LOCK = threading.Lock()
 
 
+def _after_fork() -> None:  # a lock held by a parent thread at the fork would never be released
+    global _COMMITTED_LOCK
+    _COMMITTED_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 def _committed_table(store: Store, name: str) -> pa.Table:
     """(unit, row_id) of every committed row of `name`, cached per process: a commit file is
     read again only when it is added or replaced (name, inode, mtime, size change)."""

@@ -85,6 +85,8 @@ class Store:
             raise StoreError(f"store path {self.root} exists and is not a folder; pass another --store")
         self._lock = threading.Lock()
         self._views_db: tuple[Any, duckdb.DuckDBPyConnection, dict[str, str]] | None = None
+        self._inherited: Any = None
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         # A Store travels to worker processes as its root; the cached database stays behind.
@@ -93,7 +95,7 @@ class Store:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.root = state["root"]
         self._lock = threading.Lock()
-        self._views_db = None
+        self._views_db, self._inherited, self._pid = None, None, os.getpid()
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -215,6 +217,11 @@ class Store:
         return self._views()[1].cursor()
 
     def _views(self) -> tuple[Any, duckdb.DuckDBPyConnection, dict[str, str]]:
+        if self._pid != os.getpid():
+            # A forked child must not use the parent's DuckDB database (or a lock a parent
+            # thread held at the fork): start afresh, keeping the inherited one referenced
+            # (closing it in the child can block).
+            self._lock, self._inherited, self._views_db, self._pid = threading.Lock(), self._views_db, None, os.getpid()
         key = self._views_key()
         with self._lock:
             if self._views_db is None or self._views_db[0] != key:
@@ -222,13 +229,17 @@ class Store:
                 # The old database lives on while cursors opened on it are in use.
                 self._views_db = (key, con, self._register(con))
             else:
-                # A view missing a table waits for the key to change; one missing a column may
-                # be fixed by a new file of a table, so it is retried.
+                # A view missing a table waits for the key to change; one missing a column
+                # (Binder Error) may be fixed by a new file of a table, so it is retried, and
+                # when one comes back, so are the views that may stand on it.
                 key, con, errors = self._views_db
-                retry = [n for n, e in errors.items() if not e.startswith("Catalog Error")]
+                retry = [n for n, e in errors.items() if e.startswith("Binder Error")]
                 if retry:
-                    kept = {n: e for n, e in errors.items() if n not in retry}
-                    self._views_db = (key, con, {**kept, **self._register(con, only=retry)})
+                    still = self._register(con, only=retry)
+                    errors = {**{n: e for n, e in errors.items() if n not in retry}, **still}
+                    if len(still) < len(retry):
+                        errors = self._register(con, only=list(errors))
+                    self._views_db = (key, con, errors)
             return self._views_db
 
     def view_errors(self) -> dict[str, str]:

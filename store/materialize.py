@@ -80,9 +80,9 @@ def select(store: Store, view_or_sql: str, array: str | None = None) -> pl.DataF
         if len(missing):
             _missing_error(store, array, missing.sort(), len(selected))
     if array is not None and "tok_index" not in frame.columns:
-        if "token_pos" in frame.columns or "row_id" not in frame.columns:
+        if "token_pos" in frame.columns or "row_id" not in frame.columns or frame["row_id"].is_duplicated().any():
             raise StoreError("the view must return tok_index (join the tokens table) to be materialized, "
-                             "or return row_id alone (no token columns) to select whole rows")
+                             "or return each row_id once (and no token columns) to select whole rows")
         frame = _whole_rows(store, array, frame)
     return frame
 

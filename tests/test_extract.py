@@ -136,8 +136,10 @@ def test_materialize_equals_naive_per_row_reads(fresh, tiny_model):
                           "ORDER BY row_id DESC, token_pos", "hidden/layer_2")
     assert whole.frame.select("row_id", "token_pos", "tok_index").equals(ref.frame)
     assert np.array_equal(whole.X, ref.X)
-    with pytest.raises(StoreError, match="return row_id alone"):
+    with pytest.raises(StoreError, match="must return tok_index"):
         materialize(st, "SELECT row_id, token_pos FROM tokens LIMIT 3", "hidden/layer_2")
+    with pytest.raises(StoreError, match="each row_id once"):   # a token view that forgot tok_index
+        materialize(st, "SELECT row_id, token_text FROM tokens WHERE token_pos < 2", "hidden/layer_2")
 
 
 def test_materialize_refuses_rows_not_extracted(fresh, tiny_model):

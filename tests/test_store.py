@@ -175,12 +175,30 @@ def test_one_store_object_sees_every_catalog_change(tmp_path):
     st.write_table("rows", pa.table({"row_id": ["c"], "split": ["eval"], "score": [0.5]}), part="part-2")
     assert "later" not in st.view_errors()
     assert st.query("SELECT row_id FROM later WHERE score > 0").column(0).to_pylist() == ["c"]
+    (st.views_dir / "va.sql").write_text("SELECT row_id, late FROM rows")               # a view on a view
+    (st.views_dir / "vb.sql").write_text("SELECT * FROM va")
+    assert {"va", "vb"} <= set(st.view_errors())
+    st.write_table("rows", pa.table({"row_id": ["d"], "split": ["eval"], "late": [7]}), part="part-3")
+    assert st.query("SELECT row_id FROM vb WHERE late = 7").column(0).to_pylist() == ["d"]
     con = st.connect()
     con.execute("CREATE TEMP TABLE scratch AS SELECT 1 AS x")       # private to that connection
     with pytest.raises(duckdb.CatalogException):
         st.connect().sql("SELECT * FROM scratch").fetchall()
     import pickle
-    assert pickle.loads(pickle.dumps(st)).query("SELECT count(*) FROM rows").column(0)[0].as_py() == 3
+    assert pickle.loads(pickle.dumps(st)).query("SELECT count(*) FROM rows").column(0)[0].as_py() == 4
+    # A forked worker (DataLoader, multiprocessing) gets its own database, not the parent's.
+    import multiprocessing
+    global _FORKED
+    _FORKED = st
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        assert pool.map_async(_count_rows_in_fork, range(2)).get(timeout=120) == [4, 4]
+
+
+_FORKED: Store | None = None
+
+
+def _count_rows_in_fork(_: int) -> int:
+    return _FORKED.query("SELECT count(*) FROM rows").column(0)[0].as_py()
 
 
 def test_commit_check_follows_new_commits_in_one_process(tmp_path):
