@@ -43,7 +43,7 @@ import polars as pl
 import pyarrow as pa
 
 from analytics import stats
-from store.cli import config_dict, parse_config
+from store.cli import config_dict, parse_config, user_errors
 from store.core import Store, StoreError
 
 TABLE = "feature_metadata_assoc"
@@ -429,13 +429,10 @@ def report(res: CorrelationResult, alpha: float) -> str:
     return "\n".join(lines)
 
 
+@user_errors(StoreError, ValueError)
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(CorrelationConfig, argv, prog="python -m analytics.correlations")
-    try:
-        res = run_correlations(cfg)
-    except (StoreError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = run_correlations(cfg)
     print(report(res, cfg.alpha))
     return 0
 

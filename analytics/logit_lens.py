@@ -42,7 +42,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from store.cli import config_dict, parse_config
+from store.cli import config_dict, parse_config, user_errors
 from store.core import Store, StoreError
 
 TABLE = "logit_lens"
@@ -237,13 +237,10 @@ def run_logit_lens(cfg: LogitLensConfig) -> LensResult:
     return LensResult(run.run_id, table, final_src, str(png))
 
 
+@user_errors(StoreError, ValueError)
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(LogitLensConfig, argv, prog="python -m analytics.logit_lens")
-    try:
-        res = run_logit_lens(cfg)
-    except (StoreError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = run_logit_lens(cfg)
     t = res.table
     print(f"logit lens over {t['n_tokens'][0]} {cfg.view} tokens of {t['n_rows'][0]} {cfg.split} rows "
           f"(final distribution: {res.final_source})")

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import polars as pl
 
-from store.cli import config_dict, parse_config
+from store.cli import config_dict, parse_config, user_errors
 from store.core import Store, StoreError
 
 
@@ -276,14 +276,9 @@ def write_report(cfg: ReportConfig) -> Path:
     return path
 
 
+@user_errors(StoreError)
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(ReportConfig, argv, prog="python -m analytics.report")
-    try:
-        path = write_report(cfg)
-    except StoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"report: {path}")
+    print(f"report: {write_report(parse_config(ReportConfig, argv, prog='python -m analytics.report'))}")
     return 0
 
 

@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from store.cli import config_dict, parse_config
+from store.cli import config_dict, parse_config, user_errors
 
 METHODS = ("forward", "extract", "naive", "forward_full", "forward_windows", "saelens")
 
@@ -422,13 +422,9 @@ def run_bench(cfg: BenchExtractConfig) -> dict[str, Any]:
             print(f"kept the scratch store at {store.root}")
 
 
+@user_errors(ValueError, RuntimeError)
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(BenchExtractConfig, argv, prog="python -m bench.extract")
-    try:
-        run_bench(cfg)
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run_bench(parse_config(BenchExtractConfig, argv, prog="python -m bench.extract"))
     return 0
 
 

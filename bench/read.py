@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from store.cli import config_dict, parse_config
+from store.cli import config_dict, parse_config, user_errors
 
 
 @dataclass
@@ -273,13 +273,9 @@ def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
             print(f"kept the scratch store at {store.root}")
 
 
+@user_errors(ValueError, RuntimeError)
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(BenchReadConfig, argv, prog="python -m bench.read")
-    try:
-        run_bench(cfg)
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run_bench(parse_config(BenchReadConfig, argv, prog="python -m bench.read"))
     return 0
 
 

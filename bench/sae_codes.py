@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import zarr
 
-from store.cli import config_dict, parse_config
+from store.cli import config_dict, parse_config, user_errors
 from store.core import Store, StoreError
 
 
@@ -145,13 +145,10 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+@user_errors(ValueError, RuntimeError)
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(BenchConfig, argv, prog="python -m bench.sae_codes")
-    try:
-        res = run_bench(cfg)
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = run_bench(cfg)
     print(format_table(res))
     store = Store(cfg.store)
     bench_id = f"bench-sae-codes-{datetime.now(UTC):%Y%m%d-%H%M%S}"

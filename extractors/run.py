@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from store.cli import config_dict, parse_config
+from store.cli import config_dict, parse_config, user_errors
 
 
 @dataclass
@@ -131,14 +131,10 @@ def run(cfg: ExtractConfig):
     return result
 
 
+@user_errors(ValueError, RuntimeError)
 def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
-    cfg = parse_config(ExtractConfig, argv, prog="python -m extractors.run")
-    try:
-        run(cfg)
-    except (ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run(parse_config(ExtractConfig, argv, prog="python -m extractors.run"))
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
 

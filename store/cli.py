@@ -5,14 +5,18 @@ Every entry point has one config dataclass; each field carries its help text in
 with the run. Supported field types: bool, int, float, str, Literal[...] (choices),
 Optional[...] and list[int | float | str]. `metadata["aliases"]` adds spellings
 (`--layer` for `--layers`), `metadata["positional"]` makes a field positional.
+`@user_errors(...)` on a `main()` turns the errors a user can fix into `error: ...`, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import sys
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 T = TypeVar("T")
@@ -99,3 +103,18 @@ def parse_config(cls: type[T], argv: list[str] | None = None, prog: str | None =
 def config_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain JSON-able values, for run records."""
     return dataclasses.asdict(cfg)
+
+
+def user_errors(*errors: type[BaseException]) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorator for a command's `main(argv) -> int`: the given errors (whose messages name the
+    value and the fix) print as one `error: ...` line and exit 2 instead of a traceback."""
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def guarded(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except errors as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        return guarded
+    return wrap

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from store.cli import parse_config
+from store.cli import parse_config, user_errors
 from store.core import Store
 
 
@@ -80,13 +80,9 @@ def run_sql(cfg: SqlConfig) -> str:
     return text
 
 
+@user_errors(ValueError)
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(SqlConfig, argv, prog="python -m store.sql")
-    try:
-        print(run_sql(cfg))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(run_sql(parse_config(SqlConfig, argv, prog="python -m store.sql")))
     return 0
 
 

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file
 
 from store.arrays import commit_unit, create_array, open_array, record_array, write_unit
+from store.cli import parse_config, user_errors
 from store.core import Store, StoreError
 from store.materialize import ArrayReader, view_sql
 from store.tokens import read_layout
@@ -220,15 +221,9 @@ def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
     return metrics
 
 
+@user_errors(ValueError, StoreError)
 def main(argv: list[str] | None = None) -> int:
-    from store.cli import parse_config
-
-    cfg = parse_config(MonitorConfig, argv, prog="python -m trainers.monitor")
-    try:
-        m = run_monitor(cfg)
-    except (ValueError, StoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    m = run_monitor(parse_config(MonitorConfig, argv, prog="python -m trainers.monitor"))
     for split, d in m["doc_metrics_by_split"].items():
         if not d["n_docs"]:
             print(f"{split}: no row labels (the view has no label or has_needle column)")

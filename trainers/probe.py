@@ -38,6 +38,7 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from store.arrays import committed_rows, open_array
+from store.cli import user_errors
 from store.core import STORE_VERSION, Store, StoreError, atomic_write_bytes
 from store.materialize import view_text
 from trainers.logreg import (
@@ -402,14 +403,10 @@ def write_back(store: Store, cfg: ProbeConfig, data: ProbeData, per_layer: dict[
     return out
 
 
+@user_errors(ValueError, StoreError)
 def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
-    try:
-        cfg = load_config(argv)
-        res = run_probe(cfg)
-    except (ValueError, StoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = run_probe(load_config(argv))
     m = res.metrics
     for L, d in m["by_layer"].items():
         line = f"layer {L:>3}: val AUROC {d['val_auroc_mean']:.3f} ± {d['val_auroc_std']:.3f}"

@@ -36,8 +36,9 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
-from store.cli import config_dict, parse_config
+from store.cli import config_dict, parse_config, user_errors
 from store.core import STORE_VERSION, Store, StoreError
+from trainers.sae_load import SAELoadError
 
 
 @dataclass
@@ -302,16 +303,10 @@ def report(res: SAEResult) -> str:
     return "\n".join(lines)
 
 
+@user_errors(ValueError, StoreError, SAELoadError)
 def main(argv: list[str] | None = None) -> int:
-    from trainers.sae_load import SAELoadError
-
     t0 = time.perf_counter()
-    cfg = parse_config(SAETrainConfig, argv, prog="python -m trainers.sae")
-    try:
-        res = run_sae(cfg)
-    except (ValueError, StoreError, SAELoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = run_sae(parse_config(SAETrainConfig, argv, prog="python -m trainers.sae"))
     print(report(res))
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
