@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from store.cli import parse_config
+from store.cli import parse_config, user_errors
 from store.core import Store
 
 
@@ -71,6 +71,7 @@ def summary(result) -> str:
     return f"{verb} {result.ingest_id}: {sizes}; quarantined: {q}"
 
 
+@user_errors(ValueError, RuntimeError)
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(IngestConfig, argv, prog="python -m extractors.dataset")
     result = run_ingest(cfg)

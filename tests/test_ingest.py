@@ -183,3 +183,11 @@ def test_parquet_folder_and_saved_datasets_sources(tmp_path):
     assert a.sizes == b.sizes == {"train_base": 20, "attr_query": 5, "eval": 5, "score_pool": 20}
     assert Store(tmp_path / "a").query(q).to_pylist() == Store(tmp_path / "b").query(q).to_pylist()
     assert a.manifest["dataset"]["content_hash"] and "test-00000.parquet" in a.manifest["dataset"]["files"]["test"]
+
+
+def test_dataset_cli_reports_a_bad_source_in_one_line(tmp_path, capsys):
+    from extractors.dataset import main
+    missing = tmp_path / "missing.parquet"
+    assert main(["--source", str(missing), "--store", str(tmp_path / "st")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(missing) in err and "Traceback" not in err
