@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from store.core import Store, StoreError, fsync_path
+from store.core import Store, StoreError, file_signature, fsync_path
 
 StorageDtype = Literal["bf16", "fp16", "fp32", "int32", "uint16", "int64"]
 _ZARR_DTYPE = {"bf16": "uint16", "fp16": "float16", "fp32": "float32", "int32": "int32",
@@ -126,6 +126,11 @@ def write_unit(store: Store, arr: zarr.Array, name: str, unit: int, data: np.nda
     fsync_path(path.parent)
 
 
+def _unit_part(name: str, unit: int) -> str:
+    """The commit file of one unit, as a part of the array_units table."""
+    return f"{array_key(name)}/u{unit:06d}"
+
+
 def commit_unit(store: Store, name: str, unit: int, row_ids: list[str], run_id: str) -> None:
     """Make `row_ids` of `unit` visible to readers (call after `write_unit`)."""
     now = datetime.now(timezone.utc)
@@ -136,7 +141,7 @@ def commit_unit(store: Store, name: str, unit: int, row_ids: list[str], run_id: 
         "run_id": pa.array([run_id] * len(row_ids), pa.string()),
         "committed_at": pa.array([now] * len(row_ids), pa.timestamp("us", tz="UTC")),
     })
-    store.write_table(UNITS_TABLE, tbl, part=f"{array_key(name)}/u{unit:06d}")
+    store.write_table(UNITS_TABLE, tbl, part=_unit_part(name, unit))
 
 
 _COMMITTED: dict[str, tuple[list[tuple], pa.Table, dict[str, tuple[tuple, pa.Table]]]] = {}
@@ -157,8 +162,7 @@ def _committed_table(store: Store, name: str) -> pa.Table:
     read again only when it is added or replaced (name, inode, mtime, size change)."""
     d = store.table_dir(UNITS_TABLE) / array_key(name)
     try:
-        entries = sorted((e.name, e.inode(), e.stat().st_mtime_ns, e.stat().st_size)
-                         for e in os.scandir(d) if e.name.endswith(".parquet"))
+        entries = sorted((e.name, *file_signature(e)) for e in os.scandir(d) if e.name.endswith(".parquet"))
     except FileNotFoundError:
         entries = []
     with _COMMITTED_LOCK:
@@ -182,7 +186,7 @@ def _committed_table(store: Store, name: str) -> pa.Table:
 
 def committed_in_unit(store: Store, name: str, unit: int) -> set[str]:
     """Rows committed in one unit of one array (reads that unit's commit file alone)."""
-    path = store.table_dir(UNITS_TABLE) / array_key(name) / f"u{unit:06d}.parquet"
+    path = store.table_dir(UNITS_TABLE) / f"{_unit_part(name, unit)}.parquet"
     return set(pq.read_table(path, columns=["row_id"]).column(0).to_pylist()) if path.exists() else set()
 
 

@@ -58,6 +58,13 @@ def row_group_rows(n_rows: int) -> int:
     return min(122_880, max(8_192, -(-n_rows // 8)))
 
 
+def file_signature(path: Path | os.DirEntry) -> tuple[int, int, int]:
+    """(inode, mtime_ns, size): changes when a file is written, replaced (atomic writes make a
+    new inode) or recreated; what the per-process caches of catalog files key on."""
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old or the new content, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +212,7 @@ class Store:
 
     def _views_key(self) -> tuple:
         """What the registered views depend on: the tables present and the view files."""
-        views = tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in self.view_files())
+        views = tuple((str(p), *file_signature(p)) for p in self.view_files())
         return tuple(self.tables()), views
 
     def connect(self) -> duckdb.DuckDBPyConnection:

@@ -25,6 +25,7 @@ once per Store (see store.core) and the commit check reads a cached list of comm
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -32,7 +33,8 @@ import polars as pl
 import zarr
 
 from store.arrays import committed_row_ids, open_array
-from store.core import Store, StoreError
+from store.core import Store, StoreError, file_signature
+from store.tokens import read_layout
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -92,13 +94,13 @@ _LAYOUTS: dict[tuple[str, str], tuple[list[tuple], pl.DataFrame]] = {}
 
 def _layout_frame(store: Store, tz: str) -> pl.DataFrame:
     """row_id, tok_start, n_tokens of a tokenization, cached until row_layout's files change."""
-    sig = [(str(p), p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in store.table_files("row_layout")]
+    sig = [(str(p), *file_signature(p)) for p in store.table_files("row_layout")]
     hit = _LAYOUTS.get((str(store.root), tz))
     if hit is None or hit[0] != sig:
-        lay = pl.from_arrow(store.query("SELECT row_id, tok_start, n_tokens FROM row_layout WHERE tokenization = ?",
-                                        [tz]))
-        hit = _LAYOUTS[(str(store.root), tz)] = (sig, lay.with_columns(pl.col("tok_start").cast(pl.Int64),
-                                                                       pl.col("n_tokens").cast(pl.Int64)))
+        lay = read_layout(store, tz)
+        hit = _LAYOUTS[(str(store.root), tz)] = (sig, pl.DataFrame(
+            {"row_id": lay.row_ids, "tok_start": lay.tok_starts, "n_tokens": lay.lengths},
+            schema={"row_id": pl.String, "tok_start": pl.Int64, "n_tokens": pl.Int64}))
     return hit[1]
 
 
@@ -229,8 +231,6 @@ def gather(store: Store, array: str | zarr.Array, tok_index: np.ndarray, *, deco
 
 def _chunk_base(arr: zarr.Array):
     """The folder of an uncompressed local array's chunk files (raw C-order rows), else None."""
-    from pathlib import Path
-
     root = getattr(arr.store, "root", None)
     if root is None or arr.compressors or arr.filters:
         return None
