@@ -64,11 +64,11 @@ def real_store(tmp_path_factory) -> Path:
     return store
 
 
-@pytest.fixture
-def copy_store(tmp_path):
-    """copy_store(src) -> a private copy of a store that a test may write to."""
+@pytest.fixture(scope="session")
+def copy_store(tmp_path_factory):
+    """copy_store(src) -> a private copy of a store that a test (or a module's fixture) may write to."""
     def _copy(src: Path) -> Path:
-        dst = tmp_path / "store_copy"
+        dst = tmp_path_factory.mktemp("store_copy") / "store"
         shutil.copytree(src, dst)
         from store.core import Store
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +26,9 @@ FAST = ["--l2-grid", "0.001", "0.01", "--num-epochs", "30", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def probe_store(real_store, tmp_path_factory):
+def probe_store(real_store, copy_store):
     """A private writable copy of the real-model store, shared by this module's runs."""
-    dst = tmp_path_factory.mktemp("probe") / "store"
-    shutil.copytree(real_store, dst)
-    Store(dst).refresh_catalog()
-    return dst
+    return copy_store(real_store)
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,8 @@ K, D_SAE = 16, 768
 
 
 @pytest.fixture(scope="module")
-def sae_store(real_store, tmp_path_factory) -> Path:
-    dst = tmp_path_factory.mktemp("sae") / "store"
-    shutil.copytree(real_store, dst)
-    Store(dst).refresh_catalog()
-    return dst
+def sae_store(real_store, copy_store) -> Path:
+    return copy_store(real_store)
 
 
 @pytest.fixture(scope="module")
