@@ -44,7 +44,7 @@ import pyarrow as pa
 
 from analytics import stats
 from store.cli import config_dict, parse_config, user_errors
-from store.core import Store, StoreError
+from store.core import DEFAULT_STORE, Store, StoreError
 
 TABLE = "feature_metadata_assoc"
 ORDINAL_ORDERS: dict[str, list[str]] = {
@@ -67,10 +67,10 @@ class CorrelationConfig:
     """Associate every SAE feature with the rows' metadata (AUROC / MI / Spearman + BH)."""
 
     layer: int = field(metadata={"help": "layer of the SAE whose row features to analyse"})
-    store: str = field(default="./store_data", metadata={"help": "store folder"})
-    sae: str | None = field(default=None, metadata={"help": "the SAE: its sae-lens folder (e.g. "
-                            "store_data/runs/<run_id>/sae), its store name (the `sae` column), or RELEASE/SAE_ID; "
-                            "default: the only SAE with row features at --layer"})
+    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
+    sae: str | None = field(default=None, metadata={"help": "the SAE: latest (the newest SAE of --layer in the saes "
+                            "table with row features), its store name (the `sae` column), its sae-lens folder, or "
+                            "RELEASE/SAE_ID; default: the only SAE with row features at --layer"})
     value: Literal["mean_act", "max_act", "n_active"] = field(default="mean_act", metadata={
         "help": "per-row feature value: mean activation over the row's tokens (inactive = 0), max, or "
                 "the number of tokens where it fires"})
@@ -140,7 +140,14 @@ def resolve_sae(store: Store, spec: str | None, layer: int) -> str:
         raise StoreError(f"several SAEs have row features at layer {layer}: {', '.join(have)}; pick one with --sae")
     if spec in have:
         return spec
-    from trainers.sae_load import SAELoadError, load_local, sanitize
+    from extractors.sae_load import SAELoadError, load_local, registered, sanitize
+
+    if spec == "latest":
+        newest = [r["sae"] for r in registered(store, layer) if r["sae"] in have]
+        if not newest:
+            raise StoreError(f"--sae latest: no SAE with row features at layer {layer} (available: "
+                             f"{', '.join(have) or 'none'})")
+        return newest[0]
 
     p = Path(spec).expanduser()
     try:
@@ -365,9 +372,8 @@ def run_correlations(cfg: CorrelationConfig) -> CorrelationResult:
     store = Store(cfg.store)
     sae = resolve_sae(store, cfg.sae, cfg.layer)
     fields = sorted(set(cfg.categorical) | set(cfg.ordinal) | set(cfg.continuous))
-    run = Run(store, "feature_correlations", {**config_dict(cfg), "sae_name": sae, "table": TABLE},
-              layers=[cfg.layer])
-    try:
+    with Run(store, "feature_correlations", {**config_dict(cfg), "sae_name": sae, "table": TABLE},
+             layers=[cfg.layer]) as run:
         t0 = time.perf_counter()
         rm = load_row_matrix(store, sae, cfg.layer, value=cfg.value, split=cfg.split, fields=fields)
         n_fire = (rm.X > 0).sum(axis=0)
@@ -404,9 +410,6 @@ def run_correlations(cfg: CorrelationConfig) -> CorrelationResult:
                                                 "config": config_dict(cfg), "counts": counts, "metrics": metrics,
                                                 "top_features": top.to_dicts(), "plots": {k: str(v) for k, v in made.items()}})
         run.finish(counts=counts, metrics=metrics)
-    except BaseException as e:
-        run.fail(e)
-        raise
     return CorrelationResult(run.run_id, sae, cfg.layer, assoc, top, {k: str(v) for k, v in made.items()}, metrics)
 
 

@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from store.cli import config_dict, parse_config, user_errors
-from store.core import Store, StoreError
+from store.core import DEFAULT_STORE, Store, StoreError
 
 TABLE = "logit_lens"
 
@@ -52,7 +52,7 @@ TABLE = "logit_lens"
 class LogitLensConfig:
     """Next-token accuracy and KL to the final layer through the final norm + unembedding, per layer."""
 
-    store: str = field(default="./store_data", metadata={"help": "store folder"})
+    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     layers: list[int] | None = field(default=None, metadata={"help": "stored layers to read (default: every "
                                      "hidden/layer_L array in the store)", "aliases": ["--layer"]})
     split: str = field(default="eval", metadata={"help": "rows to evaluate (a split name)"})
@@ -94,14 +94,6 @@ def final_norm_and_head(model: Any) -> tuple[Any, Any]:
                      "Llama-, Mistral-, Qwen-, Gemma-, GPT-2- and NeoX-style models")
 
 
-def stored_layers(store: Store) -> dict[int, str]:
-    """{layer: array name} of the store's hidden-state arrays."""
-    if not store.has_table("arrays"):
-        return {}
-    rows = store.query("SELECT DISTINCT name, layer FROM arrays WHERE kind = 'hidden' AND layer IS NOT NULL").to_pylist()
-    return {int(r["layer"]): r["name"] for r in rows if (store.array_path(r["name"]) / "zarr.json").exists()}
-
-
 def select_tokens(store: Store, view: str, split: str, tokenization: str, max_tokens: int) -> pl.DataFrame:
     """row_id, token_pos, tok_index, next_token_id of the view's tokens in the split's rows,
     whole rows in row_id order up to max_tokens (at least one row)."""
@@ -137,9 +129,9 @@ def _forward_logprobs(lm: Any, ids: dict[str, list[int]], frame: pl.DataFrame) -
 def run_logit_lens(cfg: LogitLensConfig) -> LensResult:
     """Lens statistics per stored layer (see the module docstring)."""
     from analytics import plots
-    from extractors.extract import row_token_ids
-    from extractors.model import load_model
-    from store.arrays import committed_rows, open_array
+    from extractors.model import check_model_hash, load_model
+    from store.arrays import committed_set, open_array, stored_layers
+    from store.tokens import row_token_ids
     from store.materialize import gather
     from store.runs import Run
 
@@ -155,24 +147,21 @@ def run_logit_lens(cfg: LogitLensConfig) -> LensResult:
                          f"extractors.run --layer {missing[0]} --store {store.root}")
     attrs = dict(open_array(store, have[layers[0]]).attrs)
     lm = load_model(cfg.model, cfg.device, "auto", Path(cfg.model_cache) if cfg.model_cache else None)
-    if attrs.get("model_hash") and lm.model_hash != attrs["model_hash"]:
-        raise StoreError(f"--model {cfg.model} has hash {lm.model_hash}, but {have[layers[0]]} was extracted with "
-                         f"{attrs.get('model')} ({attrs['model_hash']}); pass that model with --model")
+    check_model_hash(lm, attrs, have[layers[0]])
     n_layers = int(lm.model.config.num_hidden_layers)
     norm, head = final_norm_and_head(lm.model)
     frame = select_tokens(store, cfg.view, cfg.split, attrs["tokenization"], cfg.max_tokens)
     rows = frame["row_id"].unique(maintain_order=True).to_list()
     last = n_layers - 1
-    done = set().union(*committed_rows(store, have[last]).values()) if last in have else set()
+    done = committed_set(store, have[last]) if last in have else set()
     final_src = f"stored {have[last]}" if last in have and set(rows) <= done else "model forward"
     for L in layers:
-        got = set().union(*committed_rows(store, have[L]).values())
+        got = committed_set(store, have[L])
         if not set(rows) <= got:
             raise StoreError(f"{len(set(rows) - got)} selected rows are not in {have[L]}; extract them: python -m "
                              f"extractors.run --layer {L} --split {cfg.split} --store {store.root}")
-    run = Run(store, "logit_lens", {**config_dict(cfg), "layers": layers, "final_source": final_src},
-              model_id=lm.model_id, model_hash=lm.model_hash, layers=layers)
-    try:
+    with Run(store, "logit_lens", {**config_dict(cfg), "layers": layers, "final_source": final_src},
+             model_id=lm.model_id, model_hash=lm.model_hash, layers=layers) as run:
         t0 = time.perf_counter()
         ids = row_token_ids(store, attrs["tokenization"], rows) if final_src == "model forward" else {}
         tok = frame["tok_index"].to_numpy()
@@ -231,9 +220,6 @@ def run_logit_lens(cfg: LogitLensConfig) -> LensResult:
                    metrics={"seconds": secs, "final_source": final_src,
                             "by_layer": {str(r["layer"]): {k: r[k] for k in ("accuracy", "agreement", "kl_to_final", "ce")}
                                          for r in table.to_dicts()}})
-    except BaseException as e:
-        run.fail(e)
-        raise
     return LensResult(run.run_id, table, final_src, str(png))
 
 

@@ -27,14 +27,14 @@ from typing import Any, Callable
 import polars as pl
 
 from store.cli import config_dict, parse_config, user_errors
-from store.core import Store, StoreError
+from store.core import DEFAULT_STORE, Store, StoreError
 
 
 @dataclass
 class ReportConfig:
     """Write a single-file HTML summary of a store (rows, runs, arrays, SAEs, probes, lens, attribution)."""
 
-    store: str = field(default="./store_data", metadata={"help": "store folder"})
+    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     title: str = field(default="", metadata={"help": "report title (default: the store path)"})
     max_runs: int = field(default=60, metadata={"help": "most recent runs listed"})
 
@@ -249,8 +249,7 @@ def write_report(cfg: ReportConfig) -> Path:
     if not store.root.is_dir() or not store.tables():
         raise StoreError(f"{store.root} is not a store (no catalog tables); create one with python -m "
                          f"extractors.run --layer 17 --store {store.root}")
-    run = Run(store, "report", config_dict(cfg))
-    try:
+    with Run(store, "report", config_dict(cfg)) as run:
         out = run.dir
         title = cfg.title or f"Store {store.root}"
         body = [f"<h1>{html.escape(title)}</h1>",
@@ -270,9 +269,6 @@ def write_report(cfg: ReportConfig) -> Path:
                         f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
         run.finish(counts={"sections": len(SECTIONS), "failed_sections": len(failed)},
                    metrics={"report": str(path), "failed": failed})
-    except BaseException as e:
-        run.fail(e)
-        raise
     return path
 
 

@@ -13,7 +13,6 @@ stores, tables, JSON and bar charts.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from store.core import fsync_path, Store
+from store.core import Store, fsync_path, write_json  # noqa: F401 - write_json: the benchmarks' JSON writer
 
 # Shapes from the models' config.json (Llama-3.2-1B without its rope scaling: irrelevant here).
 RANDOM_SHAPES: dict[str, dict[str, Any]] = {
@@ -82,7 +81,7 @@ def ingest_rows(store: Store, rows: int, model: str, progress: bool) -> None:
     """Ingest the embedded sample (rows -> train_base) when the store has no rows yet."""
     if store.has_table("manifests"):
         return
-    from extractors.dataset import IngestConfig, run_ingest
+    from extractors.ingest import IngestConfig, run_ingest
 
     tokenizer_model = "embedded" if model.startswith(RANDOM_PREFIX) else model
     run_ingest(IngestConfig(store=str(store.root), model=tokenizer_model, train_base=rows, attr_query=0, eval=0,
@@ -167,28 +166,17 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
     return text
 
 
-def write_json(path: Path, obj: Any) -> Path:
-    """Atomic JSON write (benchmark results live outside the store)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
-
-
 def bar_chart(path: Path, labels: list[str], values: list[float], title: str, unit: str,
               limits: dict[str, float] | None = None) -> Path:
     """Horizontal bars (one per method, value printed) with dashed lines at the hardware
     limits; a limit far beyond the bars is named in the legend instead of drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     def num(v: float) -> str:
         return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
-    fig, ax = plt.subplots(figsize=(8, 0.55 * len(labels) + 2.0))
+    fig = Figure(figsize=(8, 0.55 * len(labels) + 2.0))   # stand-alone, never pyplot
+    ax = fig.subplots()
     y = np.arange(len(labels))
     ax.barh(y, values, color="#4c72b0")
     ax.set_yticks(y, labels)
@@ -212,5 +200,4 @@ def bar_chart(path: Path, labels: list[str], values: list[float], title: str, un
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

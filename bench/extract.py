@@ -8,11 +8,11 @@
 (the last two on a GPU: batches never span a unit, so GPU runs want larger units).
 
 Methods, all over the same rows cut into the same batches (the extractor's own per-unit,
-length-sorted batches, `extractors.extract.unit_batches`):
+length-sorted batches, `extractors.hidden.unit_batches`):
 
 * `forward`   the model alone, stopped after the deepest requested layer (inputs already on
               the device): the compute limit;
-* `extract`   `extractors.extract.extract_hidden` end to end into the store (bf16 Zarr
+* `extract`   `extractors.hidden.extract_hidden` end to end into the store (bf16 Zarr
               chunks, fsynced, committed per unit);
 * `naive`     what users write today: `model(x, output_hidden_states=True)`, `.cpu()`,
               `np.save` per batch and layer (full forward, padded, fp32, no fsync);
@@ -125,9 +125,12 @@ class _Setup:
 
     def __init__(self, cfg: BenchExtractConfig, store):
         from bench.common import load_bench_model
-        from extractors.extract import ensure_tokenization, plan_work, row_token_ids, select_rows, unit_batches
+        from extractors.chat_tokens import ensure_tokenization
         from extractors.forward import padding_fraction, validate_layers
-        from extractors.model import decoder_layers
+        from extractors.hidden import unit_batches
+        from extractors.model import decoder_layers, pad_token_id
+        from extractors.units import plan_work, select_rows
+        from store.tokens import row_token_ids
 
         self.lm = load_bench_model(cfg.model, cfg.device, cfg.compute_dtype, cfg.model_cache)
         self.layers = validate_layers(cfg.layers, len(decoder_layers(self.lm.model)), self.lm.model_id)
@@ -144,7 +147,7 @@ class _Setup:
         self.ids = [[ids[self.layout.row_ids[i]] for i in b.rows] for b in self.batches]
         self.tokens = sum(sum(b.lengths) for b in self.batches)
         self.padding = padding_fraction(self.batches)
-        self.pad_id = self.lm.tokenizer.pad_token_id if self.lm.tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_token_id(self.lm.tokenizer)
         self.d_model = self.lm.model.config.hidden_size
 
     def inputs(self):
@@ -173,7 +176,7 @@ def _forward(s: _Setup, full: bool) -> dict[str, Any]:
 
 
 def _extract(s: _Setup, cfg: BenchExtractConfig, store) -> dict[str, Any]:
-    from extractors.extract import HiddenSpec, extract_hidden
+    from extractors.hidden import HiddenSpec, extract_hidden
 
     _clear_arrays(store, s.names)           # the previous round's arrays
     t0 = time.perf_counter()

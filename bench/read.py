@@ -68,25 +68,25 @@ class BenchReadConfig:
 
 def _synthetic_array(store, cfg: BenchReadConfig) -> None:
     """Fill cfg.array with random bf16 rows in the layout of the store's tokenization."""
-    from extractors.extract import ensure_tokenization
+    from extractors.chat_tokens import ensure_tokenization
     from extractors.model import EMBEDDED, load_tokenizer
     from store.arrays import commit_unit, create_array, encode, record_array, write_unit
     from store.runs import Run
 
     layout = ensure_tokenization(store, load_tokenizer(EMBEDDED), EMBEDDED, cfg.unit_tokens, progress=cfg.progress)
-    run = Run(store, "bench_synthetic", {"bench": True, **config_dict(cfg)}, model_id="synthetic")
-    arr = create_array(store, cfg.array, n_slots=layout.n_slots, width=cfg.width, chunk_slots=layout.unit_tokens,
-                       dtype="bf16", attrs={"tokenization": layout.tokenization, "run_id": run.run_id,
-                                            "model": "synthetic", "kind": "hidden", "synthetic": True})
-    rng = np.random.default_rng(cfg.seed)
-    for unit, idx in sorted(layout.rows_of_unit().items()):
-        buf = np.zeros((layout.unit_tokens, cfg.width), dtype=np.uint16)
-        used = sum(layout.lengths[i] for i in idx)
-        buf[:used] = encode(rng.standard_normal((used, cfg.width), dtype=np.float32), "bf16")
-        write_unit(store, arr, cfg.array, unit, buf)
-        commit_unit(store, cfg.array, unit, [layout.row_ids[i] for i in idx], run.run_id)
-    record_array(store, cfg.array, arr, kind="hidden", layer=None, run_id=run.run_id)
-    run.finish(counts={"tokens": sum(layout.lengths)})
+    with Run(store, "bench_synthetic", {"bench": True, **config_dict(cfg)}, model_id="synthetic") as run:
+        arr = create_array(store, cfg.array, n_slots=layout.n_slots, width=cfg.width, chunk_slots=layout.unit_tokens,
+                           dtype="bf16", attrs={"tokenization": layout.tokenization, "run_id": run.run_id,
+                                                "model": "synthetic", "kind": "hidden", "synthetic": True})
+        rng = np.random.default_rng(cfg.seed)
+        for unit, idx in sorted(layout.rows_of_unit().items()):
+            buf = np.zeros((layout.unit_tokens, cfg.width), dtype=np.uint16)
+            used = sum(layout.lengths[i] for i in idx)
+            buf[:used] = encode(rng.standard_normal((used, cfg.width), dtype=np.float32), "bf16")
+            write_unit(store, arr, cfg.array, unit, buf)
+            commit_unit(store, cfg.array, unit, [layout.row_ids[i] for i in idx], run.run_id)
+        record_array(store, cfg.array, arr, kind="hidden", layer=None, run_id=run.run_id)
+        run.finish(counts={"tokens": sum(layout.lengths)})
     store.refresh_catalog()
 
 

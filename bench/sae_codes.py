@@ -27,15 +27,16 @@ import numpy as np
 import torch
 import zarr
 
+from store.arrays import array_exists
 from store.cli import config_dict, parse_config, user_errors
-from store.core import Store, StoreError
+from store.core import DEFAULT_STORE, Store, StoreError
 
 
 @dataclass
 class BenchConfig:
     """Bytes per token of SAE codes vs dense arrays, and SAE encode throughput."""
 
-    store: str = field(default="./store_data", metadata={"help": "store folder (with hidden/layer_L)"})
+    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder (with hidden/layer_L)"})
     layer: int = field(default=17, metadata={"help": "layer of the hidden states and the SAE"})
     sae: str | None = field(default=None, metadata={"help": "SAE folder or RELEASE/SAE_ID (default: the newest "
                             "in the store's saes table for --layer, else an untrained TopK SAE)"})
@@ -56,22 +57,17 @@ def _best(fn, repeats: int) -> float:
 
 
 def _disk_bytes(store: Store, name: str) -> int | None:
-    path = store.array_path(name)
-    if not (path / "zarr.json").exists():
+    if not array_exists(store, name):
         return None
-    return sum(p.stat().st_size for p in (path / "c").rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in (store.array_path(name) / "c").rglob("*") if p.is_file())
 
 
 def _pick_sae(store: Store, cfg: BenchConfig, d_in: int):
-    from trainers.sae_load import LoadedSAE, load_sae
+    from extractors.sae_load import LoadedSAE, load_sae, registered
 
-    spec = cfg.sae
-    if spec is None and store.has_table("saes"):
-        rows = store.query("SELECT path FROM saes WHERE layer = ? ORDER BY updated_at DESC LIMIT 1",
-                           [cfg.layer]).column(0).to_pylist()
-        spec = rows[0] if rows else None
+    spec = cfg.sae or ("latest" if registered(store, cfg.layer) else None)
     if spec is not None:
-        return load_sae(spec, "cpu", layer=cfg.layer, store=str(store.root))
+        return load_sae(spec, "cpu", layer=cfg.layer, store=store)
     from sae_lens import TopKSAE, TopKSAEConfig
 
     torch.manual_seed(0)
@@ -82,12 +78,12 @@ def _pick_sae(store: Store, cfg: BenchConfig, d_in: int):
 
 @torch.no_grad()
 def run_bench(cfg: BenchConfig) -> dict:
-    from extractors.sae_codes import DEFAULT_K, code_array_names, decode_codes, encode_topk
+    from extractors.sae_format import DEFAULT_K, code_array_names, decode_codes, encode_topk
     from store.materialize import gather
 
     store = Store(cfg.store)
     hidden = f"hidden/layer_{cfg.layer}"
-    if not (store.array_path(hidden) / "zarr.json").exists():
+    if not array_exists(store, hidden):
         raise StoreError(f"{store.root} has no {hidden}; extract it: python -m extractors.run --layer {cfg.layer} "
                          f"--store {store.root}")
     tok = store.query("SELECT tok_index FROM content_tokens ORDER BY tok_index").column(0).to_numpy()

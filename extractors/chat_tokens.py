@@ -14,6 +14,8 @@ reuse. Each token gets:
 * `is_supervised`: the tokens of the final assistant message's content plus the special
   token that closes it: what supervised finetuning trains on.
 * `rel_pos`: token_pos / (n_tokens - 1), the relative position in the sequence.
+
+`ensure_tokenization` gives a store its tokenization (and layout, store.tokens) on first use.
 """
 
 from __future__ import annotations
@@ -118,3 +120,38 @@ def tokenize_rows(tok: Any, row_ids: list[str], messages: list[list[dict]]) -> p
 
 def count_tokens(tok: Any, messages: list[dict]) -> int:
     return len(tok(render(tok, messages), add_special_tokens=False)["input_ids"])
+
+
+def ensure_tokenization(store: Any, tok: Any, model_id: str, unit_tokens: int, rank: int = 0,
+                        progress: bool = True) -> Any:
+    """The store's tokenization (a store.tokens.Layout) for this tokenizer, created on first
+    use by rank 0 (other ranks wait for it). A store holds one tokenization."""
+    from tqdm.auto import tqdm
+
+    from extractors.units import wait_for
+    from store.core import StoreError
+    from store.tokens import plan_layout, read_layout, tokenizations, write_tokenization
+
+    ingest_id = store.query("SELECT ingest_id FROM manifests").column(0)[0].as_py()
+    tz = "tok-" + hashlib.sha256(f"{tokenizer_hash(tok)}:{ingest_id}".encode()).hexdigest()[:12]
+    have = tokenizations(store)
+    if any(t["tokenization"] == tz for t in have):
+        return read_layout(store, tz)
+    if have:
+        raise StoreError(
+            f"{store.root} is tokenized for {have[0]['model']} ({have[0]['tokenization']}); "
+            f"{model_id} tokenizes differently. Use another --store for this model.")
+    if rank != 0:
+        wait_for(lambda: any(t["tokenization"] == tz for t in tokenizations(store)), f"tokenization {tz}")
+        return read_layout(store, tz)
+    rows = store.query("SELECT row_id, split, messages FROM rows ORDER BY row_id").to_pydict()
+    table = tokenize_rows(tok, rows["row_id"],
+                          tqdm(rows["messages"], desc="tokenize", unit="row", disable=not progress))
+    counts: dict[str, int] = {}
+    for r in table.column("row_id").to_pylist():
+        counts[r] = counts.get(r, 0) + 1
+    layout = plan_layout(tz, [(r, s, counts[r]) for r, s in zip(rows["row_id"], rows["split"])], unit_tokens)
+    write_tokenization(store, layout, table, {"model": model_id, "tokenizer_hash": tokenizer_hash(tok),
+                                              "ingest_id": ingest_id})
+    store.refresh_catalog()
+    return layout

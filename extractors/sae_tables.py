@@ -37,7 +37,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.arrays import array_key, committed_rows, open_array
+from extractors.sae_format import code_array_names, decode_codes
+from store.arrays import array_exists, array_key, committed_set, open_array
 from store.core import Store
 from store.materialize import gather, view_sql
 
@@ -57,8 +58,7 @@ def token_set_of(store: Store, loaded: Any) -> str:
 
 
 def _committed(store: Store, idx_name: str, val_name: str) -> set[str]:
-    a, b = committed_rows(store, idx_name), committed_rows(store, val_name)
-    return set().union(*a.values()) & set().union(*b.values()) if a and b else set()
+    return committed_set(store, idx_name) & committed_set(store, val_name)
 
 
 def tables_current(store: Store, sae_name: str, layer: int, idx_name: str, val_name: str) -> bool:
@@ -68,17 +68,6 @@ def tables_current(store: Store, sae_name: str, layer: int, idx_name: str, val_n
         return False
     have = set(pq.read_table(path, columns=["row_id"]).column(0).to_pylist())
     return have == _committed(store, idx_name, val_name)
-
-
-def write_sae_row(store: Store, loaded: Any, layer: int, run_id: str) -> None:
-    """A `saes` row for SAEs that did not come from `python -m trainers.sae` on this store."""
-    if (store.table_dir("saes") / f"{_part(loaded.name, layer)}.parquet").exists():
-        return
-    from trainers.sae import write_sae_record
-
-    write_sae_record(store, name=loaded.name, layer=layer, architecture=loaded.architecture, d_in=loaded.d_in,
-                     d_sae=loaded.d_sae, k=loaded.k, path=loaded.path, source=loaded.source, run_id=run_id,
-                     metrics={})
 
 
 def _token_frame(store: Store, token_set: str, rows: set[str]) -> pl.DataFrame:
@@ -107,8 +96,6 @@ def _group_reduce(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = True) -> str:
     """(Re)build the four tables of one (SAE, layer) from its committed codes; returns a summary."""
-    from extractors.sae_codes import code_array_names, decode_codes
-
     idx_name, val_name = code_array_names(loaded.name, layer)
     rows = _committed(store, idx_name, val_name)
     tokz = open_array(store, idx_name).attrs["tokenization"]
@@ -153,7 +140,7 @@ def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = 
         best = np.lexsort((-s, kr))                       # per row, highest mean first
         first = best[np.r_[True, kr[best][1:] != kr[best][:-1]]]
         top_feature[kr[first]] = kf[first]
-    mse, rel = _recon_errors(store, loaded, layer, f, tok, idx, val, r_tok, n_rows, decode_codes)
+    mse, rel = _recon_errors(store, loaded, layer, f, tok, idx, val, r_tok, n_rows)
     lay = store.query("SELECT row_id, n_tokens FROM row_layout WHERE tokenization = ?", [tokz]).to_pydict()
     lengths = dict(zip(lay["row_id"], lay["n_tokens"]))
     sample_rows = [{
@@ -222,14 +209,13 @@ def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = 
             f"({alive} features fire), sae_top_tokens {len(keep)}")
 
 
-def _recon_errors(store, loaded, layer, f, tok, idx, val, r_tok, n_rows, decode_codes):
+def _recon_errors(store, loaded, layer, f, tok, idx, val, r_tok, n_rows):
     """Per row: mean ||x - x_hat||^2 and sum ||x - x_hat||^2 / sum ||x||^2 (None without stored states)."""
     name = f"hidden/layer_{layer}"
     none = [None] * n_rows
-    if not (store.array_path(name) / "zarr.json").exists():
+    if not array_exists(store, name):
         return none, none
-    done = committed_rows(store, name)
-    have = set().union(*done.values()) if done else set()
+    have = committed_set(store, name)
     ok = np.array([r in have for r in f["row_id"].to_list()], dtype=bool)
     if not ok.any():
         return none, none

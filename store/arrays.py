@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from store.core import Store, StoreError, file_signature, fsync_path
+from store.groups import ensure_groups
 
 StorageDtype = Literal["bf16", "fp16", "fp32", "int32", "uint16", "int64"]
 _ZARR_DTYPE = {"bf16": "uint16", "fp16": "float16", "fp32": "float32", "int32": "int32",
@@ -85,6 +86,7 @@ def create_array(store: Store, name: str, *, n_slots: int, width: int | None, ch
     chunks = (chunk_slots,) if width is None else (chunk_slots, width)
     attrs = {**attrs, "dtype": _REAL_DTYPE[dtype], "storage_dtype": _ZARR_DTYPE[dtype],
              "store_array": name}
+    ensure_groups(store, name)      # before the array's own metadata: readers that see it see its groups
     if (path / "zarr.json").exists():
         arr = zarr.open_array(str(path), mode="r+")
         mism = [k for k in ("tokenization", "model_hash", "dtype") if k in attrs and arr.attrs.get(k) != attrs[k]]
@@ -97,7 +99,6 @@ def create_array(store: Store, name: str, *, n_slots: int, width: int | None, ch
                 f"or delete {path}"
             )
         return arr
-    path.parent.mkdir(parents=True, exist_ok=True)
     return zarr.create_array(
         store=str(path), shape=shape, chunks=chunks, dtype=_ZARR_DTYPE[dtype],
         compressors=None, fill_value=0, attributes=attrs,
@@ -218,3 +219,28 @@ def record_array(store: Store, name: str, arr: zarr.Array, *, kind: str, layer: 
         **(extra or {}),
     }
     store.write_rows(ARRAYS_TABLE, [row], part=array_key(name))
+
+
+# ---- small questions every reader asks ------------------------------------------------
+REAL_DTYPE = _REAL_DTYPE                                  # storage dtype name -> attrs["dtype"]
+STORAGE_OF = {v: k for k, v in _REAL_DTYPE.items() if k != "uint16"}   # attrs["dtype"] -> storage name
+
+
+def array_exists(store: Store, name: str) -> bool:
+    """Has the array been created (its zarr.json written)? Says nothing about committed rows."""
+    return (store.array_path(name) / "zarr.json").exists()
+
+
+def committed_set(store: Store, name: str) -> set[str]:
+    """Every row committed in one array, as a set (empty when the array does not exist)."""
+    return set(committed_row_ids(store, name).to_pylist())
+
+
+def stored_layers(store: Store, base: str = "hidden") -> dict[int, str]:
+    """{layer: array name} of the arrays `<base>/layer_L` that the `arrays` table records and
+    that exist (e.g. base "hidden", or "hidden/<adapter>" for an adapter's states)."""
+    if not store.has_table(ARRAYS_TABLE):
+        return {}
+    rows = store.query("SELECT DISTINCT name, layer FROM arrays WHERE layer IS NOT NULL").to_pylist()
+    return {int(r["layer"]): r["name"] for r in sorted(rows, key=lambda r: r["layer"])
+            if r["name"] == f"{base}/layer_{r['layer']}" and array_exists(store, r["name"])}

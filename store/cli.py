@@ -70,13 +70,15 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             kw["type"] = tp
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported config type {tp!r}")
+        # A help text that already says its default (e.g. "default 600 for ...") gets no second one.
+        says_default = "default" in kw["help"].lower()
         if default is dataclasses.MISSING:
             kw["required"] = True
         else:
             kw["default"] = default
-            if default is not None and tp is not bool:
+            if default is not None and tp is not bool and not says_default:
                 kw["help"] += f" (default: {default})"
-        if optional and default is None and "help" in kw:
+        if optional and default is None and not says_default:
             kw["help"] += " (default: none)"
         if f.metadata.get("positional"):
             kw.pop("dest")

@@ -6,7 +6,10 @@ Layout under the root (every path below is built here and nowhere else):
                                    folder; writers add or atomically replace whole files.
     catalog.duckdb                 a DuckDB file holding one view per table and per SQL view,
                                    rebuilt atomically after writes, for the plain `duckdb` CLI
-    arrays/<name>/                 Zarr v3 arrays, e.g. arrays/hidden/layer_17
+                                   (DuckDB >= 1.0 storage format; keeps working when the store
+                                   is moved: see `Store.refresh_catalog`)
+    arrays/<name>/                 Zarr v3 arrays, e.g. arrays/hidden/layer_17; every folder
+                                   above an array is a Zarr group (see `store.groups`)
     runs/<run_id>/                 what a run leaves beside its record (checkpoints, plots, JSON)
     views/*.sql                    the store's own SQL views (user-defined; the packaged ones
                                    live in sql/views/)
@@ -17,6 +20,13 @@ Parquet table (tens of ms), so a Store keeps one in-memory database with the vie
 out cheap cursors on it, building a fresh database only when the set of tables or of SQL
 view files changes (a new file of an existing table needs nothing: the views re-read their
 globs at every query).
+
+catalog.duckdb must open in the plain `duckdb` CLI wherever the store lies. DuckDB resolves a
+relative path in a view against the session's working directory (or `file_search_path`, which
+is not saved in the file), never against the database file, so relative paths would break
+as soon as the CLI runs elsewhere. Instead its table views derive the store folder from the
+session's `temp_directory`, which DuckDB sets to `<database file>.tmp` by default, and fall
+back to the absolute root the file was built at (details in `Store.refresh_catalog`).
 """
 
 from __future__ import annotations
@@ -36,11 +46,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 STORE_VERSION = "1"
+DEFAULT_STORE = "./store_data"   # every command's --store default (./store is the package)
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# catalog.duckdb's storage format: the oldest that DuckDB 2.0 writes, which DuckDB >= 1.0
+# reads (duckdb-cli 1.5.6, the newest on PyPI, reads storage versions 64-68; 2.0 writes 69).
+CATALOG_STORAGE_VERSION = "v1.0.0"
 
 
 class StoreError(RuntimeError):
     """A store operation that cannot proceed; the message says what to do."""
+
+
+def _sql_str(s: str) -> str:
+    """A SQL string literal."""
+    return "'" + s.replace("'", "''") + "'"
 
 
 def fsync_path(path: Path) -> None:
@@ -75,6 +94,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write a JSON document atomically (sorted keys, indented; non-JSON values as str)."""
+    atomic_write_bytes(Path(path), json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+    return Path(path)
 
 
 class Store:
@@ -121,11 +146,16 @@ class Store:
             raise StoreError(f"table name {table!r} must be lower_snake_case")
         return self.catalog_dir / table
 
+    @property
+    def arrays_dir(self) -> Path:
+        """The root Zarr group: every folder from here down to an array is a group."""
+        return self.root / "arrays"
+
     def array_path(self, name: str) -> Path:
         parts = name.split("/")
         if not name or any(not re.match(r"^[A-Za-z0-9_.-]+$", p) for p in parts):
             raise StoreError(f"array name {name!r} must be like 'hidden/layer_17'")
-        return self.root / "arrays" / Path(*parts)
+        return self.arrays_dir / Path(*parts)
 
     def run_dir(self, run_id: str) -> Path:
         d = self.root / "runs" / run_id
@@ -174,9 +204,25 @@ class Store:
         (self.table_dir(table) / f"{part}.parquet").unlink(missing_ok=True)
 
     # ---- SQL ---------------------------------------------------------------------------
-    def _table_sql(self, table: str) -> str:
-        glob = str(self.table_dir(table) / "**" / "*.parquet").replace("'", "''")
-        return f"SELECT * FROM read_parquet('{glob}', union_by_name = true)"
+    def _table_sql(self, table: str, root_sql: str | None = None) -> str:
+        """The view of one table: its Parquet files. `root_sql`, a SQL expression for the store
+        folder (ending in a slash), replaces this Store's absolute path (see `_catalog_root_sql`)."""
+        if root_sql is None:
+            glob = _sql_str(str(self.table_dir(table) / "**" / "*.parquet"))
+        else:
+            glob = f"{root_sql} || {_sql_str(str(self.table_dir(table).relative_to(self.root)) + '/**/*.parquet')}"
+        return f"SELECT * FROM read_parquet({glob}, union_by_name = true)"
+
+    def _catalog_root_sql(self) -> str:
+        """The store folder as catalog.duckdb's views find it when the file is opened (see
+        `refresh_catalog`): DuckDB's `temp_directory` defaults to `<database file>.tmp`, so a
+        session opened on this file names its folder as it was given (relative paths included,
+        which DuckDB resolves against the same working directory); otherwise (the catalog
+        ATTACHed to another session, or temp_directory set) the root it was built at."""
+        name = re.escape(self.catalog_db.name + ".tmp")
+        tmp = "current_setting('temp_directory')"
+        return (f"(CASE WHEN regexp_matches({tmp}, '(^|/){name}$') "
+                f"THEN regexp_replace({tmp}, '{name}$', '') ELSE {_sql_str(str(self.root) + '/')} END)")
 
     def view_files(self) -> list[Path]:
         """Packaged views (sql/views/*.sql), then the store's own (which win on a name clash)."""
@@ -186,12 +232,13 @@ class Store:
             files.update({p.stem: p for p in self.views_dir.glob("*.sql")})
         return [files[k] for k in sorted(files)]
 
-    def _register(self, con: duckdb.DuckDBPyConnection, only: Iterable[str] | None = None) -> dict[str, str]:
+    def _register(self, con: duckdb.DuckDBPyConnection, only: Iterable[str] | None = None,
+                  root_sql: str | None = None) -> dict[str, str]:
         """Create the table views and SQL views on `con` (with `only`: just those SQL views);
         returns {view: error} for views that cannot be created yet (usually a missing table)."""
         if only is None:
             for table in self.tables():
-                con.execute(f'CREATE OR REPLACE VIEW "{table}" AS {self._table_sql(table)}')
+                con.execute(f'CREATE OR REPLACE VIEW "{table}" AS {self._table_sql(table, root_sql)}')
         wanted = None if only is None else set(only)
         pending = {p.stem: p.read_text() for p in self.view_files() if wanted is None or p.stem in wanted}
         errors: dict[str, str] = {}
@@ -264,16 +311,33 @@ class Store:
         """Rebuild catalog.duckdb (views over the Parquet tables) atomically.
 
         Readers that have the old file open keep it; the next `duckdb store/catalog.duckdb`
-        sees the new tables. Paths inside are absolute: a moved store refreshes on its next
-        write, or with `python -m store.sql --refresh`.
+        sees the new tables. The file is written in DuckDB's v1.0.0 storage format
+        (`CATALOG_STORAGE_VERSION`), which every DuckDB from 1.0 opens: the newest `duckdb-cli`
+        (1.5) refuses files in duckdb 2.0's own format.
+
+        A moved or remounted store keeps answering without a rebuild: the table views find
+        the store folder from the session (see `_catalog_root_sql`), because DuckDB resolves a
+        relative path against the working directory (or `file_search_path`, a setting that is
+        not saved in the file), never against the database file. That works whenever the
+        file is opened directly (`duckdb path/to/catalog.duckdb`, `duckdb.connect(path)`),
+        from any working directory. ATTACHed to another session, the views read the folder
+        the catalog was built at: after moving the store, rebuild with
+        `python -m store.sql --refresh`. Opening another store's catalog.duckdb and ATTACHing
+        this one makes this one's views read the other store: ATTACH both to a plain
+        `duckdb` session instead.
         """
         if not self.tables():
             return None
         tmp = self.root / f".catalog.{uuid.uuid4().hex}.duckdb.tmp"
-        con = duckdb.connect(str(tmp))
+        con = duckdb.connect(":memory:")
         try:
-            self._register(con)
-            con.execute("CHECKPOINT")
+            con.execute(f"ATTACH {_sql_str(str(tmp))} AS catalog_build "
+                        f"(STORAGE_VERSION '{CATALOG_STORAGE_VERSION}')")
+            con.execute("USE catalog_build")
+            self._register(con, root_sql=self._catalog_root_sql())
+            con.execute("CHECKPOINT catalog_build")
+            con.execute("USE memory")
+            con.execute("DETACH catalog_build")
         finally:
             con.close()
         fsync_path(tmp)
@@ -283,10 +347,10 @@ class Store:
 
     # ---- small JSON documents -----------------------------------------------------------
     def write_json(self, path: Path, obj: Any) -> Path:
+        """`write_json` for a path that must lie inside this store."""
         if self.root not in path.resolve().parents:
             raise StoreError(f"{path} is outside the store {self.root}")
-        atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-        return path
+        return write_json(path, obj)
 
 
 def open_store(root: str | os.PathLike | Store) -> Store:

@@ -1,8 +1,17 @@
-"""Run records: every ingest, extraction and training run gets a row in `runs`.
+"""Run records: every extraction, training and analysis run gets a row in `runs` (an ingest is
+recorded in `manifests`).
 
-A run writes its record when it starts (status `running`) and rewrites it when it ends
-(`finished` or `failed`); a killed run stays `running`, which is what it was. Each rank of
-a distributed run writes its own record file, so ranks never contend.
+A run writes its record when it starts (status `running`), with its config also saved as
+`runs/<run_id>/config.json` (`config-rank<r>.json` per rank), and rewrites it when it ends (`finished` or `failed`); a killed
+run stays `running`, which is what it was. Each rank of a distributed run writes its own
+record file, so ranks never contend. A `Run` is a context manager:
+
+    with Run(store, "train_sae", config, model_id=..., layers=[17]) as run:
+        ...                                   # run.dir is runs/<run_id>/
+        run.finish(counts={...}, metrics={...})
+
+An exception inside the block marks the run failed (with the error) and propagates; a
+block that ends without `finish()` finishes the run with the counts and metrics given so far.
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ def new_run_id(kind: str) -> str:
 
 
 class Run:
-    """A run's record; `finish()` or `fail()` closes it."""
+    """A run's record; `finish()` or `fail()` closes it (see the module docstring)."""
 
     def __init__(self, store: Store, kind: str, config: dict[str, Any], *, model_id: str = "",
                  model_hash: str = "", layers: list[int] | None = None, rank: int = 0,
@@ -69,7 +78,21 @@ class Run:
             "started_at": datetime.now(timezone.utc), "finished_at": None, "seconds": None,
             "counts": "{}", "metrics": "{}", "note": "",
         }
+        self.closed = False
         self._write()
+        name = "config.json" if world_size == 1 else f"config-rank{rank}.json"
+        self.store.write_json(self.dir / name, {"run_id": self.run_id, "kind": kind, "config": config})
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is not None:
+            if not self.closed:
+                self.fail(exc)
+        elif not self.closed:
+            self.finish()
+        return False
 
     @property
     def part(self) -> str:
@@ -92,6 +115,7 @@ class Run:
         self._write()
 
     def _close(self, status: str, **kw: Any) -> None:
+        self.closed = True
         self.rec["status"] = status
         self.rec["finished_at"] = datetime.now(timezone.utc)
         self.rec["seconds"] = time.perf_counter() - self._t0

@@ -4,7 +4,7 @@
     python -m store.sql --store /data/st --format csv "SELECT * FROM needle_tokens LIMIT 100"
     python -m store.sql --format parquet --out sel.parquet "SELECT * FROM assistant_tokens"
     python -m store.sql --views        # list tables and views (and views not creatable yet)
-    python -m store.sql --refresh      # rebuild catalog.duckdb (e.g. after moving the store)
+    python -m store.sql --refresh      # rebuild catalog.duckdb, add missing Zarr group metadata
 
 The plain DuckDB CLI works too: `duckdb store_data/catalog.duckdb`.
 """
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from store.cli import parse_config, user_errors
-from store.core import Store
+from store.core import DEFAULT_STORE, Store
+from store.groups import write_missing_groups
 
 
 @dataclass
@@ -24,13 +25,14 @@ class SqlConfig:
     """Run SQL over a store's catalog (tables + sql/views) and print or save the result."""
 
     query: str | None = field(default=None, metadata={"help": "the SQL to run", "positional": True})
-    store: str = field(default="./store_data", metadata={"help": "store folder"})
+    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     format: Literal["table", "csv", "json", "parquet"] = field(default="table", metadata={
         "help": "output format; parquet needs --out"})
     out: str | None = field(default=None, metadata={"help": "write the result to this file instead of stdout"})
     max_rows: int = field(default=40, metadata={"help": "rows shown by --format table"})
     views: bool = field(default=False, metadata={"help": "list the tables and views instead of querying"})
-    refresh: bool = field(default=False, metadata={"help": "rebuild catalog.duckdb and exit"})
+    refresh: bool = field(default=False, metadata={
+        "help": "rebuild catalog.duckdb, write any missing Zarr group metadata under arrays/, and exit"})
 
     def __post_init__(self) -> None:
         if self.format == "parquet" and not self.out:
@@ -48,7 +50,9 @@ def run_sql(cfg: SqlConfig) -> str:
     if not store.root.exists():
         raise ValueError(f"no store at {store.root}; create one with python -m extractors.run --layer 17")
     if cfg.refresh:
-        return f"rebuilt {store.refresh_catalog()}"
+        groups = write_missing_groups(store)       # stores made before arrays/ was a Zarr hierarchy
+        made = f"; wrote Zarr group metadata for {len(groups)} folders of arrays/" if groups else ""
+        return f"rebuilt {store.refresh_catalog()}{made}"
     if cfg.views:
         con = store.connect()
         names = con.sql("SELECT table_name, table_type FROM information_schema.tables ORDER BY 1").fetchall()

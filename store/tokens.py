@@ -133,3 +133,16 @@ def tokenizations(store: Store) -> list[dict]:
     if not store.has_table("tokenizations"):
         return []
     return store.query("SELECT * FROM tokenizations ORDER BY created_at").to_pylist()
+
+
+def row_token_ids(store: Store, tokenization: str, row_ids: list[str]) -> dict[str, list[int]]:
+    """{row_id: its token ids in order} for the given rows of one tokenization."""
+    con = store.connect()
+    try:
+        con.register("wanted", pa.table({"row_id": row_ids}))
+        t = con.sql(
+            "SELECT row_id, list(token_id ORDER BY token_pos) AS ids FROM tokens JOIN wanted USING (row_id) "
+            "WHERE tokenization = ? GROUP BY row_id", params=[tokenization]).to_arrow_table()
+    finally:
+        con.close()
+    return dict(zip(t.column("row_id").to_pylist(), t.column("ids").to_pylist()))

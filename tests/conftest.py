@@ -48,7 +48,7 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 def ingest_small(store: Path, sizes: dict[str, int], model: str = "embedded") -> None:
-    from extractors.dataset import IngestConfig, run_ingest
+    from extractors.ingest import IngestConfig, run_ingest
 
     run_ingest(IngestConfig(store=str(store), model=model, **sizes), progress=False)
 
@@ -56,7 +56,8 @@ def ingest_small(store: Path, sizes: dict[str, int], model: str = "embedded") ->
 @pytest.fixture(scope="session")
 def real_store(tmp_path_factory) -> Path:
     """The real model's layers 6 and 17 over 160 rows of the embedded sample (read-only)."""
-    from extractors.run import ExtractConfig, run
+    from extractors.pipeline import ExtractConfig
+    from extractors.pipeline import run_extraction as run
 
     store = tmp_path_factory.mktemp("real") / "store"
     ingest_small(store, REAL_SIZES)

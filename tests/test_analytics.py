@@ -290,7 +290,7 @@ def test_logit_lens_matches_a_direct_computation(sae_store, copy_store):
     import torch
 
     from analytics.logit_lens import LogitLensConfig, final_norm_and_head, run_logit_lens, select_tokens
-    from extractors.extract import row_token_ids
+    from store.tokens import row_token_ids
     from extractors.model import load_model
     from store.arrays import open_array
 

@@ -67,7 +67,8 @@ def test_bench_extract_writes_what_the_model_computes(extract_result, tiny_model
 
 
 def test_bench_extract_refuses_a_real_store_and_bad_methods(extract_result, tiny_model, tmp_path):
-    from extractors.run import ExtractConfig, run
+    from extractors.pipeline import ExtractConfig
+    from extractors.pipeline import run_extraction as run
 
     _, store, _ = extract_result
     run(ExtractConfig(layers=[2], store=str(store), model=tiny_model, progress=False))   # a real extraction
@@ -106,16 +107,16 @@ def test_disk_probe_and_table(tmp_path, capsys):
     assert text in capsys.readouterr().out
 
 
-def test_gpu_staging_path_writes_the_same_bytes_on_cpu(extract_result, tiny_model, tmp_path, monkeypatch):
+def test_gpu_staging_path_writes_the_same_bytes_on_cpu(extract_result, tiny_model, tmp_path):
     """The CUDA path's bookkeeping (device-resident unit buffers, a pool of host buffers,
     several writer threads) runs on CPU too, and must write what the default path wrote."""
-    import functools
     import shutil
 
     import zarr
 
-    import extractors.extract as ex
+    from extractors.hidden import HiddenSpec, extract_hidden
     from extractors.model import load_model
+    from extractors.units import select_rows
     from store.core import Store
     from store.tokens import read_layout, tokenizations
 
@@ -124,11 +125,10 @@ def test_gpu_staging_path_writes_the_same_bytes_on_cpu(extract_result, tiny_mode
     shutil.copytree(store, copy)
     st = Store(copy)
     bench_extract._clear_arrays(st, ["hidden/layer_1", "hidden/layer_3"])
-    monkeypatch.setattr(ex, "_run_units", functools.partial(ex._run_units, writers=3, resident=True))
     lm = load_model(tiny_model, "cpu")
     layout = read_layout(st, tokenizations(st)[0]["tokenization"])
-    res = ex.extract_hidden(st, lm, layout, ex.select_rows(st, "all", 6), ex.HiddenSpec([1, 3], "bf16"),
-                            batch_tokens=8192, run_config={"bench": True}, progress=False)
+    res = extract_hidden(st, lm, layout, select_rows(st, "all", 6), HiddenSpec([1, 3], "bf16"),
+                         batch_tokens=8192, run_config={"bench": True}, writers=3, resident=True, progress=False)
     assert res.rows == 6 and len(set(layout.units)) == 2      # the second unit reuses the staging buffers
     for name in ("hidden/layer_1", "hidden/layer_3"):
         a = zarr.open_array(str(Store(store).array_path(name)), mode="r")[:]

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import zarr
 
-from extractors.run import ExtractConfig, main, run
+from extractors.pipeline import ExtractConfig
+from extractors.pipeline import run_extraction as run
+from extractors.run import main
 from store.arrays import committed_rows
 from store.core import Store, StoreError
 from store.materialize import gather, materialize

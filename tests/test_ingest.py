@@ -7,9 +7,8 @@ import json
 import duckdb
 import pytest
 
-from extractors.dataset import IngestConfig, run_ingest
-from extractors.ingest import IngestError, SPLITS
-from extractors.sources import SchemaError
+from extractors.ingest import SPLITS, IngestConfig, IngestError, run_ingest
+from extractors.ingest.sources import SchemaError, SourceError
 from store.core import Store, StoreError
 
 
@@ -191,3 +190,22 @@ def test_dataset_cli_reports_a_bad_source_in_one_line(tmp_path, capsys):
     assert main(["--source", str(missing), "--store", str(tmp_path / "st")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(missing) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("spec", ["./no/such/file.parquet", "no/such/data.jsonl", "~/no_such_folder_xyz"])
+def test_missing_local_source_says_it_does_not_exist(tmp_path, spec):
+    """A path-like --source that names nothing is a missing path, not a failed Hub download."""
+    with pytest.raises(SourceError) as e:
+        _ingest(tmp_path / "st", source=spec)
+    msg = str(e.value)
+    assert spec in msg and "does not exist" in msg and "Hub" not in msg.split("Check the path")[0]
+    assert "--source embedded" in msg
+
+
+def test_dataset_cli_names_a_missing_source_path(tmp_path, capsys, monkeypatch):
+    from extractors.dataset import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["--source", "./no/such/file.parquet", "--store", str(tmp_path / "st")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --source './no/such/file.parquet': no such file or folder")
+    assert str(tmp_path / "no/such/file.parquet") in err and "Hugging Face Hub" not in err

@@ -174,7 +174,7 @@ def test_missing_layer_says_which_extraction_to_run(real_store):
 
 
 def test_extract_missing_runs_the_extractor(tiny_model, tmp_path):
-    from extractors.dataset import IngestConfig, run_ingest
+    from extractors.ingest import IngestConfig, run_ingest
 
     store = tmp_path / "st"
     run_ingest(IngestConfig(store=str(store), model=tiny_model, train_base=24, attr_query=0, eval=12), progress=False)

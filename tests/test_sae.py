@@ -41,7 +41,8 @@ def trained(sae_store):
 
 
 def _extract(store: Path, sae_path: str) -> None:
-    from extractors.run import ExtractConfig, run
+    from extractors.pipeline import ExtractConfig
+    from extractors.pipeline import run_extraction as run
 
     run(ExtractConfig(layers=[17], store=str(store), kinds=["sae"], sae=sae_path, progress=False))
 
@@ -53,7 +54,7 @@ def extracted(sae_store, trained):
 
 
 def _names(res) -> tuple[str, str]:
-    from extractors.sae_codes import code_array_names
+    from extractors.sae_format import code_array_names
 
     return code_array_names(res.sae_name, 17)
 
@@ -101,10 +102,10 @@ def test_training_beats_baselines_and_saves_sae_lens_format(trained, sae_store):
 
 
 def test_codes_cover_every_token_and_decode_like_the_dense_forward(extracted, sae_store):
-    from extractors.sae_codes import decode_codes
+    from extractors.sae_format import decode_codes
     from store.arrays import committed_rows, open_array
     from store.materialize import gather
-    from trainers.sae_load import load_sae
+    from extractors.sae_load import load_sae
 
     store = Store(sae_store)
     idx_name, val_name = _names(extracted)
@@ -233,7 +234,7 @@ def test_rows_without_stored_states_run_the_model(extracted, sae_store, tmp_path
 
 
 def test_offline_pretrained_sae_fails_fast_naming_the_fallback(sae_store, monkeypatch, capsys):
-    import trainers.sae_load as sl
+    import extractors.sae_load as sl
     from trainers.sae import main
 
     monkeypatch.setattr(sl, "hub_reachable", lambda timeout=sl.HUB_TIMEOUT_S: False)   # hermetic: never download

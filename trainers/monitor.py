@@ -1,4 +1,4 @@
-"""Probe scores back into the store, and the document-level monitor built on them ("Task 3").
+"""Probe scores back into the store, and the document-level monitor built on them.
 
 A trained token probe (probe_layer_{L}_seed_{S}.safetensors + .json, see trainers.probe)
 scores every token of a view, and the logits land in the store twice:
@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 
 from store.arrays import commit_unit, create_array, open_array, record_array, write_unit
 from store.cli import parse_config, user_errors
-from store.core import Store, StoreError
+from store.core import DEFAULT_STORE, Store, StoreError
 from store.materialize import ArrayReader, view_sql
 from store.tokens import read_layout
 from trainers.logreg import Standardizer, binary_metrics, logits_of, to_device
@@ -178,7 +178,7 @@ class MonitorConfig:
 
     probe: str = field(metadata={"help": "a probe file from python -m trainers.probe "
                                          "(probe_layer_L_seed_S.json or .safetensors)"})
-    store: str = field(default="./store_data", metadata={"help": "store folder"})
+    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     view: str = field(default="needle_tokens", metadata={"help": "view or SQL whose tokens to score "
                       "(row_id, token_pos, tok_index; label/has_needle give the doc label)"})
     probe_name: str | None = field(default=None, metadata={"help": "name in the score tables and array "
@@ -204,9 +204,8 @@ def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
     frame = scored_tokens(store, cfg.view, array)
     if not len(frame):
         raise StoreError(f"view {cfg.view!r} selects no tokens committed in {array}")
-    run = Run(store, "probe_monitor", {**config_dict(cfg), "view_sql": view_sql(store, cfg.view)},
-              model_id=meta.get("model_id", ""), model_hash=meta.get("model_hash", ""), layers=[layer])
-    try:
+    with Run(store, "probe_monitor", {**config_dict(cfg), "view_sql": view_sql(store, cfg.view)},
+             model_id=meta.get("model_id", ""), model_hash=meta.get("model_hash", ""), layers=[layer]) as run:
         logits = score_frame(store, probe, frame, array, pick_device(cfg.device), meta.get("feature_dtype", "float32"))
         docs = doc_scores(frame, logits, cfg.topk)
         arr = write_scores(store, run_id=run.run_id, probe_name=name, layer=layer, seed=int(meta["seed"]),
@@ -215,9 +214,6 @@ def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
         by_split = {s: doc_metrics(docs.filter(pl.col("split") == s)) for s in sorted(set(docs["split"]))}
         metrics = {"array": arr, "doc_metrics_by_split": by_split}
         run.finish(counts={"tokens": len(frame), "docs": len(docs)}, metrics=metrics)
-    except BaseException as e:
-        run.fail(e)
-        raise
     return metrics
 
 

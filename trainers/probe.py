@@ -1,4 +1,4 @@
-"""Linear probes on stored activations ("Task 2"), read from a view instead of re-running the model.
+"""Linear probes on stored activations, read from a view instead of re-running the model.
 
     python -m extractors.run --layers 6 12 17 24                  # once: hidden states into ./store_data
     python -m trainers.probe --config configs/probe.yaml         # probes, CSV, plot, run record, scores
@@ -25,7 +25,6 @@ probes written back into the store with a document-level monitor (trainers.monit
 from __future__ import annotations
 
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,9 +36,9 @@ import torch
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
-from store.arrays import committed_rows, open_array
+from store.arrays import array_exists, committed_set, open_array, stored_layers
 from store.cli import user_errors
-from store.core import STORE_VERSION, Store, StoreError, atomic_write_bytes
+from store.core import STORE_VERSION, Store, StoreError, atomic_write_bytes, write_json
 from store.materialize import view_text
 from trainers.logreg import (
     FitResult,
@@ -64,23 +63,15 @@ class ProbeResult(NamedTuple):
 
 
 # ---- layers -----------------------------------------------------------------------------
-def stored_layers(store: Store, kind: str) -> list[int]:
-    base = store.root / "arrays" / kind
-    if not base.is_dir():
-        return []
-    return sorted(int(p.name.split("_", 1)[1]) for p in base.glob("layer_*")
-                  if p.name.split("_", 1)[1].isdigit() and (p / "zarr.json").exists())
-
-
 def missing_layers(store: Store, cfg: ProbeConfig, layers: list[int], row_ids: set[str]) -> dict[int, int]:
     """{layer: how many of `row_ids` its array lacks} for layers not fully extracted."""
     out = {}
     for L in layers:
         name = cfg.array_name(L)
-        if not (store.array_path(name) / "zarr.json").exists():
+        if not array_exists(store, name):
             out[L] = len(row_ids)
             continue
-        have = set().union(*committed_rows(store, name).values())
+        have = committed_set(store, name)
         if row_ids - have:
             out[L] = len(row_ids - have)
     return out
@@ -88,7 +79,7 @@ def missing_layers(store: Store, cfg: ProbeConfig, layers: list[int], row_ids: s
 
 def ensure_layers(store: Store, cfg: ProbeConfig, row_ids: set[str]) -> list[int]:
     """The layers to probe, all present for `row_ids` (extracting them with --extract-missing)."""
-    layers = list(cfg.layers_to_probe) or stored_layers(store, cfg.array_kind)
+    layers = list(cfg.layers_to_probe) or sorted(stored_layers(store, cfg.array_kind))
     if not layers:
         raise StoreError(f"layers_to_probe: the store {store.root} has no {cfg.array_kind}/layer_* arrays; "
                          f"extract some first: python -m extractors.run --layers 6 12 17 24 --store {store.root}")
@@ -112,8 +103,8 @@ def ensure_layers(store: Store, cfg: ProbeConfig, row_ids: set[str]) -> list[int
 
 def _extract(store: Store, cfg: ProbeConfig, layers: list[int]) -> None:
     """--extract-missing: run the extractor (which also ingests the embedded sample into an empty store)."""
-    from extractors.run import ExtractConfig
-    from extractors.run import run as run_extract
+    from extractors.pipeline import ExtractConfig
+    from extractors.pipeline import run_extraction as run_extract
 
     print(f"extracting layers {layers}: python -m extractors.run --layers {' '.join(map(str, layers))} "
           f"--store {store.root} --model {cfg.model}", file=sys.stderr)
@@ -184,13 +175,6 @@ def csv_rows(cfg: ProbeConfig, res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---- outputs ----------------------------------------------------------------------------
-def write_json(store: Store, path: Path, obj: Any) -> None:
-    if store.root in path.resolve().parents:
-        store.write_json(path, obj)
-    else:  # --output-dir outside the store
-        atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-
-
 def probe_metadata(cfg: ProbeConfig, data: ProbeData, res: dict[str, Any], *, array: str, attrs: dict,
                    run_id: str, view_sql_body: str, store: Store) -> dict[str, Any]:
     l2, fit, m = res["fits"][res["best"]]
@@ -228,7 +212,7 @@ def save_probe(out_dir: Path, store: Store, res: dict[str, Any], meta: dict[str,
                "coef_raw": torch.from_numpy(c_raw), "bias_raw": torch.tensor([b_raw], dtype=torch.float32)}
     atomic_write_bytes(path, save(tensors, metadata={"probe": meta["probe"], "layer": str(res["layer"]),
                                                      "seed": str(res["seed"]), "l2": repr(meta["selected_l2"])}))
-    write_json(store, path.with_suffix(".json"), meta)
+    write_json(path.with_suffix(".json"), meta)
     return path
 
 
@@ -242,15 +226,13 @@ def plot_auroc_by_layer(path: Path, cfg: ProbeConfig, metrics: dict[str, Any]) -
     """Validation AUROC of the selected probes by layer (each seed, the mean, its AUPRC), plus
     the document monitor's AUROC (max aggregate) when token scores were written. The y axis
     zooms in when every value is high, so near-ceiling layers stay distinguishable."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     by = metrics["by_layer"]
     layers = sorted(int(L) for L in by)
     mean = [by[str(L)]["val_auroc_mean"] for L in layers]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)   # stand-alone: a notebook's pyplot backend is left alone
+    ax = fig.subplots()
     shown = list(mean)
     for s in cfg.train_seeds:
         ys = [by[str(L)]["val_auroc_by_seed"][str(s)] for L in layers]
@@ -285,7 +267,6 @@ def plot_auroc_by_layer(path: Path, cfg: ProbeConfig, metrics: dict[str, Any]) -
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
@@ -310,10 +291,9 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
     device = pick_device(cfg.device)
     attrs = dict(open_array(store, cfg.array_name(layers[0])).attrs)
     body = view_text(store, cfg.view)
-    run = Run(store, "probe", {**config_dict(cfg), "view_sql": body, "query_sql": data.sql},
-              model_id=attrs.get("model", ""), model_hash=attrs.get("model_hash", ""), layers=layers)
-    run.update(note=f"view {cfg.view}; target {cfg.target}; store_version {STORE_VERSION}")
-    try:
+    with Run(store, "probe", {**config_dict(cfg), "view_sql": body, "query_sql": data.sql},
+             model_id=attrs.get("model", ""), model_hash=attrs.get("model_hash", ""), layers=layers) as run:
+        run.update(note=f"view {cfg.view}; target {cfg.target}; store_version {STORE_VERSION}")
         out_dir = Path(cfg.output_dir).expanduser().resolve() if cfg.output_dir else run.dir
         out_dir.mkdir(parents=True, exist_ok=True)
         rows, per_layer, all_res = [], {}, []
@@ -343,13 +323,10 @@ def run_probe(cfg: ProbeConfig) -> ProbeResult:
                   "train_docs": data.n_docs["train"], "val_docs": data.n_docs["val"],
                   "train_examples": all_res[0]["train_stats"]["n"], "val_examples": all_res[0]["val_stats"]["n"]}
         metrics["outputs"] = str(out_dir)
-        write_json(store, out_dir / "probe_run.json", {"run_id": run.run_id, "config": config_dict(cfg),
+        write_json(out_dir / "probe_run.json", {"run_id": run.run_id, "config": config_dict(cfg),
                                                        "view_sql": body, "store_version": STORE_VERSION,
                                                        "counts": counts, "metrics": metrics})
         run.finish(counts=counts, metrics=metrics)
-    except BaseException as e:
-        run.fail(e)
-        raise
     return ProbeResult(run.run_id, out_dir, metrics, rows)
 
 

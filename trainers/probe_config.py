@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from store.cli import _unwrap_optional, build_parser
+from store.core import DEFAULT_STORE
 
 # activation_site -> the array kind it is stored as (arrays are named "<kind>/layer_<L>").
 # resid_post is the residual stream after a decoder block, i.e. what extractors.run stores.
@@ -35,7 +36,7 @@ class ProbeConfig:
     from `row_label` (an SQL expression over `rows`). L2 is chosen per layer and seed by
     validation AUROC."""
 
-    store: str = field(default="./store_data", metadata={"help": "store folder (holds the activations; "
+    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder (holds the activations; "
                        "receives the run record, score tables and, without --output-dir, the outputs)"})
     view: str = field(default="needle_tokens", metadata={"help": "view (sql/views or the store's views/) or "
                       "SQL giving the tokens to train on: row_id, tok_index, and for target=token a 0/1 `label`"})

@@ -4,7 +4,7 @@
     python -m trainers.sae --layer 17                         # TopK SAE, d_sae 4*d_model, k 32
     python -m trainers.sae --layer 17 --architecture standard --l1-coefficient 5
     python -m trainers.sae --layer 17 --store /tmp/st --steps 200 --batch-tokens 1024 --ce-rows 8  # CPU-sized
-    python -m trainers.sae --layer 17 --sae store_data/runs/<run_id>/sae    # QA metrics of an existing SAE
+    python -m trainers.sae --layer 17 --sae latest            # QA metrics of an existing SAE (or its name/folder)
     python -m trainers.sae --layer 17 --sae RELEASE/SAE_ID    # a pretrained one (needs the Hub or its cache)
 
 Training data are the tokens of `--view` (default content_tokens: no special or template
@@ -20,25 +20,26 @@ sae_weights.safetensors; `sae_lens.SAE.load_from_disk` opens it without this pac
 `token_order.npy` (the permutations), `metrics.json`, `curves.json` + `curves.png`; a
 `runs` record (kind train_sae, or eval_sae with --sae) holding the config, the SQL and the
 metrics; and a row in the `saes` catalog table. Then extract codes with
-`python -m extractors.run --layer 17 --kinds sae --sae <store>/runs/<run_id>/sae`.
+`python -m extractors.run --layer 17 --kinds sae --sae latest` (or the SAE's name).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
 
+from extractors.sae_load import SAELoadError, load_sae, write_sae_record
+from store.arrays import array_exists, open_array
 from store.cli import config_dict, parse_config, user_errors
-from store.core import STORE_VERSION, Store, StoreError
-from trainers.sae_load import SAELoadError
+from store.core import DEFAULT_STORE, STORE_VERSION, Store, StoreError
+from store.materialize import view_text
+from store.runs import Run
 
 
 @dataclass
@@ -46,7 +47,7 @@ class SAETrainConfig:
     """Train a sae-lens SAE on one layer's stored hidden states, or evaluate an existing one."""
 
     layer: int = field(metadata={"help": "decoder layer whose stored hidden states (hidden/layer_L) to read"})
-    store: str = field(default="./store_data", metadata={"help": "store folder"})
+    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     architecture: Literal["topk", "standard"] = field(default="topk", metadata={
         "help": "topk (sae-lens TopKTrainingSAE, with its dead-latent auxiliary loss) or standard "
                 "(ReLU + L1, StandardTrainingSAE)"})
@@ -71,8 +72,9 @@ class SAETrainConfig:
     eval_split: str = field(default="eval", metadata={"help": "held-out rows for the QA metrics"})
     ce_rows: int = field(default=32, metadata={"help": "eval rows for the CE-loss splice (0 skips it; four "
                          "full forward passes each)"})
-    sae: str | None = field(default=None, metadata={"help": "evaluate this SAE instead of training one: a local "
-                            "sae-lens folder or RELEASE/SAE_ID"})
+    sae: str | None = field(default=None, metadata={"help": "evaluate this SAE instead of training one: latest "
+                            "(the newest SAE of --layer in the saes table), a name from that table, a local "
+                            "sae-lens folder, or RELEASE/SAE_ID"})
     seed: int = field(default=0, metadata={"help": "seed of the initialization and of the token order"})
     model: str = field(default="embedded", metadata={"help": "model for the CE splice; must be the one that "
                        "produced the stored states (checked by hash)"})
@@ -104,33 +106,16 @@ class SAEResult(NamedTuple):
 
 
 def hidden_array(store: Store, layer: int) -> tuple[str, dict[str, Any]]:
-    from store.arrays import open_array
-
     name = f"hidden/layer_{layer}"
-    if not (store.array_path(name) / "zarr.json").exists():
+    if not array_exists(store, name):
         raise StoreError(f"{store.root} has no {name}; extract it first: "
                          f"python -m extractors.run --layer {layer} --store {store.root}")
     return name, dict(open_array(store, name).attrs)
 
 
-def write_sae_record(store: Store, *, name: str, layer: int, architecture: str, d_in: int, d_sae: int,
-                     k: int | None, path: str, source: str, run_id: str, metrics: dict[str, Any]) -> None:
-    """One row per (SAE, layer) in the `saes` table (rewritten by later runs of that SAE)."""
-    from store.arrays import array_key
-
-    store.write_rows("saes", [{
-        "sae": name, "layer": layer, "architecture": architecture, "d_in": d_in, "d_sae": d_sae, "k": k,
-        "path": path, "source": source, "run_id": run_id,
-        "explained_variance": metrics.get("eval", {}).get("explained_variance"),
-        "l0": metrics.get("eval", {}).get("l0"), "ce_increase": metrics.get("ce", {}).get("ce_increase"),
-        "metrics": json.dumps(metrics, sort_keys=True, default=str),
-        "updated_at": datetime.now(UTC)}], part=array_key(f"{name}/layer_{layer}"))
-
-
 def _ce_inputs(store: Store, eval_frame: Any, n_rows: int, tokenization: str):
     """Token ids of the first n eval rows (by row_id) and the view's positions in each."""
-    from extractors.extract import row_token_ids
-    from store.tokens import read_layout
+    from store.tokens import read_layout, row_token_ids
 
     rows = sorted(eval_frame["row_id"].unique().to_list())[:n_rows]
     layout = read_layout(store, tokenization)
@@ -162,12 +147,10 @@ def evaluate(store: Store, cfg: SAETrainConfig, sae: Any, *, array: str, attrs: 
         untrained = sae_eval.recon_metrics(baseline_sae, X_eval)
         out["baselines"]["untrained_sae_explained_variance"] = untrained["explained_variance"]
     if cfg.ce_rows:
-        from extractors.model import load_model
+        from extractors.model import check_model_hash, load_model
 
         lm = load_model(cfg.model, cfg.device, "auto", Path(cfg.model_cache) if cfg.model_cache else None)
-        if attrs.get("model_hash") and lm.model_hash != attrs["model_hash"]:
-            raise StoreError(f"--model {cfg.model} has hash {lm.model_hash}, but {array} was extracted with "
-                             f"{attrs.get('model')} ({attrs['model_hash']}); pass that model with --model")
+        check_model_hash(lm, attrs, array)
         rows, pos = _ce_inputs(store, ev.frame, cfg.ce_rows, attrs["tokenization"])
         out["ce"] = sae_eval.splice_ce(lm, sae, cfg.layer, rows, pos, mean_vec, progress=cfg.progress)
     return out
@@ -185,9 +168,6 @@ def sample_tokens(store: Store, sql: str, array: str, n: int, seed: int = 0) -> 
 def run_sae(cfg: SAETrainConfig) -> SAEResult:
     """Train (or, with --sae, load) the SAE, evaluate it, and record everything; see the docstring."""
     from extractors.model import pick_device
-    from store.runs import Run
-    from trainers.sae_load import load_sae
-    from store.materialize import view_text
     from trainers.sae_train import count_tokens, split_sql
 
     store = Store(cfg.store)
@@ -198,16 +178,15 @@ def run_sae(cfg: SAETrainConfig) -> SAEResult:
     n_train = count_tokens(store, train_sql, array, f"--train-split {cfg.train_split}")
     n_eval = count_tokens(store, eval_sql, array, f"--eval-split {cfg.eval_split}")
     device = str(pick_device(cfg.device))
-    loaded = load_sae(cfg.sae, device, layer=cfg.layer, store=str(store.root)) if cfg.sae else None
+    loaded = load_sae(cfg.sae, device, layer=cfg.layer, store=store) if cfg.sae else None
     if loaded is not None and loaded.d_in != d_in:
         raise StoreError(f"SAE {cfg.sae} reads {loaded.d_in}-wide inputs, but {array} is {d_in} wide")
     if loaded is not None and loaded.layer is not None and loaded.layer != cfg.layer:
         raise StoreError(f"SAE {cfg.sae} was trained on layer {loaded.layer}; pass --layer {loaded.layer}")
     kind = "eval_sae" if loaded else "train_sae"
-    run = Run(store, kind, {**config_dict(cfg), "view_sql": view_text(store, cfg.view), "train_sql": train_sql,
-                            "eval_sql": eval_sql, "array": array},
-              model_id=attrs.get("model", ""), model_hash=attrs.get("model_hash", ""), layers=[cfg.layer])
-    try:
+    with Run(store, kind, {**config_dict(cfg), "view_sql": view_text(store, cfg.view), "train_sql": train_sql,
+                           "eval_sql": eval_sql, "array": array},
+             model_id=attrs.get("model", ""), model_hash=attrs.get("model_hash", ""), layers=[cfg.layer]) as run:
         counts: dict[str, Any] = {"train_tokens": n_train, "eval_tokens": n_eval}
         metrics: dict[str, Any] = {"store_version": STORE_VERSION, "layer": cfg.layer, "view": cfg.view, "array": array}
         t0 = time.perf_counter()
@@ -230,15 +209,10 @@ def run_sae(cfg: SAETrainConfig) -> SAEResult:
         write_sae_record(store, name=name, layer=cfg.layer, architecture=arch, d_in=d_in, d_sae=int(sae.cfg.d_sae),
                          k=k, path=path, source=source, run_id=run.run_id, metrics=metrics)
         run.finish(counts=counts, metrics=metrics)
-    except BaseException as e:
-        run.fail(e)
-        raise
     return SAEResult(run.run_id, path, name, metrics)
 
 
 def open_width(store: Store, array: str) -> int:
-    from store.arrays import open_array
-
     return int(open_array(store, array).shape[1])
 
 
@@ -248,7 +222,6 @@ def _train(store: Store, cfg: SAETrainConfig, run: Any, train_sql: str, array: s
     Returns (the saved SAE reloaded, the training mean, the untrained baseline SAE)."""
     from sae_lens import SAE
 
-    from store.materialize import view_text
     from trainers.sae_train import build_training_sae, init_from_sample, make_orders, plot_curves, train
 
     n_epochs = -(-(cfg.steps * cfg.batch_tokens) // n_train) + 1
@@ -299,7 +272,7 @@ def report(res: SAEResult) -> str:
                      f"{ce['ce_loss_recovered_vs_zero']:.1%} "
                      f"vs zero, {ce['ce_loss_recovered_vs_mean']:.1%} vs mean")
     lines.append(f"run {res.run_id}; next: python -m extractors.run --layer {m['layer']} --kinds sae "
-                 f"--sae {res.sae_path}")
+                 f"--sae {res.sae_name}")
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from extractors.forward import pad_batch, plan_batches
-from extractors.model import decoder_layers
+from extractors.model import decoder_layers, pad_token_id
 
 
 @torch.no_grad()
@@ -98,7 +98,7 @@ def splice_ce(lm: Any, sae: Any, layer: int, rows: list[list[int]], positions: l
     """Next-token CE of the model on `rows` (token id lists), clean and with the residual after
     block `layer` replaced at `positions` (per row) by the SAE's reconstruction, zeros or the mean."""
     model, device = lm.model, lm.device
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(lm.tokenizer)
     mean_vec = mean_vec.to(device)
     variants = {
         "clean": None,

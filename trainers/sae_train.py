@@ -166,13 +166,11 @@ def plot_curves(curves: list[dict[str, float]], title: str) -> bytes:
     """PNG bytes: explained variance, losses, L0 and dead features against steps."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     steps = [c["step"] for c in curves]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig = Figure(figsize=(10, 7))           # stand-alone: a notebook's pyplot backend is left alone
+    axes = fig.subplots(2, 2)
     panels = [("explained_variance", "explained variance (train batch)", False),
               ("mse_loss", "loss (scaled units)", True), ("l0", "mean L0", False),
               ("dead_features", "dead features", False)]
@@ -192,5 +190,4 @@ def plot_curves(curves: list[dict[str, float]], title: str) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     return buf.getvalue()

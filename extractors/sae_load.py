@@ -1,10 +1,14 @@
-"""Load an SAE for the store: a local sae-lens folder or a pretrained RELEASE/SAE_ID.
+"""Load an SAE for the store, and the store's registry of SAEs (the `saes` table).
 
+    load_sae("latest", layer=17, store=store)                     # the newest SAE of layer 17
+    load_sae("train_sae-20261201-...", store=store)              # a name from the saes table
     load_sae("store_data/runs/train_sae-.../sae")                   # a local sae-lens folder
     load_sae("gemma-scope-2b-pt-res-canonical/layer_17/width_16k/canonical")  # the registry
 
-A spec that names an existing folder is loaded with `sae_lens.SAE.load_from_disk`; anything
-else is `RELEASE/SAE_ID` (split at the first '/') for `sae_lens.SAE.from_pretrained`.
+A spec is, in this order: `latest` (the most recently recorded SAE of that layer in the
+store's `saes` table), a name in that table, an existing sae-lens folder (loaded with
+`sae_lens.SAE.load_from_disk`), else `RELEASE/SAE_ID` (split at the first '/') for
+`sae_lens.SAE.from_pretrained`. An unknown spec is an error listing the store's SAEs.
 
 Offline (the normal case on these machines) `from_pretrained` retries for ~23 s before it
 raises, so we first try to open a TCP connection to the Hub (a DNS failure answers at once,
@@ -27,11 +31,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from store.core import Store, StoreError
+
 HUB_TIMEOUT_S = 3.0
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 
 
-class SAELoadError(RuntimeError):
+class SAELoadError(StoreError):
     """The SAE cannot be loaded; the message says why and what to do instead."""
 
 
@@ -47,10 +53,11 @@ class LoadedSAE(NamedTuple):
     k: int | None            # TopK's k, else None
 
 
-def _fallback(layer: int | None, store: str | None) -> str:
-    where = f" --store {store}" if store else ""
+def _fallback(layer: int | None, store: Store | str | None) -> str:
+    root = store.root if isinstance(store, Store) else store
+    where = f" --store {root}" if root else ""
     return (f"train one on this store's activations instead: python -m trainers.sae --layer "
-            f"{layer if layer is not None else 'L'}{where}, then pass --sae <store>/runs/<run_id>/sae")
+            f"{layer if layer is not None else 'L'}{where}, then pass --sae latest (or its name)")
 
 
 def sanitize(name: str) -> str:
@@ -113,7 +120,7 @@ def load_local(path: Path, device: str = "cpu") -> LoadedSAE:
 
 
 def load_pretrained(release: str, sae_id: str, device: str = "cpu", *, layer: int | None = None,
-                    store: str | None = None, check_hub: bool = True) -> LoadedSAE:
+                    store: Store | str | None = None, check_hub: bool = True) -> LoadedSAE:
     """`SAE.from_pretrained`, failing fast and clearly when the Hub is out of reach."""
     from huggingface_hub import constants
 
@@ -142,17 +149,102 @@ def load_pretrained(release: str, sae_id: str, device: str = "cpu", *, layer: in
     return _describe(sae, sanitize(spec), "pretrained", spec)
 
 
-def load_sae(spec: str, device: str = "cpu", *, layer: int | None = None, store: str | None = None) -> LoadedSAE:
-    """A local sae-lens folder, or RELEASE/SAE_ID from the sae-lens registry (see module docstring)."""
+def registered(store: Store | None, layer: int | None = None) -> list[dict[str, Any]]:
+    """The store's `saes` rows (name, layer, path, source, run_id, updated_at), newest first."""
+    if store is None or not store.has_table("saes"):
+        return []
+    where, params = ("WHERE layer = ?", [layer]) if layer is not None else ("", [])
+    return store.query(f"SELECT sae, layer, path, source, run_id, updated_at FROM saes {where} "
+                       f"ORDER BY updated_at DESC, sae", params).to_pylist()
+
+
+def _available(store: Store | None, layer: int | None) -> str:
+    rows = registered(store, None)
+    if not rows:
+        return "this store has no SAEs yet"
+    return "SAEs in this store: " + ", ".join(f"{r['sae']} (layer {r['layer']})" for r in rows) + ", or latest"
+
+
+def _load_registered(row: dict[str, Any], store: Store, device: str) -> LoadedSAE:
+    """Load a `saes` row: its folder (or, for a moved store, runs/<run_id>/sae), or its RELEASE/ID."""
+    if row["source"] == "pretrained":
+        release, sae_id = row["path"].split("/", 1)
+        return load_pretrained(release, sae_id, device, layer=row["layer"], store=store)
+    for p in (Path(row["path"]), store.root / "runs" / str(row["run_id"]) / "sae"):
+        if p.is_dir():
+            return load_local(p, device)
+    raise SAELoadError(f"SAE {row['sae']!r} is recorded at {row['path']}, which no longer exists; "
+                       + _fallback(row["layer"], store))
+
+
+def load_sae(spec: str, device: str = "cpu", *, layer: int | None = None,
+             store: Store | str | None = None) -> LoadedSAE:
+    """`latest`, a store name, a local sae-lens folder, or RELEASE/SAE_ID (see module docstring)."""
+    if isinstance(store, str):
+        store = Store(store)
+    if spec == "latest":
+        rows = registered(store, layer)
+        if not rows:
+            at = f" at layer {layer}" if layer is not None else ""
+            raise SAELoadError(f"--sae latest: no SAE{at} in {store.root if store else 'the store'} "
+                               f"({_available(store, layer)}); " + _fallback(layer, store))
+        if layer is None and len({r["layer"] for r in rows}) > 1:
+            raise SAELoadError(f"--sae latest is ambiguous without one --layer ({_available(store, None)})")
+        return _load_registered(rows[0], store, device)
+    named = [r for r in registered(store, None) if r["sae"] == spec]
+    if named:
+        at_layer = [r for r in named if layer is None or r["layer"] == layer]
+        return _load_registered((at_layer or named)[0], store, device)
     p = Path(spec).expanduser()
     if p.is_dir():
         return load_local(p.resolve(), device)
     looks_like_path = spec.startswith((".", "/", "~")) or p.suffix in (".json", ".safetensors")
     if looks_like_path or "/" not in spec.strip("/"):
-        raise SAELoadError(f"--sae {spec!r} is neither an existing sae-lens folder nor RELEASE/SAE_ID; "
+        raise SAELoadError(f"--sae {spec!r} is neither a name in the store's saes table, latest, an existing "
+                           f"sae-lens folder nor RELEASE/SAE_ID ({_available(store, layer)}); "
                            + _fallback(layer, store))
     release, sae_id = spec.split("/", 1)
     try:
         return load_pretrained(release, sae_id, device, layer=layer, store=store)
     except SAELoadError as e:
-        raise SAELoadError(f"{e} (no local folder {p} exists either)") from e
+        raise SAELoadError(f"{e} (no local folder {p} exists either; {_available(store, layer)})") from e
+
+
+def pick_layer(layers: list[int], sae_layer: int | None, spec: str) -> int:
+    """The SAE's own layer when it records one (it must be requested), else the single --layer."""
+    if sae_layer is not None:
+        if sae_layer not in layers:
+            raise StoreError(f"SAE {spec} was trained on layer {sae_layer}, but --layer {layers} was requested; "
+                             f"pass --layer {sae_layer}")
+        return sae_layer
+    if len(layers) != 1:
+        raise StoreError(f"SAE {spec} does not say which layer it reads; pass exactly one --layer, got {layers}")
+    return layers[0]
+
+
+def write_sae_record(store: Store, *, name: str, layer: int, architecture: str, d_in: int, d_sae: int,
+                     k: int | None, path: str, source: str, run_id: str, metrics: dict[str, Any]) -> None:
+    """One row per (SAE, layer) in the `saes` table (rewritten by later runs of that SAE)."""
+    import json
+    from datetime import UTC, datetime
+
+    from store.arrays import array_key
+
+    store.write_rows("saes", [{
+        "sae": name, "layer": layer, "architecture": architecture, "d_in": d_in, "d_sae": d_sae, "k": k,
+        "path": path, "source": source, "run_id": run_id,
+        "explained_variance": metrics.get("eval", {}).get("explained_variance"),
+        "l0": metrics.get("eval", {}).get("l0"), "ce_increase": metrics.get("ce", {}).get("ce_increase"),
+        "metrics": json.dumps(metrics, sort_keys=True, default=str),
+        "updated_at": datetime.now(UTC)}], part=array_key(f"{name}/layer_{layer}"))
+
+
+def write_sae_row(store: Store, loaded: LoadedSAE, layer: int, run_id: str) -> None:
+    """A `saes` row for an SAE that did not come from `python -m trainers.sae` on this store."""
+    from store.arrays import array_key
+
+    if (store.table_dir("saes") / f"{array_key(f'{loaded.name}/layer_{layer}')}.parquet").exists():
+        return
+    write_sae_record(store, name=loaded.name, layer=layer, architecture=loaded.architecture, d_in=loaded.d_in,
+                     d_sae=loaded.d_sae, k=loaded.k, path=loaded.path, source=loaded.source, run_id=run_id,
+                     metrics={})

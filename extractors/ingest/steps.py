@@ -1,18 +1,22 @@
 """Ingest: a source's conversations become the store's `rows`, with splits and a manifest.
 
-Steps (every rejected row is kept in `quarantine` with its reason; none is dropped):
+`ingest()` runs these steps in order, each a function here (every rejected row is kept in
+`quarantine` with its reason; none is dropped):
 
-1. flatten: prompt = every turn before the final assistant turn, completion = that turn;
-   reasons `malformed_messages`, `missing_content`, `non_string_content`,
-   `no_final_assistant`, `empty_completion`, `empty_prompt`;
-2. `duplicate_conversation`: exact repeats of an earlier conversation (first kept);
-3. `over_token_cap`: the rendered conversation has more than `max_conversation_tokens`
+1. `flatten_and_quarantine`: prompt = every turn before the final assistant turn,
+   completion = that turn; reasons `malformed_messages`, `missing_content`,
+   `non_string_content`, `no_final_assistant`, `empty_completion`, `empty_prompt`; then
+   `duplicate_conversation`: exact repeats of an earlier conversation (first kept); then
+   `over_token_cap`: the rendered conversation has more than `max_conversation_tokens`
    tokens of the model's tokenizer (rows are never truncated);
-4. splits (the M1 spec): `train_base` sampled from the source's train split, `attr_query`
-   and `eval` from its test split (disjoint), each stratified by category with a
-   deterministic per-category order (row_ids sorted, then shuffled with a seeded RNG per
+2. `assign_splits` (the four splits of our users' first milestone, "M1"): `train_base`
+   sampled from the source's train split,
+   `attr_query` and `eval` from its test split (disjoint), each stratified by category with
+   a deterministic per-category order (row_ids sorted, then shuffled with a seeded RNG per
    split and category); `score_pool` = the train_base rows. With no test split, one is
-   carved deterministically from train (stratified) and the manifest says so.
+   carved deterministically from train (stratified) and the manifest says so;
+3. `rows_table` + `build_manifest`, then `write_ingest`: rows, split members, quarantine,
+   and last the manifest, whose presence marks a complete ingest.
 
 Rows with null metadata are kept. `row_id` is a content hash of the messages, so it is
 stable across re-ingests; `group_id = category::difficulty::source_split::row_local_index`.
@@ -26,11 +30,11 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
-from extractors.sources import METADATA_COLUMNS, Source
+from extractors.ingest.sources import METADATA_COLUMNS, Source
 from store.core import Store, StoreError
 
 SPLITS = ("train_base", "attr_query", "eval")
@@ -59,6 +63,28 @@ class Quarantined:
     reason: str
     detail: str
     record: dict[str, Any] = field(repr=False)
+
+
+@dataclass
+class IngestResult:
+    ingest_id: str
+    sizes: dict[str, int]
+    quarantined: dict[str, int]
+    manifest: dict[str, Any]
+    skipped: bool = False
+
+
+class Flattened(NamedTuple):
+    """What `flatten_and_quarantine` keeps and rejects."""
+    kept: dict[str, list[dict]]       # source split -> flattened rows, in source order
+    quarantine: list[Quarantined]
+    stats: dict[str, Any]             # the manifest's filter_stats
+
+
+class Assigned(NamedTuple):
+    """What `assign_splits` chose."""
+    chosen: dict[str, list[dict]]     # split -> rows
+    test_note: str                    # where attr_query and eval came from, for the manifest
 
 
 def conversation_key(messages: list[dict]) -> str:
@@ -117,49 +143,45 @@ def stratified_take(rows: list[dict], n: int, seed: int, label: str) -> list[dic
     return out
 
 
-@dataclass
-class IngestResult:
-    ingest_id: str
-    sizes: dict[str, int]
-    quarantined: dict[str, int]
-    manifest: dict[str, Any]
-    skipped: bool = False
-
-
 def _sizes_for(source: Source, requested: dict[str, int | None]) -> dict[str, int]:
     base = EMBEDDED_SIZES if source.name.startswith("embedded") else SMOLTALK_SIZES
     return {s: requested.get(s) if requested.get(s) is not None else base[s] for s in SPLITS}
 
 
-def ingest(store: Store, source: Source, tokenizer: Any, *, tokenizer_id: str, seed: int = 0,
-           sizes: dict[str, int | None] | None = None, max_conversation_tokens: int = 2000,
-           progress: bool = True) -> IngestResult:
-    """Flatten, quarantine, split and write rows + manifest into `store` (see module doc)."""
-    from tqdm.auto import tqdm
-
-    from extractors.chat_tokens import count_tokens
-
-    want = _sizes_for(source, sizes or {})
-    if any(v < 0 for v in want.values()):
-        raise IngestError(f"split sizes must be >= 0, got {want}")
+def ingest_id_for(source: Source, want: dict[str, int], *, seed: int, max_conversation_tokens: int,
+                  tokenizer_id: str) -> str:
+    """The ingest's identity: a hash of the source content and every setting that shapes the rows."""
     ident = json.dumps({"source": source.name, "config": source.config, "hash": source.content_hash,
                         "seed": seed, "sizes": want, "cap": max_conversation_tokens,
                         "tokenizer": tokenizer_id}, sort_keys=True)
-    ingest_id = "ingest-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
-    if store.has_table("manifests"):
-        have = store.query("SELECT ingest_id, manifest FROM manifests").to_pylist()
-        if have and have[0]["ingest_id"] == ingest_id:
-            m = json.loads(have[0]["manifest"])
-            return IngestResult(ingest_id, m["split_policy"]["sizes"], m["filter_stats"]["quarantined"], m, True)
-        if have:
-            raise StoreError(
-                f"{store.root} already holds rows of {have[0]['ingest_id']} from another source or "
-                f"split config; ingest into a new --store (this one is {ingest_id})")
+    return "ingest-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
 
-    source_splits = dict(source.splits)
-    carved = None
-    if "test" not in source_splits:
-        carved = want["attr_query"] + want["eval"]
+
+def existing_ingest(store: Store, ingest_id: str) -> IngestResult | None:
+    """The earlier result when `store` already holds this ingest; raise if it holds another one."""
+    if not store.has_table("manifests"):
+        return None
+    have = store.query("SELECT ingest_id, manifest FROM manifests").to_pylist()
+    if have and have[0]["ingest_id"] == ingest_id:
+        m = json.loads(have[0]["manifest"])
+        return IngestResult(ingest_id, m["split_policy"]["sizes"], m["filter_stats"]["quarantined"], m, True)
+    if have:
+        raise StoreError(
+            f"{store.root} already holds rows of {have[0]['ingest_id']} from another source or "
+            f"split config; ingest into a new --store (this one is {ingest_id})")
+    return None
+
+
+def flatten_and_quarantine(source_splits: dict[str, list[dict]], tokenizer: Any, *,
+                           max_conversation_tokens: int, progress: bool = True) -> Flattened:
+    """Step 1: flatten every record, quarantining malformed ones, repeats and those over the token cap.
+
+    Splits are visited train first, then the others by name, so the first copy of a repeated
+    conversation is the one kept. Kept rows carry row_id, group_id, the metadata columns,
+    `n_tokens` and the record's other scalar columns."""
+    from tqdm.auto import tqdm
+
+    from extractors.chat_tokens import count_tokens
 
     stats: dict[str, Any] = {"source_rows": {s: len(v) for s, v in source_splits.items()}}
     quarantine: list[Quarantined] = []
@@ -204,10 +226,19 @@ def ingest(store: Store, source: Source, tokenizer: Any, *, tokenizer_id: str, s
                  quarantined=dict(sorted(Counter(q.reason for q in quarantine).items())),
                  quarantined_by_split={s: dict(Counter(q.reason for q in quarantine if q.source_split == s))
                                        for s in split_order})
+    return Flattened(kept, quarantine, stats)
 
+
+def assign_splits(kept: dict[str, list[dict]], want: dict[str, int], *, seed: int,
+                  source_has_test: bool) -> Assigned:
+    """Step 2: sample train_base from train and disjoint attr_query, eval from test (see module doc).
+
+    Without a test split in the source, attr_query + eval rows are first carved from train.
+    Raises IngestError when a split asks for more rows than its pool has."""
     train = kept.get("train", [])
     test_note = "source test split"
-    if carved is not None:
+    if not source_has_test:
+        carved = want["attr_query"] + want["eval"]
         if len(train) < carved:
             raise IngestError(f"the source has no test split and only {len(train)} usable train rows; "
                               f"cannot carve {carved} rows for attr_query + eval")
@@ -228,41 +259,12 @@ def ingest(store: Store, source: Source, tokenizer: Any, *, tokenizer_id: str, s
     chosen["attr_query"] = take(test, "attr_query", "test")
     used = {r["row_id"] for r in chosen["attr_query"]}
     chosen["eval"] = take([r for r in test if r["row_id"] not in used], "eval", "test (after attr_query)")
-    _check_splits(chosen)
-
-    rows = []
-    for split in SPLITS:
-        for r in sorted(chosen[split], key=lambda r: r["row_id"]):
-            rows.append({**r, "split": split})
-    extras = sorted({k for r in rows for k in r} - set(ROWS_SCHEMA.names))
-    table = pa.Table.from_pylist([{k: r.get(k) for k in ROWS_SCHEMA.names} for r in rows], schema=ROWS_SCHEMA)
-    for k in extras:
-        table = table.append_column(k, pa.array([r.get(k) for r in rows]))
-    manifest = {
-        "ingest_id": ingest_id,
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "dataset": {"source": source.name, "config": source.config, "revision": source.revision,
-                    "content_hash": source.content_hash, "files": source.origin},
-        "tokenizer": tokenizer_id,
-        "max_conversation_tokens": max_conversation_tokens,
-        "split_policy": {
-            "seed": seed, "stratify_by": "category", "requested": want,
-            "sizes": {s: len(chosen[s]) for s in SPLITS} | {"score_pool": len(chosen["train_base"])},
-            "train_base_from": "source train split", "attr_query_eval_from": test_note,
-            "score_pool": "the train_base rows",
-            "order": "per category: row_ids sorted, then shuffled with Random(f'{seed}:{split}:{category}')",
-        },
-        "filter_stats": stats,
-        "category_distribution": {s: dict(sorted(Counter(str(r["category"]) for r in chosen[s]).items()))
-                                  for s in SPLITS},
-        "extra_columns": extras,
-    }
-    _write(store, table, chosen, quarantine, manifest, ingest_id)
-    return IngestResult(ingest_id, manifest["split_policy"]["sizes"], stats["quarantined"], manifest)
+    check_splits(chosen)
+    return Assigned(chosen, test_note)
 
 
-def _check_splits(chosen: dict[str, list[dict]]) -> None:
-    """The M1 spec's enforced checks: raise, never warn."""
+def check_splits(chosen: dict[str, list[dict]]) -> None:
+    """The split rules of our users' first milestone ("M1"), enforced: raise, never warn."""
     ids = {s: {r["row_id"] for r in v} for s, v in chosen.items()}
     for i, a in enumerate(SPLITS):
         for b in SPLITS[i + 1:]:
@@ -278,8 +280,48 @@ def _check_splits(chosen: dict[str, list[dict]]) -> None:
                 raise IngestError(f"{s}: row {r['row_id']} lacks metadata column(s) {missing}")
 
 
-def _write(store: Store, table: pa.Table, chosen: dict[str, list[dict]], quarantine: list[Quarantined],
-           manifest: dict, ingest_id: str) -> None:
+def rows_table(chosen: dict[str, list[dict]]) -> tuple[pa.Table, list[str]]:
+    """The `rows` table (split by split, rows by row_id) and the names of its extra source columns."""
+    rows = []
+    for split in SPLITS:
+        for r in sorted(chosen[split], key=lambda r: r["row_id"]):
+            rows.append({**r, "split": split})
+    extras = sorted({k for r in rows for k in r} - set(ROWS_SCHEMA.names))
+    table = pa.Table.from_pylist([{k: r.get(k) for k in ROWS_SCHEMA.names} for r in rows], schema=ROWS_SCHEMA)
+    for k in extras:
+        table = table.append_column(k, pa.array([r.get(k) for r in rows]))
+    return table, extras
+
+
+def build_manifest(ingest_id: str, source: Source, *, tokenizer_id: str, max_conversation_tokens: int,
+                   seed: int, want: dict[str, int], assigned: Assigned, stats: dict[str, Any],
+                   extras: list[str]) -> dict[str, Any]:
+    """The manifest: where the rows came from, how they were filtered and split, and the result."""
+    chosen = assigned.chosen
+    return {
+        "ingest_id": ingest_id,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "dataset": {"source": source.name, "config": source.config, "revision": source.revision,
+                    "content_hash": source.content_hash, "files": source.origin},
+        "tokenizer": tokenizer_id,
+        "max_conversation_tokens": max_conversation_tokens,
+        "split_policy": {
+            "seed": seed, "stratify_by": "category", "requested": want,
+            "sizes": {s: len(chosen[s]) for s in SPLITS} | {"score_pool": len(chosen["train_base"])},
+            "train_base_from": "source train split", "attr_query_eval_from": assigned.test_note,
+            "score_pool": "the train_base rows",
+            "order": "per category: row_ids sorted, then shuffled with Random(f'{seed}:{split}:{category}')",
+        },
+        "filter_stats": stats,
+        "category_distribution": {s: dict(sorted(Counter(str(r["category"]) for r in chosen[s]).items()))
+                                  for s in SPLITS},
+        "extra_columns": extras,
+    }
+
+
+def write_ingest(store: Store, table: pa.Table, chosen: dict[str, list[dict]], quarantine: list[Quarantined],
+                 manifest: dict, ingest_id: str) -> None:
+    """Step 3: write rows, split_members and quarantine, then the manifest (which marks completion)."""
     now = datetime.now(timezone.utc)
     store.write_table("rows", table)
     store.write_table("split_members", pa.table({
@@ -304,3 +346,28 @@ def _write(store: Store, table: pa.Table, chosen: dict[str, list[dict]], quarant
     }])
     store.write_json(store.root / "manifest.json", manifest)
     store.refresh_catalog()
+
+
+def ingest(store: Store, source: Source, tokenizer: Any, *, tokenizer_id: str, seed: int = 0,
+           sizes: dict[str, int | None] | None = None, max_conversation_tokens: int = 2000,
+           progress: bool = True) -> IngestResult:
+    """Flatten, quarantine, split and write rows + manifest into `store` (see module doc).
+
+    A store that already holds this very ingest is left as it is (`skipped=True`)."""
+    want = _sizes_for(source, sizes or {})
+    if any(v < 0 for v in want.values()):
+        raise IngestError(f"split sizes must be >= 0, got {want}")
+    ingest_id = ingest_id_for(source, want, seed=seed, max_conversation_tokens=max_conversation_tokens,
+                              tokenizer_id=tokenizer_id)
+    done = existing_ingest(store, ingest_id)
+    if done is not None:
+        return done
+    flat = flatten_and_quarantine(dict(source.splits), tokenizer,
+                                  max_conversation_tokens=max_conversation_tokens, progress=progress)
+    assigned = assign_splits(flat.kept, want, seed=seed, source_has_test="test" in source.splits)
+    table, extras = rows_table(assigned.chosen)
+    manifest = build_manifest(ingest_id, source, tokenizer_id=tokenizer_id,
+                              max_conversation_tokens=max_conversation_tokens, seed=seed, want=want,
+                              assigned=assigned, stats=flat.stats, extras=extras)
+    write_ingest(store, table, assigned.chosen, flat.quarantine, manifest, ingest_id)
+    return IngestResult(ingest_id, manifest["split_policy"]["sizes"], flat.stats["quarantined"], manifest)

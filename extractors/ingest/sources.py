@@ -1,7 +1,7 @@
 """Load SmolTalk-schema chat data from wherever it lives.
 
 A source is one of:
-* `embedded`: the deterministic sample of `extractors.sample` (no network);
+* `embedded`: the deterministic sample of `extractors.ingest.sample` (no network);
 * a local `.parquet`, `.jsonl`/`.json` file, or a folder of them (files named `train*` /
   `test*` give the splits; anything else counts as `train`);
 * a folder written by `datasets.Dataset(Dict).save_to_disk`;
@@ -9,7 +9,9 @@ A source is one of:
   (needs the Hub to be reachable).
 
 Every split must carry the SmolTalk columns (`REQUIRED_COLUMNS`); a missing one is an error
-naming the column and the file.
+naming the column and the file. A value that looks like a local path (it starts with `.`,
+`/` or `~`, or ends in a data-file suffix) and names nothing is reported as a missing path,
+not tried on the Hub.
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ from typing import Any, NamedTuple
 REQUIRED_COLUMNS = ("messages", "category", "difficulty", "quality", "reward_model_score", "conversation_tokens")
 METADATA_COLUMNS = REQUIRED_COLUMNS[1:]
 EMBEDDED = "embedded"
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".arrow")
 
 
-class SchemaError(ValueError):
+class SourceError(ValueError):
+    """The source cannot be found or loaded."""
+
+
+class SchemaError(SourceError):
     """The source does not have the SmolTalk schema."""
 
 
@@ -109,10 +116,24 @@ def _from_datasets(ds: Any, where: str) -> dict[str, list[dict]]:
     return out
 
 
+def looks_like_path(spec: str) -> bool:
+    """Whether `spec` is meant as a local path rather than a Hub id like `owner/name`."""
+    return spec.startswith((".", "/", "~", "\\")) or Path(spec).suffix.lower() in DATA_SUFFIXES
+
+
+def _missing_path(spec: str, path: Path) -> SourceError:
+    where = str(path) if str(path) == str(path.absolute()) else f"{path} (= {path.absolute()})"
+    return SourceError(
+        f"--source {spec!r}: no such file or folder: {where} does not exist. Check the path "
+        "(a .parquet/.jsonl/.json file, a folder of them, or a save_to_disk folder), "
+        "or pass a Hub id like HuggingFaceTB/smoltalk, or --source embedded for the built-in sample")
+
+
 def load_source(spec: str, config: str | None = None, revision: str | None = None, *,
                 sample_seed: int = 0, sample_train: int = 1000, sample_test: int = 250) -> Source:
+    """Load every split of `spec` (see the module doc for what it may name) into memory."""
     if spec == EMBEDDED:
-        from extractors.sample import generate_sample
+        from extractors.ingest.sample import generate_sample
 
         splits = generate_sample(seed=sample_seed, n_train=sample_train, n_test=sample_test)
         return Source("embedded:smoltalk-sample", f"seed={sample_seed},train={sample_train},test={sample_test}",
@@ -137,6 +158,8 @@ def load_source(spec: str, config: str | None = None, revision: str | None = Non
             splits.setdefault(s, []).extend(_read_file(f))
             origin[s] = ", ".join(filter(None, [origin.get(s), str(f)]))
         return Source(str(path.resolve()), config, revision, _hash_files(files), splits, origin)
+    if looks_like_path(spec):
+        raise _missing_path(spec, path)
     if "/" not in spec:
         raise SchemaError(f"--source {spec!r} is neither 'embedded', an existing path, nor a Hub id like owner/name")
     try:
@@ -145,7 +168,8 @@ def load_source(spec: str, config: str | None = None, revision: str | None = Non
         ds = load_dataset(spec, config, revision=revision)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds when offline
         raise SchemaError(
-            f"could not load {spec!r} (config {config!r}) from the Hugging Face Hub: {type(e).__name__}: {e}. "
+            f"could not load {spec!r} (config {config!r}) from the Hugging Face Hub: {type(e).__name__}: {e}; "
+            f"nor is there a local file or folder {str(path)!r}. "
             "Offline, download its parquet files and pass --source <folder>, or use --source embedded"
         ) from e
     splits = _from_datasets(ds, f"{spec}/{config}")

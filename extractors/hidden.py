@@ -1,0 +1,173 @@
+"""Hidden states in the store: the array kind behind `python -m extractors.run --layer 17`.
+
+Arrays `hidden/layer_L` ([n_slots, d_model], bf16 by default) over the store's layout,
+filled by the unit engine (extractors.units): each unit's rows run through the model in
+length-sorted batches formed from that unit alone, with one forward pass for all requested
+layers that stops after the deepest (extractors.forward.LayerCapture).
+
+Per batch there is no per-token Python and no host synchronisation: the real tokens' flat
+positions and their unit slots are computed with numpy, each layer's output is gathered
+(`index_select`), cast to the storage dtype and scattered into the unit buffer
+(`index_copy_`) where the model runs. Both staging paths give the same bytes as
+`store.arrays.encode` of the masked outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import torch
+
+from extractors.forward import Batch, LayerCapture, pad_batch, padding_fraction, plan_batches, validate_layers
+from extractors.model import decoder_layers, pad_token_id
+from extractors.units import ArrayKind, ArraySpec, UnitWork, extract_units
+from store.core import Store
+from store.tokens import Layout, row_token_ids
+
+
+class ExtractResult(NamedTuple):
+    run_id: str | None
+    rows: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    forward_tokens_per_s: float
+    padding: float
+    skipped: bool
+
+
+def hidden_array_name(layer: int, adapter: str | None = None) -> str:
+    """hidden/layer_L, or hidden/<adapter>/layer_L for states of a finetuned adapter."""
+    return f"hidden/{adapter}/layer_{layer}" if adapter else f"hidden/layer_{layer}"
+
+
+@dataclass
+class HiddenSpec:
+    layers: list[int]
+    dtype: str                 # storage dtype: bf16 | fp16 | fp32
+
+
+def unit_batches(layout: Layout, rows: list[int], batch_tokens: int) -> list[Batch]:
+    """The batches of one unit's rows: sorted by (length, row_id), packed greedily up to
+    batch_tokens padded tokens. A function of the unit's rows alone, so a resumed run
+    recomputes a unit with the very batches an uninterrupted run used."""
+    order = sorted(rows, key=lambda i: (layout.lengths[i], layout.row_ids[i]))
+    return plan_batches(layout.lengths, order, batch_tokens)
+
+
+def token_index(layout: Layout, b: Batch, lo: int) -> tuple[np.ndarray, np.ndarray]:
+    """(src, dst) for a batch: flat positions of its real tokens in the padded [B*T] batch,
+    and their slots in the unit buffer (row after row). Vectorized: no per-token Python."""
+    lens = np.asarray(b.lengths, dtype=np.int64)
+    n = int(lens.sum())
+    first = np.repeat(np.cumsum(lens) - lens, lens)           # index of each token's row start
+    pos = np.arange(n, dtype=np.int64) - first                # token position within its row
+    rows = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
+    starts = np.asarray([layout.tok_starts[i] - lo for i in b.rows], dtype=np.int64)
+    return rows * b.width + pos, starts[rows] + pos
+
+
+def to_storage(h: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Same bits as store.arrays.encode(tensor, dtype), computed where the tensor lives."""
+    if dtype == "bf16":
+        return h.to(torch.bfloat16).view(torch.int16)
+    return h.to({"fp16": torch.float16, "fp32": torch.float32}[dtype])
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without blocking the host (pinned source on CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class HiddenStates(ArrayKind):
+    """The array kind: forward passes that capture the requested layers."""
+
+    run_kind = "extract_hidden"
+
+    def __init__(self, store: Store, lm: Any, layout: Layout, layers: list[int], dtype: str, batch_tokens: int):
+        self.lm, self.layout, self.layers, self.dtype, self.batch_tokens = lm, layout, layers, dtype, batch_tokens
+        self.names = [hidden_array_name(L) for L in layers]
+        self.desc = f"extract {','.join(map(str, layers))}"
+        self.store = store
+        self.batches: list[Batch] = []
+        self.fwd_s, self.events = 0.0, []
+
+    def specs(self, run_id: str) -> list[ArraySpec]:
+        lm, d_model = self.lm, self.lm.model.config.hidden_size
+        attrs = {"model": lm.model_id, "model_hash": lm.model_hash, "tokenization": self.layout.tokenization,
+                 "run_id": run_id, "kind": "hidden", "d_model": d_model,
+                 "layer_convention": "output of decoder block L (0-based) = transformers hidden_states[L+1]"}
+        return [ArraySpec(n, d_model, self.dtype, {**attrs, "layer": L}, "hidden", L)
+                for L, n in zip(self.layers, self.names)]
+
+    def plan(self, work: list[UnitWork]) -> None:
+        self.ids = row_token_ids(self.store, self.layout.tokenization,
+                                 [self.layout.row_ids[i] for w in work for i in w.rows])
+
+    def __enter__(self) -> "HiddenStates":
+        self._cap = LayerCapture(self.lm.model, self.layers).__enter__()
+        self._inference = torch.inference_mode()
+        self._inference.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._inference.__exit__(*exc)
+        self._cap.__exit__(*exc)
+
+    def fill(self, work: UnitWork, lo: int, stage: dict[str, torch.Tensor], tick: Callable[[int], None]) -> None:
+        layout, dev = self.layout, self.lm.device
+        cuda = dev.type == "cuda"
+        pad_id = pad_token_id(self.lm.tokenizer)
+        batches = unit_batches(layout, work.rows, self.batch_tokens)
+        self.batches += batches
+        for b in batches:
+            x = pad_batch([self.ids[layout.row_ids[i]] for i in b.rows], b.width, pad_id, dev)
+            src, dst = (to_device(torch.from_numpy(a), dev) for a in token_index(layout, b, lo))
+            if cuda:
+                self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                self.events[-1][0].record()
+            else:
+                tf = time.perf_counter()
+            out = self._cap.capture(x)
+            if cuda:
+                self.events[-1][1].record()
+            else:
+                self.fwd_s += time.perf_counter() - tf
+            for L, n in zip(self.layers, self.names):
+                h = out[L].reshape(-1, out[L].shape[-1]).index_select(0, src)
+                stage[n].index_copy_(0, dst, to_storage(h, self.dtype))
+            tick(sum(b.lengths))
+
+    def forward_seconds(self) -> float:
+        if self.events:     # all recorded work is done: the writer waited on every unit
+            return sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
+        return self.fwd_s
+
+    def counts(self) -> dict[str, Any]:
+        return {"batches": len(self.batches), "padding_fraction": round(padding_fraction(self.batches), 4)}
+
+    def metrics(self, seconds: float) -> dict[str, Any]:
+        fwd = self.forward_seconds()
+        tokens = sum(sum(b.lengths) for b in self.batches)
+        return {"forward_seconds": fwd, "forward_tokens_per_s": tokens / fwd if fwd else 0.0}
+
+
+def extract_hidden(store: Store, lm: Any, layout: Layout, selected: list[str], spec: HiddenSpec, *,
+                   batch_tokens: int, run_config: dict, rank: int = 0, world_size: int = 1,
+                   writers: int | None = None, resident: bool | None = None, progress: bool = True) -> ExtractResult:
+    """Fill hidden/layer_L for the selected rows (see the module docstring)."""
+    layers = validate_layers(spec.layers, len(decoder_layers(lm.model)), lm.model_id)
+    kind = HiddenStates(store, lm, layout, layers, spec.dtype, batch_tokens)
+    res = extract_units(store, layout, selected, kind, run_config=run_config, device=lm.device,
+                        model_id=lm.model_id, model_hash=lm.model_hash, layers=layers, rank=rank,
+                        world_size=world_size, writers=writers, resident=resident, progress=progress)
+    if res.skipped:
+        return ExtractResult(None, 0, 0, 0.0, 0.0, 0.0, 0.0, True)
+    m = res.metrics
+    return ExtractResult(res.run_id, res.rows, res.tokens, res.seconds, m["tokens_per_s"],
+                         m["forward_tokens_per_s"], res.counts["padding_fraction"], False)

@@ -1,0 +1,336 @@
+"""The unit engine: how every array kind is computed, written and committed.
+
+A layout (store.tokens) cuts the token axis into units, each a chunk of whole rows. For
+each unit this rank owns (`unit % world_size == rank`) the engine asks the array kind to
+compute the selected rows not yet committed there, in batches formed within that unit
+alone, into one zeroed `[unit_tokens, ...]` buffer per array; a writer thread then writes
+the unit's whole chunk, fsyncs it and commits its rows (store.arrays). Because a unit's
+batches depend only on the unit and the selection, a killed run rerun with the same
+command recomputes exactly the uncommitted units with the same batches: the arrays end up
+byte-identical to an uninterrupted run, and a finished run is a no-op.
+
+An array kind (hidden states, SAE codes, ...) subclasses `ArrayKind`: it names its arrays
+(`specs`), looks at the planned work once (`plan`), sets up what it needs around the loop (`__enter__`/`__exit__`: hooks, no-grad
+modes), fills one unit's buffers (`fill`) and reports its own counts. `extract_units` does
+the rest: plans the work, opens the run record, creates the arrays (rank 0; other ranks
+wait for them), runs the loop with `Staging` and `UnitWriter`, records the arrays.
+
+Staging: on CPU a unit's buffers are fresh host arrays handed straight to the writer. On
+CUDA (`resident`) they live on the device and go to the host once per unit, non-blocking
+into pinned buffers from a small pool, with an event the writer waits on; the GPU never
+waits for the host except when every host buffer is still queued for writing.
+`resident=True` on CPU runs the same bookkeeping without pinning or events, so the GPU
+path is testable on CPU. Every setting writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+
+from store.arrays import (StorageDtype, array_exists, commit_unit, committed_in_unit, committed_rows, create_array,
+                          record_array, write_unit)
+from store.core import Store, StoreError
+from store.runs import Run
+from store.tokens import Layout
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 3600.0) -> None:
+    """Block until rank 0 has written `what` (checked every 0.5 s)."""
+    t0 = time.monotonic()
+    while not check():
+        if time.monotonic() - t0 > timeout:
+            raise StoreError(f"gave up after {timeout:.0f} s waiting for rank 0 to write {what}")
+        time.sleep(0.5)
+
+
+def select_rows(store: Store, split: str, max_rows: int | None) -> list[str]:
+    """Row ids of a split ('all' for every row); with max_rows, the first N by row_id (a
+    content hash, so effectively a fixed random sample)."""
+    if split == "all":
+        ids = store.query("SELECT row_id FROM rows ORDER BY row_id").column(0).to_pylist()
+    else:
+        ids = store.query("SELECT row_id FROM split_members WHERE split = ? ORDER BY row_id", [split]).column(0).to_pylist()
+        if not ids:
+            have = store.query("SELECT DISTINCT split FROM split_members ORDER BY 1").column(0).to_pylist()
+            raise ValueError(f"--split {split!r} has no rows; splits in this store: {', '.join(have)} or all")
+    return ids[:max_rows] if max_rows is not None else ids
+
+
+class UnitWork(NamedTuple):
+    unit: int
+    rows: list[int]                  # layout indices to compute
+    todo: dict[str, set[str]]        # array name -> row ids to write
+
+
+def plan_work(layout: Layout, selected: list[str], names: list[str], rank: int, world_size: int,
+              store: Store) -> list[UnitWork]:
+    """The units of this rank holding selected rows not yet committed in every array."""
+    sel = set(selected)
+    done = {n: committed_rows(store, n) for n in names}
+    work = []
+    for unit, idx in sorted(layout.rows_of_unit().items()):
+        if unit % world_size != rank:
+            continue
+        mine = [i for i in idx if layout.row_ids[i] in sel]
+        todo = {n: {layout.row_ids[i] for i in mine} - done[n].get(unit, set()) for n in names}
+        need = set().union(*todo.values())
+        if need:
+            work.append(UnitWork(unit, [i for i in mine if layout.row_ids[i] in need], todo))
+    return work
+
+
+def row_slices(layout: Layout, rows: list[int], lo: int) -> list[tuple[int, int, int]]:
+    """(layout index, start within the unit, length) of rows, in token order."""
+    return sorted(((i, layout.tok_starts[i] - lo, layout.lengths[i]) for i in rows), key=lambda t: t[1])
+
+
+class UnitWriter:
+    """Writes and commits finished units on background threads while the next unit computes.
+
+    An item is `(work, buffers)` or `(work, buffers, ready, release)`: `ready` (a CUDA event,
+    or None) is waited on before the buffers are read (their device-to-host copy was queued
+    without blocking), and `release(buffers)` hands them back to their pool once written.
+    Units are independent (each its own chunk and commit file), so with `threads > 1` they
+    are written concurrently, which keeps the disk busy during each unit's fsyncs and
+    commit; the order of commits does not matter for readers or for resume."""
+
+    def __init__(self, store: Store, arrays: dict[str, Any], layout: Layout, run_id: str, threads: int = 1):
+        self.store, self.arrays, self.layout, self.run_id = store, arrays, layout, run_id
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.seconds = 0.0                      # busy time, summed over threads
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.run, daemon=True, name=f"unit-writer-{k}")
+                        for k in range(max(1, threads))]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def run(self) -> None:
+        while (item := self.q.get()) is not None:
+            work, buffers, ready, release = (*item, None, None)[:4]
+            try:
+                if self.error is None:
+                    if ready is not None:
+                        ready.synchronize()
+                    t0 = time.perf_counter()
+                    self._write(work, buffers)
+                    with self._lock:
+                        self.seconds += time.perf_counter() - t0
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                self.error = e
+            finally:
+                if release is not None:
+                    release(buffers)
+
+    def _write(self, work: UnitWork, buffers: dict[str, np.ndarray]) -> None:
+        lo = work.unit * self.layout.unit_tokens
+        for name, todo in work.todo.items():
+            if not todo:
+                continue
+            done = committed_in_unit(self.store, name, work.unit)
+            buf = buffers[name]
+            if done:
+                # Keep the committed rows' values: they may come from other batches.
+                old = self.arrays[name][lo: lo + self.layout.unit_tokens]
+                for i, rid in enumerate(self.layout.row_ids):
+                    if self.layout.units[i] == work.unit and rid in done:
+                        s = self.layout.tok_starts[i] - lo
+                        buf[s: s + self.layout.lengths[i]] = old[s: s + self.layout.lengths[i]]
+            write_unit(self.store, self.arrays[name], name, work.unit, buf)
+            commit_unit(self.store, name, work.unit, sorted(done | todo), self.run_id)
+
+    def put(self, item: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(item)
+
+    def close(self, raise_error: bool = True) -> None:
+        """Finish the queued units, then stop (units already computed are still committed)."""
+        for _ in self.threads:
+            self.q.put(None)
+        for t in self.threads:
+            t.join()
+        if raise_error and self.error is not None:
+            raise self.error
+
+
+# numpy storage dtype -> the torch dtype a stage buffer holds (same bits; uint16 as int16)
+_TORCH_OF = {np.dtype("uint16"): torch.int16, np.dtype("float16"): torch.float16,
+             np.dtype("float32"): torch.float32, np.dtype("int32"): torch.int32, np.dtype("int64"): torch.int64}
+
+
+def stage_dtype(arr: Any) -> torch.dtype:
+    return _TORCH_OF[np.dtype(arr.dtype)]
+
+
+class Staging:
+    """Where each unit is assembled: one `[unit_tokens, *width]` buffer per array (see the
+    module docstring for the CPU and the device-resident paths)."""
+
+    def __init__(self, arrays: dict[str, Any], unit_tokens: int, device: torch.device, pool_size: int,
+                 resident: bool | None = None):
+        self.arrays, self.rows = arrays, unit_tokens
+        self.cuda = device.type == "cuda"
+        self.resident = self.cuda if resident is None else resident
+        self.shape = {n: (unit_tokens, *a.shape[1:]) for n, a in arrays.items()}
+        self.dev: dict[str, torch.Tensor] = {}
+        self.pool: queue.Queue = queue.Queue()
+        if self.resident:
+            for n, a in arrays.items():
+                self.dev[n] = torch.zeros(self.shape[n], dtype=stage_dtype(a), device=device)
+            for _ in range(pool_size):
+                self.pool.put({n: torch.empty(self.shape[n], dtype=stage_dtype(a), pin_memory=self.cuda)
+                               for n, a in arrays.items()})
+
+    def begin(self) -> dict[str, torch.Tensor]:
+        """Zeroed buffers for the next unit (slots of unselected rows and the tail stay 0)."""
+        if self.resident:
+            for t in self.dev.values():
+                t.zero_()
+            return self.dev
+        self._host = {n: np.zeros(self.shape[n], dtype=a.dtype) for n, a in self.arrays.items()}
+        return {n: torch.from_numpy(h.view(np.int16) if h.dtype == np.uint16 else h) for n, h in self._host.items()}
+
+    def finish(self) -> tuple[dict[str, np.ndarray], Any, Any]:
+        """(numpy buffers for the writer, event to wait on or None, release callback or None)."""
+        if not self.resident:
+            return self._host, None, None
+        host = self.pool.get()
+        for n in self.arrays:
+            host[n].copy_(self.dev[n], non_blocking=self.cuda)
+        ready = None
+        if self.cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        views = {n: host[n].numpy().view(self.arrays[n].dtype) for n in self.arrays}
+        return views, ready, lambda _views, host=host: self.pool.put(host)
+
+
+class ArraySpec(NamedTuple):
+    """One array an array kind fills, on the layout's token axis."""
+    name: str                        # e.g. hidden/layer_17
+    width: int | None                # None: 1-D (one value per token)
+    dtype: StorageDtype
+    attrs: dict[str, Any]            # the array's own attributes (model, layer, run id, ...)
+    kind: str                        # the `arrays` table's kind column
+    layer: int | None
+    extra: dict[str, Any] | None = None   # more `arrays` columns
+
+
+class ArrayKind:
+    """What an array kind plugs into the engine. Subclasses set `names`, `run_kind` and
+    `desc`, and implement `specs` and `fill`; `__enter__`/`__exit__` wrap the unit loop."""
+
+    names: list[str] = []
+    run_kind = ""                   # the runs table's kind, e.g. extract_hidden
+    desc = "extract"                # progress bar label
+
+    def specs(self, run_id: str) -> list[ArraySpec]:
+        raise NotImplementedError
+
+    def plan(self, work: list[UnitWork]) -> None:
+        """Called once with all of this run's work before the loop (e.g. to fetch token ids)."""
+
+    def fill(self, work: UnitWork, lo: int, stage: dict[str, torch.Tensor], tick: Callable[[int], None]) -> None:
+        """Compute `work.rows` of one unit (first slot `lo`) into `stage` (zeroed, slot s of
+        a buffer = token lo + s); call `tick(n)` as n tokens are done."""
+        raise NotImplementedError
+
+    def counts(self) -> dict[str, Any]:
+        return {}
+
+    def metrics(self, seconds: float) -> dict[str, Any]:
+        return {}
+
+    def __enter__(self) -> "ArrayKind":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+class UnitRun(NamedTuple):
+    run_id: str | None              # None: nothing was missing
+    rows: int
+    tokens: int
+    seconds: float
+    counts: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def skipped(self) -> bool:
+        return self.run_id is None
+
+
+def open_arrays(store: Store, layout: Layout, specs: list[ArraySpec], rank: int) -> dict[str, zarr.Array]:
+    """The kind's arrays: created (or reopened, checked) by rank 0; other ranks wait for them."""
+    arrays = {}
+    for s in specs:
+        if rank == 0:
+            arrays[s.name] = create_array(store, s.name, n_slots=layout.n_slots, width=s.width,
+                                          chunk_slots=layout.unit_tokens, dtype=s.dtype, attrs=s.attrs)
+            record_array(store, s.name, arrays[s.name], kind=s.kind, layer=s.layer, run_id=s.attrs["run_id"],
+                         extra=s.extra)
+        else:
+            wait_for(lambda n=s.name: array_exists(store, n), s.name)
+            arrays[s.name] = zarr.open_array(str(store.array_path(s.name)), mode="r+")
+    return arrays
+
+
+def extract_units(store: Store, layout: Layout, selected: list[str], kind: ArrayKind, *, run_config: dict,
+                  device: torch.device, model_id: str = "", model_hash: str = "", layers: list[int] | None = None,
+                  rank: int = 0, world_size: int = 1, writers: int | None = None, resident: bool | None = None,
+                  progress: bool = True) -> UnitRun:
+    """Fill `kind`'s arrays for the selected rows not yet committed (see the module docstring).
+    `writers` (writer threads) and `resident` (device-resident unit buffers) default to the
+    device's best: 2 and True on CUDA, 1 and False on CPU."""
+    work = plan_work(layout, selected, kind.names, rank, world_size, store)
+    if not work:
+        print(f"nothing to do: {', '.join(kind.names)} already hold all {len(selected)} selected rows")
+        return UnitRun(None, 0, 0, 0.0, {}, {})
+    with Run(store, kind.run_kind, run_config, model_id=model_id, model_hash=model_hash, layers=layers,
+             rank=rank, world_size=world_size) as run:
+        specs = kind.specs(run.run_id)
+        arrays = open_arrays(store, layout, specs, rank)
+        kind.plan(work)
+        total = sum(layout.lengths[i] for w in work for i in w.rows)
+        cuda = device.type == "cuda"
+        # On a GPU the disk is the bound: two writer threads overlap one unit's fsync with the next write.
+        writer = UnitWriter(store, arrays, layout, run.run_id, threads=writers or (2 if cuda else 1))
+        staging = Staging(arrays, layout.unit_tokens, device, pool_size=len(writer.threads) + 3, resident=resident)
+        writer.start()
+        t0 = time.perf_counter()
+        bar = tqdm(total=total, desc=kind.desc, unit="tok", unit_scale=True, disable=not progress)
+        try:
+            with kind:
+                for w in work:
+                    stage = staging.begin()
+                    kind.fill(w, w.unit * layout.unit_tokens, stage, bar.update)
+                    writer.put((w, *staging.finish()))
+        except BaseException:
+            writer.close(raise_error=False)   # units already computed are still committed
+            raise
+        finally:
+            bar.close()
+        writer.close()
+        secs = time.perf_counter() - t0
+        for s in specs:
+            record_array(store, s.name, arrays[s.name], kind=s.kind, layer=s.layer, run_id=run.run_id,
+                         extra=s.extra)
+        n_rows = sum(len(w.rows) for w in work)
+        counts = {"rows": n_rows, "tokens": total, "units": len(work), **kind.counts()}
+        metrics = {"seconds": secs, "tokens_per_s": total / secs if secs else 0.0,
+                   "writer_seconds": writer.seconds, "writer_threads": len(writer.threads), **kind.metrics(secs)}
+        run.finish(counts=counts, metrics=metrics)
+    return UnitRun(run.run_id, n_rows, total, secs, counts, metrics)
