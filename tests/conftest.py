@@ -1,9 +1,11 @@
-"""Shared fixtures: a tiny random-init model for fast tests, and one real-model store.
+"""Shared fixtures: a tiny random-init model for fast tests, and the real-model stores.
 
 `real_store` runs the real SmolLM2-135M-Instruct over a small slice of the embedded sample
 once per session (train_base 120, attr_query 20, eval 20 rows; layers 6 and 17 in one
-pass, ~30k tokens, ~45 s on 2 CPU cores). Tests must treat it as read-only: a test that
-writes copies it first (`copy_store`).
+pass, ~30k tokens, ~45 s on 2 CPU cores); `analytics_store` adds a small TopK SAE on layer
+17 with its codes and tables. Tests must treat both as read-only: a test that writes copies
+one first (`copy_store`). Converted models go to a temporary cache shared by the session
+(`model_cache`), never into $HOME.
 """
 
 from __future__ import annotations
@@ -25,6 +27,19 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """The model cache of this test session (a temporary folder): every load that does not name
+    a cache uses it, and subprocesses get it as --model-cache."""
+    import extractors.model as model
+
+    d = tmp_path_factory.mktemp("model_cache")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(model, "default_cache_dir", lambda: d)
+    yield d
+    mp.undo()
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +91,23 @@ def copy_store(tmp_path_factory):
         Store(dst).refresh_catalog()
         return dst
     return _copy
+
+
+@pytest.fixture(scope="session")
+def analytics_store(real_store, tmp_path_factory) -> Path:
+    """A copy of real_store with a small TopK SAE on layer 17 (python -m trainers.sae) and its
+    codes and tables (python -m extractors.run --kinds sae --sae latest), read-only."""
+    from extractors.run import main as extract_main
+    from store.core import Store
+    from trainers.sae import main as sae_main
+
+    dst = tmp_path_factory.mktemp("analytics") / "sae_store"
+    shutil.copytree(real_store, dst)
+    Store(dst).refresh_catalog()
+    # Through the documented command lines (in-process).
+    assert sae_main(["--layer", "17", "--store", str(dst), "--steps", "40", "--batch-tokens", "512", "--d-sae",
+                     "768", "--k", "16", "--ce-rows", "0", "--init-batches", "2", "--log-every", "20",
+                     "--no-progress"]) == 0
+    assert extract_main(["--layer", "17", "--kinds", "sae", "--sae", "latest", "--store", str(dst),
+                         "--no-progress"]) == 0
+    return dst

@@ -3,13 +3,12 @@ hand-made store, and on the real 160-row store with a small SAE (math separation
 
 The real-model cases share one store: a copy of `real_store` with a small TopK SAE trained by
 `trainers.sae` on layer 17 and its codes + tables from `extractors.run --kinds sae`, built once per
-session by `build_sae_store` (test_notebooks.py reuses it).
+session by the `analytics_store` fixture of tests/conftest.py (test_notebooks.py reuses it).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +223,8 @@ def test_correlations_errors_are_actionable(tmp_path, capsys):
     with pytest.raises(StoreError, match="available: toy"):
         resolve_sae(st, "nope", 17)
     assert resolve_sae(st, "toy", 17) == "toy"
+    with pytest.raises(StoreError, match="--sae latest: no SAE with row features at layer 17"):
+        resolve_sae(st, "latest", 17)          # the hand-made store has row features but no saes row
     with pytest.raises(StoreError, match="no SAE has row features at layer 6"):
         resolve_sae(st, None, 6)
     with pytest.raises(ValueError, match="no known level order"):
@@ -234,39 +235,9 @@ def test_correlations_errors_are_actionable(tmp_path, capsys):
 
 # ---- the real store with a small SAE ---------------------------------------------------------
 
-_BUILT: dict[str, Path] = {}
-
-
-def build_sae_store(real_store: Path, root: Path) -> Path:
-    """A copy of real_store with a small TopK SAE on layer 17 (trainers.sae) and its codes and
-    tables (extractors.run --kinds sae); built once per session, then shared read-mostly."""
-    if str(real_store) not in _BUILT:
-        # Through the documented command lines (in-process), the SAE helper's stable interface.
-        from extractors.run import main as extract_main
-        from trainers.sae import main as sae_main
-
-        dst = root / "sae_store"
-        shutil.copytree(real_store, dst)
-        st = Store(dst)
-        st.refresh_catalog()
-        assert sae_main(["--layer", "17", "--store", str(dst), "--steps", "40", "--batch-tokens", "512", "--d-sae",
-                         "768", "--k", "16", "--ce-rows", "0", "--init-batches", "2", "--log-every", "20",
-                         "--no-progress"]) == 0
-        sae_path = st.query("SELECT path FROM saes WHERE layer = 17").column(0)[0].as_py()
-        assert extract_main(["--layer", "17", "--kinds", "sae", "--sae", sae_path, "--store", str(dst),
-                             "--no-progress"]) == 0
-        _BUILT[str(real_store)] = dst
-    return _BUILT[str(real_store)]
-
-
-@pytest.fixture(scope="session")
-def sae_store(real_store, tmp_path_factory) -> Path:
-    return build_sae_store(real_store, tmp_path_factory.mktemp("analytics"))
-
-
 @pytest.mark.slow
-def test_a_trained_sae_feature_separates_math_rows(sae_store, copy_store):
-    st = Store(copy_store(sae_store))
+def test_a_trained_sae_feature_separates_math_rows(analytics_store, copy_store):
+    st = Store(copy_store(analytics_store))
     sae_path = st.query("SELECT path FROM saes WHERE layer = 17").column(0)[0].as_py()
     res = run_correlations(CorrelationConfig(layer=17, store=str(st.root), sae=sae_path, progress=False))
     best = (res.assoc.filter((pl.col("field") == "category") & (pl.col("level") == "math") & (pl.col("stat") == "auroc"))
@@ -286,7 +257,7 @@ def test_a_trained_sae_feature_separates_math_rows(sae_store, copy_store):
 
 
 @pytest.mark.slow
-def test_logit_lens_matches_a_direct_computation(sae_store, copy_store):
+def test_logit_lens_matches_a_direct_computation(analytics_store, copy_store):
     import torch
 
     from analytics.logit_lens import LogitLensConfig, final_norm_and_head, run_logit_lens, select_tokens
@@ -294,7 +265,7 @@ def test_logit_lens_matches_a_direct_computation(sae_store, copy_store):
     from extractors.model import load_model
     from store.arrays import open_array
 
-    st = Store(copy_store(sae_store))
+    st = Store(copy_store(analytics_store))
     res = run_logit_lens(LogitLensConfig(store=str(st.root), layers=[6, 17], max_tokens=1, progress=False))
     t = {r["layer"]: r for r in res.table.iter_rows(named=True)}
     assert sorted(t) == [6, 17, 29] and res.final_source == "model forward"
@@ -323,10 +294,10 @@ def test_logit_lens_matches_a_direct_computation(sae_store, copy_store):
 
 
 @pytest.mark.slow
-def test_report_is_one_html_file_with_every_section(sae_store, copy_store, tmp_path):
+def test_report_is_one_html_file_with_every_section(analytics_store, copy_store, tmp_path):
     from analytics.report import SECTIONS, ReportConfig, write_report
 
-    st = Store(copy_store(sae_store))
+    st = Store(copy_store(analytics_store))
     run_correlations(CorrelationConfig(layer=17, store=str(st.root), progress=False, contexts=0))
     st.write_table("attribution_scores", pa.table({"run_id": ["a"] * 50, "row_id": [f"r{i}" for i in range(50)],
                                                    "score": np.linspace(-1, 1, 50)}))

@@ -167,11 +167,53 @@ def test_bad_arguments_give_clear_errors(fresh, tiny_model, argv, message, capsy
     (["--layer", "1", "--max-rows", "0"], "--max-rows must be positive"),
     (["--layer", "1", "--kinds", "grads"], "--kinds 'grads'"),
     (["--layer", "1", "--dtype", "int8"], "invalid choice"),
+    (["--layer", "1", "--unit-tokens", "-5"], "--unit-tokens must be positive, got -5"),
+    (["--layer", "1", "--writers", "0"], "--writers must be positive"),
 ])
-def test_bad_flags_exit_with_usage(argv, message, capsys):
+def test_bad_flags_exit_with_usage(argv, message, capsys, monkeypatch):
+    import extractors.model as model
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(model, "load_model", no_load)
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["extractors.run", "extractors.dataset"])
+def test_help_shows_each_default_once(module, capsys):
+    import importlib
+    import re
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    text = capsys.readouterr().out
+    options = [" ".join(o.split()) for o in re.split(r"\n {2}(?=-)", text)]
+    assert len(options) > 5 and any("(default: ./store_data)" in o for o in options)
+    assert not [o for o in options if o.lower().count("default") > 1]
+
+
+def test_run_writes_its_config_beside_the_record(fresh, tiny_model):
+    import json
+
+    res = _extract(fresh, tiny_model, [1])
+    cfg = json.loads((Path(fresh) / "runs" / res.run_id / "config.json").read_text())
+    assert cfg["run_id"] == res.run_id and cfg["kind"] == "extract_hidden" and cfg["config"]["layers"] == [1]
+
+
+def test_a_failing_run_is_recorded_failed_with_its_error(fresh, tiny_model, monkeypatch):
+    import extractors.hidden as hidden
+
+    def boom(*a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(hidden.HiddenStates, "fill", boom)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        _extract(fresh, tiny_model, [1])
+    rec = Store(fresh).query("SELECT status, note FROM runs WHERE kind = 'extract_hidden'").to_pylist()
+    assert rec == [{"status": "failed", "note": "RuntimeError: disk on fire"}]
 
 
 @pytest.mark.slow
@@ -197,21 +239,21 @@ def test_stored_vectors_equal_the_models_hidden_states(real_store):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_byte_identical(small_rows, copy_store, tmp_path):
+def test_resume_after_sigkill_is_byte_identical(small_rows, copy_store, tmp_path, model_cache):
     """Kill a real extraction mid-run, rerun the same command, compare with an uninterrupted run."""
     killed = copy_store(small_rows)
     import shutil
     clean = tmp_path / "clean"
     shutil.copytree(small_rows, clean)
     cmd = [sys.executable, "-m", "extractors.run", "--layers", "3", "9", "--unit-tokens", "512",
-           "--batch-tokens", "512", "--no-progress"]
+           "--batch-tokens", "512", "--no-progress", "--model-cache", str(model_cache)]
     proc = subprocess.Popen([*cmd, "--store", str(killed)], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
     units_dir = killed / "catalog" / "array_units" / "hidden__layer_9"
     t0 = time.monotonic()
     while not (units_dir.is_dir() and len(list(units_dir.glob("*.parquet"))) >= 2):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.monotonic() - t0 < 300
+        assert time.monotonic() - t0 < 300, "no unit committed within 5 minutes: the extraction hangs"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

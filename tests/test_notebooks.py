@@ -1,8 +1,8 @@
-"""The notebooks run top to bottom against a small store built here, and fail on any error.
+"""The notebooks run top to bottom against a small real-model store, and fail on any error.
 
 Each notebook has a cell tagged `parameters` (STORE = "../store_data", ...); the test inserts a
 cell after it that sets STORE to a private copy of the 160-row real store with a small SAE (see
-tests/test_analytics.build_sae_store), as papermill would, and executes with nbclient in the
+the `analytics_store` fixture of tests/conftest.py), as papermill would, and executes with nbclient in the
 notebooks/ folder. Committed notebooks carry no outputs.
 """
 
@@ -12,14 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_analytics import build_sae_store
-
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
-
-
-@pytest.fixture(scope="session")
-def sae_store(real_store, tmp_path_factory) -> Path:
-    return build_sae_store(real_store, tmp_path_factory.mktemp("analytics"))
 
 
 def execute(name: str, params: dict):
@@ -56,17 +49,17 @@ def test_committed_without_outputs(name):
 
 
 @pytest.mark.slow
-def test_store_tour_runs(sae_store, copy_store):
-    nb = execute("store_tour.ipynb", {"STORE": str(copy_store(sae_store))})
+def test_store_tour_runs(analytics_store, copy_store):
+    nb = execute("store_tour.ipynb", {"STORE": str(copy_store(analytics_store))})
     text = _text(nb)
     assert "hidden/layer_17" in text and "eval AUROC for 'math'" in text and "content tokens, mean norm" in text
 
 
 @pytest.mark.slow
-def test_feature_metadata_correlations_runs(sae_store, copy_store):
+def test_feature_metadata_correlations_runs(analytics_store, copy_store):
     from store.core import Store
 
-    store = copy_store(sae_store)
+    store = copy_store(analytics_store)
     nb = execute("feature_metadata_correlations.ipynb", {"STORE": str(store)})
     text = _text(nb)
     assert "Category is everywhere" in text and "best `math` feature" in text
