@@ -36,7 +36,7 @@ from extractors.sae_format import DEFAULT_K, code_array_names, encode_topk, inde
 from extractors.sae_load import LoadedSAE, load_sae, pick_layer, write_sae_row
 from extractors.sae_tables import build_sae_tables, tables_current
 from extractors.units import ArrayKind, ArraySpec, UnitWork, extract_units, row_slices
-from store.arrays import STORAGE_OF, array_exists, committed_rows, committed_set, decode, encode, open_array
+from store.arrays import REAL_DTYPE, STORAGE_OF, array_exists, committed_rows, committed_set, decode, encode, open_array
 from store.cli import config_dict
 from store.core import Store, StoreError
 from store.materialize import gather
@@ -118,8 +118,7 @@ class SAECodes(ArrayKind):
                 out = self.cap.capture(x)[self.layer]
                 for j, i in enumerate(b.rows):
                     # Round to the storage dtype: the same input the stored-state path would see.
-                    h = decode(encode(out[j, : b.lengths[j]].float(), self.store_dtype),
-                               {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[self.store_dtype])
+                    h = decode(encode(out[j, : b.lengths[j]].float(), self.store_dtype), REAL_DTYPE[self.store_dtype])
                     X[where[i]: where[i] + b.lengths[j]] = h
         return X, sum(layout.lengths[i] for i in fresh)
 
