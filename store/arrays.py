@@ -6,7 +6,7 @@ is chunked by the layout's unit (one chunk = one unit = a run of whole rows), so
 owns whole chunks and two ranks never write the same chunk.
 
 A unit is committed by writing `catalog/array_units/<array>/u<unit>.parquet` listing the
-rows it holds, and only after its chunk file is fsynced. Readers trust the commit table,
+rows it holds (and its chunk file's size and CRC-32), only after its chunk file is fsynced. Readers trust the commit table,
 never the chunk files, so a killed writer leaves nothing visible that is half-written.
 
 Storage dtypes: zarr 3.1 has no bfloat16, so bf16 is stored as its uint16 bit pattern with
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 import threading
+import zlib
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -116,13 +118,28 @@ def open_array(store: Store, name: str) -> zarr.Array:
     return zarr.open_array(str(path), mode="r")
 
 
+def chunk_path(store: Store, name: str, unit: int, ndim: int) -> Path:
+    """The chunk file of one unit (zarr v3's default key encoding: c/<unit>[/0])."""
+    path = store.array_path(name) / "c" / str(unit)
+    return path / "0" if ndim == 2 else path
+
+
+def chunk_checksum(path: Path) -> tuple[int, int]:
+    """(size in bytes, CRC-32) of a chunk file: what its commit records and `verify` checks.
+    CRC-32 reads at ~3 GB/s here, far above the disk's write speed."""
+    crc, size = 0, 0
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+    return size, crc
+
+
 def write_unit(store: Store, arr: zarr.Array, name: str, unit: int, data: np.ndarray) -> None:
     """Write the whole chunk of `unit` and make it durable."""
     chunk = arr.chunks[0]
     arr[unit * chunk: unit * chunk + data.shape[0]] = data
-    path = store.array_path(name) / "c" / str(unit)
-    if arr.ndim == 2:
-        path = path / "0"
+    path = chunk_path(store, name, unit, arr.ndim)
     fsync_path(path)
     fsync_path(path.parent)
 
@@ -133,14 +150,20 @@ def _unit_part(name: str, unit: int) -> str:
 
 
 def commit_unit(store: Store, name: str, unit: int, row_ids: list[str], run_id: str) -> None:
-    """Make `row_ids` of `unit` visible to readers (call after `write_unit`)."""
+    """Make `row_ids` of `unit` visible to readers (call after `write_unit`). The commit file
+    records the chunk file's size and CRC-32, which `python -m store.verify` checks."""
     now = datetime.now(timezone.utc)
+    ndim = 2 if (store.array_path(name) / "c" / str(unit)).is_dir() else 1
+    size, crc = chunk_checksum(chunk_path(store, name, unit, ndim))
+    n = len(row_ids)
     tbl = pa.table({
-        "array_name": pa.array([name] * len(row_ids), pa.string()),
-        "unit": pa.array([unit] * len(row_ids), pa.int32()),
+        "array_name": pa.array([name] * n, pa.string()),
+        "unit": pa.array([unit] * n, pa.int32()),
         "row_id": pa.array(sorted(row_ids), pa.string()),
-        "run_id": pa.array([run_id] * len(row_ids), pa.string()),
-        "committed_at": pa.array([now] * len(row_ids), pa.timestamp("us", tz="UTC")),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "committed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+        "chunk_bytes": pa.array([size] * n, pa.int64()),
+        "chunk_crc32": pa.array([crc] * n, pa.int64()),
     })
     store.write_table(UNITS_TABLE, tbl, part=_unit_part(name, unit))
 

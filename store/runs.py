@@ -17,6 +17,8 @@ block that ends without `finish()` finishes the run with the counts and metrics 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import time
 import uuid
@@ -35,6 +37,7 @@ RUNS_SCHEMA = pa.schema([
     ("store_version", pa.string()), ("started_at", pa.timestamp("us", tz="UTC")),
     ("finished_at", pa.timestamp("us", tz="UTC")), ("seconds", pa.float64()),
     ("counts", pa.string()), ("metrics", pa.string()), ("note", pa.string()),
+    ("host", pa.string()), ("pid", pa.int64()),
 ])
 
 
@@ -77,6 +80,7 @@ class Run:
             "code_version": code_version(), "store_version": STORE_VERSION,
             "started_at": datetime.now(timezone.utc), "finished_at": None, "seconds": None,
             "counts": "{}", "metrics": "{}", "note": "",
+            "host": socket.gethostname(), "pid": os.getpid(),     # so store.verify can tell a dead run
         }
         self.closed = False
         self._write()
@@ -127,3 +131,20 @@ class Run:
 
     def fail(self, error: BaseException) -> None:
         self._close("failed", note=f"{type(error).__name__}: {error}")
+
+
+def mark_failed(store: Store, run_id: str, note: str) -> None:
+    """Rewrite a run's record (every rank's) as failed with `note`: for runs whose process died."""
+    import pyarrow.parquet as pq
+
+    for f in store.table_files("runs"):
+        t = pq.read_table(f)
+        if run_id not in t.column("run_id").to_pylist():
+            continue
+        recs = t.to_pylist()
+        for r in recs:
+            if r["run_id"] == run_id and r["status"] == "running":
+                r["status"], r["note"] = "failed", note
+        store.write_table("runs", pa.Table.from_pylist([{k: r.get(k) for k in RUNS_SCHEMA.names} for r in recs],
+                                                       schema=RUNS_SCHEMA), part=str(f.relative_to(
+                                                           store.table_dir("runs")).with_suffix("")))
