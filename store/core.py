@@ -48,6 +48,10 @@ import pyarrow.parquet as pq
 STORE_VERSION = "1"
 DEFAULT_STORE = "./store_data"   # every command's --store default (./store is the package)
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_.-]+$")
+# A view file may instead hold one `CREATE [OR REPLACE] MACRO name(...) AS TABLE ...`: a table
+# macro with parameters (e.g. sql/views/token_selection.sql), created as written.
+_MACRO_RE = re.compile(r"^(\s*--[^\n]*\n)*\s*CREATE\s+(OR\s+REPLACE\s+)?MACRO\b", re.IGNORECASE)
 # catalog.duckdb's storage format: the oldest that DuckDB 2.0 writes, which DuckDB >= 1.0
 # reads (duckdb-cli 1.5.6, the newest on PyPI, reads storage versions 64-68; 2.0 writes 69).
 CATALOG_STORAGE_VERSION = "v1.0.0"
@@ -94,6 +98,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def safe_name(name: str, slashes: bool = False) -> bool:
+    """Is `name` a name that stays inside its folder: [A-Za-z0-9_.-] parts (joined by '/' when
+    `slashes`), none of them '.' or '..'? Array names, table parts and run ids must be."""
+    parts = name.split("/") if slashes else [name]
+    return bool(name) and all(_SAFE_PART.match(p) and p not in (".", "..") for p in parts)
 
 
 def write_json(path: Path, obj: Any) -> Path:
@@ -152,12 +163,15 @@ class Store:
         return self.root / "arrays"
 
     def array_path(self, name: str) -> Path:
-        parts = name.split("/")
-        if not name or any(not re.match(r"^[A-Za-z0-9_.-]+$", p) for p in parts):
-            raise StoreError(f"array name {name!r} must be like 'hidden/layer_17'")
-        return self.arrays_dir / Path(*parts)
+        if not safe_name(name, slashes=True):
+            raise StoreError(f"array name {name!r} must be like 'hidden/layer_17' (letters, digits, _ . -, "
+                             f"parts joined by '/', no '.' or '..' part): it may not leave {self.arrays_dir}")
+        return self.arrays_dir / Path(*name.split("/"))
 
     def run_dir(self, run_id: str) -> Path:
+        if not safe_name(run_id):
+            raise StoreError(f"run id {run_id!r} must be one name (letters, digits, _ . -, not '.' or '..'): "
+                             f"it may not leave {self.root / 'runs'}")
         d = self.root / "runs" / run_id
         d.mkdir(parents=True, exist_ok=True)
         return d
@@ -169,8 +183,9 @@ class Store:
     # ---- tables ------------------------------------------------------------------------
     def write_table(self, table: str, data: pa.Table, part: str = "part-0") -> Path:
         """Write (or atomically replace) one Parquet file of `table`; returns its path."""
-        if not re.match(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$", part):
-            raise StoreError(f"bad table part name {part!r}")
+        if not safe_name(part, slashes=True):
+            raise StoreError(f"bad table part name {part!r} (letters, digits, _ . -, parts joined by '/', no '.' "
+                             f"or '..' part)")
         path = self.table_dir(table) / f"{part}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
@@ -247,7 +262,7 @@ class Store:
             progressed = False
             for name, body in list(pending.items()):
                 try:
-                    con.execute(f'CREATE OR REPLACE VIEW "{name}" AS {body}')
+                    con.execute(body if _MACRO_RE.match(body) else f'CREATE OR REPLACE VIEW "{name}" AS {body}')
                     del pending[name]
                     errors.pop(name, None)
                     progressed = True

@@ -7,6 +7,11 @@
     python -m store.sql --refresh      # rebuild catalog.duckdb, add missing Zarr group metadata
 
 The plain DuckDB CLI works too: `duckdb store_data/catalog.duckdb`.
+
+Read-only unless `--write`: the query runs on the store's in-memory database of views (the
+catalog's Parquet files are never opened for writing), and statements other than reads
+(SELECT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN, PRAGMA) are refused, so a COPY ... TO, ATTACH or
+CREATE in a pasted query cannot write anywhere by accident. `--out` saves a result either way.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from store.core import DEFAULT_STORE, Store
 from store.groups import write_missing_groups
 
 
+_READS = {"SELECT", "EXPLAIN", "PRAGMA"}     # DESCRIBE, SHOW and SUMMARIZE parse as SELECT
+
+
 @dataclass
 class SqlConfig:
     """Run SQL over a store's catalog (tables + sql/views) and print or save the result."""
@@ -31,6 +39,8 @@ class SqlConfig:
     out: str | None = field(default=None, metadata={"help": "write the result to this file instead of stdout"})
     max_rows: int = field(default=40, metadata={"help": "rows shown by --format table"})
     views: bool = field(default=False, metadata={"help": "list the tables and views instead of querying"})
+    write: bool = field(default=False, metadata={"help": "allow statements that write (CREATE, INSERT, COPY ... "
+                        "TO, ATTACH, SET, ...); without it only reads run"})
     refresh: bool = field(default=False, metadata={
         "help": "rebuild catalog.duckdb, write any missing Zarr group metadata under arrays/, and exit"})
 
@@ -60,6 +70,14 @@ def run_sql(cfg: SqlConfig) -> str:
         lines += [f"{n}  (not available yet: {err})" for n, err in store.view_errors().items()]
         return "\n".join(lines)
     con = store.connect()
+    try:
+        kinds = [s.type.name for s in con.extract_statements(cfg.query)]
+    except duckdb.Error as e:
+        raise ValueError(f"{e}\n(tables and views: python -m store.sql --views --store {cfg.store})") from None
+    writes = [k for k in kinds if k not in _READS]
+    if writes and not cfg.write:
+        raise ValueError(f"the query has a {writes[0]} statement, which may write; store.sql only reads unless "
+                         f"you pass --write")
     try:
         rel = con.sql(cfg.query)
     except duckdb.Error as e:

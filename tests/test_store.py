@@ -246,3 +246,28 @@ def test_array_reader_matches_numpy_for_every_dtype_and_order(tmp_path, dtype):
         reader.gather(np.array([200]))
     with pytest.raises(StoreError, match="out of range 0..199"):
         reader.gather(np.arange(170, 201))
+
+
+def test_sql_cli_reads_only_unless_write(tmp_path, capsys):
+    st = Store(tmp_path / "st")
+    st.write_table("rows", pa.table({"row_id": ["a", "b"], "split": ["eval", "train_base"]}))
+    target = tmp_path / "copied.csv"
+    copy = f"COPY (SELECT * FROM rows) TO '{target}'"
+    assert sql_main(["--store", str(st.root), copy]) == 2
+    assert "COPY statement, which may write" in capsys.readouterr().err and not target.exists()
+    assert sql_main(["--store", str(st.root), "--write", copy]) == 0 and target.exists()
+    for q in ("DESCRIBE rows", "SHOW TABLES", "SUMMARIZE rows", "EXPLAIN SELECT * FROM rows"):
+        assert sql_main(["--store", str(st.root), q]) == 0, q
+
+
+@pytest.mark.parametrize("bad", ["../x", "hidden/../../x", "/abs", "a//b", "hidden/.", ""])
+def test_names_cannot_leave_the_store(tmp_path, bad):
+    st = Store(tmp_path / "st")
+    with pytest.raises(StoreError, match="may not leave"):
+        st.array_path(bad)
+    with pytest.raises(StoreError, match="bad table part name"):
+        st.write_table("rows", pa.table({"row_id": ["a"]}), part=bad)
+    if "/" not in bad:
+        with pytest.raises(StoreError, match="may not leave"):
+            st.run_dir(bad)
+    assert not (tmp_path / "x").exists()
