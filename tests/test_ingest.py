@@ -96,7 +96,7 @@ def test_every_quarantine_reason_with_hand_made_rows(tmp_path):
         _row([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]),      # empty_completion
         _row([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \n\t"}]),  # empty_completion
         _row([{"role": "system", "content": "sys"}, {"role": "assistant", "content": "x"}]),   # empty_prompt
-        _row([{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]),       # malformed_messages
+        _row([{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]),       # unknown_role
         _clean(1),                                                                   # duplicate of row 0 below
         _row([{"role": "user", "content": "long " * 50}, {"role": "assistant", "content": "word " * 3000}]),
         {**_clean(99), "category": None, "quality": None},                           # null metadata: kept
@@ -109,8 +109,8 @@ def test_every_quarantine_reason_with_hand_made_rows(tmp_path):
     _write_jsonl(src / "test.jsonl", test)
     res = _ingest(tmp_path / "st", source=str(src), train_base=21, attr_query=4, eval=4)
     assert res.quarantined == {"duplicate_conversation": 1, "empty_completion": 2, "empty_prompt": 1,
-                               "malformed_messages": 2, "missing_content": 1, "no_final_assistant": 1,
-                               "non_string_content": 1, "over_token_cap": 1}
+                               "malformed_messages": 1, "missing_content": 1, "no_final_assistant": 1,
+                               "non_string_content": 1, "over_token_cap": 1, "unknown_role": 1}
     st = Store(tmp_path / "st")
     assert st.query("SELECT count(*) FROM quarantine").column(0)[0].as_py() == 10
     nulls = st.query("SELECT count(*) FROM rows WHERE category IS NULL").column(0)[0].as_py()
@@ -209,3 +209,49 @@ def test_dataset_cli_names_a_missing_source_path(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("error: --source './no/such/file.parquet': no such file or folder")
     assert str(tmp_path / "no/such/file.parquet") in err and "Hugging Face Hub" not in err
+
+
+def test_unreadable_lines_and_loose_types_are_quarantined_or_coerced(tmp_path):
+    """Bytes that are not UTF-8, a line that is not JSON or not an object, tool/function roles,
+    messages as a JSON string, numbers as text: each kept, coerced with a count, or quarantined
+    with a reason (never a traceback)."""
+    good = [_clean(i, category=["math", "coding"][i % 2]) for i in range(1, 21)]
+    as_string = {**_clean(50), "messages": json.dumps(_clean(50)["messages"])}
+    text_score = {**_clean(51), "reward_model_score": "4.5", "conversation_tokens": "12", "difficulty": 3}
+    bad_score = {**_clean(52), "reward_model_score": "excellent"}
+    tool = _row([{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"},
+                 {"role": "assistant", "content": "x"}])
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = [json.dumps(r).encode() for r in good + [as_string, text_score, bad_score, tool]]
+    lines.insert(3, b'{"messages": "broken')                      # line 4: not JSON
+    lines.insert(5, bytes([0xFF, 0xFE]) + b'{"messages": []}')     # line 6: not UTF-8
+    lines.insert(7, b"[1, 2, 3]")                                  # line 8: not an object
+    (src / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    _write_jsonl(src / "test.jsonl", [_clean(i, category=["math", "coding"][i % 2]) for i in range(100, 110)])
+    res = _ingest(tmp_path / "st", source=str(src), train_base=22, attr_query=4, eval=4)
+    assert res.quarantined == {"bad_metadata": 1, "unknown_role": 1, "unreadable_record": 3}
+    assert res.manifest["filter_stats"]["coerced"] == {
+        "conversation_tokens_to_int": 1, "difficulty_to_str": 1, "messages_from_json_string": 1,
+        "reward_model_score_to_float": 1}
+    st = Store(tmp_path / "st")
+    q = st.query("SELECT detail FROM quarantine WHERE reason = 'unreadable_record' ORDER BY detail").column(0)
+    details = q.to_pylist()
+    assert any(":4: not JSON" in d for d in details)
+    assert any(":6: not UTF-8" in d and "\\xff\\xfe" in d for d in details)     # the raw bytes' repr
+    assert any(":8: a JSON list, not an object" in d for d in details)
+    assert all(str(src / "train.jsonl") in d for d in details)
+    score = st.query("SELECT reward_model_score FROM rows WHERE completion = '51 + 51 = 102.'").column(0)
+    assert score.to_pylist() == [4.5]
+
+
+def test_a_file_unreadable_as_a_whole_is_one_clear_error(tmp_path, capsys):
+    from extractors.dataset import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "train.parquet").write_bytes(b"PAR1 this is not parquet")
+    assert main(["--store", str(tmp_path / "st"), "--source", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "train.parquet: not a readable Parquet file" in err
+    assert len(err.strip().splitlines()) == 1

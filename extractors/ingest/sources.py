@@ -73,25 +73,34 @@ def check_schema(columns: list[str] | set[str], where: str) -> None:
 
 
 def _read_file(path: Path) -> list[dict]:
+    """A file's records. A line of a JSON-lines file that cannot be read becomes a placeholder
+    the ingest quarantines (extractors.ingest.records); a file unreadable as a whole is an error."""
+    from extractors.ingest.records import UNREADABLE, read_jsonl
+
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError, ...: the file as a whole is unreadable
+            raise SourceError(f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e)[:200]}); "
+                              "re-download or re-export it, or remove it from the source folder") from e
         check_schema(table.column_names, str(path))
         return table.to_pylist()
     if path.suffix in (".jsonl", ".json"):
-        text = path.read_text()
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            recs = json.loads(text)
+        data = path.read_bytes()
+        if path.suffix == ".json" and data.lstrip().startswith(b"["):
+            try:
+                recs = json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise SourceError(f"{path}: not a readable JSON array ({e}); fix the file, or store one "
+                                  "record per line as .jsonl (unreadable lines are then quarantined)") from e
+            if not all(isinstance(r, dict) for r in recs):
+                raise SourceError(f"{path}: a JSON array of records must hold objects only")
         else:
-            recs = []
-            for i, line in enumerate(text.splitlines()):
-                if line.strip():
-                    try:
-                        recs.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise SchemaError(f"{path}:{i + 1}: not valid JSON ({e.msg}); fix or remove the line") from e
-        cols: set[str] = set().union(*(r.keys() for r in recs)) if recs else set()
+            recs = read_jsonl(path, data)
+        readable = [r for r in recs if UNREADABLE not in r]
+        cols: set[str] = set().union(*(r.keys() for r in readable)) if readable else set()
         check_schema(cols, str(path))
         return recs
     raise SchemaError(f"{path}: unsupported file type {path.suffix!r}; use .parquet, .jsonl or .json")

@@ -3,8 +3,10 @@
 `ingest()` runs these steps in order, each a function here (every rejected row is kept in
 `quarantine` with its reason; none is dropped):
 
-1. `flatten_and_quarantine`: prompt = every turn before the final assistant turn,
-   completion = that turn; reasons `malformed_messages`, `missing_content`,
+1. `flatten_and_quarantine`: loose types are repaired and counted, unreadable lines and
+   unusable metadata quarantined (`unreadable_record`, `bad_metadata`: see
+   extractors.ingest.records); prompt = every turn before the final assistant turn,
+   completion = that turn; reasons `malformed_messages`, `unknown_role`, `missing_content`,
    `non_string_content`, `no_final_assistant`, `empty_completion`, `empty_prompt`; then
    `duplicate_conversation`: exact repeats of an earlier conversation (first kept); then
    `over_token_cap`: the rendered conversation has more than `max_conversation_tokens`
@@ -34,6 +36,7 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 
+from extractors.ingest.records import coerce
 from extractors.ingest.sources import METADATA_COLUMNS, Source
 from store.core import Store, StoreError
 
@@ -106,7 +109,7 @@ def flatten(rec: dict[str, Any]) -> tuple[str, str] | dict[str, Any]:
         if not isinstance(m["content"], str):
             return "non_string_content", f"message {i} content is {type(m['content']).__name__}, not str"
         if m.get("role") not in ROLES:
-            return "malformed_messages", f"message {i} role is {m.get('role')!r}, not one of {ROLES}"
+            return "unknown_role", f"message {i} role is {m.get('role')!r}, not one of {ROLES}"
     if msgs[-1]["role"] != "assistant":
         return "no_final_assistant", f"the last turn is {msgs[-1]['role']!r}"
     if not msgs[-1]["content"].strip():
@@ -193,10 +196,13 @@ def flatten_and_quarantine(source_splits: dict[str, list[dict]], tokenizer: Any,
     split_order = sorted(source_splits, key=lambda s: (s != "train", s))
     total = sum(len(source_splits[s]) for s in split_order)
     bar = tqdm(total=total, desc="ingest", unit="row", disable=not progress)
+    coerced: Counter = Counter()
     for ssplit in split_order:
         for idx, rec in enumerate(source_splits[ssplit]):
             bar.update(1)
-            flat = flatten(rec)
+            rec, fixed, bad = coerce(rec)
+            coerced.update(fixed)
+            flat = bad if bad is not None else flatten(rec)
             if isinstance(flat, tuple):
                 quarantine.append(Quarantined(ssplit, idx, flat[0], flat[1], rec))
                 continue
@@ -221,7 +227,7 @@ def flatten_and_quarantine(source_splits: dict[str, list[dict]], tokenizer: Any,
                 **flat, **meta, "n_tokens": n_tok, **_scalar_extras(rec),
             })
     bar.close()
-    stats.update(after_flatten=dict(after_flatten), after_dedup=dict(after_dedup),
+    stats.update(coerced=dict(sorted(coerced.items())), after_flatten=dict(after_flatten), after_dedup=dict(after_dedup),
                  after_token_cap=dict(after_cap),
                  quarantined=dict(sorted(Counter(q.reason for q in quarantine).items())),
                  quarantined_by_split={s: dict(Counter(q.reason for q in quarantine if q.source_split == s))
