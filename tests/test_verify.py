@@ -121,3 +121,40 @@ def test_a_killed_run_is_a_note_and_repair_marks_it_failed(extracted, copy_store
     assert "marked run" in capsys.readouterr().out
     status = Store(path).query("SELECT status FROM runs WHERE run_id = ?", [run.run_id]).column(0)[0].as_py()
     assert status == "failed"
+
+
+def test_disk_full_at_a_unit_fails_the_run_and_a_rerun_completes_identically(extracted, copy_store, tiny_model,
+                                                                                monkeypatch, capsys):
+    """OSError(ENOSPC) while writing unit 1: that unit is not committed, the run is recorded
+    failed with the error, and the same command, once space is back, finishes byte-identically."""
+    import errno
+
+    import extractors.units as units
+    from extractors.run import main as extract_main
+
+    path = copy_store(extracted)
+    st = Store(path)
+    for L in LAYERS:                                  # start from an ingested, unextracted store
+        shutil.rmtree(st.array_path(f"hidden/layer_{L}"))
+        shutil.rmtree(st.table_dir("array_units") / f"hidden__layer_{L}")
+    real = units.write_unit
+
+    def full_disk(store, arr, name, unit, data):
+        if unit == 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(store.array_path(name)))
+        return real(store, arr, name, unit, data)
+
+    monkeypatch.setattr(units, "write_unit", full_disk)
+    argv = ["--layers", "1", "3", "--store", str(path), "--model", tiny_model, "--unit-tokens", "512", "--no-progress"]
+    assert extract_main(argv) == 2
+    assert "No space left on device" in capsys.readouterr().err.splitlines()[-1]
+    st = Store(path)
+    assert 1 not in committed_rows(st, "hidden/layer_1") and 1 not in committed_rows(st, "hidden/layer_3")
+    rec = st.query("SELECT status, note FROM runs WHERE kind = 'extract_hidden' AND status <> 'finished' "
+                   "ORDER BY started_at DESC LIMIT 1").to_pylist()[0]
+    assert rec["status"] == "failed" and "No space left on device" in rec["note"]
+    monkeypatch.setattr(units, "write_unit", real)
+    assert extract_main(argv) == 0
+    assert _kinds(path) == []
+    for L, a in _arrays(extracted).items():
+        assert np.array_equal(_arrays(path)[L], a)
