@@ -126,24 +126,42 @@ def ensure_tokenization(store: Any, tok: Any, model_id: str, unit_tokens: int, r
                         progress: bool = True) -> Any:
     """The store's tokenization (a store.tokens.Layout) for this tokenizer, created on first
     use by rank 0 (other ranks wait for it). A store holds one tokenization."""
-    from tqdm.auto import tqdm
 
     from extractors.units import wait_for
+    from store import claims
     from store.core import StoreError
-    from store.tokens import plan_layout, read_layout, tokenizations, write_tokenization
+    from store.tokens import read_layout, tokenizations
 
     ingest_id = store.query("SELECT ingest_id FROM manifests").column(0)[0].as_py()
     tz = "tok-" + hashlib.sha256(f"{tokenizer_hash(tok)}:{ingest_id}".encode()).hexdigest()[:12]
-    have = tokenizations(store)
-    if any(t["tokenization"] == tz for t in have):
-        return read_layout(store, tz)
-    if have:
-        raise StoreError(
-            f"{store.root} is tokenized for {have[0]['model']} ({have[0]['tokenization']}); "
-            f"{model_id} tokenizes differently. Use another --store for this model.")
+
+    def existing() -> Any:
+        have = tokenizations(store)
+        if any(t["tokenization"] == tz for t in have):
+            return read_layout(store, tz)
+        if have:
+            raise StoreError(
+                f"{store.root} is tokenized for {have[0]['model']} ({have[0]['tokenization']}); "
+                f"{model_id} tokenizes differently. Use another --store for this model.")
+        return None
+
+    if (layout := existing()) is not None:
+        return layout
     if rank != 0:
         wait_for(lambda: any(t["tokenization"] == tz for t in tokenizations(store)), f"tokenization {tz}")
         return read_layout(store, tz)
+    with claims.exclusive(store, "setup", "tokenize"):     # another writer's tokenization: wait for it
+        if (layout := existing()) is not None:
+            return layout
+        return _tokenize(store, tok, model_id, unit_tokens, tz, ingest_id, progress)
+
+
+def _tokenize(store: Any, tok: Any, model_id: str, unit_tokens: int, tz: str, ingest_id: str,
+              progress: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    from store.tokens import plan_layout, write_tokenization
+
     rows = store.query("SELECT row_id, split, messages FROM rows ORDER BY row_id").to_pydict()
     table = tokenize_rows(tok, rows["row_id"],
                           tqdm(rows["messages"], desc="tokenize", unit="row", disable=not progress))

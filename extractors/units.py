@@ -7,7 +7,9 @@ alone, into one zeroed `[unit_tokens, ...]` buffer per array; a writer thread th
 the unit's whole chunk, fsyncs it and commits its rows (store.arrays). Because a unit's
 batches depend only on the unit and the selection, a killed run rerun with the same
 command recomputes exactly the uncommitted units with the same batches: the arrays end up
-byte-identical to an uninterrupted run, and a finished run is a no-op.
+byte-identical to an uninterrupted run, and a finished run is a no-op. Each unit is
+claimed before it is computed (store.claims), so two writers started on the same store and
+arrays split the units between them instead of both computing every one.
 
 An array kind (hidden states, SAE codes, ...) subclasses `ArrayKind`: it names its arrays
 (`specs`), looks at the planned work once (`plan`), sets up what it needs around the loop (`__enter__`/`__exit__`: hooks, no-grad
@@ -25,6 +27,7 @@ path is testable on CPU. Every setting writes the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
 import time
@@ -36,6 +39,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
+from store import claims
 from store.arrays import (StorageDtype, array_exists, commit_unit, committed_in_unit, committed_rows, create_array,
                           record_array, write_unit)
 from store.core import Store, StoreError
@@ -52,9 +56,10 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 3600.0) -> N
         time.sleep(0.5)
 
 
-def select_rows(store: Store, split: str, max_rows: int | None) -> list[str]:
-    """Row ids of a split ('all' for every row); with max_rows, the first N by row_id (a
-    content hash, so effectively a fixed random sample)."""
+def select_rows(store: Store, split: str, max_rows: int | None, view: str | None = None) -> list[str]:
+    """Row ids of a split ('all' for every row), kept to those `view` returns (a view name or
+    SQL with a row_id column) when given; with max_rows, the first N by row_id (a content
+    hash, so effectively a fixed random sample)."""
     if split == "all":
         ids = store.query("SELECT row_id FROM rows ORDER BY row_id").column(0).to_pylist()
     else:
@@ -62,6 +67,19 @@ def select_rows(store: Store, split: str, max_rows: int | None) -> list[str]:
         if not ids:
             have = store.query("SELECT DISTINCT split FROM split_members ORDER BY 1").column(0).to_pylist()
             raise ValueError(f"--split {split!r} has no rows; splits in this store: {', '.join(have)} or all")
+    if view is not None:
+        from store.materialize import view_sql
+        try:
+            t = store.query(f"SELECT * FROM ({view_sql(store, view)}) LIMIT 0")
+        except Exception as e:  # noqa: BLE001 - duckdb's errors, or no such view
+            raise ValueError(f"--rows-view {view!r} cannot run: {str(e).splitlines()[0]}") from e
+        if "row_id" not in t.column_names:
+            raise ValueError(f"--rows-view {view!r} returns no row_id column (it has {', '.join(t.column_names)}); "
+                             "select row_id, e.g. SELECT row_id FROM rows WHERE quality = 'poor'")
+        keep = set(store.query(f"SELECT DISTINCT row_id FROM ({view_sql(store, view)})").column(0).to_pylist())
+        ids = [r for r in ids if r in keep]
+        if not ids:
+            raise ValueError(f"--rows-view {view!r} keeps none of the {split} rows; check its WHERE clause")
     return ids[:max_rows] if max_rows is not None else ids
 
 
@@ -273,6 +291,34 @@ class UnitRun(NamedTuple):
         return self.run_id is None
 
 
+def claimed_units(store: Store, scope: str, work: list[UnitWork], replan: Callable[[], list[UnitWork]],
+                  timeout: float, poll: float = 0.5):
+    """The units of `work` this process gets to compute, each claimed first. Units another
+    live writer holds are left to it; once nothing else is left, they are waited for until
+    committed (dropped) or their claim goes stale (taken over, with their work re-planned)."""
+    deferred = []
+    for w in work:
+        if claims.acquire(store, scope, f"u{w.unit:06d}", timeout):
+            yield w
+        else:
+            deferred.append(w.unit)
+    if deferred:
+        print(f"{len(deferred)} units are claimed by another writer; computing them only if it stops")
+    while deferred:
+        fresh = {w.unit: w for w in replan()}
+        left = []
+        for u in deferred:
+            if u not in fresh:
+                continue                      # committed by the other writer
+            if claims.acquire(store, scope, f"u{u:06d}", timeout):
+                yield fresh[u]
+            else:
+                left.append(u)
+        deferred = left
+        if deferred:
+            time.sleep(poll)
+
+
 def open_arrays(store: Store, layout: Layout, specs: list[ArraySpec], rank: int) -> dict[str, zarr.Array]:
     """The kind's arrays: created (or reopened, checked) by rank 0; other ranks wait for them."""
     arrays = {}
@@ -291,10 +337,12 @@ def open_arrays(store: Store, layout: Layout, specs: list[ArraySpec], rank: int)
 def extract_units(store: Store, layout: Layout, selected: list[str], kind: ArrayKind, *, run_config: dict,
                   device: torch.device, model_id: str = "", model_hash: str = "", layers: list[int] | None = None,
                   rank: int = 0, world_size: int = 1, writers: int | None = None, resident: bool | None = None,
-                  progress: bool = True) -> UnitRun:
+                  claim_timeout: float = 3600.0, progress: bool = True) -> UnitRun:
     """Fill `kind`'s arrays for the selected rows not yet committed (see the module docstring).
     `writers` (writer threads) and `resident` (device-resident unit buffers) default to the
-    device's best: 2 and True on CUDA, 1 and False on CPU."""
+    device's best: 2 and True on CUDA, 1 and False on CPU. Units are claimed (store.claims)
+    before they are computed, so writers started on the same store and arrays split them;
+    a claim older than `claim_timeout` seconds is taken over."""
     work = plan_work(layout, selected, kind.names, rank, world_size, store)
     if not work:
         print(f"nothing to do: {', '.join(kind.names)} already hold all {len(selected)} selected rows")
@@ -312,19 +360,27 @@ def extract_units(store: Store, layout: Layout, selected: list[str], kind: Array
         writer.start()
         t0 = time.perf_counter()
         bar = tqdm(total=total, desc=kind.desc, unit="tok", unit_scale=True, disable=not progress)
+        scope = "units-" + hashlib.sha256("|".join(sorted(kind.names)).encode()).hexdigest()[:16]
+        replan = lambda: plan_work(layout, selected, kind.names, rank, world_size, store)  # noqa: E731
+        mine: list[UnitWork] = []
         try:
             with kind:
-                for w in work:
+                for w in claimed_units(store, scope, work, replan, claim_timeout):
                     stage = staging.begin()
                     kind.fill(w, w.unit * layout.unit_tokens, stage, bar.update)
                     writer.put((w, *staging.finish()))
+                    mine.append(w)
         except BaseException:
             writer.close(raise_error=False)   # units already computed are still committed
+            claims.release_all(store, scope)
             raise
         finally:
             bar.close()
         writer.close()
+        claims.release_all(store, scope)      # after the commits: a claim lasts until its unit is visible
         secs = time.perf_counter() - t0
+        work = mine
+        total = sum(layout.lengths[i] for w in work for i in w.rows)
         for s in specs:
             record_array(store, s.name, arrays[s.name], kind=s.kind, layer=s.layer, run_id=run.run_id,
                          extra=s.extra)

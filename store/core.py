@@ -162,6 +162,11 @@ class Store:
         """The root Zarr group: every folder from here down to an array is a group."""
         return self.root / "arrays"
 
+    @property
+    def claims_dir(self) -> Path:
+        """Claim files of cooperating writers (store.claims); empty when no writer is working."""
+        return self.root / "claims"
+
     def array_path(self, name: str) -> Path:
         if not safe_name(name, slashes=True):
             raise StoreError(f"array name {name!r} must be like 'hidden/layer_17' (letters, digits, _ . -, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from store import claims
 from store.core import DEFAULT_STORE, Store
 
 if TYPE_CHECKING:
@@ -57,9 +58,11 @@ def run_ingest(cfg: IngestConfig, progress: bool = True) -> IngestResult:
     source = load_source(cfg.source, cfg.config, cfg.revision, sample_seed=cfg.sample_seed,
                          sample_train=cfg.sample_train, sample_test=cfg.sample_test)
     tok = load_tokenizer(cfg.model)
-    return ingest(store, source, tok, tokenizer_id=cfg.model, seed=cfg.seed,
-                  sizes={"train_base": cfg.train_base, "attr_query": cfg.attr_query, "eval": cfg.eval},
-                  max_conversation_tokens=cfg.max_conversation_tokens, progress=progress)
+    # A second process ingesting into the same store waits for the first, then finds it done.
+    with claims.exclusive(store, "setup", "ingest"):
+        return ingest(store, source, tok, tokenizer_id=cfg.model, seed=cfg.seed,
+                      sizes={"train_base": cfg.train_base, "attr_query": cfg.attr_query, "eval": cfg.eval},
+                      max_conversation_tokens=cfg.max_conversation_tokens, progress=progress)
 
 
 def summary(result: IngestResult) -> str:

@@ -1,0 +1,116 @@
+"""Claims: how several writers on one store split the work instead of doubling it.
+
+Before a writer computes a unit (or ingests, or tokenizes) it claims it: it creates
+`claims/<scope>/<item>.json` (host, pid, time) with O_CREAT | O_EXCL, which exactly one
+process can do. Another writer that finds the claim leaves the item to its owner and moves
+on; when it has nothing else left it waits for the item to be committed, or takes the claim
+over once it is stale: the owner's process is gone (same host, pid not alive) or the claim
+is older than `timeout` seconds (another host's writer that died). A takeover first renames
+the stale file to a unique name, which only one contender can do, then claims afresh.
+
+Claims only decide who computes what; correctness never depends on them: commits are still
+what readers trust, and two writers that both computed a unit would write the same bytes.
+A writer removes its claims when it ends; a killed writer's claims are stale at once for
+the next writer on the same host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from store.core import Store, safe_name
+
+
+def _path(store: Store, scope: str, item: str) -> Path:
+    if not (safe_name(scope, slashes=True) and safe_name(item)):
+        raise ValueError(f"bad claim name {scope!r}/{item!r}")
+    return store.claims_dir / scope / f"{item}.json"
+
+
+def _alive(info: dict) -> bool | None:
+    """True/False on this host; None when the owner is on another host (we cannot tell)."""
+    if info.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(info["pid"]), 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return True
+
+
+def owner(store: Store, scope: str, item: str) -> dict | None:
+    """The claim's content, or None when the item is not claimed."""
+    try:
+        return json.loads(_path(store, scope, item).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"host": None, "pid": None, "time": 0.0}      # half-written: stale by age
+
+
+def is_stale(info: dict, timeout: float) -> bool:
+    return _alive(info) is False or time.time() - float(info.get("time") or 0.0) > timeout
+
+
+def acquire(store: Store, scope: str, item: str, timeout: float = 3600.0) -> bool:
+    """Claim `item` for this process: True when it is ours now (fresh, already ours, or taken
+    over from a stale owner), False while another live writer holds it."""
+    path = _path(store, scope, item)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            info = owner(store, scope, item)
+            if info is None:
+                continue                                  # released meanwhile: try again
+            if info.get("host") == me["host"] and info.get("pid") == me["pid"]:
+                return True
+            if not is_stale(info, timeout):
+                return False
+            try:                                          # only one contender wins this rename
+                os.rename(path, path.with_name(f".{path.stem}.{uuid.uuid4().hex}.stale"))
+            except FileNotFoundError:
+                pass
+            for old in path.parent.glob(f".{path.stem}.*.stale"):
+                old.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            json.dump(me, fh)
+        return True
+    return False
+
+
+def release(store: Store, scope: str, item: str) -> None:
+    """Remove this process's claim of `item` (another owner's claim is left alone)."""
+    info = owner(store, scope, item)
+    if info is not None and info.get("host") == socket.gethostname() and info.get("pid") == os.getpid():
+        _path(store, scope, item).unlink(missing_ok=True)
+
+
+def release_all(store: Store, scope: str) -> None:
+    d = store.claims_dir / scope
+    for f in d.glob("*.json") if d.is_dir() else []:
+        release(store, scope, f.stem)
+
+
+@contextmanager
+def exclusive(store: Store, scope: str, item: str, timeout: float = 3600.0, poll: float = 0.5):
+    """Hold the claim of `item` for the block, waiting while another live writer holds it (for
+    one-off steps such as the ingest and the tokenization: the second process waits for the
+    first, then finds the work done)."""
+    while not acquire(store, scope, item, timeout):
+        time.sleep(poll)
+    try:
+        yield
+    finally:
+        release(store, scope, item)
