@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from store import claims
 from store.arrays import (StorageDtype, array_exists, commit_unit, committed_in_unit, committed_rows, create_array,
                           record_array, write_unit)
-from store.core import Store, StoreError
+from store.core import Store, StoreError, sweep_temp_files
 from store.runs import Run
 from store.tokens import Layout
 
@@ -111,6 +111,14 @@ def row_slices(layout: Layout, rows: list[int], lo: int) -> list[tuple[int, int,
     return sorted(((i, layout.tok_starts[i] - lo, layout.lengths[i]) for i in rows), key=lambda t: t[1])
 
 
+def drop_partials(store: Store, name: str, unit: int) -> None:
+    """Delete zarr's unfinished writes (`*.partial`) of one unit's chunk: a killed writer's,
+    since the unit is claimed by this process now."""
+    c = store.array_path(name) / "c"
+    for f in [*c.glob(f"{unit}.*.partial"), *(c / str(unit)).glob("*.partial")]:
+        f.unlink(missing_ok=True)
+
+
 class UnitWriter:
     """Writes and commits finished units on background threads while the next unit computes.
 
@@ -157,6 +165,7 @@ class UnitWriter:
             if not todo:
                 continue
             done = committed_in_unit(self.store, name, work.unit)
+            drop_partials(self.store, name, work.unit)     # a killed writer's, of this claimed unit
             buf = buffers[name]
             if done:
                 # Keep the committed rows' values: they may come from other batches.
@@ -351,6 +360,8 @@ def extract_units(store: Store, layout: Layout, selected: list[str], kind: Array
              rank=rank, world_size=world_size) as run:
         specs = kind.specs(run.run_id)
         arrays = open_arrays(store, layout, specs, rank)
+        for s in specs:
+            sweep_temp_files(store.array_path(s.name), recursive=False)   # zarr.json writes of killed runs
         kind.plan(work)
         total = sum(layout.lengths[i] for w in work for i in w.rows)
         cuda = device.type == "cuda"
@@ -372,12 +383,12 @@ def extract_units(store: Store, layout: Layout, selected: list[str], kind: Array
                     mine.append(w)
         except BaseException:
             writer.close(raise_error=False)   # units already computed are still committed
-            claims.release_all(store, scope)
+            claims.release_all(store, scope, claim_timeout)
             raise
         finally:
             bar.close()
         writer.close()
-        claims.release_all(store, scope)      # after the commits: a claim lasts until its unit is visible
+        claims.release_all(store, scope, claim_timeout)   # after the commits: a claim lasts until its unit is visible
         secs = time.perf_counter() - t0
         work = mine
         total = sum(layout.lengths[i] for w in work for i in w.rows)

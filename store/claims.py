@@ -97,10 +97,16 @@ def release(store: Store, scope: str, item: str) -> None:
         _path(store, scope, item).unlink(missing_ok=True)
 
 
-def release_all(store: Store, scope: str) -> None:
+def release_all(store: Store, scope: str, timeout: float = 3600.0) -> None:
+    """Remove this process's claims in `scope`, and stale ones (a killed writer's claims of
+    units it had committed are nobody's business any more)."""
     d = store.claims_dir / scope
     for f in d.glob("*.json") if d.is_dir() else []:
-        release(store, scope, f.stem)
+        info = owner(store, scope, f.stem)
+        if info is not None and is_stale(info, timeout):
+            f.unlink(missing_ok=True)
+        else:
+            release(store, scope, f.stem)
 
 
 @contextmanager

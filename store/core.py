@@ -88,10 +88,43 @@ def file_signature(path: Path | os.DirEntry) -> tuple[int, int, int]:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
+def temp_path(path: Path) -> Path:
+    """Where to write `path` before renaming it into place: `.<name>.<pid>-<random>.tmp`, so
+    a killed writer's leftover can be told from a live writer's (sweep_temp_files)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+
+
+_TMP_PID = re.compile(r"\.(\d+)-[0-9a-f]{12}(\.duckdb)?\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def sweep_temp_files(folder: Path, recursive: bool = True) -> list[Path]:
+    """Delete the `.*.tmp` files in (and with `recursive`, under) `folder` that a process of
+    this host left when it was killed (its pid is in the name and is gone); returns them.
+    Live writers' files stay."""
+    gone = []
+    found = (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")) if folder.is_dir() else []
+    for f in found:
+        m = _TMP_PID.search(f.name)
+        if m and not _pid_alive(int(m.group(1))):
+            f.unlink(missing_ok=True)
+            gone.append(f)
+    return gone
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so that readers see the old or the new content, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temp_path(path)
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -193,7 +226,7 @@ class Store:
                              f"or '..' part)")
         path = self.table_dir(table) / f"{part}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp = temp_path(path)
         pq.write_table(data, tmp, compression="zstd", row_group_size=row_group_rows(data.num_rows))
         fsync_path(tmp)
         os.replace(tmp, path)
@@ -348,7 +381,7 @@ class Store:
         """
         if not self.tables():
             return None
-        tmp = self.root / f".catalog.{uuid.uuid4().hex}.duckdb.tmp"
+        tmp = self.root / f".catalog.{os.getpid()}-{uuid.uuid4().hex[:12]}.duckdb.tmp"
         con = duckdb.connect(":memory:")
         try:
             con.execute(f"ATTACH {_sql_str(str(tmp))} AS catalog_build "

@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 
-from store.core import Store, StoreError, fsync_path
+from store.core import Store, StoreError, fsync_path, temp_path
 
 _GROUP_JSON = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}, indent=2).encode()
 
@@ -45,7 +44,7 @@ def _write_group(folder: Path) -> bool:
     if meta.exists():
         return False
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".zarr.json.{uuid.uuid4().hex}.tmp"
+    tmp = temp_path(folder / "zarr.json")
     with open(tmp, "wb") as fh:
         fh.write(_GROUP_JSON)
         fh.flush()

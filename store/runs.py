@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from store.core import STORE_VERSION, Store
+from store.core import STORE_VERSION, Store, sweep_temp_files
 
 RUNS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("kind", pa.string()), ("status", pa.string()), ("rank", pa.int32()),
@@ -83,6 +83,9 @@ class Run:
             "host": socket.gethostname(), "pid": os.getpid(),     # so store.verify can tell a dead run
         }
         self.closed = False
+        # What killed writers left mid-write (their pid is gone): nobody will finish those files.
+        sweep_temp_files(store.catalog_dir)
+        sweep_temp_files(store.root, recursive=False)          # catalog.duckdb's
         self._write()
         name = "config.json" if world_size == 1 else f"config-rank{rank}.json"
         self.store.write_json(self.dir / name, {"run_id": self.run_id, "kind": kind, "config": config})

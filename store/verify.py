@@ -16,8 +16,8 @@ there is any):
 * every committed row lies in the unit it is committed in (so none of its tokens lacks its
   vector), and exists in the store's layout;
 * no orphans: no chunk file without a commit, no commit of a unit outside its array or of
-  an array that does not exist, no `*.partial` file (zarr's unfinished writes) or `.*.tmp`
-  file (an unfinished atomic write) left behind.
+  an array that does not exist, no `*.partial` file (zarr's unfinished writes), `.*.tmp`
+  file (an unfinished atomic write) or claim of a writer that is gone (store.claims) left behind.
 
 Runs still marked `running` whose process is gone (same host, pid not alive) are reported
 as notes: a killed run keeps its record, by design, and does not make the store inconsistent.
@@ -234,9 +234,22 @@ def _stale_runs(store: Store) -> list[Problem]:
     return out
 
 
+def _stale_claims(store: Store) -> list[Problem]:
+    """Claim files of writers whose process is gone (see store.claims)."""
+    from store import claims
+
+    out = []
+    for f in sorted(store.claims_dir.rglob("*.json")) if store.claims_dir.is_dir() else []:
+        info = claims.owner(store, str(f.parent.relative_to(store.claims_dir)), f.stem)
+        if info is not None and claims.is_stale(info, 3600.0):
+            out.append(Problem("leftover", "claims", str(f), f"claim of a writer that is gone (pid "
+                               f"{info.get('pid')} on {info.get('host')})", "delete"))
+    return out
+
+
 def verify(store: Store, quick: bool = False) -> tuple[list[Problem], list[Problem]]:
     """(problems, notes) of the store; see the module docstring."""
-    problems = _check_tables(store)
+    problems = _check_tables(store) + _stale_claims(store)
     arrays = _array_dirs(store)
     recorded = _recorded_dtypes(store)
     layouts = _layout_units(store)

@@ -1,0 +1,163 @@
+"""Seeded SIGKILLs over every array kind: a chain of kills on one store ends identical to an
+uninterrupted run.
+
+For each kind (hidden states, SAE codes, gradient norms) one process runs the documented
+commands (`python -m extractors.dataset` then `python -m extractors.run --kinds KIND`) on a
+tiny random model; it is SIGKILLed at 10 seeded moments spread over the ingest, the
+tokenization, chunk writes and commits (each rerun starts from what the last left), then
+run to the end. The store must equal an uninterrupted run's: arrays byte-identical, catalog
+tables row-identical (order-independent, without timestamps and run ids), no leftovers
+(`*.partial`, temp files, claims), and `python -m store.verify` clean.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+
+from store.core import Store
+from store.verify import verify
+
+REPO = Path(__file__).resolve().parent.parent
+KILLS = 10
+SEEDS = {"hidden": 1, "sae": 2, "gradnorm": 3}
+INGEST = ["--train-base", "32", "--attr-query", "4", "--eval", "4", "--sample-train", "60", "--sample-test", "16"]
+VOLATILE = {"run_id", "created_by_run", "last_run", "committed_at", "created_at", "updated_at", "quarantined_at",
+            "manifest", "path", "sae_path"}
+DRIVER = ("import sys\n"
+          "from extractors.dataset import main as ingest\n"
+          "from extractors.run import main as extract\n"
+          "a = sys.argv[1:]; i = a.index('--')\n"
+          "rc = ingest(a[:i])\n"
+          "sys.exit(rc or extract(a[i + 1:]))\n")
+
+
+def _kinds(sae_dir: Path) -> dict[str, list[str]]:
+    kinds = {"hidden": ["--layers", "1", "3", "--kinds", "hidden"],
+             "sae": ["--layers", "2", "--kinds", "sae", "--sae", str(sae_dir)]}
+    if importlib.util.find_spec("extractors.gradnorm") is not None:
+        kinds["gradnorm"] = ["--layers", "1", "3", "--kinds", "gradnorm"]
+    return kinds
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory) -> Path:
+    """A random-init TopK SAE for the tiny model's 64-wide residual stream (sae-lens format)."""
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("crash_sae") / "sae"
+    TopKSAE(TopKSAEConfig(d_in=64, d_sae=128, k=8)).save_model(str(d))
+    return d
+
+
+def _cmd(store: Path, model: str, cache: Path, kind_args: list[str]) -> list[str]:
+    return [sys.executable, "-c", DRIVER, "--store", str(store), "--model", model, *INGEST, "--",
+            "--store", str(store), "--model", model, "--unit-tokens", "512", "--batch-tokens", "512",
+            "--no-progress", "--model-cache", str(cache), *kind_args]
+
+
+def _run_in_process(cmd: list[str]) -> None:
+    """What the driver does, in this process (the same functions, without a startup)."""
+    from extractors.dataset import main as ingest
+    from extractors.run import main as extract
+
+    args = cmd[3:]
+    i = args.index("--")
+    assert ingest(args[:i]) == 0 and extract(args[i + 1:]) == 0
+
+
+def _count(root: Path, sub: str, pattern: str) -> int:
+    d = root / sub
+    return sum(1 for _ in d.rglob(pattern)) if d.is_dir() else 0
+
+
+def _trigger(store: Path, phase: str, rng: random.Random):
+    """A function that is true once the chosen moment of the chain has come."""
+    if phase == "ingest":
+        return lambda: (store / "catalog" / "rows").is_dir()
+    if phase == "tokenize":
+        return lambda: (store / "catalog" / "tokens").is_dir()
+    sub, pattern = ("arrays", "c/*") if phase == "write" else ("catalog/array_units", "*.parquet")
+    target = _count(store, sub, pattern) + rng.randint(1, 3)
+    return lambda: _count(store, sub, pattern) >= target
+
+
+def _kill_chain(store: Path, cmd: list[str], seed: int) -> list[str]:
+    """SIGKILL cmd at KILLS seeded moments (rerunning it after each); returns the phases hit."""
+    rng = random.Random(seed)
+    hits: list[str] = []
+    for attempt in range(KILLS + 4):
+        if len(hits) == KILLS:
+            break
+        phase = ["ingest", "tokenize"][attempt] if attempt < 2 else rng.choice(["write", "commit"])
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        fire, t0 = _trigger(store, phase, rng), time.monotonic()
+        while proc.poll() is None and not fire():
+            assert time.monotonic() - t0 < 300, "the chain hangs"
+            time.sleep(0.002)
+        if proc.poll() is None:
+            time.sleep(rng.uniform(0.0, 0.02))        # land anywhere between two events
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            hits.append(phase)
+        else:
+            assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+    return hits
+
+
+def _tables(store: Path) -> dict[str, list[tuple]]:
+    """Every catalog table but runs, as sorted rows without volatile columns."""
+    out = {}
+    for d in sorted((store / "catalog").iterdir()):
+        if d.name == "runs" or not d.is_dir():
+            continue
+        rows = []
+        for f in sorted(d.rglob("*.parquet")):
+            t = pq.read_table(f)
+            keep = [c for c in t.column_names if c not in VOLATILE]
+            rows += [tuple(json.dumps(r[c], sort_keys=True, default=str) for c in keep) for r in
+                     t.select(keep).to_pylist()]
+        out[d.name] = sorted(rows)
+    return out
+
+
+def _arrays(store: Path) -> dict[str, np.ndarray]:
+    root = store / "arrays"
+    return {str(p.parent.relative_to(root)): zarr.open_array(str(p.parent), mode="r")[:]
+            for p in root.rglob("zarr.json") if json.loads(p.read_text()).get("node_type") == "array"}
+
+
+@pytest.mark.parametrize("kind", ["hidden", "sae", "gradnorm"])
+def test_seeded_kills_end_identical_to_an_uninterrupted_run(kind, tmp_path, tiny_model, model_cache, sae_dir):
+    kinds = _kinds(sae_dir)
+    if kind not in kinds:
+        pytest.skip(f"--kinds {kind} does not exist in this checkout")
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    _run_in_process(_cmd(clean, tiny_model, model_cache, kinds[kind]))          # the uninterrupted reference
+    hits = _kill_chain(killed, _cmd(killed, tiny_model, model_cache, kinds[kind]), seed=SEEDS[kind])
+    assert len(hits) == KILLS and hits[:2] == ["ingest", "tokenize"], hits
+    subprocess.run(_cmd(killed, tiny_model, model_cache, kinds[kind]), cwd=REPO, check=True, capture_output=True)
+    a, b = _arrays(clean), _arrays(killed)
+    assert sorted(a) == sorted(b) and a
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+    assert _tables(clean) == _tables(killed)
+    assert not list(killed.rglob("*.partial")) and not list(killed.rglob(".*.tmp"))
+    assert not list((killed / "claims").rglob("*.json")) if (killed / "claims").is_dir() else True
+    problems, _ = verify(Store(killed))
+    assert problems == [], [p.line() for p in problems]
