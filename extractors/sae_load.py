@@ -223,8 +223,10 @@ def pick_layer(layers: list[int], sae_layer: int | None, spec: str) -> int:
 
 
 def write_sae_record(store: Store, *, name: str, layer: int, architecture: str, d_in: int, d_sae: int,
-                     k: int | None, path: str, source: str, run_id: str, metrics: dict[str, Any]) -> None:
-    """One row per (SAE, layer) in the `saes` table (rewritten by later runs of that SAE)."""
+                     k: int | None, path: str, source: str, run_id: str, metrics: dict[str, Any],
+                     qa: dict[str, Any] | None = None) -> None:
+    """One row per (SAE, layer) in the `saes` table (rewritten by later runs of that SAE); `qa`
+    is the QA gate of trainers.sae_qa (columns qa_passed and qa, its table as JSON)."""
     import json
     from datetime import UTC, datetime
 
@@ -235,6 +237,9 @@ def write_sae_record(store: Store, *, name: str, layer: int, architecture: str, 
         "path": path, "source": source, "run_id": run_id,
         "explained_variance": metrics.get("eval", {}).get("explained_variance"),
         "l0": metrics.get("eval", {}).get("l0"), "ce_increase": metrics.get("ce", {}).get("ce_increase"),
+        "nmse": metrics.get("eval", {}).get("nmse"), "dead_fraction": metrics.get("eval", {}).get("dead_fraction"),
+        "kl_mean": metrics.get("ce", {}).get("kl_mean"), "kl_share_above": metrics.get("ce", {}).get("kl_share_above"),
+        "qa_passed": qa["passed"] if qa else None, "qa": json.dumps(qa, sort_keys=True) if qa else None,
         "metrics": json.dumps(metrics, sort_keys=True, default=str),
         "updated_at": datetime.now(UTC)}], part=array_key(f"{name}/layer_{layer}"))
 

@@ -82,6 +82,11 @@ def test_training_beats_baselines_and_saves_sae_lens_format(trained, sae_store):
     ce = m["ce"]
     assert ce["ce_clean"] < ce["ce_sae"] < min(ce["ce_zero_ablation"], ce["ce_mean_ablation"])
     assert ce["ce_loss_recovered_vs_zero"] > 0.5 and ce["ce_spliced_tokens"] > 0
+    # KL(clean || spliced) per spliced token: small for the SAE, large for ablations
+    assert 0 < ce["kl_mean"] < min(ce["kl_zero_ablation"], ce["kl_mean_ablation"]) and ce["kl_tokens"] > 0
+    assert 0 <= ce["kl_share_above"] <= 1 and m["eval"]["nmse"] == pytest.approx(m["eval"]["fvu"])
+    assert m["qa"]["mode"] == "report" and [c["metric"] for c in m["qa"]["checks"]] == \
+        ["nmse", "kl_mean", "l0", "dead_fraction"]
 
     run_dir = Path(trained.sae_path).parent
     sae = SAE.load_from_disk(trained.sae_path)          # sae-lens alone opens it

@@ -4,10 +4,11 @@ Data: a view picks the tokens (default `content_tokens`: no special/template tok
 attention sink at position 0), restricted to one split (default train_base) and sorted by
 `tok_index`, so that position i of the selection always means the same token. The order of
 training is a list of permutations of range(n), one per epoch, drawn from `seed` and saved
-as `token_order.npy` in the run folder *before* training; `TokenStream` feeds them to
-`store.materialize.iter_materialize(order=perm)`, which gathers each batch from the Zarr
-chunks (sorted reads). Nothing is copied or rewritten: the run can be replayed exactly from
-the store, the view SQL and that file.
+as `token_order.npy` in the run folder *before* training; `TokenStream` walks them and
+gathers each batch from the Zarr chunks (`store.materialize.ArrayReader`, sorted reads).
+Nothing is copied or rewritten: the run can be replayed exactly from the store, the view
+SQL and that file, and resumed from any step (the position is `n_training_samples`; the
+rest of the state is in the checkpoint, see trainers.sae_checkpoint).
 
 Model: sae-lens' `TopKTrainingSAE` (default) or `StandardTrainingSAE` (ReLU + L1), driven by
 `SAETrainer.step()` (its `fit()` logs only to wandb). Inputs are scaled to mean norm
@@ -21,15 +22,16 @@ SAE gets its L1 penalty with a warm-up.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from store.core import Store, StoreError
-from store.materialize import iter_materialize, select, view_sql
+from store.materialize import select, view_sql
 
 CURVE_KEYS = {  # sae-lens log key -> our curve name
     "losses/overall_loss": "loss", "losses/mse_loss": "mse_loss",
@@ -61,27 +63,32 @@ def make_orders(n: int, n_epochs: int, seed: int) -> np.ndarray:
 
 
 class TokenStream:
-    """Endless [batch, d] float32 tensors over the selection, epoch e in order `orders[e]`;
-    batches run across epoch ends so every batch has exactly `batch` tokens."""
+    """Endless [batch, d] float32 tensors over the selection: global position g is token
+    `orders[g // n][g % n]` of the selection, so batches run across epoch ends (every batch
+    has exactly `batch` tokens) and a stream can start at any position: `start` (a resumed
+    run starts at its `n_training_samples`, and sees exactly the tokens it would have seen)."""
 
-    def __init__(self, store: Store, sql: str, array: str, orders: np.ndarray, batch: int):
-        self.store, self.sql, self.array, self.orders, self.batch = store, sql, array, orders, batch
-        self.epochs_started = 0
+    def __init__(self, store: Store, sql: str, array: str, orders: np.ndarray, batch: int, start: int = 0):
+        self.store, self.sql, self.array, self.orders, self.batch, self.start = store, sql, array, orders, batch, start
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        rest: list[np.ndarray] = []
-        have = 0
-        for e in range(len(self.orders)):
-            self.epochs_started = e + 1
-            for m in iter_materialize(self.store, self.sql, self.array, batch_size=self.batch, order=self.orders[e],
-                                      columns=[]):
-                rest.append(m.X)
-                have += len(m.X)
-                while have >= self.batch:
-                    X = np.concatenate(rest) if len(rest) > 1 else rest[0]
-                    yield torch.from_numpy(np.ascontiguousarray(X[: self.batch]))
-                    rest, have = [X[self.batch:]], have - self.batch
-        raise StoreError("the token order ran out of epochs (a bug: make_orders got too few epochs)")
+        from store.materialize import ArrayReader
+
+        tok = select(self.store, self.sql, self.array)["tok_index"].to_numpy()
+        n, pos = len(tok), self.start
+        if self.orders.shape[1] != n:
+            raise StoreError(f"the token order has {self.orders.shape[1]} tokens per epoch but the selection has {n} "
+                             f"(the store changed since the run started); start a new run with --resume never")
+        reader = ArrayReader(self.store, self.array)
+        try:
+            while True:
+                g = np.arange(pos, pos + self.batch)
+                if g[-1] // n >= len(self.orders):
+                    raise StoreError("the token order ran out of epochs (a bug: make_orders got too few epochs)")
+                yield torch.from_numpy(reader.gather(tok[self.orders[g // n, g % n]]))
+                pos += self.batch
+        finally:
+            reader.close()
 
 
 def build_training_sae(architecture: str, d_in: int, d_sae: int, *, k: int, l1_coefficient: float,
@@ -107,12 +114,24 @@ def init_from_sample(sae: Any, sample: torch.Tensor) -> tuple[float, torch.Tenso
     return scale, sample.mean(0)
 
 
-def train_loop(trainer: Any, stream: Iterator[torch.Tensor], steps: int, *, log_every: int,
-               progress: bool) -> list[dict[str, float]]:
-    """`steps` calls of `SAETrainer.step`, logging sae-lens' own step metrics every log_every."""
-    curves: list[dict[str, float]] = []
-    bar = tqdm(total=steps, desc="train SAE", unit="step", disable=not progress)
-    for step in range(steps):
+class Hooks(NamedTuple):
+    """What train_loop calls besides stepping, every `checkpoint_every` steps and at the end:
+    `evaluate(trainer, step) -> held-out metrics`, then `checkpoint(trainer, step, curves, evals)`."""
+    checkpoint_every: int
+    evaluate: Callable[[Any, int], dict[str, float]] | None          # (trainer, step)
+    checkpoint: Callable[[Any, int, list, list], None] | None        # (trainer, step, curves, evals)
+
+
+def train_loop(trainer: Any, stream: Iterator[torch.Tensor], steps: int, *, log_every: int, progress: bool,
+               start: int = 0, curves: list[dict[str, float]] | None = None,
+               evals: list[dict[str, float]] | None = None, hooks: Hooks | None = None,
+               ) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """Steps `start`..`steps` of `SAETrainer.step`, logging sae-lens' own step metrics every
+    log_every; with hooks, held-out evaluations and checkpoints. Returns (curves, evals)."""
+    curves, evals = list(curves or []), list(evals or [])
+    bar = tqdm(total=steps, initial=start, desc="train SAE", unit="step", disable=not progress)
+    post: dict[str, Any] = {}
+    for step in range(start, steps):
         trainer.maybe_reset_sparsity()
         out = trainer.step(next(stream))
         trainer.n_training_steps += 1
@@ -121,19 +140,26 @@ def train_loop(trainer: Any, stream: Iterator[torch.Tensor], steps: int, *, log_
             row = {"step": step + 1, "tokens": trainer.n_training_samples}
             row.update({CURVE_KEYS[k]: float(v) for k, v in log.items() if k in CURVE_KEYS})
             curves.append(row)
-            bar.set_postfix(ev=f"{row['explained_variance']:.3f}", l0=f"{row['l0']:.1f}",
-                            dead=int(row["dead_features"]))
+            post.update(ev=f"{row['explained_variance']:.3f}", l0=f"{row['l0']:.1f}", dead=int(row["dead_features"]))
+        every = hooks.checkpoint_every if hooks else 0
+        if every and ((step + 1) % every == 0 or step + 1 == steps):
+            if hooks.evaluate is not None:
+                with torch.random.fork_rng(devices=[]):      # evaluations never move the training RNG
+                    ev = {"step": step + 1, **hooks.evaluate(trainer, step + 1)}
+                evals.append(ev)
+                post["heldout_ev"] = f"{ev['explained_variance']:.3f}"
+                if "kl_mean" in ev:
+                    post["kl"] = f"{ev['kl_mean']:.3f}"
+            if hooks.checkpoint is not None:
+                hooks.checkpoint(trainer, step + 1, curves, evals)
+        bar.set_postfix(post, refresh=False)
         bar.update(1)
     bar.close()
-    return curves
+    return curves, evals
 
 
-def train(store: Store, *, sql: str, array: str, d_in: int, cfg: Any, orders: np.ndarray,
-          device: str) -> tuple[Any, Any, list[dict[str, float]], torch.Tensor]:
-    """Build the SAE and its sae-lens trainer, initialize from the first batches, train.
-
-    Returns (trainer, training SAE with the input scale folded in, curves, mean of the
-    initialization sample in raw units)."""
+def build_trainer(cfg: Any, d_in: int, device: str) -> Any:
+    """The training SAE (seeded) and its sae-lens trainer, before any data is seen."""
     from sae_lens import SAETrainer
     from sae_lens.config import SAETrainerConfig
 
@@ -147,47 +173,95 @@ def train(store: Store, *, sql: str, array: str, d_in: int, cfg: Any, orders: np
         lr=cfg.lr, lr_end=cfg.lr * 0.1, lr_warm_up_steps=int(cfg.steps * 0.02), lr_decay_steps=decay,
         device=device, dead_feature_window=cfg.dead_window, feature_sampling_window=cfg.dead_window,
         n_batches_for_norm_estimate=cfg.init_batches)
+    return SAETrainer(tcfg, sae, iter(()))
+
+
+def train(store: Store, *, sql: str, array: str, d_in: int, cfg: Any, orders: np.ndarray, device: str,
+          resume_from: Path | None = None, hooks: Hooks | None = None) -> TrainResult:
+    """Build the SAE and its sae-lens trainer, initialize from the first batches (or restore a
+    checkpoint), train, fold the input scale into the weights."""
+    from trainers.sae_checkpoint import load_checkpoint
+
+    trainer = build_trainer(cfg, d_in, device)
+    sae = trainer.sae
     init_stream = iter(TokenStream(store, sql, array, orders[:1], cfg.batch_tokens))
     n_init = min(cfg.init_batches, max(1, orders.shape[1] // cfg.batch_tokens))
     sample = torch.cat([next(init_stream) for _ in range(n_init)])
-    trainer = SAETrainer(tcfg, sae, iter(()))
     scale, mean = init_from_sample(sae, sample.to(device))
     trainer.activation_scaler.scaling_factor = scale
-    stream = iter(TokenStream(store, sql, array, orders, cfg.batch_tokens))
-    curves = train_loop(trainer, stream, cfg.steps, log_every=cfg.log_every, progress=cfg.progress)
+    curves: list[dict[str, float]] = []
+    evals: list[dict[str, float]] = []
+    start = 0
+    if resume_from is not None:
+        doc = load_checkpoint(resume_from, trainer)
+        start, curves, evals = doc["step"], doc["curves"], doc["evals"]
+    stream = iter(TokenStream(store, sql, array, orders, cfg.batch_tokens, start=trainer.n_training_samples))
+    curves, evals = train_loop(trainer, stream, cfg.steps, log_every=cfg.log_every, progress=cfg.progress,
+                               start=start, curves=curves, evals=evals, hooks=hooks)
     # What fit() does at its end: fold the input scale into the weights, record L0/dead.
-    sae.fold_activation_norm_scaling_factor(scale)
+    sae.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
     trainer.activation_scaler.scaling_factor = None
     trainer.set_final_sae_metadata()
-    return trainer, sae, curves, mean.cpu()
+    return TrainResult(trainer, sae, curves, evals, mean.cpu(), start)
 
 
-def plot_curves(curves: list[dict[str, float]], title: str) -> bytes:
-    """PNG bytes: explained variance, losses, L0 and dead features against steps."""
+class TrainResult(NamedTuple):
+    trainer: Any
+    sae: Any                           # the training SAE, input scale folded in
+    curves: list[dict[str, float]]     # training-batch metrics every log_every steps
+    evals: list[dict[str, float]]      # held-out evaluations (with checkpoints)
+    mean: torch.Tensor                 # mean of the initialization sample, raw units
+    resumed_from: int                  # 0, or the checkpoint's step
+
+
+def plot_curves(curves: list[dict[str, float]], title: str, evals: list[dict[str, float]] | None = None) -> bytes:
+    """PNG bytes: explained variance, losses, L0, dead features against steps (training
+    batches as lines, held-out evaluations as points), and the held-out KL(clean || spliced)."""
     import io
 
     from matplotlib.figure import Figure
 
+    evals = evals or []
     steps = [c["step"] for c in curves]
-    fig = Figure(figsize=(10, 7))           # stand-alone: a notebook's pyplot backend is left alone
-    axes = fig.subplots(2, 2)
-    panels = [("explained_variance", "explained variance (train batch)", False),
-              ("mse_loss", "loss (scaled units)", True), ("l0", "mean L0", False),
-              ("dead_features", "dead features", False)]
-    for ax, (key, label, log) in zip(axes.flat, panels):
-        ax.plot(steps, [c.get(key, np.nan) for c in curves], label=key)
+    fig = Figure(figsize=(14, 7))           # stand-alone: a notebook's pyplot backend is left alone
+    axes = fig.subplots(2, 3)
+    panels = [("explained_variance", "explained variance", False, "explained_variance"),
+              ("mse_loss", "loss (scaled units)", True, None), ("l0", "mean L0", False, "l0"),
+              ("dead_features", "dead features (train: silent for --dead-window steps;\nheld-out: never fire)", False,
+               "dead_features"),
+              (None, "KL(clean || spliced), nats/token, held-out", False, "kl_mean")]
+    for ax, (key, label, log, ekey) in zip(axes.flat, panels):
+        if key is not None:
+            ax.plot(steps, [c.get(key, np.nan) for c in curves], label="train batch")
         if key == "mse_loss":
             for extra in ("aux_loss", "l1_loss"):
                 if any(extra in c for c in curves):
                     ax.plot(steps, [c.get(extra, np.nan) for c in curves], label=extra)
-            ax.legend()
+        pts = [(e["step"], e[ekey]) for e in evals if ekey and e.get(ekey) is not None]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label="held-out")
+        elif key is None:
+            ax.text(0.5, 0.5, "no KL: run with --ce-rows > 0\nand --checkpoint-every", ha="center",
+                    va="center", transform=ax.transAxes)
         if log:
             ax.set_yscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         ax.set_xlabel("step")
         ax.set_title(label)
         ax.grid(alpha=0.3)
+    axes.flat[-1].axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
+
+
+def sample_tokens(store: Store, sql: str, array: str, n: int, seed: int = 0) -> torch.Tensor:
+    """n tokens of the selection drawn without replacement (all of them when it has fewer)."""
+    from store.materialize import gather, select
+
+    tok = select(store, sql, array)["tok_index"].to_numpy()
+    pick = np.sort(np.random.default_rng(seed).permutation(len(tok))[: min(n, len(tok))])
+    return torch.from_numpy(gather(store, array, tok[pick]))
