@@ -106,9 +106,13 @@ def row_means(store: Store, array: str, toks: pl.DataFrame) -> tuple[np.ndarray,
 
 
 def grad_summary(store: Store, layer: int, toks: pl.DataFrame) -> tuple[float | None, float | None]:
-    """(mean, max) stored gradient norm of the tokens, when gradnorm/layer_L holds their rows."""
+    """(mean, max) stored gradient norm of the tokens whose rows gradnorm/layer_L holds (None
+    when it holds none of them)."""
     name = f"gradnorm/layer_{layer}"
-    if not array_exists(store, name) or not set(toks["row_id"].unique().to_list()) <= committed_set(store, name):
+    if not array_exists(store, name):
+        return None, None
+    toks = toks.filter(pl.col("row_id").is_in(sorted(committed_set(store, name))))
+    if not len(toks):
         return None, None
     g = gather(store, name, toks["tok_index"].to_numpy())
     return float(g.mean()), float(g.max())
