@@ -12,19 +12,12 @@ from typing import Sequence
 
 import numpy as np
 import polars as pl
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from trainers.figures import save_figure
 
 _FIELD_COLORS = {"category": "#1f77b4", "difficulty": "#ff7f0e", "quality": "#2ca02c",
                  "reward_model_score": "#d62728", "conversation_tokens": "#9467bd"}
-
-
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
 
 
 def _color(field: str) -> str:
@@ -45,7 +38,7 @@ def category_heatmap(assoc: pl.DataFrame, path: str | Path, *, field: str = "cat
     ax = fig.add_subplot()
     if a.is_empty():
         ax.text(0.5, 0.5, f"no AUROC results for {field}", ha="center", va="center")
-        return _save(fig, path)
+        return save_figure(fig, path)
     sig = a.filter((pl.col("q_value") <= alpha) & (pl.col("effect") > 0.5))
     src = sig if not sig.is_empty() else a
     # Same ranking as analytics.correlations.top_features: AUROC, then q, then mean activation.
@@ -75,7 +68,7 @@ def category_heatmap(assoc: pl.DataFrame, path: str | Path, *, field: str = "cat
     fig.colorbar(im, ax=ax, label="AUROC (level vs rest)", shrink=0.8)
     note = "" if not sig.is_empty() else f" (none significant at q <= {alpha})"
     ax.set_title(f"{title}: top features per {field}{note}".strip(": "), fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def volcano(assoc: pl.DataFrame, path: str | Path, *, alpha: float = 0.05, label_top: int = 6,
@@ -114,7 +107,7 @@ def volcano(assoc: pl.DataFrame, path: str | Path, *, alpha: float = 0.05, label
         ax.set_title(f"{stat}: {len(d)} tests, {int((d['q_value'].fill_null(1) <= alpha).sum())} at q <= {alpha}",
                      fontsize=9)
     fig.suptitle(f"{title} volcano".strip(), fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def layer_summary(assoc: pl.DataFrame, path: str | Path, *, alpha: float = 0.05) -> Path:
@@ -148,7 +141,7 @@ def layer_summary(assoc: pl.DataFrame, path: str | Path, *, alpha: float = 0.05)
     ax2.set_ylabel("best AUROC per level, mean over levels")
     ax2.set_ylim(0.5, 1.01)
     ax2.set_title("how well the best feature singles out each level", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def logit_lens_plot(table: pl.DataFrame, path: str | Path, *, title: str = "") -> Path:
@@ -169,7 +162,7 @@ def logit_lens_plot(table: pl.DataFrame, path: str | Path, *, title: str = "") -
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="center left")
     ax.set_title(title or "logit lens", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def histogram(series: dict[str, Sequence[float]], path: str | Path, *, title: str, xlabel: str,
@@ -187,7 +180,7 @@ def histogram(series: dict[str, Sequence[float]], path: str | Path, *, title: st
     ax.set_title(title, fontsize=10)
     if series:
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bar(labels: Sequence[str], values: Sequence[float], path: str | Path, *, title: str, ylabel: str) -> Path:
@@ -197,7 +190,7 @@ def bar(labels: Sequence[str], values: Sequence[float], path: str | Path, *, tit
     ax.set_xticks(range(len(labels)), labels, rotation=40, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, *, title: str,
@@ -212,4 +205,4 @@ def lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: str 
     ax.set_title(title, fontsize=10)
     if series:
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -1,6 +1,6 @@
 """PNGs beside the gradient workflow's run JSON: a selector's precision-recall curve and a
 steering effect by layer. Stand-alone matplotlib `Figure`s on the Agg canvas (never pyplot),
-as in analytics.plots, which trainers may not import.
+`save_figure` is also what analytics.plots uses.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write a stand-alone Figure as PNG (Agg canvas, 110 dpi, tight box); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -38,7 +39,7 @@ def pr_curve(y: np.ndarray, curves: dict[str, np.ndarray], path: str | Path, tit
     ax.set_ylabel("precision")
     ax.set_title(title or "precision-recall, held-out rows")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def effect_by_layer(layers: Sequence[int], series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
@@ -58,4 +59,4 @@ def effect_by_layer(layers: Sequence[int], series: dict[str, tuple[np.ndarray, n
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
