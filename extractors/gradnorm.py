@@ -297,7 +297,7 @@ def extract_gradnorms(store: Store, cfg: Any, lm: Any, layout: Layout, selected:
                                                                    "gradnorm_batch_tokens": batch_tokens},
                         device=lm.device, model_id=lm.model_id, model_hash=lm.model_hash, layers=layers,
                         rank=cfg.rank, world_size=cfg.world_size, writers=cfg.writers, resident=cfg.resident,
-                        progress=cfg.progress)
+                        claim_timeout=cfg.claim_timeout, progress=cfg.progress)
     name = adapter.name if adapter is not None else None
     synced = sum(sync_values_table(store, layout, n, L, name, cfg.rank, cfg.world_size)
                  for L, n in zip(layers, kind.names))

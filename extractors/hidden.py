@@ -159,13 +159,15 @@ class HiddenStates(ArrayKind):
 
 def extract_hidden(store: Store, lm: Any, layout: Layout, selected: list[str], spec: HiddenSpec, *,
                    batch_tokens: int, run_config: dict, rank: int = 0, world_size: int = 1,
-                   writers: int | None = None, resident: bool | None = None, progress: bool = True) -> ExtractResult:
+                   writers: int | None = None, resident: bool | None = None, claim_timeout: float = 3600.0,
+                   progress: bool = True) -> ExtractResult:
     """Fill hidden/layer_L for the selected rows (see the module docstring)."""
     layers = validate_layers(spec.layers, len(decoder_layers(lm.model)), lm.model_id)
     kind = HiddenStates(store, lm, layout, layers, spec.dtype, batch_tokens)
     res = extract_units(store, layout, selected, kind, run_config=run_config, device=lm.device,
                         model_id=lm.model_id, model_hash=lm.model_hash, layers=layers, rank=rank,
-                        world_size=world_size, writers=writers, resident=resident, progress=progress)
+                        world_size=world_size, writers=writers, resident=resident, claim_timeout=claim_timeout,
+                        progress=progress)
     if res.skipped:
         return ExtractResult(None, 0, 0, 0.0, 0.0, 0.0, 0.0, True)
     m = res.metrics

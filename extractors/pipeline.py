@@ -105,6 +105,9 @@ class ExtractConfig:
     resident: bool | None = field(default=None, metadata={"help": "assemble units in device-resident buffers "
                                   "copied to a pinned host pool (default: on with CUDA, off on CPU; "
                                   "--resident on CPU runs the GPU path's bookkeeping, same bytes)"})
+    claim_timeout: float = field(default=3600.0, metadata={"help": "seconds after which another writer's claim "
+                                 "of a unit counts as stale and is taken over (a dead writer on this host is "
+                                 "taken over at once); see docs/reliability.md"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -133,6 +136,8 @@ class ExtractConfig:
                              f"of token slots; the default is 16384)")
         if self.writers is not None and self.writers <= 0:
             raise ValueError(f"--writers must be positive, got {self.writers}")
+        if self.claim_timeout <= 0:
+            raise ValueError(f"--claim-timeout must be positive seconds, got {self.claim_timeout}")
         # torchrun's contract is environment variables; they only fill unset fields.
         if self.rank is None:
             self.rank = int(os.environ.get("RANK", 0))
@@ -182,6 +187,7 @@ def run_extraction(cfg: ExtractConfig):
         result = extract_hidden(store, lm, layout, selected, HiddenSpec(cfg.layers, cfg.dtype),
                                 batch_tokens=batch_tokens, run_config=config_dict(cfg), rank=cfg.rank,
                                 world_size=cfg.world_size, writers=cfg.writers, resident=cfg.resident,
+                                claim_timeout=cfg.claim_timeout,
                                 progress=cfg.progress)
         if not result.skipped:
             print(f"extracted {result.rows} rows, {result.tokens} tokens in {result.seconds:.1f} s: "

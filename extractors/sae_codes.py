@@ -175,6 +175,7 @@ def extract_sae_codes(store: Store, cfg: Any, lm: Any, layout: Layout, selected:
                                     "k": k, "layer": layer},
                         device=lm.device, model_id=lm.model_id, model_hash=lm.model_hash, layers=[layer],
                         rank=cfg.rank, world_size=cfg.world_size, writers=getattr(cfg, "writers", None),
+                        claim_timeout=getattr(cfg, "claim_timeout", 3600.0),
                         resident=getattr(cfg, "resident", None), progress=cfg.progress)
     if res.skipped:
         if not tables_current(store, loaded.name, layer, kind.idx_name, kind.val_name):
