@@ -352,6 +352,7 @@ def extract_units(store: Store, layout: Layout, selected: list[str], kind: Array
     device's best: 2 and True on CUDA, 1 and False on CPU. Units are claimed (store.claims)
     before they are computed, so writers started on the same store and arrays split them;
     a claim older than `claim_timeout` seconds is taken over."""
+    claims.sweep_stale(store, claim_timeout)      # a killed writer's claims, even of units it committed
     work = plan_work(layout, selected, kind.names, rank, world_size, store)
     if not work:
         print(f"nothing to do: {', '.join(kind.names)} already hold all {len(selected)} selected rows")

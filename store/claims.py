@@ -120,3 +120,15 @@ def exclusive(store: Store, scope: str, item: str, timeout: float = 3600.0, poll
         yield
     finally:
         release(store, scope, item)
+
+
+def sweep_stale(store: Store, timeout: float = 3600.0) -> int:
+    """Remove every stale claim of the store (writers that died after their last commit leave
+    claims nobody would otherwise touch); returns how many."""
+    n = 0
+    for f in store.claims_dir.rglob("*.json") if store.claims_dir.is_dir() else []:
+        info = owner(store, str(f.parent.relative_to(store.claims_dir)), f.stem)
+        if info is not None and is_stale(info, timeout):
+            f.unlink(missing_ok=True)
+            n += 1
+    return n
