@@ -24,7 +24,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from store.core import Store, safe_name
+from store.core import Store, pid_alive, safe_name
 
 
 def _path(store: Store, scope: str, item: str) -> Path:
@@ -38,11 +38,8 @@ def _alive(info: dict) -> bool | None:
     if info.get("host") != socket.gethostname():
         return None
     try:
-        os.kill(int(info["pid"]), 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, TypeError, ValueError):
+        return pid_alive(int(info["pid"]))
+    except (KeyError, TypeError, ValueError):
         return True
 
 
@@ -122,13 +119,20 @@ def exclusive(store: Store, scope: str, item: str, timeout: float = 3600.0, poll
         release(store, scope, item)
 
 
+def stale_claims(store: Store, timeout: float = 3600.0) -> list[tuple[Path, dict]]:
+    """(file, content) of every stale claim of the store, in any scope."""
+    out = []
+    for f in sorted(store.claims_dir.rglob("*.json")) if store.claims_dir.is_dir() else []:
+        info = owner(store, str(f.parent.relative_to(store.claims_dir)), f.stem)
+        if info is not None and is_stale(info, timeout):
+            out.append((f, info))
+    return out
+
+
 def sweep_stale(store: Store, timeout: float = 3600.0) -> int:
     """Remove every stale claim of the store (writers that died after their last commit leave
     claims nobody would otherwise touch); returns how many."""
-    n = 0
-    for f in store.claims_dir.rglob("*.json") if store.claims_dir.is_dir() else []:
-        info = owner(store, str(f.parent.relative_to(store.claims_dir)), f.stem)
-        if info is not None and is_stale(info, timeout):
-            f.unlink(missing_ok=True)
-            n += 1
-    return n
+    found = stale_claims(store, timeout)
+    for f, _ in found:
+        f.unlink(missing_ok=True)
+    return len(found)

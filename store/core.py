@@ -97,7 +97,8 @@ def temp_path(path: Path) -> Path:
 _TMP_PID = re.compile(r"\.(\d+)-[0-9a-f]{12}(\.duckdb)?\.tmp$")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` of this host alive? (one we may not signal counts as alive)"""
     try:
         os.kill(pid, 0)
         return True
@@ -115,7 +116,7 @@ def sweep_temp_files(folder: Path, recursive: bool = True) -> list[Path]:
     found = (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")) if folder.is_dir() else []
     for f in found:
         m = _TMP_PID.search(f.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             f.unlink(missing_ok=True)
             gone.append(f)
     return gone

@@ -32,7 +32,6 @@ message says what to do. Run it while no writer is working on the store.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ import pyarrow.parquet as pq
 
 from store.arrays import UNITS_TABLE, array_key, chunk_checksum, chunk_path
 from store.cli import parse_config, user_errors
-from store.core import DEFAULT_STORE, STORE_VERSION, Store, StoreError
+from store.core import DEFAULT_STORE, STORE_VERSION, Store, StoreError, pid_alive
 
 KNOWN_STORE_VERSIONS = {STORE_VERSION}
 
@@ -221,12 +220,7 @@ def _stale_runs(store: Store) -> list[Problem]:
         pid, rhost = r.get("pid"), r.get("host")
         if pid is None or rhost != host:
             continue                                  # another machine's, or a record without a pid
-        try:
-            os.kill(int(pid), 0)
-            continue                                  # still alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
+        if pid_alive(int(pid)):
             continue
         out.append(Problem("stale_run", r["run_id"], str(store.table_dir("runs")),
                            f"marked running, but process {pid} on {host} is gone (killed?); rerun its command "
@@ -238,13 +232,8 @@ def _stale_claims(store: Store) -> list[Problem]:
     """Claim files of writers whose process is gone (see store.claims)."""
     from store import claims
 
-    out = []
-    for f in sorted(store.claims_dir.rglob("*.json")) if store.claims_dir.is_dir() else []:
-        info = claims.owner(store, str(f.parent.relative_to(store.claims_dir)), f.stem)
-        if info is not None and claims.is_stale(info, 3600.0):
-            out.append(Problem("leftover", "claims", str(f), f"claim of a writer that is gone (pid "
-                               f"{info.get('pid')} on {info.get('host')})", "delete"))
-    return out
+    return [Problem("leftover", "claims", str(f), f"claim of a writer that is gone (pid {info.get('pid')} on "
+                    f"{info.get('host')})", "delete") for f, info in claims.stale_claims(store)]
 
 
 def verify(store: Store, quick: bool = False) -> tuple[list[Problem], list[Problem]]:
