@@ -98,7 +98,7 @@ def _available(store: Store | None) -> str:
 
 def _from_row(row: dict[str, Any], store: Store) -> AdapterRef:
     """A registered adapter; a moved store finds it at runs/<run_id>/adapter."""
-    for p in (Path(row["path"]), store.root / "runs" / str(row["run_id"]) / "adapter"):
+    for p in (Path(row["path"]), store.run_folder(str(row["run_id"])) / "adapter"):
         if (p / PEFT_CONFIG).is_file():
             return AdapterRef(row["adapter"], str(p), row["base_model"] or "", row["base_hash"] or "",
                               row["run_id"] or "")

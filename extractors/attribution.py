@@ -56,6 +56,8 @@ import numpy as np
 import pyarrow as pa
 
 from store.core import Store, StoreError
+from store.subsets import TABLE as SUBSETS_TABLE
+from store.subsets import subset_table
 
 
 class AttributionResult(NamedTuple):
@@ -75,8 +77,6 @@ SCORES_SCHEMA = pa.schema([("run_id", pa.string()), ("row_id", pa.string()), ("s
                            ("query_split", pa.string()), ("pool_split", pa.string())])
 PAIRS_SCHEMA = pa.schema([("run_id", pa.string()), ("row_id", pa.string()), ("query_row_id", pa.string()),
                           ("score", pa.float64()), ("rank", pa.int64())])
-SUBSETS_SCHEMA = pa.schema([("subset", pa.string()), ("row_id", pa.string()), ("rank", pa.int64()),
-                            ("score", pa.float64()), ("run_id", pa.string()), ("method", pa.string())])
 
 
 def check_options(cfg: Any) -> None:
@@ -404,11 +404,12 @@ def extract_attribution(store: Store, cfg: Any, lm: Any, layout: Any) -> Attribu
         if cfg.subset_k:
             subset = f"attr-top{cfg.subset_k}-{run.run_id}"
             top = np.argsort(rank)[: cfg.subset_k]
-            store.write_table("subsets", pa.table({
-                "subset": [subset] * len(top), "row_id": [rows[i] for i in top], "rank": rank[top],
-                "score": score[top], "run_id": [run.run_id] * len(top),
-                "method": [f"attribution top-{cfg.subset_k} ({cfg.score_mode}/{cfg.preconditioning}/"
-                           f"{cfg.projection_dim})"] * len(top)}, schema=SUBSETS_SCHEMA), part=subset)
+            # The name, rows and ranks `python -m trainers.subsets --from attribution:<run> --k K` writes.
+            store.write_table(SUBSETS_TABLE, subset_table(
+                subset, [rows[i] for i in top], rank[top], score[top], source=f"attribution:{run.run_id}",
+                kind="top_k", seed=None, run_id=run.run_id,
+                method=f"top {cfg.subset_k} of attribution:{run.run_id} ({cfg.score_mode}/{cfg.preconditioning}/"
+                       f"{cfg.projection_dim}), pool {cfg.pool_split}"), part=subset)
         store.write_table("attribution_scores", pa.table({
             "run_id": [run.run_id] * n, "row_id": rows, "score": score, "rank": rank,
             "adapter": [ref.name] * n, "score_mode": [cfg.score_mode] * n,

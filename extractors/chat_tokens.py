@@ -123,9 +123,10 @@ def count_tokens(tok: Any, messages: list[dict]) -> int:
 
 
 def ensure_tokenization(store: Any, tok: Any, model_id: str, unit_tokens: int, rank: int = 0,
-                        progress: bool = True) -> Any:
+                        progress: bool = True, batch_rows: int = 1000) -> Any:
     """The store's tokenization (a store.tokens.Layout) for this tokenizer, created on first
-    use by rank 0 (other ranks wait for it). A store holds one tokenization."""
+    use by rank 0 (other ranks wait for it), `batch_rows` rows at a time. A store holds one
+    tokenization."""
 
     from extractors.units import wait_for
     from store import claims
@@ -153,23 +154,48 @@ def ensure_tokenization(store: Any, tok: Any, model_id: str, unit_tokens: int, r
     with claims.exclusive(store, "setup", "tokenize"):     # another writer's tokenization: wait for it
         if (layout := existing()) is not None:
             return layout
-        return _tokenize(store, tok, model_id, unit_tokens, tz, ingest_id, progress)
+        return _tokenize(store, tok, model_id, unit_tokens, tz, ingest_id, progress, batch_rows)
 
 
 def _tokenize(store: Any, tok: Any, model_id: str, unit_tokens: int, tz: str, ingest_id: str,
-              progress: bool) -> Any:
+              progress: bool, batch_rows: int = 1000) -> Any:
+    """Tokenize every row in batches of `batch_rows`, streamed: each batch's tokens go to a
+    temporary Parquet file, the layout is planned from the per-row counts (the running sum
+    needs nothing else), then each file gets its tok_index and becomes one part of `tokens`
+    (store.tokens.write_tokenization). Memory holds one batch plus ~100 bytes per row."""
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
     from store.tokens import plan_layout, write_tokenization
 
-    rows = store.query("SELECT row_id, split, messages FROM rows ORDER BY row_id").to_pydict()
-    table = tokenize_rows(tok, rows["row_id"],
-                          tqdm(rows["messages"], desc="tokenize", unit="row", disable=not progress))
-    counts: dict[str, int] = {}
-    for r in table.column("row_id").to_pylist():
-        counts[r] = counts.get(r, 0) + 1
-    layout = plan_layout(tz, [(r, s, counts[r]) for r, s in zip(rows["row_id"], rows["split"])], unit_tokens)
-    write_tokenization(store, layout, table, {"model": model_id, "tokenizer_hash": tokenizer_hash(tok),
-                                              "ingest_id": ingest_id})
+    if batch_rows <= 0:
+        raise ValueError(f"batch_rows must be positive, got {batch_rows}")
+    n_rows = store.query("SELECT count(*) FROM rows").column(0)[0].as_py()
+    planned: list[tuple[str, str, int]] = []
+    con = store.connect()
+    with tempfile.TemporaryDirectory(prefix="tokenize-") as tmp:
+        parts: list[Path] = []
+        try:
+            reader = con.sql("SELECT row_id, split, messages FROM rows").fetch_record_batch(batch_rows)
+            with tqdm(total=n_rows, desc="tokenize", unit="row", disable=not progress) as bar:
+                for batch in reader:
+                    ids, splits = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+                    table = tokenize_rows(tok, ids, batch.column(2).to_pylist())
+                    counts = dict.fromkeys(ids, 0)
+                    for r, c in zip(*table.group_by("row_id").aggregate([("row_id", "count")]).columns):
+                        counts[r.as_py()] = c.as_py()
+                    planned.extend((r, sp, counts[r]) for r, sp in zip(ids, splits))
+                    parts.append(Path(tmp) / f"{len(parts):05d}.parquet")
+                    pq.write_table(table, parts[-1])
+                    bar.update(len(ids))
+        finally:
+            con.close()
+        layout = plan_layout(tz, planned, unit_tokens)
+        del planned
+        write_tokenization(store, layout, parts, {"model": model_id, "tokenizer_hash": tokenizer_hash(tok),
+                                                  "ingest_id": ingest_id})
     store.refresh_catalog()
     return layout

@@ -31,12 +31,24 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "activation-store"
 
 
-def pick_device(requested: str = "auto") -> "torch.device":
-    """cuda when available (or asked for), else cpu; asking for an absent device is an error."""
+def rank_cuda_device(requested: str, local_rank: int | None, n_devices: int) -> str:
+    """The CUDA device of a rank: under torchrun each rank of a node takes the GPU of its
+    LOCAL_RANK (modulo the GPUs it sees), so `--device auto` or `cuda` never piles every rank
+    onto cuda:0; an explicit `cuda:N` is kept."""
+    if requested in ("auto", "cuda") and local_rank is not None and n_devices > 0:
+        return f"cuda:{local_rank % n_devices}"
+    return "cuda" if requested == "auto" else requested
+
+
+def pick_device(requested: str = "auto", local_rank: int | None = None) -> "torch.device":
+    """cuda when available (or asked for), else cpu; asking for an absent device is an error.
+    `local_rank` (torchrun's LOCAL_RANK) picks each rank's GPU (see rank_cuda_device)."""
     import torch
 
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device(rank_cuda_device(requested, local_rank, torch.cuda.device_count()))
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {requested!r} was requested but CUDA is not available; use --device cpu or auto")
     if requested == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):

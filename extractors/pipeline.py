@@ -98,6 +98,9 @@ class ExtractConfig:
                              "torchrun, else 0)"})
     world_size: int | None = field(default=None, metadata={"help": "number of ranks (default: $WORLD_SIZE "
                                    "from torchrun, else 1)"})
+    local_rank: int | None = field(default=None, metadata={"help": "this process's rank on its node, which picks "
+                                   "its GPU for --device auto/cuda (default: $LOCAL_RANK from torchrun, else none: "
+                                   "cuda = cuda:0)"})
     model_cache: str | None = field(default=None, metadata={"help": "where converted models are cached "
                                     "(default ~/.cache/activation-store)"})
     writers: int | None = field(default=None, metadata={"help": "unit-writer threads (default 2 on CUDA, where "
@@ -143,6 +146,8 @@ class ExtractConfig:
             self.rank = int(os.environ.get("RANK", 0))
         if self.world_size is None:
             self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if self.local_rank is None and "LOCAL_RANK" in os.environ:
+            self.local_rank = int(os.environ["LOCAL_RANK"])
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"--rank {self.rank} must be in 0..{self.world_size - 1} (--world-size {self.world_size})")
 
@@ -159,6 +164,9 @@ def run_extraction(cfg: ExtractConfig):
     from store.core import Store
 
     store = Store(cfg.store)
+    if cfg.local_rank is not None and cfg.device in ("auto", "cuda"):
+        from extractors.model import pick_device
+        cfg.device = str(pick_device(cfg.device, cfg.local_rank))    # one GPU per rank of a node
     if not store.has_table("manifests"):
         if cfg.rank == 0:
             print(summary(run_ingest(IngestConfig(store=cfg.store, source=cfg.source, model=cfg.model),
@@ -204,5 +212,5 @@ def run_extraction(cfg: ExtractConfig):
         from extractors.attribution import extract_attribution
         result = extract_attribution(store, cfg, lm, layout)
     store.refresh_catalog()
-    print(f"catalog: duckdb {store.catalog_db}")
+    print(f"catalog: {store.sql_command}")
     return result

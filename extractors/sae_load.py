@@ -170,7 +170,7 @@ def _load_registered(row: dict[str, Any], store: Store, device: str) -> LoadedSA
     if row["source"] == "pretrained":
         release, sae_id = row["path"].split("/", 1)
         return load_pretrained(release, sae_id, device, layer=row["layer"], store=store)
-    for p in (Path(row["path"]), store.root / "runs" / str(row["run_id"]) / "sae"):
+    for p in (Path(row["path"]), store.run_folder(str(row["run_id"])) / "sae"):
         if p.is_dir():
             return load_local(p, device)
     raise SAELoadError(f"SAE {row['sae']!r} is recorded at {row['path']}, which no longer exists; "

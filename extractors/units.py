@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from store import claims
 from store.arrays import (StorageDtype, array_exists, commit_unit, committed_in_unit, committed_rows, create_array,
-                          record_array, write_unit)
+                          open_array_rw, record_array, write_unit)
 from store.core import Store, StoreError, sweep_temp_files
 from store.runs import Run
 from store.tokens import Layout
@@ -339,7 +339,7 @@ def open_arrays(store: Store, layout: Layout, specs: list[ArraySpec], rank: int)
                          extra=s.extra)
         else:
             wait_for(lambda n=s.name: array_exists(store, n), s.name)
-            arrays[s.name] = zarr.open_array(str(store.array_path(s.name)), mode="r+")
+            arrays[s.name] = open_array_rw(store, s.name)
     return arrays
 
 

@@ -25,10 +25,10 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 
-from store.core import Store, StoreError, file_signature, fsync_path
+from store.core import Store, StoreError, fsync_path
+from store.fs import RemotePath, read_parquet, scan, zarr_store
 from store.groups import ensure_groups
 
 StorageDtype = Literal["bf16", "fp16", "fp32", "int32", "uint16", "int64"]
@@ -90,7 +90,7 @@ def create_array(store: Store, name: str, *, n_slots: int, width: int | None, ch
              "store_array": name}
     ensure_groups(store, name)      # before the array's own metadata: readers that see it see its groups
     if (path / "zarr.json").exists():
-        arr = zarr.open_array(str(path), mode="r+")
+        arr = zarr.open_array(zarr_store(path, read_only=False), mode="r+")
         mism = [k for k in ("tokenization", "model_hash", "dtype") if k in attrs and arr.attrs.get(k) != attrs[k]]
         if tuple(arr.shape) != shape or mism:
             have = {k: arr.attrs.get(k) for k in mism}
@@ -102,7 +102,7 @@ def create_array(store: Store, name: str, *, n_slots: int, width: int | None, ch
             )
         return arr
     return zarr.create_array(
-        store=str(path), shape=shape, chunks=chunks, dtype=_ZARR_DTYPE[dtype],
+        store=zarr_store(path, read_only=False), shape=shape, chunks=chunks, dtype=_ZARR_DTYPE[dtype],
         compressors=None, fill_value=0, attributes=attrs,
         dimension_names=("token",) if width is None else ("token", "feature"),
         config={"write_empty_chunks": True},
@@ -115,7 +115,12 @@ def open_array(store: Store, name: str) -> zarr.Array:
         have = [r["name"] for r in store.query("SELECT name FROM arrays ORDER BY 1").to_pylist()] \
             if store.has_table(ARRAYS_TABLE) else []
         raise StoreError(f"array {name!r} is not in {store.root}; arrays there: {have or 'none'}")
-    return zarr.open_array(str(path), mode="r")
+    return zarr.open_array(zarr_store(path, read_only=True), mode="r")
+
+
+def open_array_rw(store: Store, name: str) -> zarr.Array:
+    """An existing array opened for writing (local folder or object storage)."""
+    return zarr.open_array(zarr_store(store.array_path(name), read_only=False), mode="r+")
 
 
 def chunk_path(store: Store, name: str, unit: int, ndim: int) -> Path:
@@ -128,7 +133,7 @@ def chunk_checksum(path: Path) -> tuple[int, int]:
     """(size in bytes, CRC-32) of a chunk file: what its commit records and `verify` checks.
     CRC-32 reads at ~3 GB/s here, far above the disk's write speed."""
     crc, size = 0, 0
-    with open(path, "rb") as fh:
+    with path.open("rb") as fh:        # a local file, or the object read back from the store
         while block := fh.read(1 << 22):
             crc = zlib.crc32(block, crc)
             size += len(block)
@@ -140,6 +145,8 @@ def write_unit(store: Store, arr: zarr.Array, name: str, unit: int, data: np.nda
     chunk = arr.chunks[0]
     arr[unit * chunk: unit * chunk + data.shape[0]] = data
     path = chunk_path(store, name, unit, arr.ndim)
+    if isinstance(path, RemotePath):
+        return                  # the chunk was one PUT, durable when it returned
     fsync_path(path)
     fsync_path(path.parent)
 
@@ -185,10 +192,7 @@ def _committed_table(store: Store, name: str) -> pa.Table:
     """(unit, row_id) of every committed row of `name`, cached per process: a commit file is
     read again only when it is added or replaced (name, inode, mtime, size change)."""
     d = store.table_dir(UNITS_TABLE) / array_key(name)
-    try:
-        entries = sorted((e.name, *file_signature(e)) for e in os.scandir(d) if e.name.endswith(".parquet"))
-    except FileNotFoundError:
-        entries = []
+    entries = [(n, *sig) for n, sig in scan(d, ".parquet")]
     with _COMMITTED_LOCK:
         hit = _COMMITTED.get(str(d))
         if hit is not None and hit[0] == entries:
@@ -198,7 +202,7 @@ def _committed_table(store: Store, name: str) -> pa.Table:
     for e in entries:
         cached = old_files.get(e[0])
         files[e[0]] = cached if cached is not None and cached[0] == e[1:] else \
-            (e[1:], pq.read_table(d / e[0], columns=["unit", "row_id"]))
+            (e[1:], read_parquet(d / e[0], columns=["unit", "row_id"]))
     schema = pa.schema([("unit", pa.int32()), ("row_id", pa.string())])
     t = pa.concat_tables([f[1].cast(schema) for f in files.values()]) if files else schema.empty_table()
     with _COMMITTED_LOCK:
@@ -211,7 +215,10 @@ def _committed_table(store: Store, name: str) -> pa.Table:
 def committed_in_unit(store: Store, name: str, unit: int) -> set[str]:
     """Rows committed in one unit of one array (reads that unit's commit file alone)."""
     path = store.table_dir(UNITS_TABLE) / f"{_unit_part(name, unit)}.parquet"
-    return set(pq.read_table(path, columns=["row_id"]).column(0).to_pylist()) if path.exists() else set()
+    try:
+        return set(read_parquet(path, columns=["row_id"]).column(0).to_pylist())
+    except FileNotFoundError:
+        return set()
 
 
 def committed_rows(store: Store, name: str) -> dict[int, set[str]]:

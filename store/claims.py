@@ -1,12 +1,14 @@
 """Claims: how several writers on one store split the work instead of doubling it.
 
 Before a writer computes a unit (or ingests, or tokenizes) it claims it: it creates
-`claims/<scope>/<item>.json` (host, pid, time) with O_CREAT | O_EXCL, which exactly one
-process can do. Another writer that finds the claim leaves the item to its owner and moves
+`claims/<scope>/<item>.json` (host, pid, time) only if it is absent, which exactly one
+process can do (`store.fs.create_exclusive`: locally a temp file hard-linked into place, so
+the claim appears with its content; on object storage a conditional PUT, `If-None-Match: *`). Another writer that finds the claim leaves the item to its owner and moves
 on; when it has nothing else left it waits for the item to be committed, or takes the claim
 over once it is stale: the owner's process is gone (same host, pid not alive) or the claim
 is older than `timeout` seconds (another host's writer that died). A takeover first renames
-the stale file to a unique name, which only one contender can do, then claims afresh.
+the stale file to a unique name, which only one contender can do, then claims afresh (object
+storage has no rename: the stale claim is deleted, then contenders race for a fresh one).
 
 Claims only decide who computes what; correctness never depends on them: commits are still
 what readers trust, and two writers that both computed a unit would write the same bytes.
@@ -24,7 +26,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from store.core import Store, pid_alive, safe_name
+from store.core import Store, pid_alive, safe_name, sweep_temp_files
+from store.fs import RemotePath, create_exclusive
 
 
 def _path(store: Store, scope: str, item: str) -> Path:
@@ -64,9 +67,9 @@ def acquire(store: Store, scope: str, item: str, timeout: float = 3600.0) -> boo
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
     for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        # create-if-absent with the content in place at once (store.fs): a claim is never seen
+        # empty, which would read as stale (no owner, time 0) and be taken over
+        if not create_exclusive(path, json.dumps(me).encode()):
             info = owner(store, scope, item)
             if info is None:
                 continue                                  # released meanwhile: try again
@@ -74,6 +77,13 @@ def acquire(store: Store, scope: str, item: str, timeout: float = 3600.0) -> boo
                 return True
             if not is_stale(info, timeout):
                 return False
+            if isinstance(path, RemotePath):
+                # No rename on object storage: delete the stale claim and race for a fresh
+                # one; the conditional create still lets only one contender win it (a slow
+                # contender could delete the winner's claim: then both compute the unit,
+                # which costs time, never correctness; see the module docstring).
+                path.unlink(missing_ok=True)
+                continue
             try:                                          # only one contender wins this rename
                 os.rename(path, path.with_name(f".{path.stem}.{uuid.uuid4().hex}.stale"))
             except FileNotFoundError:
@@ -81,8 +91,6 @@ def acquire(store: Store, scope: str, item: str, timeout: float = 3600.0) -> boo
             for old in path.parent.glob(f".{path.stem}.*.stale"):
                 old.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "w") as fh:
-            json.dump(me, fh)
         return True
     return False
 
@@ -135,4 +143,5 @@ def sweep_stale(store: Store, timeout: float = 3600.0) -> int:
     found = stale_claims(store, timeout)
     for f, _ in found:
         f.unlink(missing_ok=True)
+    sweep_temp_files(store.claims_dir)          # a killed claimer's temp file (create_exclusive)
     return len(found)

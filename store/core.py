@@ -45,6 +45,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from store.fs import RemotePath, filesystem, is_url, staging_root
+from store.native import sync as sync_native
+
 STORE_VERSION = "1"
 DEFAULT_STORE = "./store_data"   # every command's --store default (./store is the package)
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -112,6 +115,8 @@ def sweep_temp_files(folder: Path, recursive: bool = True) -> list[Path]:
     """Delete the `.*.tmp` files in (and with `recursive`, under) `folder` that a process of
     this host left when it was killed (its pid is in the name and is gone); returns them.
     Live writers' files stay."""
+    if isinstance(folder, RemotePath):
+        return []                  # remote writes are single PUTs: no temp files to sweep
     gone = []
     found = (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")) if folder.is_dir() else []
     for f in found:
@@ -123,7 +128,11 @@ def sweep_temp_files(folder: Path, recursive: bool = True) -> list[Path]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a torn one."""
+    """Write a file so that readers see the old or the new content, never a torn one (on
+    object storage: one PUT, atomic per object)."""
+    if isinstance(path, RemotePath):
+        path.write_bytes(data)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     with open(tmp, "wb") as fh:
@@ -143,22 +152,32 @@ def safe_name(name: str, slashes: bool = False) -> bool:
 
 def write_json(path: Path, obj: Any) -> Path:
     """Write a JSON document atomically (sorted keys, indented; non-JSON values as str)."""
-    atomic_write_bytes(Path(path), json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-    return Path(path)
+    path = path if isinstance(path, RemotePath) else Path(path)
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+    return path
 
 
 class Store:
-    """A store rooted at a local folder (created on first write)."""
+    """A store rooted at a local folder (created on first write) or at an fsspec URL
+    (`s3://bucket/prefix`, `memory://name`; `file://` is a local folder): see store.fs."""
 
     def __init__(self, root: str | os.PathLike):
         root_s = str(root)
-        if "://" in root_s:
-            raise StoreError(
-                f"store path {root_s!r} is a URL; this version supports local folders only "
-                "(mount the bucket, or use a local path)"
-            )
-        self.root = Path(root_s).expanduser().resolve()
-        if self.root.exists() and not self.root.is_dir():
+        if root_s.startswith("file://"):
+            root_s = root_s[len("file://"):]
+        if is_url(root_s):
+            fs, path = filesystem(root_s)
+            self.root: Path | RemotePath = RemotePath(fs, path)
+            bucket = path.split("/", 1)[0]
+            if self.root.protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs") and not fs.exists(bucket):
+                raise StoreError(f"store {root_s!r}: bucket {bucket!r} does not exist or these credentials "
+                                 "cannot see it; create it (e.g. aws s3 mb s3://" + bucket + ") or check "
+                                 "AWS_ACCESS_KEY_ID / AWS_ENDPOINT_URL")
+            if self.root.is_file():
+                raise StoreError(f"store path {root_s!r} is an object, not a prefix; pass another --store")
+        else:
+            self.root = Path(root_s).expanduser().resolve()
+        if not self.remote and self.root.exists() and not self.root.is_dir():
             raise StoreError(f"store path {self.root} exists and is not a folder; pass another --store")
         self._lock = threading.Lock()
         self._views_db: tuple[Any, duckdb.DuckDBPyConnection, dict[str, str]] | None = None
@@ -176,6 +195,16 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
+
+    @property
+    def sql_command(self) -> str:
+        """How to open this store's catalog from a shell (a remote store has no catalog.duckdb)."""
+        return f"python -m store.sql --store {self.root}" if self.remote else f"duckdb {self.catalog_db}"
+
+    @property
+    def remote(self) -> bool:
+        """Does the store live on object storage (a URL root) rather than a local folder?"""
+        return isinstance(self.root, RemotePath)
 
     # ---- paths -------------------------------------------------------------------------
     @property
@@ -211,9 +240,62 @@ class Store:
         if not safe_name(run_id):
             raise StoreError(f"run id {run_id!r} must be one name (letters, digits, _ . -, not '.' or '..'): "
                              f"it may not leave {self.root / 'runs'}")
+        if self.remote:
+            return self._staged_run_dir(run_id)
         d = self.root / "runs" / run_id
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    def run_folder(self, run_id: str) -> Path:
+        """Where a run's folder is read: runs/<run_id>/ (not created), or for a remote store
+        its local staging copy (downloaded on first use)."""
+        if self.remote:
+            return self.run_dir(run_id)
+        if not safe_name(run_id):
+            raise StoreError(f"run id {run_id!r} must be one name (letters, digits, _ . -, not '.' or '..')")
+        return self.root / "runs" / run_id
+
+    # A remote store's run folders are written locally (trainers save checkpoints, plots and
+    # JSON with plain file APIs: torch, safetensors, matplotlib) in a staging folder, then
+    # uploaded by `sync_run` (Run does it when a run finishes or fails; a long trainer may
+    # call it after each checkpoint). A run folder that exists remotely but not in this machine's staging is downloaded
+    # on first use, so a run can be resumed or read on another machine.
+    def _staged_run_dir(self, run_id: str) -> Path:
+        local = staging_root(str(self.root)) / "runs" / run_id
+        if not local.is_dir():
+            remote = self.root / "runs" / run_id
+            for f in remote.rglob("*"):
+                dest = local / Path(*f.relative_to(remote).parts)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(f.read_bytes())
+            local.mkdir(parents=True, exist_ok=True)
+        return local
+
+    def sync_run(self, run_id: str) -> int:
+        """Upload a remote store's staged run folder (files new or changed since the last
+        sync, each one whole object; files this process uploaded and has since deleted are
+        deleted there too); returns how many it uploaded. A no-op on a local store."""
+        if not self.remote:
+            return 0
+        local = staging_root(str(self.root)) / "runs" / run_id
+        synced = getattr(self, "_synced", None)
+        if synced is None:
+            synced = self._synced = {}
+        n = 0
+        for f in sorted(local.rglob("*")) if local.is_dir() else []:
+            if not f.is_file() or f.name.endswith(".tmp"):
+                continue
+            sig = file_signature(f)
+            if synced.get(str(f)) == sig:
+                continue
+            (self.root / "runs" / run_id / f.relative_to(local).as_posix()).write_bytes(f.read_bytes())
+            synced[str(f)] = sig
+            n += 1
+        for name in [k for k in synced if k.startswith(str(local) + os.sep) and not Path(k).exists()]:
+            # uploaded by this process, since deleted locally (e.g. a rotated checkpoint)
+            (self.root / "runs" / run_id / Path(name).relative_to(local).as_posix()).unlink(missing_ok=True)
+            del synced[name]
+        return n
 
     @property
     def views_dir(self) -> Path:
@@ -226,6 +308,11 @@ class Store:
             raise StoreError(f"bad table part name {part!r} (letters, digits, _ . -, parts joined by '/', no '.' "
                              f"or '..' part)")
         path = self.table_dir(table) / f"{part}.parquet"
+        if self.remote:       # one PUT: the object appears whole or not at all (see store.fs)
+            buf = pa.BufferOutputStream()
+            pq.write_table(data, buf, compression="zstd", row_group_size=row_group_rows(data.num_rows))
+            path.write_bytes(buf.getvalue().to_pybytes())
+            return path
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(path)
         pq.write_table(data, tmp, compression="zstd", row_group_size=row_group_rows(data.num_rows))
@@ -240,18 +327,24 @@ class Store:
 
     def table_files(self, table: str) -> list[Path]:
         d = self.table_dir(table)
-        return sorted(d.rglob("*.parquet")) if d.is_dir() else []
+        return sorted(d.rglob("*.parquet")) if self.remote or d.is_dir() else []
 
     def has_table(self, table: str) -> bool:
         d = self.table_dir(table)
-        return d.is_dir() and next(d.rglob("*.parquet"), None) is not None
+        return (self.remote or d.is_dir()) and next(d.rglob("*.parquet"), None) is not None
 
     def tables(self) -> list[str]:
+        if self.remote:       # one listing of catalog/ instead of one per table
+            return sorted({f.relative_to(self.catalog_dir).parts[0] for f in self.catalog_dir.rglob("*.parquet")
+                           if len(f.relative_to(self.catalog_dir).parts) > 1})
         if not self.catalog_dir.is_dir():
             return []
         return sorted(p.name for p in self.catalog_dir.iterdir() if p.is_dir() and self.has_table(p.name))
 
     def drop_table(self, table: str) -> None:
+        if self.remote:
+            self.table_dir(table).rmtree()
+            return
         shutil.rmtree(self.table_dir(table), ignore_errors=True)
 
     def delete_part(self, table: str, part: str) -> None:
@@ -282,7 +375,7 @@ class Store:
         """Packaged views (sql/views/*.sql), then the store's own (which win on a name clash)."""
         packaged = resources.files("sql").joinpath("views")
         files = {Path(str(p)).stem: Path(str(p)) for p in packaged.iterdir() if str(p).endswith(".sql")}
-        if self.views_dir.is_dir():
+        if self.remote or self.views_dir.is_dir():
             files.update({p.stem: p for p in self.views_dir.glob("*.sql")})
         return [files[k] for k in sorted(files)]
 
@@ -334,13 +427,17 @@ class Store:
         with self._lock:
             if self._views_db is None or self._views_db[0] != key:
                 con = duckdb.connect(":memory:")
+                if self.remote:       # DuckDB reads the Parquet through fsspec: no httpfs download
+                    con.register_filesystem(self.root.fs)
                 # The old database lives on while cursors opened on it are in use.
                 self._views_db = (key, con, self._register(con))
+                sync_native(self, con)   # the small tables as native tables (store.native)
             else:
                 # A view missing a table waits for the key to change; one missing a column
                 # (Binder Error) may be fixed by a new file of a table, so it is retried, and
                 # when one comes back, so are the views that may stand on it.
                 key, con, errors = self._views_db
+                sync_native(self, con)   # first: a reloaded table may bring the missing column
                 retry = [n for n, e in errors.items() if e.startswith("Binder Error")]
                 if retry:
                     still = self._register(con, only=retry)
@@ -380,7 +477,10 @@ class Store:
         this one makes this one's views read the other store: ATTACH both to a plain
         `duckdb` session instead.
         """
-        if not self.tables():
+        if self.remote or not self.tables():
+            # A remote store has no catalog.duckdb: its views would need DuckDB's httpfs
+            # extension and the credentials in every CLI session; `python -m store.sql
+            # --store s3://...` gives the same tables and views (docs/scale.md).
             return None
         tmp = self.root / f".catalog.{os.getpid()}-{uuid.uuid4().hex[:12]}.duckdb.tmp"
         con = duckdb.connect(":memory:")
@@ -401,8 +501,10 @@ class Store:
 
     # ---- small JSON documents -----------------------------------------------------------
     def write_json(self, path: Path, obj: Any) -> Path:
-        """`write_json` for a path that must lie inside this store."""
-        if self.root not in path.resolve().parents:
+        """`write_json` for a path that must lie inside this store (or, for a remote store, in
+        its local staging of run folders: see `run_dir`)."""
+        inside = [self.root] + ([staging_root(str(self.root))] if self.remote else [])
+        if not any(r in path.resolve().parents for r in inside):
             raise StoreError(f"{path} is outside the store {self.root}")
         return write_json(path, obj)
 

@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 
 from store.core import Store, StoreError, fsync_path, temp_path
+from store.fs import RemotePath, create_exclusive
 
 _GROUP_JSON = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}, indent=2).encode()
 
@@ -43,6 +44,8 @@ def _write_group(folder: Path) -> bool:
     meta = folder / "zarr.json"
     if meta.exists():
         return False
+    if isinstance(folder, RemotePath):
+        return create_exclusive(meta, _GROUP_JSON)      # a conditional PUT: never replaces one
     folder.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(folder / "zarr.json")
     with open(tmp, "wb") as fh:
@@ -90,8 +93,11 @@ def write_missing_groups(store: Store) -> list[Path]:
         if kind == "array":
             return True                     # never descend into an array's chunks
         holds = False
-        with os.scandir(folder) as it:
-            subdirs = [Path(e.path) for e in it if e.is_dir() and not e.name.startswith(".")]
+        if isinstance(folder, RemotePath):
+            subdirs = [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir()]
+        else:
+            with os.scandir(folder) as it:
+                subdirs = [Path(e.path) for e in it if e.is_dir() and not e.name.startswith(".")]
         for sub in sorted(subdirs):
             holds |= walk(sub)
         if holds and kind is None and _write_group(folder):

@@ -127,6 +127,7 @@ class Run:
         self.rec["finished_at"] = datetime.now(timezone.utc)
         self.rec["seconds"] = time.perf_counter() - self._t0
         self.update(**kw)
+        self.store.sync_run(self.run_id)        # a remote store's staged run folder (store.core)
         self.store.refresh_catalog()
 
     def finish(self, **kw: Any) -> None:
@@ -138,10 +139,10 @@ class Run:
 
 def mark_failed(store: Store, run_id: str, note: str) -> None:
     """Rewrite a run's record (every rank's) as failed with `note`: for runs whose process died."""
-    import pyarrow.parquet as pq
+    from store.fs import read_parquet
 
     for f in store.table_files("runs"):
-        t = pq.read_table(f)
+        t = read_parquet(f)
         if run_id not in t.column("run_id").to_pylist():
             continue
         recs = t.to_pylist()
@@ -150,4 +151,4 @@ def mark_failed(store: Store, run_id: str, note: str) -> None:
                 r["status"], r["note"] = "failed", note
         store.write_table("runs", pa.Table.from_pylist([{k: r.get(k) for k in RUNS_SCHEMA.names} for r in recs],
                                                        schema=RUNS_SCHEMA), part=str(f.relative_to(
-                                                           store.table_dir("runs")).with_suffix("")))
+                                                           store.table_dir("runs")).with_suffix("").as_posix()))

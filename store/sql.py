@@ -59,6 +59,10 @@ def run_sql(cfg: SqlConfig) -> str:
     store = Store(cfg.store)
     if not store.root.exists():
         raise ValueError(f"no store at {store.root}; create one with python -m extractors.run --layer 17")
+    if cfg.refresh and store.remote:
+        groups = write_missing_groups(store)
+        return (f"{store.root} is on object storage: no catalog.duckdb to rebuild (query it with python -m "
+                f"store.sql --store {store.root}); wrote Zarr group metadata for {len(groups)} folders of arrays/")
     if cfg.refresh:
         groups = write_missing_groups(store)       # stores made before arrays/ was a Zarr hierarchy
         made = f"; wrote Zarr group metadata for {len(groups)} folders of arrays/" if groups else ""

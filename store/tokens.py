@@ -12,15 +12,19 @@ shared by all arrays of that tokenization:
 * `tokens.tok_index = row_layout.tok_start + token_pos` is a token's row in every array.
 
 Tables written here: `tokenizations` (one row per tokenization), `row_layout` (one row per
-row: unit, tok_start, n_tokens) and `tokens` (one row per token).
+row: unit, tok_start, n_tokens) and `tokens` (one row per token; a large tokenization is
+written in parts, `tokens/<tokenization>/part-NNNNN.parquet`, each holding whole rows).
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from store.core import Store, StoreError
 
@@ -88,20 +92,34 @@ def plan_layout(tokenization: str, rows: list[tuple[str, str, int]], unit_tokens
     return Layout(tokenization, unit_tokens, n_units, row_ids, units, starts, lengths)
 
 
-def write_tokenization(store: Store, layout: Layout, tokens: pa.Table, info: dict) -> None:
-    """Write the three tables of a tokenization. `tokens` has TOKENS_SCHEMA minus
-    tok_index and tokenization; they are filled from the layout here."""
-    start_of = dict(zip(layout.row_ids, layout.tok_starts))
-    starts = pa.array([start_of[r] for r in tokens.column("row_id").to_pylist()], pa.int64())
-    tok_index = pa.compute.add(starts, tokens.column("token_pos").cast(pa.int64()))
+def _indexed(layout: Layout, start_of: dict[str, int], tokens: pa.Table) -> pa.Table:
+    """`tokens` (TOKENS_SCHEMA less tokenization and tok_index, whole rows) with tok_index =
+    tok_start + token_pos and the tokenization filled from the layout."""
+    rid = tokens.column("row_id")
+    uniq = pc.unique(rid)
+    starts = pa.array([start_of[r] for r in uniq.to_pylist()], pa.int64())
+    tok_index = pc.add(pc.take(starts, pc.index_in(rid, value_set=uniq)), tokens.column("token_pos").cast(pa.int64()))
     tokens = tokens.append_column("tok_index", tok_index)
     tokens = tokens.append_column("tokenization", pa.array([layout.tokenization] * len(tokens), pa.string()))
-    tokens = tokens.select(TOKENS_SCHEMA.names).cast(TOKENS_SCHEMA)
-    sup = pa.compute.filter(tokens.column("row_id"), tokens.column("is_supervised")).to_pylist()
+    return tokens.select(TOKENS_SCHEMA.names).cast(TOKENS_SCHEMA)
+
+
+def write_tokenization(store: Store, layout: Layout, tokens: pa.Table | list[Path], info: dict) -> None:
+    """Write the three tables of a tokenization. `tokens` has TOKENS_SCHEMA minus tok_index and
+    tokenization (they are filled from the layout here): one table, or the Parquet files of a
+    streamed tokenization (whole rows each), read one at a time. One table (or one file) is
+    written as `tokens/<tokenization>.parquet`; several as `tokens/<tokenization>/part-NNNNN.parquet`,
+    one per file, so memory holds one part."""
+    start_of = dict(zip(layout.row_ids, layout.tok_starts))
+    parts = [tokens] if isinstance(tokens, pa.Table) else tokens
     n_sup: dict[str, int] = {}
-    for r in sup:
-        n_sup[r] = n_sup.get(r, 0) + 1
-    store.write_table("tokens", tokens, part=layout.tokenization)
+    for i, part in enumerate(parts):
+        t = _indexed(layout, start_of, part if isinstance(part, pa.Table) else pq.read_table(part))
+        sup = t.filter(t.column("is_supervised")).group_by("row_id").aggregate([("row_id", "count")])
+        n_sup.update(zip(sup.column("row_id").to_pylist(), sup.column("row_id_count").to_pylist()))
+        store.write_table("tokens", t, part=layout.tokenization if len(parts) == 1 else
+                          f"{layout.tokenization}/part-{i:05d}")
+        del t
     store.write_table("row_layout", pa.table({
         "tokenization": [layout.tokenization] * len(layout.row_ids),
         "row_id": layout.row_ids,

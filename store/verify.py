@@ -238,6 +238,10 @@ def _stale_claims(store: Store) -> list[Problem]:
 
 def verify(store: Store, quick: bool = False) -> tuple[list[Problem], list[Problem]]:
     """(problems, notes) of the store; see the module docstring."""
+    if store.remote:
+        raise StoreError(f"store.verify checks local stores only; {store.root} is on object storage, where "
+                         "commits are whole objects (docs/scale.md). To check it, copy it to a local folder "
+                         "(e.g. aws s3 sync) and run python -m store.verify --store FOLDER")
     problems = _check_tables(store) + _stale_claims(store)
     arrays = _array_dirs(store)
     recorded = _recorded_dtypes(store)
@@ -292,7 +296,7 @@ def repair(store: Store, problems: list[Problem]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(VerifyConfig, argv, prog="python -m store.verify")
     store = Store(cfg.store)
-    if not store.root.is_dir():
+    if not store.remote and not store.root.is_dir():
         raise ValueError(f"no store at {store.root}; pass --store PATH")
     problems, notes = verify(store, quick=cfg.quick)
     for p in problems:

@@ -104,6 +104,12 @@ def test_default_setup_is_reproducible_finite_and_in_duckdb(adapted, tiny_model)
     assert not list(folder.glob("*.part"))
     sub = st.query("SELECT row_id FROM subsets WHERE subset = ? ORDER BY rank", [a.subset]).column(0).to_pylist()
     assert sub == [ra[i] for i in np.argsort(ka)[:3]]
+    cols = "row_id, rank, source_rank, score, source, kind, seed, run_id"
+    written = st.query(f"SELECT {cols} FROM subsets WHERE subset = ? ORDER BY rank", [a.subset]).to_pylist()
+    assert [r["source_rank"] for r in written] == [1, 2, 3] and written[0]["source"] == f"attribution:{a.run_id}"
+    from trainers.subsets import SubsetSpec, write_subset    # the subsets command writes the same subset
+    assert write_subset(st, SubsetSpec(f"attribution:{a.run_id}", "top_k", k=3)) == a.subset
+    assert st.query(f"SELECT {cols} FROM subsets WHERE subset = ? ORDER BY rank", [a.subset]).to_pylist() == written
     con = duckdb.connect(str(st.catalog_db), read_only=True)    # plain DuckDB on the catalog file
     top = con.sql("SELECT s.rank, s.score, r.category FROM attribution_scores s JOIN rows r USING (row_id) "
                   f"WHERE s.run_id = '{a.run_id}' ORDER BY s.rank LIMIT 10").fetchall()

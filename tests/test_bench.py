@@ -94,7 +94,9 @@ def test_bench_read_compares_with_memmap(extract_result, tmp_path):
             ("stream", "iter_materialize shuffled"), ("stream", "raw sequential read")} <= cases
     for r in res["results"]:
         assert r["cold_tokens_per_s"] > 0 and r["warm_tokens_per_s"] > 0
-    assert all("warm_vs_memmap" in r for r in saved["results"] if r["method"] in ("materialize", "gather"))
+    assert all("warm_vs_memmap" in r and "warm_vs_kept_map" in r for r in saved["results"]
+               if r["method"] in ("materialize", "gather", "iter_materialize chunk order"))
+    assert {("tokens", "memmap kept map"), ("stream", "memmap kept map shuffled")} <= cases
     # the store was only read: no raw copy or benchmark folder left behind
     assert not any(p.name == "raw.bin" for p in store.rglob("raw.bin"))
 
@@ -134,3 +136,90 @@ def test_gpu_staging_path_writes_the_same_bytes_on_cpu(extract_result, tiny_mode
         a = zarr.open_array(str(Store(store).array_path(name)), mode="r")[:]
         b = zarr.open_array(str(st.array_path(name)), mode="r")[:]
         assert a.any() and np.array_equal(a, b)
+
+
+def test_bench_catalog_builds_times_and_replicates(tmp_path, tiny_model):
+    """bench.catalog on a tiny generated source: both steps measured in their own process, every
+    available view queried, the replicated tokens table exactly `replicate` times larger with
+    distinct tok_index; a rerun on the same --work reuses the finished steps."""
+    from bench import catalog as bench_catalog
+    from store.core import Store
+
+    cfg = bench_catalog.BenchCatalogConfig(rows=300, test_rows=60, modes=["full"], replicate=2, model=tiny_model,
+                                           replicate_modes=["full"], repeats=1, ingest_batch_rows=100,
+                                           tokenize_batch_rows=100, work=str(tmp_path / "work"),
+                                           out=str(tmp_path / "catalog.json"), progress=False)
+    res = bench_catalog.run_bench(cfg)
+    saved = json.loads((tmp_path / "catalog.json").read_text())
+    assert (tmp_path / "catalog.png").stat().st_size > 0 and saved["table"] == res["table"]
+    base, rep = saved["results"]
+    assert base["store"] == "full" and rep["store"] == "full x2 tokens"
+    assert base["ingest"]["sizes"]["train_base"] == 240 and base["rows"] == 300
+    for step in ("ingest", "tokenize"):
+        assert base[step]["seconds"] > 0 and base[step]["peak_rss_MB"] > 0
+    assert rep["tokens"] == 2 * base["tokens"] and sum(base["bytes"].values()) > 0
+    views = {q["view"]: q for q in base["queries"]}
+    rviews = {q["view"]: q for q in rep["queries"]}
+    assert views["assistant_tokens"]["available"] and not views["token_gradnorms"]["available"]
+    for v, q in views.items():
+        if q["available"]:
+            assert 0 < q["selection_lines"] <= q["lines"] and q["selection_tokens"] >= 10_000 or \
+                q["selection_rows"] == 300
+            assert rviews[v]["lines"] == 2 * q["lines"] and rviews[v]["selection_lines"] == 2 * q["selection_lines"]
+    st = Store(tmp_path / "work" / "full-300-x2")
+    n, distinct = st.query("SELECT count(*), count(DISTINCT tok_index) FROM tokens").to_pylist()[0].values()
+    assert n == distinct == rep["tokens"]
+    again = bench_catalog.run_bench(cfg)
+    assert again["results"][0]["ingest"]["reused"] and again["results"][0]["tokenize"]["reused"]
+    with pytest.raises(ValueError, match="unknown mode"):
+        bench_catalog.BenchCatalogConfig(modes=["huge"])
+    with pytest.raises(ValueError, match="mode m1 needs"):
+        bench_catalog.BenchCatalogConfig(rows=3000, test_rows=300)
+
+
+def test_bench_s3_measures_local_and_s3(tiny_model, model_cache, tmp_path):
+    """bench.s3 in a tiny setting against its own moto server: every case measured on both
+    stores with a positive rate and a ratio to local, JSON + chart written, the server's
+    environment removed again."""
+    pytest.importorskip("moto.server")
+    import os
+
+    from bench import s3 as bench_s3
+
+    env = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID")}
+    res = bench_s3.run_bench(bench_s3.BenchS3Config(
+        model=tiny_model, layer=3, rows=16, width=64, unit_tokens=512, n_tokens=300, n_rows=4, repeats=1,
+        model_cache=str(model_cache), out=str(tmp_path / "s3.json"), progress=False))
+    saved = json.loads((tmp_path / "s3.json").read_text())
+    assert (tmp_path / "s3.png").stat().st_size > 0 and saved["table"] == res["table"]
+    by = {(r["store"].split(" ")[0], r["case"]) for r in saved["results"]}
+    for case in ("ingest", "extract", "unit writes", "tokens", "rows", "stream"):
+        assert ("local", case) in by and ("S3", case) in by
+    for r in saved["results"]:
+        assert r["tokens"] > 0 and r["seconds"] > 0
+        if r["store"].startswith("S3"):
+            assert (r.get("vs_local") or r.get("vs_local_warm")) > 0
+    assert {k: os.environ.get(k) for k in env} == env
+    with pytest.raises(ValueError, match="must be s3://"):
+        bench_s3.BenchS3Config(s3_url="gs://x/y")
+
+
+def test_bench_ranks_compares_one_and_two_ranks(tiny_model, tmp_path):
+    """`python -m bench.ranks` in a tiny setting: both cases run under torchrun, each writes
+    the rows' tokens once over its ranks, the chunks equal, the JSON and chart exist."""
+    from bench import ranks as bench_ranks
+
+    with pytest.raises(ValueError, match="--ranks must be positive"):
+        bench_ranks.BenchRanksConfig(ranks=[0])
+    out = tmp_path / "ranks.json"
+    res = bench_ranks.run_bench(bench_ranks.BenchRanksConfig(
+        model=tiny_model, layers=[1], rows=8, unit_tokens=512, out=str(out), progress=False))
+    saved = json.loads(out.read_text())
+    assert (tmp_path / "ranks.png").stat().st_size > 0 and saved["tokens"] == res["tokens"] > 0
+    one, two = saved["cases"]
+    assert (one["ranks"], two["ranks"]) == (1, 2) and len(two["rank_tokens"]) == 2 and min(two["rank_tokens"]) > 0
+    for c in (one, two):
+        assert c["tokens"] == saved["tokens"] and c["tokens_per_s"] > 0 and c["identical_to_first"]
+    with pytest.raises(ValueError, match="is a store"):
+        (tmp_path / "st" / "catalog").mkdir(parents=True)
+        bench_ranks.run_bench(bench_ranks.BenchRanksConfig(model=tiny_model, store=str(tmp_path / "st")))

@@ -58,6 +58,7 @@ def _hooks(cfg: Any, run: Any, held: Any) -> Any:
                         extra={"curves": curves, "evals": evals, "best": best, "config": config_dict(cfg)})
         if best is not None:
             tag_best(run.dir, best["step"], best)
+        run.store.sync_run(run.run_id)          # a remote store gets each checkpoint (store.core)
 
     return Hooks(cfg.checkpoint_every, held.during_training, checkpoint)
 

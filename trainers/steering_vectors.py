@@ -38,7 +38,7 @@ def load_steering(store: Store, run: str = "latest") -> Steering:
             raise StoreError(f"no steering vectors in {store.root}; compute some: python -m trainers.steering "
                              f"compute --layers 17 --store {store.root}")
         run = store.query(f"SELECT run_id FROM {VECTORS_TABLE} ORDER BY created_at DESC LIMIT 1").column(0)[0].as_py()
-    path = store.root / "runs" / run / "steering_vectors.safetensors"
+    path = store.run_folder(run) / "steering_vectors.safetensors"
     if not path.is_file():
         raise StoreError(f"steering run {run!r} has no {path.name} in {store.root}; pass a run id from the "
                          f"{VECTORS_TABLE} table or latest")

@@ -40,10 +40,14 @@ class IngestConfig:
     sample_seed: int = field(default=0, metadata={"help": "seed of the embedded sample generator"})
     sample_train: int = field(default=1000, metadata={"help": "clean train conversations the embedded sample has"})
     sample_test: int = field(default=250, metadata={"help": "clean test conversations the embedded sample has"})
+    batch_rows: int = field(default=10_000, metadata={"help": "rows written per batch (memory holds one batch "
+                            "of full rows, plus ~100 bytes per source row)"})
 
     def __post_init__(self) -> None:
         if self.max_conversation_tokens <= 0:
             raise ValueError(f"--max-conversation-tokens must be positive, got {self.max_conversation_tokens}")
+        if self.batch_rows <= 0:
+            raise ValueError(f"--batch-rows must be positive, got {self.batch_rows}")
         if self.config is None and self.source == "HuggingFaceTB/smoltalk":
             self.config = "smol-magpie-ultra"
 
@@ -62,7 +66,8 @@ def run_ingest(cfg: IngestConfig, progress: bool = True) -> IngestResult:
     with claims.exclusive(store, "setup", "ingest"):
         return ingest(store, source, tok, tokenizer_id=cfg.model, seed=cfg.seed,
                       sizes={"train_base": cfg.train_base, "attr_query": cfg.attr_query, "eval": cfg.eval},
-                      max_conversation_tokens=cfg.max_conversation_tokens, progress=progress)
+                      max_conversation_tokens=cfg.max_conversation_tokens, progress=progress,
+                      batch_rows=cfg.batch_rows)
 
 
 def summary(result: IngestResult) -> str:

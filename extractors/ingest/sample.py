@@ -90,8 +90,11 @@ are unique within and across splits (collisions are re-drawn).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
+from typing import Iterator
 
 from extractors.ingest.sample_categories import GENERATORS, Draft
 from extractors.ingest.sample_words import FOLLOW_UPS, GENERIC_PRE, LEAD_INS, NEEDLES, SYSTEM_PROMPTS
@@ -162,13 +165,15 @@ def _conversation(rng: random.Random, category: str, with_needle: bool) -> dict:
     return _record(messages, category, draft, score, needle)
 
 
-def _key(rec: dict) -> tuple:
-    return tuple((m["role"], m["content"]) for m in rec["messages"])
+def _key(rec: dict) -> bytes:
+    # A 16-byte digest, not the text: the 431k-conversation scale mode keeps one per row.
+    text = json.dumps([[m["role"], m["content"]] for m in rec["messages"]])
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
-def _clean_split(rng: random.Random, n: int, seen: set) -> list[dict]:
+def _clean_split(rng: random.Random, n: int, seen: set) -> Iterator[dict]:
     needle_rows = set(rng.sample(range(n), round(n * NEEDLE_FRACTION)))
-    rows, order = [], []
+    order: list[str] = []
     for i in range(n):
         if not order:  # balanced blocks: every category once per block, shuffled
             order = list(CATEGORIES)
@@ -181,8 +186,7 @@ def _clean_split(rng: random.Random, n: int, seen: set) -> list[dict]:
         else:  # pragma: no cover - pools are far larger than any sensible n
             raise RuntimeError("could not draw a unique conversation")
         seen.add(_key(rec))
-        rows.append(rec)
-    return rows
+        yield rec
 
 
 def _fresh(rng: random.Random, seen: set) -> dict:
@@ -193,12 +197,16 @@ def _fresh(rng: random.Random, seen: set) -> dict:
             return rec
 
 
-def _duplicate(rng: random.Random, rows: list[dict]) -> list[dict]:
-    plain = [r for r in rows if r["needle"] is None] or rows
-    if not plain:
-        return []
-    src = rng.choice(plain)
-    return [{**src, "messages": [dict(m) for m in src["messages"]]}]
+def _duplicate_pick(rng: random.Random, n: int) -> int | None:
+    """Which clean row of a split of `n` the malformed duplicate copies: the index among its
+    needle-free rows (among all rows when every row has a needle), or None for an empty split.
+    Drawn first from the split's malformed RNG, so the clean rows can stream past."""
+    plain = n - round(n * NEEDLE_FRACTION)
+    return rng.choice(range(plain or n)) if n else None
+
+
+def _copy(rec: dict | None) -> list[dict]:
+    return [] if rec is None else [{**rec, "messages": [dict(m) for m in rec["messages"]]}]
 
 
 def _with_messages(rec: dict, messages: list) -> dict:
@@ -206,8 +214,8 @@ def _with_messages(rec: dict, messages: list) -> dict:
     return {**rec, "messages": messages, "conversation_tokens": round(chars / 4)}
 
 
-def _malformed_train(rng: random.Random, clean: list[dict], seen: set) -> list[dict]:
-    out = _duplicate(rng, clean)                                        # 1 exact duplicate
+def _malformed_train(rng: random.Random, duplicate: dict | None, seen: set) -> list[dict]:
+    out = _copy(duplicate)                                              # 1 exact duplicate
     for final in ("", "  \n "):                                          # 2 empty, 3 whitespace
         rec = _fresh(rng, seen)
         out.append(_with_messages(rec, rec["messages"][:-1] + [{"role": "assistant", "content": final}]))
@@ -228,13 +236,44 @@ def _malformed_train(rng: random.Random, clean: list[dict], seen: set) -> list[d
     return out
 
 
+def _stream_split(rng: random.Random, n: int, seen: set, pick: int | None, grab: list) -> Iterator[dict]:
+    """The clean rows of a split; the needle-free row number `pick` is also appended to `grab`."""
+    any_plain = n - round(n * NEEDLE_FRACTION) > 0
+    k = 0
+    for rec in _clean_split(rng, n, seen):
+        if pick is not None and (rec["needle"] is None or not any_plain):
+            if k == pick:
+                grab.append(rec)
+            k += 1
+        yield rec
+
+
+def iter_sample(seed: int = 0, n_train: int = 1000, n_test: int = 250,
+                with_malformed: bool = True) -> Iterator[tuple[str, dict]]:
+    """(split, record) pairs of `generate_sample`, streamed: train's clean rows, test's clean
+    rows, then train's malformed rows and test's duplicate. Memory stays at a 16-byte digest
+    per conversation (the uniqueness check), whatever the size."""
+    seen: set = set()
+    rng_tm, rng_dm = random.Random(f"{seed}:train:malformed"), random.Random(f"{seed}:test:malformed")
+    pick_train = _duplicate_pick(rng_tm, n_train) if with_malformed else None
+    pick_test = _duplicate_pick(rng_dm, n_test) if with_malformed else None
+    dup_train: list[dict] = []
+    dup_test: list[dict] = []
+    for rec in _stream_split(random.Random(f"{seed}:train"), n_train, seen, pick_train, dup_train):
+        yield "train", rec
+    for rec in _stream_split(random.Random(f"{seed}:test"), n_test, seen, pick_test, dup_test):
+        yield "test", rec
+    if with_malformed:
+        for rec in _malformed_train(rng_tm, dup_train[0] if dup_train else None, seen):
+            yield "train", rec
+        for rec in _copy(dup_test[0] if dup_test else None):
+            yield "test", rec
+
+
 def generate_sample(seed: int = 0, n_train: int = 1000, n_test: int = 250,
                     with_malformed: bool = True) -> dict[str, list[dict]]:
     """Return {"train": [...], "test": [...]} (see the module docstring for the schema)."""
-    seen: set = set()
-    train = _clean_split(random.Random(f"{seed}:train"), n_train, seen)
-    test = _clean_split(random.Random(f"{seed}:test"), n_test, seen)
-    if with_malformed:
-        train += _malformed_train(random.Random(f"{seed}:train:malformed"), train, seen)
-        test += _duplicate(random.Random(f"{seed}:test:malformed"), test)
-    return {"train": train, "test": test}
+    out: dict[str, list[dict]] = {"train": [], "test": []}
+    for split, rec in iter_sample(seed, n_train, n_test, with_malformed):
+        out[split].append(rec)
+    return out

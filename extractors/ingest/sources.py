@@ -1,7 +1,8 @@
 """Load SmolTalk-schema chat data from wherever it lives.
 
 A source is one of:
-* `embedded`: the deterministic sample of `extractors.ingest.sample` (no network);
+* `embedded`: the deterministic sample of `extractors.ingest.sample` (no network), streamed
+  to temporary JSON-lines files (`SpooledRecords`) so that any size fits in memory;
 * a local `.parquet`, `.jsonl`/`.json` file, or a folder of them (files named `train*` /
   `test*` give the splits; anything else counts as `train`);
 * a folder written by `datasets.Dataset(Dict).save_to_disk`;
@@ -19,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 REQUIRED_COLUMNS = ("messages", "category", "difficulty", "quality", "reward_model_score", "conversation_tokens")
 METADATA_COLUMNS = REQUIRED_COLUMNS[1:]
@@ -40,11 +41,49 @@ class Source(NamedTuple):
     config: str | None
     revision: str | None
     content_hash: str
-    splits: dict[str, list[dict[str, Any]]]
+    splits: dict[str, Iterable[dict[str, Any]]]   # lists, or SpooledRecords (both have len())
     origin: dict[str, str]   # split -> file or hub address, for error messages
 
 
-def _hash_records(splits: dict[str, list[dict]]) -> str:
+class SpooledRecords:
+    """One split's records kept in a JSON-lines file instead of memory (the embedded sample at
+    any size): iterable any number of times, with a known length. The folder holding the file
+    lives as long as this object."""
+
+    def __init__(self, path: Path, n: int, owner: Any):
+        self.path, self.n, self._owner = path, n, owner
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        with open(self.path, "rb") as fh:
+            for line in fh:
+                yield json.loads(line)
+
+
+def _spool_sample(seed: int, n_train: int, n_test: int) -> dict[str, SpooledRecords]:
+    """The embedded sample streamed to temporary JSON-lines files, one per split (the records
+    round-trip exactly: str, int, float, bool and None values only)."""
+    import tempfile
+
+    from extractors.ingest.sample import iter_sample
+
+    tmp = tempfile.TemporaryDirectory(prefix="embedded-sample-")
+    paths = {s: Path(tmp.name) / f"{s}.jsonl" for s in ("train", "test")}
+    counts = dict.fromkeys(paths, 0)
+    files = {s: open(p, "w", encoding="utf-8") for s, p in paths.items()}
+    try:
+        for split, rec in iter_sample(seed=seed, n_train=n_train, n_test=n_test):
+            files[split].write(json.dumps(rec) + "\n")
+            counts[split] += 1
+    finally:
+        for f in files.values():
+            f.close()
+    return {s: SpooledRecords(paths[s], counts[s], tmp) for s in paths}
+
+
+def _hash_records(splits: dict[str, Iterable[dict]]) -> str:
     h = hashlib.sha256()
     for split in sorted(splits):
         h.update(split.encode())
@@ -142,9 +181,7 @@ def load_source(spec: str, config: str | None = None, revision: str | None = Non
                 sample_seed: int = 0, sample_train: int = 1000, sample_test: int = 250) -> Source:
     """Load every split of `spec` (see the module doc for what it may name) into memory."""
     if spec == EMBEDDED:
-        from extractors.ingest.sample import generate_sample
-
-        splits = generate_sample(seed=sample_seed, n_train=sample_train, n_test=sample_test)
+        splits = _spool_sample(sample_seed, sample_train, sample_test)
         return Source("embedded:smoltalk-sample", f"seed={sample_seed},train={sample_train},test={sample_test}",
                       None, _hash_records(splits), splits, {s: f"embedded sample [{s}]" for s in splits})
     path = Path(spec).expanduser()

@@ -17,8 +17,9 @@
    a deterministic per-category order (row_ids sorted, then shuffled with a seeded RNG per
    split and category); `score_pool` = the train_base rows. With no test split, one is
    carved deterministically from train (stratified) and the manifest says so;
-3. `rows_table` + `build_manifest`, then `write_ingest`: rows, split members, quarantine,
-   and last the manifest, whose presence marks a complete ingest.
+3. `build_manifest`, then `write_ingest`: rows (streamed in batches from a second pass over
+   the source: `extractors.ingest.rows_writer`), split members, quarantine, and last the
+   manifest, whose presence marks a complete ingest.
 
 Rows with null metadata are kept. `row_id` is a content hash of the messages, so it is
 stable across re-ingests; `group_id = category::difficulty::source_split::row_local_index`.
@@ -32,7 +33,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import pyarrow as pa
 
@@ -77,16 +78,26 @@ class IngestResult:
     skipped: bool = False
 
 
+class Kept(NamedTuple):
+    """A row that passed step 1, as compact as split assignment needs (the full row is
+    rebuilt from the source when it is written: see extractors.ingest.rows_writer)."""
+    row_id: str
+    category: str | None
+    source_split: str
+    source_index: int
+    n_tokens: int
+
+
 class Flattened(NamedTuple):
     """What `flatten_and_quarantine` keeps and rejects."""
-    kept: dict[str, list[dict]]       # source split -> flattened rows, in source order
+    kept: dict[str, list[Kept]]       # source split -> kept rows, in source order
     quarantine: list[Quarantined]
     stats: dict[str, Any]             # the manifest's filter_stats
 
 
 class Assigned(NamedTuple):
     """What `assign_splits` chose."""
-    chosen: dict[str, list[dict]]     # split -> rows
+    chosen: dict[str, list[Kept]]     # split -> rows
     test_note: str                    # where attr_query and eval came from, for the manifest
 
 
@@ -127,11 +138,11 @@ def _scalar_extras(rec: dict[str, Any]) -> dict[str, Any]:
             if k not in known and (v is None or isinstance(v, (str, int, float, bool)))}
 
 
-def stratified_take(rows: list[dict], n: int, seed: int, label: str) -> list[dict]:
+def stratified_take(rows: list[Kept], n: int, seed: int, label: str) -> list[Kept]:
     """n rows, proportional to category counts (largest remainder), in a seeded order."""
-    by_cat: dict[str, list[dict]] = {}
+    by_cat: dict[str, list[Kept]] = {}
     for r in rows:
-        by_cat.setdefault(r["category"] if r["category"] is not None else "", []).append(r)
+        by_cat.setdefault(r.category if r.category is not None else "", []).append(r)
     total = len(rows)
     quota = {c: n * len(v) // total for c, v in by_cat.items()}
     rest = n - sum(quota.values())
@@ -140,7 +151,7 @@ def stratified_take(rows: list[dict], n: int, seed: int, label: str) -> list[dic
         quota[c] += 1
     out = []
     for c in sorted(by_cat):
-        members = sorted(by_cat[c], key=lambda r: r["row_id"])
+        members = sorted(by_cat[c], key=lambda r: r.row_id)
         random.Random(f"{seed}:{label}:{c}").shuffle(members)
         out.extend(members[: quota[c]])
     return out
@@ -175,21 +186,26 @@ def existing_ingest(store: Store, ingest_id: str) -> IngestResult | None:
     return None
 
 
-def flatten_and_quarantine(source_splits: dict[str, list[dict]], tokenizer: Any, *,
+def conversation_digest(messages: list[dict]) -> bytes:
+    """16 bytes standing for `conversation_key` in the repeat check (kept per row)."""
+    return hashlib.blake2b(conversation_key(messages).encode(), digest_size=16).digest()
+
+
+def flatten_and_quarantine(source_splits: dict[str, Iterable[dict]], tokenizer: Any, *,
                            max_conversation_tokens: int, progress: bool = True) -> Flattened:
     """Step 1: flatten every record, quarantining malformed ones, repeats and those over the token cap.
 
     Splits are visited train first, then the others by name, so the first copy of a repeated
-    conversation is the one kept. Kept rows carry row_id, group_id, the metadata columns,
-    `n_tokens` and the record's other scalar columns."""
+    conversation is the one kept. The records stream past: what stays per row is a `Kept`
+    and a 16-byte digest; quarantined records are kept whole (for the quarantine table)."""
     from tqdm.auto import tqdm
 
     from extractors.chat_tokens import count_tokens
 
     stats: dict[str, Any] = {"source_rows": {s: len(v) for s, v in source_splits.items()}}
     quarantine: list[Quarantined] = []
-    seen: set[str] = set()
-    kept: dict[str, list[dict]] = {}
+    seen: set[bytes] = set()
+    kept: dict[str, list[Kept]] = {}
     after_flatten: Counter = Counter()
     after_dedup: Counter = Counter()
     after_cap: Counter = Counter()
@@ -207,7 +223,7 @@ def flatten_and_quarantine(source_splits: dict[str, list[dict]], tokenizer: Any,
                 quarantine.append(Quarantined(ssplit, idx, flat[0], flat[1], rec))
                 continue
             after_flatten[ssplit] += 1
-            key = conversation_key(flat["messages"])
+            key = conversation_digest(flat["messages"])
             if key in seen:
                 quarantine.append(Quarantined(ssplit, idx, "duplicate_conversation",
                                               f"same messages as row {make_row_id(flat['messages'])}", rec))
@@ -220,12 +236,7 @@ def flatten_and_quarantine(source_splits: dict[str, list[dict]], tokenizer: Any,
                                               f"{n_tok} tokens > max_conversation_tokens {max_conversation_tokens}", rec))
                 continue
             after_cap[ssplit] += 1
-            meta = {c: rec.get(c) for c in METADATA_COLUMNS}
-            kept.setdefault(ssplit, []).append({
-                "row_id": make_row_id(flat["messages"]), "source_split": ssplit, "source_index": idx,
-                "group_id": f"{meta['category']}::{meta['difficulty']}::{ssplit}::{idx}",
-                **flat, **meta, "n_tokens": n_tok, **_scalar_extras(rec),
-            })
+            kept.setdefault(ssplit, []).append(Kept(make_row_id(flat["messages"]), rec.get("category"), ssplit, idx, n_tok))
     bar.close()
     stats.update(coerced=dict(sorted(coerced.items())), after_flatten=dict(after_flatten), after_dedup=dict(after_dedup),
                  after_token_cap=dict(after_cap),
@@ -249,8 +260,8 @@ def assign_splits(kept: dict[str, list[dict]], want: dict[str, int], *, seed: in
             raise IngestError(f"the source has no test split and only {len(train)} usable train rows; "
                               f"cannot carve {carved} rows for attr_query + eval")
         test = stratified_take(train, carved, seed, "carve_test")
-        taken = {r["row_id"] for r in test}
-        train = [r for r in train if r["row_id"] not in taken]
+        taken = {r.row_id for r in test}
+        train = [r for r in train if r.row_id not in taken]
         test_note = f"carved: {carved} rows sampled from train, stratified by category (seed {seed})"
     else:
         test = kept.get("test", [])
@@ -263,46 +274,52 @@ def assign_splits(kept: dict[str, list[dict]], want: dict[str, int], *, seed: in
 
     chosen = {"train_base": take(train, "train_base", "train")}
     chosen["attr_query"] = take(test, "attr_query", "test")
-    used = {r["row_id"] for r in chosen["attr_query"]}
-    chosen["eval"] = take([r for r in test if r["row_id"] not in used], "eval", "test (after attr_query)")
+    used = {r.row_id for r in chosen["attr_query"]}
+    chosen["eval"] = take([r for r in test if r.row_id not in used], "eval", "test (after attr_query)")
     check_splits(chosen)
     return Assigned(chosen, test_note)
 
 
-def check_splits(chosen: dict[str, list[dict]]) -> None:
-    """The split rules of our users' first milestone ("M1"), enforced: raise, never warn."""
-    ids = {s: {r["row_id"] for r in v} for s, v in chosen.items()}
+def check_splits(chosen: dict[str, list[Kept]]) -> None:
+    """The split rules of our users' first milestone ("M1"), enforced: raise, never warn.
+    (Each row's own rules, a prompt, a completion and the metadata, are checked as it is
+    written: `check_row`.)"""
+    ids = {s: {r.row_id for r in v} for s, v in chosen.items()}
     for i, a in enumerate(SPLITS):
         for b in SPLITS[i + 1:]:
             both = ids[a] & ids[b]
             if both:
                 raise IngestError(f"splits {a} and {b} share {len(both)} row_ids, e.g. {sorted(both)[0]}")
-    for s, rows in chosen.items():
-        for r in rows:
-            if not r["completion"].strip() or not r["prompt"]:
-                raise IngestError(f"{s}: row {r['row_id']} has an empty prompt or completion")
-            missing = [c for c in METADATA_COLUMNS if c not in r]
-            if missing:
-                raise IngestError(f"{s}: row {r['row_id']} lacks metadata column(s) {missing}")
 
 
-def rows_table(chosen: dict[str, list[dict]]) -> tuple[pa.Table, list[str]]:
-    """The `rows` table (split by split, rows by row_id) and the names of its extra source columns."""
-    rows = []
-    for split in SPLITS:
-        for r in sorted(chosen[split], key=lambda r: r["row_id"]):
-            rows.append({**r, "split": split})
-    extras = sorted({k for r in rows for k in r} - set(ROWS_SCHEMA.names))
-    table = pa.Table.from_pylist([{k: r.get(k) for k in ROWS_SCHEMA.names} for r in rows], schema=ROWS_SCHEMA)
-    for k in extras:
-        table = table.append_column(k, pa.array([r.get(k) for r in rows]))
-    return table, extras
+def check_row(split: str, r: dict[str, Any]) -> None:
+    if not r["completion"].strip() or not r["prompt"]:
+        raise IngestError(f"{split}: row {r['row_id']} has an empty prompt or completion")
+    missing = [c for c in METADATA_COLUMNS if c not in r]
+    if missing:
+        raise IngestError(f"{split}: row {r['row_id']} lacks metadata column(s) {missing}")
+
+
+def _checked_row(split: str, ssplit: str, idx: int, rec: dict[str, Any], k: Kept) -> dict[str, Any]:
+    row = {**full_row(ssplit, idx, rec, k), "split": split}
+    check_row(split, row)
+    return row
+
+
+def full_row(ssplit: str, idx: int, rec: dict[str, Any], k: Kept) -> dict[str, Any]:
+    """The `rows` row of a kept record (flattened again: the same result as in step 1)."""
+    rec = coerce(rec)[0]
+    flat = flatten(rec)
+    meta = {c: rec.get(c) for c in METADATA_COLUMNS}
+    return {"row_id": k.row_id, "source_split": ssplit, "source_index": idx,
+            "group_id": f"{meta['category']}::{meta['difficulty']}::{ssplit}::{idx}",
+            **flat, **meta, "n_tokens": k.n_tokens, **_scalar_extras(rec)}
 
 
 def build_manifest(ingest_id: str, source: Source, *, tokenizer_id: str, max_conversation_tokens: int,
-                   seed: int, want: dict[str, int], assigned: Assigned, stats: dict[str, Any],
-                   extras: list[str]) -> dict[str, Any]:
-    """The manifest: where the rows came from, how they were filtered and split, and the result."""
+                   seed: int, want: dict[str, int], assigned: Assigned, stats: dict[str, Any]) -> dict[str, Any]:
+    """The manifest: where the rows came from, how they were filtered and split, and the result
+    (its `extra_columns` are filled in when the rows are written)."""
     chosen = assigned.chosen
     return {
         "ingest_id": ingest_id,
@@ -319,20 +336,25 @@ def build_manifest(ingest_id: str, source: Source, *, tokenizer_id: str, max_con
             "order": "per category: row_ids sorted, then shuffled with Random(f'{seed}:{split}:{category}')",
         },
         "filter_stats": stats,
-        "category_distribution": {s: dict(sorted(Counter(str(r["category"]) for r in chosen[s]).items()))
+        "category_distribution": {s: dict(sorted(Counter(str(r.category) for r in chosen[s]).items()))
                                   for s in SPLITS},
-        "extra_columns": extras,
+        "extra_columns": [],
     }
 
 
-def write_ingest(store: Store, table: pa.Table, chosen: dict[str, list[dict]], quarantine: list[Quarantined],
-                 manifest: dict, ingest_id: str) -> None:
-    """Step 3: write rows, split_members and quarantine, then the manifest (which marks completion)."""
+def write_ingest(store: Store, source_splits: dict[str, Iterable[dict]], chosen: dict[str, list[Kept]],
+                 quarantine: list[Quarantined], manifest: dict, ingest_id: str, batch_rows: int) -> list[str]:
+    """Step 3: write rows (streamed from the source: extractors.ingest.rows_writer), split_members
+    and quarantine, then the manifest (which marks completion). Returns the extra columns."""
+    from extractors.ingest.rows_writer import write_rows_table
+
     now = datetime.now(timezone.utc)
-    store.write_table("rows", table)
+    extras = write_rows_table(store, source_splits, chosen, batch_rows, schema=ROWS_SCHEMA, splits=SPLITS,
+                              make_row=_checked_row)
+    manifest["extra_columns"] = extras
     store.write_table("split_members", pa.table({
         "split": [s for s in (*SPLITS, "score_pool") for _ in chosen["train_base" if s == "score_pool" else s]],
-        "row_id": [r["row_id"] for s in (*SPLITS, "score_pool")
+        "row_id": [r.row_id for s in (*SPLITS, "score_pool")
                    for r in chosen["train_base" if s == "score_pool" else s]],
     }))
     store.write_table("quarantine", pa.table({
@@ -356,10 +378,13 @@ def write_ingest(store: Store, table: pa.Table, chosen: dict[str, list[dict]], q
 
 def ingest(store: Store, source: Source, tokenizer: Any, *, tokenizer_id: str, seed: int = 0,
            sizes: dict[str, int | None] | None = None, max_conversation_tokens: int = 2000,
-           progress: bool = True) -> IngestResult:
+           progress: bool = True, batch_rows: int = 10_000) -> IngestResult:
     """Flatten, quarantine, split and write rows + manifest into `store` (see module doc).
 
-    A store that already holds this very ingest is left as it is (`skipped=True`)."""
+    The source is read twice, record by record (once to filter and split, once to write the
+    chosen rows in batches of `batch_rows`), so memory holds one batch plus ~100 bytes per
+    source row, whatever the size. A store that already holds this very ingest is left as it
+    is (`skipped=True`)."""
     want = _sizes_for(source, sizes or {})
     if any(v < 0 for v in want.values()):
         raise IngestError(f"split sizes must be >= 0, got {want}")
@@ -371,9 +396,8 @@ def ingest(store: Store, source: Source, tokenizer: Any, *, tokenizer_id: str, s
     flat = flatten_and_quarantine(dict(source.splits), tokenizer,
                                   max_conversation_tokens=max_conversation_tokens, progress=progress)
     assigned = assign_splits(flat.kept, want, seed=seed, source_has_test="test" in source.splits)
-    table, extras = rows_table(assigned.chosen)
     manifest = build_manifest(ingest_id, source, tokenizer_id=tokenizer_id,
                               max_conversation_tokens=max_conversation_tokens, seed=seed, want=want,
-                              assigned=assigned, stats=flat.stats, extras=extras)
-    write_ingest(store, table, assigned.chosen, flat.quarantine, manifest, ingest_id)
+                              assigned=assigned, stats=flat.stats)
+    write_ingest(store, dict(source.splits), assigned.chosen, flat.quarantine, manifest, ingest_id, batch_rows)
     return IngestResult(ingest_id, manifest["split_policy"]["sizes"], flat.stats["quarantined"], manifest)

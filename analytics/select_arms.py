@@ -1,0 +1,265 @@
+"""The arms of the selection experiment: which subsets, with what budget, trained and measured how,
+and the `selection_runs` records that make a killed experiment resumable.
+
+An arm is one training subset (a `trainers.subsets` spec) at one seed: a continuation finetune
+from the base adapter (`trainers.finetune` with `--resume-adapter`, `--train-rows-sql` on the
+subset, finetune seed = the experiment seed), then the per-row eval loss of the new adapter
+(`trainers.eval_loss`, table `eval_losses`) and, where the data allow, the downstream metric:
+greedy generation on the math eval rows and the share of correct final answers
+(trainers.math_check). The `base` arm is the base adapter itself, measured the same way, untrained.
+
+Each finished arm leaves `runs/<experiment>/arms/<arm_id>.json` (per-row losses, answers) and then
+one row in `selection_runs` (its own Parquet part): that row is the commit. A rerun of the same
+command reuses every arm with a row and trains the others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pyarrow as pa
+
+from store.core import Store, StoreError, write_json
+
+TABLE = "selection_runs"
+TAG = "selection experiment"          # in an arm adapter's train_rows_sql, as a SQL comment
+SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("seed", pa.int64()), ("arm", pa.string()), ("subset", pa.string()),
+    ("selector", pa.string()), ("adapter", pa.string()), ("base_adapter", pa.string()),
+    ("finetune_run_id", pa.string()), ("eval_run_id", pa.string()), ("n_train_rows", pa.int64()),
+    ("steps", pa.int64()), ("epochs", pa.int64()), ("batch_size", pa.int64()), ("grad_accum", pa.int64()),
+    ("lr", pa.float64()), ("eval_split", pa.string()), ("eval_rows", pa.int64()), ("eval_tokens", pa.int64()),
+    ("eval_loss", pa.float64()), ("downstream", pa.float64()), ("downstream_rows", pa.int64()),
+    ("downstream_reason", pa.string()), ("created_at", pa.timestamp("us", tz="UTC")),
+])
+
+
+class Arm(NamedTuple):
+    name: str                 # e.g. top500, random500, ranks301-500, random200_from_501-
+    seed: int
+    spec: Any                 # trainers.subsets.SubsetSpec
+
+    @property
+    def arm_id(self) -> str:
+        return f"s{self.seed}-{self.name}"
+
+
+class Comparison(NamedTuple):
+    name: str                 # a - b
+    a: str
+    b: str
+
+
+@dataclass
+class Budget:
+    """What every arm's finetune gets (identical across arms, checked by `check_budget`)."""
+    epochs: int
+    max_steps: int | None
+    batch_size: int
+    grad_accum: int
+    lr: float
+    warmup_steps: int
+
+    def steps_for(self, n_rows: int) -> tuple[int, int]:
+        """(optimizer steps, epochs to ask trainers.finetune for) for a subset of n_rows."""
+        per_epoch = math.ceil(n_rows / (self.batch_size * self.grad_accum))
+        if self.max_steps is None:
+            return self.epochs * per_epoch, self.epochs
+        return self.max_steps, math.ceil(self.max_steps / per_epoch)
+
+
+def ablation_sizes(k: int) -> tuple[int, int]:
+    """--ablation scale at --k K: (a, w) = (3K // 5, K - 3K // 5); K = 500 gives our users' 300 / 200."""
+    a = 3 * k // 5
+    if a < 1 or k - a < 1:
+        raise StoreError(f"--ablation scale needs --k >= 2 (top {3 * k // 5} and ranks {3 * k // 5 + 1}-{k} must "
+                         f"both be non-empty), got --k {k}")
+    return a, k - a
+
+
+def plan(selector: str, k: int, seeds: int, ablation: str | None, overlap: str,
+         pool_split: str) -> tuple[list[Arm], list[Comparison]]:
+    """Every arm of every seed, and the comparisons (arm a - arm b) reported."""
+    from trainers.subsets import SubsetSpec
+
+    arms: list[Arm] = []
+    if ablation is None:
+        comps = [Comparison(f"top{k}_vs_random{k}", f"top{k}", f"random{k}")]
+        for s in range(seeds):
+            arms += [Arm(f"top{k}", s, SubsetSpec(selector, "top_k", k=k, overlap=overlap, pool_split=pool_split)),
+                     Arm(f"random{k}", s, SubsetSpec(selector, "matched_random_k", k=k, seed=s, overlap=overlap,
+                                                     pool_split=pool_split))]
+        return arms, comps
+    a, w = ablation_sizes(k)
+    window, rest = f"ranks{a + 1}-{k}", f"random{w}_from_{k + 1}-"
+    comps = [Comparison(f"top{a}_vs_top{k}", f"top{a}", f"top{k}"), Comparison(f"{window}_vs_{rest}", window, rest)]
+    for s in range(seeds):
+        arms += [Arm(f"top{a}", s, SubsetSpec(selector, "top_k", k=a, pool_split=pool_split)),
+                 Arm(f"top{k}", s, SubsetSpec(selector, "top_k", k=k, pool_split=pool_split)),
+                 Arm(window, s, SubsetSpec(selector, "ranks", ranks=(a + 1, k), pool_split=pool_split)),
+                 Arm(rest, s, SubsetSpec(selector, "random_from_ranks", k=w, ranks=(k + 1, None), seed=s,
+                                         overlap=overlap, pool_split=pool_split))]
+    return arms, comps
+
+
+def check_budget(sizes: dict[str, int], budget: Budget) -> int:
+    """The common step count of every arm; arms that would differ in budget are refused."""
+    steps = {arm: budget.steps_for(n)[0] for arm, n in sizes.items()}
+    if len(set(steps.values())) > 1:
+        lo, hi = min(steps, key=steps.get), max(steps, key=steps.get)
+        raise StoreError(
+            f"the arms would differ in budget: {lo} has {sizes[lo]} rows -> {steps[lo]} steps but {hi} has "
+            f"{sizes[hi]} rows -> {steps[hi]} steps (--epochs {budget.epochs}, --batch-size {budget.batch_size}, "
+            f"--grad-accum {budget.grad_accum}); pass --max-steps {steps[hi]} so that every arm takes the same "
+            f"number of optimizer steps")
+    return next(iter(steps.values()))
+
+
+def resolve_base(store: Store, spec: str) -> Any:
+    """The adapter every arm continues from (None for `none`: a fresh LoRA on the base model).
+    `latest` is the newest adapter that is not itself an arm of a selection experiment."""
+    from extractors.adapters import registered, resolve_adapter
+
+    if spec == "none":
+        return None
+    if spec != "latest":
+        return resolve_adapter(store, spec)
+    arms = (set(store.query(f"SELECT adapter FROM {TABLE} WHERE seed IS NOT NULL").column(0).to_pylist())
+            if store.has_table(TABLE) else set())
+    for row in registered(store):
+        if row["adapter"] not in arms and TAG not in (row["train_rows_sql"] or ""):
+            return resolve_adapter(store, row["adapter"])
+    raise StoreError("--resume-adapter latest: this store has no adapter other than selection-experiment arms; "
+                     "train one with python -m trainers.finetune, or pass --resume-adapter none")
+
+
+def spec_of(store: Store, ref: Any) -> str | None:
+    """What --adapter / --resume-adapter take for `ref`: its name when registered, else its folder."""
+    from extractors.adapters import registered
+
+    if ref is None:
+        return None
+    return ref.name if any(r["adapter"] == ref.name for r in registered(store)) else ref.path
+
+
+def finished(store: Store, run_id: str) -> dict[str, dict[str, Any]]:
+    """arm_id -> arm record of the experiment's finished arms (those with a selection_runs row and
+    their JSON)."""
+    if not store.has_table(TABLE):
+        return {}
+    rows = store.query(f"SELECT seed, arm FROM {TABLE} WHERE run_id = ?", [run_id]).to_pylist()
+    out = {}
+    for r in rows:
+        arm_id = "base" if r["seed"] is None else f"s{r['seed']}-{r['arm']}"
+        path = store.run_dir(run_id) / "arms" / f"{arm_id}.json"
+        if path.is_file():
+            out[arm_id] = json.loads(path.read_text())
+    return out
+
+
+@dataclass
+class Measure:
+    """How arms are measured: the same for all of them."""
+    store: Store
+    model: str
+    eval_split: str
+    eval_max_rows: int | None
+    math_ids: list[str]
+    truth: dict[str, int]
+    prompts: dict[str, list[dict]]
+    downstream_reason: str | None
+    max_new_tokens: int
+    gen_batch_size: int
+    max_length: int
+    on_long: str
+    device: str
+    compute_dtype: str
+    model_cache: str | None
+    progress: bool
+    compare_json: Path
+
+    def eval_loss(self, adapter: str | None) -> dict[str, Any]:
+        from trainers.eval_loss import EvalLossConfig, run_eval_loss
+
+        doc = run_eval_loss(EvalLossConfig(
+            store=str(self.store.root), split=self.eval_split, max_rows=self.eval_max_rows, adapter=adapter,
+            output_json=str(self.compare_json), max_length=self.max_length, on_long=self.on_long, model=self.model,
+            device=self.device, compute_dtype=self.compute_dtype, model_cache=self.model_cache,
+            progress=self.progress))
+        entry = doc["adapter"] if adapter else doc["base"]     # the entry this call merged
+        t = self.store.query("SELECT row_id, n_tokens, loss_sum FROM eval_losses WHERE run_id = ? ORDER BY row_id",
+                             [entry["run_id"]]).to_pydict()
+        return {"eval_run_id": entry["run_id"], "eval_loss": entry["mean_loss"], "eval_row_ids": t["row_id"],
+                "n_tokens": t["n_tokens"], "loss_sum": t["loss_sum"]}
+
+    def downstream(self, adapter: str | None) -> dict[str, Any]:
+        if self.downstream_reason:
+            return {"downstream": None, "downstream_reason": self.downstream_reason, "math_row_ids": [],
+                    "correct": [], "generations": []}
+        from extractors.adapters import apply_adapter
+        from extractors.model import load_model
+        from trainers.math_check import stated_answer
+        from trainers.steering_eval import generate
+
+        lm = load_model(self.model, self.device, self.compute_dtype,
+                        Path(self.model_cache) if self.model_cache else None)
+        if adapter:
+            lm = apply_adapter(lm, adapter, self.store)
+        gens = generate(lm, [self.prompts[r] for r in self.math_ids], self.max_new_tokens, self.gen_batch_size)
+        correct = [int(stated_answer(g) == self.truth[r]) for r, g in zip(self.math_ids, gens)]
+        return {"downstream": sum(correct) / len(correct), "downstream_reason": None, "math_row_ids": self.math_ids,
+                "correct": correct, "generations": gens}
+
+
+def math_rows(store: Store, eval_split: str, max_rows: int, enabled: bool) -> tuple[list[str], dict, dict, str | None]:
+    """The math eval rows whose answer can be recomputed (trainers.math_check), or why there are none."""
+    from trainers.math_check import true_answer
+    from trainers.steering_eval import prompts_of
+
+    if not enabled:
+        return [], {}, {}, "--no-downstream"
+    if max_rows == 0:
+        return [], {}, {}, "--math-max-rows 0"
+    ids = store.query("SELECT DISTINCT r.row_id FROM rows r JOIN split_members s USING (row_id) WHERE s.split = ? "
+                      f"AND r.category = 'math' ORDER BY r.row_id LIMIT {int(max_rows)}", [eval_split]
+                      ).column(0).to_pylist()
+    if not ids:
+        return [], {}, {}, f"no math-category rows in split {eval_split!r}"
+    prompts = prompts_of(store, ids)
+    truth = {r: true_answer(prompts[r][-1]["content"]) for r in ids}
+    ids = [r for r in ids if truth[r] is not None]
+    if not ids:
+        return [], {}, {}, f"no math row of split {eval_split!r} has an answer recomputable from its question"
+    return ids, {r: truth[r] for r in ids}, prompts, None
+
+
+def commit(store: Store, run_id: str, arm_id: str, rec: dict[str, Any]) -> None:
+    """The arm's JSON, then its selection_runs row (the commit)."""
+    write_json(store.run_dir(run_id) / "arms" / f"{arm_id}.json", rec)
+    row = {n: rec.get(n) for n in SCHEMA.names}
+    row.update({"run_id": run_id, "created_at": datetime.now(UTC), "eval_rows": len(rec["eval_row_ids"]),
+                "eval_tokens": int(sum(rec["n_tokens"])), "downstream_rows": len(rec["math_row_ids"])})
+    store.write_table(TABLE, pa.Table.from_pylist([row], schema=SCHEMA), part=f"{run_id}/{arm_id}")
+
+
+def train_arm(store: Store, run_id: str, arm: Arm, subset: str, n_rows: int, base: Any, budget: Budget,
+              cfg: Any) -> dict[str, Any]:
+    """Continuation finetune of one arm (see the module docstring); returns the new adapter's record."""
+    from trainers.finetune import FinetuneConfig, run_finetune
+
+    steps, epochs = budget.steps_for(n_rows)
+    sql = f"SELECT row_id FROM subsets WHERE subset = '{subset}' /* {TAG} {run_id}, arm {arm.arm_id} */"
+    res = run_finetune(FinetuneConfig(
+        store=str(store.root), train_rows_sql=sql, eval_split="", model=cfg.model,
+        resume_adapter=spec_of(store, base), lr=budget.lr, warmup_steps=budget.warmup_steps, epochs=epochs,
+        max_steps=steps, batch_size=budget.batch_size, grad_accum=budget.grad_accum, seed=arm.seed,
+        max_length=cfg.max_length, on_long=cfg.on_long, device=cfg.device, compute_dtype=cfg.compute_dtype,
+        model_cache=cfg.model_cache, progress=cfg.progress))
+    if res.metrics["steps"] != steps:          # the budget check's promise, verified on the result
+        raise StoreError(f"arm {arm.arm_id} took {res.metrics['steps']} steps, expected {steps}")
+    return {"adapter": res.adapter, "finetune_run_id": res.run_id, "steps": steps, "epochs": epochs}

@@ -1,0 +1,242 @@
+"""The selection experiment on a tiny random Llama: it runs end to end, its differences are the arms'
+own eval losses subtracted, its CIs contain its estimates, identical arms give exactly 0, arms of
+unequal budget are refused, a rerun with more seeds reuses the finished arms, and the statistics'
+fast paths equal plain loops. The same store, with a small SAE's tables and a predictor fitted on
+synthetic attribution, runs notebooks/attribution_selection.ipynb top to bottom."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from analytics import select_stats
+from analytics.select_experiment import SelectExperimentConfig, main
+from store.core import Store
+from tests.conftest import ingest_small
+from tests.test_notebooks import NOTEBOOKS, execute
+from trainers.finetune import main as ft_main
+
+SIZES = {"train_base": 30, "attr_query": 2, "eval": 6}
+RUN = "attribution-synthetic"
+
+
+def synthetic_attribution(store: Path, n_top: int = 4) -> None:
+    """An attribution_scores part whose top n_top rows come from distinct categories that have at
+    least 3 pool rows (so a matched random draw outside the top has a choice), the rest random."""
+    from extractors.attribution import SCORES_SCHEMA
+
+    st = Store(store)
+    pool = st.query("SELECT r.row_id, r.category FROM rows r JOIN split_members s USING (row_id) "
+                    "WHERE s.split = 'score_pool' ORDER BY r.row_id").to_pylist()
+    counts: dict[str, int] = {}
+    for r in pool:
+        counts[r["category"]] = counts.get(r["category"], 0) + 1
+    rng = np.random.default_rng(0)
+    score = {r["row_id"]: float(rng.normal()) for r in pool}
+    seen: set[str] = set()
+    for r in pool:
+        if counts[r["category"]] >= 3 and r["category"] not in seen and len(seen) < n_top:
+            seen.add(r["category"])
+            score[r["row_id"]] = 10.0 + len(seen)
+    ids = sorted(score, key=lambda i: (-score[i], i))
+    n = len(ids)
+    st.write_table("attribution_scores", pa.table({
+        "run_id": [RUN] * n, "row_id": ids, "score": [score[i] for i in ids], "rank": list(range(1, n + 1)),
+        "adapter": ["x"] * n, "score_mode": ["mean"] * n, "preconditioning": ["none"] * n,
+        "projection_dim": [0] * n, "query_split": ["attr_query"] * n, "pool_split": ["score_pool"] * n},
+        schema=SCORES_SCHEMA), part=RUN)
+    st.refresh_catalog()
+
+
+@pytest.fixture(scope="module")
+def exp_store(tmp_path_factory, tiny_model):
+    """30 pool rows, 6 eval rows (one math), a base adapter (1 step), synthetic attribution, and for the
+    notebook an SAE on layer 2 with its tables and a predictor (all through their commands)."""
+    from extractors.run import main as extract_main
+    from trainers.sae import main as sae_main
+    from trainers.sae_predictor import main as predictor_main
+
+    store = tmp_path_factory.mktemp("select") / "store"
+    ingest_small(store, SIZES, model=tiny_model)
+    common = ["--store", str(store), "--no-progress"]
+    assert extract_main(["--layer", "2", "--model", tiny_model, *common]) == 0
+    assert sae_main(["--layer", "2", "--model", tiny_model, "--steps", "20", "--batch-tokens", "256", "--d-sae", "128",
+                     "--k", "8", "--ce-rows", "0", "--init-batches", "2", "--log-every", "10", *common]) == 0
+    assert extract_main(["--layer", "2", "--kinds", "sae", "--sae", "latest", "--model", tiny_model, *common]) == 0
+    assert ft_main(["--model", tiny_model, "--eval-split", "", "--max-steps", "1", "--batch-size", "4", "--lr", "1e-2",
+                    "--lora-r", "4", *common]) == 0
+    synthetic_attribution(store)
+    assert predictor_main(["--sae", "latest", "--attribution", RUN, "--bootstrap", "200", *common]) == 0
+    return store
+
+
+def _args(store, model, *extra):
+    return ["--store", str(store), "--model", model, "--selector", f"attribution:{RUN}", "--max-steps", "1",
+            "--batch-size", "2", "--lr", "1e-2", "--math-max-rows", "2", "--max-new-tokens", "6", "--n-boot", "400",
+            "--n-perm", "2000", "--no-progress", *extra]
+
+
+def _finetunes(store) -> int:
+    return Store(store).query("SELECT count(*) FROM runs WHERE kind = 'finetune'").column(0)[0].as_py()
+
+
+def _result(store, capsys, want: str = "pooled: eval loss") -> dict:
+    out = capsys.readouterr().out
+    assert want in out, out
+    path = next(line.split()[1] for line in out.splitlines() if line.startswith("JSON "))
+    return json.loads(Path(path).read_text())
+
+
+def _inside(e: dict) -> bool:
+    return e["ci_low"] <= e["estimate"] <= e["ci_high"] and 0 < e["p_value"] <= 1
+
+
+def test_end_to_end_then_more_seeds_reuses_the_finished_arms(exp_store, tiny_model, capsys):
+    before = _finetunes(exp_store)
+    assert main(_args(exp_store, tiny_model, "--k", "4", "--seeds", "1")) == 0
+    first = _result(exp_store, capsys)
+    assert _finetunes(exp_store) == before + 2 and first["trained_arms"] == 2
+    assert main(_args(exp_store, tiny_model, "--k", "4", "--seeds", "2")) == 0
+    res = _result(exp_store, capsys)
+    assert _finetunes(exp_store) == before + 4                   # seed 0's two arms were not retrained
+    assert res["run_id"] == first["run_id"] and res["reused_arms"] == 2 and res["trained_arms"] == 2
+    assert [a["adapter"] for a in res["arms"] if a["seed"] == 0] == [a["adapter"] for a in first["arms"]]
+    st = Store(exp_store)
+    rows = st.query("SELECT * FROM selection_runs WHERE run_id = ? ORDER BY seed NULLS FIRST, arm",
+                    [res["run_id"]]).to_pylist()
+    assert [(r["seed"], r["arm"]) for r in rows] == [(None, "base"), (0, "random4"), (0, "top4"), (1, "random4"),
+                                                     (1, "top4")]
+    assert all(r["steps"] == (0 if r["seed"] is None else 1) and r["eval_rows"] == SIZES["eval"] for r in rows)
+    assert {r["n_train_rows"] for r in rows if r["seed"] is not None} == {4}
+    # The arms continued the base adapter, each on its own subset, with finetune seed = the experiment seed.
+    ad = {r["adapter"]: r for r in st.query("SELECT * FROM adapters").to_pylist()}
+    for r in rows[1:]:
+        assert ad[r["adapter"]]["resumed_from"] == res["base_adapter"] and r["subset"] in ad[r["adapter"]][
+            "train_rows_sql"]
+        assert json.loads(ad[r["adapter"]]["config"])["seed"] == r["seed"]
+    top = st.query("SELECT row_id FROM subsets WHERE subset = ?", [rows[2]["subset"]]).column(0).to_pylist()
+    rand = [st.query("SELECT row_id FROM subsets WHERE subset = ?", [r["subset"]]).column(0).to_pylist()
+            for r in (rows[1], rows[3])]
+    assert all(not set(top) & set(x) for x in rand)             # --overlap exclude (the default)
+    # Each seed's difference is exactly the two arms' eval losses (as trainers.eval_loss reports them) subtracted.
+    c = res["comparisons"]["top4_vs_random4"]
+    loss = {(r["seed"], r["arm"]): r["eval_loss"] for r in rows}
+    for s, e in enumerate(c["eval_loss"]["per_seed"]):
+        assert e["estimate"] == pytest.approx(loss[(s, "top4")] - loss[(s, "random4")], abs=1e-9)
+        assert _inside(e)
+    assert c["eval_loss"]["pooled"]["estimate"] == pytest.approx(np.mean([e["estimate"] for e in
+                                                                           c["eval_loss"]["per_seed"]]))
+    assert _inside(c["eval_loss"]["pooled"]) and c["eval_loss"]["pooled"]["n_seeds"] == 2
+    assert res["base"]["eval_loss"][0] == pytest.approx(loss[(None, "base")])
+    # The one math eval row was generated and checked in every arm.
+    assert res["downstream"] == {"rows": 1, "skipped_because": None} and c["downstream"]["pooled"]["n_rows"] == 1
+    assert Path(res["plot"]).read_bytes()[:4] == b"\x89PNG"
+    # A run killed before seed 1's random arm was committed: the rerun trains that arm alone.
+    st.delete_part("selection_runs", f"{res['run_id']}/s1-random4")
+    assert main(_args(exp_store, tiny_model, "--k", "4", "--seeds", "2")) == 0
+    again = _result(exp_store, capsys)
+    assert (again["trained_arms"], again["reused_arms"], _finetunes(exp_store)) == (1, 3, before + 5)
+    assert again["comparisons"]["top4_vs_random4"]["eval_loss"]["per_seed"][0] == c["eval_loss"]["per_seed"][0]
+
+
+def test_identical_arms_give_exactly_zero(exp_store, tiny_model, capsys):
+    # k = the pool with --overlap allow: the matched random draw is the whole pool, the top k too.
+    assert main(_args(exp_store, tiny_model, "--k", "30", "--overlap", "allow", "--seeds", "1",
+                      "--no-downstream", "--eval-max-rows", "4")) == 0
+    res = _result(exp_store, capsys)
+    c = res["comparisons"]["top30_vs_random30"]["eval_loss"]
+    for e in [*c["per_seed"], c["pooled"]]:
+        assert (e["estimate"], e["ci_low"], e["ci_high"], e["p_value"]) == (0.0, 0.0, 0.0, 1.0)
+    assert res["downstream"]["skipped_because"] == "--no-downstream"
+    assert res["comparisons"]["top30_vs_random30"]["downstream"] is None
+
+
+def test_scale_ablation_and_budget_mismatch(exp_store, tiny_model, capsys):
+    n = _finetunes(exp_store)
+    base = _args(exp_store, tiny_model, "--k", "8", "--seeds", "1", "--ablation", "scale", "--no-downstream",
+                 "--eval-max-rows", "4")
+    no_steps = [a for i, a in enumerate(base) if a != "--max-steps" and base[i - 1] != "--max-steps"]
+    assert main(no_steps) == 2                                  # top4 takes 2 steps of 2 rows, top8 takes 4
+    err = capsys.readouterr().err
+    assert "the arms would differ in budget" in err and "top4" in err and "pass --max-steps 4" in err
+    assert _finetunes(exp_store) == n                           # refused before anything trained
+    assert main(base) == 0
+    res = _result(exp_store, capsys)
+    assert set(res["comparisons"]) == {"top4_vs_top8", "ranks5-8_vs_random4_from_9-"}
+    st = Store(exp_store)
+    ranks = {a["arm"]: st.query("SELECT source_rank FROM subsets WHERE subset = ? ORDER BY source_rank",
+                                [a["subset"]]).column(0).to_pylist() for a in res["arms"]}
+    assert ranks["top4"] == [1, 2, 3, 4] and ranks["top8"] == list(range(1, 9)) and ranks["ranks5-8"] == [5, 6, 7, 8]
+    assert len(ranks["random4_from_9-"]) == 4 and min(ranks["random4_from_9-"]) > 8
+    assert all(_inside(c["eval_loss"]["pooled"]) for c in res["comparisons"].values())
+    assert _finetunes(exp_store) == n + 4
+
+
+def test_bad_input_gets_one_clear_error(exp_store, tiny_model, capsys):
+    for extra, msg in [(["--k", "100"], "larger than the pool"),
+                       (["--resume-adapter", "nope"], "adapters in this store: "),
+                       (["--eval-split", "nope"], "--eval-split 'nope' has no rows"),
+                       (["--selector", "attribution:nope"], "attribution run 'nope' has no rows")]:
+        assert main(_args(exp_store, tiny_model, *extra)) == 2, extra
+        assert msg in capsys.readouterr().err, extra
+    for extra, msg in [(["--k", "0"], "--k must be positive"), (["--selector", "random"], "both arms random")]:
+        with pytest.raises(SystemExit):
+            main(_args(exp_store, tiny_model, *extra))
+        assert msg in capsys.readouterr().err, extra
+
+
+def test_help_documents_every_option(capsys):
+    import dataclasses
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(SelectExperimentConfig):
+        assert "--" + f.name.replace("_", "-") in out and f.metadata.get("help"), f.name
+
+
+def test_statistics_equal_plain_loops():
+    rng = np.random.default_rng(5)
+    S, n, B = 3, 17, 300
+    delta, w = rng.normal(size=(S, n)), rng.integers(1, 9, n).astype(float)
+    # Crossed paired bootstrap: the same draws as the vectorised version, in a loop.
+    lo, hi = select_stats.bootstrap_ci(delta, w, B, np.random.default_rng(1))
+    r = np.random.default_rng(1)
+    rows, seeds = r.integers(0, n, (B, n)), r.integers(0, S, (B, S))
+    ref = [np.mean([delta[s, rows[b]].sum() / w[rows[b]].sum() for s in seeds[b]]) for b in range(B)]
+    assert (lo, hi) == pytest.approx((np.percentile(ref, 2.5), np.percentile(ref, 97.5)))
+    # Sign flips: the same signs, in a loop.
+    p = select_stats.sign_flip_p(delta, w, 1000, np.random.default_rng(2))
+    signs = np.random.default_rng(2).choice(np.array([-1.0, 1.0]), size=(1000, n))
+    a = [delta[:, i].sum() / (S * w.sum()) for i in range(n)]
+    t = abs(sum(a))
+    assert p == (1 + sum(abs(sum(sg * ai for sg, ai in zip(row, a))) >= t - 1e-12 for row in signs)) / 1001
+    # The point estimate is the mean over seeds of each seed's weighted difference.
+    assert select_stats.point(delta, w) == pytest.approx(np.mean([(d.sum()) / w.sum() for d in delta]))
+    # A clear shift is detected, no shift is not: p small vs p = 1 for exact zeros.
+    shifted = select_stats.compare(np.abs(delta) + 0.5, w, n_boot=200, n_perm=2000)["pooled"]
+    assert shifted.p_value < 0.01 and shifted.ci_low > 0
+    zero = select_stats.compare(np.zeros((S, n)), w, n_boot=200, n_perm=200)["pooled"]
+    assert (zero.estimate, zero.ci_low, zero.ci_high, zero.p_value) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_notebook_runs_on_the_store(exp_store, tiny_model, capsys):
+    import nbformat
+
+    committed = nbformat.read(NOTEBOOKS / "attribution_selection.ipynb", as_version=4)
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in committed.cells
+               if c.cell_type == "code")                        # committed without outputs
+    # The 2-seed experiment (its arms reused when the first test trained them).
+    assert main(_args(exp_store, tiny_model, "--k", "4", "--seeds", "2")) == 0
+    res = _result(exp_store, capsys)
+    nb = execute("attribution_selection.ipynb", {"STORE": str(exp_store), "EXPERIMENT": res["run_id"]})
+    text = "\n".join(o.get("text", "") + "".join(str(v) for k, v in o.get("data", {}).items() if k.startswith("text/"))
+                     for c in nb.cells for o in c.get("outputs", []))
+    assert f"attribution run {RUN}" in text and "Spearman (held-out)" in text and "toward top" in text
+    assert "[[" in text                                          # SAE feature contexts from sae_top_contexts
+    assert "pooled top4 - random4: eval loss" in text and res["run_id"] in text
+    assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) >= 3
