@@ -204,6 +204,10 @@ def run_bench(cfg: BenchS3Config) -> dict[str, Any]:
         finally:
             Store(url).root.rmtree()
             shutil.rmtree(staging_root(url), ignore_errors=True)     # its run folders' local staging
+            try:
+                staging_root(url).parent.rmdir()                     # and the staging folder, if now empty
+            except OSError:
+                pass
         for r in results:                  # S3 speed as a fraction of local speed (same work)
             if r["store"] != "local disk":
                 for suffix, key in ((" (warm)", "vs_local_warm"), (" (cold)", "vs_local_cold"), ("", "vs_local")):

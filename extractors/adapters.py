@@ -114,7 +114,8 @@ def read_folder(folder: Path) -> AdapterRef:
     meta_path = folder / META_FILE
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        return AdapterRef(meta["adapter"], str(folder), meta.get("base_model", ""), meta.get("base_hash", ""),
+        # written by write_meta (the AdapterRef's fields: `name`); older folders said `adapter`
+        return AdapterRef(meta.get("name") or meta["adapter"], str(folder), meta.get("base_model", ""), meta.get("base_hash", ""),
                           meta.get("run_id", ""))
     peft_cfg = json.loads((folder / PEFT_CONFIG).read_text())
     name = f"{_sanitize(folder.name)}-{weights_hash(folder)[:8]}"

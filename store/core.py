@@ -45,7 +45,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store.fs import RemotePath, filesystem, is_url, staging_root
+from store.fs import RemotePath, filesystem, is_url, staging_root, temp_path  # noqa: F401 (temp_path: re-exported)
 from store.native import sync as sync_native
 
 STORE_VERSION = "1"
@@ -89,12 +89,6 @@ def file_signature(path: Path | os.DirEntry) -> tuple[int, int, int]:
     new inode) or recreated; what the per-process caches of catalog files key on."""
     st = path.stat()
     return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def temp_path(path: Path) -> Path:
-    """Where to write `path` before renaming it into place: `.<name>.<pid>-<random>.tmp`, so
-    a killed writer's leftover can be told from a live writer's (sweep_temp_files)."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
 
 
 _TMP_PID = re.compile(r"\.(\d+)-[0-9a-f]{12}(\.duckdb)?\.tmp$")

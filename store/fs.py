@@ -7,9 +7,10 @@ writes by temp file + `os.replace` + fsync, `O_EXCL` claims. A URL root gives th
 `unlink`, `stat`, ...) over one fsspec filesystem, so store code that only joins, lists and
 reads paths runs unchanged on both; the few operations that differ are here:
 
-* `put_atomic(path, data)`: a whole object in one request. An S3 PUT is atomic per object:
-  readers see the old object or the new one, never a part of it, which is what the local
-  temp-file + rename gives; so a unit's commit file still appears whole or not at all.
+* whole-object writes (`RemotePath.write_bytes`, used by `Store.write_table` and
+  `atomic_write_bytes`): an S3 PUT is atomic per object, readers see the old object or the
+  new one, never a part of it, which is what the local temp-file + rename gives; so a unit's
+  commit file still appears whole or not at all.
 * `create_exclusive(path, data)`: create-if-absent (`O_EXCL` locally; on S3 a conditional
   PUT with `If-None-Match: *`, s3fs's `mode="xb"`), for claims and Zarr group metadata.
 * `scan(folder)`: (name, signature) of the files in one folder, one listing request.
@@ -28,6 +29,7 @@ import fnmatch
 import hashlib
 import io
 import os
+import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, NamedTuple
 
@@ -230,15 +232,10 @@ class RemotePath:
 AnyPath = Path | RemotePath
 
 
-def put_atomic(path: AnyPath, data: bytes) -> None:
-    """Write a whole file or object so that readers see the old or the new one, never a torn
-    one (local: temp file, fsync, rename, fsync the folder; remote: one PUT)."""
-    if isinstance(path, RemotePath):
-        path.write_bytes(data)
-        return
-    from store.core import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
+def temp_path(path: Path) -> Path:
+    """Where to write `path` before renaming it into place: `.<name>.<pid>-<random>.tmp`, so
+    a killed writer's leftover can be told from a live writer's (store.core.sweep_temp_files)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
 
 
 def create_exclusive(path: AnyPath, data: bytes) -> bool:
@@ -255,8 +252,6 @@ def create_exclusive(path: AnyPath, data: bytes) -> bool:
     # Locally: the content goes to a temp file first, which is then hard-linked into place;
     # the link fails if the name exists, and a reader never sees the file empty or half
     # written (with O_EXCL + write, a reader in between would see an empty claim).
-    from store.core import temp_path
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:

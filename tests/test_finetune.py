@@ -82,7 +82,9 @@ def test_adapter_opens_with_plain_peft_and_matches_apply_adapter(trained, tiny_m
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = resolve_adapter(Store(trained), "latest").path
+    ref = resolve_adapter(Store(trained), "latest")
+    folder = ref.path
+    assert resolve_adapter(Store(trained), folder) == ref     # its folder names the same registered adapter
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), folder).eval()
     AutoTokenizer.from_pretrained(folder)                     # the tokenizer is saved beside it
     ours = apply_adapter(load_model(tiny_model, "cpu"), "latest", Store(trained))
