@@ -36,4 +36,5 @@ bench: setup
 	$(BIN)/python -m bench.finetune
 	$(BIN)/python -m bench.attribution
 	$(BIN)/python -m bench.s3
-	nice -n 5 $(BIN)/python -m bench.catalog
+	$(BIN)/python -m bench.ranks
+	$(BIN)/python -m bench.catalog

@@ -163,7 +163,6 @@ def _tokenize(store: Any, tok: Any, model_id: str, unit_tokens: int, tz: str, in
     temporary Parquet file, the layout is planned from the per-row counts (the running sum
     needs nothing else), then each file gets its tok_index and becomes one part of `tokens`
     (store.tokens.write_tokenization). Memory holds one batch plus ~100 bytes per row."""
-    import tempfile
     from pathlib import Path
 
     import pyarrow.parquet as pq
@@ -176,7 +175,7 @@ def _tokenize(store: Any, tok: Any, model_id: str, unit_tokens: int, tz: str, in
     n_rows = store.query("SELECT count(*) FROM rows").column(0)[0].as_py()
     planned: list[tuple[str, str, int]] = []
     con = store.connect()
-    with tempfile.TemporaryDirectory(prefix="tokenize-") as tmp:
+    with store.scratch("tokenize") as tmp:
         parts: list[Path] = []
         try:
             reader = con.sql("SELECT row_id, split, messages FROM rows").fetch_record_batch(batch_rows)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 
 import pyarrow.parquet as pq
 import pytest
 
 from extractors.ingest.sample import generate_sample, iter_sample
+from store.core import Store, StoreError
 
 REFERENCE = {
     "rows": ("a812d5e6e13593d22c834a52f3eae52b14f0cb42b428ac1d08a2d817296216b2", 800),
@@ -102,3 +104,25 @@ def test_streaming_batch_sizes_are_checked(tmp_path):
         IngestConfig(store=str(tmp_path), batch_rows=0)
     with pytest.raises(ValueError, match="batch_rows must be positive, got -1"):
         write_rows_table(None, {}, {}, -1, schema=None, splits=(), make_row=None)
+
+
+def test_spill_files_live_in_the_store_scratch_and_a_killed_process_leaves_none(tmp_path):
+    import subprocess
+    import sys
+
+    store = Store(tmp_path / "st")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)                                  # a pid that has exited
+    left = store.root / "scratch" / f"tokenize-{dead_pid}-{'a' * 12}"
+    live = store.root / "scratch" / f"tokenize-{os.getppid()}-{'b' * 12}"
+    for d in (left, live):
+        d.mkdir(parents=True)
+        (d / "00000.parquet").write_bytes(b"x")
+    with store.scratch("ingest-rows") as folder:
+        assert folder.parent == store.root / "scratch" and folder.is_dir()
+        assert not left.exists() and live.exists()              # only the dead process's folder goes
+        (folder / "spill").write_bytes(b"y")
+    assert not folder.exists()
+    with pytest.raises(StoreError, match="scratch purpose"):
+        with store.scratch("../x"):
+            pass

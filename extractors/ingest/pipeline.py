@@ -59,11 +59,11 @@ def run_ingest(cfg: IngestConfig, progress: bool = True) -> IngestResult:
     from extractors.model import load_tokenizer
 
     store = Store(cfg.store)
-    source = load_source(cfg.source, cfg.config, cfg.revision, sample_seed=cfg.sample_seed,
-                         sample_train=cfg.sample_train, sample_test=cfg.sample_test)
     tok = load_tokenizer(cfg.model)
     # A second process ingesting into the same store waits for the first, then finds it done.
-    with claims.exclusive(store, "setup", "ingest"):
+    with claims.exclusive(store, "setup", "ingest"), store.scratch("ingest-source") as scratch:
+        source = load_source(cfg.source, cfg.config, cfg.revision, sample_seed=cfg.sample_seed,
+                             sample_train=cfg.sample_train, sample_test=cfg.sample_test, scratch=scratch)
         return ingest(store, source, tok, tokenizer_id=cfg.model, seed=cfg.seed,
                       sizes={"train_base": cfg.train_base, "attr_query": cfg.attr_query, "eval": cfg.eval},
                       max_conversation_tokens=cfg.max_conversation_tokens, progress=progress,

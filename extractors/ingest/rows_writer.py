@@ -18,7 +18,6 @@ column gives.
 from __future__ import annotations
 
 import heapq
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -71,7 +70,7 @@ def write_rows_table(store: Store, source_splits: dict[str, Iterable[dict]], cho
 
     fixed = set(schema.names)
     samples: dict[str, dict[type, Any]] = {}      # extra column -> {python type: one value}
-    with tempfile.TemporaryDirectory(prefix="ingest-rows-") as tmp:
+    with store.scratch("ingest-rows") as tmp:
         spooled: list[Path] = []
         batch: list[dict] = []
 

@@ -62,15 +62,17 @@ class SpooledRecords:
                 yield json.loads(line)
 
 
-def _spool_sample(seed: int, n_train: int, n_test: int) -> dict[str, SpooledRecords]:
-    """The embedded sample streamed to temporary JSON-lines files, one per split (the records
+def _spool_sample(seed: int, n_train: int, n_test: int, scratch: Path | None) -> dict[str, SpooledRecords]:
+    """The embedded sample streamed to JSON-lines files, one per split, in `scratch` (the
+    store's scratch folder, see Store.scratch; without one, a temporary folder) (the records
     round-trip exactly: str, int, float, bool and None values only)."""
     import tempfile
 
     from extractors.ingest.sample import iter_sample
 
-    tmp = tempfile.TemporaryDirectory(prefix="embedded-sample-")
-    paths = {s: Path(tmp.name) / f"{s}.jsonl" for s in ("train", "test")}
+    tmp = tempfile.TemporaryDirectory(prefix="embedded-sample-") if scratch is None else None
+    folder = Path(tmp.name) if tmp is not None else scratch
+    paths = {s: folder / f"{s}.jsonl" for s in ("train", "test")}
     counts = dict.fromkeys(paths, 0)
     files = {s: open(p, "w", encoding="utf-8") for s, p in paths.items()}
     try:
@@ -178,10 +180,12 @@ def _missing_path(spec: str, path: Path) -> SourceError:
 
 
 def load_source(spec: str, config: str | None = None, revision: str | None = None, *,
-                sample_seed: int = 0, sample_train: int = 1000, sample_test: int = 250) -> Source:
-    """Load every split of `spec` (see the module doc for what it may name) into memory."""
+                sample_seed: int = 0, sample_train: int = 1000, sample_test: int = 250,
+                scratch: Path | None = None) -> Source:
+    """Load every split of `spec` (see the module doc for what it may name) into memory (the
+    embedded sample: spooled to files in `scratch`, which must outlive the Source)."""
     if spec == EMBEDDED:
-        splits = _spool_sample(sample_seed, sample_train, sample_test)
+        splits = _spool_sample(sample_seed, sample_train, sample_test, scratch)
         return Source("embedded:smoltalk-sample", f"seed={sample_seed},train={sample_train},test={sample_test}",
                       None, _hash_records(splits), splits, {s: f"embedded sample [{s}]" for s in splits})
     path = Path(spec).expanduser()
