@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import zarr
 
 from store.core import Store
 from store.verify import verify
+from tests.store_compare import catalog_rows
 
 REPO = Path(__file__).resolve().parent.parent
 KILLS = 10
@@ -121,19 +121,7 @@ def _kill_chain(store: Path, cmd: list[str], seed: int) -> list[str]:
 
 
 def _tables(store: Path) -> dict[str, list[tuple]]:
-    """Every catalog table but runs, as sorted rows without volatile columns."""
-    out = {}
-    for d in sorted((store / "catalog").iterdir()):
-        if d.name == "runs" or not d.is_dir():
-            continue
-        rows = []
-        for f in sorted(d.rglob("*.parquet")):
-            t = pq.read_table(f)
-            keep = [c for c in t.column_names if c not in VOLATILE]
-            rows += [tuple(json.dumps(r[c], sort_keys=True, default=str) for c in keep) for r in
-                     t.select(keep).to_pylist()]
-        out[d.name] = sorted(rows)
-    return out
+    return catalog_rows(store, VOLATILE)
 
 
 def _arrays(store: Path) -> dict[str, np.ndarray]:

@@ -31,11 +31,11 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from store.core import Store
 from store.verify import verify
+from tests.store_compare import catalog_rows
 
 REPO = Path(__file__).resolve().parent.parent
 INGEST = ["--train-base", "32", "--attr-query", "4", "--eval", "4", "--sample-train", "60", "--sample-test", "16"]
@@ -141,19 +141,7 @@ def _metadata(store: Path) -> dict[str, dict]:
 
 
 def _tables(store: Path) -> dict[str, list[tuple]]:
-    """Every catalog table but runs, as sorted rows without the VOLATILE columns."""
-    out = {}
-    for d in sorted((store / "catalog").iterdir()):
-        if d.name == "runs" or not d.is_dir():
-            continue
-        rows = []
-        for f in sorted(d.rglob("*.parquet")):
-            t = pq.read_table(f)
-            keep = [c for c in t.column_names if c not in VOLATILE]
-            rows += [tuple(json.dumps(r[c], sort_keys=True, default=str) for c in keep)
-                     for r in t.select(keep).to_pylist()]
-        out[d.name] = sorted(rows)
-    return out
+    return catalog_rows(store, VOLATILE)
 
 
 def _runs(store: Path) -> list[dict]:
