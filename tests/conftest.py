@@ -69,6 +69,18 @@ def ingest_small(store: Path, sizes: dict[str, int], model: str = "embedded") ->
 
 
 @pytest.fixture(scope="session")
+def sae_dir(tmp_path_factory) -> Path:
+    """A random-init TopK SAE for tiny_model's 64-wide residual stream (sae-lens format)."""
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_sae") / "sae"
+    TopKSAE(TopKSAEConfig(d_in=64, d_sae=128, k=8)).save_model(str(d))
+    return d
+
+
+@pytest.fixture(scope="session")
 def real_store(tmp_path_factory) -> Path:
     """The real model's layers 6 and 17 over 160 rows of the embedded sample (read-only)."""
     from extractors.pipeline import ExtractConfig

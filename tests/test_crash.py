@@ -52,18 +52,6 @@ def _kinds(sae_dir: Path) -> dict[str, list[str]]:
     return kinds
 
 
-@pytest.fixture(scope="module")
-def sae_dir(tmp_path_factory) -> Path:
-    """A random-init TopK SAE for the tiny model's 64-wide residual stream (sae-lens format)."""
-    import torch
-    from sae_lens import TopKSAE, TopKSAEConfig
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("crash_sae") / "sae"
-    TopKSAE(TopKSAEConfig(d_in=64, d_sae=128, k=8)).save_model(str(d))
-    return d
-
-
 def _cmd(store: Path, model: str, cache: Path, kind_args: list[str]) -> list[str]:
     return [sys.executable, "-c", DRIVER, "--store", str(store), "--model", model, *INGEST, "--",
             "--store", str(store), "--model", model, "--unit-tokens", "512", "--batch-tokens", "512",

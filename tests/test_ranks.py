@@ -53,18 +53,6 @@ TIMEOUT = 240
 
 
 @pytest.fixture(scope="module")
-def sae_dir(tmp_path_factory) -> Path:
-    """A random-init TopK SAE for the tiny model's 64-wide residual stream (sae-lens format)."""
-    import torch
-    from sae_lens import TopKSAE, TopKSAEConfig
-
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("ranks_sae") / "sae"
-    TopKSAE(TopKSAEConfig(d_in=64, d_sae=128, k=8)).save_model(str(d))
-    return d
-
-
-@pytest.fixture(scope="module")
 def ingested(tmp_path_factory, tiny_model) -> Path:
     """A store with the small sample ingested (not yet tokenized): copied for every run."""
     from extractors.dataset import main as ingest
