@@ -168,6 +168,7 @@ def _tokenize(store: Any, tok: Any, model_id: str, unit_tokens: int, tz: str, in
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
+    from store.scratch import scratch
     from store.tokens import plan_layout, write_tokenization
 
     if batch_rows <= 0:
@@ -175,7 +176,7 @@ def _tokenize(store: Any, tok: Any, model_id: str, unit_tokens: int, tz: str, in
     n_rows = store.query("SELECT count(*) FROM rows").column(0)[0].as_py()
     planned: list[tuple[str, str, int]] = []
     con = store.connect()
-    with store.scratch("tokenize") as tmp:
+    with scratch(store, "tokenize") as tmp:
         parts: list[Path] = []
         try:
             reader = con.sql("SELECT row_id, split, messages FROM rows").fetch_record_batch(batch_rows)

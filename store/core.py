@@ -31,7 +31,6 @@ back to the absolute root the file was built at (details in `Store.refresh_catal
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -40,7 +39,7 @@ import threading
 import uuid
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import duckdb
 import pyarrow as pa
@@ -92,7 +91,6 @@ def file_signature(path: Path | os.DirEntry) -> tuple[int, int, int]:
     return st.st_ino, st.st_mtime_ns, st.st_size
 
 
-_SCRATCH_PID = re.compile(r"-(\d+)-[0-9a-f]{12}$")
 _TMP_PID = re.compile(r"\.(\d+)-[0-9a-f]{12}(\.duckdb)?\.tmp$")
 
 
@@ -225,27 +223,6 @@ class Store:
     def claims_dir(self) -> Path:
         """Claim files of cooperating writers (store.claims); empty when no writer is working."""
         return self.root / "claims"
-
-    @contextlib.contextmanager
-    def scratch(self, purpose: str) -> Iterator[Path]:
-        """A private local folder for one process's spill files (ingest and tokenization spool
-        their batches here), deleted on exit: `<root>/scratch/<purpose>-<pid>-<random>` (for a
-        remote store, under its local staging folder). Folders a killed process left (its pid
-        is gone) are deleted when the next one is made."""
-        if not _SAFE_PART.match(purpose):
-            raise StoreError(f"scratch purpose {purpose!r} must be one name (letters, digits, _ . -)")
-        base = (staging_root(str(self.root)) if self.remote else self.root) / "scratch"
-        base.mkdir(parents=True, exist_ok=True)
-        for old in base.iterdir():
-            m = _SCRATCH_PID.search(old.name)
-            if m and not pid_alive(int(m.group(1))):
-                shutil.rmtree(old, ignore_errors=True)
-        folder = base / f"{purpose}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        folder.mkdir()
-        try:
-            yield folder
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
 
     def array_path(self, name: str) -> Path:
         if not safe_name(name, slashes=True):

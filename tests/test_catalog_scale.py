@@ -18,6 +18,7 @@ import pytest
 
 from extractors.ingest.sample import generate_sample, iter_sample
 from store.core import Store, StoreError
+from store.scratch import scratch
 
 REFERENCE = {
     "rows": ("a812d5e6e13593d22c834a52f3eae52b14f0cb42b428ac1d08a2d817296216b2", 800),
@@ -118,11 +119,11 @@ def test_spill_files_live_in_the_store_scratch_and_a_killed_process_leaves_none(
     for d in (left, live):
         d.mkdir(parents=True)
         (d / "00000.parquet").write_bytes(b"x")
-    with store.scratch("ingest-rows") as folder:
+    with scratch(store, "ingest-rows") as folder:
         assert folder.parent == store.root / "scratch" and folder.is_dir()
         assert not left.exists() and live.exists()              # only the dead process's folder goes
         (folder / "spill").write_bytes(b"y")
     assert not folder.exists()
     with pytest.raises(StoreError, match="scratch purpose"):
-        with store.scratch("../x"):
+        with scratch(store, "../x"):
             pass

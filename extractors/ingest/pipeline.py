@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from store import claims
 from store.core import DEFAULT_STORE, Store
+from store.scratch import scratch
 
 if TYPE_CHECKING:
     from extractors.ingest.steps import IngestResult
@@ -61,9 +62,9 @@ def run_ingest(cfg: IngestConfig, progress: bool = True) -> IngestResult:
     store = Store(cfg.store)
     tok = load_tokenizer(cfg.model)
     # A second process ingesting into the same store waits for the first, then finds it done.
-    with claims.exclusive(store, "setup", "ingest"), store.scratch("ingest-source") as scratch:
+    with claims.exclusive(store, "setup", "ingest"), scratch(store, "ingest-source") as spill:
         source = load_source(cfg.source, cfg.config, cfg.revision, sample_seed=cfg.sample_seed,
-                             sample_train=cfg.sample_train, sample_test=cfg.sample_test, scratch=scratch)
+                             sample_train=cfg.sample_train, sample_test=cfg.sample_test, scratch=spill)
         return ingest(store, source, tok, tokenizer_id=cfg.model, seed=cfg.seed,
                       sizes={"train_base": cfg.train_base, "attr_query": cfg.attr_query, "eval": cfg.eval},
                       max_conversation_tokens=cfg.max_conversation_tokens, progress=progress,

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from store.core import Store
+from store.scratch import scratch
 
 RowBuilder = Callable[[str, str, int, dict, Any], dict]   # (split, source split, index, record, kept) -> row
 
@@ -70,7 +71,7 @@ def write_rows_table(store: Store, source_splits: dict[str, Iterable[dict]], cho
 
     fixed = set(schema.names)
     samples: dict[str, dict[type, Any]] = {}      # extra column -> {python type: one value}
-    with store.scratch("ingest-rows") as tmp:
+    with scratch(store, "ingest-rows") as tmp:
         spooled: list[Path] = []
         batch: list[dict] = []
 

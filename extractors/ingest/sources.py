@@ -64,7 +64,7 @@ class SpooledRecords:
 
 def _spool_sample(seed: int, n_train: int, n_test: int, scratch: Path | None) -> dict[str, SpooledRecords]:
     """The embedded sample streamed to JSON-lines files, one per split, in `scratch` (the
-    store's scratch folder, see Store.scratch; without one, a temporary folder) (the records
+    store's scratch folder, see store.scratch; without one, a temporary folder) (the records
     round-trip exactly: str, int, float, bool and None values only)."""
     import tempfile
 
