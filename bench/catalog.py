@@ -262,7 +262,7 @@ def _figure(path: Path, results: list[dict]) -> Path:
 
 
 def run_bench(cfg: BenchCatalogConfig) -> dict:
-    from bench.common import machine, print_table
+    from bench.common import machine, print_table, result_path
     from store.core import Store, write_json
     from store.runs import Run
 
@@ -307,7 +307,7 @@ def run_bench(cfg: BenchCatalogConfig) -> dict:
         qtext = print_table(qlines, [("store", "store", ""), ("view", "view", ""), ("lines", "lines", ","),
                                      ("count_s", "count s", ".3f"), ("sel_s", "10k-token selection s", ".3f"),
                                      ("sel_lines", "selected lines", ","), ("note", "note", "")])
-        out = Path(cfg.out) if cfg.out else Path("bench_out") / "catalog.json"
+        out = result_path(cfg.out, "catalog")
         result = {"benchmark": "catalog", "config": config_dict(cfg), "machine": machine(), "results": results,
                   "table": text, "query_table": qtext}
         out.parent.mkdir(parents=True, exist_ok=True)

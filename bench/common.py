@@ -69,6 +69,16 @@ def load_bench_model(model: str, device: str = "auto", dtype: str = "auto", cach
                        f"random init, {n / 1e6:.0f}M parameters, {shape} shape")
 
 
+def result_path(out: str | None, name: str, model: str | None = None, device: str | None = None) -> Path:
+    """Where a benchmark writes its JSON: --out, else bench_out/<name>.json, or with a model
+    bench_out/<name>_<model, as a file name>_<device>.json."""
+    if out:
+        return Path(out)
+    if model is not None:
+        name += f"_{model.replace(':', '-').replace('/', '_').strip('._-')[-40:]}_{device}"
+    return Path("bench_out") / f"{name}.json"
+
+
 def scratch_store(path: str | None, prefix: str) -> tuple[Store, Path | None]:
     """The given store, or a new temporary one; returns (store, folder to delete or None)."""
     if path:

@@ -37,7 +37,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -366,7 +365,7 @@ def run_bench(cfg: BenchExtractConfig) -> dict[str, Any]:
     """Set up once, measure each method, print the table, write JSON + PNG; returns the result."""
     import torch
 
-    from bench.common import bar_chart, disk_write_bandwidth, ingest_rows, machine, scratch_store, write_json
+    from bench.common import bar_chart, disk_write_bandwidth, ingest_rows, machine, result_path, scratch_store, write_json
     from extractors.model import decoder_layers
 
     store, tmp = scratch_store(cfg.store, "bench-extract-")
@@ -399,8 +398,7 @@ def run_bench(cfg: BenchExtractConfig) -> dict[str, Any]:
                     results[m] = r
                 results[m]["seconds_per_round"] = rounds
         summary, text = _summarize(results, s, disk)
-        out = Path(cfg.out) if cfg.out else Path("bench_out") / (
-            f"extract_{cfg.model.replace(':', '-').replace('/', '_').strip('._-')[-40:]}_{s.lm.device.type}.json")
+        out = result_path(cfg.out, "extract", cfg.model, s.lm.device.type)
         result = {"benchmark": "extract", "config": config_dict(cfg), "machine": machine(s.lm.device),
                   "model": {"id": s.lm.model_id, "hash": s.lm.model_hash, "device": str(s.lm.device),
                             "dtype": str(s.lm.dtype).replace("torch.", ""), "d_model": s.d_model,

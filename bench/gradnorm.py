@@ -29,7 +29,6 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from store.cli import config_dict, parse_config, user_errors
@@ -129,7 +128,7 @@ def _timed(s: _Setup, step) -> dict[str, Any]:
 def run_bench(cfg: BenchGradnormConfig) -> dict[str, Any]:
     import torch
 
-    from bench.common import bar_chart, ingest_rows, machine, print_table, scratch_store, write_json
+    from bench.common import bar_chart, ingest_rows, machine, print_table, result_path, scratch_store, write_json
     from bench.extract import _clear_arrays
     from extractors.gradnorm import extract_gradnorms, reference_grad_norms, token_grad_norms
     from extractors.pipeline import ExtractConfig
@@ -186,8 +185,7 @@ def run_bench(cfg: BenchGradnormConfig) -> dict[str, Any]:
         text = print_table(rows, [("method", "method", ""), ("tok/s", "tokens/s", ",.0f"), ("seconds", "s", ".2f"),
                                   ("vs forward", "x forward", ".3f")])
         print(", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float)))
-        out = Path(cfg.out) if cfg.out else Path("bench_out") / (
-            f"gradnorm_{cfg.model.replace(':', '-').replace('/', '_').strip('._-')[-40:]}_{s.lm.device.type}.json")
+        out = result_path(cfg.out, "gradnorm", cfg.model, s.lm.device.type)
         result = {"benchmark": "gradnorm", "config": config_dict(cfg), "machine": machine(s.lm.device),
                   "model": {"id": s.lm.model_id, "device": str(s.lm.device),
                             "dtype": str(s.lm.dtype).replace("torch.", "")},

@@ -154,7 +154,7 @@ def run_bench(cfg: BenchRanksConfig) -> dict[str, Any]:
     """Prepare once, run every case (interleaved rounds), print the table, write JSON + PNG."""
     import tempfile
 
-    from bench.common import bar_chart, machine, print_table, write_json
+    from bench.common import bar_chart, machine, print_table, result_path, write_json
 
     work = Path(cfg.store) if cfg.store else Path(tempfile.mkdtemp(prefix="bench-ranks-"))
     if (work / "catalog").is_dir() or (work / "arrays").is_dir():
@@ -190,8 +190,7 @@ def run_bench(cfg: BenchRanksConfig) -> dict[str, Any]:
                                   ("tokens_per_s", "tokens/s", ",.0f"), ("speedup", f"x {base} rank(s)", ".2f"),
                                   ("command_seconds", "command s", ".1f"), ("load_average_1min", "load", ".1f"),
                                   ("identical", "same chunks", "")])
-        out = Path(cfg.out) if cfg.out else Path("bench_out") / (
-            f"ranks_{cfg.model.replace(':', '-').replace('/', '_').strip('._-')[-40:]}_{cfg.device}.json")
+        out = result_path(cfg.out, "ranks", cfg.model, cfg.device)
         result = {"benchmark": "ranks", "config": config_dict(cfg), "machine": machine(), "tokens": tokens,
                   "cases": [best[n] for n in cfg.ranks], "table": text}
         write_json(out, result)

@@ -153,7 +153,7 @@ class _Raw:
 
 def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
     """Build or open the store, measure every case, print the table, write JSON + PNG."""
-    from bench.common import bar_chart, drop_cache, ingest_rows, machine, print_table, scratch_store, write_json
+    from bench.common import bar_chart, drop_cache, ingest_rows, machine, print_table, result_path, scratch_store, write_json
     from store.arrays import open_array
     from store.materialize import drop_read_cache, gather, iter_materialize, materialize, select
 
@@ -279,7 +279,7 @@ def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
             ("cold_vs_memmap", "cold vs memmap", ".2f"), ("warm_vs_memmap", "warm vs memmap", ".2f"),
             ("warm_vs_kept_map", "warm vs kept map", ".2f"),
             ("note", "note", "")])
-        out = Path(cfg.out) if cfg.out else Path("bench_out") / "read.json"
+        out = result_path(cfg.out, "read")
         result = {"benchmark": "read", "config": config_dict(cfg), "machine": machine(),
                   "array": {"name": cfg.array, "shape": list(arr.shape), "chunks": list(arr.chunks),
                             "dtype": arr.attrs.get("dtype"), "synthetic": bool(arr.attrs.get("synthetic", False)),

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import bar_chart, drop_cache, machine, print_table, write_json
+from bench.common import bar_chart, drop_cache, machine, print_table, result_path, write_json
 from store.cli import config_dict, parse_config, user_errors
 
 
@@ -221,7 +221,7 @@ def run_bench(cfg: BenchS3Config) -> dict[str, Any]:
             ("tokens_per_s", "tok/s", ",.0f"), ("GBps", "GB/s", ".3f"), ("seconds", "s", ".3f"),
             ("vs_local_warm", "vs local warm", ".2f"), ("vs_local_cold", "vs local cold", ".2f"),
             ("vs_local", "vs local", ".2f"), ("note", "note", "")])
-        out = Path(cfg.out) if cfg.out else Path("bench_out") / "s3.json"
+        out = result_path(cfg.out, "s3")
         result = {"benchmark": "s3", "config": config_dict(cfg), "machine": machine(),
                   "server": "moto (ThreadedMotoServer, 127.0.0.1)" if server is not None else cfg.s3_url,
                   "results": results, "table": text}

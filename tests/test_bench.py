@@ -6,6 +6,7 @@ nothing: speed is measured by `python -m bench.extract` / `python -m bench.read`
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +224,11 @@ def test_bench_ranks_compares_one_and_two_ranks(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="is a store"):
         (tmp_path / "st" / "catalog").mkdir(parents=True)
         bench_ranks.run_bench(bench_ranks.BenchRanksConfig(model=tiny_model, store=str(tmp_path / "st")))
+
+
+def test_result_path_names_the_default_json_by_benchmark_model_and_device():
+    from bench.common import result_path
+
+    assert result_path("x/y.json", "read") == Path("x/y.json")
+    assert result_path(None, "read") == Path("bench_out/read.json")
+    assert result_path(None, "extract", "hf:Org/Model.gguf", "cpu") == Path("bench_out/extract_hf-Org_Model.gguf_cpu.json")
