@@ -20,9 +20,13 @@ Views whose tables only an extraction writes (array_units, sae_top_tokens,
 token_gradnorm_values) are listed as not available. Then the same queries on a copy whose
 `tokens` table is `--replicate` times larger: every row's token sequence repeated (copy k of a
 row's tokens has token_pos + k * n_tokens and tok_index + k * n_slots), as if conversations
-were that many times longer; `rows` and `row_layout` stay as they are.
+were that many times longer, each row's tokens kept together in its part as the tokenization
+writes them; `rows` and `row_layout` stay as they are. For each store it also reports how many of
+the `tokens` row groups may hold one of the selected rows by their row_id statistics: the
+least the selection reads (few when clustered by row).
 
-Prints a table, writes JSON (default bench_out/catalog.json) and a PNG of the query latencies.
+Prints a table, writes JSON (default bench_out/catalog.json) and a PNG of the query latencies;
+while it runs, the finished stores are in catalog.partial.json and a line each is printed.
 """
 
 from __future__ import annotations
@@ -150,16 +154,11 @@ def _timed(con: Any, sql: str, repeats: int) -> dict:
     return {"first_s": times[0], "median_s": statistics.median(times), "result": got}
 
 
-def query_views(store_dir: Path, cfg: BenchCatalogConfig) -> list[dict]:
-    """Each shipped view: a count, and its lines for seeded random rows holding ~selection_tokens tokens."""
-    import pyarrow as pa
-
+def selected_rows(store_dir: Path, cfg: BenchCatalogConfig) -> tuple[list[str], int]:
+    """Seeded random rows holding ~selection_tokens tokens in all, and their token count."""
     from store.core import Store
 
-    st = Store(store_dir)
-    packaged = sorted(p.stem for p in st.view_files() if p.parent.name == "views" and p.parent.parent.name == "sql")
-    errors = st.view_errors()
-    lay = st.query("SELECT row_id, n_tokens FROM row_layout ORDER BY row_id").to_pydict()
+    lay = Store(store_dir).query("SELECT row_id, n_tokens FROM row_layout ORDER BY row_id").to_pydict()
     order = list(range(len(lay["row_id"])))
     random.Random(cfg.seed).shuffle(order)
     picked, total = [], 0
@@ -168,6 +167,19 @@ def query_views(store_dir: Path, cfg: BenchCatalogConfig) -> list[dict]:
             break
         picked.append(lay["row_id"][i])
         total += lay["n_tokens"][i]
+    return picked, total
+
+
+def query_views(store_dir: Path, cfg: BenchCatalogConfig) -> list[dict]:
+    """Each shipped view: a count, and its lines for the selected rows (`selected_rows`)."""
+    import pyarrow as pa
+
+    from store.core import Store
+
+    st = Store(store_dir)
+    packaged = sorted(p.stem for p in st.view_files() if p.parent.name == "views" and p.parent.parent.name == "sql")
+    errors = st.view_errors()
+    picked, total = selected_rows(store_dir, cfg)
     out = []
     con = st.connect()
     try:
@@ -192,10 +204,16 @@ def query_views(store_dir: Path, cfg: BenchCatalogConfig) -> list[dict]:
 
 
 def replicate_tokens(src: Path, dst: Path, factor: int) -> dict:
-    """A copy of the store `src` at `dst` whose tokens table is `factor` times larger (module doc)."""
+    """A copy of the store `src` at `dst` whose tokens table is `factor` times larger (module doc).
+
+    Each part of `tokens` becomes one part holding its rows `factor` times longer, in the
+    part's own row order (a row's copies one after another, by token_pos): what the
+    tokenization would write for longer conversations, row groups clustered by row as its own
+    are. (An unordered copy scatters every row over all of a part's row groups, so that no
+    selection can skip one: the first version of this benchmark did, see docs/scale.md.)"""
     import duckdb
 
-    from store.core import Store
+    from store.core import Store, row_group_rows
 
     if (dst / "catalog.duckdb").exists():
         return {"reused": True}
@@ -213,19 +231,49 @@ def replicate_tokens(src: Path, dst: Path, factor: int) -> dict:
     con.execute(f"SET temp_directory = '{dst / 'duck_tmp'}'")
     out_dir = dst / "catalog" / "tokens" / z["tokenization"]
     out_dir.mkdir(parents=True)
-    for k in range(factor):
-        for i, f in enumerate(files):
-            part = out_dir / f"part-{k:03d}-{i:05d}.parquet"
-            con.execute(f"""COPY (
-                SELECT t.tokenization, t.row_id, (t.token_pos + {k} * l.n_tokens)::INTEGER AS token_pos, t.token_id,
-                       t.token_text, t.role, t.msg_index, t.is_supervised, t.rel_pos, t.char_start, t.char_end,
-                       t.tok_index + {k} * {z['n_slots']}::BIGINT AS tok_index
-                FROM read_parquet('{f}') t JOIN read_parquet('{src}/catalog/row_layout/*.parquet') l USING (row_id)
-            ) TO '{part}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880)""")
+    for i, f in enumerate(files):
+        n = con.execute(f"SELECT count(*) FROM read_parquet('{f}')").fetchone()[0]
+        # file_row_number - token_pos: the file row of the row's first token (a row's tokens are
+        # contiguous and in token_pos order), i.e. the row's place in the part
+        con.execute(f"""COPY (
+            SELECT t.tokenization, t.row_id, (t.token_pos + k.k * l.n_tokens)::INTEGER AS token_pos, t.token_id,
+                   t.token_text, t.role, t.msg_index, t.is_supervised, t.rel_pos, t.char_start, t.char_end,
+                   t.tok_index + k.k * {z['n_slots']}::BIGINT AS tok_index
+            FROM read_parquet('{f}', file_row_number = true) t
+            JOIN read_parquet('{src}/catalog/row_layout/*.parquet') l USING (row_id)
+            CROSS JOIN range({factor}) k(k)
+            ORDER BY t.file_row_number - t.token_pos, k.k, t.token_pos
+        ) TO '{out_dir / f"part-{i:05d}.parquet"}'
+          (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {row_group_rows(n * factor)})""")
     con.close()
     shutil.rmtree(dst / "duck_tmp", ignore_errors=True)
     Store(dst).refresh_catalog()
     return {"seconds": time.perf_counter() - t0, "factor": factor}
+
+
+def row_groups_hit(store_dir: Path, row_ids: list[str]) -> dict[str, int]:
+    """How many of the `tokens` Parquet row groups may hold one of `row_ids` by their row_id
+    statistics (min <= row_id <= max), of how many: the least a selection of those rows reads.
+    Few when the tokens are clustered by row; every group when they are scrambled."""
+    import duckdb
+    import pyarrow as pa
+
+    from store.core import Store
+
+    files = Store(store_dir).table_files("tokens")
+    con = duckdb.connect()
+    try:
+        con.register("wanted", pa.table({"row_id": row_ids}))
+        listed = ", ".join(f"'{f}'" for f in files)
+        hit, total = con.execute(f"""
+            WITH g AS (SELECT file_name, row_group_id, stats_min_value AS lo, stats_max_value AS hi
+                       FROM parquet_metadata([{listed}]) WHERE path_in_schema = 'row_id')
+            SELECT count(*) FILTER (WHERE EXISTS (SELECT 1 FROM wanted w WHERE w.row_id BETWEEN g.lo AND g.hi)),
+                   count(*)
+            FROM g""").fetchone()
+        return {"hit": hit, "total": total}
+    finally:
+        con.close()
 
 
 def catalog_bytes(store_dir: Path) -> dict[str, int]:
@@ -269,6 +317,16 @@ def run_bench(cfg: BenchCatalogConfig) -> dict:
     work = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="bench-catalog-"))
     work.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
+    out = result_path(cfg.out, "catalog")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def done(entry: dict) -> None:       # a long run's finished stores survive a kill
+        results.append(entry)
+        write_json(out.with_suffix(".partial.json"), {"benchmark": "catalog", "partial": True, "results": results})
+        q = {x["view"]: x for x in entry["queries"] if x["available"]}
+        print(f"{entry['store']}: {entry['tokens']:,} tokens; " + "; ".join(
+            f"{v} count {x['count_s']:.3f} s, selection {x['selection_s']:.3f} s" for v, x in q.items()), flush=True)
+
     try:
         for mode in cfg.modes:
             store_dir = work / f"{mode}-{cfg.rows}"
@@ -279,26 +337,31 @@ def run_bench(cfg: BenchCatalogConfig) -> dict:
                 queries = query_views(store_dir, cfg)
                 size = catalog_bytes(store_dir)
                 run.finish(counts={"rows": tokenize["rows"], "tokens": tokenize["tokens"]})
-            results.append({"store": mode, "rows": tokenize["rows"], "tokens": tokenize["tokens"],
-                            "ingest": ingest, "tokenize": tokenize, "bytes": size, "queries": queries})
+            picked = selected_rows(store_dir, cfg)[0]
+            done({"store": mode, "rows": tokenize["rows"], "tokens": tokenize["tokens"],
+                            "ingest": ingest, "tokenize": tokenize, "bytes": size, "queries": queries,
+                            "selection_row_groups": row_groups_hit(store_dir, picked)})
             if cfg.replicate > 1 and mode in cfg.replicate_modes:
                 rep_dir = work / f"{mode}-{cfg.rows}-x{cfg.replicate}"
                 made = replicate_tokens(store_dir, rep_dir, cfg.replicate)
-                results.append({"store": f"{mode} x{cfg.replicate} tokens", "rows": tokenize["rows"],
+                done({"store": f"{mode} x{cfg.replicate} tokens", "rows": tokenize["rows"],
                                 "tokens": tokenize["tokens"] * cfg.replicate, "replicate": made,
-                                "bytes": catalog_bytes(rep_dir), "queries": query_views(rep_dir, cfg)})
+                                "bytes": catalog_bytes(rep_dir), "queries": query_views(rep_dir, cfg),
+                                "selection_row_groups": row_groups_hit(rep_dir, picked)})
         lines = []
         for r in results:
             base = {"store": r["store"], "rows": r["rows"], "tokens": r["tokens"],
                     "catalog_MB": sum(r["bytes"].values()) / 1e6, "tokens_MB": r["bytes"].get("tokens", 0) / 1e6,
                     "ingest_s": r.get("ingest", {}).get("seconds"), "ingest_rss": r.get("ingest", {}).get("peak_rss_MB"),
-                    "tok_s": r.get("tokenize", {}).get("seconds"), "tok_rss": r.get("tokenize", {}).get("peak_rss_MB")}
+                    "tok_s": r.get("tokenize", {}).get("seconds"), "tok_rss": r.get("tokenize", {}).get("peak_rss_MB"),
+                    "rg": "{hit} / {total}".format(**r["selection_row_groups"])}
             lines.append(base)
         print()
         text = print_table(lines, [("store", "store", ""), ("rows", "rows", ","), ("tokens", "tokens", ","),
                                    ("ingest_s", "ingest s", ".1f"), ("ingest_rss", "ingest peak RSS MB", ",.0f"),
                                    ("tok_s", "tokenize s", ".1f"), ("tok_rss", "tokenize peak RSS MB", ",.0f"),
-                                   ("catalog_MB", "catalog MB", ",.1f"), ("tokens_MB", "tokens MB", ",.1f")])
+                                   ("catalog_MB", "catalog MB", ",.1f"), ("tokens_MB", "tokens MB", ",.1f"),
+                                   ("rg", "selection's row groups", "")])
         qlines = [{"store": r["store"], "view": q["view"], "lines": q.get("lines"), "count_s": q.get("count_s"),
                    "sel_s": q.get("selection_s"), "sel_lines": q.get("selection_lines"),
                    "note": "" if q["available"] else "not available: " + q["note"][:70]}
@@ -307,11 +370,10 @@ def run_bench(cfg: BenchCatalogConfig) -> dict:
         qtext = print_table(qlines, [("store", "store", ""), ("view", "view", ""), ("lines", "lines", ","),
                                      ("count_s", "count s", ".3f"), ("sel_s", "10k-token selection s", ".3f"),
                                      ("sel_lines", "selected lines", ","), ("note", "note", "")])
-        out = result_path(cfg.out, "catalog")
         result = {"benchmark": "catalog", "config": config_dict(cfg), "machine": machine(), "results": results,
                   "table": text, "query_table": qtext}
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, result)
+        out.with_suffix(".partial.json").unlink(missing_ok=True)
         _figure(out.with_suffix(".png"), results)
         print(f"wrote {out} and {out.with_suffix('.png')}")
         return result

@@ -6,9 +6,11 @@ nothing: speed is measured by `python -m bench.extract` / `python -m bench.read`
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from bench import extract as bench_extract
@@ -170,6 +172,27 @@ def test_bench_catalog_builds_times_and_replicates(tmp_path, tiny_model):
     st = Store(tmp_path / "work" / "full-300-x2")
     n, distinct = st.query("SELECT count(*), count(DISTINCT tok_index) FROM tokens").to_pylist()[0].values()
     assert n == distinct == rep["tokens"]
+    # both tables clustered by row (what lets DuckDB skip row groups in a selection): each
+    # row's tokens contiguous and in order, in the tokenization's row order (rows: split, row_id)
+    for root, factor in ((tmp_path / "work" / "full-300", 1), (tmp_path / "work" / "full-300-x2", 2)):
+        s = Store(root)
+        seq = s.query("SELECT row_id, token_pos FROM tokens").to_pydict()     # file order
+        runs = [r for i, r in enumerate(seq["row_id"]) if i == 0 or r != seq["row_id"][i - 1]]
+        assert runs == s.query("SELECT row_id FROM rows").column(0).to_pylist()
+        n_of = dict(zip(*s.query("SELECT row_id, n_tokens FROM row_layout").to_pydict().values()))
+        assert seq["token_pos"] == [p for r in runs for p in range(factor * n_of[r])]
+    # so 3 rows' tokens lie in few row groups by the row_id statistics; a scrambled copy: all
+    ids = st.query("SELECT row_id FROM rows ORDER BY row_id").column(0).to_pylist()[::120]
+    clustered = bench_catalog.row_groups_hit(tmp_path / "work" / "full-300-x2", ids)
+    assert clustered["total"] >= 10 and clustered["hit"] <= clustered["total"] // 2
+    assert 0 < rep["selection_row_groups"]["hit"] <= rep["selection_row_groups"]["total"] == clustered["total"]
+    scrambled = tmp_path / "work" / "scrambled"
+    shutil.copytree(tmp_path / "work" / "full-300-x2", scrambled)
+    for part in (scrambled / "catalog" / "tokens").rglob("*.parquet"):
+        t = pq.read_table(part)
+        pq.write_table(t.take(np.random.default_rng(0).permutation(t.num_rows)), part,
+                       row_group_size=-(-t.num_rows // 5))
+    assert bench_catalog.row_groups_hit(scrambled, ids)["hit"] == bench_catalog.row_groups_hit(scrambled, ids)["total"]
     again = bench_catalog.run_bench(cfg)
     assert again["results"][0]["ingest"]["reused"] and again["results"][0]["tokenize"]["reused"]
     with pytest.raises(ValueError, match="unknown mode"):
