@@ -26,7 +26,7 @@ run: setup
 	$(BIN)/python -m extractors.run --layer 17
 
 test: setup
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=12
 
 bench: setup
 	$(BIN)/python -m bench.extract

@@ -8,7 +8,8 @@ order and the row builder as arguments instead of importing them.)
 
 Memory holds one batch of `batch_rows` full rows. When every chosen row fits in one batch the
 table is one file (`rows/part-0.parquet`), as before; otherwise each batch goes, sorted, to a
-temporary Parquet file, and a k-way merge of those files writes the table as consecutive parts
+temporary Parquet file (row groups of MERGE_ROWS rows, so that the merge holds that many rows
+of each), and a k-way merge of those files writes the table as consecutive parts
 (`rows/part-0-00000.parquet`, ...) whose file-name order is the row order. The extra source
 columns (e.g. the embedded sample's needle offsets) get one type over all rows: pyarrow's
 inference over one value of each Python type seen, which is what inferring over the whole
@@ -28,6 +29,11 @@ from store.core import Store
 from store.scratch import scratch
 
 RowBuilder = Callable[[str, str, int, dict, Any], dict]   # (split, source split, index, record, kept) -> row
+
+# rows per row group of a spooled batch file and per read of one: the merge holds this many
+# rows of each file (a reader decompresses a whole row group; with one group per file the merge
+# of 431k rows held every row at once, 1.7 GB)
+MERGE_ROWS = 256
 
 
 def _table(rows: list[dict[str, Any]], schema: pa.Schema, extras: dict[str, pa.DataType | None]) -> pa.Table:
@@ -65,7 +71,7 @@ def write_rows_table(store: Store, source_splits: dict[str, Iterable[dict]], cho
         return splits.index(r["split"]), r["row_id"]
 
     def read_sorted(path: Path) -> Iterator[tuple[tuple[int, str], dict]]:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=MERGE_ROWS):
             for r in batch.to_pylist():
                 yield order_key(r), r
 
@@ -78,7 +84,8 @@ def write_rows_table(store: Store, source_splits: dict[str, Iterable[dict]], cho
         def spool() -> None:
             batch.sort(key=order_key)
             path = Path(tmp) / f"{len(spooled):05d}.parquet"
-            pq.write_table(_table(batch, schema, dict.fromkeys(sorted(set().union(*batch) - fixed))), path)
+            pq.write_table(_table(batch, schema, dict.fromkeys(sorted(set().union(*batch) - fixed))), path,
+                           row_group_size=MERGE_ROWS)
             spooled.append(path)
             batch.clear()
 
