@@ -13,7 +13,9 @@ shared by all arrays of that tokenization:
 
 Tables written here: `tokenizations` (one row per tokenization), `row_layout` (one row per
 row: unit, tok_start, n_tokens) and `tokens` (one row per token; a large tokenization is
-written in parts, `tokens/<tokenization>/part-NNNNN.parquet`, each holding whole rows).
+written in parts, `tokens/<tokenization>/part-NNNNN.parquet`, each holding whole rows, in the
+order of the `rows` table (split, row_id) and not the layout's: row groups then cover narrow
+row_id ranges, which DuckDB's min/max statistics use to skip them in a row selection).
 """
 
 from __future__ import annotations
