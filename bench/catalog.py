@@ -339,15 +339,15 @@ def run_bench(cfg: BenchCatalogConfig) -> dict:
                 run.finish(counts={"rows": tokenize["rows"], "tokens": tokenize["tokens"]})
             picked = selected_rows(store_dir, cfg)[0]
             done({"store": mode, "rows": tokenize["rows"], "tokens": tokenize["tokens"],
-                            "ingest": ingest, "tokenize": tokenize, "bytes": size, "queries": queries,
-                            "selection_row_groups": row_groups_hit(store_dir, picked)})
+                  "ingest": ingest, "tokenize": tokenize, "bytes": size, "queries": queries,
+                  "selection_row_groups": row_groups_hit(store_dir, picked)})
             if cfg.replicate > 1 and mode in cfg.replicate_modes:
                 rep_dir = work / f"{mode}-{cfg.rows}-x{cfg.replicate}"
                 made = replicate_tokens(store_dir, rep_dir, cfg.replicate)
                 done({"store": f"{mode} x{cfg.replicate} tokens", "rows": tokenize["rows"],
-                                "tokens": tokenize["tokens"] * cfg.replicate, "replicate": made,
-                                "bytes": catalog_bytes(rep_dir), "queries": query_views(rep_dir, cfg),
-                                "selection_row_groups": row_groups_hit(rep_dir, picked)})
+                      "tokens": tokenize["tokens"] * cfg.replicate, "replicate": made,
+                      "bytes": catalog_bytes(rep_dir), "queries": query_views(rep_dir, cfg),
+                      "selection_row_groups": row_groups_hit(rep_dir, picked)})
         lines = []
         for r in results:
             base = {"store": r["store"], "rows": r["rows"], "tokens": r["tokens"],
