@@ -170,8 +170,9 @@ def selected_rows(store_dir: Path, cfg: BenchCatalogConfig) -> tuple[list[str], 
     return picked, total
 
 
-def query_views(store_dir: Path, cfg: BenchCatalogConfig) -> list[dict]:
-    """Each shipped view: a count, and its lines for the selected rows (`selected_rows`)."""
+def query_views(store_dir: Path, cfg: BenchCatalogConfig, selection: tuple[list[str], int]) -> list[dict]:
+    """Each shipped view: a count, and its lines for the selected rows (`selected_rows`: the
+    rows and their token count)."""
     import pyarrow as pa
 
     from store.core import Store
@@ -179,7 +180,7 @@ def query_views(store_dir: Path, cfg: BenchCatalogConfig) -> list[dict]:
     st = Store(store_dir)
     packaged = sorted(p.stem for p in st.view_files() if p.parent.name == "views" and p.parent.parent.name == "sql")
     errors = st.view_errors()
-    picked, total = selected_rows(store_dir, cfg)
+    picked, total = selection
     out = []
     con = st.connect()
     try:
@@ -334,20 +335,20 @@ def run_bench(cfg: BenchCatalogConfig) -> dict:
             tokenize = run_step("tokenize", store_dir, cfg, mode)
             st = Store(store_dir)
             with Run(st, "bench_catalog", {"bench": True, "mode": mode, **config_dict(cfg)}) as run:
-                queries = query_views(store_dir, cfg)
+                selection = selected_rows(store_dir, cfg)      # a copy has the same rows and row_layout
+                queries = query_views(store_dir, cfg, selection)
                 size = catalog_bytes(store_dir)
                 run.finish(counts={"rows": tokenize["rows"], "tokens": tokenize["tokens"]})
-            picked = selected_rows(store_dir, cfg)[0]
             done({"store": mode, "rows": tokenize["rows"], "tokens": tokenize["tokens"],
                   "ingest": ingest, "tokenize": tokenize, "bytes": size, "queries": queries,
-                  "selection_row_groups": row_groups_hit(store_dir, picked)})
+                  "selection_row_groups": row_groups_hit(store_dir, selection[0])})
             if cfg.replicate > 1 and mode in cfg.replicate_modes:
                 rep_dir = work / f"{mode}-{cfg.rows}-x{cfg.replicate}"
                 made = replicate_tokens(store_dir, rep_dir, cfg.replicate)
                 done({"store": f"{mode} x{cfg.replicate} tokens", "rows": tokenize["rows"],
                       "tokens": tokenize["tokens"] * cfg.replicate, "replicate": made,
-                      "bytes": catalog_bytes(rep_dir), "queries": query_views(rep_dir, cfg),
-                      "selection_row_groups": row_groups_hit(rep_dir, picked)})
+                      "bytes": catalog_bytes(rep_dir), "queries": query_views(rep_dir, cfg, selection),
+                      "selection_row_groups": row_groups_hit(rep_dir, selection[0])})
         lines = []
         for r in results:
             base = {"store": r["store"], "rows": r["rows"], "tokens": r["tokens"],
