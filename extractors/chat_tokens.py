@@ -173,12 +173,12 @@ def _tokenize(store: Any, tok: Any, model_id: str, unit_tokens: int, tz: str, in
 
     if batch_rows <= 0:
         raise ValueError(f"batch_rows must be positive, got {batch_rows}")
-    n_rows = store.query("SELECT count(*) FROM rows").column(0)[0].as_py()
     planned: list[tuple[str, str, int]] = []
     con = store.connect()
     with scratch(store, "tokenize") as tmp:
         parts: list[Path] = []
         try:
+            n_rows = con.sql("SELECT count(*) FROM rows").fetchall()[0][0]
             reader = con.sql("SELECT row_id, split, messages FROM rows").fetch_record_batch(batch_rows)
             with tqdm(total=n_rows, desc="tokenize", unit="row", disable=not progress) as bar:
                 for batch in reader:

@@ -90,7 +90,7 @@ def create_array(store: Store, name: str, *, n_slots: int, width: int | None, ch
              "store_array": name}
     ensure_groups(store, name)      # before the array's own metadata: readers that see it see its groups
     if (path / "zarr.json").exists():
-        arr = zarr.open_array(zarr_store(path, read_only=False), mode="r+")
+        arr = open_array_rw(store, name)
         mism = [k for k in ("tokenization", "model_hash", "dtype") if k in attrs and arr.attrs.get(k) != attrs[k]]
         if tuple(arr.shape) != shape or mism:
             have = {k: arr.attrs.get(k) for k in mism}

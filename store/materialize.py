@@ -38,7 +38,7 @@ import polars as pl
 import zarr
 
 from store.arrays import committed_row_ids, open_array
-from store.core import Store, StoreError, file_signature
+from store.core import Store, StoreError, _sql_str, file_signature
 from store.ranges import range_reader
 from store.tokens import read_layout
 
@@ -60,10 +60,6 @@ def view_sql(store: Store, view_or_sql: str) -> str:
             raise StoreError(f"no view or table named {name!r}; views: {', '.join(sorted(known))}")
         return f'SELECT * FROM "{name}"'
     return view_or_sql
-
-
-def _sql_literal(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
 
 
 def view_text(store: Store, view_or_sql: str) -> str:
@@ -92,7 +88,7 @@ def select(store: Store, view_or_sql: str, array: str | None = None, *,
             wanted = sorted({"row_id", "tok_index", "token_pos", *columns})
             pattern = "^(" + "|".join(re.escape(c) for c in wanted) + ")$"
             try:
-                frame = pl.from_arrow(con.sql(f"SELECT COLUMNS({_sql_literal(pattern)}) FROM (\n"
+                frame = pl.from_arrow(con.sql(f"SELECT COLUMNS({_sql_str(pattern)}) FROM (\n"
                                               f"{sql.strip().rstrip(';')}\n) AS _view").to_arrow_table())
             except duckdb.Error:    # not a plain SELECT, or none of those columns: as written, and the checks below say why
                 frame = pl.from_arrow(con.sql(sql).to_arrow_table())

@@ -59,12 +59,11 @@ def run_sql(cfg: SqlConfig) -> str:
     store = Store(cfg.store)
     if not store.root.exists():
         raise ValueError(f"no store at {store.root}; create one with python -m extractors.run --layer 17")
-    if cfg.refresh and store.remote:
-        groups = write_missing_groups(store)
-        return (f"{store.root} is on object storage: no catalog.duckdb to rebuild (query it with python -m "
-                f"store.sql --store {store.root}); wrote Zarr group metadata for {len(groups)} folders of arrays/")
     if cfg.refresh:
         groups = write_missing_groups(store)       # stores made before arrays/ was a Zarr hierarchy
+        if store.remote:
+            return (f"{store.root} is on object storage: no catalog.duckdb to rebuild (query it with python -m "
+                    f"store.sql --store {store.root}); wrote Zarr group metadata for {len(groups)} folders of arrays/")
         made = f"; wrote Zarr group metadata for {len(groups)} folders of arrays/" if groups else ""
         return f"rebuilt {store.refresh_catalog()}{made}"
     if cfg.views:

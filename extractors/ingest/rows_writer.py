@@ -45,6 +45,11 @@ def _table(rows: list[dict[str, Any]], schema: pa.Schema, extras: dict[str, pa.D
     return table
 
 
+def source_split_order(source_splits: Iterable[str]) -> list[str]:
+    """The order both passes read the source's splits in: train first, then by name."""
+    return sorted(source_splits, key=lambda s: (s != "train", s))
+
+
 def chosen_rows(source_splits: dict[str, Iterable[dict]], chosen: dict[str, list[Any]],
                 make_row: RowBuilder) -> Iterator[dict]:
     """The full row of every chosen record (a `Kept` in `chosen`), in source order, with its split."""
@@ -52,7 +57,7 @@ def chosen_rows(source_splits: dict[str, Iterable[dict]], chosen: dict[str, list
     for split, ks in chosen.items():
         for k in ks:
             by_split.setdefault(k.source_split, {})[k.source_index] = (split, k)
-    for ssplit in sorted(source_splits, key=lambda s: (s != "train", s)):
+    for ssplit in source_split_order(source_splits):
         wanted = by_split.get(ssplit)
         if not wanted:
             continue

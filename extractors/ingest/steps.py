@@ -38,6 +38,7 @@ from typing import Any, Iterable, NamedTuple
 import pyarrow as pa
 
 from extractors.ingest.records import coerce
+from extractors.ingest.rows_writer import source_split_order
 from extractors.ingest.sources import METADATA_COLUMNS, Source
 from store.core import Store, StoreError
 
@@ -105,8 +106,9 @@ def conversation_key(messages: list[dict]) -> str:
     return json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
 
 
-def make_row_id(messages: list[dict]) -> str:
-    return "r" + hashlib.sha256(conversation_key(messages).encode()).hexdigest()[:16]
+def make_row_id(key: str) -> str:
+    """The row id of the conversation whose `conversation_key` is `key`."""
+    return "r" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def flatten(rec: dict[str, Any]) -> tuple[str, str] | dict[str, Any]:
@@ -186,9 +188,9 @@ def existing_ingest(store: Store, ingest_id: str) -> IngestResult | None:
     return None
 
 
-def conversation_digest(messages: list[dict]) -> bytes:
-    """16 bytes standing for `conversation_key` in the repeat check (kept per row)."""
-    return hashlib.blake2b(conversation_key(messages).encode(), digest_size=16).digest()
+def conversation_digest(key: str) -> bytes:
+    """16 bytes standing for a `conversation_key` in the repeat check (kept per row)."""
+    return hashlib.blake2b(key.encode(), digest_size=16).digest()
 
 
 def flatten_and_quarantine(source_splits: dict[str, Iterable[dict]], tokenizer: Any, *,
@@ -209,7 +211,7 @@ def flatten_and_quarantine(source_splits: dict[str, Iterable[dict]], tokenizer: 
     after_flatten: Counter = Counter()
     after_dedup: Counter = Counter()
     after_cap: Counter = Counter()
-    split_order = sorted(source_splits, key=lambda s: (s != "train", s))
+    split_order = source_split_order(source_splits)
     total = sum(len(source_splits[s]) for s in split_order)
     bar = tqdm(total=total, desc="ingest", unit="row", disable=not progress)
     coerced: Counter = Counter()
@@ -223,10 +225,11 @@ def flatten_and_quarantine(source_splits: dict[str, Iterable[dict]], tokenizer: 
                 quarantine.append(Quarantined(ssplit, idx, flat[0], flat[1], rec))
                 continue
             after_flatten[ssplit] += 1
-            key = conversation_digest(flat["messages"])
+            ckey = conversation_key(flat["messages"])      # serialised once: the digest and the row id
+            key = conversation_digest(ckey)
             if key in seen:
                 quarantine.append(Quarantined(ssplit, idx, "duplicate_conversation",
-                                              f"same messages as row {make_row_id(flat['messages'])}", rec))
+                                              f"same messages as row {make_row_id(ckey)}", rec))
                 continue
             seen.add(key)
             after_dedup[ssplit] += 1
@@ -236,7 +239,7 @@ def flatten_and_quarantine(source_splits: dict[str, Iterable[dict]], tokenizer: 
                                               f"{n_tok} tokens > max_conversation_tokens {max_conversation_tokens}", rec))
                 continue
             after_cap[ssplit] += 1
-            kept.setdefault(ssplit, []).append(Kept(make_row_id(flat["messages"]), rec.get("category"), ssplit, idx, n_tok))
+            kept.setdefault(ssplit, []).append(Kept(make_row_id(ckey), rec.get("category"), ssplit, idx, n_tok))
     bar.close()
     stats.update(coerced=dict(sorted(coerced.items())), after_flatten=dict(after_flatten), after_dedup=dict(after_dedup),
                  after_token_cap=dict(after_cap),
