@@ -231,22 +231,19 @@ class Store:
         return self.arrays_dir / Path(*name.split("/"))
 
     def run_dir(self, run_id: str) -> Path:
-        if not safe_name(run_id):
-            raise StoreError(f"run id {run_id!r} must be one name (letters, digits, _ . -, not '.' or '..'): "
-                             f"it may not leave {self.root / 'runs'}")
-        if self.remote:
-            return self._staged_run_dir(run_id)
-        d = self.root / "runs" / run_id
+        """A run's folder (`run_folder`), created."""
+        d = self.run_folder(run_id)
         d.mkdir(parents=True, exist_ok=True)
         return d
 
     def run_folder(self, run_id: str) -> Path:
         """Where a run's folder is read: runs/<run_id>/ (not created), or for a remote store
         its local staging copy (downloaded on first use)."""
-        if self.remote:
-            return self.run_dir(run_id)
         if not safe_name(run_id):
-            raise StoreError(f"run id {run_id!r} must be one name (letters, digits, _ . -, not '.' or '..')")
+            raise StoreError(f"run id {run_id!r} must be one name (letters, digits, _ . -, not '.' or '..'): "
+                             f"it may not leave {self.root / 'runs'}")
+        if self.remote:
+            return self._staged_run_dir(run_id)
         return self.root / "runs" / run_id
 
     # A remote store's run folders are written locally (trainers save checkpoints, plots and
