@@ -140,7 +140,7 @@ def resolve_sae(store: Store, spec: str | None, layer: int) -> str:
         raise StoreError(f"several SAEs have row features at layer {layer}: {', '.join(have)}; pick one with --sae")
     if spec in have:
         return spec
-    from extractors.sae_load import SAELoadError, load_local, registered, sanitize
+    from extractors.sae.load import SAELoadError, load_local, registered, sanitize
 
     if spec == "latest":
         newest = [r["sae"] for r in registered(store, layer) if r["sae"] in have]
@@ -361,9 +361,9 @@ def _markdown(res_top: pl.DataFrame, sae: str, layer: int, summary: dict[str, An
 
 def run_correlations(cfg: CorrelationConfig) -> CorrelationResult:
     """Load, test, write the table, plots and run record (see the module docstring)."""
-    from analytics import plots
+    from trainers import plots
     from store.arrays import array_key
-    from store.runs import Run
+    from store.catalog.runs import Run
 
     def say(msg: str) -> None:
         if cfg.progress:

@@ -128,12 +128,12 @@ def _forward_logprobs(lm: Any, ids: dict[str, list[int]], frame: pl.DataFrame) -
 
 def run_logit_lens(cfg: LogitLensConfig) -> LensResult:
     """Lens statistics per stored layer (see the module docstring)."""
-    from analytics import plots
+    from trainers import plots
     from extractors.model import check_model_hash, load_model
     from store.arrays import committed_set, open_array, stored_layers
-    from store.tokens import row_token_ids
+    from store.catalog.tokens import row_token_ids
     from store.materialize import gather
-    from store.runs import Run
+    from store.catalog.runs import Run
 
     store = Store(cfg.store)
     have = stored_layers(store)

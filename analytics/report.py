@@ -88,7 +88,7 @@ def _dir_size(p: Path) -> int:
 
 # ---- sections -----------------------------------------------------------------------------
 def section_rows(store: Store, out: Path) -> str:
-    from analytics import plots
+    from trainers import plots
 
     if not store.has_table("rows"):
         return _note(f"no rows yet: python -m extractors.dataset --store {store.root}")
@@ -173,7 +173,7 @@ def section_correlations(store: Store, out: Path) -> str:
 
 
 def section_probes(store: Store, out: Path) -> str:
-    from analytics import plots
+    from trainers import plots
 
     if not store.has_table("runs"):
         return _note("no runs")
@@ -209,7 +209,7 @@ def section_lens(store: Store, out: Path) -> str:
 
 
 def section_attribution(store: Store, out: Path) -> str:
-    from analytics import plots
+    from trainers import plots
 
     parts = []
     for t in store.tables():
@@ -243,7 +243,7 @@ SECTIONS: list[tuple[str, Callable[..., str]]] = [
 
 def write_report(cfg: ReportConfig) -> Path:
     """Write report.html in a new run dir of the store; returns its path."""
-    from store.runs import Run
+    from store.catalog.runs import Run
 
     store = Store(cfg.store)
     if not store.root.is_dir() or not store.tables():

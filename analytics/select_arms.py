@@ -6,7 +6,7 @@ from the base adapter (`trainers.finetune` with `--resume-adapter`, `--train-row
 subset, finetune seed = the experiment seed), then the per-row eval loss of the new adapter
 (`trainers.eval_loss`, table `eval_losses`) and, where the data allow, the downstream metric:
 greedy generation on the math eval rows and the share of correct final answers
-(trainers.math_check). The `base` arm is the base adapter itself, measured the same way, untrained.
+(trainers.finetune.math_check). The `base` arm is the base adapter itself, measured the same way, untrained.
 
 Each finished arm leaves `runs/<experiment>/arms/<arm_id>.json` (per-row losses, answers) and then
 one row in `selection_runs` (its own Parquet part): that row is the commit. A rerun of the same
@@ -85,7 +85,7 @@ def ablation_sizes(k: int) -> tuple[int, int]:
 def plan(selector: str, k: int, seeds: int, ablation: str | None, overlap: str,
          pool_split: str) -> tuple[list[Arm], list[Comparison]]:
     """Every arm of every seed, and the comparisons (arm a - arm b) reported."""
-    from trainers.subsets import SubsetSpec
+    from trainers.selection.subsets import SubsetSpec
 
     arms: list[Arm] = []
     if ablation is None:
@@ -184,7 +184,7 @@ class Measure:
     compare_json: Path
 
     def eval_loss(self, adapter: str | None) -> dict[str, Any]:
-        from trainers.eval_loss import EvalLossConfig, run_eval_loss
+        from trainers.finetune.eval_loss import EvalLossConfig, run_eval_loss
 
         doc = run_eval_loss(EvalLossConfig(
             store=str(self.store.root), split=self.eval_split, max_rows=self.eval_max_rows, adapter=adapter,
@@ -203,8 +203,8 @@ class Measure:
                     "correct": [], "generations": []}
         from extractors.adapters import apply_adapter
         from extractors.model import load_model
-        from trainers.math_check import stated_answer
-        from trainers.steering_eval import generate
+        from trainers.finetune.math_check import stated_answer
+        from trainers.steering.evaluate import generate
 
         lm = load_model(self.model, self.device, self.compute_dtype,
                         Path(self.model_cache) if self.model_cache else None)
@@ -217,9 +217,9 @@ class Measure:
 
 
 def math_rows(store: Store, eval_split: str, max_rows: int, enabled: bool) -> tuple[list[str], dict, dict, str | None]:
-    """The math eval rows whose answer can be recomputed (trainers.math_check), or why there are none."""
-    from trainers.math_check import true_answer
-    from trainers.steering_eval import prompts_of
+    """The math eval rows whose answer can be recomputed (trainers.finetune.math_check), or why there are none."""
+    from trainers.finetune.math_check import true_answer
+    from trainers.steering.evaluate import prompts_of
 
     if not enabled:
         return [], {}, {}, "--no-downstream"
@@ -250,7 +250,7 @@ def commit(store: Store, run_id: str, arm_id: str, rec: dict[str, Any]) -> None:
 def train_arm(store: Store, run_id: str, arm: Arm, subset: str, n_rows: int, base: Any, budget: Budget,
               cfg: Any) -> dict[str, Any]:
     """Continuation finetune of one arm (see the module docstring); returns the new adapter's record."""
-    from trainers.finetune import FinetuneConfig, run_finetune
+    from trainers.finetune.train import FinetuneConfig, run_finetune
 
     steps, epochs = budget.steps_for(n_rows)
     sql = f"SELECT row_id FROM subsets WHERE subset = '{subset}' /* {TAG} {run_id}, arm {arm.arm_id} */"

@@ -11,7 +11,7 @@ finetune from the base adapter (`--resume-adapter`, default the newest adapter t
 itself; `none`: a fresh LoRA on the base model) on the subset, with identical budgets (the same
 optimizer steps, batch, lr; finetune seed = s in every arm), then the per-row eval loss of each
 adapter on `--eval-split` (paired by eval row) and the downstream metric: the share of math eval
-rows whose greedy answer is correct (trainers.math_check), skipped with a recorded reason when
+rows whose greedy answer is correct (trainers.finetune.math_check), skipped with a recorded reason when
 there are no math rows. The arms:
 
 * default: `top{k}` (the selector's top k, the same rows every seed) vs `random{k}` (k rows drawn
@@ -54,7 +54,7 @@ from analytics import select_arms as sa
 from analytics.select_stats import compare, level
 from store.cli import config_dict, parse_config, user_errors
 from store.core import DEFAULT_STORE, Store, StoreError, write_json
-from store.runs import Run
+from store.catalog.runs import Run
 
 # Fields that do not change what an arm is: left out of the experiment's id, so changing them
 # (more seeds, other bootstrap settings, another device) reuses the finished arms.
@@ -179,7 +179,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
     """Per-seed differences with their 95% CIs and the pooled one, one panel per metric."""
     from matplotlib.figure import Figure
 
-    from trainers.figures import save_figure
+    from trainers.plots import save_figure
 
     comps = summary["comparisons"]
     metrics = [m for m in ("eval_loss", "downstream") if any(c[m] for c in comps.values())]
@@ -216,7 +216,7 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from extractors.sft_data import select_rows_by
-    from trainers.subsets import resolve_source, subset_name, subset_rows, write_subset
+    from trainers.selection.subsets import resolve_source, subset_name, subset_rows, write_subset
 
     store = Store(cfg.store)
     select_rows_by(store, split=cfg.eval_split, max_rows=cfg.eval_max_rows, flag="--eval-split")

@@ -1,4 +1,4 @@
-"""Benchmark: our attribution (extractors.attribution) vs bergson's own command line, same work.
+"""Benchmark: our attribution (extractors.attribution.scores) vs bergson's own command line, same work.
 
     python -m bench.attribution                                     # embedded model, 32 pool x 8 query rows
     python -m bench.attribution --pool-rows 16 --query-rows 4       # CPU-sized (~3 min on 2 cores)
@@ -66,7 +66,7 @@ class BenchAttributionConfig:
 def _prepare(cfg: BenchAttributionConfig, store: Store) -> str:
     """Ingest (a scratch store) and train the adapter; returns its name."""
     from extractors.ingest import IngestConfig, run_ingest
-    from trainers.finetune import FinetuneConfig, run_finetune
+    from trainers.finetune.train import FinetuneConfig, run_finetune
 
     if not store.has_table("manifests"):
         tok_model = cfg.model
@@ -103,7 +103,7 @@ def bergson_cli(ours: Path, dest: Path, steps: list[str]) -> dict[str, float]:
 
 
 def run_bench(cfg: BenchAttributionConfig) -> dict[str, Any]:
-    from extractors.attribution import read_scores
+    from extractors.attribution.scores import read_scores
     from extractors.pipeline import ExtractConfig, run_extraction
 
     store, tmp = scratch_store(cfg.store, "bench-attr-")

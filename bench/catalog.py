@@ -4,7 +4,7 @@
     python -m bench.catalog --rows 3000 --test-rows 400 --replicate 2   # CPU-sized smoke run (~1 min)
     python -m bench.catalog --work ./catwork                  # keep the stores; a rerun reuses finished steps
 
-The source is the embedded generator in scale mode (extractors.ingest.sample.iter_sample:
+The source is the embedded generator in scale mode (extractors.ingest.sample.generate.iter_sample:
 deterministic, streamed), `--rows` conversations of which `--test-rows` form the test split
 (smol-magpie-ultra has ~431k). Two stores are built from it:
 
@@ -290,7 +290,7 @@ def _figure(path: Path, results: list[dict]) -> Path:
     import numpy as np
     from matplotlib.figure import Figure
 
-    from trainers.figures import save_figure
+    from trainers.plots import save_figure
 
     bars = [(f"{r['store']}: {q['view']}", q["count_s"], q["selection_s"])
             for r in results for q in r["queries"] if q["available"]]
@@ -313,7 +313,7 @@ def _figure(path: Path, results: list[dict]) -> Path:
 def run_bench(cfg: BenchCatalogConfig) -> dict:
     from bench.common import machine, print_table, result_path
     from store.core import Store, write_json
-    from store.runs import Run
+    from store.catalog.runs import Run
 
     work = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="bench-catalog-"))
     work.mkdir(parents=True, exist_ok=True)

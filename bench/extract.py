@@ -129,7 +129,7 @@ class _Setup:
         from extractors.hidden import unit_batches
         from extractors.model import decoder_layers, pad_token_id
         from extractors.units import plan_work, select_rows
-        from store.tokens import row_token_ids
+        from store.catalog.tokens import row_token_ids
 
         self.lm = load_bench_model(cfg.model, cfg.device, cfg.compute_dtype, cfg.model_cache)
         self.layers = validate_layers(cfg.layers, len(decoder_layers(self.lm.model)), self.lm.model_id)
@@ -365,7 +365,8 @@ def run_bench(cfg: BenchExtractConfig) -> dict[str, Any]:
     """Set up once, measure each method, print the table, write JSON + PNG; returns the result."""
     import torch
 
-    from bench.common import bar_chart, disk_write_bandwidth, ingest_rows, machine, result_path, scratch_store, write_json
+    from bench.common import disk_write_bandwidth, ingest_rows, machine, result_path, scratch_store, write_json
+    from trainers.plots import bar_chart
     from extractors.model import decoder_layers
 
     store, tmp = scratch_store(cfg.store, "bench-extract-")

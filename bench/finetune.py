@@ -84,8 +84,8 @@ def trainer_loop(cfg: BenchFinetuneConfig, ft: Any, data: Any) -> dict[str, Any]
 def run_bench(cfg: BenchFinetuneConfig) -> dict[str, Any]:
     from extractors.ingest import IngestConfig, run_ingest
     from extractors.sft_data import load_sft_rows, select_rows_by
-    from store.tokens import tokenizations, read_layout
-    from trainers.finetune import FinetuneConfig, run_finetune
+    from store.catalog.tokens import tokenizations, read_layout
+    from trainers.finetune.train import FinetuneConfig, run_finetune
 
     store, tmp = scratch_store(cfg.store, "bench-ft-")
     try:

@@ -128,7 +128,8 @@ def _timed(s: _Setup, step) -> dict[str, Any]:
 def run_bench(cfg: BenchGradnormConfig) -> dict[str, Any]:
     import torch
 
-    from bench.common import bar_chart, ingest_rows, machine, print_table, result_path, scratch_store, write_json
+    from bench.common import ingest_rows, machine, print_table, result_path, scratch_store, write_json
+    from trainers.plots import bar_chart
     from bench.extract import _clear_arrays
     from extractors.gradnorm import extract_gradnorms, reference_grad_norms, token_grad_norms
     from extractors.pipeline import ExtractConfig

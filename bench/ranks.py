@@ -154,7 +154,8 @@ def run_bench(cfg: BenchRanksConfig) -> dict[str, Any]:
     """Prepare once, run every case (interleaved rounds), print the table, write JSON + PNG."""
     import tempfile
 
-    from bench.common import bar_chart, machine, print_table, result_path, write_json
+    from bench.common import machine, print_table, result_path, write_json
+    from trainers.plots import bar_chart
 
     work = Path(cfg.store) if cfg.store else Path(tempfile.mkdtemp(prefix="bench-ranks-"))
     if (work / "catalog").is_dir() or (work / "arrays").is_dir():

@@ -74,7 +74,7 @@ def _synthetic_array(store, cfg: BenchReadConfig) -> None:
     from extractors.chat_tokens import ensure_tokenization
     from extractors.model import EMBEDDED, load_tokenizer
     from store.arrays import commit_unit, create_array, encode, record_array, write_unit
-    from store.runs import Run
+    from store.catalog.runs import Run
 
     layout = ensure_tokenization(store, load_tokenizer(EMBEDDED), EMBEDDED, cfg.unit_tokens, progress=cfg.progress)
     with Run(store, "bench_synthetic", {"bench": True, **config_dict(cfg)}, model_id="synthetic") as run:
@@ -153,7 +153,8 @@ class _Raw:
 
 def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
     """Build or open the store, measure every case, print the table, write JSON + PNG."""
-    from bench.common import bar_chart, drop_cache, ingest_rows, machine, print_table, result_path, scratch_store, write_json
+    from bench.common import drop_cache, ingest_rows, machine, print_table, result_path, scratch_store, write_json
+    from trainers.plots import bar_chart
     from store.arrays import open_array
     from store.materialize import drop_read_cache, gather, iter_materialize, materialize, select
 

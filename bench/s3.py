@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import bar_chart, drop_cache, machine, print_table, result_path, write_json
+from bench.common import drop_cache, machine, print_table, result_path, write_json
+from trainers.plots import bar_chart
 from store.cli import config_dict, parse_config, user_errors
 
 

@@ -3,7 +3,7 @@
     python -m bench.sae_codes                                   # ./store_data, its newest SAE at layer 17
     python -m bench.sae_codes --store /tmp/st --sae PATH --tokens 16384
 
-Bytes per token: sparse top-k codes (indices + values, as stored by extractors.sae_codes)
+Bytes per token: sparse top-k codes (indices + values, as stored by extractors.sae.codes)
 vs dense hidden states (bf16 / fp32) vs dense SAE activations (fp16 / fp32), computed from
 the dtypes and, where the arrays exist, measured from their chunk files (bytes on disk per
 slot and per used token; a unit's tail slots are allocated but unused).
@@ -63,7 +63,7 @@ def _disk_bytes(store: Store, name: str) -> int | None:
 
 
 def _pick_sae(store: Store, cfg: BenchConfig, d_in: int):
-    from extractors.sae_load import LoadedSAE, load_sae, registered
+    from extractors.sae.load import LoadedSAE, load_sae, registered
 
     spec = cfg.sae or ("latest" if registered(store, cfg.layer) else None)
     if spec is not None:
@@ -78,7 +78,7 @@ def _pick_sae(store: Store, cfg: BenchConfig, d_in: int):
 
 @torch.no_grad()
 def run_bench(cfg: BenchConfig) -> dict:
-    from extractors.sae_format import DEFAULT_K, code_array_names, decode_codes, encode_topk
+    from extractors.sae.format import DEFAULT_K, code_array_names, decode_codes, encode_topk
     from store.materialize import gather
 
     store = Store(cfg.store)

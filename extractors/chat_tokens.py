@@ -15,7 +15,7 @@ reuse. Each token gets:
   token that closes it: what supervised finetuning trains on.
 * `rel_pos`: token_pos / (n_tokens - 1), the relative position in the sequence.
 
-`ensure_tokenization` gives a store its tokenization (and layout, store.tokens) on first use.
+`ensure_tokenization` gives a store its tokenization (and layout, store.catalog.tokens) on first use.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def tokenize_conversation(tok: Any, messages: list[dict]) -> dict[str, list]:
 
 
 def tokenize_rows(tok: Any, row_ids: list[str], messages: list[list[dict]]) -> pa.Table:
-    """Tokenize many rows into one table (columns of `store.tokens.TOKENS_SCHEMA` less
+    """Tokenize many rows into one table (columns of `store.catalog.tokens.TOKENS_SCHEMA` less
     tokenization and tok_index)."""
     cols: dict[str, list] = {}
     rids: list[str] = []
@@ -124,14 +124,14 @@ def count_tokens(tok: Any, messages: list[dict]) -> int:
 
 def ensure_tokenization(store: Any, tok: Any, model_id: str, unit_tokens: int, rank: int = 0,
                         progress: bool = True, batch_rows: int = 1000) -> Any:
-    """The store's tokenization (a store.tokens.Layout) for this tokenizer, created on first
+    """The store's tokenization (a store.catalog.tokens.Layout) for this tokenizer, created on first
     use by rank 0 (other ranks wait for it), `batch_rows` rows at a time. A store holds one
     tokenization."""
 
     from extractors.units import wait_for
     from store import claims
     from store.core import StoreError
-    from store.tokens import read_layout, tokenizations
+    from store.catalog.tokens import read_layout, tokenizations
 
     ingest_id = store.query("SELECT ingest_id FROM manifests").column(0)[0].as_py()
     tz = "tok-" + hashlib.sha256(f"{tokenizer_hash(tok)}:{ingest_id}".encode()).hexdigest()[:12]
@@ -162,14 +162,14 @@ def _tokenize(store: Any, tok: Any, model_id: str, unit_tokens: int, tz: str, in
     """Tokenize every row in batches of `batch_rows`, streamed: each batch's tokens go to a
     temporary Parquet file, the layout is planned from the per-row counts (the running sum
     needs nothing else), then each file gets its tok_index and becomes one part of `tokens`
-    (store.tokens.write_tokenization). Memory holds one batch plus ~100 bytes per row."""
+    (store.catalog.tokens.write_tokenization). Memory holds one batch plus ~100 bytes per row."""
     from pathlib import Path
 
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
     from store.scratch import scratch
-    from store.tokens import plan_layout, write_tokenization
+    from store.catalog.tokens import plan_layout, write_tokenization
 
     if batch_rows <= 0:
         raise ValueError(f"batch_rows must be positive, got {batch_rows}")

@@ -50,7 +50,7 @@ from store.arrays import array_key, committed_in_unit
 from store.cli import config_dict
 from store.core import Store
 from store.materialize import gather
-from store.tokens import Layout
+from store.catalog.tokens import Layout
 
 VALUES_TABLE = "token_gradnorm_values"
 REDUCTIONS = ("sum", "mean")

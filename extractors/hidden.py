@@ -25,7 +25,7 @@ from extractors.forward import Batch, LayerCapture, pad_batch, padding_fraction,
 from extractors.model import decoder_layers, pad_token_id
 from extractors.units import ArrayKind, ArraySpec, UnitWork, extract_units
 from store.core import Store
-from store.tokens import Layout, row_token_ids
+from store.catalog.tokens import Layout, row_token_ids
 
 
 class ExtractResult(NamedTuple):

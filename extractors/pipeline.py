@@ -8,8 +8,8 @@
     torchrun --nproc-per-node 4 -m extractors.run --layer 17   # each rank a disjoint set of units
 
 Every kind runs on the unit engine (extractors.units): hidden states (extractors.hidden),
-SAE codes (extractors.sae_codes), gradient norms (extractors.gradnorm). Attribution scores
-(extractors.attribution, bergson) are per row: `--kinds attribution --adapter NAME`.
+SAE codes (extractors.sae.codes), gradient norms (extractors.gradnorm). Attribution scores
+(extractors.attribution.scores, bergson) are per row: `--kinds attribution --adapter NAME`.
 
 With no rows in the store it first ingests the embedded sample (see extractors.dataset).
 Rerunning a finished extraction does nothing; rerunning a killed one finishes it exactly.
@@ -40,7 +40,7 @@ class ExtractConfig:
         "help": "what to extract: hidden (hidden states), sae (sparse SAE codes, needs --sae) and/or gradnorm "
                 "(per-token norms of d(completion loss)/d(residual stream), see extractors.gradnorm); or "
                 "attribution alone (per-row bergson scores of --pool-split vs --query-split, needs --adapter; "
-                "see extractors.attribution)"})
+                "see extractors.attribution.scores)"})
     sae: str | None = field(default=None, metadata={"help": "SAE for --kinds sae: latest (the newest SAE of the "
                             "layer in the saes table), a name from that table, a local sae-lens folder, or "
                             "RELEASE/SAE_ID of a pretrained one"})
@@ -125,7 +125,7 @@ class ExtractConfig:
         if bad:
             raise ValueError(f"--kinds {bad[0]!r} is not one of hidden, sae, gradnorm, attribution")
         if "attribution" in self.kinds:
-            from extractors.attribution import check_options
+            from extractors.attribution.scores import check_options
             check_options(self)
         if "sae" in self.kinds and not self.sae:
             raise ValueError("--kinds sae needs --sae (latest, an SAE name from the saes table, or a sae-lens folder; "
@@ -176,12 +176,12 @@ def run_extraction(cfg: ExtractConfig):
     loaded_sae = None
     if "sae" in cfg.kinds:  # a bad --sae fails here, before the model loads
         from extractors.model import pick_device
-        from extractors.sae_load import load_sae, pick_layer
+        from extractors.sae.load import load_sae, pick_layer
         loaded_sae = load_sae(cfg.sae, str(pick_device(cfg.device)),
                               layer=cfg.layers[0] if len(cfg.layers) == 1 else None, store=store)
         pick_layer(cfg.layers, loaded_sae.layer, cfg.sae)
     if "attribution" in cfg.kinds:  # a bad --adapter or split fails here, before the model loads
-        from extractors.attribution import check_inputs
+        from extractors.attribution.scores import check_inputs
         check_inputs(store, cfg)
     lm = load_model(cfg.model, cfg.device, cfg.compute_dtype,
                     Path(cfg.model_cache) if cfg.model_cache else None)
@@ -202,14 +202,14 @@ def run_extraction(cfg: ExtractConfig):
                   f"{result.tokens_per_s:,.0f} tok/s end to end; forward alone {result.forward_tokens_per_s:,.0f} "
                   f"tok/s; padding {result.padding:.1%}; run {result.run_id}")
     if "sae" in cfg.kinds:
-        from extractors.sae_codes import extract_sae_codes
+        from extractors.sae.codes import extract_sae_codes
         extract_sae_codes(store, cfg, lm, layout, selected, batch_tokens, loaded_sae)
     if "gradnorm" in cfg.kinds:
         from extractors.gradnorm import extract_gradnorms
         gn = extract_gradnorms(store, cfg, lm, layout, selected)
         result = result if result is not None else gn
     if "attribution" in cfg.kinds:
-        from extractors.attribution import extract_attribution
+        from extractors.attribution.scores import extract_attribution
         result = extract_attribution(store, cfg, lm, layout)
     store.refresh_catalog()
     print(f"catalog: {store.sql_command}")

@@ -1,6 +1,6 @@
 """The unit engine: how every array kind is computed, written and committed.
 
-A layout (store.tokens) cuts the token axis into units, each a chunk of whole rows. For
+A layout (store.catalog.tokens) cuts the token axis into units, each a chunk of whole rows. For
 each unit this rank owns (`unit % world_size == rank`) the engine asks the array kind to
 compute the selected rows not yet committed there, in batches formed within that unit
 alone, into one zeroed `[unit_tokens, ...]` buffer per array; a writer thread then writes
@@ -43,8 +43,8 @@ from store import claims
 from store.arrays import (StorageDtype, array_exists, commit_unit, committed_in_unit, committed_rows, create_array,
                           open_array_rw, record_array, write_unit)
 from store.core import Store, StoreError, sweep_temp_files
-from store.runs import Run
-from store.tokens import Layout
+from store.catalog.runs import Run
+from store.catalog.tokens import Layout
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 3600.0) -> None:

@@ -1,6 +1,6 @@
 """Zarr arrays of the store: token-major, preallocated, written and committed in units.
 
-An array is `[n_slots, width]` over a tokenization's layout (see `store.tokens`): token
+An array is `[n_slots, width]` over a tokenization's layout (see `store.catalog.tokens`): token
 `tok_index` of every row is its row in every array of that tokenization. The token axis
 is chunked by the layout's unit (one chunk = one unit = a run of whole rows), so a writer
 owns whole chunks and two ranks never write the same chunk.

@@ -40,7 +40,7 @@ import zarr
 from store.arrays import committed_row_ids, open_array
 from store.core import Store, StoreError, _sql_str, file_signature
 from store.ranges import range_reader
-from store.tokens import read_layout
+from store.catalog.tokens import read_layout
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

@@ -262,7 +262,7 @@ def repair(store: Store, problems: list[Problem]) -> list[str]:
     """Carry out each problem's repair; returns one line per action."""
     import shutil
 
-    from store.runs import mark_failed
+    from store.catalog.runs import mark_failed
 
     done = []
     for p in problems:

@@ -111,7 +111,7 @@ def analytics_store(real_store, tmp_path_factory) -> Path:
     codes and tables (python -m extractors.run --kinds sae --sae latest), read-only."""
     from extractors.run import main as extract_main
     from store.core import Store
-    from trainers.sae import main as sae_main
+    from trainers.sae.cli import main as sae_main
 
     dst = tmp_path_factory.mktemp("analytics") / "sae_store"
     shutil.copytree(real_store, dst)

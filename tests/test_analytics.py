@@ -261,7 +261,7 @@ def test_logit_lens_matches_a_direct_computation(analytics_store, copy_store):
     import torch
 
     from analytics.logit_lens import LogitLensConfig, final_norm_and_head, run_logit_lens, select_tokens
-    from store.tokens import row_token_ids
+    from store.catalog.tokens import row_token_ids
     from extractors.model import load_model
     from store.arrays import open_array
 
@@ -301,7 +301,7 @@ def test_report_is_one_html_file_with_every_section(analytics_store, copy_store,
     run_correlations(CorrelationConfig(layer=17, store=str(st.root), progress=False, contexts=0))
     st.write_table("attribution_scores", pa.table({"run_id": ["a"] * 50, "row_id": [f"r{i}" for i in range(50)],
                                                    "score": np.linspace(-1, 1, 50)}))
-    from store.runs import Run
+    from store.catalog.runs import Run
 
     Run(st, "probe", {"name": "needle_probe"}, layers=[6, 17]).finish(metrics={"by_layer": {
         "6": {"val_auroc_mean": 0.71, "val_auroc_std": 0.01}, "17": {"val_auroc_mean": 0.93, "val_auroc_std": 0.02}}})

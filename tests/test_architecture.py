@@ -1,5 +1,8 @@
 """The package graph runs one way: store <- extractors <- trainers <- analytics (bench may use
 all), and no module imports itself back through others (no import cycle, lazy imports included).
+Inside a package, capability rooms (subfolders: trainers/sae/, extractors/ingest/, ...) import
+one way too: the graph of rooms and top-level modules has no cycle. No folder holds more than
+MAX_MODULES modules, so a newcomer finds a capability by its folder name.
 
 Imports are read from the source with `ast`, so imports inside functions count too: a
 lazy import hides a cycle from Python's import machinery, not from this test.
@@ -103,6 +106,39 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return out
+
+
+MAX_MODULES = 12
+
+
+def room_of(name: str, modules: dict[str, Path]) -> str:
+    """A module's capability room: its subfolder below the top package (`trainers.sae` for
+    trainers/sae/run.py), or the module itself when it sits at a package's top level."""
+    parts = name.split(".")
+    in_subfolder = len(parts) >= 3 or (len(parts) == 2 and modules[name].name == "__init__.py")
+    return ".".join(parts[:2]) if in_subfolder else name
+
+
+def test_capability_rooms_import_one_way():
+    modules = all_modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        a = room_of(name, modules)
+        graph.setdefault(a, set()).update(b for b in (room_of(d, modules) for d in imports_of(path, modules)) if b != a)
+    assert not _cycles(graph), f"rooms that import each other: {_cycles(graph)}"
+    rooms = {".".join(n.split(".")[:2]) for n, path in modules.items() if len(path.relative_to(ROOT).parts) >= 3}
+    assert {"trainers.sae", "trainers.probes", "trainers.steering", "trainers.finetune", "trainers.selection",
+            "extractors.ingest", "extractors.sae", "store.catalog"} <= rooms
+
+
+def test_no_folder_holds_more_than_a_dozen_modules():
+    modules = all_modules()
+    per_folder: dict[Path, list[str]] = {}
+    for name, path in modules.items():
+        if path.name not in ("__init__.py", "__main__.py"):
+            per_folder.setdefault(path.parent, []).append(name)
+    crowded = {str(f.relative_to(ROOT)): len(v) for f, v in per_folder.items() if len(v) > MAX_MODULES}
+    assert not crowded, f"folders over {MAX_MODULES} modules (give the capability a subfolder): {crowded}"
 
 
 def test_no_import_cycles_between_modules():

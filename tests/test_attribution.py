@@ -16,7 +16,7 @@ from extractors.run import main as extract_main
 from extractors.sft_data import load_sft_rows, select_rows_by
 from store.core import Store
 from tests.conftest import ingest_small
-from trainers.finetune import main as ft_main
+from trainers.finetune.train import main as ft_main
 
 SIZES = {"train_base": 10, "attr_query": 3, "eval": 2}
 
@@ -66,7 +66,7 @@ def test_scores_equal_plain_autograd_gradient_dot_products(adapted, tiny_model):
     pairs = st.query("SELECT row_id, query_row_id, score FROM attribution_pairs WHERE run_id = ?",
                      [res.run_id]).to_pydict()
     from extractors.adapters import resolve_adapter
-    from store.tokens import tokenizations
+    from store.catalog.tokens import tokenizations
 
     tz = tokenizations(st)[0]["tokenization"]
     pool = select_rows_by(st, split="score_pool")
@@ -107,7 +107,7 @@ def test_default_setup_is_reproducible_finite_and_in_duckdb(adapted, tiny_model)
     cols = "row_id, rank, source_rank, score, source, kind, seed, run_id"
     written = st.query(f"SELECT {cols} FROM subsets WHERE subset = ? ORDER BY rank", [a.subset]).to_pylist()
     assert [r["source_rank"] for r in written] == [1, 2, 3] and written[0]["source"] == f"attribution:{a.run_id}"
-    from trainers.subsets import SubsetSpec, write_subset    # the subsets command writes the same subset
+    from trainers.selection.subsets import SubsetSpec, write_subset    # the subsets command writes the same subset
     assert write_subset(st, SubsetSpec(f"attribution:{a.run_id}", "top_k", k=3)) == a.subset
     assert st.query(f"SELECT {cols} FROM subsets WHERE subset = ? ORDER BY rank", [a.subset]).to_pylist() == written
     con = duckdb.connect(str(st.catalog_db), read_only=True)    # plain DuckDB on the catalog file
@@ -143,7 +143,7 @@ def test_bad_input_gets_one_clear_error(adapted, tiny_model, capsys):
 def test_query_preconditioning_is_bergsons_damped_inverse():
     from bergson.hessians.inversion import invert_psd_matrix
 
-    from extractors.attribution import damped_solve
+    from extractors.attribution.scores import damped_solve
 
     torch.manual_seed(0)
     G = torch.randn(5, 64, dtype=torch.float64)               # 5 query rows: a rank-5 Gram, as in practice

@@ -123,7 +123,7 @@ def test_gpu_staging_path_writes_the_same_bytes_on_cpu(extract_result, tiny_mode
     from extractors.model import load_model
     from extractors.units import select_rows
     from store.core import Store
-    from store.tokens import read_layout, tokenizations
+    from store.catalog.tokens import read_layout, tokenizations
 
     _, store, _ = extract_result
     copy = tmp_path / "store"

@@ -16,7 +16,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from extractors.ingest.sample import generate_sample, iter_sample
+from extractors.ingest.sample.generate import generate_sample, iter_sample
 from store.core import Store, StoreError
 from store.scratch import scratch
 

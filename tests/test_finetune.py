@@ -16,9 +16,9 @@ from extractors.model import load_model
 from extractors.sft_data import IGNORE, load_sft_rows, select_rows_by
 from store.core import Store, StoreError
 from tests.conftest import ingest_small
-from trainers.eval_loss import main as eval_main
-from trainers.finetune import FinetuneConfig, run_finetune
-from trainers.finetune import main as ft_main
+from trainers.finetune.eval_loss import main as eval_main
+from trainers.finetune.train import FinetuneConfig, run_finetune
+from trainers.finetune.train import main as ft_main
 
 SIZES = {"train_base": 12, "attr_query": 3, "eval": 6}
 
@@ -40,7 +40,7 @@ def trained(tmp_path_factory, tiny_model):
 
 
 def _layout(store):
-    from store.tokens import read_layout, tokenizations
+    from store.catalog.tokens import read_layout, tokenizations
 
     return read_layout(Store(store), tokenizations(Store(store))[0]["tokenization"])
 

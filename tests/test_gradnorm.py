@@ -25,7 +25,7 @@ from extractors.run import main
 from store.arrays import committed_rows, committed_set
 from store.core import Store
 from store.materialize import gather
-from store.tokens import read_layout
+from store.catalog.tokens import read_layout
 from tests.conftest import ingest_small
 
 SMALL = {"train_base": 16, "attr_query": 4, "eval": 4}

@@ -14,14 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from extractors.attribution import SCORES_SCHEMA, ranks_of
-from extractors.ingest.sample import DIFFICULTIES, QUALITIES
-from extractors.sae_load import write_sae_record
+from extractors.attribution.scores import SCORES_SCHEMA, ranks_of
+from extractors.ingest.sample.generate import DIFFICULTIES, QUALITIES
+from extractors.sae.load import write_sae_record
 from store.core import Store, StoreError
-from trainers.predictor_data import STATS, load_rows
-from trainers.sae_predictor import (PredictorConfig, apply_predictor, design_matrix, fit_design, fit_predictor,
+from trainers.selection.predictor_data import STATS, load_rows
+from trainers.selection.predictor import (PredictorConfig, apply_predictor, design_matrix, fit_design, fit_predictor,
                                     load_predictor, main, predict, split_rows)
-from trainers.subsets import SubsetSpec, ranking, subset_rows, write_subset
+from trainers.selection.subsets import SubsetSpec, ranking, subset_rows, write_subset
 
 N, LABELLED, SAE, LAYER, D_SAE, SIGNAL = 300, 240, "sae-test", 3, 100, 7
 CATS = ["coding", "math", "editing", "reasoning"]
@@ -158,7 +158,7 @@ def test_shuffled_labels_give_no_signal(planted):
 def test_sparse_design_and_ridge_match_a_dense_reference(planted):
     from sklearn.linear_model import Ridge
 
-    from trainers.sae_predictor import ridge
+    from trainers.selection.predictor import ridge
 
     st, _ = planted
     rows = load_rows(st, SAE, LAYER)

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from store.core import STORE_VERSION, Store, StoreError
-from trainers.probe import main, run_probe
-from trainers.probe_config import ProbeConfig, load_config
+from trainers.probes.probe import main, run_probe
+from trainers.probes.config import ProbeConfig, load_config
 
 # Small but real: 2 L2 values, 30 epochs; the embedded default trains 4 values x 60 epochs x 3 seeds.
 FAST = ["--l2-grid", "0.001", "0.01", "--num-epochs", "30", "--no-progress"]

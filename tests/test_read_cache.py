@@ -14,7 +14,7 @@ from store import native
 from store.arrays import chunk_path, commit_unit, create_array, decode, encode, write_unit
 from store.core import Store
 from store.materialize import drop_read_cache, gather, iter_materialize, materialize, reader, select
-from store.tokens import plan_layout, write_tokenization
+from store.catalog.tokens import plan_layout, write_tokenization
 
 UNIT, WIDTH, A = 64, 8, "hidden/layer_0"
 

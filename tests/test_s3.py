@@ -228,8 +228,8 @@ def test_materialize_on_s3_equals_local(pair):
 
 
 def test_probe_trains_from_s3_like_from_local(pair, tmp_path):
-    from trainers.probe import run_probe
-    from trainers.probe_config import load_config
+    from trainers.probes.probe import run_probe
+    from trainers.probes.config import load_config
 
     local, remote, _ = pair
     a = run_probe(load_config(["--store", str(local.root), *FAST_PROBE, "--output-dir", str(tmp_path / "a")]))

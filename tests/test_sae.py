@@ -33,7 +33,7 @@ def sae_store(real_store, copy_store) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(sae_store):
-    from trainers.sae import SAETrainConfig, run_sae
+    from trainers.sae.cli import SAETrainConfig, run_sae
 
     return run_sae(SAETrainConfig(layer=17, store=str(sae_store), d_sae=D_SAE, k=K, steps=250, batch_tokens=256,
                              ce_rows=4, log_every=25, progress=False))
@@ -53,7 +53,7 @@ def extracted(sae_store, trained):
 
 
 def _names(res) -> tuple[str, str]:
-    from extractors.sae_format import code_array_names
+    from extractors.sae.format import code_array_names
 
     return code_array_names(res.sae_name, 17)
 
@@ -106,10 +106,10 @@ def test_training_beats_baselines_and_saves_sae_lens_format(trained, sae_store):
 
 
 def test_codes_cover_every_token_and_decode_like_the_dense_forward(extracted, sae_store):
-    from extractors.sae_format import decode_codes
+    from extractors.sae.format import decode_codes
     from store.arrays import committed_rows, open_array
     from store.materialize import gather
-    from extractors.sae_load import load_sae
+    from extractors.sae.load import load_sae
 
     store = Store(sae_store)
     idx_name, val_name = _names(extracted)
@@ -136,7 +136,7 @@ def test_codes_cover_every_token_and_decode_like_the_dense_forward(extracted, sa
 
 
 def test_feature_tables_from_plain_duckdb(extracted, sae_store):
-    from extractors.sae_tables import top_contexts
+    from extractors.sae.tables import top_contexts
     from store.materialize import gather
 
     con = duckdb.connect(str(sae_store / "catalog.duckdb"), read_only=True)
@@ -240,8 +240,8 @@ def test_rows_without_stored_states_run_the_model(extracted, sae_store, tmp_path
 def test_offline_pretrained_sae_fails_fast_naming_the_fallback(sae_store, monkeypatch, capsys):
     import socket
 
-    import extractors.sae_load as sl
-    from trainers.sae import main
+    import extractors.sae.load as sl
+    from trainers.sae.cli import main
 
     def no_network(*a, **k):
         raise AssertionError("a network connection was attempted")
@@ -257,7 +257,7 @@ def test_offline_pretrained_sae_fails_fast_naming_the_fallback(sae_store, monkey
 
 
 def test_standard_l1_architecture_trains(sae_store):
-    from trainers.sae import SAETrainConfig, run_sae
+    from trainers.sae.cli import SAETrainConfig, run_sae
 
     res = run_sae(SAETrainConfig(layer=17, store=str(sae_store), architecture="standard", d_sae=256, steps=60,
                                  batch_tokens=256, l1_coefficient=2.0, l1_warm_up_steps=20, ce_rows=0,
@@ -285,7 +285,7 @@ def test_bad_sae_path_fails_before_the_model_loads(sae_store, monkeypatch, capsy
 
 
 def test_sae_by_name_or_latest_and_unknown_names_listed(extracted, sae_store):
-    from extractors.sae_load import SAELoadError, load_sae
+    from extractors.sae.load import SAELoadError, load_sae
 
     store = Store(sae_store)
     rows = store.query("SELECT sae, path, updated_at FROM saes WHERE layer = 17 ORDER BY updated_at DESC").to_pylist()
@@ -302,7 +302,7 @@ def test_sae_name_survives_a_moved_store(extracted, sae_store, tmp_path):
     """A `saes` row records an absolute folder; in a moved store the name finds runs/<run_id>/sae."""
     import shutil
 
-    from extractors.sae_load import load_sae
+    from extractors.sae.load import load_sae
 
     moved = tmp_path / "moved"
     shutil.copytree(sae_store, moved)

@@ -90,9 +90,9 @@ def test_kl_of_identity_splice_is_zero_and_of_zero_splice_is_large(real_store):
     from extractors.model import load_model
     from store.arrays import open_array
     from store.materialize import select
-    from trainers.sae_eval import splice_ce
-    from trainers.sae_run import SAETrainConfig, _ce_inputs
-    from trainers.sae_train import split_sql
+    from trainers.sae.eval import splice_ce
+    from trainers.sae.run import SAETrainConfig, _ce_inputs
+    from trainers.sae.train import split_sql
 
     store = Store(real_store)
     frame = select(store, split_sql(store, "content_tokens", "eval"), "hidden/layer_17")
@@ -107,8 +107,8 @@ def test_kl_of_identity_splice_is_zero_and_of_zero_splice_is_large(real_store):
 
 
 def test_qa_gate_fails_untrained_and_passes_trained(real_store, copy_store, capsys, tmp_path):
-    from trainers.sae import main
-    from trainers.sae_train import build_training_sae
+    from trainers.sae.cli import main
+    from trainers.sae.train import build_training_sae
 
     store = copy_store(real_store)
     common = ["--layer", "17", "--store", str(store), "--ce-rows", "2", "--no-progress", "--qa", "strict",
@@ -135,7 +135,7 @@ def test_qa_gate_fails_untrained_and_passes_trained(real_store, copy_store, caps
 
 
 def test_sweep_writes_one_row_per_layer_and_reuses_finished_layers(real_store, copy_store, capsys):
-    from trainers.sae import main
+    from trainers.sae.cli import main
 
     store = copy_store(real_store)
     argv = ["--layers", "6", "17", "--store", str(store), "--steps", "20", "--batch-tokens", "128", "--d-sae", "128",

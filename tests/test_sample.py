@@ -1,4 +1,4 @@
-"""Tests for extractors.ingest.sample: the embedded synthetic SmolTalk-style dataset.
+"""Tests for extractors.ingest.sample.generate: the embedded synthetic SmolTalk-style dataset.
 
 Besides schema/determinism checks, these tests re-derive the metadata from the
 text (math answers, data-analysis stats, coding behaviour, ordering puzzles,
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from extractors.ingest.sample import (
+from extractors.ingest.sample.generate import (
     CATEGORIES,
     DIFFICULTIES,
     NEEDLE_FRACTION,
@@ -80,7 +80,7 @@ def test_determinism_and_seed_sensitivity():
 
 
 def test_independent_of_pythonhashseed():
-    code = ("import hashlib; from extractors.ingest.sample import generate_sample; "
+    code = ("import hashlib; from extractors.ingest.sample.generate import generate_sample; "
             "print(hashlib.sha256(repr(generate_sample(3, 60, 15)).encode()).hexdigest())")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,

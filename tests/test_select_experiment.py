@@ -18,7 +18,7 @@ from analytics.select_experiment import SelectExperimentConfig, main
 from store.core import Store
 from tests.conftest import ingest_small
 from tests.test_notebooks import NOTEBOOKS, execute
-from trainers.finetune import main as ft_main
+from trainers.finetune.train import main as ft_main
 
 SIZES = {"train_base": 30, "attr_query": 2, "eval": 6}
 RUN = "attribution-synthetic"
@@ -27,7 +27,7 @@ RUN = "attribution-synthetic"
 def synthetic_attribution(store: Path, n_top: int = 4) -> None:
     """An attribution_scores part whose top n_top rows come from distinct categories that have at
     least 3 pool rows (so a matched random draw outside the top has a choice), the rest random."""
-    from extractors.attribution import SCORES_SCHEMA
+    from extractors.attribution.scores import SCORES_SCHEMA
 
     st = Store(store)
     pool = st.query("SELECT r.row_id, r.category FROM rows r JOIN split_members s USING (row_id) "
@@ -57,8 +57,8 @@ def exp_store(tmp_path_factory, tiny_model):
     """30 pool rows, 6 eval rows (one math), a base adapter (1 step), synthetic attribution, and for the
     notebook an SAE on layer 2 with its tables and a predictor (all through their commands)."""
     from extractors.run import main as extract_main
-    from trainers.sae import main as sae_main
-    from trainers.sae_predictor import main as predictor_main
+    from trainers.sae.cli import main as sae_main
+    from trainers.selection.predictor import main as predictor_main
 
     store = tmp_path_factory.mktemp("select") / "store"
     ingest_small(store, SIZES, model=tiny_model)

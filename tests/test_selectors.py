@@ -18,10 +18,10 @@ from extractors.pipeline import ExtractConfig
 from extractors.pipeline import run_extraction as run
 from store.core import Store, StoreError
 from tests.conftest import ingest_small
-from trainers.layer_selector import (FEATURE_KEYS, SCHEMA, LayerSelector, LayerSelectorConfig, run_features,
+from trainers.steering.layer_selector import (FEATURE_KEYS, SCHEMA, LayerSelector, LayerSelectorConfig, run_features,
                                      top_k_layers, train_layer_selector)
-from trainers.steering import ComputeConfig, compute_steering, rule_tokens, steer
-from trainers.token_selector import TokenSelector, TokenSelectorConfig, main as selector_main, train_token_selector
+from trainers.steering.cli import ComputeConfig, compute_steering, rule_tokens, steer
+from trainers.steering.token_selector import TokenSelector, TokenSelectorConfig, main as selector_main, train_token_selector
 
 SIZES = {"train_base": 48, "attr_query": 4, "eval": 16}
 
@@ -146,7 +146,7 @@ def test_steering_changes_logits_only_with_alpha(trained, tiny_model):
 
 
 def test_compute_evaluate_layer_features_and_auto_generate(trained, tiny_model):
-    from trainers.steering_eval import EvaluateConfig, GenerateConfig, run_evaluate, run_generate
+    from trainers.steering.evaluate import EvaluateConfig, GenerateConfig, run_evaluate, run_generate
 
     dst, _ = trained
     st = Store(dst)

@@ -15,7 +15,7 @@ from store.arrays import commit_unit, committed_in_unit, committed_rows, create_
 from store.core import Store, StoreError
 from store.materialize import gather, iter_materialize
 from store.sql import main as sql_main
-from store.tokens import plan_layout
+from store.catalog.tokens import plan_layout
 
 
 def test_bf16_encode_matches_torch_and_decodes_exactly():

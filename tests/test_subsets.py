@@ -13,11 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from extractors.attribution import SCORES_SCHEMA, ranks_of
+from extractors.attribution.scores import SCORES_SCHEMA, ranks_of
 from extractors.sft_data import select_rows_by
 from store.core import Store, StoreError
 from tests.conftest import ingest_small
-from trainers.subsets import (SubsetSpec, main, parse_window, ranking, subset_name, subset_rows, train_rows_sql,
+from trainers.selection.subsets import (SubsetSpec, main, parse_window, ranking, subset_name, subset_rows, train_rows_sql,
                               write_subset)
 
 OLD, NEW = "attribution-20261201-090000-aaaaaa", "attribution-20261201-100000-bbbbbb"
@@ -138,7 +138,7 @@ def test_reward_model_and_random_sources(st):
 
 
 def test_cli_writes_top_and_matched_and_finetune_trains_on_the_subset(st, tiny_model, capsys):
-    from trainers.finetune import main as ft_main
+    from trainers.finetune.train import main as ft_main
 
     assert main(["--from", "attribution:latest", "--k", "6", "--store", str(st.root)]) == 0
     out = capsys.readouterr().out

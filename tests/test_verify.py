@@ -110,7 +110,7 @@ def test_orphans_and_leftovers_are_found_and_removed(extracted, copy_store):
 def test_a_killed_run_is_a_note_and_repair_marks_it_failed(extracted, copy_store, capsys):
     path = copy_store(extracted)
     st = Store(path)
-    from store.runs import Run
+    from store.catalog.runs import Run
 
     run = Run(st, "extract_hidden", {"x": 1})
     run.rec["pid"] = 2 ** 22 + 12345                             # a pid that is not running

@@ -1,7 +1,7 @@
 """Load SmolTalk-schema chat data from wherever it lives.
 
 A source is one of:
-* `embedded`: the deterministic sample of `extractors.ingest.sample` (no network), streamed
+* `embedded`: the deterministic sample of `extractors.ingest.sample.generate` (no network), streamed
   to temporary JSON-lines files (`SpooledRecords`) so that any size fits in memory;
 * a local `.parquet`, `.jsonl`/`.json` file, or a folder of them (files named `train*` /
   `test*` give the splits; anything else counts as `train`);
@@ -68,7 +68,7 @@ def _spool_sample(seed: int, n_train: int, n_test: int, scratch: Path | None) ->
     round-trip exactly: str, int, float, bool and None values only)."""
     import tempfile
 
-    from extractors.ingest.sample import iter_sample
+    from extractors.ingest.sample.generate import iter_sample
 
     tmp = tempfile.TemporaryDirectory(prefix="embedded-sample-") if scratch is None else None
     folder = Path(tmp.name) if tmp is not None else scratch
