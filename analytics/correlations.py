@@ -54,12 +54,25 @@ ORDINAL_ORDERS: dict[str, list[str]] = {
 # How features are ranked within a level: AUROC, then q, then mean activation in the level
 # (AUROC 1.0 ties are common on the embedded sample). plots.category_heatmap uses the same.
 RANK_ORDER = (["level", "effect", "q_value", "mean_pos"], [False, True, False, True])
-SCHEMA = pa.schema([
-    ("sae", pa.string()), ("layer", pa.int32()), ("feature", pa.int32()), ("field", pa.string()),
-    ("kind", pa.string()), ("level", pa.string()), ("stat", pa.string()), ("effect", pa.float64()),
-    ("p_value", pa.float64()), ("q_value", pa.float64()), ("n_pos", pa.int32()), ("n_neg", pa.int32()),
-    ("mean_pos", pa.float64()), ("mean_neg", pa.float64()), ("run_id", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("sae", pa.string()),
+        ("layer", pa.int32()),
+        ("feature", pa.int32()),
+        ("field", pa.string()),
+        ("kind", pa.string()),
+        ("level", pa.string()),
+        ("stat", pa.string()),
+        ("effect", pa.float64()),
+        ("p_value", pa.float64()),
+        ("q_value", pa.float64()),
+        ("n_pos", pa.int32()),
+        ("n_neg", pa.int32()),
+        ("mean_pos", pa.float64()),
+        ("mean_neg", pa.float64()),
+        ("run_id", pa.string()),
+    ]
+)
 
 
 @dataclass
@@ -68,24 +81,47 @@ class CorrelationConfig:
 
     layer: int = field(metadata={"help": "layer of the SAE whose row features to analyse"})
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
-    sae: str | None = field(default=None, metadata={"help": "the SAE: latest (the newest SAE of --layer in the saes "
-                            "table with row features), its store name (the `sae` column), its sae-lens folder, or "
-                            "RELEASE/SAE_ID; default: the only SAE with row features at --layer"})
-    value: Literal["mean_act", "max_act", "n_active"] = field(default="mean_act", metadata={
-        "help": "per-row feature value: mean activation over the row's tokens (inactive = 0), max, or "
-                "the number of tokens where it fires"})
-    split: str = field(default="all", metadata={"help": "rows to analyse: all, or one split "
-                       "(train_base, attr_query, eval, score_pool)"})
-    categorical: list[str] = field(default_factory=lambda: ["category", "difficulty", "quality"], metadata={
-        "help": "fields tested per level, one-vs-rest (AUROC + Mann-Whitney p, MI + G-test p)"})
-    ordinal: list[str] = field(default_factory=lambda: ["difficulty", "quality"], metadata={
-        "help": f"ordered fields tested by Spearman; known orders: {', '.join(ORDINAL_ORDERS)}"})
-    continuous: list[str] = field(default_factory=lambda: ["reward_model_score", "conversation_tokens"],
-                                  metadata={"help": "numeric fields tested by Spearman"})
-    min_rows: int = field(default=3, metadata={"help": "test only features that fire in at least this many rows "
-                          "(a label-blind filter, so BH stays valid)"})
-    mi_bins: int = field(default=4, metadata={"help": "bins for MI: not firing + (mi_bins - 1) equal-frequency "
-                         "bins of the firing values"})
+    sae: str | None = field(
+        default=None,
+        metadata={
+            "help": "the SAE: latest (the newest SAE of --layer in the saes "
+            "table with row features), its store name (the `sae` column), its sae-lens folder, or "
+            "RELEASE/SAE_ID; default: the only SAE with row features at --layer"
+        },
+    )
+    value: Literal["mean_act", "max_act", "n_active"] = field(
+        default="mean_act",
+        metadata={
+            "help": "per-row feature value: mean activation over the row's tokens (inactive = 0), max, or "
+            "the number of tokens where it fires"
+        },
+    )
+    split: str = field(
+        default="all",
+        metadata={"help": "rows to analyse: all, or one split (train_base, attr_query, eval, score_pool)"},
+    )
+    categorical: list[str] = field(
+        default_factory=lambda: ["category", "difficulty", "quality"],
+        metadata={"help": "fields tested per level, one-vs-rest (AUROC + Mann-Whitney p, MI + G-test p)"},
+    )
+    ordinal: list[str] = field(
+        default_factory=lambda: ["difficulty", "quality"],
+        metadata={"help": f"ordered fields tested by Spearman; known orders: {', '.join(ORDINAL_ORDERS)}"},
+    )
+    continuous: list[str] = field(
+        default_factory=lambda: ["reward_model_score", "conversation_tokens"],
+        metadata={"help": "numeric fields tested by Spearman"},
+    )
+    min_rows: int = field(
+        default=3,
+        metadata={
+            "help": "test only features that fire in at least this many rows (a label-blind filter, so BH stays valid)"
+        },
+    )
+    mi_bins: int = field(
+        default=4,
+        metadata={"help": "bins for MI: not firing + (mi_bins - 1) equal-frequency bins of the firing values"},
+    )
     alpha: float = field(default=0.05, metadata={"help": "false discovery rate for 'significant'"})
     top_n: int = field(default=5, metadata={"help": "top features per category level in the report"})
     contexts: int = field(default=3, metadata={"help": "top-activating token contexts per top feature"})
@@ -104,22 +140,24 @@ class CorrelationConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
         unknown = sorted(set(self.ordinal) - set(ORDINAL_ORDERS))
         if unknown:
-            raise ValueError(f"--ordinal {unknown[0]!r} has no known level order (known: "
-                             f"{', '.join(ORDINAL_ORDERS)}); test it with --categorical instead")
+            raise ValueError(
+                f"--ordinal {unknown[0]!r} has no known level order (known: "
+                f"{', '.join(ORDINAL_ORDERS)}); test it with --categorical instead"
+            )
 
 
 class RowMatrix(NamedTuple):
-    X: np.ndarray            # [n_rows, n_features] float32 feature values (0 = never fired in the row)
-    features: np.ndarray     # [n_features] feature ids (those that fire in >= 1 row)
-    meta: pl.DataFrame       # row_id + metadata columns, row i describes X[i]
+    X: np.ndarray  # [n_rows, n_features] float32 feature values (0 = never fired in the row)
+    features: np.ndarray  # [n_features] feature ids (those that fire in >= 1 row)
+    meta: pl.DataFrame  # row_id + metadata columns, row i describes X[i]
 
 
 class CorrelationResult(NamedTuple):
     run_id: str
     sae: str
     layer: int
-    assoc: pl.DataFrame      # the rows written to feature_metadata_assoc
-    top: pl.DataFrame        # top features per category level (with contexts when available)
+    assoc: pl.DataFrame  # the rows written to feature_metadata_assoc
+    top: pl.DataFrame  # top features per category level (with contexts when available)
     plots: dict[str, str]
     metrics: dict[str, Any]
 
@@ -128,15 +166,23 @@ class CorrelationResult(NamedTuple):
 def resolve_sae(store: Store, spec: str | None, layer: int) -> str:
     """The `sae` column value of the SAE named by `spec` (see --sae), checked to have row features."""
     if not store.has_table("sae_row_features"):
-        raise StoreError(f"{store.root} has no sae_row_features table; extract SAE codes first: python -m "
-                         f"extractors.run --layer {layer} --kinds sae --sae <sae folder> --store {store.root}")
-    have = store.query("SELECT DISTINCT sae FROM sae_row_features WHERE layer = ? ORDER BY 1", [layer]).column(0).to_pylist()
+        raise StoreError(
+            f"{store.root} has no sae_row_features table; extract SAE codes first: python -m "
+            f"extractors.run --layer {layer} --kinds sae --sae <sae folder> --store {store.root}"
+        )
+    have = (
+        store.query("SELECT DISTINCT sae FROM sae_row_features WHERE layer = ? ORDER BY 1", [layer])
+        .column(0)
+        .to_pylist()
+    )
     if spec is None:
         if len(have) == 1:
             return have[0]
         if not have:
-            raise StoreError(f"no SAE has row features at layer {layer} in {store.root}; extract codes with "
-                             f"python -m extractors.run --layer {layer} --kinds sae --sae <sae folder>")
+            raise StoreError(
+                f"no SAE has row features at layer {layer} in {store.root}; extract codes with "
+                f"python -m extractors.run --layer {layer} --kinds sae --sae <sae folder>"
+            )
         raise StoreError(f"several SAEs have row features at layer {layer}: {', '.join(have)}; pick one with --sae")
     if spec in have:
         return spec
@@ -145,8 +191,9 @@ def resolve_sae(store: Store, spec: str | None, layer: int) -> str:
     if spec == "latest":
         newest = [r["sae"] for r in registered(store, layer) if r["sae"] in have]
         if not newest:
-            raise StoreError(f"--sae latest: no SAE with row features at layer {layer} (available: "
-                             f"{', '.join(have) or 'none'})")
+            raise StoreError(
+                f"--sae latest: no SAE with row features at layer {layer} (available: {', '.join(have) or 'none'})"
+            )
         return newest[0]
 
     p = Path(spec).expanduser()
@@ -155,14 +202,17 @@ def resolve_sae(store: Store, spec: str | None, layer: int) -> str:
     except SAELoadError as e:
         raise StoreError(str(e)) from e
     if name not in have:
-        raise StoreError(f"SAE {spec!r} (store name {name!r}) has no row features at layer {layer} "
-                         f"(available: {', '.join(have) or 'none'}); extract them: python -m extractors.run "
-                         f"--layer {layer} --kinds sae --sae {spec} --store {store.root}")
+        raise StoreError(
+            f"SAE {spec!r} (store name {name!r}) has no row features at layer {layer} "
+            f"(available: {', '.join(have) or 'none'}); extract them: python -m extractors.run "
+            f"--layer {layer} --kinds sae --sae {spec} --store {store.root}"
+        )
     return name
 
 
-def load_row_matrix(store: Store, sae: str, layer: int, *, value: str = "mean_act", split: str = "all",
-                    fields: list[str] | None = None) -> RowMatrix:
+def load_row_matrix(
+    store: Store, sae: str, layer: int, *, value: str = "mean_act", split: str = "all", fields: list[str] | None = None
+) -> RowMatrix:
     """Dense [rows x features] values of one SAE layer plus the rows' metadata.
 
     Rows are those of `sae_sample_stats` for the SAE (every row whose codes were summarised,
@@ -181,57 +231,89 @@ def load_row_matrix(store: Store, sae: str, layer: int, *, value: str = "mean_ac
         missing = [f for f in fields if f not in cols]
         if missing:
             raise StoreError(f"rows has no column {missing[0]!r} (columns: {', '.join(sorted(cols))})")
-        con.execute(f"CREATE TEMP TABLE _pop AS SELECT row_id, (row_number() OVER (ORDER BY row_id) - 1)::INT AS i "
-                    f"FROM (SELECT DISTINCT p.row_id FROM {pop_src} p WHERE {where})", params)
+        con.execute(
+            f"CREATE TEMP TABLE _pop AS SELECT row_id, (row_number() OVER (ORDER BY row_id) - 1)::INT AS i "
+            f"FROM (SELECT DISTINCT p.row_id FROM {pop_src} p WHERE {where})",
+            params,
+        )
         n = con.sql("SELECT count(*) FROM _pop").fetchall()[0][0]
         if n == 0:
-            raise StoreError(f"SAE {sae!r} layer {layer} has no rows" + (f" in split {split!r}" if split != "all" else "")
-                             + f" in {pop_src}")
-        long = con.sql(f"SELECT _pop.i, f.feature, f.{value}::DOUBLE AS v FROM sae_row_features f "
-                       f"JOIN _pop USING (row_id) WHERE f.sae = $sae AND f.layer = $layer",
-                       params={"sae": sae, "layer": layer}).fetchnumpy()
+            raise StoreError(
+                f"SAE {sae!r} layer {layer} has no rows"
+                + (f" in split {split!r}" if split != "all" else "")
+                + f" in {pop_src}"
+            )
+        long = con.sql(
+            f"SELECT _pop.i, f.feature, f.{value}::DOUBLE AS v FROM sae_row_features f "
+            f"JOIN _pop USING (row_id) WHERE f.sae = $sae AND f.layer = $layer",
+            params={"sae": sae, "layer": layer},
+        ).fetchnumpy()
         sel = ", ".join(f'r."{f}"' for f in fields)
-        meta = pl.from_arrow(con.sql(f"SELECT _pop.row_id, {sel} FROM _pop JOIN rows r USING (row_id) "
-                                     f"ORDER BY _pop.i").to_arrow_table())
+        meta = pl.from_arrow(
+            con.sql(f"SELECT _pop.row_id, {sel} FROM _pop JOIN rows r USING (row_id) ORDER BY _pop.i").to_arrow_table()
+        )
     finally:
         con.close()
     if len(meta) != n:
         raise StoreError(f"{n - len(meta)} rows of SAE {sae!r} are missing from the rows table")
     features, col = np.unique(long["feature"], return_inverse=True)
-    X = np.zeros((n, len(features)), dtype=np.float32)      # 8k rows x 16k features = 0.5 GB
+    X = np.zeros((n, len(features)), dtype=np.float32)  # 8k rows x 16k features = 0.5 GB
     X[long["i"], col] = long["v"]
     return RowMatrix(X, features.astype(np.int64), meta)
 
 
 # ---- statistics -----------------------------------------------------------------------------
-def _frame(feat: np.ndarray, field_: str, kind: str, stat: str, levels: list[str | None], effect: np.ndarray,
-           p: np.ndarray, n_pos: np.ndarray, n_neg: np.ndarray | None, mean_pos: np.ndarray | None,
-           mean_neg: np.ndarray | None) -> pl.DataFrame:
+def _frame(
+    feat: np.ndarray,
+    field_: str,
+    kind: str,
+    stat: str,
+    levels: list[str | None],
+    effect: np.ndarray,
+    p: np.ndarray,
+    n_pos: np.ndarray,
+    n_neg: np.ndarray | None,
+    mean_pos: np.ndarray | None,
+    mean_neg: np.ndarray | None,
+) -> pl.DataFrame:
     """Tidy rows for a [F, L] block of results."""
     F, L = effect.shape
     nulls = np.full(F * L, np.nan)
-    return pl.DataFrame({
-        "feature": np.repeat(feat, L).astype(np.int32),
-        "field": [field_] * (F * L), "kind": [kind] * (F * L),
-        "level": pl.Series(levels * F, dtype=pl.String),
-        "stat": [stat] * (F * L), "effect": effect.ravel(), "p_value": p.ravel(),
-        "n_pos": np.tile(n_pos, F).astype(np.int32),
-        "n_neg": pl.Series(np.tile(n_neg, F) if n_neg is not None else [None] * (F * L), dtype=pl.Int32),
-        "mean_pos": mean_pos.ravel() if mean_pos is not None else nulls,
-        "mean_neg": mean_neg.ravel() if mean_neg is not None else nulls,
-    }).with_columns(pl.col("mean_pos", "mean_neg").fill_nan(None))
+    return pl.DataFrame(
+        {
+            "feature": np.repeat(feat, L).astype(np.int32),
+            "field": [field_] * (F * L),
+            "kind": [kind] * (F * L),
+            "level": pl.Series(levels * F, dtype=pl.String),
+            "stat": [stat] * (F * L),
+            "effect": effect.ravel(),
+            "p_value": p.ravel(),
+            "n_pos": np.tile(n_pos, F).astype(np.int32),
+            "n_neg": pl.Series(np.tile(n_neg, F) if n_neg is not None else [None] * (F * L), dtype=pl.Int32),
+            "mean_pos": mean_pos.ravel() if mean_pos is not None else nulls,
+            "mean_neg": mean_neg.ravel() if mean_neg is not None else nulls,
+        }
+    ).with_columns(pl.col("mean_pos", "mean_neg").fill_nan(None))
 
 
-def associate(X: np.ndarray, features: np.ndarray, meta: pl.DataFrame, *, categorical: list[str],
-              ordinal: list[str], continuous: list[str], mi_bins: int = 4,
-              orders: dict[str, list[str]] | None = None) -> pl.DataFrame:
+def associate(
+    X: np.ndarray,
+    features: np.ndarray,
+    meta: pl.DataFrame,
+    *,
+    categorical: list[str],
+    ordinal: list[str],
+    continuous: list[str],
+    mi_bins: int = 4,
+    orders: dict[str, list[str]] | None = None,
+) -> pl.DataFrame:
     """Tidy association rows (without sae/layer/run_id) for every feature column of X.
 
     Rows with a null value in a field are left out of that field's tests; ordinal values
     outside the field's order too. q-values are BH within each (field, stat)."""
     orders = orders or ORDINAL_ORDERS
     parts: list[pl.DataFrame] = []
-    cache: dict[bytes, list] = {}   # rows kept -> [X rows, ranks, MI bin codes]: shared by fields
+    cache: dict[bytes, list] = {}  # rows kept -> [X rows, ranks, MI bin codes]: shared by fields
 
     def ranked(keep: np.ndarray, need_codes: bool):
         key = keep.tobytes()
@@ -250,7 +332,7 @@ def associate(X: np.ndarray, features: np.ndarray, meta: pl.DataFrame, *, catego
         if len(levels) < 2:
             continue
         Xk, r, codes = ranked(keep, True)
-        Y = np.stack([vals[keep] == lv for lv in levels], axis=1)          # [n, L]
+        Y = np.stack([vals[keep] == lv for lv in levels], axis=1)  # [n, L]
         n_pos = Y.sum(0)
         n_neg = len(Y) - n_pos
         Yf = Y.astype(np.float64)
@@ -263,8 +345,10 @@ def associate(X: np.ndarray, features: np.ndarray, meta: pl.DataFrame, *, catego
     for f, kind in [(f, "ordinal") for f in ordinal] + [(f, "continuous") for f in continuous]:
         if kind == "ordinal":
             code = {lv: i for i, lv in enumerate(orders[f])}
-            y = np.array([code.get(v, np.nan) if v is not None else np.nan
-                          for v in meta[f].cast(pl.String).to_list()], dtype=np.float64)
+            y = np.array(
+                [code.get(v, np.nan) if v is not None else np.nan for v in meta[f].cast(pl.String).to_list()],
+                dtype=np.float64,
+            )
         else:
             if not meta[f].dtype.is_numeric():
                 raise StoreError(f"--continuous field {f!r} is {meta[f].dtype}, not numeric")
@@ -274,8 +358,21 @@ def associate(X: np.ndarray, features: np.ndarray, meta: pl.DataFrame, *, catego
             continue
         _, r, _ = ranked(keep, False)
         rho, p = stats.spearman(None, y[keep], r)
-        parts.append(_frame(features, f, kind, "spearman", [None], rho[:, None], p[:, None],
-                            np.array([keep.sum()]), None, None, None))
+        parts.append(
+            _frame(
+                features,
+                f,
+                kind,
+                "spearman",
+                [None],
+                rho[:, None],
+                p[:, None],
+                np.array([keep.sum()]),
+                None,
+                None,
+                None,
+            )
+        )
     if not parts:
         raise StoreError("no field had two or more levels (or three numeric values) to test")
     out = pl.concat(parts, how="vertical")
@@ -291,15 +388,32 @@ def associate(X: np.ndarray, features: np.ndarray, meta: pl.DataFrame, *, catego
 def top_features(assoc: pl.DataFrame, *, field_: str = "category", n: int = 5, alpha: float = 0.05) -> pl.DataFrame:
     """Per level of `field_`: the n features with the highest AUROC among those with q <= alpha
     and AUROC > 0.5 (features more active in that level), best first (see RANK_ORDER)."""
-    a = assoc.filter((pl.col("field") == field_) & (pl.col("stat") == "auroc") & (pl.col("q_value") <= alpha)
-                     & (pl.col("effect") > 0.5))
+    a = assoc.filter(
+        (pl.col("field") == field_)
+        & (pl.col("stat") == "auroc")
+        & (pl.col("q_value") <= alpha)
+        & (pl.col("effect") > 0.5)
+    )
     mi = assoc.filter((pl.col("field") == field_) & (pl.col("stat") == "mi")).select(
-        "feature", "level", pl.col("effect").alias("mi_bits"))
-    return (a.join(mi, on=["feature", "level"], how="left")
-            .sort(RANK_ORDER[0], descending=RANK_ORDER[1])
-            .group_by("level", maintain_order=True).head(n)
-            .select("level", "feature", pl.col("effect").alias("auroc"), "q_value", "mi_bits", "mean_pos",
-                    "mean_neg", "n_pos", "n_neg"))
+        "feature", "level", pl.col("effect").alias("mi_bits")
+    )
+    return (
+        a.join(mi, on=["feature", "level"], how="left")
+        .sort(RANK_ORDER[0], descending=RANK_ORDER[1])
+        .group_by("level", maintain_order=True)
+        .head(n)
+        .select(
+            "level",
+            "feature",
+            pl.col("effect").alias("auroc"),
+            "q_value",
+            "mi_bits",
+            "mean_pos",
+            "mean_neg",
+            "n_pos",
+            "n_neg",
+        )
+    )
 
 
 def attach_contexts(store: Store, top: pl.DataFrame, sae: str, layer: int, n: int) -> pl.DataFrame:
@@ -312,10 +426,14 @@ def attach_contexts(store: Store, top: pl.DataFrame, sae: str, layer: int, n: in
     con = store.connect()
     try:
         con.register("_feat", pa.table({"feature": pa.array(sorted(set(top["feature"].to_list())), pa.int32())}))
-        ctx = pl.from_arrow(con.sql(
-            "SELECT feature, list(replace(context, chr(10), '\\n') ORDER BY rank) AS contexts FROM sae_top_contexts "
-            "WHERE sae = $sae AND layer = $layer AND rank <= $n AND feature IN (SELECT feature FROM _feat) "
-            "GROUP BY feature", params={"sae": sae, "layer": layer, "n": n}).to_arrow_table())
+        ctx = pl.from_arrow(
+            con.sql(
+                "SELECT feature, list(replace(context, chr(10), '\\n') ORDER BY rank) AS contexts FROM sae_top_contexts "
+                "WHERE sae = $sae AND layer = $layer AND rank <= $n AND feature IN (SELECT feature FROM _feat) "
+                "GROUP BY feature",
+                params={"sae": sae, "layer": layer, "n": n},
+            ).to_arrow_table()
+        )
     finally:
         con.close()
     return top.join(ctx.with_columns(pl.col("feature").cast(top["feature"].dtype)), on="feature", how="left")
@@ -323,27 +441,54 @@ def attach_contexts(store: Store, top: pl.DataFrame, sae: str, layer: int, n: in
 
 # ---- the entry point ------------------------------------------------------------------------
 def _summary(assoc: pl.DataFrame, alpha: float) -> dict[str, Any]:
-    sig = (assoc.group_by("field", "stat")
-           .agg((pl.col("q_value") <= alpha).sum().alias("n_sig"), pl.len().alias("n_tests"),
-                pl.col("feature").filter(pl.col("q_value") <= alpha).n_unique().alias("n_features_sig"))
-           .sort("field", "stat"))
-    out = {f"{r['field']}/{r['stat']}": {"significant": r["n_sig"], "tests": r["n_tests"],
-                                        "features": r["n_features_sig"]} for r in sig.iter_rows(named=True)}
-    best = (assoc.filter(pl.col("stat") == "auroc").sort("effect", descending=True)
-            .group_by("field", "level", maintain_order=True).first().sort("field", "level"))
-    out["best_auroc"] = {f"{r['field']}={r['level']}": {"feature": r["feature"], "auroc": r["effect"],
-                                                        "q_value": r["q_value"]} for r in best.iter_rows(named=True)}
-    sp = (assoc.filter(pl.col("stat") == "spearman").with_columns(pl.col("effect").abs().alias("_a"))
-          .sort("_a", descending=True, nulls_last=True).group_by("field", maintain_order=True).first().sort("field"))
-    out["best_spearman"] = {r["field"]: {"feature": r["feature"], "rho": r["effect"], "q_value": r["q_value"]}
-                            for r in sp.iter_rows(named=True)}
+    sig = (
+        assoc.group_by("field", "stat")
+        .agg(
+            (pl.col("q_value") <= alpha).sum().alias("n_sig"),
+            pl.len().alias("n_tests"),
+            pl.col("feature").filter(pl.col("q_value") <= alpha).n_unique().alias("n_features_sig"),
+        )
+        .sort("field", "stat")
+    )
+    out = {
+        f"{r['field']}/{r['stat']}": {"significant": r["n_sig"], "tests": r["n_tests"], "features": r["n_features_sig"]}
+        for r in sig.iter_rows(named=True)
+    }
+    best = (
+        assoc.filter(pl.col("stat") == "auroc")
+        .sort("effect", descending=True)
+        .group_by("field", "level", maintain_order=True)
+        .first()
+        .sort("field", "level")
+    )
+    out["best_auroc"] = {
+        f"{r['field']}={r['level']}": {"feature": r["feature"], "auroc": r["effect"], "q_value": r["q_value"]}
+        for r in best.iter_rows(named=True)
+    }
+    sp = (
+        assoc.filter(pl.col("stat") == "spearman")
+        .with_columns(pl.col("effect").abs().alias("_a"))
+        .sort("_a", descending=True, nulls_last=True)
+        .group_by("field", maintain_order=True)
+        .first()
+        .sort("field")
+    )
+    out["best_spearman"] = {
+        r["field"]: {"feature": r["feature"], "rho": r["effect"], "q_value": r["q_value"]}
+        for r in sp.iter_rows(named=True)
+    }
     return out
 
 
 def _markdown(res_top: pl.DataFrame, sae: str, layer: int, summary: dict[str, Any], alpha: float) -> str:
-    lines = [f"# Features that track metadata: SAE `{sae}`, layer {layer}", "",
-             f"Significant at BH q <= {alpha} (tests per field and statistic):", "",
-             "| field / stat | significant tests | features | tests |", "|---|---|---|---|"]
+    lines = [
+        f"# Features that track metadata: SAE `{sae}`, layer {layer}",
+        "",
+        f"Significant at BH q <= {alpha} (tests per field and statistic):",
+        "",
+        "| field / stat | significant tests | features | tests |",
+        "|---|---|---|---|",
+    ]
     for k, v in summary.items():
         if "/" in k:
             lines.append(f"| {k} | {v['significant']} | {v['features']} | {v['tests']} |")
@@ -351,8 +496,10 @@ def _markdown(res_top: pl.DataFrame, sae: str, layer: int, summary: dict[str, An
     for (level,), g in res_top.group_by("level", maintain_order=True):
         lines.append(f"### {level}")
         for r in g.iter_rows(named=True):
-            lines.append(f"- feature **{r['feature']}**: AUROC {r['auroc']:.3f}, q {r['q_value']:.2g}, "
-                         f"MI {r['mi_bits'] or 0:.3f} bits, mean act {r['mean_pos']:.3g} vs {r['mean_neg']:.3g}")
+            lines.append(
+                f"- feature **{r['feature']}**: AUROC {r['auroc']:.3f}, q {r['q_value']:.2g}, "
+                f"MI {r['mi_bits'] or 0:.3f} bits, mean act {r['mean_pos']:.3g} vs {r['mean_neg']:.3g}"
+            )
             for c in r.get("contexts") or []:
                 lines.append(f"    - `{c.strip()[:160]}`")
         lines.append("")
@@ -361,9 +508,9 @@ def _markdown(res_top: pl.DataFrame, sae: str, layer: int, summary: dict[str, An
 
 def run_correlations(cfg: CorrelationConfig) -> CorrelationResult:
     """Load, test, write the table, plots and run record (see the module docstring)."""
-    from trainers import plots
     from store.arrays import array_key
     from store.catalog.runs import Run
+    from trainers import plots
 
     def say(msg: str) -> None:
         if cfg.progress:
@@ -372,63 +519,101 @@ def run_correlations(cfg: CorrelationConfig) -> CorrelationResult:
     store = Store(cfg.store)
     sae = resolve_sae(store, cfg.sae, cfg.layer)
     fields = sorted(set(cfg.categorical) | set(cfg.ordinal) | set(cfg.continuous))
-    with Run(store, "feature_correlations", {**config_dict(cfg), "sae_name": sae, "table": TABLE},
-             layers=[cfg.layer]) as run:
+    with Run(
+        store, "feature_correlations", {**config_dict(cfg), "sae_name": sae, "table": TABLE}, layers=[cfg.layer]
+    ) as run:
         t0 = time.perf_counter()
         rm = load_row_matrix(store, sae, cfg.layer, value=cfg.value, split=cfg.split, fields=fields)
         n_fire = (rm.X > 0).sum(axis=0)
         keep = n_fire >= cfg.min_rows
         t_load = time.perf_counter() - t0
-        say(f"{len(rm.meta)} rows x {len(rm.features)} firing features of SAE {sae} layer {cfg.layer} "
-            f"({int(keep.sum())} fire in >= {cfg.min_rows} rows) loaded in {t_load:.1f} s")
+        say(
+            f"{len(rm.meta)} rows x {len(rm.features)} firing features of SAE {sae} layer {cfg.layer} "
+            f"({int(keep.sum())} fire in >= {cfg.min_rows} rows) loaded in {t_load:.1f} s"
+        )
         if not keep.any():
             raise StoreError(f"no feature fires in >= {cfg.min_rows} rows; lower --min-rows")
-        assoc = associate(rm.X[:, keep], rm.features[keep], rm.meta, categorical=cfg.categorical,
-                          ordinal=cfg.ordinal, continuous=cfg.continuous, mi_bins=cfg.mi_bins)
+        assoc = associate(
+            rm.X[:, keep],
+            rm.features[keep],
+            rm.meta,
+            categorical=cfg.categorical,
+            ordinal=cfg.ordinal,
+            continuous=cfg.continuous,
+            mi_bins=cfg.mi_bins,
+        )
         t_stats = time.perf_counter() - t0 - t_load
         say(f"{len(assoc):,} tests in {t_stats:.2f} s; writing {TABLE}, contexts and plots")
-        assoc = assoc.with_columns(pl.lit(sae).alias("sae"), pl.lit(cfg.layer, pl.Int32).alias("layer"),
-                                   pl.lit(run.run_id).alias("run_id")).select(SCHEMA.names)
+        assoc = assoc.with_columns(
+            pl.lit(sae).alias("sae"), pl.lit(cfg.layer, pl.Int32).alias("layer"), pl.lit(run.run_id).alias("run_id")
+        ).select(SCHEMA.names)
         store.write_table(TABLE, assoc.to_arrow().cast(SCHEMA), part=array_key(f"{sae}/layer_{cfg.layer}"))
-        top = attach_contexts(store, top_features(assoc, n=cfg.top_n, alpha=cfg.alpha), sae, cfg.layer, cfg.contexts) \
-            if "category" in cfg.categorical else pl.DataFrame()
+        top = (
+            attach_contexts(store, top_features(assoc, n=cfg.top_n, alpha=cfg.alpha), sae, cfg.layer, cfg.contexts)
+            if "category" in cfg.categorical
+            else pl.DataFrame()
+        )
         summary = _summary(assoc, cfg.alpha)
         out = run.dir
         all_layers = pl.from_arrow(store.query(f"SELECT * FROM {TABLE}"))
         made = {
-            "heatmap": plots.category_heatmap(assoc, out / "heatmap.png", per_level=cfg.heatmap_per_level,
-                                              alpha=cfg.alpha, title=f"SAE {sae} layer {cfg.layer}"),
-            "volcano": plots.volcano(assoc, out / "volcano.png", alpha=cfg.alpha,
-                                     title=f"SAE {sae} layer {cfg.layer}"),
+            "heatmap": plots.category_heatmap(
+                assoc,
+                out / "heatmap.png",
+                per_level=cfg.heatmap_per_level,
+                alpha=cfg.alpha,
+                title=f"SAE {sae} layer {cfg.layer}",
+            ),
+            "volcano": plots.volcano(assoc, out / "volcano.png", alpha=cfg.alpha, title=f"SAE {sae} layer {cfg.layer}"),
             "layers": plots.layer_summary(all_layers, out / "layers.png", alpha=cfg.alpha),
         }
         (out / "top_features.md").write_text(_markdown(top, sae, cfg.layer, summary, cfg.alpha))
-        counts = {"rows": len(rm.meta), "features_firing": int(len(rm.features)), "features_tested": int(keep.sum()),
-                  "tests": len(assoc)}
+        counts = {
+            "rows": len(rm.meta),
+            "features_firing": int(len(rm.features)),
+            "features_tested": int(keep.sum()),
+            "tests": len(assoc),
+        }
         metrics = {**summary, "load_seconds": t_load, "stats_seconds": t_stats}
-        store.write_json(out / "summary.json", {"run_id": run.run_id, "sae": sae, "layer": cfg.layer,
-                                                "config": config_dict(cfg), "counts": counts, "metrics": metrics,
-                                                "top_features": top.to_dicts(), "plots": {k: str(v) for k, v in made.items()}})
+        store.write_json(
+            out / "summary.json",
+            {
+                "run_id": run.run_id,
+                "sae": sae,
+                "layer": cfg.layer,
+                "config": config_dict(cfg),
+                "counts": counts,
+                "metrics": metrics,
+                "top_features": top.to_dicts(),
+                "plots": {k: str(v) for k, v in made.items()},
+            },
+        )
         run.finish(counts=counts, metrics=metrics)
     return CorrelationResult(run.run_id, sae, cfg.layer, assoc, top, {k: str(v) for k, v in made.items()}, metrics)
 
 
 def report(res: CorrelationResult, alpha: float) -> str:
     m = res.metrics
-    lines = [f"SAE {res.sae} layer {res.layer}: {res.assoc['feature'].n_unique()} features tested, "
-             f"{len(res.assoc)} tests ({m['stats_seconds']:.2f} s for the statistics)"]
+    lines = [
+        f"SAE {res.sae} layer {res.layer}: {res.assoc['feature'].n_unique()} features tested, "
+        f"{len(res.assoc)} tests ({m['stats_seconds']:.2f} s for the statistics)"
+    ]
     for k, v in m.items():
         if "/" in k:
-            lines.append(f"  {k:<32} {v['features']:>5} features significant (q <= {alpha}), "
-                         f"{v['significant']} of {v['tests']} tests")
+            lines.append(
+                f"  {k:<32} {v['features']:>5} features significant (q <= {alpha}), "
+                f"{v['significant']} of {v['tests']} tests"
+            )
     lines.append("best one-vs-rest AUROC per category:")
     for k, v in m["best_auroc"].items():
         if k.startswith("category="):
             lines.append(f"  {k[9:]:<28} feature {v['feature']:>6}  AUROC {v['auroc']:.3f}  q {v['q_value']:.2g}")
     for f, v in m["best_spearman"].items():
         lines.append(f"strongest Spearman with {f}: feature {v['feature']} rho {v['rho']:+.3f} q {v['q_value']:.2g}")
-    lines.append(f"table {TABLE} (SELECT * FROM {TABLE} WHERE sae = '{res.sae}'); plots and top_features.md in "
-                 f"{Path(res.plots['heatmap']).parent}")
+    lines.append(
+        f"table {TABLE} (SELECT * FROM {TABLE} WHERE sae = '{res.sae}'); plots and top_features.md in "
+        f"{Path(res.plots['heatmap']).parent}"
+    )
     return "\n".join(lines)
 
 

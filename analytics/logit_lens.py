@@ -53,25 +53,36 @@ class LogitLensConfig:
     """Next-token accuracy and KL to the final layer through the final norm + unembedding, per layer."""
 
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
-    layers: list[int] | None = field(default=None, metadata={"help": "stored layers to read (default: every "
-                                     "hidden/layer_L array in the store)", "aliases": ["--layer"]})
+    layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "stored layers to read (default: every hidden/layer_L array in the store)",
+            "aliases": ["--layer"],
+        },
+    )
     split: str = field(default="eval", metadata={"help": "rows to evaluate (a split name)"})
-    view: str = field(default="content_tokens", metadata={"help": "view (or SQL) choosing the tokens; it must "
-                      "return row_id, token_pos and tok_index"})
+    view: str = field(
+        default="content_tokens",
+        metadata={"help": "view (or SQL) choosing the tokens; it must return row_id, token_pos and tok_index"},
+    )
     max_tokens: int = field(default=2048, metadata={"help": "cap on tokens (whole rows in row_id order)"})
-    batch_tokens: int = field(default=512, metadata={"help": "tokens per unembedding batch (memory: "
-                              "batch x vocab floats)"})
-    model: str = field(default="embedded", metadata={"help": "the model that produced the stored states "
-                       "(checked by hash)"})
-    model_cache: str | None = field(default=None, metadata={"help": "where converted models are cached "
-                                    "(default ~/.cache/activation-store)"})
+    batch_tokens: int = field(
+        default=512, metadata={"help": "tokens per unembedding batch (memory: batch x vocab floats)"}
+    )
+    model: str = field(
+        default="embedded", metadata={"help": "the model that produced the stored states (checked by hash)"}
+    )
+    model_cache: str | None = field(
+        default=None, metadata={"help": "where converted models are cached (default ~/.cache/activation-store)"}
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0 or self.batch_tokens <= 0:
-            raise ValueError(f"--max-tokens and --batch-tokens must be positive, got {self.max_tokens}, "
-                             f"{self.batch_tokens}")
+            raise ValueError(
+                f"--max-tokens and --batch-tokens must be positive, got {self.max_tokens}, {self.batch_tokens}"
+            )
 
 
 class LensResult(NamedTuple):
@@ -90,8 +101,10 @@ def final_norm_and_head(model: Any) -> tuple[Any, Any]:
         norm = getattr(base, name, None)
         if norm is not None and head is not None:
             return norm, head
-    raise StoreError(f"cannot find the final norm of {type(model).__name__}; the logit lens supports "
-                     "Llama-, Mistral-, Qwen-, Gemma-, GPT-2- and NeoX-style models")
+    raise StoreError(
+        f"cannot find the final norm of {type(model).__name__}; the logit lens supports "
+        "Llama-, Mistral-, Qwen-, Gemma-, GPT-2- and NeoX-style models"
+    )
 
 
 def select_tokens(store: Store, view: str, split: str, tokenization: str, max_tokens: int) -> pl.DataFrame:
@@ -99,9 +112,11 @@ def select_tokens(store: Store, view: str, split: str, tokenization: str, max_to
     whole rows in row_id order up to max_tokens (at least one row)."""
     from store.materialize import view_sql
 
-    sql = (f"SELECT v.row_id, v.token_pos, v.tok_index, n.token_id AS next_token_id FROM ({view_sql(store, view)}) v "
-           "JOIN tokens n ON n.tokenization = $tok AND n.row_id = v.row_id AND n.token_pos = v.token_pos + 1 "
-           "WHERE v.row_id IN (SELECT row_id FROM split_members WHERE split = $split) ORDER BY v.row_id, v.token_pos")
+    sql = (
+        f"SELECT v.row_id, v.token_pos, v.tok_index, n.token_id AS next_token_id FROM ({view_sql(store, view)}) v "
+        "JOIN tokens n ON n.tokenization = $tok AND n.row_id = v.row_id AND n.token_pos = v.token_pos + 1 "
+        "WHERE v.row_id IN (SELECT row_id FROM split_members WHERE split = $split) ORDER BY v.row_id, v.token_pos"
+    )
     con = store.connect()
     try:
         f = pl.from_arrow(con.sql(sql, params={"tok": tokenization, "split": split}).to_arrow_table())
@@ -128,23 +143,27 @@ def _forward_logprobs(lm: Any, ids: dict[str, list[int]], frame: pl.DataFrame) -
 
 def run_logit_lens(cfg: LogitLensConfig) -> LensResult:
     """Lens statistics per stored layer (see the module docstring)."""
-    from trainers import plots
     from extractors.model import check_model_hash, load_model
     from store.arrays import committed_set, open_array, stored_layers
+    from store.catalog.runs import Run
     from store.catalog.tokens import row_token_ids
     from store.materialize import gather
-    from store.catalog.runs import Run
+    from trainers import plots
 
     store = Store(cfg.store)
     have = stored_layers(store)
     if not have:
-        raise StoreError(f"{store.root} has no hidden-state arrays; extract some first: python -m extractors.run "
-                         f"--layer 17 --store {store.root}")
+        raise StoreError(
+            f"{store.root} has no hidden-state arrays; extract some first: python -m extractors.run "
+            f"--layer 17 --store {store.root}"
+        )
     layers = sorted(cfg.layers) if cfg.layers else sorted(have)
     missing = [L for L in layers if L not in have]
     if missing:
-        raise StoreError(f"layer {missing[0]} is not stored (stored: {sorted(have)}); extract it: python -m "
-                         f"extractors.run --layer {missing[0]} --store {store.root}")
+        raise StoreError(
+            f"layer {missing[0]} is not stored (stored: {sorted(have)}); extract it: python -m "
+            f"extractors.run --layer {missing[0]} --store {store.root}"
+        )
     attrs = dict(open_array(store, have[layers[0]]).attrs)
     lm = load_model(cfg.model, cfg.device, "auto", Path(cfg.model_cache) if cfg.model_cache else None)
     check_model_hash(lm, attrs, have[layers[0]])
@@ -158,16 +177,24 @@ def run_logit_lens(cfg: LogitLensConfig) -> LensResult:
     for L in layers:
         got = committed_set(store, have[L])
         if not set(rows) <= got:
-            raise StoreError(f"{len(set(rows) - got)} selected rows are not in {have[L]}; extract them: python -m "
-                             f"extractors.run --layer {L} --split {cfg.split} --store {store.root}")
-    with Run(store, "logit_lens", {**config_dict(cfg), "layers": layers, "final_source": final_src},
-             model_id=lm.model_id, model_hash=lm.model_hash, layers=layers) as run:
+            raise StoreError(
+                f"{len(set(rows) - got)} selected rows are not in {have[L]}; extract them: python -m "
+                f"extractors.run --layer {L} --split {cfg.split} --store {store.root}"
+            )
+    with Run(
+        store,
+        "logit_lens",
+        {**config_dict(cfg), "layers": layers, "final_source": final_src},
+        model_id=lm.model_id,
+        model_hash=lm.model_hash,
+        layers=layers,
+    ) as run:
         t0 = time.perf_counter()
         ids = row_token_ids(store, attrs["tokenization"], rows) if final_src == "model forward" else {}
         tok = frame["tok_index"].to_numpy()
         nxt = torch.tensor(frame["next_token_id"].to_numpy(), device=lm.device)
-        acc = {L: np.zeros(4) for L in layers}           # correct, agree, kl sum, ce sum
-        fin = np.zeros(2)                                 # correct, ce sum
+        acc = {L: np.zeros(4) for L in layers}  # correct, agree, kl sum, ce sum
+        fin = np.zeros(2)  # correct, ce sum
         dt = next(lm.model.parameters()).dtype
 
         def lens(X: np.ndarray) -> torch.Tensor:
@@ -194,32 +221,74 @@ def run_logit_lens(cfg: LogitLensConfig) -> LensResult:
                 fin += [float((top_f == y).sum()), float(-lp_f.gather(1, y[:, None]).sum())]
                 p_f = lp_f.exp()
                 for L in layers:
-                    lp = lp_f if (L == last and final_src != "model forward") else lens(gather(store, have[L], tok[s:e]))
+                    lp = (
+                        lp_f if (L == last and final_src != "model forward") else lens(gather(store, have[L], tok[s:e]))
+                    )
                     top = lp.argmax(-1)
                     kl = (p_f * (lp_f - lp)).sum(-1)
-                    acc[L] += [float((top == y).sum()), float((top == top_f).sum()), float(kl.sum()),
-                               float(-lp.gather(1, y[:, None]).sum())]
+                    acc[L] += [
+                        float((top == y).sum()),
+                        float((top == top_f).sum()),
+                        float(kl.sum()),
+                        float(-lp.gather(1, y[:, None]).sum()),
+                    ]
         n = len(frame)
-        recs = [{"layer": L, "source": f"lens on stored {have[L]}", "accuracy": a[0] / n, "agreement": a[1] / n,
-                 "kl_to_final": a[2] / n, "ce": a[3] / n} for L, a in acc.items()]
+        recs = [
+            {
+                "layer": L,
+                "source": f"lens on stored {have[L]}",
+                "accuracy": a[0] / n,
+                "agreement": a[1] / n,
+                "kl_to_final": a[2] / n,
+                "ce": a[3] / n,
+            }
+            for L, a in acc.items()
+        ]
         if last not in acc:
-            recs.append({"layer": last, "source": f"final ({final_src})", "accuracy": fin[0] / n, "agreement": 1.0,
-                         "kl_to_final": 0.0, "ce": fin[1] / n})
-        table = pl.DataFrame(recs).with_columns(
-            pl.col("layer").cast(pl.Int32), pl.lit(n, pl.Int64).alias("n_tokens"), pl.lit(len(rows), pl.Int64).alias("n_rows"),
-            pl.lit(cfg.split).alias("split"), pl.lit(cfg.view).alias("view"), pl.lit(run.run_id).alias("run_id"),
-        ).sort("layer")
+            recs.append(
+                {
+                    "layer": last,
+                    "source": f"final ({final_src})",
+                    "accuracy": fin[0] / n,
+                    "agreement": 1.0,
+                    "kl_to_final": 0.0,
+                    "ce": fin[1] / n,
+                }
+            )
+        table = (
+            pl.DataFrame(recs)
+            .with_columns(
+                pl.col("layer").cast(pl.Int32),
+                pl.lit(n, pl.Int64).alias("n_tokens"),
+                pl.lit(len(rows), pl.Int64).alias("n_rows"),
+                pl.lit(cfg.split).alias("split"),
+                pl.lit(cfg.view).alias("view"),
+                pl.lit(run.run_id).alias("run_id"),
+            )
+            .sort("layer")
+        )
         store.write_table(TABLE, table.to_arrow(), part=run.run_id)
-        png = plots.logit_lens_plot(table, run.dir / "logit_lens.png",
-                                    title=f"logit lens, {lm.model_id.split(' ')[0]}: {n} {cfg.view} tokens of "
-                                          f"{len(rows)} {cfg.split} rows")
+        png = plots.logit_lens_plot(
+            table,
+            run.dir / "logit_lens.png",
+            title=f"logit lens, {lm.model_id.split(' ')[0]}: {n} {cfg.view} tokens of {len(rows)} {cfg.split} rows",
+        )
         secs = time.perf_counter() - t0
-        store.write_json(run.dir / "logit_lens.json", {"run_id": run.run_id, "config": config_dict(cfg),
-                                                       "final_source": final_src, "table": table.to_dicts()})
-        run.finish(counts={"tokens": n, "rows": len(rows)},
-                   metrics={"seconds": secs, "final_source": final_src,
-                            "by_layer": {str(r["layer"]): {k: r[k] for k in ("accuracy", "agreement", "kl_to_final", "ce")}
-                                         for r in table.to_dicts()}})
+        store.write_json(
+            run.dir / "logit_lens.json",
+            {"run_id": run.run_id, "config": config_dict(cfg), "final_source": final_src, "table": table.to_dicts()},
+        )
+        run.finish(
+            counts={"tokens": n, "rows": len(rows)},
+            metrics={
+                "seconds": secs,
+                "final_source": final_src,
+                "by_layer": {
+                    str(r["layer"]): {k: r[k] for k in ("accuracy", "agreement", "kl_to_final", "ce")}
+                    for r in table.to_dicts()
+                },
+            },
+        )
     return LensResult(run.run_id, table, final_src, str(png))
 
 
@@ -228,11 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(LogitLensConfig, argv, prog="python -m analytics.logit_lens")
     res = run_logit_lens(cfg)
     t = res.table
-    print(f"logit lens over {t['n_tokens'][0]} {cfg.view} tokens of {t['n_rows'][0]} {cfg.split} rows "
-          f"(final distribution: {res.final_source})")
+    print(
+        f"logit lens over {t['n_tokens'][0]} {cfg.view} tokens of {t['n_rows'][0]} {cfg.split} rows "
+        f"(final distribution: {res.final_source})"
+    )
     print(f"{'layer':>5}  {'accuracy':>8}  {'agree':>6}  {'KL(final||lens)':>15}  {'CE':>7}")
     for r in t.iter_rows(named=True):
-        print(f"{r['layer']:>5}  {r['accuracy']:>8.3f}  {r['agreement']:>6.3f}  {r['kl_to_final']:>15.3f}  {r['ce']:>7.3f}")
+        print(
+            f"{r['layer']:>5}  {r['accuracy']:>8.3f}  {r['agreement']:>6.3f}  {r['kl_to_final']:>15.3f}  {r['ce']:>7.3f}"
+        )
     print(f"table {TABLE} (run {res.run_id}); plot {res.plot}")
     return 0
 

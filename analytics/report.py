@@ -19,10 +19,11 @@ import base64
 import html
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import polars as pl
 
@@ -95,11 +96,18 @@ def section_rows(store: Store, out: Path) -> str:
     f = _q(store, "SELECT split, coalesce(category, '(none)') AS category, count(*) AS n FROM rows GROUP BY ALL")
     piv = f.pivot(on="split", index="category", values="n").fill_null(0).sort("category")
     piv = piv.with_columns(pl.sum_horizontal(pl.exclude("category")).alias("total"))
-    tot = _q(store, "SELECT split, count(*) AS rows, sum(n_tokens) AS tokens FROM rows GROUP BY 1 ORDER BY 1") \
-        if "n_tokens" in _q(store, "DESCRIBE rows")["column_name"].to_list() else \
-        _q(store, "SELECT split, count(*) AS rows FROM rows GROUP BY 1 ORDER BY 1")
-    png = plots.bar(piv["category"].to_list(), piv["total"].to_list(), out / "rows_per_category.png",
-                    title="rows per category (all splits)", ylabel="rows")
+    tot = (
+        _q(store, "SELECT split, count(*) AS rows, sum(n_tokens) AS tokens FROM rows GROUP BY 1 ORDER BY 1")
+        if "n_tokens" in _q(store, "DESCRIBE rows")["column_name"].to_list()
+        else _q(store, "SELECT split, count(*) AS rows FROM rows GROUP BY 1 ORDER BY 1")
+    )
+    png = plots.bar(
+        piv["category"].to_list(),
+        piv["total"].to_list(),
+        out / "rows_per_category.png",
+        title="rows per category (all splits)",
+        ylabel="rows",
+    )
     extra = ""
     if store.has_table("quarantine"):
         qf = _q(store, "SELECT reason, count(*) AS n FROM quarantine GROUP BY 1 ORDER BY 2 DESC")
@@ -110,8 +118,12 @@ def section_rows(store: Store, out: Path) -> str:
 def section_runs(store: Store, out: Path, max_runs: int, this_run: str = "") -> str:
     if not store.has_table("runs"):
         return _note("no runs recorded")
-    f = _q(store, "SELECT run_id, kind, status, layers, round(seconds, 1) AS seconds, started_at, note FROM runs "
-                  "WHERE run_id <> ? ORDER BY started_at DESC", [this_run])
+    f = _q(
+        store,
+        "SELECT run_id, kind, status, layers, round(seconds, 1) AS seconds, started_at, note FROM runs "
+        "WHERE run_id <> ? ORDER BY started_at DESC",
+        [this_run],
+    )
     by_kind = f.group_by("kind", "status").len().sort("kind", "status")
     return html_table(by_kind) + html_table(f.with_columns(pl.col("started_at").cast(pl.String)), max_runs)
 
@@ -125,19 +137,24 @@ def section_arrays(store: Store, out: Path) -> str:
     sizes = [_dir_size(store.array_path(n)) for n in f["name"].to_list()]
     f = f.with_columns(pl.Series("size_mb", [round(s / 2**20, 1) for s in sizes]))
     if store.has_table("array_units"):
-        c = _q(store, "SELECT array_name AS name, count(DISTINCT row_id) AS committed_rows, count(DISTINCT unit) AS "
-                      "units FROM array_units GROUP BY 1")
+        c = _q(
+            store,
+            "SELECT array_name AS name, count(DISTINCT row_id) AS committed_rows, count(DISTINCT unit) AS "
+            "units FROM array_units GROUP BY 1",
+        )
         f = f.join(c, on="name", how="left")
     total = sum(sizes) / 2**20
-    return html_table(f) + _note(f"arrays total {total:.1f} MB; catalog "
-                                 f"{_dir_size(store.catalog_dir) / 2**20:.1f} MB")
+    return html_table(f) + _note(f"arrays total {total:.1f} MB; catalog {_dir_size(store.catalog_dir) / 2**20:.1f} MB")
 
 
 def section_saes(store: Store, out: Path) -> str:
     if not store.has_table("saes"):
         return _note(f"no SAEs yet: python -m trainers.sae --layer 17 --store {store.root}")
-    f = _q(store, "SELECT sae, layer, architecture, d_sae, k, explained_variance, l0, ce_increase, metrics FROM saes "
-                  "ORDER BY layer, sae")
+    f = _q(
+        store,
+        "SELECT sae, layer, architecture, d_sae, k, explained_variance, l0, ce_increase, metrics FROM saes "
+        "ORDER BY layer, sae",
+    )
     dead = []
     for m in f["metrics"].to_list():
         try:
@@ -146,8 +163,11 @@ def section_saes(store: Store, out: Path) -> str:
             dead.append(None)
     f = f.drop("metrics").with_columns(pl.Series("dead_fraction", dead, dtype=pl.Float64))
     if store.has_table("sae_feature_stats"):
-        alive = _q(store, "SELECT sae, layer, count(*) FILTER (WHERE firing_frequency > 0) AS features_firing "
-                          "FROM sae_feature_stats GROUP BY ALL")
+        alive = _q(
+            store,
+            "SELECT sae, layer, count(*) FILTER (WHERE firing_frequency > 0) AS features_firing "
+            "FROM sae_feature_stats GROUP BY ALL",
+        )
         f = f.join(alive.with_columns(pl.col("layer").cast(f["layer"].dtype)), on=["sae", "layer"], how="left")
     return html_table(f)
 
@@ -156,16 +176,26 @@ def section_correlations(store: Store, out: Path) -> str:
     from analytics.correlations import TABLE
 
     if not store.has_table(TABLE):
-        return _note(f"no feature/metadata associations yet: python -m analytics.correlations --layer 17 "
-                     f"--store {store.root}")
-    sig = _q(store, f"SELECT sae, layer, field, stat, count(DISTINCT feature) FILTER (WHERE q_value <= 0.05) AS "
-                    f"features_q05, max(abs(effect)) AS max_abs_effect, count(*) AS tests FROM {TABLE} GROUP BY ALL "
-                    f"ORDER BY layer, sae, field, stat")
-    best = _q(store, f"SELECT sae, layer, level AS category, arg_max(feature, effect) AS feature, max(effect) AS auroc "
-                     f"FROM {TABLE} WHERE field = 'category' AND stat = 'auroc' GROUP BY ALL ORDER BY layer, category")
+        return _note(
+            f"no feature/metadata associations yet: python -m analytics.correlations --layer 17 --store {store.root}"
+        )
+    sig = _q(
+        store,
+        f"SELECT sae, layer, field, stat, count(DISTINCT feature) FILTER (WHERE q_value <= 0.05) AS "
+        f"features_q05, max(abs(effect)) AS max_abs_effect, count(*) AS tests FROM {TABLE} GROUP BY ALL "
+        f"ORDER BY layer, sae, field, stat",
+    )
+    best = _q(
+        store,
+        f"SELECT sae, layer, level AS category, arg_max(feature, effect) AS feature, max(effect) AS auroc "
+        f"FROM {TABLE} WHERE field = 'category' AND stat = 'auroc' GROUP BY ALL ORDER BY layer, category",
+    )
     body = html_table(sig) + "<h3>Best one-vs-rest AUROC per category</h3>" + html_table(best)
-    runs = _q(store, "SELECT run_id FROM runs WHERE kind = 'feature_correlations' AND status = 'finished' "
-                     "ORDER BY started_at DESC LIMIT 1")
+    runs = _q(
+        store,
+        "SELECT run_id FROM runs WHERE kind = 'feature_correlations' AND status = 'finished' "
+        "ORDER BY started_at DESC LIMIT 1",
+    )
     if len(runs):
         d = store.run_dir(runs["run_id"][0])
         body += _img(d / "heatmap.png") + _img(d / "volcano.png") + _img(d / "layers.png")
@@ -177,22 +207,34 @@ def section_probes(store: Store, out: Path) -> str:
 
     if not store.has_table("runs"):
         return _note("no runs")
-    f = _q(store, "SELECT run_id, config, metrics FROM runs WHERE kind = 'probe' AND status = 'finished' "
-                  "ORDER BY started_at")
+    f = _q(
+        store,
+        "SELECT run_id, config, metrics FROM runs WHERE kind = 'probe' AND status = 'finished' ORDER BY started_at",
+    )
     recs = []
     for r in f.iter_rows(named=True):
         cfg, m = json.loads(r["config"] or "{}"), json.loads(r["metrics"] or "{}")
         for L, d in (m.get("by_layer") or {}).items():
-            recs.append({"probe": cfg.get("name", r["run_id"]), "run_id": r["run_id"], "layer": int(L),
-                         "val_auroc": d.get("val_auroc_mean"), "std": d.get("val_auroc_std")})
+            recs.append(
+                {
+                    "probe": cfg.get("name", r["run_id"]),
+                    "run_id": r["run_id"],
+                    "layer": int(L),
+                    "val_auroc": d.get("val_auroc_mean"),
+                    "std": d.get("val_auroc_std"),
+                }
+            )
     if not recs:
         return _note(f"no probe runs yet: python -m trainers.probe --store {store.root} ...")
     t = pl.DataFrame(recs).sort("probe", "layer")
     wide = t.pivot(on="layer", index="probe", values="val_auroc", aggregate_function="last")
-    fig = plots.lines({p: (g["layer"].to_list(), g["val_auroc"].to_list())
-                       for (p,), g in t.group_by("probe", maintain_order=True)},
-                      out / "probe_auroc.png", title="probe validation AUROC by layer", xlabel="layer",
-                      ylabel="AUROC")
+    fig = plots.lines(
+        {p: (g["layer"].to_list(), g["val_auroc"].to_list()) for (p,), g in t.group_by("probe", maintain_order=True)},
+        out / "probe_auroc.png",
+        title="probe validation AUROC by layer",
+        xlabel="layer",
+        ylabel="AUROC",
+    )
     return html_table(wide) + _img(fig)
 
 
@@ -204,8 +246,9 @@ def section_lens(store: Store, out: Path) -> str:
     last = _q(store, f"SELECT l.* FROM {TABLE} l JOIN runs r USING (run_id) ORDER BY r.started_at DESC")
     rid = last["run_id"][0]
     t = last.filter(pl.col("run_id") == rid).sort("layer")
-    return (html_table(t.select("layer", "source", "accuracy", "agreement", "kl_to_final", "ce", "n_tokens", "split"))
-            + _img(store.run_dir(rid) / "logit_lens.png"))
+    return html_table(
+        t.select("layer", "source", "accuracy", "agreement", "kl_to_final", "ce", "n_tokens", "split")
+    ) + _img(store.run_dir(rid) / "logit_lens.png")
 
 
 def section_attribution(store: Store, out: Path) -> str:
@@ -216,27 +259,39 @@ def section_attribution(store: Store, out: Path) -> str:
         if not t.startswith("attribution"):
             continue
         cols = _q(store, f'DESCRIBE "{t}"')
-        types = dict(zip(cols["column_name"].to_list(), cols["column_type"].to_list()))
+        types = dict(zip(cols["column_name"].to_list(), cols["column_type"].to_list(), strict=False))
         if "score" not in types or not any(k in types["score"] for k in ("DOUBLE", "FLOAT", "INT", "DECIMAL")):
             continue
         by = "run_id" if "run_id" in types else None
         f = _q(store, f'SELECT {by + " AS g, " if by else ""}score::DOUBLE AS score FROM "{t}"')
-        series = ({str(g): gg["score"].to_numpy() for (g,), gg in f.group_by("g", maintain_order=True)}
-                  if by else {t: f["score"].to_numpy()})
+        series = (
+            {str(g): gg["score"].to_numpy() for (g,), gg in f.group_by("g", maintain_order=True)}
+            if by
+            else {t: f["score"].to_numpy()}
+        )
         desc = f.group_by("g" if by else pl.lit(t).alias("g")).agg(
-            pl.len().alias("n"), pl.col("score").mean().alias("mean"), pl.col("score").std().alias("std"),
-            pl.col("score").min().alias("min"), pl.col("score").median().alias("median"),
-            pl.col("score").max().alias("max"))
+            pl.len().alias("n"),
+            pl.col("score").mean().alias("mean"),
+            pl.col("score").std().alias("std"),
+            pl.col("score").min().alias("min"),
+            pl.col("score").median().alias("median"),
+            pl.col("score").max().alias("max"),
+        )
         png = plots.histogram(series, out / f"{t}_scores.png", title=f"{t}: score distribution", xlabel="score")
         parts.append(f"<h3>{html.escape(t)}</h3>" + html_table(desc) + _img(png))
-    return "".join(parts) or _note("no attribution scores in this store (no catalog table attribution* with a "
-                                   "numeric score column)")
+    return "".join(parts) or _note(
+        "no attribution scores in this store (no catalog table attribution* with a numeric score column)"
+    )
 
 
 SECTIONS: list[tuple[str, Callable[..., str]]] = [
-    ("Rows per split and category", section_rows), ("Runs", section_runs), ("Arrays and sizes", section_arrays),
-    ("SAE QA metrics", section_saes), ("Feature / metadata correlations", section_correlations),
-    ("Probe AUROC by layer", section_probes), ("Logit lens", section_lens),
+    ("Rows per split and category", section_rows),
+    ("Runs", section_runs),
+    ("Arrays and sizes", section_arrays),
+    ("SAE QA metrics", section_saes),
+    ("Feature / metadata correlations", section_correlations),
+    ("Probe AUROC by layer", section_probes),
+    ("Logit lens", section_lens),
     ("Attribution score distribution", section_attribution),
 ]
 
@@ -247,14 +302,20 @@ def write_report(cfg: ReportConfig) -> Path:
 
     store = Store(cfg.store)
     if not store.root.is_dir() or not store.tables():
-        raise StoreError(f"{store.root} is not a store (no catalog tables); create one with python -m "
-                         f"extractors.run --layer 17 --store {store.root}")
+        raise StoreError(
+            f"{store.root} is not a store (no catalog tables); create one with python -m "
+            f"extractors.run --layer 17 --store {store.root}"
+        )
     with Run(store, "report", config_dict(cfg)) as run:
         out = run.dir
         title = cfg.title or f"Store {store.root}"
-        body = [f"<h1>{html.escape(title)}</h1>",
-                _note(f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} by python -m analytics.report; "
-                      f"catalog tables: {', '.join(store.tables())}")]
+        body = [
+            f"<h1>{html.escape(title)}</h1>",
+            _note(
+                f"generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC} by python -m analytics.report; "
+                f"catalog tables: {', '.join(store.tables())}"
+            ),
+        ]
         failed = {}
         for name, fn in SECTIONS:
             args = (store, out, cfg.max_runs, run.run_id) if fn is section_runs else (store, out)
@@ -265,10 +326,14 @@ def write_report(cfg: ReportConfig) -> Path:
                 content = _note(f"section failed: {type(e).__name__}: {e}")
             body.append(f"<h2>{html.escape(name)}</h2>{content}")
         path = out / "report.html"
-        path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                        f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>")
-        run.finish(counts={"sections": len(SECTIONS), "failed_sections": len(failed)},
-                   metrics={"report": str(path), "failed": failed})
+        path.write_text(
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>"
+        )
+        run.finish(
+            counts={"sections": len(SECTIONS), "failed_sections": len(failed)},
+            metrics={"report": str(path), "failed": failed},
+        )
     return path
 
 

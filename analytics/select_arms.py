@@ -27,22 +27,40 @@ import pyarrow as pa
 from store.core import Store, StoreError, write_json
 
 TABLE = "selection_runs"
-TAG = "selection experiment"          # in an arm adapter's train_rows_sql, as a SQL comment
-SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("seed", pa.int64()), ("arm", pa.string()), ("subset", pa.string()),
-    ("selector", pa.string()), ("adapter", pa.string()), ("base_adapter", pa.string()),
-    ("finetune_run_id", pa.string()), ("eval_run_id", pa.string()), ("n_train_rows", pa.int64()),
-    ("steps", pa.int64()), ("epochs", pa.int64()), ("batch_size", pa.int64()), ("grad_accum", pa.int64()),
-    ("lr", pa.float64()), ("eval_split", pa.string()), ("eval_rows", pa.int64()), ("eval_tokens", pa.int64()),
-    ("eval_loss", pa.float64()), ("downstream", pa.float64()), ("downstream_rows", pa.int64()),
-    ("downstream_reason", pa.string()), ("created_at", pa.timestamp("us", tz="UTC")),
-])
+TAG = "selection experiment"  # in an arm adapter's train_rows_sql, as a SQL comment
+SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("seed", pa.int64()),
+        ("arm", pa.string()),
+        ("subset", pa.string()),
+        ("selector", pa.string()),
+        ("adapter", pa.string()),
+        ("base_adapter", pa.string()),
+        ("finetune_run_id", pa.string()),
+        ("eval_run_id", pa.string()),
+        ("n_train_rows", pa.int64()),
+        ("steps", pa.int64()),
+        ("epochs", pa.int64()),
+        ("batch_size", pa.int64()),
+        ("grad_accum", pa.int64()),
+        ("lr", pa.float64()),
+        ("eval_split", pa.string()),
+        ("eval_rows", pa.int64()),
+        ("eval_tokens", pa.int64()),
+        ("eval_loss", pa.float64()),
+        ("downstream", pa.float64()),
+        ("downstream_rows", pa.int64()),
+        ("downstream_reason", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
 
 
 class Arm(NamedTuple):
-    name: str                 # e.g. top500, random500, ranks301-500, random200_from_501-
+    name: str  # e.g. top500, random500, ranks301-500, random200_from_501-
     seed: int
-    spec: Any                 # trainers.subsets.SubsetSpec
+    spec: Any  # trainers.subsets.SubsetSpec
 
     @property
     def arm_id(self) -> str:
@@ -50,7 +68,7 @@ class Arm(NamedTuple):
 
 
 class Comparison(NamedTuple):
-    name: str                 # a - b
+    name: str  # a - b
     a: str
     b: str
 
@@ -58,6 +76,7 @@ class Comparison(NamedTuple):
 @dataclass
 class Budget:
     """What every arm's finetune gets (identical across arms, checked by `check_budget`)."""
+
     epochs: int
     max_steps: int | None
     batch_size: int
@@ -77,13 +96,16 @@ def ablation_sizes(k: int) -> tuple[int, int]:
     """--ablation scale at --k K: (a, w) = (3K // 5, K - 3K // 5); K = 500 gives our users' 300 / 200."""
     a = 3 * k // 5
     if a < 1 or k - a < 1:
-        raise StoreError(f"--ablation scale needs --k >= 2 (top {3 * k // 5} and ranks {3 * k // 5 + 1}-{k} must "
-                         f"both be non-empty), got --k {k}")
+        raise StoreError(
+            f"--ablation scale needs --k >= 2 (top {3 * k // 5} and ranks {3 * k // 5 + 1}-{k} must "
+            f"both be non-empty), got --k {k}"
+        )
     return a, k - a
 
 
-def plan(selector: str, k: int, seeds: int, ablation: str | None, overlap: str,
-         pool_split: str) -> tuple[list[Arm], list[Comparison]]:
+def plan(
+    selector: str, k: int, seeds: int, ablation: str | None, overlap: str, pool_split: str
+) -> tuple[list[Arm], list[Comparison]]:
     """Every arm of every seed, and the comparisons (arm a - arm b) reported."""
     from trainers.selection.subsets import SubsetSpec
 
@@ -91,19 +113,37 @@ def plan(selector: str, k: int, seeds: int, ablation: str | None, overlap: str,
     if ablation is None:
         comps = [Comparison(f"top{k}_vs_random{k}", f"top{k}", f"random{k}")]
         for s in range(seeds):
-            arms += [Arm(f"top{k}", s, SubsetSpec(selector, "top_k", k=k, overlap=overlap, pool_split=pool_split)),
-                     Arm(f"random{k}", s, SubsetSpec(selector, "matched_random_k", k=k, seed=s, overlap=overlap,
-                                                     pool_split=pool_split))]
+            arms += [
+                Arm(f"top{k}", s, SubsetSpec(selector, "top_k", k=k, overlap=overlap, pool_split=pool_split)),
+                Arm(
+                    f"random{k}",
+                    s,
+                    SubsetSpec(selector, "matched_random_k", k=k, seed=s, overlap=overlap, pool_split=pool_split),
+                ),
+            ]
         return arms, comps
     a, w = ablation_sizes(k)
     window, rest = f"ranks{a + 1}-{k}", f"random{w}_from_{k + 1}-"
     comps = [Comparison(f"top{a}_vs_top{k}", f"top{a}", f"top{k}"), Comparison(f"{window}_vs_{rest}", window, rest)]
     for s in range(seeds):
-        arms += [Arm(f"top{a}", s, SubsetSpec(selector, "top_k", k=a, pool_split=pool_split)),
-                 Arm(f"top{k}", s, SubsetSpec(selector, "top_k", k=k, pool_split=pool_split)),
-                 Arm(window, s, SubsetSpec(selector, "ranks", ranks=(a + 1, k), pool_split=pool_split)),
-                 Arm(rest, s, SubsetSpec(selector, "random_from_ranks", k=w, ranks=(k + 1, None), seed=s,
-                                         overlap=overlap, pool_split=pool_split))]
+        arms += [
+            Arm(f"top{a}", s, SubsetSpec(selector, "top_k", k=a, pool_split=pool_split)),
+            Arm(f"top{k}", s, SubsetSpec(selector, "top_k", k=k, pool_split=pool_split)),
+            Arm(window, s, SubsetSpec(selector, "ranks", ranks=(a + 1, k), pool_split=pool_split)),
+            Arm(
+                rest,
+                s,
+                SubsetSpec(
+                    selector,
+                    "random_from_ranks",
+                    k=w,
+                    ranks=(k + 1, None),
+                    seed=s,
+                    overlap=overlap,
+                    pool_split=pool_split,
+                ),
+            ),
+        ]
     return arms, comps
 
 
@@ -116,7 +156,8 @@ def check_budget(sizes: dict[str, int], budget: Budget) -> int:
             f"the arms would differ in budget: {lo} has {sizes[lo]} rows -> {steps[lo]} steps but {hi} has "
             f"{sizes[hi]} rows -> {steps[hi]} steps (--epochs {budget.epochs}, --batch-size {budget.batch_size}, "
             f"--grad-accum {budget.grad_accum}); pass --max-steps {steps[hi]} so that every arm takes the same "
-            f"number of optimizer steps")
+            f"number of optimizer steps"
+        )
     return next(iter(steps.values()))
 
 
@@ -129,13 +170,18 @@ def resolve_base(store: Store, spec: str) -> Any:
         return None
     if spec != "latest":
         return resolve_adapter(store, spec)
-    arms = (set(store.query(f"SELECT adapter FROM {TABLE} WHERE seed IS NOT NULL").column(0).to_pylist())
-            if store.has_table(TABLE) else set())
+    arms = (
+        set(store.query(f"SELECT adapter FROM {TABLE} WHERE seed IS NOT NULL").column(0).to_pylist())
+        if store.has_table(TABLE)
+        else set()
+    )
     for row in registered(store):
         if row["adapter"] not in arms and TAG not in (row["train_rows_sql"] or ""):
             return resolve_adapter(store, row["adapter"])
-    raise StoreError("--resume-adapter latest: this store has no adapter other than selection-experiment arms; "
-                     "train one with python -m trainers.finetune, or pass --resume-adapter none")
+    raise StoreError(
+        "--resume-adapter latest: this store has no adapter other than selection-experiment arms; "
+        "train one with python -m trainers.finetune, or pass --resume-adapter none"
+    )
 
 
 def spec_of(store: Store, ref: Any) -> str | None:
@@ -165,6 +211,7 @@ def finished(store: Store, run_id: str) -> dict[str, dict[str, Any]]:
 @dataclass
 class Measure:
     """How arms are measured: the same for all of them."""
+
     store: Store
     model: str
     eval_split: str
@@ -186,34 +233,62 @@ class Measure:
     def eval_loss(self, adapter: str | None) -> dict[str, Any]:
         from trainers.finetune.eval_loss import EvalLossConfig, run_eval_loss
 
-        doc = run_eval_loss(EvalLossConfig(
-            store=str(self.store.root), split=self.eval_split, max_rows=self.eval_max_rows, adapter=adapter,
-            output_json=str(self.compare_json), max_length=self.max_length, on_long=self.on_long, model=self.model,
-            device=self.device, compute_dtype=self.compute_dtype, model_cache=self.model_cache,
-            progress=self.progress))
-        entry = doc["adapter"] if adapter else doc["base"]     # the entry this call merged
-        t = self.store.query("SELECT row_id, n_tokens, loss_sum FROM eval_losses WHERE run_id = ? ORDER BY row_id",
-                             [entry["run_id"]]).to_pydict()
-        return {"eval_run_id": entry["run_id"], "eval_loss": entry["mean_loss"], "eval_row_ids": t["row_id"],
-                "n_tokens": t["n_tokens"], "loss_sum": t["loss_sum"]}
+        doc = run_eval_loss(
+            EvalLossConfig(
+                store=str(self.store.root),
+                split=self.eval_split,
+                max_rows=self.eval_max_rows,
+                adapter=adapter,
+                output_json=str(self.compare_json),
+                max_length=self.max_length,
+                on_long=self.on_long,
+                model=self.model,
+                device=self.device,
+                compute_dtype=self.compute_dtype,
+                model_cache=self.model_cache,
+                progress=self.progress,
+            )
+        )
+        entry = doc["adapter"] if adapter else doc["base"]  # the entry this call merged
+        t = self.store.query(
+            "SELECT row_id, n_tokens, loss_sum FROM eval_losses WHERE run_id = ? ORDER BY row_id", [entry["run_id"]]
+        ).to_pydict()
+        return {
+            "eval_run_id": entry["run_id"],
+            "eval_loss": entry["mean_loss"],
+            "eval_row_ids": t["row_id"],
+            "n_tokens": t["n_tokens"],
+            "loss_sum": t["loss_sum"],
+        }
 
     def downstream(self, adapter: str | None) -> dict[str, Any]:
         if self.downstream_reason:
-            return {"downstream": None, "downstream_reason": self.downstream_reason, "math_row_ids": [],
-                    "correct": [], "generations": []}
+            return {
+                "downstream": None,
+                "downstream_reason": self.downstream_reason,
+                "math_row_ids": [],
+                "correct": [],
+                "generations": [],
+            }
         from extractors.adapters import apply_adapter
         from extractors.model import load_model
         from trainers.finetune.math_check import stated_answer
         from trainers.steering.evaluate import generate
 
-        lm = load_model(self.model, self.device, self.compute_dtype,
-                        Path(self.model_cache) if self.model_cache else None)
+        lm = load_model(
+            self.model, self.device, self.compute_dtype, Path(self.model_cache) if self.model_cache else None
+        )
         if adapter:
             lm = apply_adapter(lm, adapter, self.store)
         gens = generate(lm, [self.prompts[r] for r in self.math_ids], self.max_new_tokens, self.gen_batch_size)
-        correct = [int(stated_answer(g) == self.truth[r]) for r, g in zip(self.math_ids, gens)]
-        return {"downstream": sum(correct) / len(correct), "downstream_reason": None, "math_row_ids": self.math_ids,
-                "correct": correct, "generations": gens}
+        correct = [int(stated_answer(g) == self.truth[r]) for r, g in zip(self.math_ids, gens, strict=False)]
+        return {
+            "downstream": sum(correct) / len(correct),
+            "downstream_reason": None,
+            "math_row_ids": self.math_ids,
+            "correct": correct,
+            "generations": gens,
+        }
 
 
 def math_rows(store: Store, eval_split: str, max_rows: int, enabled: bool) -> tuple[list[str], dict, dict, str | None]:
@@ -225,9 +300,15 @@ def math_rows(store: Store, eval_split: str, max_rows: int, enabled: bool) -> tu
         return [], {}, {}, "--no-downstream"
     if max_rows == 0:
         return [], {}, {}, "--math-max-rows 0"
-    ids = store.query("SELECT DISTINCT r.row_id FROM rows r JOIN split_members s USING (row_id) WHERE s.split = ? "
-                      f"AND r.category = 'math' ORDER BY r.row_id LIMIT {int(max_rows)}", [eval_split]
-                      ).column(0).to_pylist()
+    ids = (
+        store.query(
+            "SELECT DISTINCT r.row_id FROM rows r JOIN split_members s USING (row_id) WHERE s.split = ? "
+            f"AND r.category = 'math' ORDER BY r.row_id LIMIT {int(max_rows)}",
+            [eval_split],
+        )
+        .column(0)
+        .to_pylist()
+    )
     if not ids:
         return [], {}, {}, f"no math-category rows in split {eval_split!r}"
     prompts = prompts_of(store, ids)
@@ -242,24 +323,48 @@ def commit(store: Store, run_id: str, arm_id: str, rec: dict[str, Any]) -> None:
     """The arm's JSON, then its selection_runs row (the commit)."""
     write_json(store.run_dir(run_id) / "arms" / f"{arm_id}.json", rec)
     row = {n: rec.get(n) for n in SCHEMA.names}
-    row.update({"run_id": run_id, "created_at": datetime.now(UTC), "eval_rows": len(rec["eval_row_ids"]),
-                "eval_tokens": int(sum(rec["n_tokens"])), "downstream_rows": len(rec["math_row_ids"])})
+    row.update(
+        {
+            "run_id": run_id,
+            "created_at": datetime.now(UTC),
+            "eval_rows": len(rec["eval_row_ids"]),
+            "eval_tokens": int(sum(rec["n_tokens"])),
+            "downstream_rows": len(rec["math_row_ids"]),
+        }
+    )
     store.write_table(TABLE, pa.Table.from_pylist([row], schema=SCHEMA), part=f"{run_id}/{arm_id}")
 
 
-def train_arm(store: Store, run_id: str, arm: Arm, subset: str, n_rows: int, base: Any, budget: Budget,
-              cfg: Any) -> dict[str, Any]:
+def train_arm(
+    store: Store, run_id: str, arm: Arm, subset: str, n_rows: int, base: Any, budget: Budget, cfg: Any
+) -> dict[str, Any]:
     """Continuation finetune of one arm (see the module docstring); returns the new adapter's record."""
     from trainers.finetune.train import FinetuneConfig, run_finetune
 
     steps, epochs = budget.steps_for(n_rows)
     sql = f"SELECT row_id FROM subsets WHERE subset = '{subset}' /* {TAG} {run_id}, arm {arm.arm_id} */"
-    res = run_finetune(FinetuneConfig(
-        store=str(store.root), train_rows_sql=sql, eval_split="", model=cfg.model,
-        resume_adapter=spec_of(store, base), lr=budget.lr, warmup_steps=budget.warmup_steps, epochs=epochs,
-        max_steps=steps, batch_size=budget.batch_size, grad_accum=budget.grad_accum, seed=arm.seed,
-        max_length=cfg.max_length, on_long=cfg.on_long, device=cfg.device, compute_dtype=cfg.compute_dtype,
-        model_cache=cfg.model_cache, progress=cfg.progress))
-    if res.metrics["steps"] != steps:          # the budget check's promise, verified on the result
+    res = run_finetune(
+        FinetuneConfig(
+            store=str(store.root),
+            train_rows_sql=sql,
+            eval_split="",
+            model=cfg.model,
+            resume_adapter=spec_of(store, base),
+            lr=budget.lr,
+            warmup_steps=budget.warmup_steps,
+            epochs=epochs,
+            max_steps=steps,
+            batch_size=budget.batch_size,
+            grad_accum=budget.grad_accum,
+            seed=arm.seed,
+            max_length=cfg.max_length,
+            on_long=cfg.on_long,
+            device=cfg.device,
+            compute_dtype=cfg.compute_dtype,
+            model_cache=cfg.model_cache,
+            progress=cfg.progress,
+        )
+    )
+    if res.metrics["steps"] != steps:  # the budget check's promise, verified on the result
         raise StoreError(f"arm {arm.arm_id} took {res.metrics['steps']} steps, expected {steps}")
     return {"adapter": res.adapter, "finetune_run_id": res.run_id, "steps": steps, "epochs": epochs}

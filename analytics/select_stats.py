@@ -69,15 +69,16 @@ def _counts(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
     return out
 
 
-def bootstrap_ci(delta: np.ndarray, w: np.ndarray, n_boot: int, rng: np.random.Generator,
-                 resample_seeds: bool = True) -> tuple[float, float]:
+def bootstrap_ci(
+    delta: np.ndarray, w: np.ndarray, n_boot: int, rng: np.random.Generator, resample_seeds: bool = True
+) -> tuple[float, float]:
     """Percentile 95% CI of `point` by the (crossed) paired bootstrap of the module docstring."""
     delta, w = _check(delta, w)
     S, n = delta.shape
-    rows = _counts(rng, n, n_boot)                          # [B, n]
-    per_seed = (rows @ delta.T) / (rows @ w)[:, None]       # [B, S]  D_s of each replicate
+    rows = _counts(rng, n, n_boot)  # [B, n]
+    per_seed = (rows @ delta.T) / (rows @ w)[:, None]  # [B, S]  D_s of each replicate
     if resample_seeds and S > 1:
-        seeds = _counts(rng, S, n_boot)                     # [B, S]
+        seeds = _counts(rng, S, n_boot)  # [B, S]
         draws = (per_seed * seeds).sum(axis=1) / S
     else:
         draws = per_seed.mean(axis=1)
@@ -87,10 +88,10 @@ def bootstrap_ci(delta: np.ndarray, w: np.ndarray, n_boot: int, rng: np.random.G
 def sign_flip_p(delta: np.ndarray, w: np.ndarray, n_perm: int, rng: np.random.Generator) -> float:
     """Two-sided sign-flip permutation p-value of the pooled per-row differences."""
     delta, w = _check(delta, w)
-    a = delta.sum(axis=0) / (delta.shape[0] * w.sum())     # sum(a) == point(delta, w)
+    a = delta.sum(axis=0) / (delta.shape[0] * w.sum())  # sum(a) == point(delta, w)
     t = abs(a.sum())
     hits = 0
-    for s in range(0, n_perm, 4096):                         # bounded memory for big n
+    for s in range(0, n_perm, 4096):  # bounded memory for big n
         m = min(4096, n_perm - s)
         signs = rng.choice(np.array([-1.0, 1.0]), size=(m, len(a)))
         # A tolerance so that exact ties (e.g. every a_i = 0) count as "as extreme".
@@ -98,14 +99,15 @@ def sign_flip_p(delta: np.ndarray, w: np.ndarray, n_perm: int, rng: np.random.Ge
     return (1 + hits) / (1 + n_perm)
 
 
-def compare(delta: np.ndarray, w: np.ndarray, *, n_boot: int = 2000, n_perm: int = 10000,
-            seed: int = 0) -> dict[str, object]:
+def compare(
+    delta: np.ndarray, w: np.ndarray, *, n_boot: int = 2000, n_perm: int = 10000, seed: int = 0
+) -> dict[str, object]:
     """Per-seed and pooled Estimates of A - B (see the module docstring)."""
     delta, w = _check(delta, w)
     rng = np.random.default_rng(seed)
     per_seed = []
     for s in range(delta.shape[0]):
-        d = delta[s: s + 1]
+        d = delta[s : s + 1]
         lo, hi = bootstrap_ci(d, w, n_boot, rng)
         per_seed.append(Estimate(point(d, w), lo, hi, sign_flip_p(d, w, n_perm, rng), delta.shape[1], 1))
     lo, hi = bootstrap_ci(delta, w, n_boot, rng)

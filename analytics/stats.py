@@ -35,7 +35,7 @@ from scipy import special, stats
 
 
 class Ranks(NamedTuple):
-    avg: np.ndarray       # [n_features, n_rows] average ranks (1-based), float64, feature-major
+    avg: np.ndarray  # [n_features, n_rows] average ranks (1-based), float64, feature-major
     tie_term: np.ndarray  # [n_features] sum over tie groups of t^3 - t
 
 
@@ -47,7 +47,7 @@ def rank_columns(X: np.ndarray) -> Ranks:
     is (a + b) / 2 + 1 and its t = b - a + 1 members each add t^2 - 1 to the tie term, which
     sums to t^3 - t per group. Matches `scipy.stats.rankdata(X, axis=0)` exactly."""
     X = np.asarray(X)
-    X = X if X.dtype.kind == "f" else X.astype(np.float64)   # ranks depend only on the order
+    X = X if X.dtype.kind == "f" else X.astype(np.float64)  # ranks depend only on the order
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D [n_rows, n_features], got shape {X.shape}")
     n, F = X.shape
@@ -86,9 +86,9 @@ def auroc_mwu(X: np.ndarray | None, y: np.ndarray, ranks: Ranks | None = None) -
     r = ranks if ranks is not None else rank_columns(X)
     F, n = r.avg.shape
     Y, single = _labels(y, n)
-    n1 = Y.sum(axis=0)[None, :]                           # [1, L]
+    n1 = Y.sum(axis=0)[None, :]  # [1, L]
     n0 = n - n1
-    r1 = r.avg @ Y                                        # rank sums of the positives [F, L]
+    r1 = r.avg @ Y  # rank sums of the positives [F, L]
     with np.errstate(divide="ignore", invalid="ignore"):
         u1 = r1 - n1 * (n1 + 1) / 2.0
         auc = u1 / (n1 * n0)
@@ -97,7 +97,7 @@ def auroc_mwu(X: np.ndarray | None, y: np.ndarray, ranks: Ranks | None = None) -
         var = n1 * n0 / 12.0 * ((n + 1) - r.tie_term[:, None] / (n * (n - 1)))
         z = (u - n1 * n0 / 2.0 - 0.5) / np.sqrt(var)
     p = np.clip(2.0 * stats.norm.sf(z), 0.0, 1.0)
-    const = np.broadcast_to(r.tie_term[:, None] >= n ** 3 - n, auc.shape)
+    const = np.broadcast_to(r.tie_term[:, None] >= n**3 - n, auc.shape)
     p = np.where(const, 1.0, p)
     auc = np.where(const, 0.5, auc)
     empty = np.broadcast_to((n1 == 0) | (n0 == 0), auc.shape)
@@ -155,8 +155,8 @@ def mutual_info(codes: np.ndarray, y: np.ndarray, n_bins: int) -> tuple[np.ndarr
     nonempty = np.zeros((F, 1))
     for b in range(n_bins):
         m = (codes == b).astype(np.float64)
-        nb = m.sum(axis=0)[:, None]                       # [F, 1]
-        nb1 = m.T @ Y                                     # [F, L]
+        nb = m.sum(axis=0)[:, None]  # [F, 1]
+        nb1 = m.T @ Y  # [F, L]
         for nbc, nc in ((nb1, n1), (nb - nb1, n - n1)):
             with np.errstate(divide="ignore", invalid="ignore"):
                 mi += np.where(nbc > 0, nbc / n * np.log(nbc * n / (nb * nc)), 0.0)

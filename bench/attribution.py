@@ -44,8 +44,12 @@ class BenchAttributionConfig:
     """Attribution rows/s: ours (in-process bergson) vs bergson's command line on the same work."""
 
     model: str = field(default="embedded", metadata={"help": "base model (embedded, a HF id or a folder)"})
-    store: str | None = field(default=None, metadata={"help": "an ingested store to use (default: a scratch "
-                              "store with the embedded sample, deleted afterwards)"})
+    store: str | None = field(
+        default=None,
+        metadata={
+            "help": "an ingested store to use (default: a scratch store with the embedded sample, deleted afterwards)"
+        },
+    )
     pool_rows: int = field(default=32, metadata={"help": "pool rows scored (first N of score_pool by row_id)"})
     query_rows: int = field(default=8, metadata={"help": "query rows (first N of attr_query by row_id)"})
     score_mode: str = field(default="mean", metadata={"help": "mean, nearest or individual"})
@@ -53,8 +57,10 @@ class BenchAttributionConfig:
     projection_dim: int = field(default=32, metadata={"help": "bergson projection_dim"})
     finetune_steps: int = field(default=2, metadata={"help": "optimizer steps of the adapter trained first"})
     model_cache: str | None = field(default=None, metadata={"help": "where converted models are cached"})
-    out: str | None = field(default=None, metadata={"help": "result JSON (default: bench_out/attribution.json, "
-                            "or a bench run folder of --store)"})
+    out: str | None = field(
+        default=None,
+        metadata={"help": "result JSON (default: bench_out/attribution.json, or a bench run folder of --store)"},
+    )
     progress: bool = field(default=False, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -70,11 +76,25 @@ def _prepare(cfg: BenchAttributionConfig, store: Store) -> str:
 
     if not store.has_table("manifests"):
         tok_model = cfg.model
-        run_ingest(IngestConfig(store=str(store.root), model=tok_model, train_base=cfg.pool_rows,
-                                attr_query=cfg.query_rows, eval=2), progress=cfg.progress)
-    res = run_finetune(FinetuneConfig(store=str(store.root), model=cfg.model, max_rows=8, batch_size=4,
-                                      max_steps=cfg.finetune_steps, epochs=cfg.finetune_steps, eval_split="",
-                                      model_cache=cfg.model_cache, progress=cfg.progress))
+        run_ingest(
+            IngestConfig(
+                store=str(store.root), model=tok_model, train_base=cfg.pool_rows, attr_query=cfg.query_rows, eval=2
+            ),
+            progress=cfg.progress,
+        )
+    res = run_finetune(
+        FinetuneConfig(
+            store=str(store.root),
+            model=cfg.model,
+            max_rows=8,
+            batch_size=4,
+            max_steps=cfg.finetune_steps,
+            epochs=cfg.finetune_steps,
+            eval_split="",
+            model_cache=cfg.model_cache,
+            progress=cfg.progress,
+        )
+    )
     return res.adapter
 
 
@@ -84,16 +104,16 @@ def bergson_cli(ours: Path, dest: Path, steps: list[str]) -> dict[str, float]:
 
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    for data in ("query_data.hf", "pool_data.hf"):   # the same datasets (their paths share a prefix with query/)
+    for data in ("query_data.hf", "pool_data.hf"):  # the same datasets (their paths share a prefix with query/)
         (dest / data).symlink_to(ours / data, target_is_directory=True)
     seconds = {}
     for step in steps:
         text = (ours / step / "config.yaml").read_text()
-        for other in steps:       # run paths, query_path, hessian_path: ours -> dest
+        for other in steps:  # run paths, query_path, hessian_path: ours -> dest
             text = text.replace(str(ours / other), str(dest / other))
         cfg_path = dest / f"{step}.yaml"
         cfg_path.write_text(text)
-        yaml.safe_load(text)      # a well-formed file, or fail here
+        yaml.safe_load(text)  # a well-formed file, or fail here
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "bergson", str(cfg_path)], capture_output=True, text=True)
         seconds[step] = time.perf_counter() - t0
@@ -110,11 +130,22 @@ def run_bench(cfg: BenchAttributionConfig) -> dict[str, Any]:
     try:
         adapter = _prepare(cfg, store)
         t0 = time.perf_counter()
-        res = run_extraction(ExtractConfig(
-            layers=[], kinds=["attribution"], adapter=adapter, store=str(store.root), model=cfg.model,
-            max_rows=cfg.pool_rows, query_max_rows=cfg.query_rows, score_mode=cfg.score_mode,
-            preconditioning=cfg.preconditioning, projection_dim=cfg.projection_dim, model_cache=cfg.model_cache,
-            progress=cfg.progress))
+        res = run_extraction(
+            ExtractConfig(
+                layers=[],
+                kinds=["attribution"],
+                adapter=adapter,
+                store=str(store.root),
+                model=cfg.model,
+                max_rows=cfg.pool_rows,
+                query_max_rows=cfg.query_rows,
+                score_mode=cfg.score_mode,
+                preconditioning=cfg.preconditioning,
+                projection_dim=cfg.projection_dim,
+                model_cache=cfg.model_cache,
+                progress=cfg.progress,
+            )
+        )
         ours_total = time.perf_counter() - t0
         ours_dir = store.root / "runs" / res.run_id / "bergson"
         steps = [s for s in ("hessian", "query", "scores") if s in res.steps]
@@ -125,24 +156,59 @@ def run_bench(cfg: BenchAttributionConfig) -> dict[str, Any]:
         diff = float(np.max(np.abs(a - b)) / max(1e-30, float(np.max(np.abs(b)))))
         cli_total = sum(cli.values())
         n = res.rows
-        rows = [{"method": "ours (extractors.run --kinds attribution)", "seconds": ours_total,
-                 "score_s": res.steps["scores"], "rows_per_s": n / ours_total},
-                {"method": "bergson CLI (python -m bergson <step>/config.yaml)", "seconds": cli_total,
-                 "score_s": cli["scores"], "rows_per_s": n / cli_total}]
-        table = print_table(rows, [("method", "method", ""), ("seconds", "total s", ".1f"),
-                                   ("score_s", "score step s", ".1f"), ("rows_per_s", "pool rows/s", ".3f")])
-        summary = {"ours_vs_bergson_cli": rows[0]["rows_per_s"] / rows[1]["rows_per_s"],
-                   "score_step_ours_vs_cli": cli["scores"] / res.steps["scores"],
-                   "max_relative_score_difference": diff}
-        print(f"ours / bergson CLI: {summary['ours_vs_bergson_cli']:.2f}x pool rows/s (score step alone "
-              f"{summary['score_step_ours_vs_cli']:.2f}x); scores agree to {diff:.1e} (relative)")
-        out = {"bench": bench_id, "config": config_dict(cfg), "machine": machine(), "pool_rows": n,
-               "query_rows": res.query_rows, "ours": {"total_seconds": ours_total, "steps": res.steps,
-                                                      "run_id": res.run_id},
-               "bergson_cli": {"total_seconds": cli_total, "steps": cli}, "summary": summary, "table": table,
-               "date": datetime.now(UTC).isoformat()}
-        path = Path(cfg.out) if cfg.out else (Path("bench_out") / "attribution.json" if tmp is not None
-                                              else store.run_dir(bench_id) / "attribution.json")
+        rows = [
+            {
+                "method": "ours (extractors.run --kinds attribution)",
+                "seconds": ours_total,
+                "score_s": res.steps["scores"],
+                "rows_per_s": n / ours_total,
+            },
+            {
+                "method": "bergson CLI (python -m bergson <step>/config.yaml)",
+                "seconds": cli_total,
+                "score_s": cli["scores"],
+                "rows_per_s": n / cli_total,
+            },
+        ]
+        table = print_table(
+            rows,
+            [
+                ("method", "method", ""),
+                ("seconds", "total s", ".1f"),
+                ("score_s", "score step s", ".1f"),
+                ("rows_per_s", "pool rows/s", ".3f"),
+            ],
+        )
+        summary = {
+            "ours_vs_bergson_cli": rows[0]["rows_per_s"] / rows[1]["rows_per_s"],
+            "score_step_ours_vs_cli": cli["scores"] / res.steps["scores"],
+            "max_relative_score_difference": diff,
+        }
+        print(
+            f"ours / bergson CLI: {summary['ours_vs_bergson_cli']:.2f}x pool rows/s (score step alone "
+            f"{summary['score_step_ours_vs_cli']:.2f}x); scores agree to {diff:.1e} (relative)"
+        )
+        out = {
+            "bench": bench_id,
+            "config": config_dict(cfg),
+            "machine": machine(),
+            "pool_rows": n,
+            "query_rows": res.query_rows,
+            "ours": {"total_seconds": ours_total, "steps": res.steps, "run_id": res.run_id},
+            "bergson_cli": {"total_seconds": cli_total, "steps": cli},
+            "summary": summary,
+            "table": table,
+            "date": datetime.now(UTC).isoformat(),
+        }
+        path = (
+            Path(cfg.out)
+            if cfg.out
+            else (
+                Path("bench_out") / "attribution.json"
+                if tmp is not None
+                else store.run_dir(bench_id) / "attribution.json"
+            )
+        )
         write_json(path, out)
         print(f"wrote {path}")
         return out

@@ -54,30 +54,62 @@ MODES = ("m1", "full")
 class BenchCatalogConfig:
     """Build the catalog at full size from the embedded generator; time ingest, tokenization and views."""
 
-    rows: int = field(default=431_000, metadata={"help": "conversations the generated source has (smol-magpie-ultra: ~431k)"})
-    test_rows: int = field(default=21_550, metadata={"help": "of which in its test split (attr_query + eval come from it)"})
-    modes: list[str] = field(default_factory=lambda: list(MODES), metadata={
-        "help": "m1: the 8000/500/500 splits ingest stores; full: every usable row stored"})
-    replicate: int = field(default=10, metadata={"help": "also query a copy whose tokens table is this many times "
-                           "larger (1: skip)"})
-    replicate_modes: list[str] = field(default_factory=lambda: list(MODES), metadata={
-        "help": "the modes whose tokens table is replicated"})
-    model: str = field(default="embedded", metadata={"help": "model whose tokenizer counts and tokenizes ('embedded', "
-                       "a local folder or a Hub id); only its tokenizer is loaded"})
+    rows: int = field(
+        default=431_000, metadata={"help": "conversations the generated source has (smol-magpie-ultra: ~431k)"}
+    )
+    test_rows: int = field(
+        default=21_550, metadata={"help": "of which in its test split (attr_query + eval come from it)"}
+    )
+    modes: list[str] = field(
+        default_factory=lambda: list(MODES),
+        metadata={"help": "m1: the 8000/500/500 splits ingest stores; full: every usable row stored"},
+    )
+    replicate: int = field(
+        default=10, metadata={"help": "also query a copy whose tokens table is this many times larger (1: skip)"}
+    )
+    replicate_modes: list[str] = field(
+        default_factory=lambda: list(MODES), metadata={"help": "the modes whose tokens table is replicated"}
+    )
+    model: str = field(
+        default="embedded",
+        metadata={
+            "help": "model whose tokenizer counts and tokenizes ('embedded', "
+            "a local folder or a Hub id); only its tokenizer is loaded"
+        },
+    )
     unit_tokens: int = field(default=16384, metadata={"help": "token slots per unit"})
     ingest_batch_rows: int = field(default=10_000, metadata={"help": "rows per ingest write batch"})
-    tokenize_batch_rows: int = field(default=1000, metadata={"help": "rows per tokenization batch (one tokens part each)"})
+    tokenize_batch_rows: int = field(
+        default=1000, metadata={"help": "rows per tokenization batch (one tokens part each)"}
+    )
     selection_tokens: int = field(default=10_000, metadata={"help": "tokens of the rows a selection query asks for"})
-    repeats: int = field(default=3, metadata={"help": "repeats per query (the median is reported; the first is also kept)"})
+    repeats: int = field(
+        default=3, metadata={"help": "repeats per query (the median is reported; the first is also kept)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the selected rows"})
-    work: str | None = field(default=None, metadata={"help": "folder for the stores (kept; a rerun reuses the steps "
-                             "finished there); default: a temporary folder, deleted"})
-    out: str | None = field(default=None, metadata={"help": "result JSON, PNG beside it (default bench_out/catalog.json)"})
+    work: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder for the stores (kept; a rerun reuses the steps "
+            "finished there); default: a temporary folder, deleted"
+        },
+    )
+    out: str | None = field(
+        default=None, metadata={"help": "result JSON, PNG beside it (default bench_out/catalog.json)"}
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
-        for name in ("rows", "test_rows", "replicate", "unit_tokens", "ingest_batch_rows", "tokenize_batch_rows",
-                     "selection_tokens", "repeats"):
+        for name in (
+            "rows",
+            "test_rows",
+            "replicate",
+            "unit_tokens",
+            "ingest_batch_rows",
+            "tokenize_batch_rows",
+            "selection_tokens",
+            "repeats",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.test_rows >= self.rows:
@@ -86,15 +118,20 @@ class BenchCatalogConfig:
         if bad:
             raise ValueError(f"unknown mode(s) {bad}; choose from {list(MODES)}")
         if "m1" in self.modes and (self.rows - self.test_rows < 8000 or self.test_rows < 1000):
-            raise ValueError(f"mode m1 needs >= 8000 train and >= 1000 test rows (got {self.rows - self.test_rows} "
-                             f"and {self.test_rows}); pass larger --rows/--test-rows or --modes full")
+            raise ValueError(
+                f"mode m1 needs >= 8000 train and >= 1000 test rows (got {self.rows - self.test_rows} "
+                f"and {self.test_rows}); pass larger --rows/--test-rows or --modes full"
+            )
 
 
 def _sizes(cfg: BenchCatalogConfig, mode: str) -> dict[str, int]:
     if mode == "m1":
         return dict(M1_SIZES)
-    return {"train_base": cfg.rows - cfg.test_rows, "attr_query": cfg.test_rows // 2,
-            "eval": cfg.test_rows - cfg.test_rows // 2}
+    return {
+        "train_base": cfg.rows - cfg.test_rows,
+        "attr_query": cfg.test_rows // 2,
+        "eval": cfg.test_rows - cfg.test_rows // 2,
+    }
 
 
 # ---- steps, each in its own process (its peak RSS is its own) --------------------------------
@@ -104,10 +141,17 @@ def _step(kind: str, store_dir: str, cfg_d: dict, mode: str, q: Any) -> None:
         if kind == "ingest":
             from extractors.ingest import IngestConfig, run_ingest
 
-            res = run_ingest(IngestConfig(store=store_dir, model=cfg_d["model"],
-                                          sample_train=cfg_d["rows"] - cfg_d["test_rows"],
-                                          sample_test=cfg_d["test_rows"], batch_rows=cfg_d["ingest_batch_rows"],
-                                          **cfg_d["sizes"]), progress=cfg_d["progress"])
+            res = run_ingest(
+                IngestConfig(
+                    store=store_dir,
+                    model=cfg_d["model"],
+                    sample_train=cfg_d["rows"] - cfg_d["test_rows"],
+                    sample_test=cfg_d["test_rows"],
+                    batch_rows=cfg_d["ingest_batch_rows"],
+                    **cfg_d["sizes"],
+                ),
+                progress=cfg_d["progress"],
+            )
             info = {"sizes": res.sizes, "quarantined": res.quarantined}
         else:
             from extractors.chat_tokens import ensure_tokenization
@@ -115,12 +159,24 @@ def _step(kind: str, store_dir: str, cfg_d: dict, mode: str, q: Any) -> None:
             from store.core import Store
 
             tok = load_tokenizer(cfg_d["model"])
-            t0 = time.perf_counter()          # the tokenizer's load is not the tokenization
-            lay = ensure_tokenization(Store(store_dir), tok, cfg_d["model"], cfg_d["unit_tokens"],
-                                      progress=cfg_d["progress"], batch_rows=cfg_d["tokenize_batch_rows"])
+            t0 = time.perf_counter()  # the tokenizer's load is not the tokenization
+            lay = ensure_tokenization(
+                Store(store_dir),
+                tok,
+                cfg_d["model"],
+                cfg_d["unit_tokens"],
+                progress=cfg_d["progress"],
+                batch_rows=cfg_d["tokenize_batch_rows"],
+            )
             info = {"rows": len(lay.row_ids), "tokens": sum(lay.lengths), "units": lay.n_units}
-        q.put({"ok": True, "seconds": time.perf_counter() - t0,
-               "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **info})
+        q.put(
+            {
+                "ok": True,
+                "seconds": time.perf_counter() - t0,
+                "peak_rss_MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                **info,
+            }
+        )
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
         q.put({"ok": False, "error": f"{type(e).__name__}: {e}"})
 
@@ -193,12 +249,20 @@ def query_views(store_dir: Path, cfg: BenchCatalogConfig, selection: tuple[list[
                 continue
             count = _timed(con, f'SELECT count(*) FROM "{v}"', cfg.repeats)
             sel = _timed(con, f'SELECT * FROM "{v}" WHERE row_id IN (SELECT row_id FROM sel_rows)', cfg.repeats)
-            out.append({"view": v, "available": True,
-                        "count_s": count["median_s"], "count_first_s": count["first_s"],
-                        "lines": count["result"][0][0],
-                        "selection_s": sel["median_s"], "selection_first_s": sel["first_s"],
-                        "selection_lines": len(sel["result"]), "selection_rows": len(picked),
-                        "selection_tokens": total})
+            out.append(
+                {
+                    "view": v,
+                    "available": True,
+                    "count_s": count["median_s"],
+                    "count_first_s": count["first_s"],
+                    "lines": count["result"][0][0],
+                    "selection_s": sel["median_s"],
+                    "selection_first_s": sel["first_s"],
+                    "selection_lines": len(sel["result"]),
+                    "selection_rows": len(picked),
+                    "selection_tokens": total,
+                }
+            )
     finally:
         con.close()
     return out
@@ -239,7 +303,7 @@ def replicate_tokens(src: Path, dst: Path, factor: int) -> dict:
         con.execute(f"""COPY (
             SELECT t.tokenization, t.row_id, (t.token_pos + k.k * l.n_tokens)::INTEGER AS token_pos, t.token_id,
                    t.token_text, t.role, t.msg_index, t.is_supervised, t.rel_pos, t.char_start, t.char_end,
-                   t.tok_index + k.k * {z['n_slots']}::BIGINT AS tok_index
+                   t.tok_index + k.k * {z["n_slots"]}::BIGINT AS tok_index
             FROM read_parquet('{f}', file_row_number = true) t
             JOIN read_parquet('{src}/catalog/row_layout/*.parquet') l USING (row_id)
             CROSS JOIN range({factor}) k(k)
@@ -292,8 +356,12 @@ def _figure(path: Path, results: list[dict]) -> Path:
 
     from trainers.plots import save_figure
 
-    bars = [(f"{r['store']}: {q['view']}", q["count_s"], q["selection_s"])
-            for r in results for q in r["queries"] if q["available"]]
+    bars = [
+        (f"{r['store']}: {q['view']}", q["count_s"], q["selection_s"])
+        for r in results
+        for q in r["queries"]
+        if q["available"]
+    ]
     fig = Figure(figsize=(9, 0.35 * len(bars) + 1.8))
     ax = fig.subplots()
     y = np.arange(len(bars))
@@ -312,8 +380,8 @@ def _figure(path: Path, results: list[dict]) -> Path:
 
 def run_bench(cfg: BenchCatalogConfig) -> dict:
     from bench.common import machine, print_table, result_path
-    from store.core import Store, write_json
     from store.catalog.runs import Run
+    from store.core import Store, write_json
 
     work = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="bench-catalog-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -321,12 +389,15 @@ def run_bench(cfg: BenchCatalogConfig) -> dict:
     out = result_path(cfg.out, "catalog")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def done(entry: dict) -> None:       # a long run's finished stores survive a kill
+    def done(entry: dict) -> None:  # a long run's finished stores survive a kill
         results.append(entry)
         write_json(out.with_suffix(".partial.json"), {"benchmark": "catalog", "partial": True, "results": results})
         q = {x["view"]: x for x in entry["queries"] if x["available"]}
-        print(f"{entry['store']}: {entry['tokens']:,} tokens; " + "; ".join(
-            f"{v} count {x['count_s']:.3f} s, selection {x['selection_s']:.3f} s" for v, x in q.items()), flush=True)
+        print(
+            f"{entry['store']}: {entry['tokens']:,} tokens; "
+            + "; ".join(f"{v} count {x['count_s']:.3f} s, selection {x['selection_s']:.3f} s" for v, x in q.items()),
+            flush=True,
+        )
 
     try:
         for mode in cfg.modes:
@@ -335,44 +406,101 @@ def run_bench(cfg: BenchCatalogConfig) -> dict:
             tokenize = run_step("tokenize", store_dir, cfg, mode)
             st = Store(store_dir)
             with Run(st, "bench_catalog", {"bench": True, "mode": mode, **config_dict(cfg)}) as run:
-                selection = selected_rows(store_dir, cfg)      # a copy has the same rows and row_layout
+                selection = selected_rows(store_dir, cfg)  # a copy has the same rows and row_layout
                 queries = query_views(store_dir, cfg, selection)
                 size = catalog_bytes(store_dir)
                 run.finish(counts={"rows": tokenize["rows"], "tokens": tokenize["tokens"]})
-            done({"store": mode, "rows": tokenize["rows"], "tokens": tokenize["tokens"],
-                  "ingest": ingest, "tokenize": tokenize, "bytes": size, "queries": queries,
-                  "selection_row_groups": row_groups_hit(store_dir, selection[0])})
+            done(
+                {
+                    "store": mode,
+                    "rows": tokenize["rows"],
+                    "tokens": tokenize["tokens"],
+                    "ingest": ingest,
+                    "tokenize": tokenize,
+                    "bytes": size,
+                    "queries": queries,
+                    "selection_row_groups": row_groups_hit(store_dir, selection[0]),
+                }
+            )
             if cfg.replicate > 1 and mode in cfg.replicate_modes:
                 rep_dir = work / f"{mode}-{cfg.rows}-x{cfg.replicate}"
                 made = replicate_tokens(store_dir, rep_dir, cfg.replicate)
-                done({"store": f"{mode} x{cfg.replicate} tokens", "rows": tokenize["rows"],
-                      "tokens": tokenize["tokens"] * cfg.replicate, "replicate": made,
-                      "bytes": catalog_bytes(rep_dir), "queries": query_views(rep_dir, cfg, selection),
-                      "selection_row_groups": row_groups_hit(rep_dir, selection[0])})
+                done(
+                    {
+                        "store": f"{mode} x{cfg.replicate} tokens",
+                        "rows": tokenize["rows"],
+                        "tokens": tokenize["tokens"] * cfg.replicate,
+                        "replicate": made,
+                        "bytes": catalog_bytes(rep_dir),
+                        "queries": query_views(rep_dir, cfg, selection),
+                        "selection_row_groups": row_groups_hit(rep_dir, selection[0]),
+                    }
+                )
         lines = []
         for r in results:
-            base = {"store": r["store"], "rows": r["rows"], "tokens": r["tokens"],
-                    "catalog_MB": sum(r["bytes"].values()) / 1e6, "tokens_MB": r["bytes"].get("tokens", 0) / 1e6,
-                    "ingest_s": r.get("ingest", {}).get("seconds"), "ingest_rss": r.get("ingest", {}).get("peak_rss_MB"),
-                    "tok_s": r.get("tokenize", {}).get("seconds"), "tok_rss": r.get("tokenize", {}).get("peak_rss_MB"),
-                    "rg": "{hit} / {total}".format(**r["selection_row_groups"])}
+            base = {
+                "store": r["store"],
+                "rows": r["rows"],
+                "tokens": r["tokens"],
+                "catalog_MB": sum(r["bytes"].values()) / 1e6,
+                "tokens_MB": r["bytes"].get("tokens", 0) / 1e6,
+                "ingest_s": r.get("ingest", {}).get("seconds"),
+                "ingest_rss": r.get("ingest", {}).get("peak_rss_MB"),
+                "tok_s": r.get("tokenize", {}).get("seconds"),
+                "tok_rss": r.get("tokenize", {}).get("peak_rss_MB"),
+                "rg": "{hit} / {total}".format(**r["selection_row_groups"]),
+            }
             lines.append(base)
         print()
-        text = print_table(lines, [("store", "store", ""), ("rows", "rows", ","), ("tokens", "tokens", ","),
-                                   ("ingest_s", "ingest s", ".1f"), ("ingest_rss", "ingest peak RSS MB", ",.0f"),
-                                   ("tok_s", "tokenize s", ".1f"), ("tok_rss", "tokenize peak RSS MB", ",.0f"),
-                                   ("catalog_MB", "catalog MB", ",.1f"), ("tokens_MB", "tokens MB", ",.1f"),
-                                   ("rg", "selection's row groups", "")])
-        qlines = [{"store": r["store"], "view": q["view"], "lines": q.get("lines"), "count_s": q.get("count_s"),
-                   "sel_s": q.get("selection_s"), "sel_lines": q.get("selection_lines"),
-                   "note": "" if q["available"] else "not available: " + q["note"][:70]}
-                  for r in results for q in r["queries"]]
+        text = print_table(
+            lines,
+            [
+                ("store", "store", ""),
+                ("rows", "rows", ","),
+                ("tokens", "tokens", ","),
+                ("ingest_s", "ingest s", ".1f"),
+                ("ingest_rss", "ingest peak RSS MB", ",.0f"),
+                ("tok_s", "tokenize s", ".1f"),
+                ("tok_rss", "tokenize peak RSS MB", ",.0f"),
+                ("catalog_MB", "catalog MB", ",.1f"),
+                ("tokens_MB", "tokens MB", ",.1f"),
+                ("rg", "selection's row groups", ""),
+            ],
+        )
+        qlines = [
+            {
+                "store": r["store"],
+                "view": q["view"],
+                "lines": q.get("lines"),
+                "count_s": q.get("count_s"),
+                "sel_s": q.get("selection_s"),
+                "sel_lines": q.get("selection_lines"),
+                "note": "" if q["available"] else "not available: " + q["note"][:70],
+            }
+            for r in results
+            for q in r["queries"]
+        ]
         print()
-        qtext = print_table(qlines, [("store", "store", ""), ("view", "view", ""), ("lines", "lines", ","),
-                                     ("count_s", "count s", ".3f"), ("sel_s", "10k-token selection s", ".3f"),
-                                     ("sel_lines", "selected lines", ","), ("note", "note", "")])
-        result = {"benchmark": "catalog", "config": config_dict(cfg), "machine": machine(), "results": results,
-                  "table": text, "query_table": qtext}
+        qtext = print_table(
+            qlines,
+            [
+                ("store", "store", ""),
+                ("view", "view", ""),
+                ("lines", "lines", ","),
+                ("count_s", "count s", ".3f"),
+                ("sel_s", "10k-token selection s", ".3f"),
+                ("sel_lines", "selected lines", ","),
+                ("note", "note", ""),
+            ],
+        )
+        result = {
+            "benchmark": "catalog",
+            "config": config_dict(cfg),
+            "machine": machine(),
+            "results": results,
+            "table": text,
+            "query_table": qtext,
+        }
         write_json(out, result)
         out.with_suffix(".partial.json").unlink(missing_ok=True)
         _figure(out.with_suffix(".png"), results)

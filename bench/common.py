@@ -28,14 +28,32 @@ from store.core import Store, fsync_path, write_json  # noqa: F401 - write_json:
 
 # Shapes from the models' config.json (Llama-3.2-1B without its rope scaling: irrelevant here).
 RANDOM_SHAPES: dict[str, dict[str, Any]] = {
-    "smollm2-135m": {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                     "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-                     "max_position_embeddings": 8192, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
-                     "tie_word_embeddings": True},
-    "llama-1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                 "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
-                 "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-                 "tie_word_embeddings": True},
+    "smollm2-135m": {
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+    "llama-1b": {
+        "vocab_size": 128256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
 }
 RANDOM_PREFIX = "random:"
 
@@ -46,10 +64,11 @@ def load_bench_model(model: str, device: str = "auto", dtype: str = "auto", cach
 
     if not model.startswith(RANDOM_PREFIX):
         return load_model(model, device, dtype, Path(cache_dir) if cache_dir else None)
-    shape = model[len(RANDOM_PREFIX):]
+    shape = model[len(RANDOM_PREFIX) :]
     if shape not in RANDOM_SHAPES:
-        raise ValueError(f"--model {model!r}: unknown random shape; use one of "
-                         f"{', '.join(RANDOM_PREFIX + k for k in RANDOM_SHAPES)}")
+        raise ValueError(
+            f"--model {model!r}: unknown random shape; use one of {', '.join(RANDOM_PREFIX + k for k in RANDOM_SHAPES)}"
+        )
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -58,15 +77,28 @@ def load_bench_model(model: str, device: str = "auto", dtype: str = "auto", cach
     tok = load_tokenizer("embedded", Path(cache_dir) if cache_dir else None)
     s = dict(RANDOM_SHAPES[shape])
     theta = s.pop("rope_theta")
-    cfg = LlamaConfig(**s, rope_parameters={"rope_type": "default", "rope_theta": theta},
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        **s,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     with torch.device(dev):
         m = AutoModelForCausalLM.from_config(cfg, dtype=dt)
     m.eval().requires_grad_(False)
     n = sum(p.numel() for p in m.parameters())
-    return LoadedModel(m, tok, model, f"random-init:{shape}:seed0", dev, dt, time.perf_counter() - t0,
-                       f"random init, {n / 1e6:.0f}M parameters, {shape} shape")
+    return LoadedModel(
+        m,
+        tok,
+        model,
+        f"random-init:{shape}:seed0",
+        dev,
+        dt,
+        time.perf_counter() - t0,
+        f"random init, {n / 1e6:.0f}M parameters, {shape} shape",
+    )
 
 
 def result_path(out: str | None, name: str, model: str | None = None, device: str | None = None) -> Path:
@@ -94,8 +126,17 @@ def ingest_rows(store: Store, rows: int, model: str, progress: bool) -> None:
     from extractors.ingest import IngestConfig, run_ingest
 
     tokenizer_model = "embedded" if model.startswith(RANDOM_PREFIX) else model
-    run_ingest(IngestConfig(store=str(store.root), model=tokenizer_model, train_base=rows, attr_query=0, eval=0,
-                            sample_train=max(1000, int(rows * 1.1) + 50)), progress=progress)
+    run_ingest(
+        IngestConfig(
+            store=str(store.root),
+            model=tokenizer_model,
+            train_base=rows,
+            attr_query=0,
+            eval=0,
+            sample_train=max(1000, int(rows * 1.1) + 50),
+        ),
+        progress=progress,
+    )
 
 
 def disk_write_bandwidth(folder: Path, total_mb: int = 256, file_mb: int = 16) -> dict[str, float]:
@@ -144,9 +185,15 @@ def machine(device: Any = None) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "gpu": None}
+    info = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "gpu": None,
+    }
     try:
         info["ram_GB"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
     except (ValueError, OSError):
@@ -168,8 +215,10 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     # text columns (first and last) left-aligned, figures right-aligned
     left = {0, len(columns) - 1} if columns[-1][2] == "" else {0}
-    lines = ["  ".join(c[i].ljust(widths[i]) if i in left else c[i].rjust(widths[i]) for i in range(len(columns)))
-             .rstrip() for c in cells]
+    lines = [
+        "  ".join(c[i].ljust(widths[i]) if i in left else c[i].rjust(widths[i]) for i in range(len(columns))).rstrip()
+        for c in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     text = "\n".join(lines)
     print(text)

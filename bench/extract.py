@@ -50,34 +50,69 @@ METHODS = ("forward", "extract", "naive", "forward_full", "forward_windows", "sa
 class BenchExtractConfig:
     """Measure extraction tokens/s against the forward pass, the naive approach, SAELens and the disk."""
 
-    model: str = field(default="embedded", metadata={"help": "'embedded' (SmolLM2-135M-Instruct), a local folder "
-                       "or Hub id, or random:smollm2-135m / random:llama-1b (random init of that shape, no weights)"})
-    layers: list[int] = field(default_factory=lambda: [17], metadata={
-        "help": "layers to extract in one pass (0-based decoder block outputs)", "aliases": ["--layer"]})
-    rows: int = field(default=200, metadata={"help": "rows of the embedded sample to run (the first N by row_id)",
-                      "aliases": ["--max-rows"]})
-    batch_tokens: int | None = field(default=None, metadata={"help": "padded tokens per batch (default as "
-                                     "extractors.run: 8192 on CPU, 131072 on GPU; batches never span units)"})
-    unit_tokens: int = field(default=16384, metadata={"help": "token slots per unit when the scratch store is "
-                             "tokenized (batches are formed within a unit)"})
+    model: str = field(
+        default="embedded",
+        metadata={
+            "help": "'embedded' (SmolLM2-135M-Instruct), a local folder "
+            "or Hub id, or random:smollm2-135m / random:llama-1b (random init of that shape, no weights)"
+        },
+    )
+    layers: list[int] = field(
+        default_factory=lambda: [17],
+        metadata={"help": "layers to extract in one pass (0-based decoder block outputs)", "aliases": ["--layer"]},
+    )
+    rows: int = field(
+        default=200,
+        metadata={"help": "rows of the embedded sample to run (the first N by row_id)", "aliases": ["--max-rows"]},
+    )
+    batch_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "padded tokens per batch (default as "
+            "extractors.run: 8192 on CPU, 131072 on GPU; batches never span units)"
+        },
+    )
+    unit_tokens: int = field(
+        default=16384,
+        metadata={
+            "help": "token slots per unit when the scratch store is tokenized (batches are formed within a unit)"
+        },
+    )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata={
-        "help": "model compute dtype: auto = bf16 on GPU, fp32 on CPU"})
-    methods: list[str] = field(default_factory=lambda: ["forward", "extract", "naive", "forward_windows", "saelens"],
-                               metadata={
-        "help": f"what to measure, among {', '.join(METHODS)}"})
-    store: str | None = field(default=None, metadata={"help": "scratch store (ingested on first use). The "
-                              "benchmark deletes and rewrites the hidden arrays it measures, and refuses a store "
-                              "whose arrays were written by anything else (default: a temporary folder)"})
-    out: str | None = field(default=None, metadata={"help": "result JSON (a PNG chart goes beside it) (default: "
-                            "bench_out/extract_<model>_<device>.json)"})
-    repeats: int = field(default=1, metadata={"help": "rounds over all methods; each method's fastest round is "
-                         "reported (rounds interleave the methods, so a busy shared CPU penalises them alike)"})
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto", metadata={"help": "model compute dtype: auto = bf16 on GPU, fp32 on CPU"}
+    )
+    methods: list[str] = field(
+        default_factory=lambda: ["forward", "extract", "naive", "forward_windows", "saelens"],
+        metadata={"help": f"what to measure, among {', '.join(METHODS)}"},
+    )
+    store: str | None = field(
+        default=None,
+        metadata={
+            "help": "scratch store (ingested on first use). The "
+            "benchmark deletes and rewrites the hidden arrays it measures, and refuses a store "
+            "whose arrays were written by anything else (default: a temporary folder)"
+        },
+    )
+    out: str | None = field(
+        default=None,
+        metadata={
+            "help": "result JSON (a PNG chart goes beside it) (default: bench_out/extract_<model>_<device>.json)"
+        },
+    )
+    repeats: int = field(
+        default=1,
+        metadata={
+            "help": "rounds over all methods; each method's fastest round is "
+            "reported (rounds interleave the methods, so a busy shared CPU penalises them alike)"
+        },
+    )
     disk_mb: int = field(default=256, metadata={"help": "MB written + fsynced by the disk probe"})
     saelens_context: int = field(default=256, metadata={"help": "SAELens window length (tokens)"})
     keep_store: bool = field(default=False, metadata={"help": "keep the temporary scratch store"})
-    model_cache: str | None = field(default=None, metadata={"help": "converted-model cache folder (default "
-                                    "~/.cache/activation-store)"})
+    model_cache: str | None = field(
+        default=None, metadata={"help": "converted-model cache folder (default ~/.cache/activation-store)"}
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -105,14 +140,19 @@ def _clear_arrays(store, names: list[str]) -> None:
     if store.has_table("arrays"):
         con = store.connect()
         try:
-            owners = con.sql("SELECT a.name, r.config FROM arrays a LEFT JOIN runs r ON r.run_id = a.created_by_run "
-                             "WHERE a.name IN (SELECT unnest($n))", params={"n": names}).fetchall()
+            owners = con.sql(
+                "SELECT a.name, r.config FROM arrays a LEFT JOIN runs r ON r.run_id = a.created_by_run "
+                "WHERE a.name IN (SELECT unnest($n))",
+                params={"n": names},
+            ).fetchall()
         finally:
             con.close()
         for name, config in owners:
             if '"bench": true' not in (config or ""):
-                raise ValueError(f"--store {store.root} holds {name} written by a real extraction; the benchmark "
-                                 "would overwrite it. Pass a scratch --store (or none: a temporary one)")
+                raise ValueError(
+                    f"--store {store.root} holds {name} written by a real extraction; the benchmark "
+                    "would overwrite it. Pass a scratch --store (or none: a temporary one)"
+                )
     for name in names:
         shutil.rmtree(store.array_path(name), ignore_errors=True)
         shutil.rmtree(store.table_dir(UNITS_TABLE) / array_key(name), ignore_errors=True)
@@ -134,8 +174,9 @@ class _Setup:
         self.lm = load_bench_model(cfg.model, cfg.device, cfg.compute_dtype, cfg.model_cache)
         self.layers = validate_layers(cfg.layers, len(decoder_layers(self.lm.model)), self.lm.model_id)
         self.names = [f"hidden/layer_{L}" for L in self.layers]
-        self.layout = ensure_tokenization(store, self.lm.tokenizer, self.lm.model_id, cfg.unit_tokens,
-                                          progress=cfg.progress)
+        self.layout = ensure_tokenization(
+            store, self.lm.tokenizer, self.lm.model_id, cfg.unit_tokens, progress=cfg.progress
+        )
         self.selected = select_rows(store, "all", cfg.rows)
         _clear_arrays(store, self.names)
         self.work = plan_work(self.layout, self.selected, self.names, 0, 1, store)
@@ -152,7 +193,9 @@ class _Setup:
     def inputs(self):
         from extractors.forward import pad_batch
 
-        return [pad_batch(ids, b.width, self.pad_id, self.lm.device) for ids, b in zip(self.ids, self.batches)]
+        return [
+            pad_batch(ids, b.width, self.pad_id, self.lm.device) for ids, b in zip(self.ids, self.batches, strict=False)
+        ]
 
 
 def _forward(s: _Setup, full: bool) -> dict[str, Any]:
@@ -161,9 +204,9 @@ def _forward(s: _Setup, full: bool) -> dict[str, Any]:
     from extractors.forward import LayerCapture
 
     xs = s.inputs()
-    with (nullcontext() if full else LayerCapture(s.lm.model, s.layers)) as cap, torch.inference_mode():
+    with nullcontext() if full else LayerCapture(s.lm.model, s.layers) as cap, torch.inference_mode():
         step = (lambda x: s.lm.model(input_ids=x, use_cache=False)) if full else cap.capture
-        step(xs[0][:1, :16])                   # warm-up (kernels, allocator), not timed
+        step(xs[0][:1, :16])  # warm-up (kernels, allocator), not timed
         _sync(s.lm.device)
         t0 = time.perf_counter()
         for x in xs:
@@ -177,11 +220,18 @@ def _forward(s: _Setup, full: bool) -> dict[str, Any]:
 def _extract(s: _Setup, cfg: BenchExtractConfig, store) -> dict[str, Any]:
     from extractors.hidden import HiddenSpec, extract_hidden
 
-    _clear_arrays(store, s.names)           # the previous round's arrays
+    _clear_arrays(store, s.names)  # the previous round's arrays
     t0 = time.perf_counter()
-    res = extract_hidden(store, s.lm, s.layout, s.selected, HiddenSpec(s.layers, "bf16"),
-                         batch_tokens=s.batch_tokens, run_config={"bench": True, **config_dict(cfg)},
-                         progress=cfg.progress)
+    res = extract_hidden(
+        store,
+        s.lm,
+        s.layout,
+        s.selected,
+        HiddenSpec(s.layers, "bf16"),
+        batch_tokens=s.batch_tokens,
+        run_config={"bench": True, **config_dict(cfg)},
+        progress=cfg.progress,
+    )
     secs = time.perf_counter() - t0
     if res.tokens != s.tokens:
         raise RuntimeError(f"the extractor ran {res.tokens} tokens, the benchmark planned {s.tokens}")
@@ -192,13 +242,18 @@ def _extract(s: _Setup, cfg: BenchExtractConfig, store) -> dict[str, Any]:
     from bench.common import folder_bytes
 
     disk = sum(folder_bytes(store.array_path(n)) for n in s.names)
-    return {"seconds": secs, "tokens": s.tokens, "bytes_per_token": disk / s.tokens,
-            "payload_bytes_per_token": 2 * s.d_model * len(s.layers),
-            "forward_seconds_inside": m["forward_seconds"], "writer_seconds": m["writer_seconds"],
-            "overhead_beyond_forward": 1 - m["forward_seconds"] / secs,
-            "writer_threads": m.get("writer_threads"),
-            "writer_tokens_per_s": s.tokens / m["writer_seconds"] if m["writer_seconds"] else None,
-            "note": "end to end: bf16 Zarr chunks, fsync + commit per unit, run record"}
+    return {
+        "seconds": secs,
+        "tokens": s.tokens,
+        "bytes_per_token": disk / s.tokens,
+        "payload_bytes_per_token": 2 * s.d_model * len(s.layers),
+        "forward_seconds_inside": m["forward_seconds"],
+        "writer_seconds": m["writer_seconds"],
+        "overhead_beyond_forward": 1 - m["forward_seconds"] / secs,
+        "writer_threads": m.get("writer_threads"),
+        "writer_tokens_per_s": s.tokens / m["writer_seconds"] if m["writer_seconds"] else None,
+        "note": "end to end: bf16 Zarr chunks, fsync + commit per unit, run record",
+    }
 
 
 def _naive(s: _Setup, store) -> dict[str, Any]:
@@ -221,8 +276,12 @@ def _naive(s: _Setup, store) -> dict[str, Any]:
     secs = time.perf_counter() - t0
     size = folder_bytes(folder)
     shutil.rmtree(folder, ignore_errors=True)
-    return {"seconds": secs, "tokens": s.tokens, "bytes_per_token": size / s.tokens,
-            "note": "output_hidden_states=True (full forward), .cpu(), np.save per batch: padded fp32, no fsync"}
+    return {
+        "seconds": secs,
+        "tokens": s.tokens,
+        "bytes_per_token": size / s.tokens,
+        "note": "output_hidden_states=True (full forward), .cpu(), np.save per batch: padded fp32, no fsync",
+    }
 
 
 def _windows(s: _Setup, ctx: int) -> tuple[list[list[int]], int]:
@@ -232,7 +291,7 @@ def _windows(s: _Setup, ctx: int) -> tuple[list[list[int]], int]:
     n_seq = len(flat) // ctx
     bs = max(1, min(s.batch_tokens // ctx, n_seq))
     n_seq -= n_seq % bs
-    return [flat[i * ctx:(i + 1) * ctx] for i in range(n_seq)], bs
+    return [flat[i * ctx : (i + 1) * ctx] for i in range(n_seq)], bs
 
 
 def _forward_windows(s: _Setup, cfg: BenchExtractConfig) -> dict[str, Any]:
@@ -244,7 +303,7 @@ def _forward_windows(s: _Setup, cfg: BenchExtractConfig) -> dict[str, Any]:
     windows, bs = _windows(s, cfg.saelens_context)
     if not windows:
         return {"skipped": f"not run: fewer tokens ({s.tokens}) than one --saelens-context window"}
-    xs = [torch.tensor(windows[i:i + bs], device=s.lm.device) for i in range(0, len(windows), bs)]
+    xs = [torch.tensor(windows[i : i + bs], device=s.lm.device) for i in range(0, len(windows), bs)]
     with LayerCapture(s.lm.model, s.layers) as cap, torch.inference_mode():
         cap.capture(xs[0][:1, :16])
         _sync(s.lm.device)
@@ -252,9 +311,12 @@ def _forward_windows(s: _Setup, cfg: BenchExtractConfig) -> dict[str, Any]:
         for x in xs:
             cap.capture(x)
         _sync(s.lm.device)
-    return {"seconds": time.perf_counter() - t0, "tokens": len(windows) * cfg.saelens_context,
-            "note": f"forward only over saelens' {cfg.saelens_context}-token windows (batch {bs}): no padding, "
-                    "and rows share windows, so attention spans row boundaries (not the per-row computation)"}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "tokens": len(windows) * cfg.saelens_context,
+        "note": f"forward only over saelens' {cfg.saelens_context}-token windows (batch {bs}): no padding, "
+        "and rows share windows, so attention spans row boundaries (not the per-row computation)",
+    }
 
 
 def _saelens(s: _Setup, cfg: BenchExtractConfig, store) -> dict[str, Any]:
@@ -275,7 +337,7 @@ def _saelens(s: _Setup, cfg: BenchExtractConfig, store) -> dict[str, Any]:
     if not windows:
         return {"skipped": f"not run: fewer tokens ({s.tokens}) than one --saelens-context window ({ctx})"}
     n_seq = len(windows)
-    bpt = 4 * s.d_model                                   # its default cache dtype: float32
+    bpt = 4 * s.d_model  # its default cache dtype: float32
     n_batches = n_seq // bs
     per_buffer = max(k for k in range(1, n_batches + 1) if n_batches % k == 0 and (k == 1 or k * bs * ctx * bpt <= 2e9))
     ds = Dataset.from_dict({"input_ids": windows})
@@ -283,17 +345,29 @@ def _saelens(s: _Setup, cfg: BenchExtractConfig, store) -> dict[str, Any]:
     shutil.rmtree(out)
     hook = f"model.layers.{s.layers[-1]}"
     sl_cfg = CacheActivationsRunnerConfig(
-        dataset_path="bench-rows", model_name=s.lm.model_id, model_class_name="AutoModelForCausalLM",
-        hook_name=hook, d_in=s.d_model, context_size=ctx, model_batch_size=bs, training_tokens=n_seq * ctx,
-        buffer_size_gb=(per_buffer * bs * ctx * bpt + bs * ctx * bpt // 2) / 1e9, new_cached_activations_path=str(out),
-        device=str(s.lm.device), prepend_bos=False, model_kwargs={}, model_from_pretrained_kwargs={})
+        dataset_path="bench-rows",
+        model_name=s.lm.model_id,
+        model_class_name="AutoModelForCausalLM",
+        hook_name=hook,
+        d_in=s.d_model,
+        context_size=ctx,
+        model_batch_size=bs,
+        training_tokens=n_seq * ctx,
+        buffer_size_gb=(per_buffer * bs * ctx * bpt + bs * ctx * bpt // 2) / 1e9,
+        new_cached_activations_path=str(out),
+        device=str(s.lm.device),
+        prepend_bos=False,
+        model_kwargs={},
+        model_from_pretrained_kwargs={},
+    )
     # SAELens loads AutoModelForCausalLM by name and wraps it in HookedProxyLM. We hand it the
     # model already in memory (same weights; random-init shapes have no folder; load time is
     # excluded for every method) and remove the hooks it adds to every submodule afterwards.
     before = {id(m): set(m._forward_hooks) for m in s.lm.model.modules()}
     try:
-        with mock.patch("sae_lens.cache_activations_runner.load_model",
-                        lambda **kw: HookedProxyLM(s.lm.model, s.lm.tokenizer)):
+        with mock.patch(
+            "sae_lens.cache_activations_runner.load_model", lambda **kw: HookedProxyLM(s.lm.model, s.lm.tokenizer)
+        ):
             t0 = time.perf_counter()
             runner = CacheActivationsRunner(sl_cfg, override_dataset=ds)
             result = runner.run()
@@ -305,9 +379,13 @@ def _saelens(s: _Setup, cfg: BenchExtractConfig, store) -> dict[str, Any]:
             for k in set(m._forward_hooks) - before.get(id(m), set()):
                 del m._forward_hooks[k]
         shutil.rmtree(out, ignore_errors=True)
-    return {"seconds": secs, "tokens": written, "bytes_per_token": size / written,
-            "note": f"CacheActivationsRunner, {hook}, {ctx}-token windows of the same tokens, batch {bs}, "
-                    "float32 Arrow shards, shuffled (its default); no padding"}
+    return {
+        "seconds": secs,
+        "tokens": written,
+        "bytes_per_token": size / written,
+        "note": f"CacheActivationsRunner, {hook}, {ctx}-token windows of the same tokens, batch {bs}, "
+        "float32 Arrow shards, shuffled (its default); no padding",
+    }
 
 
 def _summarize(results: dict[str, dict[str, Any]], s: _Setup, disk: dict[str, float]) -> tuple[dict, str]:
@@ -323,41 +401,71 @@ def _summarize(results: dict[str, dict[str, Any]], s: _Setup, disk: dict[str, fl
     ours = results.get("extract", {})
     bpt = ours.get("bytes_per_token", 2 * s.d_model * len(s.layers))
     disk_limit = disk["write_GBps"] * 1e9 / bpt
-    summary: dict[str, Any] = {"disk_write_GBps": disk["write_GBps"], "bytes_per_token": bpt,
-                               "disk_limit_tokens_per_s": disk_limit, "forward_tokens_per_s": fwd_tps,
-                               "padding_fraction": s.padding}
+    summary: dict[str, Any] = {
+        "disk_write_GBps": disk["write_GBps"],
+        "bytes_per_token": bpt,
+        "disk_limit_tokens_per_s": disk_limit,
+        "forward_tokens_per_s": fwd_tps,
+        "padding_fraction": s.padding,
+    }
     if "tokens_per_s" in ours:
         limit = min(x for x in (fwd_tps, disk_limit) if x)
-        summary |= {"extract_tokens_per_s": ours["tokens_per_s"], "goal_tokens_per_s": 0.9 * limit,
-                    "extract_vs_limit": ours["tokens_per_s"] / limit,
-                    "extract_overhead_vs_forward": 1 - ours["tokens_per_s"] / fwd_tps if fwd_tps else None,
-                    "extract_overhead_beyond_own_forward": ours["overhead_beyond_forward"],
-                    "bound": "disk" if disk_limit < (fwd_tps or np.inf) else "compute"}
+        summary |= {
+            "extract_tokens_per_s": ours["tokens_per_s"],
+            "goal_tokens_per_s": 0.9 * limit,
+            "extract_vs_limit": ours["tokens_per_s"] / limit,
+            "extract_overhead_vs_forward": 1 - ours["tokens_per_s"] / fwd_tps if fwd_tps else None,
+            "extract_overhead_beyond_own_forward": ours["overhead_beyond_forward"],
+            "bound": "disk" if disk_limit < (fwd_tps or np.inf) else "compute",
+        }
         if "tokens_per_s" in results.get("naive", {}):
             summary["extract_vs_naive"] = ours["tokens_per_s"] / results["naive"]["tokens_per_s"]
         if "tokens_per_s" in results.get("saelens", {}):
             summary["extract_vs_saelens"] = ours["tokens_per_s"] / results["saelens"]["tokens_per_s"]
     if "tokens_per_s" in results.get("saelens", {}) and "tokens_per_s" in results.get("forward_windows", {}):
-        summary["saelens_vs_its_forward"] = (results["saelens"]["tokens_per_s"]
-                                             / results["forward_windows"]["tokens_per_s"])
+        summary["saelens_vs_its_forward"] = (
+            results["saelens"]["tokens_per_s"] / results["forward_windows"]["tokens_per_s"]
+        )
     table = []
     for m, r in results.items():
-        table.append({"method": m, "tokens_per_s": r.get("tokens_per_s"), "vs_forward": r.get("vs_forward"),
-                      "ours_vs": (ours["tokens_per_s"] / r["tokens_per_s"]) if "tokens_per_s" in r and
-                      "tokens_per_s" in ours else None,
-                      "bytes_per_token": r.get("bytes_per_token"), "disk": disk["write_GBps"],
-                      "padding": 0.0 if m in ("saelens", "forward_windows") and "seconds" in r else s.padding,
-                      "note": r.get("skipped") or r.get("note")})
+        table.append(
+            {
+                "method": m,
+                "tokens_per_s": r.get("tokens_per_s"),
+                "vs_forward": r.get("vs_forward"),
+                "ours_vs": (ours["tokens_per_s"] / r["tokens_per_s"])
+                if "tokens_per_s" in r and "tokens_per_s" in ours
+                else None,
+                "bytes_per_token": r.get("bytes_per_token"),
+                "disk": disk["write_GBps"],
+                "padding": 0.0 if m in ("saelens", "forward_windows") and "seconds" in r else s.padding,
+                "note": r.get("skipped") or r.get("note"),
+            }
+        )
     print()
-    text = print_table(table, [("method", "method", ""), ("tokens_per_s", "tokens/s", ",.0f"),
-                               ("vs_forward", "x forward", ".2f"), ("ours_vs", "extract/this", ".2f"),
-                               ("bytes_per_token", "bytes/token", ",.0f"), ("disk", "disk GB/s", ".2f"),
-                               ("padding", "padding", ".1%"), ("note", "note", "")])
-    print(f"\ndisk limit {disk_limit:,.0f} tokens/s at {bpt:,.0f} bytes/token; "
-          + (f"extract = {summary['extract_vs_limit']:.2f} x min(forward, disk limit) ({summary['bound']}-bound); "
-             f"time beyond its own forward passes: {ours['overhead_beyond_forward']:.1%}; writer busy "
-             f"{ours['writer_seconds']:.2f} s ({ours['writer_tokens_per_s'] or 0:,.0f} tokens/s when writing)"
-             if "extract_vs_limit" in summary else ""))
+    text = print_table(
+        table,
+        [
+            ("method", "method", ""),
+            ("tokens_per_s", "tokens/s", ",.0f"),
+            ("vs_forward", "x forward", ".2f"),
+            ("ours_vs", "extract/this", ".2f"),
+            ("bytes_per_token", "bytes/token", ",.0f"),
+            ("disk", "disk GB/s", ".2f"),
+            ("padding", "padding", ".1%"),
+            ("note", "note", ""),
+        ],
+    )
+    print(
+        f"\ndisk limit {disk_limit:,.0f} tokens/s at {bpt:,.0f} bytes/token; "
+        + (
+            f"extract = {summary['extract_vs_limit']:.2f} x min(forward, disk limit) ({summary['bound']}-bound); "
+            f"time beyond its own forward passes: {ours['overhead_beyond_forward']:.1%}; writer busy "
+            f"{ours['writer_seconds']:.2f} s ({ours['writer_tokens_per_s'] or 0:,.0f} tokens/s when writing)"
+            if "extract_vs_limit" in summary
+            else ""
+        )
+    )
     return summary, text
 
 
@@ -366,24 +474,28 @@ def run_bench(cfg: BenchExtractConfig) -> dict[str, Any]:
     import torch
 
     from bench.common import disk_write_bandwidth, ingest_rows, machine, result_path, scratch_store, write_json
-    from trainers.plots import bar_chart
     from extractors.model import decoder_layers
+    from trainers.plots import bar_chart
 
     store, tmp = scratch_store(cfg.store, "bench-extract-")
     try:
         ingest_rows(store, cfg.rows, cfg.model, cfg.progress)
         s = _Setup(cfg, store)
-        print(f"model {s.lm.model_id} on {s.lm.device} ({str(s.lm.dtype).replace('torch.', '')}); "
-              f"{len(s.selected)} rows, {s.tokens:,} tokens, {len(s.batches)} batches in {len(s.work)} units, "
-              f"padding {s.padding:.1%}; layers {s.layers}")
+        print(
+            f"model {s.lm.model_id} on {s.lm.device} ({str(s.lm.dtype).replace('torch.', '')}); "
+            f"{len(s.selected)} rows, {s.tokens:,} tokens, {len(s.batches)} batches in {len(s.work)} units, "
+            f"padding {s.padding:.1%}; layers {s.layers}"
+        )
         disk = disk_write_bandwidth(store.run_dir("bench-disk"), cfg.disk_mb)
         print(f"disk: write + fsync {disk['write_GBps']:.2f} GB/s on {store.root}")
         results: dict[str, dict[str, Any]] = {}
-        order = [m for m in METHODS if m in cfg.methods]      # saelens last: it hooks every module while it runs
+        order = [m for m in METHODS if m in cfg.methods]  # saelens last: it hooks every module while it runs
         for rnd in range(cfg.repeats):
             for m in order:
-                print(f"measuring {m}" + (f" (round {rnd + 1}/{cfg.repeats})" if cfg.repeats > 1 else "") + " ...",
-                      flush=True)
+                print(
+                    f"measuring {m}" + (f" (round {rnd + 1}/{cfg.repeats})" if cfg.repeats > 1 else "") + " ...",
+                    flush=True,
+                )
                 if m in ("forward", "forward_full"):
                     r = _forward(s, m == "forward_full")
                 elif m == "extract":
@@ -400,21 +512,45 @@ def run_bench(cfg: BenchExtractConfig) -> dict[str, Any]:
                 results[m]["seconds_per_round"] = rounds
         summary, text = _summarize(results, s, disk)
         out = result_path(cfg.out, "extract", cfg.model, s.lm.device.type)
-        result = {"benchmark": "extract", "config": config_dict(cfg), "machine": machine(s.lm.device),
-                  "model": {"id": s.lm.model_id, "hash": s.lm.model_hash, "device": str(s.lm.device),
-                            "dtype": str(s.lm.dtype).replace("torch.", ""), "d_model": s.d_model,
-                            "n_layers": len(decoder_layers(s.lm.model)),
-                            "note": s.lm.note},
-                  "layers": s.layers, "rows": len(s.selected), "tokens": s.tokens, "batches": len(s.batches),
-                  "units": len(s.work), "batch_tokens": s.batch_tokens, "disk": disk, "summary": summary,
-                  "methods": results, "table": text, "torch_threads": torch.get_num_threads()}
+        result = {
+            "benchmark": "extract",
+            "config": config_dict(cfg),
+            "machine": machine(s.lm.device),
+            "model": {
+                "id": s.lm.model_id,
+                "hash": s.lm.model_hash,
+                "device": str(s.lm.device),
+                "dtype": str(s.lm.dtype).replace("torch.", ""),
+                "d_model": s.d_model,
+                "n_layers": len(decoder_layers(s.lm.model)),
+                "note": s.lm.note,
+            },
+            "layers": s.layers,
+            "rows": len(s.selected),
+            "tokens": s.tokens,
+            "batches": len(s.batches),
+            "units": len(s.work),
+            "batch_tokens": s.batch_tokens,
+            "disk": disk,
+            "summary": summary,
+            "methods": results,
+            "table": text,
+            "torch_threads": torch.get_num_threads(),
+        }
         write_json(out, result)
         labels = [m for m in results if "tokens_per_s" in results[m]]
-        bar_chart(out.with_suffix(".png"), labels, [results[m]["tokens_per_s"] for m in labels],
-                  f"{cfg.model if len(cfg.model) < 40 else '...' + cfg.model[-37:]} on {s.lm.device}, "
-                  f"layers {s.layers}, {s.tokens:,} tokens", "tokens / s",
-                  {"forward (compute limit)": summary["forward_tokens_per_s"] or 0.0,
-                   "disk write limit": summary["disk_limit_tokens_per_s"]})
+        bar_chart(
+            out.with_suffix(".png"),
+            labels,
+            [results[m]["tokens_per_s"] for m in labels],
+            f"{cfg.model if len(cfg.model) < 40 else '...' + cfg.model[-37:]} on {s.lm.device}, "
+            f"layers {s.layers}, {s.tokens:,} tokens",
+            "tokens / s",
+            {
+                "forward (compute limit)": summary["forward_tokens_per_s"] or 0.0,
+                "disk write limit": summary["disk_limit_tokens_per_s"],
+            },
+        )
         print(f"wrote {out} and {out.with_suffix('.png')}")
         return result
     finally:

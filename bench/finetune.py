@@ -41,8 +41,10 @@ class BenchFinetuneConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
     model_cache: str | None = field(default=None, metadata={"help": "where converted models are cached"})
-    out: str | None = field(default=None, metadata={"help": "result JSON (default: bench_out/finetune.json, or a "
-                            "bench run folder of --store)"})
+    out: str | None = field(
+        default=None,
+        metadata={"help": "result JSON (default: bench_out/finetune.json, or a bench run folder of --store)"},
+    )
     progress: bool = field(default=False, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -63,61 +65,129 @@ def trainer_loop(cfg: BenchFinetuneConfig, ft: Any, data: Any) -> dict[str, Any]
     tok = lm.tokenizer
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = get_peft_model(lm.model, LoraConfig(r=ft.lora_r, lora_alpha=ft.lora_alpha, lora_dropout=ft.lora_dropout,
-                                                target_modules=list(ft.target_modules), task_type="CAUSAL_LM"))
-    ds = Dataset.from_dict({"input_ids": data.input_ids, "labels": data.labels,
-                            "attention_mask": [[1] * len(x) for x in data.input_ids]})
+    model = get_peft_model(
+        lm.model,
+        LoraConfig(
+            r=ft.lora_r,
+            lora_alpha=ft.lora_alpha,
+            lora_dropout=ft.lora_dropout,
+            target_modules=list(ft.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
+    ds = Dataset.from_dict(
+        {"input_ids": data.input_ids, "labels": data.labels, "attention_mask": [[1] * len(x) for x in data.input_ids]}
+    )
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as out_dir:
-        args = TrainingArguments(output_dir=out_dir, per_device_train_batch_size=cfg.batch_size, num_train_epochs=1,
-                                 learning_rate=cfg.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
-                                 max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], seed=0,
-                                 remove_unused_columns=False, disable_tqdm=not cfg.progress,
-                                 use_cpu=lm.device.type == "cpu", bf16=lm.device.type == "cuda")
-        trainer = Trainer(model=model, args=args, train_dataset=ds,
-                          data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+        args = TrainingArguments(
+            output_dir=out_dir,
+            per_device_train_batch_size=cfg.batch_size,
+            num_train_epochs=1,
+            learning_rate=cfg.lr,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            seed=0,
+            remove_unused_columns=False,
+            disable_tqdm=not cfg.progress,
+            use_cpu=lm.device.type == "cpu",
+            bf16=lm.device.type == "cuda",
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=ds,
+            data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
+        )
         res = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"seconds": float(res.metrics["train_runtime"]), "final_loss": losses[-1] if losses else None,
-            "steps": int(res.global_step)}
+    return {
+        "seconds": float(res.metrics["train_runtime"]),
+        "final_loss": losses[-1] if losses else None,
+        "steps": int(res.global_step),
+    }
 
 
 def run_bench(cfg: BenchFinetuneConfig) -> dict[str, Any]:
     from extractors.ingest import IngestConfig, run_ingest
     from extractors.sft_data import load_sft_rows, select_rows_by
-    from store.catalog.tokens import tokenizations, read_layout
+    from store.catalog.tokens import read_layout, tokenizations
     from trainers.finetune.train import FinetuneConfig, run_finetune
 
     store, tmp = scratch_store(cfg.store, "bench-ft-")
     try:
         if not store.has_table("manifests"):
-            run_ingest(IngestConfig(store=str(store.root), model=cfg.model, train_base=cfg.rows, attr_query=0,
-                                    eval=0), progress=cfg.progress)
-        ft = FinetuneConfig(store=str(store.root), model=cfg.model, max_rows=cfg.rows, batch_size=cfg.batch_size,
-                            lr=cfg.lr, lora_r=cfg.lora_r, eval_split="", epochs=1, device=cfg.device,
-                            model_cache=cfg.model_cache, progress=cfg.progress)
+            run_ingest(
+                IngestConfig(store=str(store.root), model=cfg.model, train_base=cfg.rows, attr_query=0, eval=0),
+                progress=cfg.progress,
+            )
+        ft = FinetuneConfig(
+            store=str(store.root),
+            model=cfg.model,
+            max_rows=cfg.rows,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            lora_r=cfg.lora_r,
+            eval_split="",
+            epochs=1,
+            device=cfg.device,
+            model_cache=cfg.model_cache,
+            progress=cfg.progress,
+        )
         t0 = time.perf_counter()
         ours = run_finetune(ft)
         ours_wall = time.perf_counter() - t0
         layout = read_layout(store, tokenizations(store)[0]["tokenization"])
-        data = load_sft_rows(store, layout.tokenization, select_rows_by(store, split="train_base",
-                                                                        max_rows=cfg.rows))
+        data = load_sft_rows(store, layout.tokenization, select_rows_by(store, split="train_base", max_rows=cfg.rows))
         base = trainer_loop(cfg, ft, data)
         tokens = data.n_tokens
-        rows = [{"method": "ours (trainers.finetune)", "seconds": ours.metrics["train_seconds"],
-                 "tokens_per_s": tokens / ours.metrics["train_seconds"], "final_loss": ours.metrics["final_train_loss"]},
-                {"method": "peft + transformers.Trainer", "seconds": base["seconds"],
-                 "tokens_per_s": tokens / base["seconds"], "final_loss": base["final_loss"]}]
-        table = print_table(rows, [("method", "method", ""), ("seconds", "train s", ".1f"),
-                                   ("tokens_per_s", "tokens/s", ",.0f"), ("final_loss", "last step loss", ".4f")])
+        rows = [
+            {
+                "method": "ours (trainers.finetune)",
+                "seconds": ours.metrics["train_seconds"],
+                "tokens_per_s": tokens / ours.metrics["train_seconds"],
+                "final_loss": ours.metrics["final_train_loss"],
+            },
+            {
+                "method": "peft + transformers.Trainer",
+                "seconds": base["seconds"],
+                "tokens_per_s": tokens / base["seconds"],
+                "final_loss": base["final_loss"],
+            },
+        ]
+        table = print_table(
+            rows,
+            [
+                ("method", "method", ""),
+                ("seconds", "train s", ".1f"),
+                ("tokens_per_s", "tokens/s", ",.0f"),
+                ("final_loss", "last step loss", ".4f"),
+            ],
+        )
         ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
         print(f"ours / Trainer: {ratio:.2f}x tokens/s on {len(data.row_ids)} rows ({tokens} tokens)")
         bench_id = f"bench_finetune-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-        out = {"bench": bench_id, "config": config_dict(cfg), "machine": machine(), "rows": len(data.row_ids),
-               "tokens": tokens, "ours": {**ours.metrics, "wall_seconds": ours_wall, "run_id": ours.run_id},
-               "trainer": base, "summary": {"ours_vs_trainer": ratio}, "table": table,
-               "date": datetime.now(UTC).isoformat()}
-        path = Path(cfg.out) if cfg.out else (Path("bench_out") / "finetune.json" if tmp is not None
-                                              else store.run_dir(bench_id) / "finetune.json")
+        out = {
+            "bench": bench_id,
+            "config": config_dict(cfg),
+            "machine": machine(),
+            "rows": len(data.row_ids),
+            "tokens": tokens,
+            "ours": {**ours.metrics, "wall_seconds": ours_wall, "run_id": ours.run_id},
+            "trainer": base,
+            "summary": {"ours_vs_trainer": ratio},
+            "table": table,
+            "date": datetime.now(UTC).isoformat(),
+        }
+        path = (
+            Path(cfg.out)
+            if cfg.out
+            else (Path("bench_out") / "finetune.json" if tmp is not None else store.run_dir(bench_id) / "finetune.json")
+        )
         write_json(path, out)
         print(f"wrote {path}")
         return out

@@ -40,26 +40,46 @@ METHODS = ("forward", "hand", "extract", "reference")
 class BenchGradnormConfig:
     """Measure gradient-norm tokens/s against the forward pass, a hand-written loop and plain autograd."""
 
-    model: str = field(default="embedded", metadata={"help": "'embedded' (SmolLM2-135M-Instruct), a local folder "
-                       "or Hub id, or random:smollm2-135m / random:llama-1b (random init of that shape)"})
-    layers: list[int] = field(default_factory=lambda: [17, 24], metadata={
-        "help": "layers whose norms one backward gives", "aliases": ["--layer"]})
+    model: str = field(
+        default="embedded",
+        metadata={
+            "help": "'embedded' (SmolLM2-135M-Instruct), a local folder "
+            "or Hub id, or random:smollm2-135m / random:llama-1b (random init of that shape)"
+        },
+    )
+    layers: list[int] = field(
+        default_factory=lambda: [17, 24],
+        metadata={"help": "layers whose norms one backward gives", "aliases": ["--layer"]},
+    )
     rows: int = field(default=48, metadata={"help": "rows of the embedded sample (the first N by row_id)"})
-    batch_tokens: int | None = field(default=None, metadata={"help": "padded tokens per batch (default as "
-                                     "extractors.run --kinds gradnorm: 2048 on CPU, 32768 on GPU)"})
+    batch_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "padded tokens per batch (default as extractors.run --kinds gradnorm: 2048 on CPU, 32768 on GPU)"
+        },
+    )
     unit_tokens: int = field(default=16384, metadata={"help": "token slots per unit of the scratch store"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata={
-        "help": "model compute dtype: auto = bf16 on GPU, fp32 on CPU"})
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={
-        "help": f"what to measure, among {', '.join(METHODS)}"})
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto", metadata={"help": "model compute dtype: auto = bf16 on GPU, fp32 on CPU"}
+    )
+    methods: list[str] = field(
+        default_factory=lambda: list(METHODS), metadata={"help": f"what to measure, among {', '.join(METHODS)}"}
+    )
     repeats: int = field(default=1, metadata={"help": "rounds over all methods; each method's fastest round counts"})
-    store: str | None = field(default=None, metadata={"help": "scratch store (the benchmark deletes the gradnorm "
-                              "arrays it measures; default: a temporary folder)"})
-    out: str | None = field(default=None, metadata={"help": "result JSON, a PNG beside it (default: "
-                            "bench_out/gradnorm_<model>_<device>.json)"})
-    model_cache: str | None = field(default=None, metadata={"help": "converted-model cache folder (default "
-                                    "~/.cache/activation-store)"})
+    store: str | None = field(
+        default=None,
+        metadata={
+            "help": "scratch store (the benchmark deletes the gradnorm arrays it measures; default: a temporary folder)"
+        },
+    )
+    out: str | None = field(
+        default=None,
+        metadata={"help": "result JSON, a PNG beside it (default: bench_out/gradnorm_<model>_<device>.json)"},
+    )
+    model_cache: str | None = field(
+        default=None, metadata={"help": "converted-model cache folder (default ~/.cache/activation-store)"}
+    )
     progress: bool = field(default=False, metadata={"help": "show the extractor's progress bar"})
 
     def __post_init__(self) -> None:
@@ -92,8 +112,9 @@ class _Setup:
         self.lm = load_bench_model(cfg.model, cfg.device, cfg.compute_dtype, cfg.model_cache)
         self.layers = validate_layers(cfg.layers, len(decoder_layers(self.lm.model)), self.lm.model_id)
         self.names = [gradnorm_array_name(L) for L in self.layers]
-        self.layout = ensure_tokenization(store, self.lm.tokenizer, self.lm.model_id, cfg.unit_tokens,
-                                          progress=cfg.progress)
+        self.layout = ensure_tokenization(
+            store, self.lm.tokenizer, self.lm.model_id, cfg.unit_tokens, progress=cfg.progress
+        )
         self.selected = select_rows(store, "all", cfg.rows)
         from bench.extract import _clear_arrays
 
@@ -116,7 +137,7 @@ class _Setup:
 
 def _timed(s: _Setup, step) -> dict[str, Any]:
     x, sup = s.inputs[0]
-    step(x[:1, :16], sup[:1, :16])            # warm-up, not timed
+    step(x[:1, :16], sup[:1, :16])  # warm-up, not timed
     _sync(s.lm.device)
     t0 = time.perf_counter()
     for x, sup in s.inputs:
@@ -129,20 +150,30 @@ def run_bench(cfg: BenchGradnormConfig) -> dict[str, Any]:
     import torch
 
     from bench.common import ingest_rows, machine, print_table, result_path, scratch_store, write_json
-    from trainers.plots import bar_chart
     from bench.extract import _clear_arrays
     from extractors.gradnorm import extract_gradnorms, reference_grad_norms, token_grad_norms
     from extractors.pipeline import ExtractConfig
+    from trainers.plots import bar_chart
 
     store, tmp = scratch_store(cfg.store, "bench-gradnorm-")
     try:
         ingest_rows(store, cfg.rows, cfg.model, cfg.progress)
         s = _Setup(cfg, store)
         model = s.lm.model
-        print(f"model {s.lm.model_id} on {s.lm.device}; {len(s.selected)} rows, {s.tokens:,} tokens, "
-              f"{len(s.batches)} batches; layers {s.layers}")
-        ecfg = ExtractConfig(layers=s.layers, store=str(store.root), model=cfg.model, kinds=["gradnorm"],
-                             batch_tokens=s.batch_tokens, unit_tokens=cfg.unit_tokens, progress=cfg.progress)
+        print(
+            f"model {s.lm.model_id} on {s.lm.device}; {len(s.selected)} rows, {s.tokens:,} tokens, "
+            f"{len(s.batches)} batches; layers {s.layers}"
+        )
+        ecfg = ExtractConfig(
+            layers=s.layers,
+            store=str(store.root),
+            model=cfg.model,
+            kinds=["gradnorm"],
+            batch_tokens=s.batch_tokens,
+            unit_tokens=cfg.unit_tokens,
+            progress=cfg.progress,
+        )
+
         @torch.inference_mode()
         def forward(x: Any, sup: Any) -> Any:
             return model(input_ids=x, use_cache=False)
@@ -173,30 +204,61 @@ def run_bench(cfg: BenchGradnormConfig) -> dict[str, Any]:
         agree = None
         if {"hand", "reference"} <= set(cfg.methods):
             a, b = token_grad_norms(model, x, sup, s.layers), reference_grad_norms(model, x, sup, s.layers)
-            agree = max(float((a[L] - b[L]).abs().max() / b[L].abs().max().clamp(min=1e-12))
-                        for L in s.layers)
+            agree = max(float((a[L] - b[L]).abs().max() / b[L].abs().max().clamp(min=1e-12)) for L in s.layers)
         tps = {m: r["tokens_per_s"] for m, r in results.items()}
         ratio = lambda a, b: tps[a] / tps[b] if a in tps and b in tps else None  # noqa: E731
-        summary = {"extract_over_hand": ratio("extract", "hand"), "extract_over_forward": ratio("extract", "forward"),
-                   "extract_over_reference": ratio("extract", "reference"),
-                   "hand_over_reference": ratio("hand", "reference"),
-                   "max_relative_difference_hand_vs_reference": agree, "target": "extract >= 0.9 x hand"}
-        rows = [{"method": m, "tok/s": tps[m], "seconds": results[m]["seconds"],
-                 "vs forward": tps[m] / tps["forward"] if "forward" in tps else None} for m in results]
-        text = print_table(rows, [("method", "method", ""), ("tok/s", "tokens/s", ",.0f"), ("seconds", "s", ".2f"),
-                                  ("vs forward", "x forward", ".3f")])
+        summary = {
+            "extract_over_hand": ratio("extract", "hand"),
+            "extract_over_forward": ratio("extract", "forward"),
+            "extract_over_reference": ratio("extract", "reference"),
+            "hand_over_reference": ratio("hand", "reference"),
+            "max_relative_difference_hand_vs_reference": agree,
+            "target": "extract >= 0.9 x hand",
+        }
+        rows = [
+            {
+                "method": m,
+                "tok/s": tps[m],
+                "seconds": results[m]["seconds"],
+                "vs forward": tps[m] / tps["forward"] if "forward" in tps else None,
+            }
+            for m in results
+        ]
+        text = print_table(
+            rows,
+            [
+                ("method", "method", ""),
+                ("tok/s", "tokens/s", ",.0f"),
+                ("seconds", "s", ".2f"),
+                ("vs forward", "x forward", ".3f"),
+            ],
+        )
         print(", ".join(f"{k} {v:.3f}" for k, v in summary.items() if isinstance(v, float)))
         out = result_path(cfg.out, "gradnorm", cfg.model, s.lm.device.type)
-        result = {"benchmark": "gradnorm", "config": config_dict(cfg), "machine": machine(s.lm.device),
-                  "model": {"id": s.lm.model_id, "device": str(s.lm.device),
-                            "dtype": str(s.lm.dtype).replace("torch.", "")},
-                  "layers": s.layers, "rows": len(s.selected), "tokens": s.tokens, "batches": len(s.batches),
-                  "batch_tokens": s.batch_tokens, "methods": results, "summary": summary, "table": text,
-                  "torch_threads": torch.get_num_threads()}
+        result = {
+            "benchmark": "gradnorm",
+            "config": config_dict(cfg),
+            "machine": machine(s.lm.device),
+            "model": {"id": s.lm.model_id, "device": str(s.lm.device), "dtype": str(s.lm.dtype).replace("torch.", "")},
+            "layers": s.layers,
+            "rows": len(s.selected),
+            "tokens": s.tokens,
+            "batches": len(s.batches),
+            "batch_tokens": s.batch_tokens,
+            "methods": results,
+            "summary": summary,
+            "table": text,
+            "torch_threads": torch.get_num_threads(),
+        }
         write_json(out, result)
-        bar_chart(out.with_suffix(".png"), list(tps), list(tps.values()),
-                  f"gradient norms, layers {s.layers}, {s.lm.device}, {s.tokens:,} tokens", "tokens / s",
-                  {"forward only": tps.get("forward", 0.0)})
+        bar_chart(
+            out.with_suffix(".png"),
+            list(tps),
+            list(tps.values()),
+            f"gradient norms, layers {s.layers}, {s.lm.device}, {s.tokens:,} tokens",
+            "tokens / s",
+            {"forward only": tps.get("forward", 0.0)},
+        )
         print(f"wrote {out} and {out.with_suffix('.png')}")
         return json.loads(json.dumps(result, default=str))
     finally:

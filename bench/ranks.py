@@ -39,25 +39,47 @@ from store.cli import config_dict, parse_config, user_errors
 class BenchRanksConfig:
     """Measure `torchrun --nproc-per-node N -m extractors.run` tokens/s for several N."""
 
-    model: str = field(default="random:smollm2-135m", metadata={"help": "'embedded', a local folder or Hub id, or "
-                       "random:smollm2-135m / random:llama-1b (random init of that shape, saved once as a folder)"})
-    layers: list[int] = field(default_factory=lambda: [17], metadata={
-        "help": "layers to extract in one pass (0-based decoder block outputs)", "aliases": ["--layer"]})
+    model: str = field(
+        default="random:smollm2-135m",
+        metadata={
+            "help": "'embedded', a local folder or Hub id, or "
+            "random:smollm2-135m / random:llama-1b (random init of that shape, saved once as a folder)"
+        },
+    )
+    layers: list[int] = field(
+        default_factory=lambda: [17],
+        metadata={"help": "layers to extract in one pass (0-based decoder block outputs)", "aliases": ["--layer"]},
+    )
     rows: int = field(default=200, metadata={"help": "rows of the embedded sample to extract (train_base)"})
-    ranks: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "numbers of ranks to compare "
-                             "(the first is the baseline of the speed-up)"})
-    unit_tokens: int = field(default=4096, metadata={"help": "token slots per unit (ranks split the units, so a "
-                             "case needs at least as many units as ranks)"})
-    batch_tokens: int | None = field(default=None, metadata={"help": "padded tokens per batch (default as "
-                                     "extractors.run)"})
+    ranks: list[int] = field(
+        default_factory=lambda: [1, 2],
+        metadata={"help": "numbers of ranks to compare (the first is the baseline of the speed-up)"},
+    )
+    unit_tokens: int = field(
+        default=4096,
+        metadata={
+            "help": "token slots per unit (ranks split the units, so a case needs at least as many units as ranks)"
+        },
+    )
+    batch_tokens: int | None = field(
+        default=None, metadata={"help": "padded tokens per batch (default as extractors.run)"}
+    )
     device: str = field(default="cpu", metadata={"help": "cpu, or cuda (one GPU per rank: LOCAL_RANK picks it)"})
-    threads: int | None = field(default=None, metadata={"help": "CPU threads of a whole case, split evenly over "
-                                "its ranks (default: all cores)"})
+    threads: int | None = field(
+        default=None, metadata={"help": "CPU threads of a whole case, split evenly over its ranks (default: all cores)"}
+    )
     repeats: int = field(default=1, metadata={"help": "rounds over all cases; each case's fastest round is reported"})
-    store: str | None = field(default=None, metadata={"help": "scratch folder (default: a temporary folder, "
-                              "deleted at the end); must not hold a store of yours: cases are rewritten"})
-    out: str | None = field(default=None, metadata={"help": "result JSON (a PNG chart goes beside it) (default: "
-                            "bench_out/ranks_<model>_<device>.json)"})
+    store: str | None = field(
+        default=None,
+        metadata={
+            "help": "scratch folder (default: a temporary folder, "
+            "deleted at the end); must not hold a store of yours: cases are rewritten"
+        },
+    )
+    out: str | None = field(
+        default=None,
+        metadata={"help": "result JSON (a PNG chart goes beside it) (default: bench_out/ranks_<model>_<device>.json)"},
+    )
     timeout: float = field(default=1800.0, metadata={"help": "seconds one case may run before it is stopped"})
     progress: bool = field(default=True, metadata={"help": "show progress bars while preparing"})
 
@@ -102,14 +124,18 @@ def _prepare(cfg: BenchRanksConfig, work: Path) -> tuple[Path, str, int]:
     ingest_rows(template, cfg.rows, cfg.model, cfg.progress)
     layout = ensure_tokenization(template, tok, model, cfg.unit_tokens, progress=cfg.progress)
     if layout.unit_tokens != cfg.unit_tokens:
-        raise ValueError(f"{work} is tokenized with {layout.unit_tokens}-slot units, not --unit-tokens "
-                         f"{cfg.unit_tokens}; use another --store")
+        raise ValueError(
+            f"{work} is tokenized with {layout.unit_tokens}-slot units, not --unit-tokens "
+            f"{cfg.unit_tokens}; use another --store"
+        )
     selected = set(select_rows(template, "train_base", cfg.rows))
-    tokens = sum(n for r, n in zip(layout.row_ids, layout.lengths) if r in selected)
-    units = len({u for r, u in zip(layout.row_ids, layout.units) if r in selected})
+    tokens = sum(n for r, n in zip(layout.row_ids, layout.lengths, strict=False) if r in selected)
+    units = len({u for r, u in zip(layout.row_ids, layout.units, strict=False) if r in selected})
     if units < max(cfg.ranks):
-        raise ValueError(f"{cfg.rows} rows fill {units} units of {cfg.unit_tokens} slots, fewer than --ranks "
-                         f"{max(cfg.ranks)}: lower --unit-tokens or raise --rows")
+        raise ValueError(
+            f"{cfg.rows} rows fill {units} units of {cfg.unit_tokens} slots, fewer than --ranks "
+            f"{max(cfg.ranks)}: lower --unit-tokens or raise --rows"
+        )
     return template.root, model, tokens
 
 
@@ -122,27 +148,64 @@ def _case(cfg: BenchRanksConfig, template: Path, model: str, n: int, dst: Path) 
     Store(dst).refresh_catalog()
     threads = max(1, (cfg.threads or os.cpu_count() or 1) // n)
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--nproc-per-node", str(n), "-m", "extractors.run",
-           "--store", str(dst), "--model", model, "--layers", *map(str, cfg.layers), "--split", "train_base",
-           "--max-rows", str(cfg.rows), "--unit-tokens", str(cfg.unit_tokens), "--device", cfg.device,
-           "--no-progress", *(["--batch-tokens", str(cfg.batch_tokens)] if cfg.batch_tokens else [])]
-    load = os.getloadavg()[0]             # a busy shared machine shows here
+    cmd = [
+        str(torchrun) if torchrun.exists() else "torchrun",
+        "--nproc-per-node",
+        str(n),
+        "-m",
+        "extractors.run",
+        "--store",
+        str(dst),
+        "--model",
+        model,
+        "--layers",
+        *map(str, cfg.layers),
+        "--split",
+        "train_base",
+        "--max-rows",
+        str(cfg.rows),
+        "--unit-tokens",
+        str(cfg.unit_tokens),
+        "--device",
+        cfg.device,
+        "--no-progress",
+        *(["--batch-tokens", str(cfg.batch_tokens)] if cfg.batch_tokens else []),
+    ]
+    load = os.getloadavg()[0]  # a busy shared machine shows here
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True,
-                          text=True, timeout=cfg.timeout, check=False)
+    proc = subprocess.run(
+        cmd,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        capture_output=True,
+        text=True,
+        timeout=cfg.timeout,
+        check=False,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{n}-rank extraction failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    runs = Store(dst).query("SELECT rank, started_at, finished_at, counts FROM runs WHERE kind = 'extract_hidden' "
-                            "AND status = 'finished' ORDER BY rank").to_pylist()
+    runs = (
+        Store(dst)
+        .query(
+            "SELECT rank, started_at, finished_at, counts FROM runs WHERE kind = 'extract_hidden' "
+            "AND status = 'finished' ORDER BY rank"
+        )
+        .to_pylist()
+    )
     if len(runs) != n:
         raise RuntimeError(f"{n}-rank extraction left {len(runs)} finished run records, expected {n}")
     secs = (max(r["finished_at"] for r in runs) - min(r["started_at"] for r in runs)).total_seconds()
     tokens = sum(json.loads(r["counts"])["tokens"] for r in runs)
-    return {"ranks": n, "threads_per_rank": threads, "tokens": tokens, "seconds": secs,
-            "tokens_per_s": tokens / secs if secs else 0.0, "command_seconds": wall,
-            "load_average_1min": load,
-            "rank_tokens": [json.loads(r["counts"])["tokens"] for r in runs]}
+    return {
+        "ranks": n,
+        "threads_per_rank": threads,
+        "tokens": tokens,
+        "seconds": secs,
+        "tokens_per_s": tokens / secs if secs else 0.0,
+        "command_seconds": wall,
+        "load_average_1min": load,
+        "rank_tokens": [json.loads(r["counts"])["tokens"] for r in runs],
+    }
 
 
 def _chunks(store: Path) -> dict[str, bytes]:
@@ -159,19 +222,27 @@ def run_bench(cfg: BenchRanksConfig) -> dict[str, Any]:
 
     work = Path(cfg.store) if cfg.store else Path(tempfile.mkdtemp(prefix="bench-ranks-"))
     if (work / "catalog").is_dir() or (work / "arrays").is_dir():
-        raise ValueError(f"--store {work} is a store; bench.ranks needs a scratch folder of its own (it rewrites "
-                         f"the case stores inside it): pass a new folder, or none for a temporary one")
+        raise ValueError(
+            f"--store {work} is a store; bench.ranks needs a scratch folder of its own (it rewrites "
+            f"the case stores inside it): pass a new folder, or none for a temporary one"
+        )
     try:
         template, model, tokens = _prepare(cfg, work)
-        print(f"{cfg.rows} rows, {tokens:,} tokens in {cfg.unit_tokens}-slot units; model {cfg.model}; "
-              f"layers {cfg.layers}; ranks {cfg.ranks} on {cfg.device}")
+        print(
+            f"{cfg.rows} rows, {tokens:,} tokens in {cfg.unit_tokens}-slot units; model {cfg.model}; "
+            f"layers {cfg.layers}; ranks {cfg.ranks} on {cfg.device}"
+        )
         best: dict[int, dict[str, Any]] = {}
         identical: dict[int, bool] = {}
         base = cfg.ranks[0]
         for rnd in range(cfg.repeats):
             for n in cfg.ranks:
-                print(f"measuring {n} rank(s)" + (f" (round {rnd + 1}/{cfg.repeats})" if cfg.repeats > 1 else "")
-                      + " ...", flush=True)
+                print(
+                    f"measuring {n} rank(s)"
+                    + (f" (round {rnd + 1}/{cfg.repeats})" if cfg.repeats > 1 else "")
+                    + " ...",
+                    flush=True,
+                )
                 r = _case(cfg, template, model, n, work / f"case_{n}")
                 r["seconds_per_round"] = best.get(n, {}).get("seconds_per_round", []) + [r["seconds"]]
                 if n not in best or r["seconds"] < best[n]["seconds"]:
@@ -186,19 +257,37 @@ def run_bench(cfg: BenchRanksConfig) -> dict[str, Any]:
             r["speedup"] = r["tokens_per_s"] / best[base]["tokens_per_s"] if best[base]["tokens_per_s"] else None
             r["identical_to_first"] = identical[n]
             rows.append({**r, "identical": "yes" if identical[n] else "NO"})
-        text = print_table(rows, [("ranks", "ranks", "d"), ("threads_per_rank", "threads/rank", "d"),
-                                  ("tokens", "tokens", ",d"), ("seconds", "extract s", ".2f"),
-                                  ("tokens_per_s", "tokens/s", ",.0f"), ("speedup", f"x {base} rank(s)", ".2f"),
-                                  ("command_seconds", "command s", ".1f"), ("load_average_1min", "load", ".1f"),
-                                  ("identical", "same chunks", "")])
+        text = print_table(
+            rows,
+            [
+                ("ranks", "ranks", "d"),
+                ("threads_per_rank", "threads/rank", "d"),
+                ("tokens", "tokens", ",d"),
+                ("seconds", "extract s", ".2f"),
+                ("tokens_per_s", "tokens/s", ",.0f"),
+                ("speedup", f"x {base} rank(s)", ".2f"),
+                ("command_seconds", "command s", ".1f"),
+                ("load_average_1min", "load", ".1f"),
+                ("identical", "same chunks", ""),
+            ],
+        )
         out = result_path(cfg.out, "ranks", cfg.model, cfg.device)
-        result = {"benchmark": "ranks", "config": config_dict(cfg), "machine": machine(), "tokens": tokens,
-                  "cases": [best[n] for n in cfg.ranks], "table": text}
+        result = {
+            "benchmark": "ranks",
+            "config": config_dict(cfg),
+            "machine": machine(),
+            "tokens": tokens,
+            "cases": [best[n] for n in cfg.ranks],
+            "table": text,
+        }
         write_json(out, result)
-        bar_chart(out.with_suffix(".png"), [f"{n} rank(s)" for n in cfg.ranks],
-                  [best[n]["tokens_per_s"] for n in cfg.ranks],
-                  f"extractors.run under torchrun, {cfg.model}, layers {cfg.layers}, {tokens:,} tokens, "
-                  f"{cfg.device}", "tokens / s")
+        bar_chart(
+            out.with_suffix(".png"),
+            [f"{n} rank(s)" for n in cfg.ranks],
+            [best[n]["tokens_per_s"] for n in cfg.ranks],
+            f"extractors.run under torchrun, {cfg.model}, layers {cfg.layers}, {tokens:,} tokens, {cfg.device}",
+            "tokens / s",
+        )
         print(f"wrote {out} and {out.with_suffix('.png')}")
         return result
     finally:

@@ -46,8 +46,13 @@ from store.cli import config_dict, parse_config, user_errors
 class BenchReadConfig:
     """Measure view materialization and streaming against a raw np.memmap and the disk."""
 
-    store: str | None = field(default=None, metadata={"help": "a store whose --array is extracted (read only); "
-                              "default: a temporary scratch store with a synthetic array"})
+    store: str | None = field(
+        default=None,
+        metadata={
+            "help": "a store whose --array is extracted (read only); "
+            "default: a temporary scratch store with a synthetic array"
+        },
+    )
     array: str = field(default="hidden/layer_17", metadata={"help": "array to read"})
     rows: int = field(default=800, metadata={"help": "rows of the embedded sample in the scratch store"})
     width: int = field(default=576, metadata={"help": "width of the synthetic array (SmolLM2: 576)"})
@@ -58,8 +63,9 @@ class BenchReadConfig:
     batch_size: int = field(default=8192, metadata={"help": "tokens per streamed batch"})
     repeats: int = field(default=3, metadata={"help": "repeats per measurement (the median is reported)"})
     seed: int = field(default=0, metadata={"help": "seed of the random selections"})
-    out: str | None = field(default=None, metadata={"help": "result JSON (a PNG chart goes beside it) (default: "
-                            "bench_out/read.json)"})
+    out: str | None = field(
+        default=None, metadata={"help": "result JSON (a PNG chart goes beside it) (default: bench_out/read.json)"}
+    )
     keep_store: bool = field(default=False, metadata={"help": "keep the temporary scratch store"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
@@ -78,9 +84,21 @@ def _synthetic_array(store, cfg: BenchReadConfig) -> None:
 
     layout = ensure_tokenization(store, load_tokenizer(EMBEDDED), EMBEDDED, cfg.unit_tokens, progress=cfg.progress)
     with Run(store, "bench_synthetic", {"bench": True, **config_dict(cfg)}, model_id="synthetic") as run:
-        arr = create_array(store, cfg.array, n_slots=layout.n_slots, width=cfg.width, chunk_slots=layout.unit_tokens,
-                           dtype="bf16", attrs={"tokenization": layout.tokenization, "run_id": run.run_id,
-                                                "model": "synthetic", "kind": "hidden", "synthetic": True})
+        arr = create_array(
+            store,
+            cfg.array,
+            n_slots=layout.n_slots,
+            width=cfg.width,
+            chunk_slots=layout.unit_tokens,
+            dtype="bf16",
+            attrs={
+                "tokenization": layout.tokenization,
+                "run_id": run.run_id,
+                "model": "synthetic",
+                "kind": "hidden",
+                "synthetic": True,
+            },
+        )
         rng = np.random.default_rng(cfg.seed)
         for unit, idx in sorted(layout.rows_of_unit().items()):
             buf = np.zeros((layout.unit_tokens, cfg.width), dtype=np.uint16)
@@ -121,7 +139,7 @@ class _Raw:
         self.path, self.dtype = path, arr.attrs.get("dtype", str(arr.dtype))
         rows = arr.chunks[0]
         with open(path, "wb") as fh:
-            fh.writelines(np.ascontiguousarray(arr[s: s + rows]).tobytes() for s in range(0, arr.shape[0], rows))
+            fh.writelines(np.ascontiguousarray(arr[s : s + rows]).tobytes() for s in range(0, arr.shape[0], rows))
             fh.flush()
             os.fsync(fh.fileno())
         self.shape, self.storage = tuple(arr.shape), arr.dtype
@@ -154,9 +172,9 @@ class _Raw:
 def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
     """Build or open the store, measure every case, print the table, write JSON + PNG."""
     from bench.common import drop_cache, ingest_rows, machine, print_table, result_path, scratch_store, write_json
-    from trainers.plots import bar_chart
     from store.arrays import open_array
     from store.materialize import drop_read_cache, gather, iter_materialize, materialize, select
+    from trainers.plots import bar_chart
 
     store, tmp = scratch_store(cfg.store, "bench-read-")
     try:
@@ -185,23 +203,32 @@ def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
                 kept["map"] = raw.open()
             return kept["map"]
 
-        committed = (f"(SELECT DISTINCT row_id FROM array_units WHERE array_name = '{cfg.array}')")
+        committed = f"(SELECT DISTINCT row_id FROM array_units WHERE array_name = '{cfg.array}')"
         tz = arr.attrs.get("tokenization")
         tz_sql = f"t.tokenization = '{tz}'" if tz else "true"
         # Pseudo-random but deterministic selections (DuckDB's SAMPLE is not repeatable across threads).
         views = {
             "tokens": f"SELECT t.row_id, t.tok_index FROM tokens t WHERE {tz_sql} AND t.row_id IN {committed} "
-                      f"ORDER BY hash(t.tok_index + {cfg.seed}) LIMIT {cfg.n_tokens}",
+            f"ORDER BY hash(t.tok_index + {cfg.seed}) LIMIT {cfg.n_tokens}",
             # A row-level view: whole rows come from row_layout, no scan of the tokens table.
             "rows": f"SELECT row_id FROM {committed} ORDER BY hash(row_id || '{cfg.seed}') LIMIT {cfg.n_rows}",
         }
         results: list[dict[str, Any]] = []
 
         def record(case: str, method: str, n: int, t_cold: float, t_warm: float, note: str = "") -> dict[str, Any]:
-            r = {"case": case, "method": method, "tokens": n, "cold_s": t_cold, "warm_s": t_warm,
-                 "cold_tokens_per_s": n / t_cold, "warm_tokens_per_s": n / t_warm,
-                 "cold_GBps": n * row_bytes / t_cold / 1e9, "warm_GBps": n * row_bytes / t_warm / 1e9, "note": note}
-            if method == "select":          # reads no vectors
+            r = {
+                "case": case,
+                "method": method,
+                "tokens": n,
+                "cold_s": t_cold,
+                "warm_s": t_warm,
+                "cold_tokens_per_s": n / t_cold,
+                "warm_tokens_per_s": n / t_warm,
+                "cold_GBps": n * row_bytes / t_cold / 1e9,
+                "warm_GBps": n * row_bytes / t_warm / 1e9,
+                "note": note,
+            }
+            if method == "select":  # reads no vectors
                 r["cold_GBps"] = r["warm_GBps"] = None
             results.append(r)
             return r
@@ -212,15 +239,25 @@ def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
             if not np.array_equal(ref.X, raw.gather(idx)):
                 raise RuntimeError("the store and the raw copy disagree; the benchmark is broken")
             n = len(idx)
-            fns = {"materialize": (lambda sql=sql: materialize(store, sql, cfg.array),
-                                   "SQL + commit check + gather + decode"),
-                   "select": (lambda sql=sql: select(store, sql, cfg.array),
-                              "the view's SQL + commit check alone (materialize less its gather)"),
-                   "gather": (lambda idx=idx: gather(store, cfg.array, idx),
-                              "store gather of the same indices + decode (the process's kept reader)"),
-                   "memmap": (lambda idx=idx: raw.gather(idx), "sorted np.memmap gather from a raw file + decode"),
-                   "memmap kept map": (lambda idx=idx: raw.gather(idx, kept_map()),
-                                       "the same, the file mapped once and kept (no page faults when warm)")}
+            fns = {
+                "materialize": (
+                    lambda sql=sql: materialize(store, sql, cfg.array),
+                    "SQL + commit check + gather + decode",
+                ),
+                "select": (
+                    lambda sql=sql: select(store, sql, cfg.array),
+                    "the view's SQL + commit check alone (materialize less its gather)",
+                ),
+                "gather": (
+                    lambda idx=idx: gather(store, cfg.array, idx),
+                    "store gather of the same indices + decode (the process's kept reader)",
+                ),
+                "memmap": (lambda idx=idx: raw.gather(idx), "sorted np.memmap gather from a raw file + decode"),
+                "memmap kept map": (
+                    lambda idx=idx: raw.gather(idx, kept_map()),
+                    "the same, the file mapped once and kept (no page faults when warm)",
+                ),
+            }
             timed = _interleaved({k: fn for k, (fn, _) in fns.items()}, cfg.repeats, cold)
             for method, (_, note) in fns.items():
                 record(case, method, n, *timed[method], note)
@@ -232,66 +269,112 @@ def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
         perm = np.random.default_rng(cfg.seed).permutation(n)
 
         def stream(order) -> None:
-            for m in iter_materialize(store, cfg.view, cfg.array, batch_size=cfg.batch_size, order=order,
-                                      columns=[]):  # as the SAE trainer streams: X alone
+            for m in iter_materialize(
+                store, cfg.view, cfg.array, batch_size=cfg.batch_size, order=order, columns=[]
+            ):  # as the SAE trainer streams: X alone
                 m.X.sum()
 
         def stream_raw(order_idx: np.ndarray, keep: bool = False) -> None:
             mm = kept_map() if keep else raw.open()
             for s in range(0, n, cfg.batch_size):
-                raw.gather(tok[order_idx[s: s + cfg.batch_size]], mm).sum()
+                raw.gather(tok[order_idx[s : s + cfg.batch_size]], mm).sum()
 
         chunk_order = np.argsort(tok, kind="stable")
-        fns = {"select": (lambda: select(store, cfg.view, cfg.array, columns=[]),
-                          "the view's SQL (row_id, tok_index: columns=[], as streamed) + commit check alone"),
-               "iter_materialize chunk order": (lambda: stream("chunk"),
-                                                f"view {cfg.view}, batches of {cfg.batch_size}"),
-               "memmap chunk order": (lambda: stream_raw(chunk_order), "same batches from the raw file"),
-               "memmap kept map chunk order": (lambda: stream_raw(chunk_order, True), "the file mapped once, kept"),
-               "iter_materialize shuffled": (lambda: stream(perm), "a stored permutation (shuffled training)"),
-               "memmap shuffled": (lambda: stream_raw(perm), "same batches from the raw file"),
-               "memmap kept map shuffled": (lambda: stream_raw(perm, True), "the file mapped once, kept")}
+        fns = {
+            "select": (
+                lambda: select(store, cfg.view, cfg.array, columns=[]),
+                "the view's SQL (row_id, tok_index: columns=[], as streamed) + commit check alone",
+            ),
+            "iter_materialize chunk order": (lambda: stream("chunk"), f"view {cfg.view}, batches of {cfg.batch_size}"),
+            "memmap chunk order": (lambda: stream_raw(chunk_order), "same batches from the raw file"),
+            "memmap kept map chunk order": (lambda: stream_raw(chunk_order, True), "the file mapped once, kept"),
+            "iter_materialize shuffled": (lambda: stream(perm), "a stored permutation (shuffled training)"),
+            "memmap shuffled": (lambda: stream_raw(perm), "same batches from the raw file"),
+            "memmap kept map shuffled": (lambda: stream_raw(perm, True), "the file mapped once, kept"),
+        }
         timed = _interleaved({k: fn for k, (fn, _) in fns.items()}, cfg.repeats, cold)
         for method, (_, note) in fns.items():
             record("stream", method, n, *timed[method], note)
         total = arr.shape[0]
         timed = _interleaved({"raw": raw.read_all}, cfg.repeats, cold)
-        record("stream", "raw sequential read", total, *timed["raw"],
-               "the whole raw file (all slots), 64 MB reads: the disk / page-cache limit")
+        record(
+            "stream",
+            "raw sequential read",
+            total,
+            *timed["raw"],
+            "the whole raw file (all slots), 64 MB reads: the disk / page-cache limit",
+        )
 
-        baseline = {"materialize": "memmap", "gather": "memmap",
-                    "iter_materialize chunk order": "memmap chunk order",
-                    "iter_materialize shuffled": "memmap shuffled"}
+        baseline = {
+            "materialize": "memmap",
+            "gather": "memmap",
+            "iter_materialize chunk order": "memmap chunk order",
+            "iter_materialize shuffled": "memmap shuffled",
+        }
         for r in results:
-            peer = next((x for x in results
-                         if x["case"] == r["case"] and x["method"] == baseline.get(r["method"])), None)
+            peer = next(
+                (x for x in results if x["case"] == r["case"] and x["method"] == baseline.get(r["method"])), None
+            )
             if peer is not None:
                 r["cold_vs_memmap"] = peer["cold_s"] / r["cold_s"]
                 r["warm_vs_memmap"] = peer["warm_s"] / r["warm_s"]
-            kept_peer = next((x for x in results if x["case"] == r["case"] and baseline.get(r["method"])
-                              and x["method"] == baseline[r["method"]].replace("memmap", "memmap kept map")), None)
+            kept_peer = next(
+                (
+                    x
+                    for x in results
+                    if x["case"] == r["case"]
+                    and baseline.get(r["method"])
+                    and x["method"] == baseline[r["method"]].replace("memmap", "memmap kept map")
+                ),
+                None,
+            )
             if kept_peer is not None:
                 r["warm_vs_kept_map"] = kept_peer["warm_s"] / r["warm_s"]
         print()
-        text = print_table(results, [
-            ("case", "case", ""), ("method", "method", ""), ("tokens", "tokens", ","),
-            ("cold_tokens_per_s", "cold tok/s", ",.0f"), ("warm_tokens_per_s", "warm tok/s", ",.0f"),
-            ("cold_GBps", "cold GB/s", ".2f"), ("warm_GBps", "warm GB/s", ".2f"), ("warm_s", "warm s", ".3f"),
-            ("cold_vs_memmap", "cold vs memmap", ".2f"), ("warm_vs_memmap", "warm vs memmap", ".2f"),
-            ("warm_vs_kept_map", "warm vs kept map", ".2f"),
-            ("note", "note", "")])
+        text = print_table(
+            results,
+            [
+                ("case", "case", ""),
+                ("method", "method", ""),
+                ("tokens", "tokens", ","),
+                ("cold_tokens_per_s", "cold tok/s", ",.0f"),
+                ("warm_tokens_per_s", "warm tok/s", ",.0f"),
+                ("cold_GBps", "cold GB/s", ".2f"),
+                ("warm_GBps", "warm GB/s", ".2f"),
+                ("warm_s", "warm s", ".3f"),
+                ("cold_vs_memmap", "cold vs memmap", ".2f"),
+                ("warm_vs_memmap", "warm vs memmap", ".2f"),
+                ("warm_vs_kept_map", "warm vs kept map", ".2f"),
+                ("note", "note", ""),
+            ],
+        )
         out = result_path(cfg.out, "read")
-        result = {"benchmark": "read", "config": config_dict(cfg), "machine": machine(),
-                  "array": {"name": cfg.array, "shape": list(arr.shape), "chunks": list(arr.chunks),
-                            "dtype": arr.attrs.get("dtype"), "synthetic": bool(arr.attrs.get("synthetic", False)),
-                            "bytes": total * row_bytes},
-                  "results": results, "table": text}
+        result = {
+            "benchmark": "read",
+            "config": config_dict(cfg),
+            "machine": machine(),
+            "array": {
+                "name": cfg.array,
+                "shape": list(arr.shape),
+                "chunks": list(arr.chunks),
+                "dtype": arr.attrs.get("dtype"),
+                "synthetic": bool(arr.attrs.get("synthetic", False)),
+                "bytes": total * row_bytes,
+            },
+            "results": results,
+            "table": text,
+        }
         write_json(out, result)
         shown = [r for r in results if r["warm_GBps"] is not None]
         labels = [f"{r['case']}: {r['method']}" for r in shown]
-        bar_chart(out.with_suffix(".png"), labels, [r["warm_GBps"] for r in shown],
-                  f"{cfg.array} ({'synthetic' if result['array']['synthetic'] else 'extracted'}), warm reads", "GB/s",
-                  {"raw sequential read (warm)": results[-1]["warm_GBps"]})
+        bar_chart(
+            out.with_suffix(".png"),
+            labels,
+            [r["warm_GBps"] for r in shown],
+            f"{cfg.array} ({'synthetic' if result['array']['synthetic'] else 'extracted'}), warm reads",
+            "GB/s",
+            {"raw sequential read (warm)": results[-1]["warm_GBps"]},
+        )
         print(f"wrote {out} and {out.with_suffix('.png')}")
         shutil.rmtree(workdir, ignore_errors=True)
         return result

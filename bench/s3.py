@@ -39,19 +39,25 @@ from typing import Any
 import numpy as np
 
 from bench.common import drop_cache, machine, print_table, result_path, write_json
-from trainers.plots import bar_chart
 from store.cli import config_dict, parse_config, user_errors
+from trainers.plots import bar_chart
 
 
 @dataclass
 class BenchS3Config:
     """Measure extraction and read throughput of a local store against one on an S3 server."""
 
-    s3_url: str | None = field(default=None, metadata={"help": "s3://bucket/prefix to benchmark (credentials and "
-                               "endpoint from AWS_* / the AWS config, as every AWS tool reads them; the prefix is "
-                               "deleted afterwards); default: a moto S3 server started on 127.0.0.1"})
-    model: str = field(default="embedded", metadata={"help": "model of the extraction case (a local folder or hub "
-                       "id works too)"})
+    s3_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "s3://bucket/prefix to benchmark (credentials and "
+            "endpoint from AWS_* / the AWS config, as every AWS tool reads them; the prefix is "
+            "deleted afterwards); default: a moto S3 server started on 127.0.0.1"
+        },
+    )
+    model: str = field(
+        default="embedded", metadata={"help": "model of the extraction case (a local folder or hub id works too)"}
+    )
     layer: int = field(default=17, metadata={"help": "layer extracted"})
     rows: int = field(default=200, metadata={"help": "train_base rows of the embedded sample ingested"})
     unit_tokens: int = field(default=16384, metadata={"help": "token slots per unit (chunk)"})
@@ -63,8 +69,9 @@ class BenchS3Config:
     repeats: int = field(default=3, metadata={"help": "repeats per read measurement (the median is reported)"})
     seed: int = field(default=0, metadata={"help": "seed of the synthetic values and random selections"})
     model_cache: str | None = field(default=None, metadata={"help": "converted-model cache (default: the user's)"})
-    out: str | None = field(default=None, metadata={"help": "result JSON (a PNG chart beside it) (default: "
-                            "bench_out/s3.json)"})
+    out: str | None = field(
+        default=None, metadata={"help": "result JSON (a PNG chart beside it) (default: bench_out/s3.json)"}
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -83,18 +90,32 @@ class _MotoServer:
         try:
             from moto.server import ThreadedMotoServer
         except ImportError as e:
-            raise RuntimeError("bench.s3 without --s3-url needs moto's server: pip install 'moto[server]' "
-                               "(in the dev extra)") from e
+            raise RuntimeError(
+                "bench.s3 without --s3-url needs moto's server: pip install 'moto[server]' (in the dev extra)"
+            ) from e
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         self.srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.srv.start()
         host, port = self.srv.get_host_and_port()
-        self.saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL",
-                                                     "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN")}
+        self.saved = {
+            k: os.environ.get(k)
+            for k in (
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_ENDPOINT_URL",
+                "AWS_DEFAULT_REGION",
+                "AWS_PROFILE",
+                "AWS_SESSION_TOKEN",
+            )
+        }
         os.environ.pop("AWS_PROFILE", None)
         os.environ.pop("AWS_SESSION_TOKEN", None)
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                          AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_ENDPOINT_URL=f"http://{host}:{port}",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
         import s3fs
 
         from store.fs import storage_options
@@ -131,34 +152,71 @@ def _measure_store(cfg: BenchS3Config, root: str, where: str) -> list[dict[str, 
 
     out: list[dict[str, Any]] = []
     rec = lambda case, method, n, secs, bytes_=None, note="": out.append(  # noqa: E731
-        {"store": where, "case": case, "method": method, "tokens": n, "seconds": secs,
-         "tokens_per_s": n / secs if secs else None, "GBps": bytes_ / secs / 1e9 if bytes_ and secs else None,
-         "note": note})
+        {
+            "store": where,
+            "case": case,
+            "method": method,
+            "tokens": n,
+            "seconds": secs,
+            "tokens_per_s": n / secs if secs else None,
+            "GBps": bytes_ / secs / 1e9 if bytes_ and secs else None,
+            "note": note,
+        }
+    )
     tokenizer = "embedded" if cfg.model.startswith("random:") else cfg.model
     t0 = time.perf_counter()
-    run_ingest(IngestConfig(store=root, model=tokenizer, train_base=cfg.rows, attr_query=0, eval=0,
-                            sample_train=max(1000, int(cfg.rows * 1.1) + 50)), progress=cfg.progress)
+    run_ingest(
+        IngestConfig(
+            store=root,
+            model=tokenizer,
+            train_base=cfg.rows,
+            attr_query=0,
+            eval=0,
+            sample_train=max(1000, int(cfg.rows * 1.1) + 50),
+        ),
+        progress=cfg.progress,
+    )
     store = Store(root)
     n_rows = store.query("SELECT count(*) AS n FROM rows").to_pylist()[0]["n"]
     rec("ingest", "ingest", n_rows, time.perf_counter() - t0, note="rows (not tokens) ingested")
 
-    res = run_extraction(ExtractConfig(layers=[cfg.layer], store=root, model=cfg.model,
-                                       unit_tokens=cfg.unit_tokens, progress=cfg.progress,
-                                       model_cache=cfg.model_cache))
-    rec("extract", f"extractors.run --layer {cfg.layer}", res.tokens, res.seconds,
-        note=f"{cfg.model}, tokenization + forward + write + commit")
+    res = run_extraction(
+        ExtractConfig(
+            layers=[cfg.layer],
+            store=root,
+            model=cfg.model,
+            unit_tokens=cfg.unit_tokens,
+            progress=cfg.progress,
+            model_cache=cfg.model_cache,
+        )
+    )
+    rec(
+        "extract",
+        f"extractors.run --layer {cfg.layer}",
+        res.tokens,
+        res.seconds,
+        note=f"{cfg.model}, tokenization + forward + write + commit",
+    )
 
     name = "bench/synthetic"
-    rcfg = BenchReadConfig(array=name, rows=cfg.rows, width=cfg.width, unit_tokens=cfg.unit_tokens, seed=cfg.seed,
-                           progress=cfg.progress)
+    rcfg = BenchReadConfig(
+        array=name, rows=cfg.rows, width=cfg.width, unit_tokens=cfg.unit_tokens, seed=cfg.seed, progress=cfg.progress
+    )
     t0 = time.perf_counter()
     _synthetic_array(store, rcfg)
     secs = time.perf_counter() - t0
-    n_units = store.query("SELECT count(DISTINCT unit) AS n FROM array_units WHERE array_name = ?",
-                          [name]).to_pylist()[0]["n"]
+    n_units = store.query("SELECT count(DISTINCT unit) AS n FROM array_units WHERE array_name = ?", [name]).to_pylist()[
+        0
+    ]["n"]
     slots = n_units * cfg.unit_tokens
-    rec("unit writes", "write_unit + commit_unit", slots, secs, slots * cfg.width * 2,
-        f"{n_units} units of {cfg.unit_tokens} x {cfg.width} bf16 (random values, no model)")
+    rec(
+        "unit writes",
+        "write_unit + commit_unit",
+        slots,
+        secs,
+        slots * cfg.width * 2,
+        f"{n_units} units of {cfg.unit_tokens} x {cfg.width} bf16 (random values, no model)",
+    )
 
     rng = np.random.default_rng(cfg.seed)
     tok = store.query("SELECT tok_index FROM tokens").column(0).to_numpy()
@@ -176,11 +234,13 @@ def _measure_store(cfg: BenchS3Config, root: str, where: str) -> list[dict[str, 
 
     chunk_files = [p for p in store.array_path(name).rglob("*") if p.is_file()] if not store.remote else []
     cold = (lambda: drop_cache(chunk_files)) if chunk_files else None
-    cases = [("tokens", f"materialize {len(pick):,} random tokens", len(pick), lambda: materialize(store, toks_sql, name)),
-             ("rows", f"materialize {len(chosen)} whole rows", n_rows_tok, lambda: materialize(store, rows_sql, name)),
-             ("stream", f"iter_materialize {cfg.view}", n_stream, stream)]
+    cases = [
+        ("tokens", f"materialize {len(pick):,} random tokens", len(pick), lambda: materialize(store, toks_sql, name)),
+        ("rows", f"materialize {len(chosen)} whole rows", n_rows_tok, lambda: materialize(store, rows_sql, name)),
+        ("stream", f"iter_materialize {cfg.view}", n_stream, stream),
+    ]
     for case, method, n, fn in cases:
-        fn()                                               # untimed: connection, caches
+        fn()  # untimed: connection, caches
         if store.remote:
             rec(case, method, n, _median(fn, cfg.repeats), n * cfg.width * 2, "every call fetches from the server")
         else:
@@ -204,32 +264,54 @@ def run_bench(cfg: BenchS3Config) -> dict[str, Any]:
             results += _measure_store(cfg, url, "S3 (moto, 127.0.0.1)" if server is not None else f"S3 ({url})")
         finally:
             Store(url).root.rmtree()
-            shutil.rmtree(staging_root(url), ignore_errors=True)     # its run folders' local staging
+            shutil.rmtree(staging_root(url), ignore_errors=True)  # its run folders' local staging
             try:
-                staging_root(url).parent.rmdir()                     # and the staging folder, if now empty
+                staging_root(url).parent.rmdir()  # and the staging folder, if now empty
             except OSError:
                 pass
-        for r in results:                  # S3 speed as a fraction of local speed (same work)
+        for r in results:  # S3 speed as a fraction of local speed (same work)
             if r["store"] != "local disk":
                 for suffix, key in ((" (warm)", "vs_local_warm"), (" (cold)", "vs_local_cold"), ("", "vs_local")):
-                    peer = next((x for x in results if x["store"] == "local disk"
-                                 and x["method"] == r["method"] + suffix), None)
+                    peer = next(
+                        (x for x in results if x["store"] == "local disk" and x["method"] == r["method"] + suffix), None
+                    )
                     if peer is not None and peer["seconds"] and r["seconds"]:
                         r[key] = peer["seconds"] / r["seconds"]
         print()
-        text = print_table(results, [
-            ("store", "store", ""), ("case", "case", ""), ("method", "method", ""), ("tokens", "tokens", ","),
-            ("tokens_per_s", "tok/s", ",.0f"), ("GBps", "GB/s", ".3f"), ("seconds", "s", ".3f"),
-            ("vs_local_warm", "vs local warm", ".2f"), ("vs_local_cold", "vs local cold", ".2f"),
-            ("vs_local", "vs local", ".2f"), ("note", "note", "")])
+        text = print_table(
+            results,
+            [
+                ("store", "store", ""),
+                ("case", "case", ""),
+                ("method", "method", ""),
+                ("tokens", "tokens", ","),
+                ("tokens_per_s", "tok/s", ",.0f"),
+                ("GBps", "GB/s", ".3f"),
+                ("seconds", "s", ".3f"),
+                ("vs_local_warm", "vs local warm", ".2f"),
+                ("vs_local_cold", "vs local cold", ".2f"),
+                ("vs_local", "vs local", ".2f"),
+                ("note", "note", ""),
+            ],
+        )
         out = result_path(cfg.out, "s3")
-        result = {"benchmark": "s3", "config": config_dict(cfg), "machine": machine(),
-                  "server": "moto (ThreadedMotoServer, 127.0.0.1)" if server is not None else cfg.s3_url,
-                  "results": results, "table": text}
+        result = {
+            "benchmark": "s3",
+            "config": config_dict(cfg),
+            "machine": machine(),
+            "server": "moto (ThreadedMotoServer, 127.0.0.1)" if server is not None else cfg.s3_url,
+            "results": results,
+            "table": text,
+        }
         write_json(out, result)
         shown = [r for r in results if r["tokens_per_s"] and r["case"] != "ingest"]
-        bar_chart(out.with_suffix(".png"), [f"{r['store']}: {r['method']}" for r in shown],
-                  [r["tokens_per_s"] for r in shown], "local disk vs S3 server", "tokens/s")
+        bar_chart(
+            out.with_suffix(".png"),
+            [f"{r['store']}: {r['method']}" for r in shown],
+            [r["tokens_per_s"] for r in shown],
+            "local disk vs S3 server",
+            "tokens/s",
+        )
         print(f"wrote {out} and {out.with_suffix('.png')}")
         return result
     finally:

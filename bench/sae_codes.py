@@ -38,8 +38,13 @@ class BenchConfig:
 
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder (with hidden/layer_L)"})
     layer: int = field(default=17, metadata={"help": "layer of the hidden states and the SAE"})
-    sae: str | None = field(default=None, metadata={"help": "SAE folder or RELEASE/SAE_ID (default: the newest "
-                            "in the store's saes table for --layer, else an untrained TopK SAE)"})
+    sae: str | None = field(
+        default=None,
+        metadata={
+            "help": "SAE folder or RELEASE/SAE_ID (default: the newest "
+            "in the store's saes table for --layer, else an untrained TopK SAE)"
+        },
+    )
     d_sae: int | None = field(default=None, metadata={"help": "width of the untrained SAE (default 4 x d_model)"})
     k: int = field(default=32, metadata={"help": "k of the untrained SAE"})
     tokens: int = field(default=32768, metadata={"help": "tokens timed (gathered from the stored states)"})
@@ -84,8 +89,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     store = Store(cfg.store)
     hidden = f"hidden/layer_{cfg.layer}"
     if not array_exists(store, hidden):
-        raise StoreError(f"{store.root} has no {hidden}; extract it: python -m extractors.run --layer {cfg.layer} "
-                         f"--store {store.root}")
+        raise StoreError(
+            f"{store.root} has no {hidden}; extract it: python -m extractors.run --layer {cfg.layer} "
+            f"--store {store.root}"
+        )
     tok = store.query("SELECT tok_index FROM content_tokens ORDER BY tok_index").column(0).to_numpy()
     n_used = int(store.query("SELECT count(*) FROM tokens").column(0)[0].as_py())
     tok = tok[np.linspace(0, len(tok) - 1, min(cfg.tokens, len(tok))).astype(np.int64)]
@@ -98,8 +105,10 @@ def run_bench(cfg: BenchConfig) -> dict:
     sizes = {
         f"sparse codes k={k} (uint{8 * idx_b} + bf16)": k * (idx_b + 2),
         f"sparse codes k={k} (uint{8 * idx_b} + fp32)": k * (idx_b + 4),
-        f"dense hidden d={d_in} bf16": d_in * 2, f"dense hidden d={d_in} fp32": d_in * 4,
-        f"dense SAE acts d_sae={d_sae} fp16": d_sae * 2, f"dense SAE acts d_sae={d_sae} fp32": d_sae * 4,
+        f"dense hidden d={d_in} bf16": d_in * 2,
+        f"dense hidden d={d_in} fp32": d_in * 4,
+        f"dense SAE acts d_sae={d_sae} fp16": d_sae * 2,
+        f"dense SAE acts d_sae={d_sae} fp32": d_sae * 4,
         "dense SAE acts d_sae=16384 fp16 (GemmaScope 16k)": 16384 * 2,
     }
     measured = {}
@@ -112,29 +121,46 @@ def run_bench(cfg: BenchConfig) -> dict:
     enc = {}
     n = len(X)
     enc["gather stored hidden (bf16 -> fp32)"] = n / _best(lambda: gather(store, hidden, tok), cfg.repeats)
-    enc["SAE encode (dense activations)"] = n / _best(lambda: [sae.encode(X[s: s + 4096]) for s in range(0, n, 4096)],
-                                                      cfg.repeats)
+    enc["SAE encode (dense activations)"] = n / _best(
+        lambda: [sae.encode(X[s : s + 4096]) for s in range(0, n, 4096)], cfg.repeats
+    )
     enc[f"SAE encode + top-{k} (extractor path)"] = n / _best(lambda: encode_topk(sae, X, k), cfg.repeats)
     idx, val, _ = encode_topk(sae, X, k)
     enc["decode sparse codes (SAE decoder)"] = n / _best(lambda: decode_codes(sae, idx, val), cfg.repeats)
     gpu = torch.cuda.is_available()
-    return {"device": "cuda" if gpu else "cpu", "gpu_available": gpu, "torch_threads": torch.get_num_threads(),
-            "sae": loaded.name, "sae_path": loaded.path, "d_in": d_in, "d_sae": d_sae, "k": k, "tokens_timed": n,
-            "bytes_per_token": sizes, "measured": measured, "tokens_per_s": enc, "config": config_dict(cfg),
-            "when": datetime.now(UTC).isoformat()}
+    return {
+        "device": "cuda" if gpu else "cpu",
+        "gpu_available": gpu,
+        "torch_threads": torch.get_num_threads(),
+        "sae": loaded.name,
+        "sae_path": loaded.path,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "k": k,
+        "tokens_timed": n,
+        "bytes_per_token": sizes,
+        "measured": measured,
+        "tokens_per_s": enc,
+        "config": config_dict(cfg),
+        "when": datetime.now(UTC).isoformat(),
+    }
 
 
 def format_table(res: dict) -> str:
-    lines = [f"device: {res['device']} ({res['torch_threads']} torch threads)"
-             + ("" if res["gpu_available"] else "; no GPU available in this session: CPU figures only"),
-             f"SAE {res['sae']} d_in {res['d_in']} d_sae {res['d_sae']} k {res['k']}", "",
-             f"{'representation':<44} {'bytes/token':>12} {'vs sparse':>10}"]
+    lines = [
+        f"device: {res['device']} ({res['torch_threads']} torch threads)"
+        + ("" if res["gpu_available"] else "; no GPU available in this session: CPU figures only"),
+        f"SAE {res['sae']} d_in {res['d_in']} d_sae {res['d_sae']} k {res['k']}",
+        "",
+        f"{'representation':<44} {'bytes/token':>12} {'vs sparse':>10}",
+    ]
     base = next(iter(res["bytes_per_token"].values()))
     for name, b in res["bytes_per_token"].items():
         lines.append(f"{name:<44} {b:>12,} {b / base:>9.1f}x")
     for name, m in res["measured"].items():
-        lines.append(f"{name + ' (on disk)':<44} {m['per_used_token']:>12,.0f}   per used token "
-                     f"({m['per_slot']:,.0f} per slot)")
+        lines.append(
+            f"{name + ' (on disk)':<44} {m['per_used_token']:>12,.0f}   per used token ({m['per_slot']:,.0f} per slot)"
+        )
     lines += ["", f"{'throughput (' + str(res['tokens_timed']) + ' tokens)':<44} {'tokens/s':>12}"]
     for name, t in res["tokens_per_s"].items():
         lines.append(f"{name:<44} {t:>12,.0f}")

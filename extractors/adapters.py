@@ -36,27 +36,41 @@ import pyarrow as pa
 from store.core import Store, StoreError
 
 TABLE = "adapters"
-META_FILE = "store_adapter.json"      # our metadata beside peft's adapter_config.json
+META_FILE = "store_adapter.json"  # our metadata beside peft's adapter_config.json
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
-ADAPTERS_SCHEMA = pa.schema([
-    ("adapter", pa.string()), ("path", pa.string()), ("base_model", pa.string()), ("base_hash", pa.string()),
-    ("run_id", pa.string()), ("tokenization", pa.string()), ("train_split", pa.string()),
-    ("train_rows_sql", pa.string()), ("n_train_rows", pa.int64()), ("n_train_tokens", pa.int64()),
-    ("resumed_from", pa.string()), ("lora_r", pa.int32()), ("lora_alpha", pa.float64()),
-    ("target_modules", pa.list_(pa.string())), ("final_train_loss", pa.float64()),
-    ("final_eval_loss", pa.float64()), ("config", pa.string()), ("metrics", pa.string()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
-])
+ADAPTERS_SCHEMA = pa.schema(
+    [
+        ("adapter", pa.string()),
+        ("path", pa.string()),
+        ("base_model", pa.string()),
+        ("base_hash", pa.string()),
+        ("run_id", pa.string()),
+        ("tokenization", pa.string()),
+        ("train_split", pa.string()),
+        ("train_rows_sql", pa.string()),
+        ("n_train_rows", pa.int64()),
+        ("n_train_tokens", pa.int64()),
+        ("resumed_from", pa.string()),
+        ("lora_r", pa.int32()),
+        ("lora_alpha", pa.float64()),
+        ("target_modules", pa.list_(pa.string())),
+        ("final_train_loss", pa.float64()),
+        ("final_eval_loss", pa.float64()),
+        ("config", pa.string()),
+        ("metrics", pa.string()),
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
 
 
 class AdapterRef(NamedTuple):
-    name: str            # store name: the finetune run id, or <folder>-<weights hash> for foreign folders
-    path: str            # the peft adapter folder
-    base_model: str      # the base model's id as runs record it
-    base_hash: str       # the base model's hash ("" when unknown: a foreign adapter)
-    run_id: str          # the finetune run ("" for a foreign adapter)
+    name: str  # store name: the finetune run id, or <folder>-<weights hash> for foreign folders
+    path: str  # the peft adapter folder
+    base_model: str  # the base model's id as runs record it
+    base_hash: str  # the base model's hash ("" when unknown: a foreign adapter)
+    run_id: str  # the finetune run ("" for a foreign adapter)
 
 
 def _sanitize(name: str) -> str:
@@ -68,8 +82,10 @@ def weights_file(folder: Path) -> Path:
     for n in PEFT_WEIGHTS:
         if (folder / n).is_file():
             return folder / n
-    raise StoreError(f"{folder} has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}; it is not a complete peft "
-                     f"adapter (train one with python -m trainers.finetune)")
+    raise StoreError(
+        f"{folder} has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}; it is not a complete peft "
+        f"adapter (train one with python -m trainers.finetune)"
+    )
 
 
 def weights_hash(folder: str | Path) -> str:
@@ -91,8 +107,9 @@ def registered(store: Store | None) -> list[dict[str, Any]]:
 def _available(store: Store | None) -> str:
     rows = registered(store)
     if not rows:
-        return ("this store has no adapters yet; train one with python -m trainers.finetune"
-                + (f" --store {store.root}" if store is not None else ""))
+        return "this store has no adapters yet; train one with python -m trainers.finetune" + (
+            f" --store {store.root}" if store is not None else ""
+        )
     return "adapters in this store: " + ", ".join(r["adapter"] for r in rows) + ", or latest"
 
 
@@ -100,23 +117,33 @@ def _from_row(row: dict[str, Any], store: Store) -> AdapterRef:
     """A registered adapter; a moved store finds it at runs/<run_id>/adapter."""
     for p in (Path(row["path"]), store.run_folder(str(row["run_id"])) / "adapter"):
         if (p / PEFT_CONFIG).is_file():
-            return AdapterRef(row["adapter"], str(p), row["base_model"] or "", row["base_hash"] or "",
-                              row["run_id"] or "")
-    raise StoreError(f"adapter {row['adapter']!r} is recorded at {row['path']}, which no longer exists; "
-                     f"retrain it with python -m trainers.finetune --store {store.root}")
+            return AdapterRef(
+                row["adapter"], str(p), row["base_model"] or "", row["base_hash"] or "", row["run_id"] or ""
+            )
+    raise StoreError(
+        f"adapter {row['adapter']!r} is recorded at {row['path']}, which no longer exists; "
+        f"retrain it with python -m trainers.finetune --store {store.root}"
+    )
 
 
 def read_folder(folder: Path) -> AdapterRef:
     """An adapter folder: our metadata when present, else peft's config alone."""
     if not (folder / PEFT_CONFIG).is_file():
-        raise StoreError(f"--adapter {str(folder)!r} is a folder without {PEFT_CONFIG}, so not a peft adapter; "
-                         f"pass the 'adapter' folder of a python -m trainers.finetune run, or a name")
+        raise StoreError(
+            f"--adapter {str(folder)!r} is a folder without {PEFT_CONFIG}, so not a peft adapter; "
+            f"pass the 'adapter' folder of a python -m trainers.finetune run, or a name"
+        )
     meta_path = folder / META_FILE
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         # written by write_meta (the AdapterRef's fields: `name`); older folders said `adapter`
-        return AdapterRef(meta.get("name") or meta["adapter"], str(folder), meta.get("base_model", ""), meta.get("base_hash", ""),
-                          meta.get("run_id", ""))
+        return AdapterRef(
+            meta.get("name") or meta["adapter"],
+            str(folder),
+            meta.get("base_model", ""),
+            meta.get("base_hash", ""),
+            meta.get("run_id", ""),
+        )
     peft_cfg = json.loads((folder / PEFT_CONFIG).read_text())
     name = f"{_sanitize(folder.name)}-{weights_hash(folder)[:8]}"
     return AdapterRef(name, str(folder), str(peft_cfg.get("base_model_name_or_path") or ""), "", "")
@@ -137,16 +164,20 @@ def resolve_adapter(store: Store | None, spec: str) -> AdapterRef:
     p = Path(spec).expanduser()
     if p.is_dir():
         return read_folder(p.resolve())
-    raise StoreError(f"--adapter {spec!r} is neither a name in the store's adapters table, latest, nor an existing "
-                     f"peft adapter folder ({_available(store)})")
+    raise StoreError(
+        f"--adapter {spec!r} is neither a name in the store's adapters table, latest, nor an existing "
+        f"peft adapter folder ({_available(store)})"
+    )
 
 
 def check_base(ref: AdapterRef, model_id: str, model_hash: str) -> None:
     """Refuse an adapter whose recorded base model is not the loaded one."""
     if ref.base_hash and model_hash and ref.base_hash != model_hash:
-        raise StoreError(f"adapter {ref.name} was trained on {ref.base_model} ({ref.base_hash}), but the loaded "
-                         f"model is {model_id} ({model_hash}); pass --model with the adapter's base model, or "
-                         f"an adapter trained on {model_id}")
+        raise StoreError(
+            f"adapter {ref.name} was trained on {ref.base_model} ({ref.base_hash}), but the loaded "
+            f"model is {model_id} ({model_hash}); pass --model with the adapter's base model, or "
+            f"an adapter trained on {model_id}"
+        )
 
 
 def apply_adapter(lm: Any, spec: str, store: Store | None) -> Any:
@@ -163,9 +194,12 @@ def apply_adapter(lm: Any, spec: str, store: Store | None) -> Any:
     model = PeftModel.from_pretrained(lm.model, ref.path, is_trainable=False)
     model.to(lm.device).eval()
     model.requires_grad_(False)
-    return lm._replace(model=model, model_id=f"{lm.model_id}+adapter:{ref.name}",
-                       model_hash=f"{lm.model_hash}+adapter:sha256:{weights_hash(ref.path)}",
-                       note=f"{lm.note}; adapter {ref.name} from {ref.path}")
+    return lm._replace(
+        model=model,
+        model_id=f"{lm.model_id}+adapter:{ref.name}",
+        model_hash=f"{lm.model_hash}+adapter:sha256:{weights_hash(ref.path)}",
+        note=f"{lm.note}; adapter {ref.name} from {ref.path}",
+    )
 
 
 def adapter_name(model_id: str) -> str | None:
@@ -182,8 +216,16 @@ def write_adapter_record(store: Store, ref: AdapterRef, **fields: Any) -> None:
     """One row per adapter in the `adapters` table (its own Parquet file, named by the adapter);
     `fields` are the other ADAPTERS_SCHEMA columns (config/metrics dicts are stored as JSON)."""
     row = {n: None for n in ADAPTERS_SCHEMA.names}
-    row.update({"adapter": ref.name, "path": ref.path, "base_model": ref.base_model, "base_hash": ref.base_hash,
-                "run_id": ref.run_id, "created_at": datetime.now(UTC)})
+    row.update(
+        {
+            "adapter": ref.name,
+            "path": ref.path,
+            "base_model": ref.base_model,
+            "base_hash": ref.base_hash,
+            "run_id": ref.run_id,
+            "created_at": datetime.now(UTC),
+        }
+    )
     for k, v in fields.items():
         if k not in row:
             raise KeyError(f"adapters table has no column {k!r}")

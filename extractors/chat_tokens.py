@@ -45,7 +45,7 @@ def render(tok: Any, messages: list[dict]) -> str:
 def tokenize_conversation(tok: Any, messages: list[dict]) -> dict[str, list]:
     """Token ids and per-token labels of one conversation (see the module docstring)."""
     full = render(tok, messages)
-    blocks: list[int] = []        # end offset of each message's rendered block
+    blocks: list[int] = []  # end offset of each message's rendered block
     spans: list[tuple[int, int]] = []
     prev_end = 0
     for k, msg in enumerate(messages):
@@ -66,11 +66,23 @@ def tokenize_conversation(tok: Any, messages: list[dict]) -> dict[str, list]:
     special = set(tok.all_special_ids)
     n = len(ids)
     last = len(messages) - 1
-    out: dict[str, list] = {k: [] for k in ("token_pos", "token_id", "token_text", "role", "msg_index",
-                                            "is_supervised", "rel_pos", "char_start", "char_end")}
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "token_pos",
+            "token_id",
+            "token_text",
+            "role",
+            "msg_index",
+            "is_supervised",
+            "rel_pos",
+            "char_start",
+            "char_end",
+        )
+    }
     block = 0
     closed_final = False
-    for i, (tid, (s, e)) in enumerate(zip(ids, offsets)):
+    for i, (tid, (s, e)) in enumerate(zip(ids, offsets, strict=False)):
         while block < last and s >= blocks[block]:
             block += 1
         c0, c1 = spans[block]
@@ -101,37 +113,42 @@ def tokenize_rows(tok: Any, row_ids: list[str], messages: list[list[dict]]) -> p
     tokenization and tok_index)."""
     cols: dict[str, list] = {}
     rids: list[str] = []
-    for rid, msgs in zip(row_ids, messages):
+    for rid, msgs in zip(row_ids, messages, strict=False):
         t = tokenize_conversation(tok, msgs)
         rids.extend([rid] * len(t["token_pos"]))
         for k, v in t.items():
             cols.setdefault(k, []).extend(v)
-    return pa.table({"row_id": pa.array(rids, pa.string()),
-                     "token_pos": pa.array(cols.get("token_pos", []), pa.int32()),
-                     "token_id": pa.array(cols.get("token_id", []), pa.int32()),
-                     "token_text": pa.array(cols.get("token_text", []), pa.string()),
-                     "role": pa.array(cols.get("role", []), pa.string()),
-                     "msg_index": pa.array(cols.get("msg_index", []), pa.int16()),
-                     "is_supervised": pa.array(cols.get("is_supervised", []), pa.bool_()),
-                     "rel_pos": pa.array(cols.get("rel_pos", []), pa.float32()),
-                     "char_start": pa.array(cols.get("char_start", []), pa.int32()),
-                     "char_end": pa.array(cols.get("char_end", []), pa.int32())})
+    return pa.table(
+        {
+            "row_id": pa.array(rids, pa.string()),
+            "token_pos": pa.array(cols.get("token_pos", []), pa.int32()),
+            "token_id": pa.array(cols.get("token_id", []), pa.int32()),
+            "token_text": pa.array(cols.get("token_text", []), pa.string()),
+            "role": pa.array(cols.get("role", []), pa.string()),
+            "msg_index": pa.array(cols.get("msg_index", []), pa.int16()),
+            "is_supervised": pa.array(cols.get("is_supervised", []), pa.bool_()),
+            "rel_pos": pa.array(cols.get("rel_pos", []), pa.float32()),
+            "char_start": pa.array(cols.get("char_start", []), pa.int32()),
+            "char_end": pa.array(cols.get("char_end", []), pa.int32()),
+        }
+    )
 
 
 def count_tokens(tok: Any, messages: list[dict]) -> int:
     return len(tok(render(tok, messages), add_special_tokens=False)["input_ids"])
 
 
-def ensure_tokenization(store: Any, tok: Any, model_id: str, unit_tokens: int, rank: int = 0,
-                        progress: bool = True, batch_rows: int = 1000) -> Any:
+def ensure_tokenization(
+    store: Any, tok: Any, model_id: str, unit_tokens: int, rank: int = 0, progress: bool = True, batch_rows: int = 1000
+) -> Any:
     """The store's tokenization (a store.catalog.tokens.Layout) for this tokenizer, created on first
     use by rank 0 (other ranks wait for it), `batch_rows` rows at a time. A store holds one
     tokenization."""
 
     from extractors.units import wait_for
     from store import claims
-    from store.core import StoreError
     from store.catalog.tokens import read_layout, tokenizations
+    from store.core import StoreError
 
     ingest_id = store.query("SELECT ingest_id FROM manifests").column(0)[0].as_py()
     tz = "tok-" + hashlib.sha256(f"{tokenizer_hash(tok)}:{ingest_id}".encode()).hexdigest()[:12]
@@ -143,7 +160,8 @@ def ensure_tokenization(store: Any, tok: Any, model_id: str, unit_tokens: int, r
         if have:
             raise StoreError(
                 f"{store.root} is tokenized for {have[0]['model']} ({have[0]['tokenization']}); "
-                f"{model_id} tokenizes differently. Use another --store for this model.")
+                f"{model_id} tokenizes differently. Use another --store for this model."
+            )
         return None
 
     if (layout := existing()) is not None:
@@ -151,14 +169,22 @@ def ensure_tokenization(store: Any, tok: Any, model_id: str, unit_tokens: int, r
     if rank != 0:
         wait_for(lambda: any(t["tokenization"] == tz for t in tokenizations(store)), f"tokenization {tz}")
         return read_layout(store, tz)
-    with claims.exclusive(store, "setup", "tokenize"):     # another writer's tokenization: wait for it
+    with claims.exclusive(store, "setup", "tokenize"):  # another writer's tokenization: wait for it
         if (layout := existing()) is not None:
             return layout
         return _tokenize(store, tok, model_id, unit_tokens, tz, ingest_id, progress, batch_rows)
 
 
-def _tokenize(store: Any, tok: Any, model_id: str, unit_tokens: int, tz: str, ingest_id: str,
-              progress: bool, batch_rows: int = 1000) -> Any:
+def _tokenize(
+    store: Any,
+    tok: Any,
+    model_id: str,
+    unit_tokens: int,
+    tz: str,
+    ingest_id: str,
+    progress: bool,
+    batch_rows: int = 1000,
+) -> Any:
     """Tokenize every row in batches of `batch_rows`, streamed: each batch's tokens go to a
     temporary Parquet file, the layout is planned from the per-row counts (the running sum
     needs nothing else), then each file gets its tok_index and becomes one part of `tokens`
@@ -168,8 +194,8 @@ def _tokenize(store: Any, tok: Any, model_id: str, unit_tokens: int, tz: str, in
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
-    from store.scratch import scratch
     from store.catalog.tokens import plan_layout, write_tokenization
+    from store.scratch import scratch
 
     if batch_rows <= 0:
         raise ValueError(f"batch_rows must be positive, got {batch_rows}")
@@ -185,9 +211,9 @@ def _tokenize(store: Any, tok: Any, model_id: str, unit_tokens: int, tz: str, in
                     ids, splits = batch.column(0).to_pylist(), batch.column(1).to_pylist()
                     table = tokenize_rows(tok, ids, batch.column(2).to_pylist())
                     counts = dict.fromkeys(ids, 0)
-                    for r, c in zip(*table.group_by("row_id").aggregate([("row_id", "count")]).columns):
+                    for r, c in zip(*table.group_by("row_id").aggregate([("row_id", "count")]).columns, strict=False):
                         counts[r.as_py()] = c.as_py()
-                    planned.extend((r, sp, counts[r]) for r, sp in zip(ids, splits))
+                    planned.extend((r, sp, counts[r]) for r, sp in zip(ids, splits, strict=False))
                     parts.append(Path(tmp) / f"{len(parts):05d}.parquet")
                     pq.write_table(table, parts[-1])
                     bar.update(len(ids))
@@ -195,7 +221,8 @@ def _tokenize(store: Any, tok: Any, model_id: str, unit_tokens: int, tz: str, in
             con.close()
         layout = plan_layout(tz, planned, unit_tokens)
         del planned
-        write_tokenization(store, layout, parts, {"model": model_id, "tokenizer_hash": tokenizer_hash(tok),
-                                                  "ingest_id": ingest_id})
+        write_tokenization(
+            store, layout, parts, {"model": model_id, "tokenizer_hash": tokenizer_hash(tok), "ingest_id": ingest_id}
+        )
     store.refresh_catalog()
     return layout

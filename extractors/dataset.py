@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(IngestConfig, argv, prog="python -m extractors.dataset")
     result = run_ingest(cfg)
     print(summary(result))
-    print(f"catalog: {Store(cfg.store).sql_command} \"SELECT split, count(*) FROM rows GROUP BY 1\"")
+    print(f'catalog: {Store(cfg.store).sql_command} "SELECT split, count(*) FROM rows GROUP BY 1"')
     return 0
 
 

@@ -25,9 +25,9 @@ class _Stop(Exception):
 
 
 class Batch(NamedTuple):
-    rows: list[int]          # indices into the caller's row list
+    rows: list[int]  # indices into the caller's row list
     lengths: list[int]
-    width: int               # padded length
+    width: int  # padded length
 
 
 def plan_batches(lengths: list[int], order: list[int], batch_tokens: int) -> list[Batch]:
@@ -76,13 +76,15 @@ class LayerCapture:
         self._out: dict[int, torch.Tensor] = {}
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "LayerCapture":
+    def __enter__(self) -> LayerCapture:
         deepest = self.layers[-1]
         for L in self.layers:
+
             def hook(_mod, _inp, out, L=L):
                 self._out[L] = out[0] if isinstance(out, tuple) else out
                 if L == deepest:
                     raise _Stop
+
             self._handles.append(self.blocks[L].register_forward_hook(hook))
         return self
 

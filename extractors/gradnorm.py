@@ -36,21 +36,22 @@ token), which the view `token_gradnorms` joins with the tokens and the rows' met
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from extractors.forward import pad_batch, padding_fraction, validate_layers
-from extractors.hidden import token_index, to_device, unit_batches
+from extractors.hidden import to_device, token_index, unit_batches
 from extractors.model import decoder_layers, pad_token_id
 from extractors.units import ArrayKind, ArraySpec, UnitWork, extract_units
 from store.arrays import array_key, committed_in_unit
+from store.catalog.tokens import Layout
 from store.cli import config_dict
 from store.core import Store
 from store.materialize import gather
-from store.catalog.tokens import Layout
 
 VALUES_TABLE = "token_gradnorm_values"
 REDUCTIONS = ("sum", "mean")
@@ -69,8 +70,14 @@ def _parts(model: Any) -> tuple[Any, Any, float | None]:
     return base.get_decoder(), base.get_output_embeddings(), cap
 
 
-def completion_loss(hidden: torch.Tensor, input_ids: torch.Tensor, supervised: torch.Tensor, lm_head: Any,
-                    reduction: str, cap: float | None = None) -> torch.Tensor:
+def completion_loss(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    supervised: torch.Tensor,
+    lm_head: Any,
+    reduction: str,
+    cap: float | None = None,
+) -> torch.Tensor:
     """Sum over rows of each row's completion loss: the cross-entropy of the supervised tokens
     at positions >= 1 from the final hidden state one position earlier, summed over the row
     (`sum`) or averaged (`mean`). Logits are formed only where they are needed."""
@@ -86,8 +93,9 @@ def completion_loss(hidden: torch.Tensor, input_ids: torch.Tensor, supervised: t
     return ce.sum()
 
 
-def token_grad_norms(model: Any, input_ids: torch.Tensor, supervised: torch.Tensor, layers: list[int],
-                     reduction: str = "sum") -> dict[int, torch.Tensor]:
+def token_grad_norms(
+    model: Any, input_ids: torch.Tensor, supervised: torch.Tensor, layers: list[int], reduction: str = "sum"
+) -> dict[int, torch.Tensor]:
     """{L: [B, T] float32 ||d loss / d h_L||} for a right-padded batch, from one backward pass
     through the blocks above min(layers) (see the module docstring)."""
     layers = sorted(layers)
@@ -109,18 +117,18 @@ def token_grad_norms(model: Any, input_ids: torch.Tensor, supervised: torch.Tens
         with torch.enable_grad():
             hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
             if not bool(supervised[:, 1:].any()):
-                return {L: torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-                        for L in layers}
+                return {L: torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device) for L in layers}
             loss = completion_loss(hidden, input_ids, supervised, lm_head, reduction, cap)
             grads = torch.autograd.grad(loss, [kept[L] for L in layers])
     finally:
         for h in handles:
             h.remove()
-    return {L: g.float().norm(dim=-1) for L, g in zip(layers, grads)}
+    return {L: g.float().norm(dim=-1) for L, g in zip(layers, grads, strict=False)}
 
 
-def reference_grad_norms(model: Any, input_ids: torch.Tensor, supervised: torch.Tensor, layers: list[int],
-                         reduction: str = "sum") -> dict[int, torch.Tensor]:
+def reference_grad_norms(
+    model: Any, input_ids: torch.Tensor, supervised: torch.Tensor, layers: list[int], reduction: str = "sum"
+) -> dict[int, torch.Tensor]:
     """The plain-autograd reference for one unpadded row or batch: the full model with
     `output_hidden_states`, `retain_grad` on every requested layer and `loss.backward()`
     through all blocks, the embeddings made to require grad (parameters stay frozen).
@@ -130,7 +138,8 @@ def reference_grad_norms(model: Any, input_ids: torch.Tensor, supervised: torch.
     blocks, n = decoder_layers(base), len(decoder_layers(base))
     last: dict[str, torch.Tensor] = {}
     handle = blocks[n - 1].register_forward_hook(
-        lambda _m, _i, o: last.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+        lambda _m, _i, o: last.__setitem__("h", o[0] if isinstance(o, tuple) else o)
+    )
     try:
         with torch.enable_grad():
             emb = base.get_input_embeddings()(input_ids).detach().requires_grad_(True)
@@ -141,8 +150,10 @@ def reference_grad_norms(model: Any, input_ids: torch.Tensor, supervised: torch.
             logits = out.logits.float()
             tgt = supervised.clone()
             tgt[:, 0] = False
-            ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:],
-                                                   reduction="none") * tgt[:, 1:]
+            ce = (
+                torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+                * tgt[:, 1:]
+            )
             per_row = ce.sum(1) / (tgt.sum(1).clamp(min=1) if reduction == "mean" else 1)
             per_row.sum().backward()
     finally:
@@ -155,12 +166,21 @@ def row_tokens(store: Store, tokenization: str, row_ids: list[str]) -> dict[str,
     con = store.connect()
     try:
         con.register("wanted", pa.table({"row_id": row_ids}))
-        t = con.sql("SELECT row_id, list(token_id ORDER BY token_pos) AS ids, "
-                    "list(is_supervised ORDER BY token_pos) AS sup FROM tokens JOIN wanted USING (row_id) "
-                    "WHERE tokenization = ? GROUP BY row_id", params=[tokenization]).to_arrow_table()
+        t = con.sql(
+            "SELECT row_id, list(token_id ORDER BY token_pos) AS ids, "
+            "list(is_supervised ORDER BY token_pos) AS sup FROM tokens JOIN wanted USING (row_id) "
+            "WHERE tokenization = ? GROUP BY row_id",
+            params=[tokenization],
+        ).to_arrow_table()
     finally:
         con.close()
-    return dict(zip(t.column("row_id").to_pylist(), zip(t.column("ids").to_pylist(), t.column("sup").to_pylist())))
+    return dict(
+        zip(
+            t.column("row_id").to_pylist(),
+            zip(t.column("ids").to_pylist(), t.column("sup").to_pylist(), strict=False),
+            strict=False,
+        )
+    )
 
 
 class GradNorms(ArrayKind):
@@ -168,8 +188,16 @@ class GradNorms(ArrayKind):
 
     run_kind = "extract_gradnorm"
 
-    def __init__(self, store: Store, lm: Any, layout: Layout, layers: list[int], batch_tokens: int,
-                 reduction: str = "sum", adapter: Any = None):
+    def __init__(
+        self,
+        store: Store,
+        lm: Any,
+        layout: Layout,
+        layers: list[int],
+        batch_tokens: int,
+        reduction: str = "sum",
+        adapter: Any = None,
+    ):
         self.store, self.lm, self.layout, self.layers = store, lm, layout, sorted(layers)
         self.batch_tokens, self.reduction, self.adapter = batch_tokens, reduction, adapter
         name = adapter.name if adapter is not None else None
@@ -180,23 +208,39 @@ class GradNorms(ArrayKind):
 
     def specs(self, run_id: str) -> list[ArraySpec]:
         lm, ad = self.lm, self.adapter
-        attrs = {"model": lm.model_id, "model_hash": lm.model_hash, "tokenization": self.layout.tokenization,
-                 "run_id": run_id, "kind": "gradnorm", "loss_reduction": self.reduction,
-                 "adapter": ad.name if ad is not None else None,
-                 "adapter_path": str(ad.path) if ad is not None else None,
-                 "value": "L2 norm of d(completion loss)/d(output of decoder block L) per token",
-                 "loss": f"cross-entropy of the supervised tokens, {self.reduction} over the row",
-                 "layer_convention": "output of decoder block L (0-based) = transformers hidden_states[L+1]"}
-        return [ArraySpec(n, None, "fp32", {**attrs, "layer": L}, "gradnorm", L,
-                          {"adapter": attrs["adapter"]} if ad is not None else None)
-                for L, n in zip(self.layers, self.names)]
+        attrs = {
+            "model": lm.model_id,
+            "model_hash": lm.model_hash,
+            "tokenization": self.layout.tokenization,
+            "run_id": run_id,
+            "kind": "gradnorm",
+            "loss_reduction": self.reduction,
+            "adapter": ad.name if ad is not None else None,
+            "adapter_path": str(ad.path) if ad is not None else None,
+            "value": "L2 norm of d(completion loss)/d(output of decoder block L) per token",
+            "loss": f"cross-entropy of the supervised tokens, {self.reduction} over the row",
+            "layer_convention": "output of decoder block L (0-based) = transformers hidden_states[L+1]",
+        }
+        return [
+            ArraySpec(
+                n,
+                None,
+                "fp32",
+                {**attrs, "layer": L},
+                "gradnorm",
+                L,
+                {"adapter": attrs["adapter"]} if ad is not None else None,
+            )
+            for L, n in zip(self.layers, self.names, strict=False)
+        ]
 
     def plan(self, work: list[UnitWork]) -> None:
-        self.rows = row_tokens(self.store, self.layout.tokenization,
-                               [self.layout.row_ids[i] for w in work for i in w.rows])
+        self.rows = row_tokens(
+            self.store, self.layout.tokenization, [self.layout.row_ids[i] for w in work for i in w.rows]
+        )
 
-    def __enter__(self) -> "GradNorms":
-        self.lm.model.requires_grad_(False)      # never a parameter gradient, adapters included
+    def __enter__(self) -> GradNorms:
+        self.lm.model.requires_grad_(False)  # never a parameter gradient, adapters included
         return self
 
     def fill(self, work: UnitWork, lo: int, stage: dict[str, torch.Tensor], tick: Callable[[int], None]) -> None:
@@ -214,31 +258,37 @@ class GradNorms(ArrayKind):
             src, dst = (to_device(torch.from_numpy(a), dev) for a in token_index(layout, b, lo))
             t0 = time.perf_counter()
             norms = token_grad_norms(self.lm.model, x, sup.to(dev), self.layers, self.reduction)
-            for L, n in zip(self.layers, self.names):
+            for L, n in zip(self.layers, self.names, strict=False):
                 stage[n].index_copy_(0, dst, norms[L].reshape(-1).index_select(0, src))
             if dev.type != "cuda":
                 self.compute_s += time.perf_counter() - t0
             tick(sum(b.lengths))
 
     def counts(self) -> dict[str, Any]:
-        return {"batches": len(self.batches), "padding_fraction": round(padding_fraction(self.batches), 4),
-                "rows_without_supervised_tokens": self.no_supervised}
+        return {
+            "batches": len(self.batches),
+            "padding_fraction": round(padding_fraction(self.batches), 4),
+            "rows_without_supervised_tokens": self.no_supervised,
+        }
 
     def metrics(self, seconds: float) -> dict[str, Any]:
         tokens = sum(sum(b.lengths) for b in self.batches)
-        return {"compute_seconds": self.compute_s,
-                "compute_tokens_per_s": tokens / self.compute_s if self.compute_s else 0.0}
+        return {
+            "compute_seconds": self.compute_s,
+            "compute_tokens_per_s": tokens / self.compute_s if self.compute_s else 0.0,
+        }
 
 
-def sync_values_table(store: Store, layout: Layout, name: str, layer: int, adapter: str | None,
-                      rank: int = 0, world_size: int = 1) -> int:
+def sync_values_table(
+    store: Store, layout: Layout, name: str, layer: int, adapter: str | None, rank: int = 0, world_size: int = 1
+) -> int:
     """Copy this rank's committed units of `name` into `token_gradnorm_values` where the unit's
     commit is newer than its copy; returns the number of units written."""
     commits = store.table_dir("array_units") / array_key(name)
     if not commits.is_dir():
         return 0
     written = 0
-    starts = dict(zip(layout.row_ids, zip(layout.tok_starts, layout.lengths)))
+    starts = dict(zip(layout.row_ids, zip(layout.tok_starts, layout.lengths, strict=False), strict=False))
     for f in sorted(commits.glob("u*.parquet")):
         unit = int(f.stem[1:])
         if unit % world_size != rank:
@@ -248,17 +298,31 @@ def sync_values_table(store: Store, layout: Layout, name: str, layer: int, adapt
         if copy.exists() and copy.stat().st_mtime_ns >= f.stat().st_mtime_ns:
             continue
         rows = sorted(committed_in_unit(store, name, unit), key=lambda r: starts[r][0])
-        tok = np.concatenate([np.arange(s, s + n) for s, n in (starts[r] for r in rows)]) if rows else \
-            np.zeros(0, np.int64)
+        tok = (
+            np.concatenate([np.arange(s, s + n) for s, n in (starts[r] for r in rows)])
+            if rows
+            else np.zeros(0, np.int64)
+        )
         pos = np.concatenate([np.arange(starts[r][1]) for r in rows]) if rows else np.zeros(0, np.int64)
         rid = np.repeat(np.asarray(rows, dtype=object), [starts[r][1] for r in rows])
         vals = gather(store, name, tok)
         n = len(tok)
-        store.write_table(VALUES_TABLE, pa.table({
-            "array_name": pa.array([name] * n, pa.string()), "adapter": pa.array([adapter] * n, pa.string()),
-            "layer": pa.array([layer] * n, pa.int32()), "tokenization": pa.array([layout.tokenization] * n),
-            "row_id": pa.array(rid.tolist(), pa.string()), "token_pos": pa.array(pos, pa.int32()),
-            "tok_index": pa.array(tok, pa.int64()), "grad_norm": pa.array(vals, pa.float32())}), part=part)
+        store.write_table(
+            VALUES_TABLE,
+            pa.table(
+                {
+                    "array_name": pa.array([name] * n, pa.string()),
+                    "adapter": pa.array([adapter] * n, pa.string()),
+                    "layer": pa.array([layer] * n, pa.int32()),
+                    "tokenization": pa.array([layout.tokenization] * n),
+                    "row_id": pa.array(rid.tolist(), pa.string()),
+                    "token_pos": pa.array(pos, pa.int32()),
+                    "tok_index": pa.array(tok, pa.int64()),
+                    "grad_norm": pa.array(vals, pa.float32()),
+                }
+            ),
+            part=part,
+        )
         written += 1
     return written
 
@@ -278,8 +342,15 @@ def with_adapter(store: Store, cfg: Any, lm: Any) -> tuple[Any, Any]:
     return apply_adapter(base, cfg.adapter, store), ref
 
 
-def extract_gradnorms(store: Store, cfg: Any, lm: Any, layout: Layout, selected: list[str],
-                      adapter: Any = None, run_extra: dict[str, Any] | None = None) -> Any:
+def extract_gradnorms(
+    store: Store,
+    cfg: Any,
+    lm: Any,
+    layout: Layout,
+    selected: list[str],
+    adapter: Any = None,
+    run_extra: dict[str, Any] | None = None,
+) -> Any:
     """Fill gradnorm/[<adapter>/]layer_L for the selected rows, then the values table.
     `cfg` is an ExtractConfig; `adapter` an extractors.adapters.AdapterRef (lm already wrapped);
     `run_extra` goes into the run's config. With `cfg.adapter` (and no `adapter`), the norms are
@@ -287,27 +358,48 @@ def extract_gradnorms(store: Store, cfg: Any, lm: Any, layout: Layout, selected:
     so `lm` stays the plain base for the other kinds of the same command)."""
     if adapter is None and getattr(cfg, "adapter", None):
         lm, adapter = with_adapter(store, cfg, lm)
-    layers = validate_layers(cfg.layers, len(decoder_layers(lm.model.get_base_model() if hasattr(
-        lm.model, "get_base_model") else lm.model)), lm.model_id)
+    layers = validate_layers(
+        cfg.layers,
+        len(decoder_layers(lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model)),
+        lm.model_id,
+    )
     batch_tokens = cfg.batch_tokens or (32768 if lm.device.type == "cuda" else 2048)
     kind = GradNorms(store, lm, layout, layers, batch_tokens, cfg.loss_reduction, adapter)
     extra = {"adapter": adapter.name, "adapter_path": str(adapter.path)} if adapter is not None else {}
     extra.update(run_extra or {})
-    res = extract_units(store, layout, selected, kind, run_config={**config_dict(cfg), **extra,
-                                                                   "gradnorm_batch_tokens": batch_tokens},
-                        device=lm.device, model_id=lm.model_id, model_hash=lm.model_hash, layers=layers,
-                        rank=cfg.rank, world_size=cfg.world_size, writers=cfg.writers, resident=cfg.resident,
-                        claim_timeout=cfg.claim_timeout, progress=cfg.progress)
+    res = extract_units(
+        store,
+        layout,
+        selected,
+        kind,
+        run_config={**config_dict(cfg), **extra, "gradnorm_batch_tokens": batch_tokens},
+        device=lm.device,
+        model_id=lm.model_id,
+        model_hash=lm.model_hash,
+        layers=layers,
+        rank=cfg.rank,
+        world_size=cfg.world_size,
+        writers=cfg.writers,
+        resident=cfg.resident,
+        claim_timeout=cfg.claim_timeout,
+        progress=cfg.progress,
+    )
     name = adapter.name if adapter is not None else None
-    synced = sum(sync_values_table(store, layout, n, L, name, cfg.rank, cfg.world_size)
-                 for L, n in zip(layers, kind.names))
+    synced = sum(
+        sync_values_table(store, layout, n, L, name, cfg.rank, cfg.world_size)
+        for L, n in zip(layers, kind.names, strict=False)
+    )
     if not res.skipped:
         c, m = res.counts, res.metrics
-        print(f"gradient norms {', '.join(kind.names)} ({cfg.loss_reduction} loss): {c['rows']} rows, "
-              f"{c['tokens']} tokens in {m['seconds']:.1f} s ({m['tokens_per_s']:,.0f} tok/s); run {res.run_id}")
+        print(
+            f"gradient norms {', '.join(kind.names)} ({cfg.loss_reduction} loss): {c['rows']} rows, "
+            f"{c['tokens']} tokens in {m['seconds']:.1f} s ({m['tokens_per_s']:,.0f} tok/s); run {res.run_id}"
+        )
         if c["rows_without_supervised_tokens"]:
-            print(f"note: {c['rows_without_supervised_tokens']} rows have no supervised token to predict; "
-                  f"their norms are 0")
+            print(
+                f"note: {c['rows_without_supervised_tokens']} rows have no supervised token to predict; "
+                f"their norms are 0"
+            )
     if synced:
         print(f"table {VALUES_TABLE}: {synced} units copied (view token_gradnorms)")
     return res

@@ -15,8 +15,9 @@ positions and their unit slots are computed with numpy, each layer's output is g
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -24,8 +25,8 @@ import torch
 from extractors.forward import Batch, LayerCapture, pad_batch, padding_fraction, plan_batches, validate_layers
 from extractors.model import decoder_layers, pad_token_id
 from extractors.units import ArrayKind, ArraySpec, UnitWork, extract_units
-from store.core import Store
 from store.catalog.tokens import Layout, row_token_ids
+from store.core import Store
 
 
 class ExtractResult(NamedTuple):
@@ -47,7 +48,7 @@ def hidden_array_name(layer: int, adapter: str | None = None) -> str:
 @dataclass
 class HiddenSpec:
     layers: list[int]
-    dtype: str                 # storage dtype: bf16 | fp16 | fp32
+    dtype: str  # storage dtype: bf16 | fp16 | fp32
 
 
 def unit_batches(layout: Layout, rows: list[int], batch_tokens: int) -> list[Batch]:
@@ -63,8 +64,8 @@ def token_index(layout: Layout, b: Batch, lo: int) -> tuple[np.ndarray, np.ndarr
     and their slots in the unit buffer (row after row). Vectorized: no per-token Python."""
     lens = np.asarray(b.lengths, dtype=np.int64)
     n = int(lens.sum())
-    first = np.repeat(np.cumsum(lens) - lens, lens)           # index of each token's row start
-    pos = np.arange(n, dtype=np.int64) - first                # token position within its row
+    first = np.repeat(np.cumsum(lens) - lens, lens)  # index of each token's row start
+    pos = np.arange(n, dtype=np.int64) - first  # token position within its row
     rows = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
     starts = np.asarray([layout.tok_starts[i] - lo for i in b.rows], dtype=np.int64)
     return rows * b.width + pos, starts[rows] + pos
@@ -99,17 +100,26 @@ class HiddenStates(ArrayKind):
 
     def specs(self, run_id: str) -> list[ArraySpec]:
         lm, d_model = self.lm, self.lm.model.config.hidden_size
-        attrs = {"model": lm.model_id, "model_hash": lm.model_hash, "tokenization": self.layout.tokenization,
-                 "run_id": run_id, "kind": "hidden", "d_model": d_model,
-                 "layer_convention": "output of decoder block L (0-based) = transformers hidden_states[L+1]"}
-        return [ArraySpec(n, d_model, self.dtype, {**attrs, "layer": L}, "hidden", L)
-                for L, n in zip(self.layers, self.names)]
+        attrs = {
+            "model": lm.model_id,
+            "model_hash": lm.model_hash,
+            "tokenization": self.layout.tokenization,
+            "run_id": run_id,
+            "kind": "hidden",
+            "d_model": d_model,
+            "layer_convention": "output of decoder block L (0-based) = transformers hidden_states[L+1]",
+        }
+        return [
+            ArraySpec(n, d_model, self.dtype, {**attrs, "layer": L}, "hidden", L)
+            for L, n in zip(self.layers, self.names, strict=False)
+        ]
 
     def plan(self, work: list[UnitWork]) -> None:
-        self.ids = row_token_ids(self.store, self.layout.tokenization,
-                                 [self.layout.row_ids[i] for w in work for i in w.rows])
+        self.ids = row_token_ids(
+            self.store, self.layout.tokenization, [self.layout.row_ids[i] for w in work for i in w.rows]
+        )
 
-    def __enter__(self) -> "HiddenStates":
+    def __enter__(self) -> HiddenStates:
         self._cap = LayerCapture(self.lm.model, self.layers).__enter__()
         self._inference = torch.inference_mode()
         self._inference.__enter__()
@@ -138,13 +148,13 @@ class HiddenStates(ArrayKind):
                 self.events[-1][1].record()
             else:
                 self.fwd_s += time.perf_counter() - tf
-            for L, n in zip(self.layers, self.names):
+            for L, n in zip(self.layers, self.names, strict=False):
                 h = out[L].reshape(-1, out[L].shape[-1]).index_select(0, src)
                 stage[n].index_copy_(0, dst, to_storage(h, self.dtype))
             tick(sum(b.lengths))
 
     def forward_seconds(self) -> float:
-        if self.events:     # all recorded work is done: the writer waited on every unit
+        if self.events:  # all recorded work is done: the writer waited on every unit
             return sum(a.elapsed_time(b) for a, b in self.events) / 1000.0
         return self.fwd_s
 
@@ -157,19 +167,52 @@ class HiddenStates(ArrayKind):
         return {"forward_seconds": fwd, "forward_tokens_per_s": tokens / fwd if fwd else 0.0}
 
 
-def extract_hidden(store: Store, lm: Any, layout: Layout, selected: list[str], spec: HiddenSpec, *,
-                   batch_tokens: int, run_config: dict, rank: int = 0, world_size: int = 1,
-                   writers: int | None = None, resident: bool | None = None, claim_timeout: float = 3600.0,
-                   progress: bool = True) -> ExtractResult:
+def extract_hidden(
+    store: Store,
+    lm: Any,
+    layout: Layout,
+    selected: list[str],
+    spec: HiddenSpec,
+    *,
+    batch_tokens: int,
+    run_config: dict,
+    rank: int = 0,
+    world_size: int = 1,
+    writers: int | None = None,
+    resident: bool | None = None,
+    claim_timeout: float = 3600.0,
+    progress: bool = True,
+) -> ExtractResult:
     """Fill hidden/layer_L for the selected rows (see the module docstring)."""
     layers = validate_layers(spec.layers, len(decoder_layers(lm.model)), lm.model_id)
     kind = HiddenStates(store, lm, layout, layers, spec.dtype, batch_tokens)
-    res = extract_units(store, layout, selected, kind, run_config=run_config, device=lm.device,
-                        model_id=lm.model_id, model_hash=lm.model_hash, layers=layers, rank=rank,
-                        world_size=world_size, writers=writers, resident=resident, claim_timeout=claim_timeout,
-                        progress=progress)
+    res = extract_units(
+        store,
+        layout,
+        selected,
+        kind,
+        run_config=run_config,
+        device=lm.device,
+        model_id=lm.model_id,
+        model_hash=lm.model_hash,
+        layers=layers,
+        rank=rank,
+        world_size=world_size,
+        writers=writers,
+        resident=resident,
+        claim_timeout=claim_timeout,
+        progress=progress,
+    )
     if res.skipped:
         return ExtractResult(None, 0, 0, 0.0, 0.0, 0.0, 0.0, True)
     m = res.metrics
-    return ExtractResult(res.run_id, res.rows, res.tokens, res.seconds, m["tokens_per_s"],
-                         m["forward_tokens_per_s"], res.counts["padding_fraction"], False)
+    return ExtractResult(
+        res.run_id,
+        res.rows,
+        res.tokens,
+        res.seconds,
+        m["tokens_per_s"],
+        m["forward_tokens_per_s"],
+        res.counts["padding_fraction"],
+        False,
+    )

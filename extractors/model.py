@@ -40,7 +40,7 @@ def rank_cuda_device(requested: str, local_rank: int | None, n_devices: int) -> 
     return "cuda" if requested == "auto" else requested
 
 
-def pick_device(requested: str = "auto", local_rank: int | None = None) -> "torch.device":
+def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch.device:
     """cuda when available (or asked for), else cpu; asking for an absent device is an error.
     `local_rank` (torchrun's LOCAL_RANK) picks each rank's GPU (see rank_cuda_device)."""
     import torch
@@ -56,7 +56,7 @@ def pick_device(requested: str = "auto", local_rank: int | None = None) -> "torc
     return torch.device(requested)
 
 
-def pick_dtype(device: "torch.device", requested: str = "auto") -> "torch.dtype":
+def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     """Compute dtype: bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and less exact)."""
     import torch
 
@@ -92,10 +92,10 @@ def embedded_gguf() -> Path:
 
 
 class ModelSource(NamedTuple):
-    path: str           # what from_pretrained gets
-    model_id: str       # what runs record
+    path: str  # what from_pretrained gets
+    model_id: str  # what runs record
     model_hash: str
-    note: str           # how it was obtained, for the log
+    note: str  # how it was obtained, for the log
 
 
 def _convert_embedded(gguf: Path, target: Path) -> float:
@@ -167,8 +167,9 @@ class LoadedModel(NamedTuple):
     note: str
 
 
-def load_model(model: str = EMBEDDED, device: str = "auto", dtype: str = "auto",
-               cache_dir: Path | None = None) -> LoadedModel:
+def load_model(
+    model: str = EMBEDDED, device: str = "auto", dtype: str = "auto", cache_dir: Path | None = None
+) -> LoadedModel:
     """Load model + tokenizer for inference (eval mode, no parameter grads)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -214,5 +215,7 @@ def check_model_hash(lm: LoadedModel, attrs: dict[str, Any], what: str, flag: st
 
     want = attrs.get("model_hash")
     if want and lm.model_hash != want:
-        raise StoreError(f"{flag} {lm.model_id} has hash {lm.model_hash}, but {what} was computed with "
-                         f"{attrs.get('model')} ({want}); pass that model with {flag}")
+        raise StoreError(
+            f"{flag} {lm.model_id} has hash {lm.model_hash}, but {what} was computed with "
+            f"{attrs.get('model')} ({want}); pass that model with {flag}"
+        )

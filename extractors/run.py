@@ -19,7 +19,7 @@ from extractors.pipeline import ExtractConfig, run_extraction
 from store.cli import parse_config, user_errors
 
 
-@user_errors(ValueError, RuntimeError, OSError)    # OSError: e.g. a full disk (the run is recorded failed)
+@user_errors(ValueError, RuntimeError, OSError)  # OSError: e.g. a full disk (the run is recorded failed)
 def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     run_extraction(parse_config(ExtractConfig, argv, prog="python -m extractors.run"))

@@ -18,15 +18,15 @@ import pyarrow as pa
 
 from store.core import Store, StoreError
 
-IGNORE = -100   # the label of a position without loss (torch's cross_entropy ignore_index)
+IGNORE = -100  # the label of a position without loss (torch's cross_entropy ignore_index)
 
 
 class SFTRows(NamedTuple):
     row_ids: list[str]
     input_ids: list[list[int]]
-    labels: list[list[int]]          # token id where supervised, else IGNORE (unshifted)
-    n_truncated: int                 # rows cut to max_length
-    n_long: int                      # rows longer than max_length (truncated or not)
+    labels: list[list[int]]  # token id where supervised, else IGNORE (unshifted)
+    n_truncated: int  # rows cut to max_length
+    n_long: int  # rows longer than max_length (truncated or not)
 
     @property
     def n_supervised(self) -> list[int]:
@@ -44,8 +44,14 @@ def splits(store: Store) -> list[str]:
     return store.query("SELECT DISTINCT split FROM split_members ORDER BY 1").column(0).to_pylist()
 
 
-def select_rows_by(store: Store, *, split: str | None = None, sql: str | None = None,
-                   max_rows: int | None = None, flag: str = "--split") -> list[str]:
+def select_rows_by(
+    store: Store,
+    *,
+    split: str | None = None,
+    sql: str | None = None,
+    max_rows: int | None = None,
+    flag: str = "--split",
+) -> list[str]:
     """Row ids of a split (`all`: every row) or of any SQL returning a `row_id` column, sorted by
     row_id (a content hash: `max_rows` keeps a fixed pseudo-random sample)."""
     if not store.has_table("rows"):
@@ -54,32 +60,48 @@ def select_rows_by(store: Store, *, split: str | None = None, sql: str | None = 
         try:
             t = store.query(f"SELECT DISTINCT CAST(row_id AS VARCHAR) AS row_id FROM ({sql}) ORDER BY 1")
         except Exception as e:  # duckdb errors (binder, parser, catalog) name the problem
-            raise StoreError(f"the SQL given ({sql!r}) failed: {str(e).splitlines()[0]}; it must be a SELECT "
-                             f"returning a row_id column") from e
+            raise StoreError(
+                f"the SQL given ({sql!r}) failed: {str(e).splitlines()[0]}; it must be a SELECT "
+                f"returning a row_id column"
+            ) from e
         ids = t.column(0).to_pylist()
         known = set(store.query("SELECT row_id FROM rows").column(0).to_pylist())
         missing = [r for r in ids if r not in known]
         if missing:
-            raise StoreError(f"the SQL given returns {len(missing)} row_id(s) not ingested in {store.root} "
-                             f"(e.g. {missing[0]!r}); select row_ids from the rows table")
+            raise StoreError(
+                f"the SQL given returns {len(missing)} row_id(s) not ingested in {store.root} "
+                f"(e.g. {missing[0]!r}); select row_ids from the rows table"
+            )
         what = "the SQL given"
     elif split == "all":
         ids = store.query("SELECT row_id FROM rows ORDER BY row_id").column(0).to_pylist()
         what = "--split all"
     else:
-        ids = store.query("SELECT row_id FROM split_members WHERE split = ? ORDER BY row_id",
-                          [split]).column(0).to_pylist()
+        ids = (
+            store.query("SELECT row_id FROM split_members WHERE split = ? ORDER BY row_id", [split])
+            .column(0)
+            .to_pylist()
+        )
         what = f"{flag} {split}"
         if not ids:
-            raise StoreError(f"{flag} {split!r} has no rows in {store.root}; splits in this store: "
-                             f"{', '.join(splits(store)) or 'none (ingest first)'}, or all")
+            raise StoreError(
+                f"{flag} {split!r} has no rows in {store.root}; splits in this store: "
+                f"{', '.join(splits(store)) or 'none (ingest first)'}, or all"
+            )
     if not ids:
         raise StoreError(f"{what} selects no rows; check the query against the rows table")
     return ids[:max_rows] if max_rows is not None else ids
 
 
-def load_sft_rows(store: Store, tokenization: str, row_ids: list[str], *, max_length: int | None = None,
-                  on_long: Literal["error", "truncate"] = "error", flag: str = "--max-length") -> SFTRows:
+def load_sft_rows(
+    store: Store,
+    tokenization: str,
+    row_ids: list[str],
+    *,
+    max_length: int | None = None,
+    on_long: Literal["error", "truncate"] = "error",
+    flag: str = "--max-length",
+) -> SFTRows:
     """Token ids and labels of `row_ids` (in that order) from the stored tokenization."""
     con = store.connect()
     try:
@@ -87,24 +109,36 @@ def load_sft_rows(store: Store, tokenization: str, row_ids: list[str], *, max_le
         t = con.sql(
             "SELECT row_id, list(token_id ORDER BY token_pos) AS ids, "
             "list(is_supervised ORDER BY token_pos) AS sup FROM tokens JOIN wanted USING (row_id) "
-            "WHERE tokenization = ? GROUP BY row_id", params=[tokenization]).to_arrow_table()
+            "WHERE tokenization = ? GROUP BY row_id",
+            params=[tokenization],
+        ).to_arrow_table()
     finally:
         con.close()
-    got = dict(zip(t.column("row_id").to_pylist(), zip(t.column("ids").to_pylist(), t.column("sup").to_pylist())))
+    got = dict(
+        zip(
+            t.column("row_id").to_pylist(),
+            zip(t.column("ids").to_pylist(), t.column("sup").to_pylist(), strict=False),
+            strict=False,
+        )
+    )
     missing = [r for r in row_ids if r not in got]
     if missing:
-        raise StoreError(f"{len(missing)} selected row(s) have no tokens in tokenization {tokenization} "
-                         f"(e.g. {missing[0]!r}, maybe quarantined); select rows that were ingested and tokenized")
+        raise StoreError(
+            f"{len(missing)} selected row(s) have no tokens in tokenization {tokenization} "
+            f"(e.g. {missing[0]!r}, maybe quarantined); select rows that were ingested and tokenized"
+        )
     long_rows = [r for r in row_ids if max_length is not None and len(got[r][0]) > max_length]
     if long_rows and on_long == "error":
         longest = max(len(got[r][0]) for r in long_rows)
-        raise StoreError(f"{len(long_rows)} row(s) are longer than {flag} {max_length} (longest {longest} tokens, "
-                         f"e.g. {long_rows[0]!r}); pass {flag} {longest}, or --on-long truncate to cut them")
+        raise StoreError(
+            f"{len(long_rows)} row(s) are longer than {flag} {max_length} (longest {longest} tokens, "
+            f"e.g. {long_rows[0]!r}); pass {flag} {longest}, or --on-long truncate to cut them"
+        )
     ids_out, labels = [], []
     for r in row_ids:
         ids, sup = got[r]
         if max_length is not None:
             ids, sup = ids[:max_length], sup[:max_length]
         ids_out.append(list(ids))
-        labels.append([i if s else IGNORE for i, s in zip(ids, sup)])
+        labels.append([i if s else IGNORE for i, s in zip(ids, sup, strict=False)])
     return SFTRows(list(row_ids), ids_out, labels, len(long_rows) if on_long == "truncate" else 0, len(long_rows))

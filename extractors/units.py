@@ -40,11 +40,20 @@ import zarr
 from tqdm.auto import tqdm
 
 from store import claims
-from store.arrays import (StorageDtype, array_exists, commit_unit, committed_in_unit, committed_rows, create_array,
-                          open_array_rw, record_array, write_unit)
-from store.core import Store, StoreError, sweep_temp_files
+from store.arrays import (
+    StorageDtype,
+    array_exists,
+    commit_unit,
+    committed_in_unit,
+    committed_rows,
+    create_array,
+    open_array_rw,
+    record_array,
+    write_unit,
+)
 from store.catalog.runs import Run
 from store.catalog.tokens import Layout
+from store.core import Store, StoreError, sweep_temp_files
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 3600.0) -> None:
@@ -63,19 +72,26 @@ def select_rows(store: Store, split: str, max_rows: int | None, view: str | None
     if split == "all":
         ids = store.query("SELECT row_id FROM rows ORDER BY row_id").column(0).to_pylist()
     else:
-        ids = store.query("SELECT row_id FROM split_members WHERE split = ? ORDER BY row_id", [split]).column(0).to_pylist()
+        ids = (
+            store.query("SELECT row_id FROM split_members WHERE split = ? ORDER BY row_id", [split])
+            .column(0)
+            .to_pylist()
+        )
         if not ids:
             have = store.query("SELECT DISTINCT split FROM split_members ORDER BY 1").column(0).to_pylist()
             raise ValueError(f"--split {split!r} has no rows; splits in this store: {', '.join(have)} or all")
     if view is not None:
         from store.materialize import view_sql
+
         try:
             t = store.query(f"SELECT * FROM ({view_sql(store, view)}) LIMIT 0")
         except Exception as e:  # noqa: BLE001 - duckdb's errors, or no such view
             raise ValueError(f"--rows-view {view!r} cannot run: {str(e).splitlines()[0]}") from e
         if "row_id" not in t.column_names:
-            raise ValueError(f"--rows-view {view!r} returns no row_id column (it has {', '.join(t.column_names)}); "
-                             "select row_id, e.g. SELECT row_id FROM rows WHERE quality = 'poor'")
+            raise ValueError(
+                f"--rows-view {view!r} returns no row_id column (it has {', '.join(t.column_names)}); "
+                "select row_id, e.g. SELECT row_id FROM rows WHERE quality = 'poor'"
+            )
         keep = set(store.query(f"SELECT DISTINCT row_id FROM ({view_sql(store, view)})").column(0).to_pylist())
         ids = [r for r in ids if r in keep]
         if not ids:
@@ -85,12 +101,13 @@ def select_rows(store: Store, split: str, max_rows: int | None, view: str | None
 
 class UnitWork(NamedTuple):
     unit: int
-    rows: list[int]                  # layout indices to compute
-    todo: dict[str, set[str]]        # array name -> row ids to write
+    rows: list[int]  # layout indices to compute
+    todo: dict[str, set[str]]  # array name -> row ids to write
 
 
-def plan_work(layout: Layout, selected: list[str], names: list[str], rank: int, world_size: int,
-              store: Store) -> list[UnitWork]:
+def plan_work(
+    layout: Layout, selected: list[str], names: list[str], rank: int, world_size: int, store: Store
+) -> list[UnitWork]:
     """The units of this rank holding selected rows not yet committed in every array."""
     sel = set(selected)
     done = {n: committed_rows(store, n) for n in names}
@@ -133,10 +150,11 @@ class UnitWriter:
         self.store, self.arrays, self.layout, self.run_id = store, arrays, layout, run_id
         self.q: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
-        self.seconds = 0.0                      # busy time, summed over threads
+        self.seconds = 0.0  # busy time, summed over threads
         self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self.run, daemon=True, name=f"unit-writer-{k}")
-                        for k in range(max(1, threads))]
+        self.threads = [
+            threading.Thread(target=self.run, daemon=True, name=f"unit-writer-{k}") for k in range(max(1, threads))
+        ]
 
     def start(self) -> None:
         for t in self.threads:
@@ -165,15 +183,15 @@ class UnitWriter:
             if not todo:
                 continue
             done = committed_in_unit(self.store, name, work.unit)
-            drop_partials(self.store, name, work.unit)     # a killed writer's, of this claimed unit
+            drop_partials(self.store, name, work.unit)  # a killed writer's, of this claimed unit
             buf = buffers[name]
             if done:
                 # Keep the committed rows' values: they may come from other batches.
-                old = self.arrays[name][lo: lo + self.layout.unit_tokens]
+                old = self.arrays[name][lo : lo + self.layout.unit_tokens]
                 for i, rid in enumerate(self.layout.row_ids):
                     if self.layout.units[i] == work.unit and rid in done:
                         s = self.layout.tok_starts[i] - lo
-                        buf[s: s + self.layout.lengths[i]] = old[s: s + self.layout.lengths[i]]
+                        buf[s : s + self.layout.lengths[i]] = old[s : s + self.layout.lengths[i]]
             write_unit(self.store, self.arrays[name], name, work.unit, buf)
             commit_unit(self.store, name, work.unit, sorted(done | todo), self.run_id)
 
@@ -193,8 +211,13 @@ class UnitWriter:
 
 
 # numpy storage dtype -> the torch dtype a stage buffer holds (same bits; uint16 as int16)
-_TORCH_OF = {np.dtype("uint16"): torch.int16, np.dtype("float16"): torch.float16,
-             np.dtype("float32"): torch.float32, np.dtype("int32"): torch.int32, np.dtype("int64"): torch.int64}
+_TORCH_OF = {
+    np.dtype("uint16"): torch.int16,
+    np.dtype("float16"): torch.float16,
+    np.dtype("float32"): torch.float32,
+    np.dtype("int32"): torch.int32,
+    np.dtype("int64"): torch.int64,
+}
 
 
 def stage_dtype(arr: Any) -> torch.dtype:
@@ -205,8 +228,14 @@ class Staging:
     """Where each unit is assembled: one `[unit_tokens, *width]` buffer per array (see the
     module docstring for the CPU and the device-resident paths)."""
 
-    def __init__(self, arrays: dict[str, Any], unit_tokens: int, device: torch.device, pool_size: int,
-                 resident: bool | None = None):
+    def __init__(
+        self,
+        arrays: dict[str, Any],
+        unit_tokens: int,
+        device: torch.device,
+        pool_size: int,
+        resident: bool | None = None,
+    ):
         self.arrays, self.rows = arrays, unit_tokens
         self.cuda = device.type == "cuda"
         self.resident = self.cuda if resident is None else resident
@@ -217,8 +246,12 @@ class Staging:
             for n, a in arrays.items():
                 self.dev[n] = torch.zeros(self.shape[n], dtype=stage_dtype(a), device=device)
             for _ in range(pool_size):
-                self.pool.put({n: torch.empty(self.shape[n], dtype=stage_dtype(a), pin_memory=self.cuda)
-                               for n, a in arrays.items()})
+                self.pool.put(
+                    {
+                        n: torch.empty(self.shape[n], dtype=stage_dtype(a), pin_memory=self.cuda)
+                        for n, a in arrays.items()
+                    }
+                )
 
     def begin(self) -> dict[str, torch.Tensor]:
         """Zeroed buffers for the next unit (slots of unselected rows and the tail stay 0)."""
@@ -246,13 +279,14 @@ class Staging:
 
 class ArraySpec(NamedTuple):
     """One array an array kind fills, on the layout's token axis."""
-    name: str                        # e.g. hidden/layer_17
-    width: int | None                # None: 1-D (one value per token)
+
+    name: str  # e.g. hidden/layer_17
+    width: int | None  # None: 1-D (one value per token)
     dtype: StorageDtype
-    attrs: dict[str, Any]            # the array's own attributes (model, layer, run id, ...)
-    kind: str                        # the `arrays` table's kind column
+    attrs: dict[str, Any]  # the array's own attributes (model, layer, run id, ...)
+    kind: str  # the `arrays` table's kind column
     layer: int | None
-    extra: dict[str, Any] | None = None   # more `arrays` columns
+    extra: dict[str, Any] | None = None  # more `arrays` columns
 
 
 class ArrayKind:
@@ -260,8 +294,8 @@ class ArrayKind:
     `desc`, and implement `specs` and `fill`; `__enter__`/`__exit__` wrap the unit loop."""
 
     names: list[str] = []
-    run_kind = ""                   # the runs table's kind, e.g. extract_hidden
-    desc = "extract"                # progress bar label
+    run_kind = ""  # the runs table's kind, e.g. extract_hidden
+    desc = "extract"  # progress bar label
 
     def specs(self, run_id: str) -> list[ArraySpec]:
         raise NotImplementedError
@@ -280,7 +314,7 @@ class ArrayKind:
     def metrics(self, seconds: float) -> dict[str, Any]:
         return {}
 
-    def __enter__(self) -> "ArrayKind":
+    def __enter__(self) -> ArrayKind:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -288,7 +322,7 @@ class ArrayKind:
 
 
 class UnitRun(NamedTuple):
-    run_id: str | None              # None: nothing was missing
+    run_id: str | None  # None: nothing was missing
     rows: int
     tokens: int
     seconds: float
@@ -300,8 +334,14 @@ class UnitRun(NamedTuple):
         return self.run_id is None
 
 
-def claimed_units(store: Store, scope: str, work: list[UnitWork], replan: Callable[[], list[UnitWork]],
-                  timeout: float, poll: float = 0.5):
+def claimed_units(
+    store: Store,
+    scope: str,
+    work: list[UnitWork],
+    replan: Callable[[], list[UnitWork]],
+    timeout: float,
+    poll: float = 0.5,
+):
     """The units of `work` this process gets to compute, each claimed first. Units another
     live writer holds are left to it; once nothing else is left, they are waited for until
     committed (dropped) or their claim goes stale (taken over, with their work re-planned)."""
@@ -318,7 +358,7 @@ def claimed_units(store: Store, scope: str, work: list[UnitWork], replan: Callab
         left = []
         for u in deferred:
             if u not in fresh:
-                continue                      # committed by the other writer
+                continue  # committed by the other writer
             if claims.acquire(store, scope, f"u{u:06d}", timeout):
                 yield fresh[u]
             else:
@@ -333,36 +373,66 @@ def open_arrays(store: Store, layout: Layout, specs: list[ArraySpec], rank: int)
     arrays = {}
     for s in specs:
         if rank == 0:
-            arrays[s.name] = create_array(store, s.name, n_slots=layout.n_slots, width=s.width,
-                                          chunk_slots=layout.unit_tokens, dtype=s.dtype, attrs=s.attrs)
-            record_array(store, s.name, arrays[s.name], kind=s.kind, layer=s.layer, run_id=s.attrs["run_id"],
-                         extra=s.extra)
+            arrays[s.name] = create_array(
+                store,
+                s.name,
+                n_slots=layout.n_slots,
+                width=s.width,
+                chunk_slots=layout.unit_tokens,
+                dtype=s.dtype,
+                attrs=s.attrs,
+            )
+            record_array(
+                store, s.name, arrays[s.name], kind=s.kind, layer=s.layer, run_id=s.attrs["run_id"], extra=s.extra
+            )
         else:
             wait_for(lambda n=s.name: array_exists(store, n), s.name)
             arrays[s.name] = open_array_rw(store, s.name)
     return arrays
 
 
-def extract_units(store: Store, layout: Layout, selected: list[str], kind: ArrayKind, *, run_config: dict,
-                  device: torch.device, model_id: str = "", model_hash: str = "", layers: list[int] | None = None,
-                  rank: int = 0, world_size: int = 1, writers: int | None = None, resident: bool | None = None,
-                  claim_timeout: float = 3600.0, progress: bool = True) -> UnitRun:
+def extract_units(
+    store: Store,
+    layout: Layout,
+    selected: list[str],
+    kind: ArrayKind,
+    *,
+    run_config: dict,
+    device: torch.device,
+    model_id: str = "",
+    model_hash: str = "",
+    layers: list[int] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    writers: int | None = None,
+    resident: bool | None = None,
+    claim_timeout: float = 3600.0,
+    progress: bool = True,
+) -> UnitRun:
     """Fill `kind`'s arrays for the selected rows not yet committed (see the module docstring).
     `writers` (writer threads) and `resident` (device-resident unit buffers) default to the
     device's best: 2 and True on CUDA, 1 and False on CPU. Units are claimed (store.claims)
     before they are computed, so writers started on the same store and arrays split them;
     a claim older than `claim_timeout` seconds is taken over."""
-    claims.sweep_stale(store, claim_timeout)      # a killed writer's claims, even of units it committed
+    claims.sweep_stale(store, claim_timeout)  # a killed writer's claims, even of units it committed
     work = plan_work(layout, selected, kind.names, rank, world_size, store)
     if not work:
         print(f"nothing to do: {', '.join(kind.names)} already hold all {len(selected)} selected rows")
         return UnitRun(None, 0, 0, 0.0, {}, {})
-    with Run(store, kind.run_kind, run_config, model_id=model_id, model_hash=model_hash, layers=layers,
-             rank=rank, world_size=world_size) as run:
+    with Run(
+        store,
+        kind.run_kind,
+        run_config,
+        model_id=model_id,
+        model_hash=model_hash,
+        layers=layers,
+        rank=rank,
+        world_size=world_size,
+    ) as run:
         specs = kind.specs(run.run_id)
         arrays = open_arrays(store, layout, specs, rank)
         for s in specs:
-            sweep_temp_files(store.array_path(s.name), recursive=False)   # zarr.json writes of killed runs
+            sweep_temp_files(store.array_path(s.name), recursive=False)  # zarr.json writes of killed runs
         kind.plan(work)
         total = sum(layout.lengths[i] for w in work for i in w.rows)
         cuda = device.type == "cuda"
@@ -383,22 +453,26 @@ def extract_units(store: Store, layout: Layout, selected: list[str], kind: Array
                     writer.put((w, *staging.finish()))
                     mine.append(w)
         except BaseException:
-            writer.close(raise_error=False)   # units already computed are still committed
+            writer.close(raise_error=False)  # units already computed are still committed
             claims.release_all(store, scope, claim_timeout)
             raise
         finally:
             bar.close()
         writer.close()
-        claims.release_all(store, scope, claim_timeout)   # after the commits: a claim lasts until its unit is visible
+        claims.release_all(store, scope, claim_timeout)  # after the commits: a claim lasts until its unit is visible
         secs = time.perf_counter() - t0
         work = mine
         total = sum(layout.lengths[i] for w in work for i in w.rows)
         for s in specs:
-            record_array(store, s.name, arrays[s.name], kind=s.kind, layer=s.layer, run_id=run.run_id,
-                         extra=s.extra)
+            record_array(store, s.name, arrays[s.name], kind=s.kind, layer=s.layer, run_id=run.run_id, extra=s.extra)
         n_rows = sum(len(w.rows) for w in work)
         counts = {"rows": n_rows, "tokens": total, "units": len(work), **kind.counts()}
-        metrics = {"seconds": secs, "tokens_per_s": total / secs if secs else 0.0,
-                   "writer_seconds": writer.seconds, "writer_threads": len(writer.threads), **kind.metrics(secs)}
+        metrics = {
+            "seconds": secs,
+            "tokens_per_s": total / secs if secs else 0.0,
+            "writer_seconds": writer.seconds,
+            "writer_threads": len(writer.threads),
+            **kind.metrics(secs),
+        }
         run.finish(counts=counts, metrics=metrics)
     return UnitRun(run.run_id, n_rows, total, secs, counts, metrics)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import threading
 import zlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,10 +32,22 @@ from store.fs import RemotePath, read_parquet, scan, zarr_store
 from store.groups import ensure_groups
 
 StorageDtype = Literal["bf16", "fp16", "fp32", "int32", "uint16", "int64"]
-_ZARR_DTYPE = {"bf16": "uint16", "fp16": "float16", "fp32": "float32", "int32": "int32",
-               "uint16": "uint16", "int64": "int64"}
-_REAL_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "int32": "int32",
-               "uint16": "uint16", "int64": "int64"}
+_ZARR_DTYPE = {
+    "bf16": "uint16",
+    "fp16": "float16",
+    "fp32": "float32",
+    "int32": "int32",
+    "uint16": "uint16",
+    "int64": "int64",
+}
+_REAL_DTYPE = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "fp32": "float32",
+    "int32": "int32",
+    "uint16": "uint16",
+    "int64": "int64",
+}
 
 UNITS_TABLE = "array_units"
 ARRAYS_TABLE = "arrays"
@@ -77,8 +89,16 @@ def decode(raw: np.ndarray, real_dtype: str) -> np.ndarray:
     return raw
 
 
-def create_array(store: Store, name: str, *, n_slots: int, width: int | None, chunk_slots: int,
-                 dtype: StorageDtype, attrs: dict[str, Any]) -> zarr.Array:
+def create_array(
+    store: Store,
+    name: str,
+    *,
+    n_slots: int,
+    width: int | None,
+    chunk_slots: int,
+    dtype: StorageDtype,
+    attrs: dict[str, Any],
+) -> zarr.Array:
     """Create the array, or open it if it exists with the same shape, dtype and identity.
 
     `width=None` makes a 1-D array (e.g. per-token gradient norms).
@@ -86,9 +106,8 @@ def create_array(store: Store, name: str, *, n_slots: int, width: int | None, ch
     path = store.array_path(name)
     shape = (n_slots,) if width is None else (n_slots, width)
     chunks = (chunk_slots,) if width is None else (chunk_slots, width)
-    attrs = {**attrs, "dtype": _REAL_DTYPE[dtype], "storage_dtype": _ZARR_DTYPE[dtype],
-             "store_array": name}
-    ensure_groups(store, name)      # before the array's own metadata: readers that see it see its groups
+    attrs = {**attrs, "dtype": _REAL_DTYPE[dtype], "storage_dtype": _ZARR_DTYPE[dtype], "store_array": name}
+    ensure_groups(store, name)  # before the array's own metadata: readers that see it see its groups
     if (path / "zarr.json").exists():
         arr = open_array_rw(store, name)
         mism = [k for k in ("tokenization", "model_hash", "dtype") if k in attrs and arr.attrs.get(k) != attrs[k]]
@@ -102,8 +121,13 @@ def create_array(store: Store, name: str, *, n_slots: int, width: int | None, ch
             )
         return arr
     return zarr.create_array(
-        store=zarr_store(path, read_only=False), shape=shape, chunks=chunks, dtype=_ZARR_DTYPE[dtype],
-        compressors=None, fill_value=0, attributes=attrs,
+        store=zarr_store(path, read_only=False),
+        shape=shape,
+        chunks=chunks,
+        dtype=_ZARR_DTYPE[dtype],
+        compressors=None,
+        fill_value=0,
+        attributes=attrs,
         dimension_names=("token",) if width is None else ("token", "feature"),
         config={"write_empty_chunks": True},
     )
@@ -112,8 +136,11 @@ def create_array(store: Store, name: str, *, n_slots: int, width: int | None, ch
 def open_array(store: Store, name: str) -> zarr.Array:
     path = store.array_path(name)
     if not (path / "zarr.json").exists():
-        have = [r["name"] for r in store.query("SELECT name FROM arrays ORDER BY 1").to_pylist()] \
-            if store.has_table(ARRAYS_TABLE) else []
+        have = (
+            [r["name"] for r in store.query("SELECT name FROM arrays ORDER BY 1").to_pylist()]
+            if store.has_table(ARRAYS_TABLE)
+            else []
+        )
         raise StoreError(f"array {name!r} is not in {store.root}; arrays there: {have or 'none'}")
     return zarr.open_array(zarr_store(path, read_only=True), mode="r")
 
@@ -133,7 +160,7 @@ def chunk_checksum(path: Path) -> tuple[int, int]:
     """(size in bytes, CRC-32) of a chunk file: what its commit records and `verify` checks.
     CRC-32 reads at ~3 GB/s here, far above the disk's write speed."""
     crc, size = 0, 0
-    with path.open("rb") as fh:        # a local file, or the object read back from the store
+    with path.open("rb") as fh:  # a local file, or the object read back from the store
         while block := fh.read(1 << 22):
             crc = zlib.crc32(block, crc)
             size += len(block)
@@ -143,10 +170,10 @@ def chunk_checksum(path: Path) -> tuple[int, int]:
 def write_unit(store: Store, arr: zarr.Array, name: str, unit: int, data: np.ndarray) -> None:
     """Write the whole chunk of `unit` and make it durable."""
     chunk = arr.chunks[0]
-    arr[unit * chunk: unit * chunk + data.shape[0]] = data
+    arr[unit * chunk : unit * chunk + data.shape[0]] = data
     path = chunk_path(store, name, unit, arr.ndim)
     if isinstance(path, RemotePath):
-        return                  # the chunk was one PUT, durable when it returned
+        return  # the chunk was one PUT, durable when it returned
     fsync_path(path)
     fsync_path(path.parent)
 
@@ -159,19 +186,21 @@ def _unit_part(name: str, unit: int) -> str:
 def commit_unit(store: Store, name: str, unit: int, row_ids: list[str], run_id: str) -> None:
     """Make `row_ids` of `unit` visible to readers (call after `write_unit`). The commit file
     records the chunk file's size and CRC-32, which `python -m store.verify` checks."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     ndim = 2 if (store.array_path(name) / "c" / str(unit)).is_dir() else 1
     size, crc = chunk_checksum(chunk_path(store, name, unit, ndim))
     n = len(row_ids)
-    tbl = pa.table({
-        "array_name": pa.array([name] * n, pa.string()),
-        "unit": pa.array([unit] * n, pa.int32()),
-        "row_id": pa.array(sorted(row_ids), pa.string()),
-        "run_id": pa.array([run_id] * n, pa.string()),
-        "committed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
-        "chunk_bytes": pa.array([size] * n, pa.int64()),
-        "chunk_crc32": pa.array([crc] * n, pa.int64()),
-    })
+    tbl = pa.table(
+        {
+            "array_name": pa.array([name] * n, pa.string()),
+            "unit": pa.array([unit] * n, pa.int32()),
+            "row_id": pa.array(sorted(row_ids), pa.string()),
+            "run_id": pa.array([run_id] * n, pa.string()),
+            "committed_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            "chunk_bytes": pa.array([size] * n, pa.int64()),
+            "chunk_crc32": pa.array([crc] * n, pa.int64()),
+        }
+    )
     store.write_table(UNITS_TABLE, tbl, part=_unit_part(name, unit))
 
 
@@ -201,8 +230,11 @@ def _committed_table(store: Store, name: str) -> pa.Table:
     files = {}
     for e in entries:
         cached = old_files.get(e[0])
-        files[e[0]] = cached if cached is not None and cached[0] == e[1:] else \
-            (e[1:], read_parquet(d / e[0], columns=["unit", "row_id"]))
+        files[e[0]] = (
+            cached
+            if cached is not None and cached[0] == e[1:]
+            else (e[1:], read_parquet(d / e[0], columns=["unit", "row_id"]))
+        )
     schema = pa.schema([("unit", pa.int32()), ("row_id", pa.string())])
     t = pa.concat_tables([f[1].cast(schema) for f in files.values()]) if files else schema.empty_table()
     with _COMMITTED_LOCK:
@@ -225,7 +257,7 @@ def committed_rows(store: Store, name: str) -> dict[int, set[str]]:
     """{unit: rows committed} for one array."""
     t = _committed_table(store, name)
     out: dict[int, set[str]] = {}
-    for u, r in zip(t.column("unit").to_pylist(), t.column("row_id").to_pylist()):
+    for u, r in zip(t.column("unit").to_pylist(), t.column("row_id").to_pylist(), strict=False):
         out.setdefault(u, set()).add(r)
     return out
 
@@ -235,25 +267,42 @@ def committed_row_ids(store: Store, name: str) -> pa.ChunkedArray:
     return _committed_table(store, name).column("row_id")
 
 
-def record_array(store: Store, name: str, arr: zarr.Array, *, kind: str, layer: int | None,
-                 run_id: str, extra: dict[str, Any] | None = None) -> None:
+def record_array(
+    store: Store,
+    name: str,
+    arr: zarr.Array,
+    *,
+    kind: str,
+    layer: int | None,
+    run_id: str,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """One row in the `arrays` table per array (rewritten when a run adds to it)."""
     a = dict(arr.attrs)
     row = {
-        "name": name, "kind": kind, "layer": layer, "dtype": a.get("dtype"),
-        "storage_dtype": a.get("storage_dtype"), "shape": list(arr.shape), "chunks": list(arr.chunks),
-        "codec": "none", "tokenization": a.get("tokenization"), "model": a.get("model"),
-        "model_hash": a.get("model_hash"), "created_by_run": a.get("run_id"), "last_run": run_id,
+        "name": name,
+        "kind": kind,
+        "layer": layer,
+        "dtype": a.get("dtype"),
+        "storage_dtype": a.get("storage_dtype"),
+        "shape": list(arr.shape),
+        "chunks": list(arr.chunks),
+        "codec": "none",
+        "tokenization": a.get("tokenization"),
+        "model": a.get("model"),
+        "model_hash": a.get("model_hash"),
+        "created_by_run": a.get("run_id"),
+        "last_run": run_id,
         "path": str(store.array_path(name).relative_to(store.root)),
-        "updated_at": datetime.now(timezone.utc),
+        "updated_at": datetime.now(UTC),
         **(extra or {}),
     }
     store.write_rows(ARRAYS_TABLE, [row], part=array_key(name))
 
 
 # ---- small questions every reader asks ------------------------------------------------
-REAL_DTYPE = _REAL_DTYPE                                  # storage dtype name -> attrs["dtype"]
-STORAGE_OF = {v: k for k, v in _REAL_DTYPE.items() if k != "uint16"}   # attrs["dtype"] -> storage name
+REAL_DTYPE = _REAL_DTYPE  # storage dtype name -> attrs["dtype"]
+STORAGE_OF = {v: k for k, v in _REAL_DTYPE.items() if k != "uint16"}  # attrs["dtype"] -> storage name
 
 
 def array_exists(store: Store, name: str) -> bool:
@@ -272,5 +321,8 @@ def stored_layers(store: Store, base: str = "hidden") -> dict[int, str]:
     if not store.has_table(ARRAYS_TABLE):
         return {}
     rows = store.query("SELECT DISTINCT name, layer FROM arrays WHERE layer IS NOT NULL").to_pylist()
-    return {int(r["layer"]): r["name"] for r in sorted(rows, key=lambda r: r["layer"])
-            if r["name"] == f"{base}/layer_{r['layer']}" and array_exists(store, r["name"])}
+    return {
+        int(r["layer"]): r["name"]
+        for r in sorted(rows, key=lambda r: r["layer"])
+        if r["name"] == f"{base}/layer_{r['layer']}" and array_exists(store, r["name"])
+    }

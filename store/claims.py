@@ -53,7 +53,7 @@ def owner(store: Store, scope: str, item: str) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {"host": None, "pid": None, "time": 0.0}      # half-written: stale by age
+        return {"host": None, "pid": None, "time": 0.0}  # half-written: stale by age
 
 
 def is_stale(info: dict, timeout: float) -> bool:
@@ -72,7 +72,7 @@ def acquire(store: Store, scope: str, item: str, timeout: float = 3600.0) -> boo
         if not create_exclusive(path, json.dumps(me).encode()):
             info = owner(store, scope, item)
             if info is None:
-                continue                                  # released meanwhile: try again
+                continue  # released meanwhile: try again
             if info.get("host") == me["host"] and info.get("pid") == me["pid"]:
                 return True
             if not is_stale(info, timeout):
@@ -84,7 +84,7 @@ def acquire(store: Store, scope: str, item: str, timeout: float = 3600.0) -> boo
                 # which costs time, never correctness; see the module docstring).
                 path.unlink(missing_ok=True)
                 continue
-            try:                                          # only one contender wins this rename
+            try:  # only one contender wins this rename
                 os.rename(path, path.with_name(f".{path.stem}.{uuid.uuid4().hex}.stale"))
             except FileNotFoundError:
                 pass
@@ -143,5 +143,5 @@ def sweep_stale(store: Store, timeout: float = 3600.0) -> int:
     found = stale_claims(store, timeout)
     for f, _ in found:
         f.unlink(missing_ok=True)
-    sweep_temp_files(store.claims_dir)          # a killed claimer's temp file (create_exclusive)
+    sweep_temp_files(store.claims_dir)  # a killed claimer's temp file (create_exclusive)
     return len(found)

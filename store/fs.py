@@ -30,8 +30,9 @@ import hashlib
 import io
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import pyarrow.parquet as pq
 
@@ -39,6 +40,7 @@ import pyarrow.parquet as pq
 class RemoteStat(NamedTuple):
     """What `file_signature` reads off a file: st_ino stands in for the object's ETag (a new
     object, even of the same size and second, gets a new one)."""
+
     st_ino: int
     st_mtime_ns: int
     st_size: int
@@ -71,8 +73,10 @@ def filesystem(url: str):
     try:
         fs, path = fsspec.core.url_to_fs(url, **storage_options(protocol or "file"))
     except (ImportError, ValueError) as e:
-        raise ImportError(f"store URL {url!r}: no fsspec filesystem for {protocol!r} ({e}); for s3:// "
-                          "install s3fs (pip install s3fs, a dependency of this package)") from e
+        raise ImportError(
+            f"store URL {url!r}: no fsspec filesystem for {protocol!r} ({e}); for s3:// "
+            "install s3fs (pip install s3fs, a dependency of this package)"
+        ) from e
     return fs, path.rstrip("/")
 
 
@@ -96,7 +100,7 @@ class RemotePath:
         self._p = PurePosixPath(str(path))
 
     # ---- pure path operations -------------------------------------------------------
-    def _new(self, p: PurePosixPath | str) -> "RemotePath":
+    def _new(self, p: PurePosixPath | str) -> RemotePath:
         return RemotePath(self.fs, p)
 
     @property
@@ -115,7 +119,7 @@ class RemotePath:
     def __repr__(self) -> str:
         return f"RemotePath({str(self)!r})"
 
-    def __truediv__(self, other: str | os.PathLike) -> "RemotePath":
+    def __truediv__(self, other: str | os.PathLike) -> RemotePath:
         return self._new(self._p / str(other))
 
     def __eq__(self, other: object) -> bool:
@@ -124,7 +128,7 @@ class RemotePath:
     def __hash__(self) -> int:
         return hash((self.protocol, self._p))
 
-    def __lt__(self, other: "RemotePath") -> bool:
+    def __lt__(self, other: RemotePath) -> bool:
         return self._p < other._p
 
     name = property(lambda self: self._p.name)
@@ -133,29 +137,29 @@ class RemotePath:
     parts = property(lambda self: self._p.parts)
 
     @property
-    def parent(self) -> "RemotePath":
+    def parent(self) -> RemotePath:
         return self._new(self._p.parent)
 
     @property
-    def parents(self) -> list["RemotePath"]:
+    def parents(self) -> list[RemotePath]:
         return [self._new(p) for p in self._p.parents]
 
-    def with_name(self, name: str) -> "RemotePath":
+    def with_name(self, name: str) -> RemotePath:
         return self._new(self._p.with_name(name))
 
-    def with_suffix(self, suffix: str) -> "RemotePath":
+    def with_suffix(self, suffix: str) -> RemotePath:
         return self._new(self._p.with_suffix(suffix))
 
-    def relative_to(self, other: "RemotePath") -> PurePosixPath:
+    def relative_to(self, other: RemotePath) -> PurePosixPath:
         return self._p.relative_to(other._p)
 
     def as_posix(self) -> str:
         return str(self)
 
-    def resolve(self) -> "RemotePath":
+    def resolve(self) -> RemotePath:
         return self
 
-    def expanduser(self) -> "RemotePath":
+    def expanduser(self) -> RemotePath:
         return self
 
     # ---- filesystem operations ------------------------------------------------------
@@ -174,7 +178,7 @@ class RemotePath:
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
         """Object stores have no folders: a prefix exists once an object lies under it."""
 
-    def iterdir(self) -> Iterator["RemotePath"]:
+    def iterdir(self) -> Iterator[RemotePath]:
         try:
             names = self.fs.ls(self.path, detail=False)
         except FileNotFoundError:
@@ -183,13 +187,13 @@ class RemotePath:
             if n.rstrip("/") != self.path:
                 yield self._new(n.rstrip("/"))
 
-    def glob(self, pattern: str) -> Iterator["RemotePath"]:
+    def glob(self, pattern: str) -> Iterator[RemotePath]:
         """Files and folders directly in this folder whose name matches `pattern`."""
         for p in self.iterdir():
             if fnmatch.fnmatchcase(p.name, pattern):
                 yield p
 
-    def rglob(self, pattern: str) -> Iterator["RemotePath"]:
+    def rglob(self, pattern: str) -> Iterator[RemotePath]:
         """Files at any depth below this folder whose name matches `pattern` (one listing)."""
         try:
             found = self.fs.find(self.path)
@@ -273,12 +277,18 @@ def scan(folder: AnyPath, suffix: str = "") -> list[tuple[str, tuple[int, int, i
             infos = folder.fs.ls(folder.path, detail=True)
         except FileNotFoundError:
             return []
-        return sorted((PurePosixPath(i["name"]).name, tuple(_signature(i))) for i in infos
-                      if i.get("type") == "file" and i["name"].endswith(suffix))
+        return sorted(
+            (PurePosixPath(i["name"]).name, tuple(_signature(i)))
+            for i in infos
+            if i.get("type") == "file" and i["name"].endswith(suffix)
+        )
     try:
         with os.scandir(folder) as it:
-            return sorted((e.name, (s.st_ino, s.st_mtime_ns, s.st_size)) for e in it
-                          if e.name.endswith(suffix) and (s := e.stat()))
+            return sorted(
+                (e.name, (s.st_ino, s.st_mtime_ns, s.st_size))
+                for e in it
+                if e.name.endswith(suffix) and (s := e.stat())
+            )
     except FileNotFoundError:
         return []
 
@@ -297,8 +307,9 @@ def zarr_store(path: AnyPath, read_only: bool):
     if isinstance(path, RemotePath):
         from zarr.storage import FsspecStore
 
-        return FsspecStore.from_url(str(path), storage_options=storage_options(path.protocol) or None,
-                                    read_only=read_only)
+        return FsspecStore.from_url(
+            str(path), storage_options=storage_options(path.protocol) or None, read_only=read_only
+        )
     return str(path)
 
 

@@ -45,7 +45,7 @@ def _write_group(folder: Path) -> bool:
     if meta.exists():
         return False
     if isinstance(folder, RemotePath):
-        return create_exclusive(meta, _GROUP_JSON)      # a conditional PUT: never replaces one
+        return create_exclusive(meta, _GROUP_JSON)  # a conditional PUT: never replaces one
     folder.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(folder / "zarr.json")
     with open(tmp, "wb") as fh:
@@ -53,7 +53,7 @@ def _write_group(folder: Path) -> bool:
         fh.flush()
         os.fsync(fh.fileno())
     try:
-        os.link(tmp, meta)          # atomic, and never replaces an existing file
+        os.link(tmp, meta)  # atomic, and never replaces an existing file
     except FileExistsError:
         return False
     finally:
@@ -66,18 +66,18 @@ def ensure_groups(store: Store, name: str) -> list[Path]:
     """Give `arrays/` and every folder above the array `name` group metadata (idempotent);
     returns the folders this call made groups. Refuses a name that lies inside an array."""
     if _node_type(store.array_path(name)) not in (None, "array"):
-        raise StoreError(f"{name!r} is a group of arrays, not an array; name one of its arrays, "
-                         f"e.g. {name}/layer_17")
+        raise StoreError(f"{name!r} is a group of arrays, not an array; name one of its arrays, e.g. {name}/layer_17")
     folder = store.array_path(name).parent
     chain = [folder, *folder.parents]
-    chain = chain[:chain.index(store.arrays_dir) + 1][::-1]       # arrays/, arrays/hidden, ...
+    chain = chain[: chain.index(store.arrays_dir) + 1][::-1]  # arrays/, arrays/hidden, ...
     written = []
     for d in chain:
         kind = _node_type(d)
         if kind == "array":
             inside = d.relative_to(store.arrays_dir).as_posix()
-            raise StoreError(f"array name {name!r} lies inside the array {inside!r}; "
-                             f"an array cannot hold others: pick another name")
+            raise StoreError(
+                f"array name {name!r} lies inside the array {inside!r}; an array cannot hold others: pick another name"
+            )
         if kind is None and _write_group(d):
             written.append(d)
     return written
@@ -88,10 +88,10 @@ def write_missing_groups(store: Store) -> list[Path]:
     (for stores made before groups existed; idempotent). Returns the folders made groups."""
     written: list[Path] = []
 
-    def walk(folder: Path) -> bool:         # does `folder` hold (or is it) an array?
+    def walk(folder: Path) -> bool:  # does `folder` hold (or is it) an array?
         kind = _node_type(folder)
         if kind == "array":
-            return True                     # never descend into an array's chunks
+            return True  # never descend into an array's chunks
         holds = False
         if isinstance(folder, RemotePath):
             subdirs = [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir()]

@@ -29,8 +29,9 @@ forgets them, as a fresh process starts.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import duckdb
 import numpy as np
@@ -38,16 +39,16 @@ import polars as pl
 import zarr
 
 from store.arrays import committed_row_ids, open_array
+from store.catalog.tokens import read_layout
 from store.core import Store, StoreError, _sql_str, file_signature
 from store.ranges import range_reader
-from store.catalog.tokens import read_layout
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class Materialized(NamedTuple):
-    X: np.ndarray           # [n, width] float32 (or a torch tensor with as_torch=True)
-    frame: pl.DataFrame     # the view's columns, row i describes X[i]
+    X: np.ndarray  # [n, width] float32 (or a torch tensor with as_torch=True)
+    frame: pl.DataFrame  # the view's columns, row i describes X[i]
     array: str
 
 
@@ -72,8 +73,9 @@ def view_text(store: Store, view_or_sql: str) -> str:
     return view_sql(store, view_or_sql)
 
 
-def select(store: Store, view_or_sql: str, array: str | None = None, *,
-           columns: list[str] | None = None) -> pl.DataFrame:
+def select(
+    store: Store, view_or_sql: str, array: str | None = None, *, columns: list[str] | None = None
+) -> pl.DataFrame:
     """Run the view; with `array`, fail unless all its rows are committed there.
 
     `columns`: only these of the view's columns (row_id, tok_index and token_pos always, where
@@ -84,13 +86,18 @@ def select(store: Store, view_or_sql: str, array: str | None = None, *,
     try:
         if columns is None:
             frame = pl.from_arrow(con.sql(sql).to_arrow_table())
-        else:   # one statement (a second bind of the view costs ms): the wanted columns it has
+        else:  # one statement (a second bind of the view costs ms): the wanted columns it has
             wanted = sorted({"row_id", "tok_index", "token_pos", *columns})
             pattern = "^(" + "|".join(re.escape(c) for c in wanted) + ")$"
             try:
-                frame = pl.from_arrow(con.sql(f"SELECT COLUMNS({_sql_str(pattern)}) FROM (\n"
-                                              f"{sql.strip().rstrip(';')}\n) AS _view").to_arrow_table())
-            except duckdb.Error:    # not a plain SELECT, or none of those columns: as written, and the checks below say why
+                frame = pl.from_arrow(
+                    con.sql(
+                        f"SELECT COLUMNS({_sql_str(pattern)}) FROM (\n{sql.strip().rstrip(';')}\n) AS _view"
+                    ).to_arrow_table()
+                )
+            except (
+                duckdb.Error
+            ):  # not a plain SELECT, or none of those columns: as written, and the checks below say why
                 frame = pl.from_arrow(con.sql(sql).to_arrow_table())
             unknown = sorted(set(columns) - set(frame.columns) - {"tok_index", "token_pos"})
             if unknown:
@@ -106,8 +113,10 @@ def select(store: Store, view_or_sql: str, array: str | None = None, *,
             _missing_error(store, array, missing.sort(), len(selected))
     if array is not None and "tok_index" not in frame.columns:
         if "token_pos" in frame.columns or "row_id" not in frame.columns or frame["row_id"].is_duplicated().any():
-            raise StoreError("the view must return tok_index (join the tokens table) to be materialized, "
-                             "or return each row_id once (and no token columns) to select whole rows")
+            raise StoreError(
+                "the view must return tok_index (join the tokens table) to be materialized, "
+                "or return each row_id once (and no token columns) to select whole rows"
+            )
         frame = _whole_rows(store, array, frame)
     return frame
 
@@ -121,9 +130,13 @@ def _layout_frame(store: Store, tz: str) -> pl.DataFrame:
     hit = _LAYOUTS.get((str(store.root), tz))
     if hit is None or hit[0] != sig:
         lay = read_layout(store, tz)
-        hit = _LAYOUTS[(str(store.root), tz)] = (sig, pl.DataFrame(
-            {"row_id": lay.row_ids, "tok_start": lay.tok_starts, "n_tokens": lay.lengths},
-            schema={"row_id": pl.String, "tok_start": pl.Int64, "n_tokens": pl.Int64}))
+        hit = _LAYOUTS[(str(store.root), tz)] = (
+            sig,
+            pl.DataFrame(
+                {"row_id": lay.row_ids, "tok_start": lay.tok_starts, "n_tokens": lay.lengths},
+                schema={"row_id": pl.String, "tok_start": pl.Int64, "n_tokens": pl.Int64},
+            ),
+        )
     return hit[1]
 
 
@@ -133,30 +146,35 @@ def _whole_rows(store: Store, array: str, frame: pl.DataFrame) -> pl.DataFrame:
     token axis, so the tokens table is not scanned."""
     tz = reader(store, array).arr.attrs.get("tokenization")
     if tz is None:
-        raise StoreError(f"{array} has no tokenization attribute, so whole rows cannot be located; "
-                         "select tokens (join the tokens table and return tok_index)")
+        raise StoreError(
+            f"{array} has no tokenization attribute, so whole rows cannot be located; "
+            "select tokens (join the tokens table and return tok_index)"
+        )
     f = frame.select("row_id").with_row_index("_i").join(_layout_frame(store, tz), on="row_id", how="left").sort("_i")
     if f["tok_start"].null_count():
         bad = f.filter(pl.col("tok_start").is_null())["row_id"][0]
         raise StoreError(f"row {bad!r} is not in tokenization {tz} of {store.root}")
     start, n = f["tok_start"].to_numpy(), f["n_tokens"].to_numpy()
-    line = np.repeat(np.arange(len(f)), n)                         # the view's line of each token
+    line = np.repeat(np.arange(len(f)), n)  # the view's line of each token
     first = np.repeat(np.cumsum(n) - n, n)
     pos = np.arange(len(line), dtype=np.int64) - first
-    return frame[line].with_columns(pl.Series("token_pos", pos.astype(np.int32)),
-                                    pl.Series("tok_index", start[line] + pos))
+    return frame[line].with_columns(
+        pl.Series("token_pos", pos.astype(np.int32)), pl.Series("tok_index", start[line] + pos)
+    )
 
 
 def _missing_error(store: Store, array: str, missing: pl.Series, n_selected: int) -> None:
     splits = pl.from_arrow(store.query("SELECT row_id, split FROM rows")).join(
-        missing.to_frame("row_id"), on="row_id", how="semi")
+        missing.to_frame("row_id"), on="row_id", how="semi"
+    )
     counts = splits.group_by("split").len().sort("split").rows()
     where = ", ".join(f"{k} ({v})" for k, v in counts)
     layer = array.rsplit("_", 1)[-1] if array.startswith("hidden/layer_") else "L"
     raise StoreError(
         f"{len(missing)} of {n_selected} selected rows are not in {array} "
         f"(e.g. {missing[0]}; splits: {where}); extract them first: "
-        f"python -m extractors.run --layer {layer} --store {store.root}")
+        f"python -m extractors.run --layer {layer} --store {store.root}"
+    )
 
 
 class ArrayReader:
@@ -191,11 +209,17 @@ class ArrayReader:
             sig = None
         hit = self._maps.get(c)
         if hit is None or hit[0] != sig:
-            if len(self._maps) >= _MAX_MAPS:            # bounded: the kernel allows ~65k maps per process
+            if len(self._maps) >= _MAX_MAPS:  # bounded: the kernel allows ~65k maps per process
                 self._maps.pop(next(iter(self._maps)))
             # A plain ndarray view of the map: np.memmap's subclass hooks slow every slice.
-            self._maps[c] = hit = (sig, None if sig is None else np.asarray(np.memmap(
-                path, dtype=self.arr.dtype, mode="r", shape=(self._rows, *self.arr.shape[1:]))))
+            self._maps[c] = hit = (
+                sig,
+                None
+                if sig is None
+                else np.asarray(
+                    np.memmap(path, dtype=self.arr.dtype, mode="r", shape=(self._rows, *self.arr.shape[1:]))
+                ),
+            )
         self._checked.add(c)
         return hit[1]
 
@@ -234,15 +258,15 @@ class ArrayReader:
         # fancy indexing a memmap and than fancy assignment (20k random 576-wide rows, warm:
         # 36 + 10 ms -> 8 + 3 ms on 2 cores).
         buf = None if ascending else np.empty((len(idx), *arr.shape[1:]), dtype=arr.dtype)
-        for s, e in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(sidx)]])):
+        for s, e in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(sidx)]]), strict=False):
             c = int(chunk_of[s])
             mm = None if self._base is None else self._chunk(c)
             if buf is not None:
                 if self._base is None:
                     buf[s:e] = arr.oindex[sidx[s:e]] if arr.ndim > 1 else arr.oindex[(sidx[s:e],)]
                 elif mm is None:
-                    buf[s:e] = 0    # chunk never written: fill value 0 (commit checks keep this unread)
-                else:               # in range: idx was checked above, and a chunk file is a whole chunk
+                    buf[s:e] = 0  # chunk never written: fill value 0 (commit checks keep this unread)
+                else:  # in range: idx was checked above, and a chunk file is a whole chunk
                     np.take(mm, sidx[s:e] - c * self._rows, axis=0, out=buf[s:e], mode="clip")
                 continue
             if self._base is None:
@@ -271,19 +295,19 @@ class ArrayReader:
         """Runs of consecutive tok_index (whole rows, spans) are copied as slices of the chunk
         maps, widened on the way: no index arrays, no temporaries."""
         rows = self._rows
-        for o, e in zip(starts.tolist(), ends.tolist()):
+        for o, e in zip(starts.tolist(), ends.tolist(), strict=False):
             t0, t1 = int(idx[o]), int(idx[e - 1]) + 1
-            while t0 < t1:                       # a run may cross a chunk boundary
+            while t0 < t1:  # a run may cross a chunk boundary
                 c = t0 // rows
                 stop = min(t1, (c + 1) * rows)
-                dst = out[o: o + stop - t0]
+                dst = out[o : o + stop - t0]
                 mm = self._chunk(c)
                 if mm is None:
                     dst[...] = 0
                 elif widen:
-                    np.left_shift(mm[t0 - c * rows: stop - c * rows], 16, out=dst, dtype=np.uint32)
+                    np.left_shift(mm[t0 - c * rows : stop - c * rows], 16, out=dst, dtype=np.uint32)
                 else:
-                    dst[...] = mm[t0 - c * rows: stop - c * rows]
+                    dst[...] = mm[t0 - c * rows : stop - c * rows]
                 o += stop - t0
                 t0 = stop
 
@@ -314,7 +338,7 @@ def reader(store: Store, array: str) -> ArrayReader:
     try:
         sig = file_signature(store.array_path(array) / "zarr.json")
     except FileNotFoundError:
-        sig = None                              # ArrayReader raises the store's error
+        sig = None  # ArrayReader raises the store's error
     hit = _READERS.get(key)
     if hit is None or hit[0] != sig or sig is None:
         r = ArrayReader(store, array)
@@ -352,7 +376,7 @@ def _pool(X: np.ndarray, frame: pl.DataFrame, pool: str) -> tuple[np.ndarray, pl
         raise ValueError(f"pool must be 'mean' or 'last', got {pool!r}")
     if not len(groups):
         return X[:0], frame[:0]
-    members = groups["_i"].explode().to_numpy()            # token rows, grouped by row_id
+    members = groups["_i"].explode().to_numpy()  # token rows, grouped by row_id
     sizes = groups["_i"].list.len().to_numpy().astype(np.int64)
     starts = np.zeros(len(sizes), np.int64)
     starts[1:] = np.cumsum(sizes)[:-1]
@@ -360,8 +384,9 @@ def _pool(X: np.ndarray, frame: pl.DataFrame, pool: str) -> tuple[np.ndarray, pl
     return (sums / sizes[:, None]).astype(np.float32), frame[members[starts]]
 
 
-def materialize(store: Store, view_or_sql: str, array: str = "hidden/layer_17", *,
-                pool: str | None = None, as_torch: bool = False) -> Materialized:
+def materialize(
+    store: Store, view_or_sql: str, array: str = "hidden/layer_17", *, pool: str | None = None, as_torch: bool = False
+) -> Materialized:
     """Vectors + columns of the tokens the view selects (see the module docstring).
 
     `pool="mean"|"last"` returns one vector per row_id instead (row-level probes)."""
@@ -376,9 +401,15 @@ def materialize(store: Store, view_or_sql: str, array: str = "hidden/layer_17", 
     return Materialized(X, frame, array)
 
 
-def iter_materialize(store: Store, view_or_sql: str, array: str = "hidden/layer_17", *,
-                     batch_size: int = 65536, order: str | np.ndarray = "chunk",
-                     columns: list[str] | None = None) -> Iterator[Materialized]:
+def iter_materialize(
+    store: Store,
+    view_or_sql: str,
+    array: str = "hidden/layer_17",
+    *,
+    batch_size: int = 65536,
+    order: str | np.ndarray = "chunk",
+    columns: list[str] | None = None,
+) -> Iterator[Materialized]:
     """Stream a large selection in batches of `batch_size` tokens.
 
     order: "chunk" (ascending tok_index: sequential reads), "view" (the view's order), or a
@@ -402,5 +433,5 @@ def iter_materialize(store: Store, view_or_sql: str, array: str = "hidden/layer_
     tok = frame["tok_index"].to_numpy()
     kept = reader(store, array)
     for s in range(0, len(perm), batch_size):
-        take = perm[s: s + batch_size]
+        take = perm[s : s + batch_size]
         yield Materialized(kept.gather(tok[take]), frame[take], array)

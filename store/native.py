@@ -65,7 +65,7 @@ def listing(store: Any) -> dict[str, tuple[tuple, ...]]:
             infos = {}
         proto = store.root.protocol
         for name, info in infos.items():
-            rel = name[len(base):].lstrip("/").split("/")
+            rel = name[len(base) :].lstrip("/").split("/")
             if len(rel) > 1 and rel[0] in found and name.endswith(".parquet") and info.get("type", "file") == "file":
                 tag = info.get("ETag") or info.get("etag") or info.get("md5")
                 when = info.get("LastModified") or info.get("mtime") or info.get("created")
@@ -96,14 +96,16 @@ def sync(store: Any, con: duckdb.DuckDBPyConnection) -> dict[str, bool]:
         small = 0 < len(files) <= MAX_FILES and sum(f[3] for f in files) <= TABLE_MAX_BYTES.get(table, MAX_BYTES)
         try:
             if small:
-                con.execute(f"CREATE OR REPLACE TABLE {hidden} AS SELECT * FROM "
-                            f"read_parquet({_sql_list([f[0] for f in files])}, union_by_name = true)")
+                con.execute(
+                    f"CREATE OR REPLACE TABLE {hidden} AS SELECT * FROM "
+                    f"read_parquet({_sql_list([f[0] for f in files])}, union_by_name = true)"
+                )
                 con.execute(f'CREATE OR REPLACE VIEW "{table}" AS SELECT * FROM {hidden}')
                 loaded[table] = files
                 native.add(table)
                 continue
         except duckdb.Error:
-            pass                # a file went away while loading: the Parquet view now, a reload next call
+            pass  # a file went away while loading: the Parquet view now, a reload next call
         # Too big, gone, or failed: the plain Parquet view (as store.core registers it).
         if files:
             con.execute(f'CREATE OR REPLACE VIEW "{table}" AS {store._table_sql(table)}')

@@ -19,15 +19,22 @@ import numpy as np
 class RangeReader:
     """Rows of one uncompressed array whose chunk objects live at `base`/c/<chunk>[/0]."""
 
-    def __init__(self, fs: Any, base: str, dtype: np.dtype, rows_per_chunk: int, row_shape: tuple[int, ...],
-                 max_gap: int = 1 << 20):
+    def __init__(
+        self,
+        fs: Any,
+        base: str,
+        dtype: np.dtype,
+        rows_per_chunk: int,
+        row_shape: tuple[int, ...],
+        max_gap: int = 1 << 20,
+    ):
         self.fs, self.base = fs, base.rstrip("/")
         self.dtype = np.dtype(dtype)
         self.rows = rows_per_chunk
         self.row_shape = tuple(row_shape)
         self.row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
         self.max_gap = max_gap
-        self.requests = 0                  # ranges fetched so far (what bench.s3 reports)
+        self.requests = 0  # ranges fetched so far (what bench.s3 reports)
 
     def key(self, chunk: int) -> str:
         return f"{self.base}/c/{chunk}/0" if self.row_shape else f"{self.base}/c/{chunk}"
@@ -45,7 +52,7 @@ class RangeReader:
         cut = np.flatnonzero((np.diff(chunk) != 0) | (np.diff(row) > gap_rows)) + 1
         starts = np.r_[0, cut]
         ends = np.r_[cut, len(sidx)]
-        for s, e in zip(starts.tolist(), ends.tolist()):
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=False):
             out.append((int(chunk[s]), int(row[s]), int(row[e - 1]) + 1, s, e))
         return out
 
@@ -57,11 +64,14 @@ class RangeReader:
         ranges = self.plan(sidx)
         if not ranges:
             return out
-        blobs = self.fs.cat_ranges([self.key(c) for c, *_ in ranges],
-                                   [r0 * self.row_bytes for _, r0, *_ in ranges],
-                                   [r1 * self.row_bytes for _, _, r1, *_ in ranges], on_error="return")
+        blobs = self.fs.cat_ranges(
+            [self.key(c) for c, *_ in ranges],
+            [r0 * self.row_bytes for _, r0, *_ in ranges],
+            [r1 * self.row_bytes for _, _, r1, *_ in ranges],
+            on_error="return",
+        )
         self.requests += len(ranges)
-        for (c, r0, r1, s, e), blob in zip(ranges, blobs):
+        for (c, r0, r1, s, e), blob in zip(ranges, blobs, strict=False):
             if isinstance(blob, FileNotFoundError):
                 out[s:e] = 0
                 continue
@@ -82,13 +92,15 @@ def range_reader(arr: Any) -> RangeReader | None:
     enc = arr.metadata.chunk_key_encoding
     if getattr(enc, "name", "default") != "default" or getattr(enc, "separator", "/") != "/":
         return None
-    if any(c != s for c, s in zip(arr.chunks[1:], arr.shape[1:])):
-        return None                        # the row axis alone may be chunked
-    sync_fs = getattr(fs, "sync_fs", None)   # zarr wraps sync filesystems (memory://) in an async shim
+    if any(c != s for c, s in zip(arr.chunks[1:], arr.shape[1:], strict=False)):
+        return None  # the row axis alone may be chunked
+    sync_fs = getattr(fs, "sync_fs", None)  # zarr wraps sync filesystems (memory://) in an async shim
     if sync_fs is None:
         from fsspec import filesystem
 
-        sync_fs = filesystem(fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol,
-                             **{k: v for k, v in fs.storage_options.items() if k != "asynchronous"})
+        sync_fs = filesystem(
+            fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol,
+            **{k: v for k, v in fs.storage_options.items() if k != "asynchronous"},
+        )
     base = f"{path}/{arr.path}" if arr.path else path
     return RangeReader(sync_fs, base, arr.dtype, arr.chunks[0], tuple(arr.shape[1:]))

@@ -24,8 +24,7 @@ from store.cli import parse_config, user_errors
 from store.core import DEFAULT_STORE, Store
 from store.groups import write_missing_groups
 
-
-_READS = {"SELECT", "EXPLAIN", "PRAGMA"}     # DESCRIBE, SHOW and SUMMARIZE parse as SELECT
+_READS = {"SELECT", "EXPLAIN", "PRAGMA"}  # DESCRIBE, SHOW and SUMMARIZE parse as SELECT
 
 
 @dataclass
@@ -34,15 +33,23 @@ class SqlConfig:
 
     query: str | None = field(default=None, metadata={"help": "the SQL to run", "positional": True})
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
-    format: Literal["table", "csv", "json", "parquet"] = field(default="table", metadata={
-        "help": "output format; parquet needs --out"})
+    format: Literal["table", "csv", "json", "parquet"] = field(
+        default="table", metadata={"help": "output format; parquet needs --out"}
+    )
     out: str | None = field(default=None, metadata={"help": "write the result to this file instead of stdout"})
     max_rows: int = field(default=40, metadata={"help": "rows shown by --format table"})
     views: bool = field(default=False, metadata={"help": "list the tables and views instead of querying"})
-    write: bool = field(default=False, metadata={"help": "allow statements that write (CREATE, INSERT, COPY ... "
-                        "TO, ATTACH, SET, ...); without it only reads run"})
-    refresh: bool = field(default=False, metadata={
-        "help": "rebuild catalog.duckdb, write any missing Zarr group metadata under arrays/, and exit"})
+    write: bool = field(
+        default=False,
+        metadata={
+            "help": "allow statements that write (CREATE, INSERT, COPY ... "
+            "TO, ATTACH, SET, ...); without it only reads run"
+        },
+    )
+    refresh: bool = field(
+        default=False,
+        metadata={"help": "rebuild catalog.duckdb, write any missing Zarr group metadata under arrays/, and exit"},
+    )
 
     def __post_init__(self) -> None:
         if self.format == "parquet" and not self.out:
@@ -60,10 +67,12 @@ def run_sql(cfg: SqlConfig) -> str:
     if not store.root.exists():
         raise ValueError(f"no store at {store.root}; create one with python -m extractors.run --layer 17")
     if cfg.refresh:
-        groups = write_missing_groups(store)       # stores made before arrays/ was a Zarr hierarchy
+        groups = write_missing_groups(store)  # stores made before arrays/ was a Zarr hierarchy
         if store.remote:
-            return (f"{store.root} is on object storage: no catalog.duckdb to rebuild (query it with python -m "
-                    f"store.sql --store {store.root}); wrote Zarr group metadata for {len(groups)} folders of arrays/")
+            return (
+                f"{store.root} is on object storage: no catalog.duckdb to rebuild (query it with python -m "
+                f"store.sql --store {store.root}); wrote Zarr group metadata for {len(groups)} folders of arrays/"
+            )
         made = f"; wrote Zarr group metadata for {len(groups)} folders of arrays/" if groups else ""
         return f"rebuilt {store.refresh_catalog()}{made}"
     if cfg.views:
@@ -79,8 +88,9 @@ def run_sql(cfg: SqlConfig) -> str:
         raise ValueError(f"{e}\n(tables and views: python -m store.sql --views --store {cfg.store})") from None
     writes = [k for k in kinds if k not in _READS]
     if writes and not cfg.write:
-        raise ValueError(f"the query has a {writes[0]} statement, which may write; store.sql only reads unless "
-                         f"you pass --write")
+        raise ValueError(
+            f"the query has a {writes[0]} statement, which may write; store.sql only reads unless you pass --write"
+        )
     try:
         rel = con.sql(cfg.query)
     except duckdb.Error as e:

@@ -63,11 +63,11 @@ def _read(store: Store, table: str, columns: list[str]) -> dict[str, list]:
 
 
 class Problem(NamedTuple):
-    kind: str                    # corrupt_chunk, missing_chunk, orphan_chunk, orphan_commit, leftover, ...
-    where: str                   # array (and unit) or table
-    path: str                    # the file concerned
+    kind: str  # corrupt_chunk, missing_chunk, orphan_chunk, orphan_commit, leftover, ...
+    where: str  # array (and unit) or table
+    path: str  # the file concerned
     message: str
-    repair: str | None           # what --repair does: "uncommit", "delete", "mark_failed", or None
+    repair: str | None  # what --repair does: "uncommit", "delete", "mark_failed", or None
 
     def line(self) -> str:
         return f"{self.kind}: {self.where}: {self.message} ({self.path})"
@@ -78,11 +78,17 @@ class VerifyConfig:
     """Check a store's catalog against its arrays (see the module docstring)."""
 
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
-    quick: bool = field(default=False, metadata={"help": "check chunk sizes only, not their CRC-32 (reads no "
-                        "chunk data)"})
-    repair: bool = field(default=False, metadata={"help": "delete orphans and leftovers, un-commit units whose "
-                         "chunk is missing or corrupt (rerun the extraction to recompute them), mark stale "
-                         "running runs failed"})
+    quick: bool = field(
+        default=False, metadata={"help": "check chunk sizes only, not their CRC-32 (reads no chunk data)"}
+    )
+    repair: bool = field(
+        default=False,
+        metadata={
+            "help": "delete orphans and leftovers, un-commit units whose "
+            "chunk is missing or corrupt (rerun the extraction to recompute them), mark stale "
+            "running runs failed"
+        },
+    )
 
 
 def _array_dirs(store: Store) -> dict[str, Path]:
@@ -93,7 +99,7 @@ def _array_dirs(store: Store) -> dict[str, Path]:
         return out
     for meta in root.rglob("zarr.json"):
         if "c" in meta.relative_to(root).parts[:-1]:
-            continue                           # inside an array's chunk folder
+            continue  # inside an array's chunk folder
         try:
             node = json.loads(meta.read_bytes()).get("node_type")
         except (OSError, ValueError):
@@ -107,44 +113,59 @@ def _check_tables(store: Store) -> list[Problem]:
     out = []
     for table in store.tables():
         if table == UNITS_TABLE:
-            continue                         # commit files: checked per array
+            continue  # commit files: checked per array
         for f in store.table_files(table):
             try:
                 pq.read_metadata(f)
             except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
-                out.append(Problem("unreadable_table_file", table, str(f), f"cannot read ({str(e)[:120]}); "
-                                   "restore it from a backup or rerun the step that wrote it", None))
+                out.append(
+                    Problem(
+                        "unreadable_table_file",
+                        table,
+                        str(f),
+                        f"cannot read ({str(e)[:120]}); restore it from a backup or rerun the step that wrote it",
+                        None,
+                    )
+                )
     for d in [store.catalog_dir, store.root]:
         if d.is_dir():
-            for f in (d.rglob(".*.tmp") if d == store.catalog_dir else d.glob(".catalog.*.tmp")):
+            for f in d.rglob(".*.tmp") if d == store.catalog_dir else d.glob(".catalog.*.tmp"):
                 out.append(Problem("leftover", "catalog", str(f), "unfinished atomic write", "delete"))
     for table in ("manifests", "runs"):
         if store.has_table(table):
             have = set(_read(store, table, ["store_version"])["store_version"])
             unknown = sorted(str(v) for v in have - KNOWN_STORE_VERSIONS - {None})
             if unknown:
-                out.append(Problem("unknown_version", table, str(store.table_dir(table)),
-                                   f"store_version {', '.join(unknown)} is not one this code knows "
-                                   f"({', '.join(sorted(KNOWN_STORE_VERSIONS))}); use the matching version", None))
+                out.append(
+                    Problem(
+                        "unknown_version",
+                        table,
+                        str(store.table_dir(table)),
+                        f"store_version {', '.join(unknown)} is not one this code knows "
+                        f"({', '.join(sorted(KNOWN_STORE_VERSIONS))}); use the matching version",
+                        None,
+                    )
+                )
     return out
 
 
 def _recorded_dtypes(store: Store) -> dict[str, str]:
     t = _read(store, "arrays", ["name", "storage_dtype"])
-    return dict(zip(t["name"], t["storage_dtype"]))
+    return dict(zip(t["name"], t["storage_dtype"], strict=False))
 
 
 def _layout_units(store: Store) -> dict[str, dict[str, int]]:
     """{tokenization: {row_id: unit}}."""
     t = _read(store, "row_layout", ["tokenization", "row_id", "unit"])
     out: dict[str, dict[str, int]] = {}
-    for tz, r, u in zip(t["tokenization"], t["row_id"], t["unit"]):
+    for tz, r, u in zip(t["tokenization"], t["row_id"], t["unit"], strict=False):
         out.setdefault(tz, {})[r] = int(u)
     return out
 
 
-def _check_array(store: Store, name: str, folder: Path, quick: bool, recorded: dict[str, str],
-                 layouts: dict[str, dict[str, int]]) -> list[Problem]:
+def _check_array(
+    store: Store, name: str, folder: Path, quick: bool, recorded: dict[str, str], layouts: dict[str, dict[str, int]]
+) -> list[Problem]:
     out = []
     try:
         meta = json.loads((folder / "zarr.json").read_bytes())
@@ -154,9 +175,16 @@ def _check_array(store: Store, name: str, folder: Path, quick: bool, recorded: d
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [Problem("unreadable_array", name, str(folder / "zarr.json"), f"cannot read its metadata: {e}", None)]
     if name in recorded and recorded[name] and recorded[name] != str(dtype):
-        out.append(Problem("dtype_mismatch", name, str(folder / "zarr.json"),
-                           f"stored as {dtype}, but the arrays table records {recorded[name]}; the array was "
-                           f"replaced by hand: delete it and extract it again", None))
+        out.append(
+            Problem(
+                "dtype_mismatch",
+                name,
+                str(folder / "zarr.json"),
+                f"stored as {dtype}, but the arrays table records {recorded[name]}; the array was "
+                f"replaced by hand: delete it and extract it again",
+                None,
+            )
+        )
     n_units = -(-shape[0] // chunks[0])
     expect = int(np.prod(chunks)) * dtype.itemsize
     units_dir = store.table_dir(UNITS_TABLE) / array_key(name)
@@ -168,45 +196,68 @@ def _check_array(store: Store, name: str, folder: Path, quick: bool, recorded: d
             t = pq.read_table(f).to_pydict()
             unit = int(t["unit"][0])
         except Exception as e:  # noqa: BLE001 - truncated or not parquet
-            out.append(Problem("unreadable_commit", where, str(f), f"commit file unreadable ({str(e)[:80]}); "
-                               "repair un-commits the unit", "uncommit"))
+            out.append(
+                Problem(
+                    "unreadable_commit",
+                    where,
+                    str(f),
+                    f"commit file unreadable ({str(e)[:80]}); repair un-commits the unit",
+                    "uncommit",
+                )
+            )
             continue
         if not 0 <= unit < n_units:
-            out.append(Problem("orphan_commit", where, str(f), f"unit {unit} is outside the array's "
-                               f"{n_units} units", "delete"))
+            out.append(
+                Problem("orphan_commit", where, str(f), f"unit {unit} is outside the array's {n_units} units", "delete")
+            )
             continue
         committed.add(unit)
         chunk = chunk_path(store, name, unit, len(shape))
         if not chunk.is_file():
-            out.append(Problem("missing_chunk", where, str(chunk), "committed, but its chunk file is missing",
-                               "uncommit"))
+            out.append(
+                Problem("missing_chunk", where, str(chunk), "committed, but its chunk file is missing", "uncommit")
+            )
             continue
         size = chunk.stat().st_size
         if size != expect:
-            out.append(Problem("corrupt_chunk", where, str(chunk), f"chunk is {size} bytes, expected {expect}",
-                               "uncommit"))
+            out.append(
+                Problem("corrupt_chunk", where, str(chunk), f"chunk is {size} bytes, expected {expect}", "uncommit")
+            )
             continue
         crcs = {c for c in t.get("chunk_crc32", []) if c is not None}
         if not quick and crcs:
             _, crc = chunk_checksum(chunk)
             if crc not in crcs:
-                out.append(Problem("corrupt_chunk", where, str(chunk), f"CRC-32 {crc:08x} differs from the "
-                                   f"{next(iter(crcs)):08x} recorded at commit", "uncommit"))
+                out.append(
+                    Problem(
+                        "corrupt_chunk",
+                        where,
+                        str(chunk),
+                        f"CRC-32 {crc:08x} differs from the {next(iter(crcs)):08x} recorded at commit",
+                        "uncommit",
+                    )
+                )
                 continue
         if layout:
             strays = [r for r in t["row_id"] if layout.get(r) != unit]
             if strays:
-                out.append(Problem("misplaced_rows", where, str(f), f"{len(strays)} committed rows (e.g. "
-                                   f"{strays[0]}) do not lie in unit {unit} of the layout", "uncommit"))
+                out.append(
+                    Problem(
+                        "misplaced_rows",
+                        where,
+                        str(f),
+                        f"{len(strays)} committed rows (e.g. {strays[0]}) do not lie in unit {unit} of the layout",
+                        "uncommit",
+                    )
+                )
     cdir = folder / "c"
     if cdir.is_dir():
         for p in sorted(cdir.iterdir()):
             if p.name.endswith(".partial") or ".partial" in p.name:
-                continue                      # reported below
+                continue  # reported below
             empty_dir = p.is_dir() and not any(p.iterdir())
             if p.name.isdigit() and int(p.name) not in committed and not empty_dir:
-                out.append(Problem("orphan_chunk", name, str(p), f"chunk of unit {p.name} has no commit",
-                                   "delete"))
+                out.append(Problem("orphan_chunk", name, str(p), f"chunk of unit {p.name} has no commit", "delete"))
     for p in folder.rglob("*.partial"):
         out.append(Problem("leftover", name, str(p), "an unfinished chunk write", "delete"))
     return out
@@ -214,17 +265,23 @@ def _check_array(store: Store, name: str, folder: Path, quick: bool, recorded: d
 
 def _stale_runs(store: Store) -> list[Problem]:
     t = _read(store, "runs", ["run_id", "status", "host", "pid"])
-    rows = [dict(zip(t, vals)) for vals in zip(*t.values()) if vals[1] == "running"]
+    rows = [dict(zip(t, vals, strict=False)) for vals in zip(*t.values(), strict=False) if vals[1] == "running"]
     out, host = [], socket.gethostname()
     for r in rows:
         pid, rhost = r.get("pid"), r.get("host")
         if pid is None or rhost != host:
-            continue                                  # another machine's, or a record without a pid
+            continue  # another machine's, or a record without a pid
         if pid_alive(int(pid)):
             continue
-        out.append(Problem("stale_run", r["run_id"], str(store.table_dir("runs")),
-                           f"marked running, but process {pid} on {host} is gone (killed?); rerun its command "
-                           f"to finish the work", "mark_failed"))
+        out.append(
+            Problem(
+                "stale_run",
+                r["run_id"],
+                str(store.table_dir("runs")),
+                f"marked running, but process {pid} on {host} is gone (killed?); rerun its command to finish the work",
+                "mark_failed",
+            )
+        )
     return out
 
 
@@ -232,16 +289,26 @@ def _stale_claims(store: Store) -> list[Problem]:
     """Claim files of writers whose process is gone (see store.claims)."""
     from store import claims
 
-    return [Problem("leftover", "claims", str(f), f"claim of a writer that is gone (pid {info.get('pid')} on "
-                    f"{info.get('host')})", "delete") for f, info in claims.stale_claims(store)]
+    return [
+        Problem(
+            "leftover",
+            "claims",
+            str(f),
+            f"claim of a writer that is gone (pid {info.get('pid')} on {info.get('host')})",
+            "delete",
+        )
+        for f, info in claims.stale_claims(store)
+    ]
 
 
 def verify(store: Store, quick: bool = False) -> tuple[list[Problem], list[Problem]]:
     """(problems, notes) of the store; see the module docstring."""
     if store.remote:
-        raise StoreError(f"store.verify checks local stores only; {store.root} is on object storage, where "
-                         "commits are whole objects (docs/scale.md). To check it, copy it to a local folder "
-                         "(e.g. aws s3 sync) and run python -m store.verify --store FOLDER")
+        raise StoreError(
+            f"store.verify checks local stores only; {store.root} is on object storage, where "
+            "commits are whole objects (docs/scale.md). To check it, copy it to a local folder "
+            "(e.g. aws s3 sync) and run python -m store.verify --store FOLDER"
+        )
     problems = _check_tables(store) + _stale_claims(store)
     arrays = _array_dirs(store)
     recorded = _recorded_dtypes(store)
@@ -253,8 +320,15 @@ def verify(store: Store, quick: bool = False) -> tuple[list[Problem], list[Probl
     if udir.is_dir():
         for d in sorted(udir.iterdir()):
             if d.is_dir() and d.name not in keys:
-                problems.append(Problem("orphan_commit", d.name.replace("__", "/"), str(d),
-                                        "commits of an array that does not exist", "delete"))
+                problems.append(
+                    Problem(
+                        "orphan_commit",
+                        d.name.replace("__", "/"),
+                        str(d),
+                        "commits of an array that does not exist",
+                        "delete",
+                    )
+                )
     return problems, _stale_runs(store)
 
 
@@ -282,7 +356,7 @@ def repair(store: Store, problems: list[Problem]) -> list[str]:
                 chunk = chunk_path(store, name, int(unit), len(meta["shape"]))
                 chunk.unlink(missing_ok=True)
                 if chunk.parent.name == unit.lstrip("0").rjust(1, "0") and not any(chunk.parent.iterdir()):
-                    chunk.parent.rmdir()          # c/<unit>/ of a 2-D array
+                    chunk.parent.rmdir()  # c/<unit>/ of a 2-D array
             done.append(f"un-committed {p.where} (removed {commit.name} and its chunk): rerun the extraction")
         elif p.repair == "mark_failed":
             mark_failed(store, p.where, "process gone (found by python -m store.verify)")

@@ -51,9 +51,18 @@ def tiny_model(tmp_path_factory) -> str:
     from extractors.model import resolve
 
     tok = AutoTokenizer.from_pretrained(resolve("embedded").path)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     d = tmp_path_factory.mktemp("tiny_model")
@@ -95,6 +104,7 @@ def real_store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def copy_store(tmp_path_factory):
     """copy_store(src) -> a private copy of a store that a test (or a module's fixture) may write to."""
+
     def _copy(src: Path) -> Path:
         dst = tmp_path_factory.mktemp("store_copy") / "store"
         shutil.copytree(src, dst)
@@ -102,6 +112,7 @@ def copy_store(tmp_path_factory):
 
         Store(dst).refresh_catalog()
         return dst
+
     return _copy
 
 
@@ -117,9 +128,33 @@ def analytics_store(real_store, tmp_path_factory) -> Path:
     shutil.copytree(real_store, dst)
     Store(dst).refresh_catalog()
     # Through the documented command lines (in-process).
-    assert sae_main(["--layer", "17", "--store", str(dst), "--steps", "40", "--batch-tokens", "512", "--d-sae",
-                     "768", "--k", "16", "--ce-rows", "0", "--init-batches", "2", "--log-every", "20",
-                     "--no-progress"]) == 0
-    assert extract_main(["--layer", "17", "--kinds", "sae", "--sae", "latest", "--store", str(dst),
-                         "--no-progress"]) == 0
+    assert (
+        sae_main(
+            [
+                "--layer",
+                "17",
+                "--store",
+                str(dst),
+                "--steps",
+                "40",
+                "--batch-tokens",
+                "512",
+                "--d-sae",
+                "768",
+                "--k",
+                "16",
+                "--ce-rows",
+                "0",
+                "--init-batches",
+                "2",
+                "--log-every",
+                "20",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        extract_main(["--layer", "17", "--kinds", "sae", "--sae", "latest", "--store", str(dst), "--no-progress"]) == 0
+    )
     return dst

@@ -20,7 +20,8 @@ def catalog_rows(store: Path, volatile: Collection[str]) -> dict[str, list[tuple
         for f in sorted(d.rglob("*.parquet")):
             t = pq.read_table(f)
             keep = [c for c in t.column_names if c not in volatile]
-            rows += [tuple(json.dumps(r[c], sort_keys=True, default=str) for c in keep)
-                     for r in t.select(keep).to_pylist()]
+            rows += [
+                tuple(json.dumps(r[c], sort_keys=True, default=str) for c in keep) for r in t.select(keep).to_pylist()
+            ]
         out[d.name] = sorted(rows)
     return out

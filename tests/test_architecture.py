@@ -68,8 +68,10 @@ def test_packages_import_one_way_only():
         for dep in imports_of(path, modules):
             dpkg = dep.split(".")[0]
             if dpkg == "bench" or RANK[dpkg] > RANK[pkg]:
-                upward.append(f"{name} imports {dep} ({pkg} may import only "
-                              f"{', '.join(p for p, r in RANK.items() if r <= RANK[pkg])})")
+                upward.append(
+                    f"{name} imports {dep} ({pkg} may import only "
+                    f"{', '.join(p for p, r in RANK.items() if r <= RANK[pkg])})"
+                )
     assert not upward, "upward imports:\n" + "\n".join(upward)
 
 
@@ -127,8 +129,16 @@ def test_capability_rooms_import_one_way():
         graph.setdefault(a, set()).update(b for b in (room_of(d, modules) for d in imports_of(path, modules)) if b != a)
     assert not _cycles(graph), f"rooms that import each other: {_cycles(graph)}"
     rooms = {".".join(n.split(".")[:2]) for n, path in modules.items() if len(path.relative_to(ROOT).parts) >= 3}
-    assert {"trainers.sae", "trainers.probes", "trainers.steering", "trainers.finetune", "trainers.selection",
-            "extractors.ingest", "extractors.sae", "store.catalog"} <= rooms
+    assert {
+        "trainers.sae",
+        "trainers.probes",
+        "trainers.steering",
+        "trainers.finetune",
+        "trainers.selection",
+        "extractors.ingest",
+        "extractors.sae",
+        "store.catalog",
+    } <= rooms
 
 
 def test_no_folder_holds_more_than_a_dozen_modules():
@@ -147,10 +157,13 @@ def test_no_import_cycles_between_modules():
     assert not _cycles(graph), f"import cycles: {_cycles(graph)}"
 
 
-@pytest.mark.parametrize("graph, expected", [
-    ({"a": {"b"}, "b": {"a"}, "c": {"a"}}, [["a", "b"]]),
-    ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
-])
+@pytest.mark.parametrize(
+    "graph, expected",
+    [
+        ({"a": {"b"}, "b": {"a"}, "c": {"a"}}, [["a", "b"]]),
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, []),
+    ],
+)
 def test_the_cycle_finder_finds_cycles(graph, expected):
     assert _cycles(graph) == expected
 
@@ -162,6 +175,10 @@ def test_the_import_reader_sees_lazy_and_relative_imports(tmp_path, monkeypatch)
     (pkg / "a.py").write_text("def f():\n    from trainers.x import y\n    from . import b\n")
     (pkg / "b.py").write_text("")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    modules = {"store": pkg / "__init__.py", "store.a": pkg / "a.py", "store.b": pkg / "b.py",
-               "trainers.x": tmp_path / "x.py"}
+    modules = {
+        "store": pkg / "__init__.py",
+        "store.a": pkg / "a.py",
+        "store.b": pkg / "b.py",
+        "trainers.x": tmp_path / "x.py",
+    }
     assert imports_of(pkg / "a.py", modules) == {"trainers.x", "store.b"}

@@ -22,10 +22,20 @@ from bench.common import disk_write_bandwidth, print_table
 def extract_result(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     store = d / "store"
-    res = bench_extract.run_bench(bench_extract.BenchExtractConfig(
-        model=tiny_model, layers=[1, 3], rows=6, unit_tokens=1024, disk_mb=8, saelens_context=64,
-        methods=["forward", "extract", "naive", "saelens", "forward_full", "forward_windows"], store=str(store),
-        out=str(d / "extract.json"), progress=False))
+    res = bench_extract.run_bench(
+        bench_extract.BenchExtractConfig(
+            model=tiny_model,
+            layers=[1, 3],
+            rows=6,
+            unit_tokens=1024,
+            disk_mb=8,
+            saelens_context=64,
+            methods=["forward", "extract", "naive", "saelens", "forward_full", "forward_windows"],
+            store=str(store),
+            out=str(d / "extract.json"),
+            progress=False,
+        )
+    )
     return res, store, d
 
 
@@ -63,7 +73,7 @@ def test_bench_extract_writes_what_the_model_computes(extract_result, tiny_model
     ids = st.query("SELECT token_id FROM tokens WHERE row_id = ? ORDER BY token_pos", [row]).column(0).to_pylist()
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     with torch.no_grad():
-        want = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0]   # layer 1
+        want = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0]  # layer 1
     want = want.to(torch.bfloat16).float().numpy()
     got = m.X[(m.frame["row_id"] == row).to_numpy()]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * np.abs(want).max())
@@ -74,12 +84,22 @@ def test_bench_extract_refuses_a_real_store_and_bad_methods(extract_result, tiny
     from extractors.pipeline import run_extraction as run
 
     _, store, _ = extract_result
-    run(ExtractConfig(layers=[2], store=str(store), model=tiny_model, progress=False))   # a real extraction
+    run(ExtractConfig(layers=[2], store=str(store), model=tiny_model, progress=False))  # a real extraction
     with pytest.raises(ValueError, match="written by a real extraction"):
-        bench_extract.run_bench(bench_extract.BenchExtractConfig(
-            model=tiny_model, layers=[2], rows=6, store=str(store), out=str(tmp_path / "x.json"),
-            methods=["forward"], disk_mb=8, progress=False))
+        bench_extract.run_bench(
+            bench_extract.BenchExtractConfig(
+                model=tiny_model,
+                layers=[2],
+                rows=6,
+                store=str(store),
+                out=str(tmp_path / "x.json"),
+                methods=["forward"],
+                disk_mb=8,
+                progress=False,
+            )
+        )
     from store.cli import parse_config
+
     with pytest.raises(SystemExit):
         parse_config(bench_extract.BenchExtractConfig, ["--methods", "fastest"])
 
@@ -87,18 +107,35 @@ def test_bench_extract_refuses_a_real_store_and_bad_methods(extract_result, tiny
 def test_bench_read_compares_with_memmap(extract_result, tmp_path):
     _, store, _ = extract_result
     out = tmp_path / "read.json"
-    res = bench_read.run_bench(bench_read.BenchReadConfig(
-        store=str(store), array="hidden/layer_3", n_tokens=200, n_rows=2, batch_size=256, repeats=1,
-        out=str(out), progress=False))
+    res = bench_read.run_bench(
+        bench_read.BenchReadConfig(
+            store=str(store),
+            array="hidden/layer_3",
+            n_tokens=200,
+            n_rows=2,
+            batch_size=256,
+            repeats=1,
+            out=str(out),
+            progress=False,
+        )
+    )
     saved = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     cases = {(r["case"], r["method"]) for r in saved["results"]}
-    assert {("tokens", "materialize"), ("tokens", "memmap"), ("rows", "gather"),
-            ("stream", "iter_materialize shuffled"), ("stream", "raw sequential read")} <= cases
+    assert {
+        ("tokens", "materialize"),
+        ("tokens", "memmap"),
+        ("rows", "gather"),
+        ("stream", "iter_materialize shuffled"),
+        ("stream", "raw sequential read"),
+    } <= cases
     for r in res["results"]:
         assert r["cold_tokens_per_s"] > 0 and r["warm_tokens_per_s"] > 0
-    assert all("warm_vs_memmap" in r and "warm_vs_kept_map" in r for r in saved["results"]
-               if r["method"] in ("materialize", "gather", "iter_materialize chunk order"))
+    assert all(
+        "warm_vs_memmap" in r and "warm_vs_kept_map" in r
+        for r in saved["results"]
+        if r["method"] in ("materialize", "gather", "iter_materialize chunk order")
+    )
     assert {("tokens", "memmap kept map"), ("stream", "memmap kept map shuffled")} <= cases
     # the store was only read: no raw copy or benchmark folder left behind
     assert not any(p.name == "raw.bin" for p in store.rglob("raw.bin"))
@@ -122,8 +159,8 @@ def test_gpu_staging_path_writes_the_same_bytes_on_cpu(extract_result, tiny_mode
     from extractors.hidden import HiddenSpec, extract_hidden
     from extractors.model import load_model
     from extractors.units import select_rows
-    from store.core import Store
     from store.catalog.tokens import read_layout, tokenizations
+    from store.core import Store
 
     _, store, _ = extract_result
     copy = tmp_path / "store"
@@ -132,9 +169,19 @@ def test_gpu_staging_path_writes_the_same_bytes_on_cpu(extract_result, tiny_mode
     bench_extract._clear_arrays(st, ["hidden/layer_1", "hidden/layer_3"])
     lm = load_model(tiny_model, "cpu")
     layout = read_layout(st, tokenizations(st)[0]["tokenization"])
-    res = extract_hidden(st, lm, layout, select_rows(st, "all", 6), HiddenSpec([1, 3], "bf16"),
-                         batch_tokens=8192, run_config={"bench": True}, writers=3, resident=True, progress=False)
-    assert res.rows == 6 and len(set(layout.units)) == 2      # the second unit reuses the staging buffers
+    res = extract_hidden(
+        st,
+        lm,
+        layout,
+        select_rows(st, "all", 6),
+        HiddenSpec([1, 3], "bf16"),
+        batch_tokens=8192,
+        run_config={"bench": True},
+        writers=3,
+        resident=True,
+        progress=False,
+    )
+    assert res.rows == 6 and len(set(layout.units)) == 2  # the second unit reuses the staging buffers
     for name in ("hidden/layer_1", "hidden/layer_3"):
         a = zarr.open_array(str(Store(store).array_path(name)), mode="r")[:]
         b = zarr.open_array(str(st.array_path(name)), mode="r")[:]
@@ -148,10 +195,20 @@ def test_bench_catalog_builds_times_and_replicates(tmp_path, tiny_model):
     from bench import catalog as bench_catalog
     from store.core import Store
 
-    cfg = bench_catalog.BenchCatalogConfig(rows=300, test_rows=60, modes=["full"], replicate=2, model=tiny_model,
-                                           replicate_modes=["full"], repeats=1, ingest_batch_rows=100,
-                                           tokenize_batch_rows=100, work=str(tmp_path / "work"),
-                                           out=str(tmp_path / "catalog.json"), progress=False)
+    cfg = bench_catalog.BenchCatalogConfig(
+        rows=300,
+        test_rows=60,
+        modes=["full"],
+        replicate=2,
+        model=tiny_model,
+        replicate_modes=["full"],
+        repeats=1,
+        ingest_batch_rows=100,
+        tokenize_batch_rows=100,
+        work=str(tmp_path / "work"),
+        out=str(tmp_path / "catalog.json"),
+        progress=False,
+    )
     res = bench_catalog.run_bench(cfg)
     saved = json.loads((tmp_path / "catalog.json").read_text())
     assert (tmp_path / "catalog.png").stat().st_size > 0 and saved["table"] == res["table"]
@@ -166,8 +223,9 @@ def test_bench_catalog_builds_times_and_replicates(tmp_path, tiny_model):
     assert views["assistant_tokens"]["available"] and not views["token_gradnorms"]["available"]
     for v, q in views.items():
         if q["available"]:
-            assert 0 < q["selection_lines"] <= q["lines"] and q["selection_tokens"] >= 10_000 or \
-                q["selection_rows"] == 300
+            assert (
+                0 < q["selection_lines"] <= q["lines"] and q["selection_tokens"] >= 10_000 or q["selection_rows"] == 300
+            )
             assert rviews[v]["lines"] == 2 * q["lines"] and rviews[v]["selection_lines"] == 2 * q["selection_lines"]
     st = Store(tmp_path / "work" / "full-300-x2")
     n, distinct = st.query("SELECT count(*), count(DISTINCT tok_index) FROM tokens").to_pylist()[0].values()
@@ -176,10 +234,10 @@ def test_bench_catalog_builds_times_and_replicates(tmp_path, tiny_model):
     # row's tokens contiguous and in order, in the tokenization's row order (rows: split, row_id)
     for root, factor in ((tmp_path / "work" / "full-300", 1), (tmp_path / "work" / "full-300-x2", 2)):
         s = Store(root)
-        seq = s.query("SELECT row_id, token_pos FROM tokens").to_pydict()     # file order
+        seq = s.query("SELECT row_id, token_pos FROM tokens").to_pydict()  # file order
         runs = [r for i, r in enumerate(seq["row_id"]) if i == 0 or r != seq["row_id"][i - 1]]
         assert runs == s.query("SELECT row_id FROM rows").column(0).to_pylist()
-        n_of = dict(zip(*s.query("SELECT row_id, n_tokens FROM row_layout").to_pydict().values()))
+        n_of = dict(zip(*s.query("SELECT row_id, n_tokens FROM row_layout").to_pydict().values(), strict=False))
         assert seq["token_pos"] == [p for r in runs for p in range(factor * n_of[r])]
     # so 3 rows' tokens lie in few row groups by the row_id statistics; a scrambled copy: all
     ids = st.query("SELECT row_id FROM rows ORDER BY row_id").column(0).to_pylist()[::120]
@@ -190,8 +248,9 @@ def test_bench_catalog_builds_times_and_replicates(tmp_path, tiny_model):
     shutil.copytree(tmp_path / "work" / "full-300-x2", scrambled)
     for part in (scrambled / "catalog" / "tokens").rglob("*.parquet"):
         t = pq.read_table(part)
-        pq.write_table(t.take(np.random.default_rng(0).permutation(t.num_rows)), part,
-                       row_group_size=-(-t.num_rows // 5))
+        pq.write_table(
+            t.take(np.random.default_rng(0).permutation(t.num_rows)), part, row_group_size=-(-t.num_rows // 5)
+        )
     assert bench_catalog.row_groups_hit(scrambled, ids)["hit"] == bench_catalog.row_groups_hit(scrambled, ids)["total"]
     again = bench_catalog.run_bench(cfg)
     assert again["results"][0]["ingest"]["reused"] and again["results"][0]["tokenize"]["reused"]
@@ -211,9 +270,21 @@ def test_bench_s3_measures_local_and_s3(tiny_model, model_cache, tmp_path):
     from bench import s3 as bench_s3
 
     env = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID")}
-    res = bench_s3.run_bench(bench_s3.BenchS3Config(
-        model=tiny_model, layer=3, rows=16, width=64, unit_tokens=512, n_tokens=300, n_rows=4, repeats=1,
-        model_cache=str(model_cache), out=str(tmp_path / "s3.json"), progress=False))
+    res = bench_s3.run_bench(
+        bench_s3.BenchS3Config(
+            model=tiny_model,
+            layer=3,
+            rows=16,
+            width=64,
+            unit_tokens=512,
+            n_tokens=300,
+            n_rows=4,
+            repeats=1,
+            model_cache=str(model_cache),
+            out=str(tmp_path / "s3.json"),
+            progress=False,
+        )
+    )
     saved = json.loads((tmp_path / "s3.json").read_text())
     assert (tmp_path / "s3.png").stat().st_size > 0 and saved["table"] == res["table"]
     by = {(r["store"].split(" ")[0], r["case"]) for r in saved["results"]}
@@ -236,8 +307,11 @@ def test_bench_ranks_compares_one_and_two_ranks(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="--ranks must be positive"):
         bench_ranks.BenchRanksConfig(ranks=[0])
     out = tmp_path / "ranks.json"
-    res = bench_ranks.run_bench(bench_ranks.BenchRanksConfig(
-        model=tiny_model, layers=[1], rows=8, unit_tokens=512, out=str(out), progress=False))
+    res = bench_ranks.run_bench(
+        bench_ranks.BenchRanksConfig(
+            model=tiny_model, layers=[1], rows=8, unit_tokens=512, out=str(out), progress=False
+        )
+    )
     saved = json.loads(out.read_text())
     assert (tmp_path / "ranks.png").stat().st_size > 0 and saved["tokens"] == res["tokens"] > 0
     one, two = saved["cases"]
@@ -254,4 +328,6 @@ def test_result_path_names_the_default_json_by_benchmark_model_and_device():
 
     assert result_path("x/y.json", "read") == Path("x/y.json")
     assert result_path(None, "read") == Path("bench_out/read.json")
-    assert result_path(None, "extract", "hf:Org/Model.gguf", "cpu") == Path("bench_out/extract_hf-Org_Model.gguf_cpu.json")
+    assert result_path(None, "extract", "hf:Org/Model.gguf", "cpu") == Path(
+        "bench_out/extract_hf-Org_Model.gguf_cpu.json"
+    )

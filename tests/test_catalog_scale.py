@@ -29,14 +29,23 @@ REFERENCE = {
     "tokenizations": ("53076cf6aa571469e96e2e7c7ef9188cf287f09f85bbabe612b0f8c4b07a9325", 1),
 }
 # sha256(json.dumps(generate_sample(*args), sort_keys=True))[:16] of the list-building generator.
-SAMPLE_REFERENCE = {(0, 1000, 250): "da89c675aef98249", (1, 5, 0): "81b174f4eb6d311e",
-                    (2, 0, 3): "db479a354e8cbc86", (3, 4, 4): "0076646450e5a28f",
-                    (4, 1, 1): "905f0bc73547fec9", (5, 2, 2): "d838a9f9841748af"}
+SAMPLE_REFERENCE = {
+    (0, 1000, 250): "da89c675aef98249",
+    (1, 5, 0): "81b174f4eb6d311e",
+    (2, 0, 3): "db479a354e8cbc86",
+    (3, 4, 4): "0076646450e5a28f",
+    (4, 1, 1): "905f0bc73547fec9",
+    (5, 2, 2): "d838a9f9841748af",
+}
 
 
 def _digest(st, table: str) -> tuple[str, int]:
-    rows = [json.dumps({k: v for k, v in r.items() if k not in ("created_at", "quarantined_at")},
-                       sort_keys=True, default=str) for r in st.query(f"SELECT * FROM {table}").to_pylist()]
+    rows = [
+        json.dumps(
+            {k: v for k, v in r.items() if k not in ("created_at", "quarantined_at")}, sort_keys=True, default=str
+        )
+        for r in st.query(f"SELECT * FROM {table}").to_pylist()
+    ]
     return hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest(), len(rows)
 
 
@@ -57,8 +66,9 @@ def _build(root, ingest_batch: int, tokenize_batch: int, **sizes):
 
     run_ingest(IngestConfig(store=str(root), batch_rows=ingest_batch, **sizes), progress=False)
     st = Store(root)
-    layout = ensure_tokenization(st, load_tokenizer("embedded"), "embedded", 16384, progress=False,
-                                 batch_rows=tokenize_batch)
+    layout = ensure_tokenization(
+        st, load_tokenizer("embedded"), "embedded", 16384, progress=False, batch_rows=tokenize_batch
+    )
     return st, layout
 
 
@@ -113,7 +123,7 @@ def test_spill_files_live_in_the_store_scratch_and_a_killed_process_leaves_none(
 
     store = Store(tmp_path / "st")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)                                  # a pid that has exited
+    dead_pid = int(dead.stdout)  # a pid that has exited
     left = store.root / "scratch" / f"tokenize-{dead_pid}-{'a' * 12}"
     live = store.root / "scratch" / f"tokenize-{os.getppid()}-{'b' * 12}"
     for d in (left, live):
@@ -121,7 +131,7 @@ def test_spill_files_live_in_the_store_scratch_and_a_killed_process_leaves_none(
         (d / "00000.parquet").write_bytes(b"x")
     with scratch(store, "ingest-rows") as folder:
         assert folder.parent == store.root / "scratch" and folder.is_dir()
-        assert not left.exists() and live.exists()              # only the dead process's folder goes
+        assert not left.exists() and live.exists()  # only the dead process's folder goes
         (folder / "spill").write_bytes(b"y")
     assert not folder.exists()
     with pytest.raises(StoreError, match="scratch purpose"):

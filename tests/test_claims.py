@@ -21,7 +21,7 @@ from store.core import Store
 from tests.conftest import ingest_small
 
 REPO = Path(__file__).resolve().parent.parent
-DEAD_PID = 2 ** 22 + 4321           # above the default pid_max: never a live process
+DEAD_PID = 2**22 + 4321  # above the default pid_max: never a live process
 
 
 def _fake_claim(store: Store, scope: str, item: str, pid: int, age: float = 0.0) -> None:
@@ -32,14 +32,14 @@ def _fake_claim(store: Store, scope: str, item: str, pid: int, age: float = 0.0)
 
 def test_a_claim_is_exclusive_and_stale_claims_are_taken_over(tmp_path):
     st = Store(tmp_path / "st")
-    assert claims.acquire(st, "units-x", "u000000") and claims.acquire(st, "units-x", "u000000")   # ours
-    _fake_claim(st, "units-x", "u000001", os.getppid())                  # a live other process
+    assert claims.acquire(st, "units-x", "u000000") and claims.acquire(st, "units-x", "u000000")  # ours
+    _fake_claim(st, "units-x", "u000001", os.getppid())  # a live other process
     assert not claims.acquire(st, "units-x", "u000001")
-    _fake_claim(st, "units-x", "u000002", DEAD_PID)                      # its process is gone
+    _fake_claim(st, "units-x", "u000002", DEAD_PID)  # its process is gone
     assert claims.acquire(st, "units-x", "u000002")
-    _fake_claim(st, "units-x", "u000003", os.getppid(), age=100)         # alive, but older than the timeout
+    _fake_claim(st, "units-x", "u000003", os.getppid(), age=100)  # alive, but older than the timeout
     assert claims.acquire(st, "units-x", "u000003", timeout=50)
-    claims.release(st, "units-x", "u000001")                             # not ours: left alone
+    claims.release(st, "units-x", "u000001")  # not ours: left alone
     assert claims.owner(st, "units-x", "u000001")["pid"] == os.getppid()
     claims.release_all(st, "units-x")
     assert [p.name for p in (st.claims_dir / "units-x").iterdir()] == ["u000001.json"]
@@ -56,11 +56,28 @@ def ingested(tmp_path_factory):
 
 def _cmd(store: Path, model: str, cache: Path) -> list[str]:
     # Each unit takes >= 0.3 s, so two writers started together overlap for seconds.
-    code = ("import sys, time; import extractors.hidden as h; f = h.HiddenStates.fill; "
-            "h.HiddenStates.fill = lambda self, *a: (time.sleep(0.3), f(self, *a))[1]; "
-            "from extractors.run import main; sys.exit(main(sys.argv[1:]))")
-    return [sys.executable, "-c", code, "--layers", "1", "3", "--store", str(store), "--model", model,
-            "--unit-tokens", "512", "--no-progress", "--model-cache", str(cache)]
+    code = (
+        "import sys, time; import extractors.hidden as h; f = h.HiddenStates.fill; "
+        "h.HiddenStates.fill = lambda self, *a: (time.sleep(0.3), f(self, *a))[1]; "
+        "from extractors.run import main; sys.exit(main(sys.argv[1:]))"
+    )
+    return [
+        sys.executable,
+        "-c",
+        code,
+        "--layers",
+        "1",
+        "3",
+        "--store",
+        str(store),
+        "--model",
+        model,
+        "--unit-tokens",
+        "512",
+        "--no-progress",
+        "--model-cache",
+        str(cache),
+    ]
 
 
 def _arrays(store: Path) -> list[np.ndarray]:
@@ -70,8 +87,12 @@ def _arrays(store: Path) -> list[np.ndarray]:
 
 def test_two_extractors_on_one_store_split_the_units(ingested, copy_store, tiny_model, model_cache):
     shared, alone = copy_store(ingested), copy_store(ingested)
-    procs = [subprocess.Popen(_cmd(shared, tiny_model, model_cache), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            _cmd(shared, tiny_model, model_cache), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     from extractors.pipeline import ExtractConfig, run_extraction
@@ -81,11 +102,11 @@ def test_two_extractors_on_one_store_split_the_units(ingested, copy_store, tiny_
     n_units = st.query("SELECT max(n_units) FROM tokenizations").column(0)[0].as_py()
     runs = st.query("SELECT counts FROM runs WHERE kind = 'extract_hidden'").column(0).to_pylist()
     units = [json.loads(c)["units"] for c in runs]
-    assert sum(units) == n_units and min(units) > 0, units          # every unit computed exactly once
-    assert st.query("SELECT count(*) FROM tokenizations").column(0)[0].as_py() == 1   # tokenized once
-    for a, b in zip(_arrays(shared), _arrays(alone)):
+    assert sum(units) == n_units and min(units) > 0, units  # every unit computed exactly once
+    assert st.query("SELECT count(*) FROM tokenizations").column(0)[0].as_py() == 1  # tokenized once
+    for a, b in zip(_arrays(shared), _arrays(alone), strict=False):
         assert np.array_equal(a, b)
-    assert not list(st.claims_dir.rglob("*.json"))                   # both released their claims
+    assert not list(st.claims_dir.rglob("*.json"))  # both released their claims
 
 
 def test_a_dead_writers_claim_is_taken_over(ingested, copy_store, tiny_model):

@@ -34,28 +34,62 @@ REPO = Path(__file__).resolve().parent.parent
 KILLS = 10
 SEEDS = {"hidden": 1, "sae": 2, "gradnorm": 3}
 INGEST = ["--train-base", "32", "--attr-query", "4", "--eval", "4", "--sample-train", "60", "--sample-test", "16"]
-VOLATILE = {"run_id", "created_by_run", "last_run", "committed_at", "created_at", "updated_at", "quarantined_at",
-            "manifest", "path", "sae_path"}
-DRIVER = ("import sys\n"
-          "from extractors.dataset import main as ingest\n"
-          "from extractors.run import main as extract\n"
-          "a = sys.argv[1:]; i = a.index('--')\n"
-          "rc = ingest(a[:i])\n"
-          "sys.exit(rc or extract(a[i + 1:]))\n")
+VOLATILE = {
+    "run_id",
+    "created_by_run",
+    "last_run",
+    "committed_at",
+    "created_at",
+    "updated_at",
+    "quarantined_at",
+    "manifest",
+    "path",
+    "sae_path",
+}
+DRIVER = (
+    "import sys\n"
+    "from extractors.dataset import main as ingest\n"
+    "from extractors.run import main as extract\n"
+    "a = sys.argv[1:]; i = a.index('--')\n"
+    "rc = ingest(a[:i])\n"
+    "sys.exit(rc or extract(a[i + 1:]))\n"
+)
 
 
 def _kinds(sae_dir: Path) -> dict[str, list[str]]:
-    kinds = {"hidden": ["--layers", "1", "3", "--kinds", "hidden"],
-             "sae": ["--layers", "2", "--kinds", "sae", "--sae", str(sae_dir)]}
+    kinds = {
+        "hidden": ["--layers", "1", "3", "--kinds", "hidden"],
+        "sae": ["--layers", "2", "--kinds", "sae", "--sae", str(sae_dir)],
+    }
     if importlib.util.find_spec("extractors.gradnorm") is not None:
         kinds["gradnorm"] = ["--layers", "1", "3", "--kinds", "gradnorm"]
     return kinds
 
 
 def _cmd(store: Path, model: str, cache: Path, kind_args: list[str]) -> list[str]:
-    return [sys.executable, "-c", DRIVER, "--store", str(store), "--model", model, *INGEST, "--",
-            "--store", str(store), "--model", model, "--unit-tokens", "512", "--batch-tokens", "512",
-            "--no-progress", "--model-cache", str(cache), *kind_args]
+    return [
+        sys.executable,
+        "-c",
+        DRIVER,
+        "--store",
+        str(store),
+        "--model",
+        model,
+        *INGEST,
+        "--",
+        "--store",
+        str(store),
+        "--model",
+        model,
+        "--unit-tokens",
+        "512",
+        "--batch-tokens",
+        "512",
+        "--no-progress",
+        "--model-cache",
+        str(cache),
+        *kind_args,
+    ]
 
 
 def _run_in_process(cmd: list[str]) -> None:
@@ -65,7 +99,7 @@ def _run_in_process(cmd: list[str]) -> None:
 
     args = cmd[3:]
     i = args.index("--")
-    assert ingest(args[:i]) == 0 and extract(args[i + 1:]) == 0
+    assert ingest(args[:i]) == 0 and extract(args[i + 1 :]) == 0
 
 
 def _count(root: Path, sub: str, pattern: str) -> int:
@@ -92,14 +126,15 @@ def _kill_chain(store: Path, cmd: list[str], seed: int) -> list[str]:
         if len(hits) == KILLS:
             break
         phase = ["ingest", "tokenize"][attempt] if attempt < 2 else rng.choice(["write", "commit"])
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
         fire, t0 = _trigger(store, phase, rng), time.monotonic()
         while proc.poll() is None and not fire():
             assert time.monotonic() - t0 < 300, "the chain hangs"
             time.sleep(0.002)
         if proc.poll() is None:
-            time.sleep(rng.uniform(0.0, 0.02))        # land anywhere between two events
+            time.sleep(rng.uniform(0.0, 0.02))  # land anywhere between two events
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             hits.append(phase)
@@ -114,8 +149,11 @@ def _tables(store: Path) -> dict[str, list[tuple]]:
 
 def _arrays(store: Path) -> dict[str, np.ndarray]:
     root = store / "arrays"
-    return {str(p.parent.relative_to(root)): zarr.open_array(str(p.parent), mode="r")[:]
-            for p in root.rglob("zarr.json") if json.loads(p.read_text()).get("node_type") == "array"}
+    return {
+        str(p.parent.relative_to(root)): zarr.open_array(str(p.parent), mode="r")[:]
+        for p in root.rglob("zarr.json")
+        if json.loads(p.read_text()).get("node_type") == "array"
+    }
 
 
 @pytest.mark.parametrize("kind", ["hidden", "sae", "gradnorm"])
@@ -124,7 +162,7 @@ def test_seeded_kills_end_identical_to_an_uninterrupted_run(kind, tmp_path, tiny
     if kind not in kinds:
         pytest.skip(f"--kinds {kind} does not exist in this checkout")
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    _run_in_process(_cmd(clean, tiny_model, model_cache, kinds[kind]))          # the uninterrupted reference
+    _run_in_process(_cmd(clean, tiny_model, model_cache, kinds[kind]))  # the uninterrupted reference
     hits = _kill_chain(killed, _cmd(killed, tiny_model, model_cache, kinds[kind]), seed=SEEDS[kind])
     assert len(hits) == KILLS and hits[:2] == ["ingest", "tokenize"], hits
     subprocess.run(_cmd(killed, tiny_model, model_cache, kinds[kind]), cwd=REPO, check=True, capture_output=True)

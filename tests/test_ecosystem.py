@@ -24,7 +24,7 @@ from store.groups import ensure_groups
 from store.materialize import gather
 from store.sql import main as sql_main
 
-N_ROWS, ROW_TOKENS, UNIT = 4, 32, 64          # 4 rows of 32 tokens, 2 rows per unit: 2 units
+N_ROWS, ROW_TOKENS, UNIT = 4, 32, 64  # 4 rows of 32 tokens, 2 rows per unit: 2 units
 N_SLOTS, WIDTH = N_ROWS * ROW_TOKENS, 8
 
 
@@ -34,14 +34,31 @@ def made_up_store(root: Path, layers: tuple[int, ...] = (3, 5)) -> tuple[Store, 
     as float32 (bf16-rounded)."""
     st = Store(root)
     ids = [f"r{i}" for i in range(N_ROWS)]
-    st.write_table("rows", pa.table({
-        "row_id": ids, "split": ["eval", "eval", "train_base", "train_base"],
-        "category": ["math", "code", "math", "chat"], "difficulty": ["easy", "hard", "easy", "hard"],
-        "quality": [1.0, 2.0, 3.0, 4.0], "reward_model_score": [0.1, 0.2, 0.3, 0.4]}))
-    st.write_table("row_layout", pa.table({
-        "row_id": ids, "n_tokens": [ROW_TOKENS] * N_ROWS, "n_supervised": [5, 6, 7, 8],
-        "unit": [i * ROW_TOKENS // UNIT for i in range(N_ROWS)],
-        "tok_start": pa.array([i * ROW_TOKENS for i in range(N_ROWS)], pa.int64())}))
+    st.write_table(
+        "rows",
+        pa.table(
+            {
+                "row_id": ids,
+                "split": ["eval", "eval", "train_base", "train_base"],
+                "category": ["math", "code", "math", "chat"],
+                "difficulty": ["easy", "hard", "easy", "hard"],
+                "quality": [1.0, 2.0, 3.0, 4.0],
+                "reward_model_score": [0.1, 0.2, 0.3, 0.4],
+            }
+        ),
+    )
+    st.write_table(
+        "row_layout",
+        pa.table(
+            {
+                "row_id": ids,
+                "n_tokens": [ROW_TOKENS] * N_ROWS,
+                "n_supervised": [5, 6, 7, 8],
+                "unit": [i * ROW_TOKENS // UNIT for i in range(N_ROWS)],
+                "tok_start": pa.array([i * ROW_TOKENS for i in range(N_ROWS)], pa.int64()),
+            }
+        ),
+    )
     rng = np.random.default_rng(0)
     values = {}
     specs = [(f"hidden/layer_{L}", WIDTH, "bf16") for L in layers] + [("scores/norm", None, "fp32")]
@@ -50,8 +67,8 @@ def made_up_store(root: Path, layers: tuple[int, ...] = (3, 5)) -> tuple[Store, 
         x = rng.standard_normal((N_SLOTS,) if width is None else (N_SLOTS, width)).astype(np.float32)
         raw = encode(x, dtype)
         for u in range(N_SLOTS // UNIT):
-            write_unit(st, arr, name, u, raw[u * UNIT:(u + 1) * UNIT])
-            commit_unit(st, name, u, ids[u * 2:(u + 1) * 2], "run-1")
+            write_unit(st, arr, name, u, raw[u * UNIT : (u + 1) * UNIT])
+            commit_unit(st, name, u, ids[u * 2 : (u + 1) * 2], "run-1")
         values[name] = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "bf16" else x
     st.refresh_catalog()
     return st, values
@@ -74,8 +91,14 @@ def cli(db: str | Path, sql: str, cwd: Path, *args: str) -> list[list[str]]:
     folder, away from any ~/.duckdbrc, so the test sees DuckDB's defaults."""
     home = cwd.parent / f".home_{cwd.name}"
     home.mkdir(exist_ok=True)
-    out = subprocess.run([duckdb_cli(), str(db), "-csv", "-noheader", *args, "-c", sql], cwd=cwd,
-                         env={**os.environ, "HOME": str(home)}, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [duckdb_cli(), str(db), "-csv", "-noheader", *args, "-c", sql],
+        cwd=cwd,
+        env={**os.environ, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
     return [line.split(",") for line in out.stdout.splitlines()]
 
@@ -83,9 +106,11 @@ def cli(db: str | Path, sql: str, cwd: Path, *args: str) -> list[list[str]]:
 def test_duckdb_cli_opens_the_catalog_tables_and_sql_views(tmp_path):
     st, _ = made_up_store(tmp_path / "st")
     version = subprocess.run([duckdb_cli(), "--version"], capture_output=True, text=True).stdout
-    assert version.startswith("v1."), version            # the 1.x readers the README promises
-    assert cli(st.catalog_db, "SELECT split, count(*) FROM rows GROUP BY 1 ORDER BY 1", tmp_path) == \
-        [["eval", "2"], ["train_base", "2"]]
+    assert version.startswith("v1."), version  # the 1.x readers the README promises
+    assert cli(st.catalog_db, "SELECT split, count(*) FROM rows GROUP BY 1 ORDER BY 1", tmp_path) == [
+        ["eval", "2"],
+        ["train_base", "2"],
+    ]
     summary = cli(st.catalog_db, "SELECT row_id, n_tokens, len(arrays) FROM row_summary ORDER BY 1", tmp_path)
     assert summary == [[f"r{i}", str(ROW_TOKENS), "3"] for i in range(N_ROWS)]
     # an old storage format on purpose (the header's version number, after the checksum and
@@ -158,7 +183,7 @@ def test_groups_are_written_once_and_never_replaced(tmp_path):
     create_array(st, "hidden/layer_7", n_slots=N_SLOTS, width=WIDTH, chunk_slots=UNIT, dtype="bf16", attrs={})
     hidden = zarr.open_group(str(st.arrays_dir / "hidden"), mode="r")
     assert hidden.attrs["note"] == "set by a user"
-    assert sorted(hidden.array_keys()) == ["layer_3", "layer_5", "layer_7"]     # no stale listing
+    assert sorted(hidden.array_keys()) == ["layer_3", "layer_5", "layer_7"]  # no stale listing
     # ranks racing to create the groups of a new branch: each group is written exactly once
     name = "sae/topk_4608/layer_3"
     made: list = []
@@ -179,16 +204,18 @@ def test_groups_are_written_once_and_never_replaced(tmp_path):
 def test_refresh_upgrades_a_store_made_before_groups(tmp_path, capsys):
     st, _ = made_up_store(tmp_path / "st")
     groups = [st.arrays_dir, st.arrays_dir / "hidden", st.arrays_dir / "scores"]
-    assert sorted(p.parent for p in st.arrays_dir.rglob("zarr.json")
-                  if json.loads(p.read_text())["node_type"] == "group") == groups
+    assert (
+        sorted(p.parent for p in st.arrays_dir.rglob("zarr.json") if json.loads(p.read_text())["node_type"] == "group")
+        == groups
+    )
     for d in groups:
-        (d / "zarr.json").unlink()                   # what older versions left
-    with pytest.raises(FileNotFoundError, match="No group found"):     # zarr's GroupNotFoundError
+        (d / "zarr.json").unlink()  # what older versions left
+    with pytest.raises(FileNotFoundError, match="No group found"):  # zarr's GroupNotFoundError
         zarr.open_group(str(st.arrays_dir), mode="r")
     assert sql_main(["--refresh", "--store", str(st.root)]) == 0
     assert "Zarr group metadata for 3 folders" in capsys.readouterr().out
     assert sorted(zarr.open_group(str(st.arrays_dir), mode="r").group_keys()) == ["hidden", "scores"]
-    assert sql_main(["--refresh", "--store", str(st.root)]) == 0        # idempotent
+    assert sql_main(["--refresh", "--store", str(st.root)]) == 0  # idempotent
     assert "Zarr group" not in capsys.readouterr().out
 
 

@@ -65,10 +65,14 @@ def test_extract_fills_every_token_and_records_the_run(fresh, tiny_model):
     assert np.isfinite(X).all() and (np.abs(X).sum(axis=1) > 0).all()
     # the done-criterion query, in plain DuckDB on the catalog file
     import duckdb
+
     con = duckdb.connect(str(st.catalog_db), read_only=True)
-    per_cat = con.sql("SELECT r.category, count(*) FROM tokens t JOIN rows r USING (row_id) "
-                      "WHERE t.is_supervised GROUP BY 1").fetchall()
-    assert sum(n for _, n in per_cat) == st.query("SELECT count(*) FROM tokens WHERE is_supervised").column(0)[0].as_py()
+    per_cat = con.sql(
+        "SELECT r.category, count(*) FROM tokens t JOIN rows r USING (row_id) WHERE t.is_supervised GROUP BY 1"
+    ).fetchall()
+    assert (
+        sum(n for _, n in per_cat) == st.query("SELECT count(*) FROM tokens WHERE is_supervised").column(0)[0].as_py()
+    )
     assert con.sql("SELECT count(*) FROM needle_tokens").fetchall()[0][0] > 0
 
 
@@ -87,6 +91,7 @@ def test_multi_layer_single_pass_equals_separate_runs(small_rows, copy_store, ti
     a = copy_store(small_rows)
     b = tmp_path / "b"
     import shutil
+
     shutil.copytree(small_rows, b)
     _extract(a, tiny_model, [0, 2], unit_tokens=2048)
     _extract(b, tiny_model, [0], unit_tokens=2048)
@@ -98,6 +103,7 @@ def test_multi_layer_single_pass_equals_separate_runs(small_rows, copy_store, ti
 def test_two_ranks_write_disjoint_units_equal_to_one(small_rows, copy_store, tiny_model, tmp_path):
     one = copy_store(small_rows)
     import shutil
+
     two = tmp_path / "two"
     shutil.copytree(small_rows, two)
     _extract(one, tiny_model, [3], unit_tokens=1024)
@@ -112,7 +118,12 @@ def test_two_ranks_write_disjoint_units_equal_to_one(small_rows, copy_store, tin
 def test_split_and_max_rows_select_rows(fresh, tiny_model):
     res = _extract(fresh, tiny_model, [1], split="eval", max_rows=3, unit_tokens=2048)
     assert res.rows == 3
-    got = Store(fresh).query("SELECT DISTINCT r.split FROM array_units u JOIN rows r USING (row_id)").column(0).to_pylist()
+    got = (
+        Store(fresh)
+        .query("SELECT DISTINCT r.split FROM array_units u JOIN rows r USING (row_id)")
+        .column(0)
+        .to_pylist()
+    )
     assert got == ["eval"]
 
 
@@ -122,7 +133,7 @@ def test_materialize_equals_naive_per_row_reads(fresh, tiny_model):
     m = materialize(st, "assistant_tokens", "hidden/layer_2")
     arr = zarr.open_array(str(st.array_path("hidden/layer_2")), mode="r")
     naive = []
-    for row_id, pos in zip(m.frame["row_id"], m.frame["token_pos"]):
+    for row_id, pos in zip(m.frame["row_id"], m.frame["token_pos"], strict=False):
         start = st.query("SELECT tok_start FROM row_layout WHERE row_id = ?", [row_id]).column(0)[0].as_py()
         naive.append(arr[start + pos])
     naive = (np.stack(naive).astype(np.uint32) << 16).view(np.float32)
@@ -134,13 +145,16 @@ def test_materialize_equals_naive_per_row_reads(fresh, tiny_model):
     whole = materialize(st, "SELECT row_id, category FROM rows ORDER BY row_id DESC LIMIT 3", "hidden/layer_2")
     ids = whole.frame["row_id"].unique(maintain_order=True).to_list()
     assert len(ids) == 3 and ids == sorted(ids, reverse=True) and "category" in whole.frame.columns
-    ref = materialize(st, f"SELECT row_id, token_pos, tok_index FROM tokens WHERE row_id IN {tuple(ids)} "
-                          "ORDER BY row_id DESC, token_pos", "hidden/layer_2")
+    ref = materialize(
+        st,
+        f"SELECT row_id, token_pos, tok_index FROM tokens WHERE row_id IN {tuple(ids)} ORDER BY row_id DESC, token_pos",
+        "hidden/layer_2",
+    )
     assert whole.frame.select("row_id", "token_pos", "tok_index").equals(ref.frame)
     assert np.array_equal(whole.X, ref.X)
     with pytest.raises(StoreError, match="must return tok_index"):
         materialize(st, "SELECT row_id, token_pos FROM tokens LIMIT 3", "hidden/layer_2")
-    with pytest.raises(StoreError, match="each row_id once"):   # a token view that forgot tok_index
+    with pytest.raises(StoreError, match="each row_id once"):  # a token view that forgot tok_index
         materialize(st, "SELECT row_id, token_text FROM tokens WHERE token_pos < 2", "hidden/layer_2")
 
 
@@ -150,10 +164,13 @@ def test_materialize_refuses_rows_not_extracted(fresh, tiny_model):
         materialize(Store(fresh), "assistant_tokens", "hidden/layer_1")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--layer", "4"], "--layer 4 is out of range"),
-    (["--layer", "1", "--split", "nope"], "--split 'nope' has no rows"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--layer", "4"], "--layer 4 is out of range"),
+        (["--layer", "1", "--split", "nope"], "--split 'nope' has no rows"),
+    ],
+)
 def test_bad_arguments_give_clear_errors(fresh, tiny_model, argv, message, capsys):
     assert main([*argv, "--store", str(fresh), "--model", tiny_model, "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -162,14 +179,17 @@ def test_bad_arguments_give_clear_errors(fresh, tiny_model, argv, message, capsy
         assert "valid layers are 0..3" in err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--store", "x"], "pass --layer"),
-    (["--layer", "1", "--max-rows", "0"], "--max-rows must be positive"),
-    (["--layer", "1", "--kinds", "grads"], "--kinds 'grads'"),
-    (["--layer", "1", "--dtype", "int8"], "invalid choice"),
-    (["--layer", "1", "--unit-tokens", "-5"], "--unit-tokens must be positive, got -5"),
-    (["--layer", "1", "--writers", "0"], "--writers must be positive"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--store", "x"], "pass --layer"),
+        (["--layer", "1", "--max-rows", "0"], "--max-rows must be positive"),
+        (["--layer", "1", "--kinds", "grads"], "--kinds 'grads'"),
+        (["--layer", "1", "--dtype", "int8"], "invalid choice"),
+        (["--layer", "1", "--unit-tokens", "-5"], "--unit-tokens must be positive, got -5"),
+        (["--layer", "1", "--writers", "0"], "--writers must be positive"),
+    ],
+)
 def test_bad_flags_exit_with_usage(argv, message, capsys, monkeypatch):
     import extractors.model as model
 
@@ -220,6 +240,7 @@ def test_a_failing_run_is_recorded_failed_with_its_error(fresh, tiny_model, monk
 def test_stored_vectors_equal_the_models_hidden_states(real_store):
     """Layer L in the store == transformers' output_hidden_states[L+1], within bf16 rounding."""
     import torch
+
     from extractors.model import load_model
 
     st = Store(real_store)
@@ -234,7 +255,7 @@ def test_stored_vectors_equal_the_models_hidden_states(real_store):
             stored = gather(st, f"hidden/layer_{L}", toks.column("tok_index").to_numpy())
             ref = hs[L + 1][0].float().numpy()
             # bf16 keeps 8 bits of mantissa: relative error <= 2^-8 per element
-            assert np.allclose(stored, ref, rtol=2 ** -8, atol=1e-3), (row_id, L)
+            assert np.allclose(stored, ref, rtol=2**-8, atol=1e-3), (row_id, L)
             assert np.abs(stored - ref).max() / np.abs(ref).max() < 0.01
 
 
@@ -243,12 +264,31 @@ def test_resume_after_sigkill_is_byte_identical(small_rows, copy_store, tmp_path
     """Kill a real extraction mid-run, rerun the same command, compare with an uninterrupted run."""
     killed = copy_store(small_rows)
     import shutil
+
     clean = tmp_path / "clean"
     shutil.copytree(small_rows, clean)
-    cmd = [sys.executable, "-m", "extractors.run", "--layers", "3", "9", "--unit-tokens", "512",
-           "--batch-tokens", "512", "--no-progress", "--model-cache", str(model_cache)]
-    proc = subprocess.Popen([*cmd, "--store", str(killed)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "extractors.run",
+        "--layers",
+        "3",
+        "9",
+        "--unit-tokens",
+        "512",
+        "--batch-tokens",
+        "512",
+        "--no-progress",
+        "--model-cache",
+        str(model_cache),
+    ]
+    proc = subprocess.Popen(
+        [*cmd, "--store", str(killed)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     units_dir = killed / "catalog" / "array_units" / "hidden__layer_9"
     t0 = time.monotonic()
     while not (units_dir.is_dir() and len(list(units_dir.glob("*.parquet"))) >= 2):

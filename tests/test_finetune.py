@@ -25,8 +25,22 @@ SIZES = {"train_base": 12, "attr_query": 3, "eval": 6}
 
 def _ft(store, model, *extra):
     # 6 eval rows, trained on by the SQL: a few steps must lower their own loss.
-    return ft_main(["--store", str(store), "--model", model, "--no-progress", "--batch-size", "3", "--lr", "1e-2",
-                    "--lora-dropout", "0", *extra])
+    return ft_main(
+        [
+            "--store",
+            str(store),
+            "--model",
+            model,
+            "--no-progress",
+            "--batch-size",
+            "3",
+            "--lr",
+            "1e-2",
+            "--lora-dropout",
+            "0",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +48,17 @@ def trained(tmp_path_factory, tiny_model):
     """A store of 21 rows and an adapter trained (3 epochs) on its eval rows, evaluated on them."""
     store = tmp_path_factory.mktemp("ft") / "store"
     ingest_small(store, SIZES, model=tiny_model)
-    assert _ft(store, tiny_model, "--train-rows-sql", "SELECT row_id FROM split_members WHERE split = 'eval'",
-               "--epochs", "3") == 0
+    assert (
+        _ft(
+            store,
+            tiny_model,
+            "--train-rows-sql",
+            "SELECT row_id FROM split_members WHERE split = 'eval'",
+            "--epochs",
+            "3",
+        )
+        == 0
+    )
     return store
 
 
@@ -49,16 +72,17 @@ def test_labels_are_exactly_the_supervised_tokens(trained):
     st = Store(trained)
     rows = select_rows_by(st, split="all")
     data = load_sft_rows(st, _layout(trained).tokenization, rows)
-    tok = st.query("SELECT row_id, token_pos, token_id, role, is_supervised FROM tokens ORDER BY row_id, "
-                   "token_pos").to_pydict()
+    tok = st.query(
+        "SELECT row_id, token_pos, token_id, role, is_supervised FROM tokens ORDER BY row_id, token_pos"
+    ).to_pydict()
     by_row: dict[str, list] = {}
-    for r, tid, role, sup in zip(tok["row_id"], tok["token_id"], tok["role"], tok["is_supervised"]):
+    for r, tid, role, sup in zip(tok["row_id"], tok["token_id"], tok["role"], tok["is_supervised"], strict=False):
         by_row.setdefault(r, []).append((tid, role, sup))
-    for r, ids, labels in zip(data.row_ids, data.input_ids, data.labels):
+    for r, ids, labels in zip(data.row_ids, data.input_ids, data.labels, strict=False):
         assert ids == [t[0] for t in by_row[r]]
         assert labels == [t[0] if t[2] else IGNORE for t in by_row[r]]
         roles = {t[1] for t in by_row[r] if t[2]}
-        assert roles <= {"assistant", "special"}, roles        # prompt/template tokens never supervised
+        assert roles <= {"assistant", "special"}, roles  # prompt/template tokens never supervised
         assert any(t[2] for t in by_row[r]) and not all(t[2] for t in by_row[r])
     # Each row's supervised span is one contiguous block ending the last assistant message.
     assert all(np.all(np.diff(np.flatnonzero(np.array(lab) != IGNORE)) == 1) for lab in data.labels)
@@ -84,9 +108,9 @@ def test_adapter_opens_with_plain_peft_and_matches_apply_adapter(trained, tiny_m
 
     ref = resolve_adapter(Store(trained), "latest")
     folder = ref.path
-    assert resolve_adapter(Store(trained), folder) == ref     # its folder names the same registered adapter
+    assert resolve_adapter(Store(trained), folder) == ref  # its folder names the same registered adapter
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), folder).eval()
-    AutoTokenizer.from_pretrained(folder)                     # the tokenizer is saved beside it
+    AutoTokenizer.from_pretrained(folder)  # the tokenizer is saved beside it
     ours = apply_adapter(load_model(tiny_model, "cpu"), "latest", Store(trained))
     assert "+adapter:" in ours.model_id and ours.model_hash.startswith(load_model(tiny_model, "cpu").model_hash)
     x = torch.tensor([[1, 5, 9, 200, 7]])
@@ -94,7 +118,7 @@ def test_adapter_opens_with_plain_peft_and_matches_apply_adapter(trained, tiny_m
         a, b = plain(x).logits, ours.model(x).logits
         base = AutoModelForCausalLM.from_pretrained(tiny_model)(x).logits
     torch.testing.assert_close(a, b)
-    assert not torch.allclose(a, base)                        # the adapter changes the model
+    assert not torch.allclose(a, base)  # the adapter changes the model
 
 
 def test_eval_loss_base_vs_adapter_in_one_json_and_table(trained, tiny_model, capsys):
@@ -110,11 +134,14 @@ def test_eval_loss_base_vs_adapter_in_one_json_and_table(trained, tiny_model, ca
         assert e["perplexity"] == pytest.approx(np.exp(e["mean_loss"]))
     assert doc["delta_loss"] < 0 and doc["delta_ppl"] < 0
     assert doc["delta_loss"] == pytest.approx(doc["adapter"]["mean_loss"] - doc["base"]["mean_loss"])
-    t = st.query("SELECT adapter, sum(n_tokens) AS n, sum(loss_sum) / sum(n_tokens) AS loss, count(*) AS rows "
-                 "FROM eval_losses GROUP BY adapter ORDER BY adapter NULLS FIRST").to_pylist()
+    t = st.query(
+        "SELECT adapter, sum(n_tokens) AS n, sum(loss_sum) / sum(n_tokens) AS loss, count(*) AS rows "
+        "FROM eval_losses GROUP BY adapter ORDER BY adapter NULLS FIRST"
+    ).to_pylist()
     assert [r["rows"] for r in t] == [SIZES["eval"]] * 2 and t[0]["adapter"] is None
     assert t[0]["loss"] == pytest.approx(doc["base"]["mean_loss"]) and t[1]["loss"] == pytest.approx(
-        doc["adapter"]["mean_loss"])
+        doc["adapter"]["mean_loss"]
+    )
     assert "delta_loss" in capsys.readouterr().out
 
 
@@ -122,13 +149,24 @@ def test_resume_continues_an_adapter_and_truncation_is_counted(trained, tiny_mod
     store = copy_store(trained)
     first = select_rows_by(Store(store), split="train_base", max_rows=3)
     cut = min(len(x) for x in load_sft_rows(Store(store), _layout(store).tokenization, first).input_ids) - 2
-    res = run_finetune(FinetuneConfig(store=str(store), model=tiny_model, resume_adapter="latest", max_rows=3,
-                                      eval_split="", batch_size=3, max_length=cut, on_long="truncate",
-                                      progress=False))
+    res = run_finetune(
+        FinetuneConfig(
+            store=str(store),
+            model=tiny_model,
+            resume_adapter="latest",
+            max_rows=3,
+            eval_split="",
+            batch_size=3,
+            max_length=cut,
+            on_long="truncate",
+            progress=False,
+        )
+    )
     rows = {r["adapter"]: r for r in Store(store).query("SELECT * FROM adapters").to_pylist()}
     assert rows[res.adapter]["resumed_from"] in rows and res.metrics["steps"] == 1
-    counts = json.loads(Store(store).query("SELECT counts FROM runs WHERE run_id = ?", [res.run_id]).column(0)[0]
-                        .as_py())
+    counts = json.loads(
+        Store(store).query("SELECT counts FROM runs WHERE run_id = ?", [res.run_id]).column(0)[0].as_py()
+    )
     assert counts["truncated_rows"] == 3
 
 
@@ -141,11 +179,25 @@ def test_bad_input_gets_one_clear_error(trained, tiny_model, tmp_path, capsys):
     assert "adapters in this store: " in capsys.readouterr().err
     assert _ft(trained, tiny_model, "--train-rows-sql", "SELECT 'x' AS row_id") == 2
     assert "not ingested" in capsys.readouterr().err
-    assert eval_main(["--store", str(trained), "--model", tiny_model, "--split", "attr_query", "--rows-sql",
-                      "SELECT row_id FROM rows WHERE false"]) == 2
+    assert (
+        eval_main(
+            [
+                "--store",
+                str(trained),
+                "--model",
+                tiny_model,
+                "--split",
+                "attr_query",
+                "--rows-sql",
+                "SELECT row_id FROM rows WHERE false",
+            ]
+        )
+        == 2
+    )
     assert "selects no rows" in capsys.readouterr().err
     # An adapter trained on another base model (another hash) is refused, naming both.
     from transformers import AutoModelForCausalLM
+
     other = tmp_path / "other"
     m = AutoModelForCausalLM.from_pretrained(tiny_model)
     torch.nn.init.normal_(m.lm_head.weight)

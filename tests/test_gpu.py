@@ -31,8 +31,7 @@ def ingested(tmp_path_factory):
 
 def _run(src, copy_store, model, **kw):
     store = copy_store(src)
-    run_extraction(ExtractConfig(layers=[1, 3], store=str(store), model=model, unit_tokens=1024, progress=False,
-                                 **kw))
+    run_extraction(ExtractConfig(layers=[1, 3], store=str(store), model=model, unit_tokens=1024, progress=False, **kw))
     return {L: zarr.open_array(str(Store(store).array_path(f"hidden/layer_{L}")), mode="r")[:] for L in (1, 3)}
 
 
@@ -49,5 +48,5 @@ def test_cuda_bf16_states_match_the_cpu_path(ingested, copy_store, tiny_model):
     for L in (1, 3):
         a = (gpu[L].astype(np.uint32) << 16).view(np.float32)
         b = (cpu[L].astype(np.uint32) << 16).view(np.float32)
-        assert np.mean(gpu[L] == cpu[L]) > 0.9          # most bf16 values are bit-identical
-        assert np.allclose(a, b, rtol=2 ** -7, atol=1e-3)
+        assert np.mean(gpu[L] == cpu[L]) > 0.9  # most bf16 values are bit-identical
+        assert np.allclose(a, b, rtol=2**-7, atol=1e-3)

@@ -23,9 +23,9 @@ from extractors.pipeline import ExtractConfig
 from extractors.pipeline import run_extraction as run
 from extractors.run import main
 from store.arrays import committed_rows, committed_set
+from store.catalog.tokens import read_layout
 from store.core import Store
 from store.materialize import gather
-from store.catalog.tokens import read_layout
 from tests.conftest import ingest_small
 
 SMALL = {"train_base": 16, "attr_query": 4, "eval": 4}
@@ -97,16 +97,20 @@ def test_fills_arrays_values_table_and_view(tiny_store):
     rec = st.query("SELECT * FROM runs WHERE kind = 'extract_gradnorm'").to_pylist()
     assert len(rec) == 1 and rec[0]["status"] == "finished" and rec[0]["layers"] == [1, 3]
     assert '"rows_without_supervised_tokens": 0' in rec[0]["counts"]
-    v = st.query("SELECT g.tok_index, g.grad_norm, g.layer, g.is_supervised, g.role, g.category "
-                 "FROM token_gradnorms g ORDER BY layer, tok_index").to_pydict()
+    v = st.query(
+        "SELECT g.tok_index, g.grad_norm, g.layer, g.is_supervised, g.role, g.category "
+        "FROM token_gradnorms g ORDER BY layer, tok_index"
+    ).to_pydict()
     assert len(v["tok_index"]) == 2 * n_tokens
     for L in (1, 3):
         m = np.asarray(v["layer"]) == L
         tok = np.asarray(v["tok_index"])[m]
         np.testing.assert_array_equal(np.asarray(v["grad_norm"], np.float32)[m], gather(st, f"gradnorm/layer_{L}", tok))
     # Tokens after the last supervised one feed no supervised prediction: exactly 0.
-    last = st.query("SELECT g.grad_norm FROM token_gradnorms g JOIN (SELECT row_id, max(token_pos) AS p FROM tokens "
-                    "WHERE is_supervised GROUP BY 1) s ON s.row_id = g.row_id AND g.token_pos >= s.p").column(0)
+    last = st.query(
+        "SELECT g.grad_norm FROM token_gradnorms g JOIN (SELECT row_id, max(token_pos) AS p FROM tokens "
+        "WHERE is_supervised GROUP BY 1) s ON s.row_id = g.row_id AND g.token_pos >= s.p"
+    ).column(0)
     assert max(last.to_pylist()) == 0.0
     sup = st.query("SELECT min(grad_norm) FROM token_gradnorms WHERE is_supervised AND token_pos < 5").column(0)
     assert st.query(f"SELECT count(*) FROM {VALUES_TABLE}").column(0)[0].as_py() == 2 * n_tokens and sup is not None
@@ -139,8 +143,9 @@ def test_rows_view_mean_reduction_and_one_pass(small_rows, copy_store, tiny_mode
         alone = token_grad_norms(lm.model, x, s, [3], "sum")
         torch.testing.assert_close(both[3], alone[3], rtol=1e-5, atol=1e-7)
         n_pred = int(s[0, 1:].sum())
-        np.testing.assert_allclose(_row_values(st, "gradnorm/layer_1", r), both[1][0].numpy() / n_pred,
-                                   rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            _row_values(st, "gradnorm/layer_1", r), both[1][0].numpy() / n_pred, rtol=1e-4, atol=1e-7
+        )
     assert all(p.grad is None for p in lm.model.parameters())
     assert not any(p.requires_grad for p in lm.model.parameters())
 
@@ -151,16 +156,19 @@ def test_rows_without_supervised_tokens_get_zero(tiny_model):
     lm = load_model(tiny_model, "cpu")
     x = torch.randint(5, 100, (2, 12))
     sup = torch.zeros(2, 12, dtype=torch.bool)
-    sup[1, 0] = True    # a supervised token at position 0 has nothing before it to predict it
+    sup[1, 0] = True  # a supervised token at position 0 has nothing before it to predict it
     out = token_grad_norms(lm.model, x, sup, [0, 2])
     assert all(float(v.abs().max()) == 0.0 for v in out.values())
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--layers", "9", "--kinds", "gradnorm"], "--layer 9 is out of range"),
-    (["--layers", "1", "--kinds", "gradnorm", "--rows-view", "SELECT split FROM rows"], "returns no row_id column"),
-    (["--layers", "1", "--kinds", "gradnorm", "--rows-view", "SELECT row_id FROM rows WHERE 1 = 0"], "keeps none"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--layers", "9", "--kinds", "gradnorm"], "--layer 9 is out of range"),
+        (["--layers", "1", "--kinds", "gradnorm", "--rows-view", "SELECT split FROM rows"], "returns no row_id column"),
+        (["--layers", "1", "--kinds", "gradnorm", "--rows-view", "SELECT row_id FROM rows WHERE 1 = 0"], "keeps none"),
+    ],
+)
 def test_bad_arguments_give_one_error_line(small_rows, copy_store, tiny_model, argv, message, capsys):
     dst = copy_store(small_rows)
     assert main([*argv, "--store", str(dst), "--model", tiny_model, "--no-progress"]) == 2
@@ -173,10 +181,32 @@ def test_killed_gradnorm_run_resumes_byte_identical(small_rows, tmp_path, model_
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     shutil.copytree(small_rows, killed)
     shutil.copytree(small_rows, clean)
-    cmd = [sys.executable, "-m", "extractors.run", "--layers", "1", "3", "--kinds", "gradnorm", "--model", tiny_model,
-           "--unit-tokens", "512", "--batch-tokens", "256", "--no-progress", "--model-cache", str(model_cache)]
-    proc = subprocess.Popen([*cmd, "--store", str(killed)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "extractors.run",
+        "--layers",
+        "1",
+        "3",
+        "--kinds",
+        "gradnorm",
+        "--model",
+        tiny_model,
+        "--unit-tokens",
+        "512",
+        "--batch-tokens",
+        "256",
+        "--no-progress",
+        "--model-cache",
+        str(model_cache),
+    ]
+    proc = subprocess.Popen(
+        [*cmd, "--store", str(killed)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     units_dir = killed / "catalog" / "array_units" / "gradnorm__layer_3"
     t0 = time.monotonic()
     while not (units_dir.is_dir() and len(list(units_dir.glob("*.parquet"))) >= 2):
@@ -204,8 +234,10 @@ def lora_folder(tiny_model, tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -237,17 +269,34 @@ def test_adapter_norms_live_beside_the_base(tiny_store, copy_store, tiny_model, 
     got = _row_values(st, f"gradnorm/{name}/layer_3", rows[0])
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * want.max())
     base = _row_values(st, "gradnorm/layer_3", rows[0])
-    assert np.abs(base - got).max() > 1e-3 * want.max()          # the adapter changes the norms
+    assert np.abs(base - got).max() > 1e-3 * want.max()  # the adapter changes the norms
     n = st.query("SELECT count(*) FROM token_gradnorms WHERE adapter = ? AND layer = 3", [name]).column(0)[0].as_py()
     assert n == st.query("SELECT count(*) FROM tokens WHERE row_id IN (SELECT unnest(?))", [rows]).column(0)[0].as_py()
     k = st.query(f"SELECT count(*) FROM token_selection(3, sel_adapter := '{name}')").column(0)[0].as_py()
     assert k > 0
     # an adapter recorded on another base model is refused with one error line
-    (lora_folder / "store_adapter.json").write_text(json.dumps(
-        {"adapter": "other-base", "base_model": "someone/else", "base_hash": "sha256:0000", "run_id": ""}))
+    (lora_folder / "store_adapter.json").write_text(
+        json.dumps({"adapter": "other-base", "base_model": "someone/else", "base_hash": "sha256:0000", "run_id": ""})
+    )
     try:
-        assert main(["--layers", "1", "--kinds", "gradnorm", "--adapter", str(lora_folder), "--store", str(dst),
-                     "--model", tiny_model, "--no-progress"]) == 2
+        assert (
+            main(
+                [
+                    "--layers",
+                    "1",
+                    "--kinds",
+                    "gradnorm",
+                    "--adapter",
+                    str(lora_folder),
+                    "--store",
+                    str(dst),
+                    "--model",
+                    tiny_model,
+                    "--no-progress",
+                ]
+            )
+            == 2
+        )
     finally:
         (lora_folder / "store_adapter.json").unlink()
     err = capsys.readouterr().err.strip().splitlines()[-1]

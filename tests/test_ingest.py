@@ -28,20 +28,25 @@ def test_embedded_splits_meet_the_spec(sample_store):
     assert sizes == {"train_base": 600, "attr_query": 100, "eval": 100}
     con = sample_store.connect()
     # disjoint splits, attr_query/eval from the source's test split, train_base from train
-    assert con.sql("SELECT count(*) FROM (SELECT row_id FROM rows GROUP BY 1 HAVING count(*) > 1)").fetchall()[0][0] == 0
+    assert (
+        con.sql("SELECT count(*) FROM (SELECT row_id FROM rows GROUP BY 1 HAVING count(*) > 1)").fetchall()[0][0] == 0
+    )
     src = dict(con.sql("SELECT split, list(DISTINCT source_split) FROM rows GROUP BY 1").fetchall())
     assert src == {"train_base": ["train"], "attr_query": ["test"], "eval": ["test"]}
     # score_pool is the train_base rows
-    pool = con.sql("SELECT count(*) FROM split_members m JOIN rows r USING (row_id) "
-                   "WHERE m.split = 'score_pool' AND r.split = 'train_base'").fetchall()[0][0]
+    pool = con.sql(
+        "SELECT count(*) FROM split_members m JOIN rows r USING (row_id) "
+        "WHERE m.split = 'score_pool' AND r.split = 'train_base'"
+    ).fetchall()[0][0]
     assert pool == 600
     # no empty prompt or completion; every metadata column present
     assert con.sql("SELECT count(*) FROM rows WHERE trim(completion) = '' OR len(prompt) = 0").fetchall()[0][0] == 0
     cols = {r[0] for r in con.sql("DESCRIBE rows").fetchall()}
     assert {"category", "difficulty", "quality", "reward_model_score", "conversation_tokens"} <= cols
     # group_id follows the spec
-    gid, cat, diff, ss, idx = con.sql("SELECT group_id, category, difficulty, source_split, source_index "
-                                      "FROM rows LIMIT 1").fetchall()[0]
+    gid, cat, diff, ss, idx = con.sql(
+        "SELECT group_id, category, difficulty, source_split, source_index FROM rows LIMIT 1"
+    ).fetchall()[0]
     assert gid == f"{cat}::{diff}::{ss}::{idx}"
 
 
@@ -64,17 +69,28 @@ def test_stratified_by_category_and_reported(sample_store):
 
 def test_default_data_quarantines_every_bad_row(sample_store):
     rows = sample_store.connect().sql("SELECT reason, count(*) FROM quarantine GROUP BY 1").fetchall()
-    assert dict(rows) == {"duplicate_conversation": 2, "empty_completion": 2, "missing_content": 1,
-                          "no_final_assistant": 1, "non_string_content": 1, "over_token_cap": 1}
+    assert dict(rows) == {
+        "duplicate_conversation": 2,
+        "empty_completion": 2,
+        "missing_content": 1,
+        "no_final_assistant": 1,
+        "non_string_content": 1,
+        "over_token_cap": 1,
+    }
     # the raw record is kept, so nothing is lost
     rec = sample_store.query("SELECT record FROM quarantine WHERE reason = 'no_final_assistant'").column(0)[0].as_py()
     assert json.loads(rec)["messages"][-1]["role"] == "user"
 
 
 def _row(msgs, category="math", **meta):
-    return {"messages": msgs, "category": category, "difficulty": meta.get("difficulty", "easy"),
-            "quality": meta.get("quality", "good"), "reward_model_score": meta.get("rms", 1.0),
-            "conversation_tokens": 10}
+    return {
+        "messages": msgs,
+        "category": category,
+        "difficulty": meta.get("difficulty", "easy"),
+        "quality": meta.get("quality", "good"),
+        "reward_model_score": meta.get("rms", 1.0),
+        "conversation_tokens": 10,
+    }
 
 
 def _write_jsonl(path, rows):
@@ -83,23 +99,25 @@ def _write_jsonl(path, rows):
 
 
 def _clean(i, category="math"):
-    return _row([{"role": "user", "content": f"What is {i} + {i}?"},
-                 {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}], category=category)
+    return _row(
+        [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"{i} + {i} = {2 * i}."}],
+        category=category,
+    )
 
 
 def test_every_quarantine_reason_with_hand_made_rows(tmp_path):
     bad = [
-        _row("not a list"),                                                          # malformed_messages
-        _row([{"role": "user"}, {"role": "assistant", "content": "x"}]),             # missing_content
+        _row("not a list"),  # malformed_messages
+        _row([{"role": "user"}, {"role": "assistant", "content": "x"}]),  # missing_content
         _row([{"role": "user", "content": 7}, {"role": "assistant", "content": "x"}]),  # non_string_content
-        _row([{"role": "user", "content": "hi"}]),                                   # no_final_assistant
-        _row([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]),      # empty_completion
+        _row([{"role": "user", "content": "hi"}]),  # no_final_assistant
+        _row([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]),  # empty_completion
         _row([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \n\t"}]),  # empty_completion
-        _row([{"role": "system", "content": "sys"}, {"role": "assistant", "content": "x"}]),   # empty_prompt
-        _row([{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]),       # unknown_role
-        _clean(1),                                                                   # duplicate of row 0 below
+        _row([{"role": "system", "content": "sys"}, {"role": "assistant", "content": "x"}]),  # empty_prompt
+        _row([{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]),  # unknown_role
+        _clean(1),  # duplicate of row 0 below
         _row([{"role": "user", "content": "long " * 50}, {"role": "assistant", "content": "word " * 3000}]),
-        {**_clean(99), "category": None, "quality": None},                           # null metadata: kept
+        {**_clean(99), "category": None, "quality": None},  # null metadata: kept
     ]
     train = [_clean(i, category=["math", "coding"][i % 2]) for i in range(1, 21)] + bad
     test = [_clean(i, category=["math", "coding"][i % 2]) for i in range(100, 110)]
@@ -108,9 +126,17 @@ def test_every_quarantine_reason_with_hand_made_rows(tmp_path):
     _write_jsonl(src / "train.jsonl", train)
     _write_jsonl(src / "test.jsonl", test)
     res = _ingest(tmp_path / "st", source=str(src), train_base=21, attr_query=4, eval=4)
-    assert res.quarantined == {"duplicate_conversation": 1, "empty_completion": 2, "empty_prompt": 1,
-                               "malformed_messages": 1, "missing_content": 1, "no_final_assistant": 1,
-                               "non_string_content": 1, "over_token_cap": 1, "unknown_role": 1}
+    assert res.quarantined == {
+        "duplicate_conversation": 1,
+        "empty_completion": 2,
+        "empty_prompt": 1,
+        "malformed_messages": 1,
+        "missing_content": 1,
+        "no_final_assistant": 1,
+        "non_string_content": 1,
+        "over_token_cap": 1,
+        "unknown_role": 1,
+    }
     st = Store(tmp_path / "st")
     assert st.query("SELECT count(*) FROM quarantine").column(0)[0].as_py() == 10
     nulls = st.query("SELECT count(*) FROM rows WHERE category IS NULL").column(0)[0].as_py()
@@ -186,6 +212,7 @@ def test_parquet_folder_and_saved_datasets_sources(tmp_path):
 
 def test_dataset_cli_reports_a_bad_source_in_one_line(tmp_path, capsys):
     from extractors.dataset import main
+
     missing = tmp_path / "missing.parquet"
     assert main(["--source", str(missing), "--store", str(tmp_path / "st")]) == 2
     err = capsys.readouterr().err
@@ -204,6 +231,7 @@ def test_missing_local_source_says_it_does_not_exist(tmp_path, spec):
 
 def test_dataset_cli_names_a_missing_source_path(tmp_path, capsys, monkeypatch):
     from extractors.dataset import main
+
     monkeypatch.chdir(tmp_path)
     assert main(["--source", "./no/such/file.parquet", "--store", str(tmp_path / "st")]) == 2
     err = capsys.readouterr().err
@@ -219,26 +247,30 @@ def test_unreadable_lines_and_loose_types_are_quarantined_or_coerced(tmp_path):
     as_string = {**_clean(50), "messages": json.dumps(_clean(50)["messages"])}
     text_score = {**_clean(51), "reward_model_score": "4.5", "conversation_tokens": "12", "difficulty": 3}
     bad_score = {**_clean(52), "reward_model_score": "excellent"}
-    tool = _row([{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"},
-                 {"role": "assistant", "content": "x"}])
+    tool = _row(
+        [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}, {"role": "assistant", "content": "x"}]
+    )
     src = tmp_path / "src"
     src.mkdir()
     lines = [json.dumps(r).encode() for r in good + [as_string, text_score, bad_score, tool]]
-    lines.insert(3, b'{"messages": "broken')                      # line 4: not JSON
-    lines.insert(5, bytes([0xFF, 0xFE]) + b'{"messages": []}')     # line 6: not UTF-8
-    lines.insert(7, b"[1, 2, 3]")                                  # line 8: not an object
+    lines.insert(3, b'{"messages": "broken')  # line 4: not JSON
+    lines.insert(5, bytes([0xFF, 0xFE]) + b'{"messages": []}')  # line 6: not UTF-8
+    lines.insert(7, b"[1, 2, 3]")  # line 8: not an object
     (src / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     _write_jsonl(src / "test.jsonl", [_clean(i, category=["math", "coding"][i % 2]) for i in range(100, 110)])
     res = _ingest(tmp_path / "st", source=str(src), train_base=22, attr_query=4, eval=4)
     assert res.quarantined == {"bad_metadata": 1, "unknown_role": 1, "unreadable_record": 3}
     assert res.manifest["filter_stats"]["coerced"] == {
-        "conversation_tokens_to_int": 1, "difficulty_to_str": 1, "messages_from_json_string": 1,
-        "reward_model_score_to_float": 1}
+        "conversation_tokens_to_int": 1,
+        "difficulty_to_str": 1,
+        "messages_from_json_string": 1,
+        "reward_model_score_to_float": 1,
+    }
     st = Store(tmp_path / "st")
     q = st.query("SELECT detail FROM quarantine WHERE reason = 'unreadable_record' ORDER BY detail").column(0)
     details = q.to_pylist()
     assert any(":4: not JSON" in d for d in details)
-    assert any(":6: not UTF-8" in d and "\\xff\\xfe" in d for d in details)     # the raw bytes' repr
+    assert any(":6: not UTF-8" in d and "\\xff\\xfe" in d for d in details)  # the raw bytes' repr
     assert any(":8: a JSON list, not an object" in d for d in details)
     assert all(str(src / "train.jsonl") in d for d in details)
     score = st.query("SELECT reward_model_score FROM rows WHERE completion = '51 + 51 = 102.'").column(0)

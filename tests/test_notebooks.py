@@ -26,8 +26,7 @@ def execute(name: str, params: dict):
     cell.metadata["tags"] = ["injected-parameters"]
     nb.cells.insert(tagged[0] + 1, cell)
     # Raises CellExecutionError (with the cell and traceback) on the first failing cell.
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     return nb
 
 

@@ -18,9 +18,18 @@ from extractors.attribution.scores import SCORES_SCHEMA, ranks_of
 from extractors.ingest.sample.generate import DIFFICULTIES, QUALITIES
 from extractors.sae.load import write_sae_record
 from store.core import Store, StoreError
+from trainers.selection.predictor import (
+    PredictorConfig,
+    apply_predictor,
+    design_matrix,
+    fit_design,
+    fit_predictor,
+    load_predictor,
+    main,
+    predict,
+    split_rows,
+)
 from trainers.selection.predictor_data import STATS, load_rows
-from trainers.selection.predictor import (PredictorConfig, apply_predictor, design_matrix, fit_design, fit_predictor,
-                                    load_predictor, main, predict, split_rows)
 from trainers.selection.subsets import SubsetSpec, ranking, subset_rows, write_subset
 
 N, LABELLED, SAE, LAYER, D_SAE, SIGNAL = 300, 240, "sae-test", 3, 100, 7
@@ -34,10 +43,20 @@ def make_store(root, seed: int = 0, model_hash: str = "sha256:model-a", n: int =
     rng = np.random.default_rng(seed)
     ids = [f"r{i:04d}" for i in range(n)]
     q = rng.integers(0, 5, n)
-    st.write_table("rows", pa.table({
-        "row_id": ids, "split": ["train_base"] * n, "group_id": [f"g{i // 3}" for i in range(n)],
-        "category": [CATS[i % 4] for i in range(n)], "difficulty": [DIFFICULTIES[i % 5] for i in range(n)],
-        "quality": [QUALITIES[v] for v in q], "reward_model_score": q.astype(float) + rng.normal(0, 0.3, n)}))
+    st.write_table(
+        "rows",
+        pa.table(
+            {
+                "row_id": ids,
+                "split": ["train_base"] * n,
+                "group_id": [f"g{i // 3}" for i in range(n)],
+                "category": [CATS[i % 4] for i in range(n)],
+                "difficulty": [DIFFICULTIES[i % 5] for i in range(n)],
+                "quality": [QUALITIES[v] for v in q],
+                "reward_model_score": q.astype(float) + rng.normal(0, 0.3, n),
+            }
+        ),
+    )
     st.write_table("split_members", pa.table({"split": ["score_pool"] * n, "row_id": ids}))
     a = rng.uniform(0.1, 2.0, n)
     r_i, f_i, v = [], [], []
@@ -46,38 +65,108 @@ def make_store(root, seed: int = 0, model_hash: str = "sha256:model-a", n: int =
         for f in sorted(set(noise.tolist()) | {SIGNAL}):
             r_i.append(ids[i]), f_i.append(f), v.append(a[i] if f == SIGNAL else rng.uniform(0, 1))
     m = len(r_i)
-    st.write_table("sae_row_features", pa.table({
-        "sae": [SAE] * m, "layer": pa.array([LAYER] * m, pa.int32()), "row_id": r_i, "feature": pa.array(f_i, pa.int32()),
-        "mean_act": pa.array(v, pa.float32()), "max_act": pa.array(v, pa.float32()), "n_active": pa.array([1] * m, pa.int32())}),
-        part=f"{SAE}__layer_{LAYER}")
+    st.write_table(
+        "sae_row_features",
+        pa.table(
+            {
+                "sae": [SAE] * m,
+                "layer": pa.array([LAYER] * m, pa.int32()),
+                "row_id": r_i,
+                "feature": pa.array(f_i, pa.int32()),
+                "mean_act": pa.array(v, pa.float32()),
+                "max_act": pa.array(v, pa.float32()),
+                "n_active": pa.array([1] * m, pa.int32()),
+            }
+        ),
+        part=f"{SAE}__layer_{LAYER}",
+    )
     nt = rng.integers(20, 200, n)
-    st.write_table("sae_sample_stats", pa.table({
-        "sae": [SAE] * n, "layer": pa.array([LAYER] * n, pa.int32()), "row_id": ids, "token_set": ["content_tokens"] * n,
-        "n_tokens": nt, "n_tokens_all": nt + 10, "mean_l0": rng.uniform(5, 16, n), "max_l0": rng.integers(10, 17, n),
-        "n_features": rng.integers(5, 40, n), "mean_total_act": rng.uniform(1, 5, n), "top_feature": rng.integers(0, D_SAE, n),
-        "recon_mse": pa.array([None] * n, pa.float64()), "recon_rel_error": pa.array([None] * n, pa.float64())}),
-        part=f"{SAE}__layer_{LAYER}")
-    write_sae_record(st, name=SAE, layer=LAYER, architecture="topk", d_in=64, d_sae=D_SAE, k=16,
-                     path=str(st.root / "nowhere"), source="local", run_id="train_sae-x", metrics={})
-    st.write_rows("arrays", [{"name": f"sae/{SAE}/layer_{LAYER}/indices", "kind": "sae", "layer": LAYER,
-                              "model": "tiny", "model_hash": model_hash}], part="sae_indices")
+    st.write_table(
+        "sae_sample_stats",
+        pa.table(
+            {
+                "sae": [SAE] * n,
+                "layer": pa.array([LAYER] * n, pa.int32()),
+                "row_id": ids,
+                "token_set": ["content_tokens"] * n,
+                "n_tokens": nt,
+                "n_tokens_all": nt + 10,
+                "mean_l0": rng.uniform(5, 16, n),
+                "max_l0": rng.integers(10, 17, n),
+                "n_features": rng.integers(5, 40, n),
+                "mean_total_act": rng.uniform(1, 5, n),
+                "top_feature": rng.integers(0, D_SAE, n),
+                "recon_mse": pa.array([None] * n, pa.float64()),
+                "recon_rel_error": pa.array([None] * n, pa.float64()),
+            }
+        ),
+        part=f"{SAE}__layer_{LAYER}",
+    )
+    write_sae_record(
+        st,
+        name=SAE,
+        layer=LAYER,
+        architecture="topk",
+        d_in=64,
+        d_sae=D_SAE,
+        k=16,
+        path=str(st.root / "nowhere"),
+        source="local",
+        run_id="train_sae-x",
+        metrics={},
+    )
+    st.write_rows(
+        "arrays",
+        [
+            {
+                "name": f"sae/{SAE}/layer_{LAYER}/indices",
+                "kind": "sae",
+                "layer": LAYER,
+                "model": "tiny",
+                "model_hash": model_hash,
+            }
+        ],
+        part="sae_indices",
+    )
     write_attribution(st, "attr-planted", ids[:LABELLED], a[:LABELLED])
-    st.a = dict(zip(ids, a))
+    st.a = dict(zip(ids, a, strict=False))
     return st
 
 
 def write_attribution(st: Store, run: str, rows: list[str], score: np.ndarray) -> None:
     n = len(rows)
-    st.write_table("attribution_scores", pa.table({
-        "run_id": [run] * n, "row_id": rows, "score": score, "rank": ranks_of(np.asarray(score)),
-        "adapter": ["a"] * n, "score_mode": ["mean"] * n, "preconditioning": ["query"] * n,
-        "projection_dim": [32] * n, "query_split": ["attr_query"] * n, "pool_split": ["score_pool"] * n},
-        schema=SCORES_SCHEMA), part=run)
+    st.write_table(
+        "attribution_scores",
+        pa.table(
+            {
+                "run_id": [run] * n,
+                "row_id": rows,
+                "score": score,
+                "rank": ranks_of(np.asarray(score)),
+                "adapter": ["a"] * n,
+                "score_mode": ["mean"] * n,
+                "preconditioning": ["query"] * n,
+                "projection_dim": [32] * n,
+                "query_split": ["attr_query"] * n,
+                "pool_split": ["score_pool"] * n,
+            },
+            schema=SCORES_SCHEMA,
+        ),
+        part=run,
+    )
 
 
 def _cfg(st, **kw):
-    return PredictorConfig(**{"sae": "latest", "attribution": "attr-planted", "store": str(st.root), "progress": False,
-                              "bootstrap": 300, **kw})
+    return PredictorConfig(
+        **{
+            "sae": "latest",
+            "attribution": "attr-planted",
+            "store": str(st.root),
+            "progress": False,
+            "bootstrap": 300,
+            **kw,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +180,14 @@ def test_planted_signal_is_recovered(planted):
     m = doc["metrics"]["sae"]
     assert m["spearman"] > 0.9 and m["kendall"] > 0.7 and m["spearman_ci"][0] > 0.8
     assert m["top_k_overlap"] > m["top_k_random"]
-    assert doc["top_features"]["toward_top"][0]["feature"] == SIGNAL        # higher activation -> better rank
-    assert doc["rows"] == {"with_sae_features": N, "labelled": LABELLED, "train": doc["rows"]["train"],
-                           "test": LABELLED - doc["rows"]["train"]}
-    for b in ("reward_model", "metadata"):      # the baselines were fitted too; they carry no planted signal
+    assert doc["top_features"]["toward_top"][0]["feature"] == SIGNAL  # higher activation -> better rank
+    assert doc["rows"] == {
+        "with_sae_features": N,
+        "labelled": LABELLED,
+        "train": doc["rows"]["train"],
+        "test": LABELLED - doc["rows"]["train"],
+    }
+    for b in ("reward_model", "metadata"):  # the baselines were fitted too; they carry no planted signal
         assert abs(doc["metrics"][b]["spearman"]) < 0.35 and doc["metrics"][b]["alpha"] > 0
     assert doc["differences"]["sae_minus_reward_model"]["ci"][0] > 0
     d = st.root / "runs" / doc["run_id"]
@@ -107,24 +200,29 @@ def test_planted_signal_is_recovered(planted):
 
 def test_every_row_with_sae_features_is_predicted_and_splits_hold_whole_groups(planted):
     st, doc = planted
-    t = st.query("SELECT p.row_id, p.split, p.predicted, r.group_id FROM predictor_scores p JOIN rows r "
-                 "USING (row_id) WHERE p.run = ? ORDER BY row_id", [doc["run_id"]]).to_pydict()
+    t = st.query(
+        "SELECT p.row_id, p.split, p.predicted, r.group_id FROM predictor_scores p JOIN rows r "
+        "USING (row_id) WHERE p.run = ? ORDER BY row_id",
+        [doc["run_id"]],
+    ).to_pydict()
     assert len(t["row_id"]) == N
-    split = dict(zip(t["row_id"], t["split"]))
-    assert all(split[f"r{i:04d}"] == "unlabelled" for i in range(LABELLED, N))     # no attribution, still scored
+    split = dict(zip(t["row_id"], t["split"], strict=False))
+    assert all(split[f"r{i:04d}"] == "unlabelled" for i in range(LABELLED, N))  # no attribution, still scored
     assert {split[f"r{i:04d}"] for i in range(LABELLED)} == {"train", "test"}
     by_group: dict[str, set] = {}
-    for g, s in zip(t["group_id"], t["split"]):
+    for g, s in zip(t["group_id"], t["split"], strict=False):
         if s != "unlabelled":
             by_group.setdefault(g, set()).add(s)
     assert all(len(v) == 1 for v in by_group.values())
     # the saved checkpoint reproduces the table's predictions (what --apply-to runs)
     d, coef, b, _ = load_predictor(st.root / "runs" / doc["run_id"])
-    np.testing.assert_allclose(predict(load_rows(st, SAE, LAYER, feature_ids=d.feature_ids), d, coef, b),
-                               t["predicted"], rtol=1e-10, atol=1e-8)
+    np.testing.assert_allclose(
+        predict(load_rows(st, SAE, LAYER, feature_ids=d.feature_ids), d, coef, b), t["predicted"], rtol=1e-10, atol=1e-8
+    )
     # and the unlabelled rows' predictions follow the planted feature as well
     un = [i for i, s in enumerate(t["split"]) if s == "unlabelled"]
     from scipy.stats import spearmanr
+
     assert spearmanr([t["predicted"][i] for i in un], [-st.a[t["row_id"][i]] for i in un]).statistic > 0.9
     # subsets rank by it: a predicted rank, lowest first
     want = sorted(t["row_id"], key=lambda r: (t["predicted"][t["row_id"].index(r)], r))
@@ -168,10 +266,10 @@ def test_sparse_design_and_ridge_match_a_dense_reference(planted):
     # reference: dense features by hand from the table, z-scored stats (null -> mean), RMS-scaled features
     t = st.query("SELECT row_id, feature, mean_act FROM sae_row_features").to_pydict()
     F = np.zeros((N, D_SAE))
-    for r, f, v in zip(t["row_id"], t["feature"], t["mean_act"]):
+    for r, f, v in zip(t["row_id"], t["feature"], t["mean_act"], strict=False):
         F[int(r[1:]), f] = v
     S = rows.stats.copy()
-    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):    # the all-null recon_* columns
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):  # the all-null recon_* columns
         mu, sd = np.nanmean(S[tr], 0), np.nanstd(S[tr], 0)
     mu, sd = np.where(np.isnan(mu), 0, mu), np.where(np.isnan(sd) | (sd == 0), 1, sd)
     Z = np.nan_to_num((S - mu) / sd)
@@ -180,25 +278,31 @@ def test_sparse_design_and_ridge_match_a_dense_reference(planted):
     assert X.shape == (N, len(STATS) + D_SAE) and X.format == "csr"
     np.testing.assert_allclose(X.toarray(), ref, rtol=1e-6, atol=1e-9)
     y = np.arange(len(tr), dtype=float)
-    fast = ridge(3.0).fit(X[tr], y)                        # sparse: conjugate gradients
-    dense = Ridge(alpha=3.0, solver="cholesky").fit(ref[tr], y)   # dense, exact
-    np.testing.assert_allclose(predict(rows, d, fast.coef_, float(fast.intercept_)), dense.predict(ref), rtol=1e-5,
-                               atol=1e-5)
+    fast = ridge(3.0).fit(X[tr], y)  # sparse: conjugate gradients
+    dense = Ridge(alpha=3.0, solver="cholesky").fit(ref[tr], y)  # dense, exact
+    np.testing.assert_allclose(
+        predict(rows, d, fast.coef_, float(fast.intercept_)), dense.predict(ref), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_apply_to_scores_a_store_of_the_same_sae_and_refuses_others(planted, tmp_path, capsys):
     st, doc = planted
     same = make_store(tmp_path / "same", seed=9, n=60)
     assert apply_predictor(st, doc["run_id"], same, progress=False) == 60
-    t = same.query("SELECT row_id, predicted, split FROM predictor_scores WHERE run = ? ORDER BY row_id",
-                   [doc["run_id"]]).to_pydict()
+    t = same.query(
+        "SELECT row_id, predicted, split FROM predictor_scores WHERE run = ? ORDER BY row_id", [doc["run_id"]]
+    ).to_pydict()
     assert set(t["split"]) == {"unlabelled"} and len(t["row_id"]) == 60
     from scipy.stats import spearmanr
+
     assert spearmanr(t["predicted"], [-same.a[r] for r in t["row_id"]]).statistic > 0.9
     assert ranking(same, f"predictor:{doc['run_id']}").height == 60
     other = make_store(tmp_path / "other", seed=9, n=30, model_hash="sha256:model-b")
-    with pytest.raises(StoreError, match=r"model_hash: predictor 'sha256:model-a' vs .* 'sha256:model-b'.*compute that "
-                                         r"store's codes with the same model and SAE"):
+    with pytest.raises(
+        StoreError,
+        match=r"model_hash: predictor 'sha256:model-a' vs .* 'sha256:model-b'.*compute that "
+        r"store's codes with the same model and SAE",
+    ):
         apply_predictor(st, doc["run_id"], other, progress=False)
     bare = Store(tmp_path / "bare")
     bare.write_table("rows", pa.table({"row_id": ["x"]}))
@@ -206,13 +310,16 @@ def test_apply_to_scores_a_store_of_the_same_sae_and_refuses_others(planted, tmp
     assert f"reads SAE {SAE} layer {LAYER}, which that store has no tables of" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["--attribution", "nope"], "attribution run 'nope' has no rows in attribution_scores"),
-    (["--sae", "other-sae"], "--sae 'other-sae' has no SAE tables"),
-    (["--test-size", "1.5"], "--test-size must be between 0 and 1"),
-    (["--predictor", "latest"], "needs --apply-to"),
-    (["--attribution", "attr-few"], "only 5 rows have both SAE features"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["--attribution", "nope"], "attribution run 'nope' has no rows in attribution_scores"),
+        (["--sae", "other-sae"], "--sae 'other-sae' has no SAE tables"),
+        (["--test-size", "1.5"], "--test-size must be between 0 and 1"),
+        (["--predictor", "latest"], "needs --apply-to"),
+        (["--attribution", "attr-few"], "only 5 rows have both SAE features"),
+    ],
+)
 def test_bad_input_gets_one_clear_error(planted, argv, msg, capsys):
     st, _ = planted
     if "attr-few" in argv:
@@ -237,7 +344,8 @@ def test_on_real_sae_tables_of_smollm2(analytics_store, copy_store, tmp_path):
     assert doc["metrics"]["sae"]["spearman"] > 0.9
     info = json.loads((st.root / "runs" / doc["run_id"] / "predictor.json").read_text())
     assert info["sae_identity"]["model_hash"] and info["sae_identity"]["weights_sha256"]
-    assert st.query("SELECT count(*) FROM predictor_scores WHERE run = ?", [doc["run_id"]]).column(0)[0].as_py() \
-        == len(t["row_id"])
+    assert st.query("SELECT count(*) FROM predictor_scores WHERE run = ?", [doc["run_id"]]).column(0)[0].as_py() == len(
+        t["row_id"]
+    )
     other = Store(copy_store(analytics_store))
     assert apply_predictor(st, doc["run_id"], other, progress=False) == len(t["row_id"])

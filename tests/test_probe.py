@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from store.core import STORE_VERSION, Store, StoreError
-from trainers.probes.probe import main, run_probe
 from trainers.probes.config import ProbeConfig, load_config
+from trainers.probes.probe import main, run_probe
 
 # Small but real: 2 L2 values, 30 epochs; the embedded default trains 4 values x 60 epochs x 3 seeds.
 FAST = ["--l2-grid", "0.001", "0.01", "--num-epochs", "30", "--no-progress"]
@@ -48,7 +48,7 @@ def _metrics(rows):
 def test_needle_probe_finds_the_needle_from_real_activations(needle_run, probe_store):
     store = Store(probe_store)
     arrays = {r["name"]: r["model"] for r in store.query("SELECT name, model FROM arrays").to_pylist()}
-    assert "SmolLM2-135M-Instruct" in arrays["hidden/layer_17"]       # the real model's activations
+    assert "SmolLM2-135M-Instruct" in arrays["hidden/layer_17"]  # the real model's activations
     by = needle_run.metrics["by_layer"]
     # Middle layer 17 of 30: measured 0.99+ on the 20 eval rows; chance is 0.5.
     assert by["17"]["val_auroc_mean"] > 0.95, by
@@ -60,7 +60,7 @@ def test_needle_probe_finds_the_needle_from_real_activations(needle_run, probe_s
 def test_outputs_metadata_csv_and_plot(needle_run):
     out = needle_run.out_dir
     rows = list(csv.DictReader(open(out / "probe_metrics.csv")))
-    assert len(rows) == 2 * 2 * 2                                   # layers x seeds x l2
+    assert len(rows) == 2 * 2 * 2  # layers x seeds x l2
     for L in ("6", "17"):
         for s in ("0", "1"):
             grp = [r for r in rows if r["layer"] == L and r["seed"] == s]
@@ -99,27 +99,44 @@ def test_scores_back_in_the_store_and_document_monitor(needle_run, probe_store):
     top = store.query(
         "SELECT s.label, t.token_text FROM probe_token_scores s JOIN tokens t USING (row_id, token_pos) "
         "WHERE s.run_id = ? AND s.layer = 17 AND s.split = 'eval' ORDER BY s.probe_logit DESC LIMIT 20",
-        [needle_run.run_id]).to_pylist()
-    assert sum(r["label"] for r in top) >= 18, top                  # what the probe fires on: needles
+        [needle_run.run_id],
+    ).to_pylist()
+    assert sum(r["label"] for r in top) >= 18, top  # what the probe fires on: needles
     mon = needle_run.metrics["monitor"]["17"]
     assert mon["n_docs"] == 20 and mon["n_pos_docs"] >= 3
     assert mon["max_logit"]["auroc"] > 0.9 and mon["topk_mean_logit"]["auroc"] > 0.9
-    docs = store.query("SELECT * FROM probe_doc_scores WHERE run_id = ? AND layer = 17",
-                       [needle_run.run_id]).to_pylist()
-    assert len(docs) == 160 and all(d["max_logit"] >= d["topk_mean_logit"] >= d["mean_logit"] - 1e-4
-                                    for d in docs)
+    docs = store.query(
+        "SELECT * FROM probe_doc_scores WHERE run_id = ? AND layer = 17", [needle_run.run_id]
+    ).to_pylist()
+    assert len(docs) == 160 and all(d["max_logit"] >= d["topk_mean_logit"] >= d["mean_logit"] - 1e-4 for d in docs)
     # the same logits as a Zarr array over the token layout
     m = materialize(store, "SELECT * FROM needle_tokens WHERE split = 'eval'", array="probe/needle_tokens/layer_17")
-    tbl = store.query("SELECT row_id, token_pos, probe_logit FROM probe_token_scores WHERE run_id = ? AND layer = 17 "
-                      "AND split = 'eval'", [needle_run.run_id]).to_pylist()
+    tbl = store.query(
+        "SELECT row_id, token_pos, probe_logit FROM probe_token_scores WHERE run_id = ? AND layer = 17 "
+        "AND split = 'eval'",
+        [needle_run.run_id],
+    ).to_pylist()
     want = {(r["row_id"], r["token_pos"]): r["probe_logit"] for r in tbl}
-    got = dict(zip(zip(m.frame["row_id"].to_list(), m.frame["token_pos"].to_list()), m.X.tolist()))
+    got = dict(
+        zip(zip(m.frame["row_id"].to_list(), m.frame["token_pos"].to_list(), strict=False), m.X.tolist(), strict=False)
+    )
     assert got == pytest.approx(want)
 
 
 def test_deterministic_bit_identical_on_cpu(needle_run, probe_store, tmp_path):
-    args = ["--store", str(probe_store), "--layers", "17", "--train-seeds", "0", "1", "--device", "cpu",
-            "--no-write-scores", *FAST]
+    args = [
+        "--store",
+        str(probe_store),
+        "--layers",
+        "17",
+        "--train-seeds",
+        "0",
+        "1",
+        "--device",
+        "cpu",
+        "--no-write-scores",
+        *FAST,
+    ]
     a = run_probe(load_config(args + ["--output-dir", str(tmp_path / "a")]))
     b = run_probe(load_config(args + ["--output-dir", str(tmp_path / "b")]))
     assert a.run_id != b.run_id and _metrics(a.rows) == _metrics(b.rows)
@@ -133,36 +150,63 @@ def test_deterministic_bit_identical_on_cpu(needle_run, probe_store, tmp_path):
 
 def test_class_balance_modes_differ_as_documented(probe_store, tmp_path):
     args = ["--store", str(probe_store), "--layers", "17", "--train-seeds", "0", "--no-write-scores", *FAST]
-    runs = {mode: run_probe(load_config(args + ["--class-balance", mode, "--output-dir", str(tmp_path / mode)]))
-            for mode in ("weighted", "downsample")}
+    runs = {
+        mode: run_probe(load_config(args + ["--class-balance", mode, "--output-dir", str(tmp_path / mode)]))
+        for mode in ("weighted", "downsample")
+    }
     meta = {m: json.loads((r.out_dir / "probe_layer_17_seed_0.json").read_text()) for m, r in runs.items()}
     w, d = meta["weighted"]["train_stats"], meta["downsample"]["train_stats"]
     # weighted: every sampled token, each class half of the loss; downsample: balanced counts, unweighted
     assert w["n_neg"] > 2 * w["n_pos"] and w["class_weights"]["pos"] > 1 > w["class_weights"]["neg"]
     assert w["class_weights"]["pos"] * w["n_pos"] == pytest.approx(w["class_weights"]["neg"] * w["n_neg"])
     assert d["n_pos"] == d["n_neg"] == w["n_pos"] and d["class_weights"] == {"neg": 1.0, "pos": 1.0}
-    assert meta["weighted"]["val_stats"] == meta["downsample"]["val_stats"]   # same validation tokens
-    assert not torch.equal(_weights(runs["weighted"].out_dir, 17, 0)["coef"],
-                           _weights(runs["downsample"].out_dir, 17, 0)["coef"])
+    assert meta["weighted"]["val_stats"] == meta["downsample"]["val_stats"]  # same validation tokens
+    assert not torch.equal(
+        _weights(runs["weighted"].out_dir, 17, 0)["coef"], _weights(runs["downsample"].out_dir, 17, 0)["coef"]
+    )
     assert meta["downsample"]["val_metrics"]["auroc"] > 0.9
 
 
-@pytest.mark.parametrize("how", [
-    ["--view", "assistant_tokens", "--pool", "mean", "--row-label", "quality IN ('poor', 'very poor')"],
-    ["--view", "row_targets_low_quality", "--pool", "last"],          # the label from a view
-])
+@pytest.mark.parametrize(
+    "how",
+    [
+        ["--view", "assistant_tokens", "--pool", "mean", "--row-label", "quality IN ('poor', 'very poor')"],
+        ["--view", "row_targets_low_quality", "--pool", "last"],  # the label from a view
+    ],
+)
 def test_row_level_metadata_probe(probe_store, how):
-    cfg = load_config(["--store", str(probe_store), "--layers", "17", "--train-seeds", "0", "--target", "row",
-                       *how, "--val-splits", "attr_query", "eval", *FAST,
-                       "--l2-grid", "0.01", "0.1", "1.0"])   # 120 examples in 576 dims: stronger L2
+    cfg = load_config(
+        [
+            "--store",
+            str(probe_store),
+            "--layers",
+            "17",
+            "--train-seeds",
+            "0",
+            "--target",
+            "row",
+            *how,
+            "--val-splits",
+            "attr_query",
+            "eval",
+            *FAST,
+            "--l2-grid",
+            "0.01",
+            "0.1",
+            "1.0",
+        ]
+    )  # 120 examples in 576 dims: stronger L2
     res = run_probe(cfg)
     (row,) = [r for r in res.rows if r["selected"]]
     assert row["n_train"] == 120 and row["n_val"] == 40 and 0 < row["n_val_pos"] < 40
     # measured 0.83 (mean) and 0.85 (last) against chance 0.5: layer-17 states of the answer
     # separate poor answers from good ones
     assert res.metrics["by_layer"]["17"]["val_auroc_mean"] > 0.7, res.metrics["by_layer"]
-    scores = Store(probe_store).query("SELECT count(*) AS n, sum(label) AS pos FROM probe_row_scores "
-                                      "WHERE run_id = ?", [res.run_id]).to_pylist()[0]
+    scores = (
+        Store(probe_store)
+        .query("SELECT count(*) AS n, sum(label) AS pos FROM probe_row_scores WHERE run_id = ?", [res.run_id])
+        .to_pylist()[0]
+    )
     assert scores["n"] == 160 and scores["pos"] == row["n_train_pos"] + row["n_val_pos"]
 
 
@@ -178,21 +222,39 @@ def test_extract_missing_runs_the_extractor(tiny_model, tmp_path):
 
     store = tmp_path / "st"
     run_ingest(IngestConfig(store=str(store), model=tiny_model, train_base=24, attr_query=0, eval=12), progress=False)
-    res = run_probe(load_config(["--store", str(store), "--layers", "2", "--train-seeds", "0", "--extract-missing",
-                                 "--model", tiny_model, "--no-write-scores", *FAST]))
+    res = run_probe(
+        load_config(
+            [
+                "--store",
+                str(store),
+                "--layers",
+                "2",
+                "--train-seeds",
+                "0",
+                "--extract-missing",
+                "--model",
+                tiny_model,
+                "--no-write-scores",
+                *FAST,
+            ]
+        )
+    )
     assert Store(store).query("SELECT count(*) AS n FROM arrays WHERE name = 'hidden/layer_2'").to_pylist()[0]["n"] == 1
     assert np.isfinite(res.metrics["by_layer"]["2"]["val_auroc_mean"])
 
 
-@pytest.mark.parametrize("text, key", [
-    ("l2_gird: [0.1]\n", "l2_gird"),
-    ("negatives_per_doc: -1\n", "negatives_per_doc"),
-    ("class_balance: oversample\n", "class_balance"),
-    ("l2_grid: []\n", "l2_grid"),
-    ("num_epochs: 2.5\n", "num_epochs"),
-    ("train_splits: [eval]\n", "val_splits"),
-    ("device: tpu\n", "device"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("l2_gird: [0.1]\n", "l2_gird"),
+        ("negatives_per_doc: -1\n", "negatives_per_doc"),
+        ("class_balance: oversample\n", "class_balance"),
+        ("l2_grid: []\n", "l2_grid"),
+        ("num_epochs: 2.5\n", "num_epochs"),
+        ("train_splits: [eval]\n", "val_splits"),
+        ("device: tpu\n", "device"),
+    ],
+)
 def test_bad_config_fails_naming_the_key(tmp_path, capsys, text, key):
     path = tmp_path / "probe.yaml"
     path.write_text(text)
@@ -206,8 +268,12 @@ def test_yaml_then_flags(tmp_path):
     path = tmp_path / "probe.yaml"
     path.write_text("num_epochs: 7\nl2_grid: [1e-3, 0.1]\nlayers_to_probe: [6, 17]\nclass_balance: downsample\n")
     cfg = load_config(["--config", str(path), "--num-epochs", "5"])
-    assert (cfg.num_epochs, cfg.l2_grid, cfg.layers_to_probe, cfg.class_balance) == (5, [1e-3, 0.1], [6, 17],
-                                                                                      "downsample")
+    assert (cfg.num_epochs, cfg.l2_grid, cfg.layers_to_probe, cfg.class_balance) == (
+        5,
+        [1e-3, 0.1],
+        [6, 17],
+        "downsample",
+    )
     shipped = load_config(["--config", str(Path(__file__).resolve().parent.parent / "configs" / "probe.yaml")])
     assert shipped.layers_to_probe == [6, 12, 17, 24] and shipped.view == "needle_tokens"
     assert ProbeConfig().view == "needle_tokens"

@@ -46,7 +46,7 @@ RUN_ID_COLUMNS = {"run_id", "created_by_run", "last_run"}
 TIME_COLUMNS = {"committed_at", "created_at", "updated_at"}
 VOLATILE = RUN_ID_COLUMNS | TIME_COLUMNS
 # The runs table is compared separately: one row per rank and kind (with its host, pid, times).
-KINDS = {"hidden": "extract_hidden", "sae": "extract_sae", "gradnorm": "extract_gradnorm"}   # kind -> run kind
+KINDS = {"hidden": "extract_hidden", "sae": "extract_sae", "gradnorm": "extract_gradnorm"}  # kind -> run kind
 # The chain: (ranks of the run, {rank to kill: the kind in which it is killed}); then 1 rank finishes.
 CHAIN = [(3, {1: "hidden", 2: "sae"}), (2, {1: "gradnorm"})]
 TIMEOUT = 240
@@ -69,8 +69,23 @@ def _fresh(ingested: Path, dst: Path) -> Path:
 
 
 def _args(store: Path, model: str, cache: Path, sae_dir: Path) -> list[str]:
-    return ["--store", str(store), "--model", model, "--model-cache", str(cache), *UNIT_ARGS,
-            "--layers", "2", "--kinds", "hidden", "sae", "gradnorm", "--sae", str(sae_dir)]
+    return [
+        "--store",
+        str(store),
+        "--model",
+        model,
+        "--model-cache",
+        str(cache),
+        *UNIT_ARGS,
+        "--layers",
+        "2",
+        "--kinds",
+        "hidden",
+        "sae",
+        "gradnorm",
+        "--sae",
+        str(sae_dir),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +101,14 @@ def reference(ingested, tmp_path_factory, tiny_model, model_cache, sae_dir) -> P
 
 def _launch(args: list[str], rank: int, world_size: int) -> subprocess.Popen:
     env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank)}
-    return subprocess.Popen([sys.executable, "-m", "extractors.run", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "extractors.run", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _wait_ok(procs: list[subprocess.Popen]) -> None:
@@ -113,8 +134,11 @@ def _unit(commit: str) -> int:
 def _chunk_files(store: Path) -> dict[str, bytes]:
     """Every file under arrays/ but the metadata (zarr.json), by relative path: the chunks."""
     root = store / "arrays"
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != "zarr.json"}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    }
 
 
 def _metadata(store: Path) -> dict[str, dict]:
@@ -133,8 +157,13 @@ def _tables(store: Path) -> dict[str, list[tuple]]:
 
 
 def _runs(store: Path) -> list[dict]:
-    return Store(store).query("SELECT kind, rank, world_size, status, counts FROM runs WHERE kind LIKE 'extract_%' "
-                              "ORDER BY started_at").to_pylist()
+    return (
+        Store(store)
+        .query(
+            "SELECT kind, rank, world_size, status, counts FROM runs WHERE kind LIKE 'extract_%' ORDER BY started_at"
+        )
+        .to_pylist()
+    )
 
 
 def assert_same_store(ref: Path, other: Path) -> None:
@@ -157,9 +186,13 @@ def assert_same_store(ref: Path, other: Path) -> None:
 def test_torchrun_two_ranks_write_the_one_rank_store(reference, ingested, tmp_path, tiny_model, model_cache, sae_dir):
     st = _fresh(ingested, tmp_path / "two")
     torchrun = Path(sys.executable).with_name("torchrun")
-    proc = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "extractors.run",
-                           *_args(st, tiny_model, model_cache, sae_dir)],
-                          cwd=REPO, capture_output=True, timeout=TIMEOUT, check=False)
+    proc = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "-m", "extractors.run", *_args(st, tiny_model, model_cache, sae_dir)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     assert_same_store(reference, st)
     one, two = _runs(reference), _runs(st)
@@ -167,16 +200,19 @@ def test_torchrun_two_ranks_write_the_one_rank_store(reference, ingested, tmp_pa
         mine1 = [r for r in one if r["kind"] == kind]
         mine2 = [r for r in two if r["kind"] == kind]
         assert [(r["rank"], r["world_size"], r["status"]) for r in mine1] == [(0, 1, "finished")], kind
-        assert sorted((r["rank"], r["world_size"], r["status"]) for r in mine2) == \
-            [(0, 2, "finished"), (1, 2, "finished")], kind
+        assert sorted((r["rank"], r["world_size"], r["status"]) for r in mine2) == [
+            (0, 2, "finished"),
+            (1, 2, "finished"),
+        ], kind
         c1, c2 = json.loads(mine1[0]["counts"]), [json.loads(r["counts"]) for r in mine2]
         for key in ("rows", "tokens", "units"):
             assert sum(c[key] for c in c2) == c1[key], (kind, key)
-        assert all(c["units"] > 0 for c in c2), kind            # both ranks did work
+        assert all(c["units"] > 0 for c in c2), kind  # both ranks did work
 
 
-def test_ranks_killed_in_each_kind_then_rerun_with_other_n(reference, ingested, tmp_path, tiny_model, model_cache,
-                                                           sae_dir):
+def test_ranks_killed_in_each_kind_then_rerun_with_other_n(
+    reference, ingested, tmp_path, tiny_model, model_cache, sae_dir
+):
     st = _fresh(ingested, tmp_path / "killed")
     args = _args(st, tiny_model, model_cache, sae_dir)
     want = _commits(reference)
@@ -184,7 +220,7 @@ def test_ranks_killed_in_each_kind_then_rerun_with_other_n(reference, ingested, 
         before = _commits(st)
         procs = [_launch(args, r, n) for r in range(n)]
 
-        def hit(rank: int, kind: str, n: int = n, before: set[str] = before) -> bool:   # new commit, rank's unit
+        def hit(rank: int, kind: str, n: int = n, before: set[str] = before) -> bool:  # new commit, rank's unit
             return any(c.startswith(kind + "__") and _unit(c) % n == rank for c in _commits(st) - before)
 
         t0, left = time.monotonic(), dict(victims)
@@ -197,19 +233,21 @@ def test_ranks_killed_in_each_kind_then_rerun_with_other_n(reference, ingested, 
                     del left[rank]
             assert time.monotonic() - t0 < TIMEOUT, f"ranks {sorted(left)} of {n} never committed"
             time.sleep(0.002)
-        _wait_ok([p for r, p in enumerate(procs) if r not in victims])   # the others finish their own units
+        _wait_ok([p for r, p in enumerate(procs) if r not in victims])  # the others finish their own units
         missing = want - _commits(st)
         assert _commits(st) <= want and {_unit(c) % n for c in missing} <= set(victims), (n, victims)
         for rank, kind in victims.items():
-            assert any(c.startswith(kind + "__") and _unit(c) % n == rank for c in missing), \
+            assert any(c.startswith(kind + "__") and _unit(c) % n == rank for c in missing), (
                 f"the kill of rank {rank} in {kind} left nothing to resume"
+            )
     from extractors.run import main as extract
-    assert extract(args) == 0                                  # 1 rank finishes the rest
+
+    assert extract(args) == 0  # 1 rank finishes the rest
     assert _commits(st) == want
     assert_same_store(reference, st)
     runs = _runs(st)
     killed = [(r["world_size"], r["kind"]) for r in runs if r["status"] == "running"]
-    assert sorted(killed) == sorted((n, KINDS[k]) for n, v in CHAIN for k in v.values())   # stays 'running'
+    assert sorted(killed) == sorted((n, KINDS[k]) for n, v in CHAIN for k in v.values())  # stays 'running'
     assert all(r["status"] in ("finished", "running") for r in runs)
 
 
@@ -220,7 +258,7 @@ def test_each_rank_of_a_node_takes_its_own_gpu():
     from extractors.pipeline import ExtractConfig
 
     assert [rank_cuda_device("auto", r, 4) for r in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
-    assert rank_cuda_device("cuda", 5, 4) == "cuda:1"            # more ranks than GPUs: shared round-robin
+    assert rank_cuda_device("cuda", 5, 4) == "cuda:1"  # more ranks than GPUs: shared round-robin
     assert rank_cuda_device("cuda:2", 0, 4) == "cuda:2"
     assert rank_cuda_device("auto", None, 4) == "cuda" and rank_cuda_device("cuda", None, 4) == "cuda"
     mp = pytest.MonkeyPatch()

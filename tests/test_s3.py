@@ -36,25 +36,54 @@ from store.materialize import gather, iter_materialize, materialize  # noqa: E40
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "acts"
 INGEST = ["--train-base", "32", "--attr-query", "4", "--eval", "8", "--sample-train", "60", "--sample-test", "20"]
-VOLATILE = {"run_id", "created_by_run", "last_run", "committed_at", "created_at", "updated_at", "quarantined_at",
-            "manifest", "path", "sae_path", "source"}
-DRIVER = ("import sys\n"
-          "from pathlib import Path\n"
-          "import store.fs\n"
-          "a = sys.argv[1:]; staging = Path(a.pop(0))\n"
-          "store.fs.default_staging_dir = lambda: staging\n"
-          "from extractors.dataset import main as ingest\n"
-          "from extractors.run import main as extract\n"
-          "i = a.index('--')\n"
-          "rc = ingest(a[:i])\n"
-          "sys.exit(rc or extract(a[i + 1:]))\n")
+VOLATILE = {
+    "run_id",
+    "created_by_run",
+    "last_run",
+    "committed_at",
+    "created_at",
+    "updated_at",
+    "quarantined_at",
+    "manifest",
+    "path",
+    "sae_path",
+    "source",
+}
+DRIVER = (
+    "import sys\n"
+    "from pathlib import Path\n"
+    "import store.fs\n"
+    "a = sys.argv[1:]; staging = Path(a.pop(0))\n"
+    "store.fs.default_staging_dir = lambda: staging\n"
+    "from extractors.dataset import main as ingest\n"
+    "from extractors.run import main as extract\n"
+    "i = a.index('--')\n"
+    "rc = ingest(a[:i])\n"
+    "sys.exit(rc or extract(a[i + 1:]))\n"
+)
 FAST_PROBE = ["--layers", "3", "--train-seeds", "0", "--l2-grid", "0.01", "--num-epochs", "20", "--no-progress"]
 
 
 def _extract_args(root: str, model: str, cache: Path) -> tuple[list[str], list[str]]:
-    return (["--store", root, "--model", model, *INGEST],
-            ["--store", root, "--model", model, "--unit-tokens", "512", "--batch-tokens", "512", "--no-progress",
-             "--model-cache", str(cache), "--layers", "1", "3"])
+    return (
+        ["--store", root, "--model", model, *INGEST],
+        [
+            "--store",
+            root,
+            "--model",
+            model,
+            "--unit-tokens",
+            "512",
+            "--batch-tokens",
+            "512",
+            "--no-progress",
+            "--model-cache",
+            str(cache),
+            "--layers",
+            "1",
+            "3",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +98,15 @@ def s3(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     import store.fs
 
-    staging = tmp_path_factory.mktemp("s3_staging")       # run folders are staged here, never in $HOME
+    staging = tmp_path_factory.mktemp("s3_staging")  # run folders are staged here, never in $HOME
     mp.setattr(store.fs, "default_staging_dir", lambda: staging)
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_ENDPOINT_URL": endpoint,
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }.items():
         mp.setenv(k, v)
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         mp.delenv(k, raising=False)
@@ -106,14 +140,17 @@ def _tables(st: Store) -> dict[str, list[tuple]]:
             continue
         tbl = st.query(f'SELECT * FROM "{t}"')
         cols = sorted(c for c in tbl.column_names if c not in VOLATILE)
-        out[t] = sorted(map(tuple, zip(*[[repr(v) for v in tbl.column(c).to_pylist()] for c in cols])))
+        out[t] = sorted(map(tuple, zip(*[[repr(v) for v in tbl.column(c).to_pylist()] for c in cols], strict=False)))
     return out
 
 
 def _chunks(st: Store, name: str) -> dict[str, bytes]:
     base = st.array_path(name) / "c"
-    return {str(p.relative_to(base)): p.read_bytes() for p in base.rglob("*")
-            if not p.name.endswith(".partial") and p.is_file()}
+    return {
+        str(p.relative_to(base)): p.read_bytes()
+        for p in base.rglob("*")
+        if not p.name.endswith(".partial") and p.is_file()
+    }
 
 
 # ---- the fs layer on memory:// (no server) ---------------------------------------------
@@ -148,18 +185,30 @@ def test_range_reader_equals_a_plain_reference():
     rng = np.random.default_rng(0)
     for shape, chunks in [((1000, 7), (128, 7)), ((1000,), (128,))]:
         path = st.root / "arrays" / f"a{len(shape)}"
-        z = zarr.create_array(store=zarr_store(path, read_only=False), shape=shape, chunks=chunks, dtype="uint16",
-                              compressors=None, fill_value=0, config={"write_empty_chunks": True})
+        z = zarr.create_array(
+            store=zarr_store(path, read_only=False),
+            shape=shape,
+            chunks=chunks,
+            dtype="uint16",
+            compressors=None,
+            fill_value=0,
+            config={"write_empty_chunks": True},
+        )
         ref = rng.integers(0, 60000, size=shape, dtype=np.uint16)
-        ref[768:896] = 0                               # chunk 6 is never written: reads as the fill value
+        ref[768:896] = 0  # chunk 6 is never written: reads as the fill value
         z[:768] = ref[:768]
         z[896:] = ref[896:]
         reader = range_reader(zarr.open_array(zarr_store(path, read_only=True), mode="r"))
         assert reader is not None
         for max_gap in (0, 64, 1 << 20):
             reader.max_gap = max_gap
-            for idx in [np.sort(rng.choice(1000, 300)), np.arange(100, 400), np.array([5, 5, 5, 999]),
-                        np.array([], dtype=np.int64), np.sort(rng.choice(np.arange(760, 900), 40))]:
+            for idx in [
+                np.sort(rng.choice(1000, 300)),
+                np.arange(100, 400),
+                np.array([5, 5, 5, 999]),
+                np.array([], dtype=np.int64),
+                np.sort(rng.choice(np.arange(760, 900), 40)),
+            ]:
                 assert np.array_equal(reader.read_sorted(idx), ref[idx])
 
 
@@ -217,19 +266,21 @@ def test_materialize_on_s3_equals_local(pair):
     b = materialize(remote, "content_tokens", "hidden/layer_1", pool="mean")
     assert np.array_equal(a.X, b.X)
     tok = local.query("SELECT tok_index FROM tokens").column(0).to_numpy()
-    idx = np.random.default_rng(1).choice(tok, 2000)                   # random, unsorted, repeats
+    idx = np.random.default_rng(1).choice(tok, 2000)  # random, unsorted, repeats
     assert np.array_equal(gather(local, "hidden/layer_1", idx), gather(remote, "hidden/layer_1", idx))
     perm = np.random.default_rng(2).permutation(len(materialize(local, "assistant_tokens", "hidden/layer_3").frame))
-    xa = np.concatenate([m.X for m in iter_materialize(local, "assistant_tokens", "hidden/layer_3",
-                                                       batch_size=700, order=perm)])
-    xb = np.concatenate([m.X for m in iter_materialize(remote, "assistant_tokens", "hidden/layer_3",
-                                                       batch_size=700, order=perm)])
+    xa = np.concatenate(
+        [m.X for m in iter_materialize(local, "assistant_tokens", "hidden/layer_3", batch_size=700, order=perm)]
+    )
+    xb = np.concatenate(
+        [m.X for m in iter_materialize(remote, "assistant_tokens", "hidden/layer_3", batch_size=700, order=perm)]
+    )
     assert np.array_equal(xa, xb)
 
 
 def test_probe_trains_from_s3_like_from_local(pair, tmp_path):
-    from trainers.probes.probe import run_probe
     from trainers.probes.config import load_config
+    from trainers.probes.probe import run_probe
 
     local, remote, _ = pair
     a = run_probe(load_config(["--store", str(local.root), *FAST_PROBE, "--output-dir", str(tmp_path / "a")]))
@@ -257,8 +308,9 @@ def test_sigkill_after_first_commit_then_rerun_equals_uninterrupted(s3, pair, ti
     root = f"s3://{BUCKET}/killed"
     ing, ext = _extract_args(root, tiny_model, model_cache)
     cmd = [sys.executable, "-c", DRIVER, str(s3[1]), *ing, "--", *ext]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True, env=os.environ.copy())
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=os.environ.copy()
+    )
     t0, killed = time.monotonic(), False
     st = None
     while proc.poll() is None:
@@ -276,9 +328,9 @@ def test_sigkill_after_first_commit_then_rerun_equals_uninterrupted(s3, pair, ti
     assert killed, f"finished before the kill: {proc.stderr.read().decode()[-2000:]}"
     st = Store(root)
     n_layout_units = st.query("SELECT max(unit) + 1 AS n FROM row_layout").to_pylist()[0]["n"]
-    assert 1 <= _units_committed(st) < 2 * n_layout_units       # killed mid-way
+    assert 1 <= _units_committed(st) < 2 * n_layout_units  # killed mid-way
     assert st.query("SELECT status FROM runs").column(0).to_pylist() == ["running"]
-    from extractors.run import main as extract        # the same command again (in this process: no startup)
+    from extractors.run import main as extract  # the same command again (in this process: no startup)
 
     assert extract(ext) == 0
     for name in ("hidden/layer_1", "hidden/layer_3"):
@@ -301,15 +353,20 @@ def test_dask_polars_duckdb_read_the_s3_store(pair, s3):
     opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
     url = f"s3://{BUCKET}/store/arrays/hidden/layer_3"
     z = zarr.open_array(url, mode="r", storage_options=opts)
-    x = da.from_zarr(z, chunks=z.chunks)                       # lazy, one dask chunk per unit
+    x = da.from_zarr(z, chunks=z.chunks)  # lazy, one dask chunk per unit
     assert x.chunks[0][0] == z.chunks[0] and x.npartitions == z.nchunks
     ref = zarr.open_array(str(local.array_path("hidden/layer_3")), mode="r")[:]
     assert np.array_equal(x[100:900].compute(), ref[100:900])
-    bf = (x.astype("uint32") << 16).view("float32")           # exact bf16 -> float32, still lazy
+    bf = (x.astype("uint32") << 16).view("float32")  # exact bf16 -> float32, still lazy
     assert np.array_equal(bf[:512].compute(), (ref[:512].astype(np.uint32) << 16).view(np.float32))
 
-    pl_opts = {"aws_endpoint_url": endpoint, "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
-               "aws_region": "us-east-1", "aws_allow_http": "true"}
+    pl_opts = {
+        "aws_endpoint_url": endpoint,
+        "aws_access_key_id": "testing",
+        "aws_secret_access_key": "testing",
+        "aws_region": "us-east-1",
+        "aws_allow_http": "true",
+    }
     rows = pl.scan_parquet(f"s3://{BUCKET}/store/catalog/rows/**/*.parquet", storage_options=pl_opts)
     n = rows.group_by("split").len().sort("split").collect()
     want = local.query("SELECT split, count(*) AS n FROM rows GROUP BY 1").to_pylist()

@@ -29,16 +29,46 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cmd(store: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "trainers.sae", "--layer", "17", "--store", str(store), "--steps", "300",
-            "--batch-tokens", "128", "--d-sae", "256", "--k", "8", "--ce-rows", "0", "--checkpoint-every", "25",
-            "--eval-tokens", "512", "--init-batches", "2", "--log-every", "25", "--no-progress", "--qa", "off", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "trainers.sae",
+        "--layer",
+        "17",
+        "--store",
+        str(store),
+        "--steps",
+        "300",
+        "--batch-tokens",
+        "128",
+        "--d-sae",
+        "256",
+        "--k",
+        "8",
+        "--ce-rows",
+        "0",
+        "--checkpoint-every",
+        "25",
+        "--eval-tokens",
+        "512",
+        "--init-batches",
+        "2",
+        "--log-every",
+        "25",
+        "--no-progress",
+        "--qa",
+        "off",
+        *extra,
+    ]
 
 
 def _train_runs(store: Path) -> dict[str, str]:
     st = Store(store)
     st.refresh_catalog()
-    return {r["run_id"]: r["status"] for r in
-            st.query("SELECT run_id, status FROM runs WHERE kind = 'train_sae'").to_pylist()}
+    return {
+        r["run_id"]: r["status"]
+        for r in st.query("SELECT run_id, status FROM runs WHERE kind = 'train_sae'").to_pylist()
+    }
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -64,16 +94,16 @@ def test_sigkill_then_same_command_resumes_bit_for_bit(real_store, copy_store, m
             if killed_id:
                 break
             time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)                   # a real kill: no cleanup, no finally blocks
+        os.kill(proc.pid, signal.SIGKILL)  # a real kill: no cleanup, no finally blocks
     finally:
         proc.wait(timeout=30)
     assert killed_id and proc.returncode == -signal.SIGKILL
-    assert _train_runs(store)[killed_id] == "running"       # the record stays as the kill left it
+    assert _train_runs(store)[killed_id] == "running"  # the record stays as the kill left it
     assert not (store / "runs" / killed_id / "sae").exists()
 
-    again = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300)   # the same command
+    again = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=300)  # the same command
     assert again.returncode == 0, again.stderr[-3000:]
-    assert set(_train_runs(store)) == {ref_id, killed_id}   # it continued the killed run, no third run
+    assert set(_train_runs(store)) == {ref_id, killed_id}  # it continued the killed run, no third run
     rec = json.loads((store / "runs" / killed_id / "metrics.json").read_text())
     assert 0 < rec["counts"]["resumed_from_step"] < 300
     want, got = _weights(store / "runs" / ref_id), _weights(store / "runs" / killed_id)
@@ -111,16 +141,34 @@ def test_qa_gate_fails_untrained_and_passes_trained(real_store, copy_store, caps
     from trainers.sae.train import build_training_sae
 
     store = copy_store(real_store)
-    common = ["--layer", "17", "--store", str(store), "--ce-rows", "2", "--no-progress", "--qa", "strict",
-              "--qa-max-nmse", "0.6", "--qa-max-kl", "2.0", "--qa-max-dead", "0.5"]
-    untrained = build_training_sae("topk", 576, 256, k=16, l1_coefficient=1.0, l1_warm_up_steps=0,
-                                   aux_coefficient=1 / 32, seed=0, device="cpu")
+    common = [
+        "--layer",
+        "17",
+        "--store",
+        str(store),
+        "--ce-rows",
+        "2",
+        "--no-progress",
+        "--qa",
+        "strict",
+        "--qa-max-nmse",
+        "0.6",
+        "--qa-max-kl",
+        "2.0",
+        "--qa-max-dead",
+        "0.5",
+    ]
+    untrained = build_training_sae(
+        "topk", 576, 256, k=16, l1_coefficient=1.0, l1_warm_up_steps=0, aux_coefficient=1 / 32, seed=0, device="cpu"
+    )
     untrained.save_inference_model(tmp_path / "untrained")
     assert main([*common, "--sae", str(tmp_path / "untrained")]) == 1
     out = capsys.readouterr()
     assert "| reconstruction | nmse |" in out.out and "QA FAILED" in out.out and "failed the QA gate" in out.err
-    assert main([*common, "--steps", "150", "--batch-tokens", "256", "--d-sae", "256", "--k", "16",
-                 "--init-batches", "2"]) == 0
+    assert (
+        main([*common, "--steps", "150", "--batch-tokens", "256", "--d-sae", "256", "--k", "16", "--init-batches", "2"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "QA PASSED" in out and "KL(clean || spliced)" in out
     st = Store(store)
@@ -138,25 +186,60 @@ def test_sweep_writes_one_row_per_layer_and_reuses_finished_layers(real_store, c
     from trainers.sae.cli import main
 
     store = copy_store(real_store)
-    argv = ["--layers", "6", "17", "--store", str(store), "--steps", "20", "--batch-tokens", "128", "--d-sae", "128",
-            "--k", "8", "--ce-rows", "0", "--init-batches", "2", "--no-progress"]
+    argv = [
+        "--layers",
+        "6",
+        "17",
+        "--store",
+        str(store),
+        "--steps",
+        "20",
+        "--batch-tokens",
+        "128",
+        "--d-sae",
+        "128",
+        "--k",
+        "8",
+        "--ce-rows",
+        "0",
+        "--init-batches",
+        "2",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     st = Store(store)
-    rows = st.query("SELECT layer, sae, explained_variance, l0, best_category_auroc, reused, sweep_run_id "
-                    "FROM sae_sweeps ORDER BY layer").to_pylist()
+    rows = st.query(
+        "SELECT layer, sae, explained_variance, l0, best_category_auroc, reused, sweep_run_id "
+        "FROM sae_sweeps ORDER BY layer"
+    ).to_pylist()
     assert [r["layer"] for r in rows] == [6, 17] and not any(r["reused"] for r in rows)
     assert all(r["explained_variance"] > 0 and r["l0"] == pytest.approx(8, abs=0.5) for r in rows)
     sweep_dir = st.run_dir(rows[0]["sweep_run_id"])
     assert (sweep_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG" and "| 17 |" in (sweep_dir / "sweep.md").read_text()
     # analytics.correlations' table, when present, fills the AUROC column (read with SQL, no import)
-    st.write_rows("feature_metadata_assoc", [{"sae": rows[1]["sae"], "layer": 17, "feature": 3, "field": "category",
-                                              "kind": "categorical", "level": "math", "stat": "auroc",
-                                              "effect": 0.91}], part="fake")
+    st.write_rows(
+        "feature_metadata_assoc",
+        [
+            {
+                "sae": rows[1]["sae"],
+                "layer": 17,
+                "feature": 3,
+                "field": "category",
+                "kind": "categorical",
+                "level": "math",
+                "stat": "auroc",
+                "effect": 0.91,
+            }
+        ],
+        part="fake",
+    )
     st.refresh_catalog()
     n_train = st.query("SELECT count(*) FROM runs WHERE kind = 'train_sae'").column(0)[0].as_py()
     assert main(argv) == 0
     assert st.query("SELECT count(*) FROM runs WHERE kind = 'train_sae'").column(0)[0].as_py() == n_train
-    again = st.query("SELECT layer, reused, best_category_auroc FROM sae_sweeps WHERE sweep_run_id <> ? "
-                     "ORDER BY layer", [rows[0]["sweep_run_id"]]).to_pylist()
+    again = st.query(
+        "SELECT layer, reused, best_category_auroc FROM sae_sweeps WHERE sweep_run_id <> ? ORDER BY layer",
+        [rows[0]["sweep_run_id"]],
+    ).to_pylist()
     assert [(r["layer"], r["reused"], r["best_category_auroc"]) for r in again] == [(6, True, None), (17, True, 0.91)]
     assert "best cat. AUROC" in capsys.readouterr().out

@@ -4,6 +4,7 @@ Besides schema/determinism checks, these tests re-derive the metadata from the
 text (math answers, data-analysis stats, coding behaviour, ordering puzzles,
 item counts, constraint counts) to prove the labels are measurable signal.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,11 +28,20 @@ from extractors.ingest.sample.generate import (
 )
 
 N_TRAIN, N_TEST = 1000, 250
-KEYS = {"messages", "category", "difficulty", "quality", "reward_model_score", "conversation_tokens",
-        "needle", "needle_start", "needle_end", "answer_correct"}
+KEYS = {
+    "messages",
+    "category",
+    "difficulty",
+    "quality",
+    "reward_model_score",
+    "conversation_tokens",
+    "needle",
+    "needle_start",
+    "needle_end",
+    "answer_correct",
+}
 CHECKABLE = {"math", "coding", "reasoning", "data-analysis"}
-OPEN = {"information-seeking", "creative-writing", "advice-seeking", "planning", "brainstorming",
-        "role-playing"}
+OPEN = {"information-seeking", "creative-writing", "advice-seeking", "planning", "brainstorming", "role-playing"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,7 +67,7 @@ def _without_needle(rec):
     text = _final(rec)
     if rec["needle"] is None:
         return text
-    return text[:rec["needle_start"]] + text[rec["needle_end"]:]
+    return text[: rec["needle_start"]] + text[rec["needle_end"] :]
 
 
 def _chars(rec):
@@ -66,7 +76,7 @@ def _chars(rec):
 
 def _pearson(xs, ys):
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=False))
     return cov / math.sqrt(sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys))
 
 
@@ -80,11 +90,14 @@ def test_determinism_and_seed_sensitivity():
 
 
 def test_independent_of_pythonhashseed():
-    code = ("import hashlib; from extractors.ingest.sample.generate import generate_sample; "
-            "print(hashlib.sha256(repr(generate_sample(3, 60, 15)).encode()).hexdigest())")
+    code = (
+        "import hashlib; from extractors.ingest.sample.generate import generate_sample; "
+        "print(hashlib.sha256(repr(generate_sample(3, 60, 15)).encode()).hexdigest())"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == hashlib.sha256(repr(generate_sample(3, 60, 15)).encode()).hexdigest()
 
 
@@ -147,8 +160,13 @@ def test_size_constraints(clean):
     assert totals[int(0.95 * len(totals))] <= 1100
     assert sum(400 <= t <= 1100 for t in totals) / len(totals) >= 0.8
     users = [len(m["content"].split()) for r in clean for m in r["messages"] if m["role"] == "user"]
-    assistants = [len(m["content"].split()) for r in clean if r["needle"] is None
-                  for m in r["messages"] if m["role"] == "assistant"]
+    assistants = [
+        len(m["content"].split())
+        for r in clean
+        if r["needle"] is None
+        for m in r["messages"]
+        if m["role"] == "assistant"
+    ]
     assert 8 <= statistics.median(users) <= 30 and max(users) <= 55
     assert 15 <= statistics.median(assistants) <= 60 and max(assistants) <= 100
 
@@ -169,25 +187,31 @@ def test_needles(sample):
                 assert r["needle_start"] is None and r["needle_end"] is None
                 continue
             text = _final(r)
-            assert text[r["needle_start"]:r["needle_end"]] == r["needle"]
+            assert text[r["needle_start"] : r["needle_end"]] == r["needle"]
             assert r["needle_end"] - r["needle_start"] == len(r["needle"])
-            before = text[:r["needle_start"]]
+            before = text[: r["needle_start"]]
             assert before == "" or before[-1] in " \n"  # starts at a sentence boundary
-            assert text[r["needle_end"]:] == "" or text[r["needle_end"]] in " \n"
+            assert text[r["needle_end"] :] == "" or text[r["needle_end"]] in " \n"
             rest = " ".join(m["content"] for m in r["messages"][:-1]) + _without_needle(r)
             words = set(re.findall(r"[a-z]{5,}", r["needle"].lower()))
             assert not words & set(re.findall(r"[a-z]{5,}", rest.lower())), r["needle"]
     needles = {r["needle"] for r in sample["train"] if r["needle"]}
     assert len(needles) >= 30
-    starts = Counter("start" if r["needle_start"] == 0 else
-                     "end" if r["needle_end"] == len(_final(r)) else "middle"
-                     for r in sample["train"][:N_TRAIN] if r["needle"])
+    starts = Counter(
+        "start" if r["needle_start"] == 0 else "end" if r["needle_end"] == len(_final(r)) else "middle"
+        for r in sample["train"][:N_TRAIN]
+        if r["needle"]
+    )
     assert min(starts.values()) >= 0.15 * sum(starts.values())
 
 
 # --------------------------------------------------------------------------- math
-_MATH_KEYWORDS = (("+", r"\bmore\b"), ("-", r"\b(?:away|loses|sells|uses up)\b"),
-                  ("×", r"\b(?:times|each one for|multiplies)\b"), ("÷", r"\b(?:equal|evenly|equally)\b"))
+_MATH_KEYWORDS = (
+    ("+", r"\bmore\b"),
+    ("-", r"\b(?:away|loses|sells|uses up)\b"),
+    ("×", r"\b(?:times|each one for|multiplies)\b"),
+    ("÷", r"\b(?:equal|evenly|equally)\b"),
+)
 
 
 def _classify(text):
@@ -244,7 +268,7 @@ def test_math_answers_recomputed(clean):
             assert not steps
         if r["answer_correct"] and steps:
             x = start
-            for (a, op, n, c), (true_op, true_n) in zip(steps, ops):
+            for (a, op, n, c), (true_op, true_n) in zip(steps, ops, strict=False):
                 assert (int(a), op, int(n)) == (x, true_op, true_n)
                 x = _calc(op, x, int(n))
                 assert x == int(c)
@@ -294,8 +318,12 @@ def test_data_analysis_recomputed(clean):
         question = _final_user(r)
         values = [int(v) for v in re.search(r":\s*((?:\d+, )+\d+)", question).group(1).split(", ")]
         stat = re.search(r"\b(average|total|range|highest)\b", question).group(1)
-        truth = {"average": sum(values) / len(values), "total": sum(values),
-                 "range": max(values) - min(values), "highest": max(values)}[stat]
+        truth = {
+            "average": sum(values) / len(values),
+            "total": sum(values),
+            "range": max(values) - min(values),
+            "highest": max(values),
+        }[stat]
         assert (int(_stated_answer(r)) == truth) is r["answer_correct"]
 
 
@@ -327,12 +355,12 @@ def test_reasoning_recomputed(clean):
 
 def _next_in_sequence(seq):
     """The next term under the one rule (constant step, constant ratio, growing step, sum of two) that fits."""
-    gaps = [b - a for a, b in zip(seq, seq[1:])]
+    gaps = [b - a for a, b in zip(seq, seq[1:], strict=False)]
     ratio = seq[1] // seq[0]
     candidates = set()
     if len(set(gaps)) == 1:
         candidates.add(seq[-1] + gaps[0])
-    if ratio > 1 and all(b == a * ratio for a, b in zip(seq, seq[1:])):
+    if ratio > 1 and all(b == a * ratio for a, b in zip(seq, seq[1:], strict=False)):
         candidates.add(seq[-1] * ratio)
     if gaps == list(range(1, len(seq))):
         candidates.add(seq[-1] + len(seq))
@@ -428,8 +456,10 @@ def test_open_quality_is_measurable(clean):
     assert mean["excellent"] > mean["good"] > mean["average"] + 1 > mean["very poor"] + 1
 
 
-_EDIT_ERRORS = (r"\b(?:goed|comed|it's (?:way|tail)|don't like|she drink|has wrote|and me|(?:students|We) was|"
-                r"there (?:cousins|results)|[Tt]heir planning)\b")
+_EDIT_ERRORS = (
+    r"\b(?:goed|comed|it's (?:way|tail)|don't like|she drink|has wrote|and me|(?:students|We) was|"
+    r"there (?:cousins|results)|[Tt]heir planning)\b"
+)
 
 
 def test_editing_quality_is_measurable(clean):
@@ -449,7 +479,7 @@ def test_editing_quality_is_measurable(clean):
 # --------------------------------------------------------------------------- reward, malformed
 def test_reward_increases_with_quality(clean):
     means = [statistics.fmean(r["reward_model_score"] for r in clean if r["quality"] == q) for q in QUALITIES]
-    assert all(a < b for a, b in zip(means, means[1:])), means
+    assert all(a < b for a, b in zip(means, means[1:], strict=False)), means
     spread = statistics.pstdev(r["reward_model_score"] - QUALITIES.index(r["quality"]) for r in clean)
     assert 0.35 <= spread <= 0.65
 

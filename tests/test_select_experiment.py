@@ -30,8 +30,10 @@ def synthetic_attribution(store: Path, n_top: int = 4) -> None:
     from extractors.attribution.scores import SCORES_SCHEMA
 
     st = Store(store)
-    pool = st.query("SELECT r.row_id, r.category FROM rows r JOIN split_members s USING (row_id) "
-                    "WHERE s.split = 'score_pool' ORDER BY r.row_id").to_pylist()
+    pool = st.query(
+        "SELECT r.row_id, r.category FROM rows r JOIN split_members s USING (row_id) "
+        "WHERE s.split = 'score_pool' ORDER BY r.row_id"
+    ).to_pylist()
     counts: dict[str, int] = {}
     for r in pool:
         counts[r["category"]] = counts.get(r["category"], 0) + 1
@@ -44,11 +46,25 @@ def synthetic_attribution(store: Path, n_top: int = 4) -> None:
             score[r["row_id"]] = 10.0 + len(seen)
     ids = sorted(score, key=lambda i: (-score[i], i))
     n = len(ids)
-    st.write_table("attribution_scores", pa.table({
-        "run_id": [RUN] * n, "row_id": ids, "score": [score[i] for i in ids], "rank": list(range(1, n + 1)),
-        "adapter": ["x"] * n, "score_mode": ["mean"] * n, "preconditioning": ["none"] * n,
-        "projection_dim": [0] * n, "query_split": ["attr_query"] * n, "pool_split": ["score_pool"] * n},
-        schema=SCORES_SCHEMA), part=RUN)
+    st.write_table(
+        "attribution_scores",
+        pa.table(
+            {
+                "run_id": [RUN] * n,
+                "row_id": ids,
+                "score": [score[i] for i in ids],
+                "rank": list(range(1, n + 1)),
+                "adapter": ["x"] * n,
+                "score_mode": ["mean"] * n,
+                "preconditioning": ["none"] * n,
+                "projection_dim": [0] * n,
+                "query_split": ["attr_query"] * n,
+                "pool_split": ["score_pool"] * n,
+            },
+            schema=SCORES_SCHEMA,
+        ),
+        part=RUN,
+    )
     st.refresh_catalog()
 
 
@@ -64,20 +80,83 @@ def exp_store(tmp_path_factory, tiny_model):
     ingest_small(store, SIZES, model=tiny_model)
     common = ["--store", str(store), "--no-progress"]
     assert extract_main(["--layer", "2", "--model", tiny_model, *common]) == 0
-    assert sae_main(["--layer", "2", "--model", tiny_model, "--steps", "20", "--batch-tokens", "256", "--d-sae", "128",
-                     "--k", "8", "--ce-rows", "0", "--init-batches", "2", "--log-every", "10", *common]) == 0
+    assert (
+        sae_main(
+            [
+                "--layer",
+                "2",
+                "--model",
+                tiny_model,
+                "--steps",
+                "20",
+                "--batch-tokens",
+                "256",
+                "--d-sae",
+                "128",
+                "--k",
+                "8",
+                "--ce-rows",
+                "0",
+                "--init-batches",
+                "2",
+                "--log-every",
+                "10",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert extract_main(["--layer", "2", "--kinds", "sae", "--sae", "latest", "--model", tiny_model, *common]) == 0
-    assert ft_main(["--model", tiny_model, "--eval-split", "", "--max-steps", "1", "--batch-size", "4", "--lr", "1e-2",
-                    "--lora-r", "4", *common]) == 0
+    assert (
+        ft_main(
+            [
+                "--model",
+                tiny_model,
+                "--eval-split",
+                "",
+                "--max-steps",
+                "1",
+                "--batch-size",
+                "4",
+                "--lr",
+                "1e-2",
+                "--lora-r",
+                "4",
+                *common,
+            ]
+        )
+        == 0
+    )
     synthetic_attribution(store)
     assert predictor_main(["--sae", "latest", "--attribution", RUN, "--bootstrap", "200", *common]) == 0
     return store
 
 
 def _args(store, model, *extra):
-    return ["--store", str(store), "--model", model, "--selector", f"attribution:{RUN}", "--max-steps", "1",
-            "--batch-size", "2", "--lr", "1e-2", "--math-max-rows", "2", "--max-new-tokens", "6", "--n-boot", "400",
-            "--n-perm", "2000", "--no-progress", *extra]
+    return [
+        "--store",
+        str(store),
+        "--model",
+        model,
+        "--selector",
+        f"attribution:{RUN}",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--math-max-rows",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--n-boot",
+        "400",
+        "--n-perm",
+        "2000",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _finetunes(store) -> int:
@@ -101,30 +180,41 @@ def test_end_to_end_and_a_killed_run_reuses_the_finished_arms(exp_store, tiny_mo
     res = _result(exp_store, capsys)
     assert _finetunes(exp_store) == before + 4 and res["trained_arms"] == 4 and res["reused_arms"] == 0
     st = Store(exp_store)
-    rows = st.query("SELECT * FROM selection_runs WHERE run_id = ? ORDER BY seed NULLS FIRST, arm",
-                    [res["run_id"]]).to_pylist()
-    assert [(r["seed"], r["arm"]) for r in rows] == [(None, "base"), (0, "random4"), (0, "top4"), (1, "random4"),
-                                                     (1, "top4")]
+    rows = st.query(
+        "SELECT * FROM selection_runs WHERE run_id = ? ORDER BY seed NULLS FIRST, arm", [res["run_id"]]
+    ).to_pylist()
+    assert [(r["seed"], r["arm"]) for r in rows] == [
+        (None, "base"),
+        (0, "random4"),
+        (0, "top4"),
+        (1, "random4"),
+        (1, "top4"),
+    ]
     assert all(r["steps"] == (0 if r["seed"] is None else 1) and r["eval_rows"] == SIZES["eval"] for r in rows)
     assert {r["n_train_rows"] for r in rows if r["seed"] is not None} == {4}
     # The arms continued the base adapter, each on its own subset, with finetune seed = the experiment seed.
     ad = {r["adapter"]: r for r in st.query("SELECT * FROM adapters").to_pylist()}
     for r in rows[1:]:
-        assert ad[r["adapter"]]["resumed_from"] == res["base_adapter"] and r["subset"] in ad[r["adapter"]][
-            "train_rows_sql"]
+        assert (
+            ad[r["adapter"]]["resumed_from"] == res["base_adapter"]
+            and r["subset"] in ad[r["adapter"]]["train_rows_sql"]
+        )
         assert json.loads(ad[r["adapter"]]["config"])["seed"] == r["seed"]
     top = st.query("SELECT row_id FROM subsets WHERE subset = ?", [rows[2]["subset"]]).column(0).to_pylist()
-    rand = [st.query("SELECT row_id FROM subsets WHERE subset = ?", [r["subset"]]).column(0).to_pylist()
-            for r in (rows[1], rows[3])]
-    assert all(not set(top) & set(x) for x in rand)             # --overlap exclude (the default)
+    rand = [
+        st.query("SELECT row_id FROM subsets WHERE subset = ?", [r["subset"]]).column(0).to_pylist()
+        for r in (rows[1], rows[3])
+    ]
+    assert all(not set(top) & set(x) for x in rand)  # --overlap exclude (the default)
     # Each seed's difference is exactly the two arms' eval losses (as trainers.eval_loss reports them) subtracted.
     c = res["comparisons"]["top4_vs_random4"]
     loss = {(r["seed"], r["arm"]): r["eval_loss"] for r in rows}
     for s, e in enumerate(c["eval_loss"]["per_seed"]):
         assert e["estimate"] == pytest.approx(loss[(s, "top4")] - loss[(s, "random4")], abs=1e-9)
         assert _inside(e)
-    assert c["eval_loss"]["pooled"]["estimate"] == pytest.approx(np.mean([e["estimate"] for e in
-                                                                           c["eval_loss"]["per_seed"]]))
+    assert c["eval_loss"]["pooled"]["estimate"] == pytest.approx(
+        np.mean([e["estimate"] for e in c["eval_loss"]["per_seed"]])
+    )
     assert _inside(c["eval_loss"]["pooled"]) and c["eval_loss"]["pooled"]["n_seeds"] == 2
     assert res["base"]["eval_loss"][0] == pytest.approx(loss[(None, "base")])
     # The one math eval row was generated and checked in every arm.
@@ -141,8 +231,24 @@ def test_end_to_end_and_a_killed_run_reuses_the_finished_arms(exp_store, tiny_mo
 
 def test_identical_arms_give_exactly_zero(exp_store, tiny_model, capsys):
     # k = the pool with --overlap allow: the matched random draw is the whole pool, the top k too.
-    assert main(_args(exp_store, tiny_model, "--k", "30", "--overlap", "allow", "--seeds", "1",
-                      "--no-downstream", "--eval-max-rows", "4")) == 0
+    assert (
+        main(
+            _args(
+                exp_store,
+                tiny_model,
+                "--k",
+                "30",
+                "--overlap",
+                "allow",
+                "--seeds",
+                "1",
+                "--no-downstream",
+                "--eval-max-rows",
+                "4",
+            )
+        )
+        == 0
+    )
     res = _result(exp_store, capsys)
     c = res["comparisons"]["top30_vs_random30"]["eval_loss"]
     for e in [*c["per_seed"], c["pooled"]]:
@@ -153,19 +259,34 @@ def test_identical_arms_give_exactly_zero(exp_store, tiny_model, capsys):
 
 def test_scale_ablation_and_budget_mismatch(exp_store, tiny_model, capsys):
     n = _finetunes(exp_store)
-    base = _args(exp_store, tiny_model, "--k", "8", "--seeds", "1", "--ablation", "scale", "--no-downstream",
-                 "--eval-max-rows", "4")
+    base = _args(
+        exp_store,
+        tiny_model,
+        "--k",
+        "8",
+        "--seeds",
+        "1",
+        "--ablation",
+        "scale",
+        "--no-downstream",
+        "--eval-max-rows",
+        "4",
+    )
     no_steps = [a for i, a in enumerate(base) if a != "--max-steps" and base[i - 1] != "--max-steps"]
-    assert main(no_steps) == 2                                  # top4 takes 2 steps of 2 rows, top8 takes 4
+    assert main(no_steps) == 2  # top4 takes 2 steps of 2 rows, top8 takes 4
     err = capsys.readouterr().err
     assert "the arms would differ in budget" in err and "top4" in err and "pass --max-steps 4" in err
-    assert _finetunes(exp_store) == n                           # refused before anything trained
+    assert _finetunes(exp_store) == n  # refused before anything trained
     assert main(base) == 0
     res = _result(exp_store, capsys)
     assert set(res["comparisons"]) == {"top4_vs_top8", "ranks5-8_vs_random4_from_9-"}
     st = Store(exp_store)
-    ranks = {a["arm"]: st.query("SELECT source_rank FROM subsets WHERE subset = ? ORDER BY source_rank",
-                                [a["subset"]]).column(0).to_pylist() for a in res["arms"]}
+    ranks = {
+        a["arm"]: st.query("SELECT source_rank FROM subsets WHERE subset = ? ORDER BY source_rank", [a["subset"]])
+        .column(0)
+        .to_pylist()
+        for a in res["arms"]
+    }
     assert ranks["top4"] == [1, 2, 3, 4] and ranks["top8"] == list(range(1, 9)) and ranks["ranks5-8"] == [5, 6, 7, 8]
     assert len(ranks["random4_from_9-"]) == 4 and min(ranks["random4_from_9-"]) > 8
     assert all(_inside(c["eval_loss"]["pooled"]) for c in res["comparisons"].values())
@@ -173,10 +294,12 @@ def test_scale_ablation_and_budget_mismatch(exp_store, tiny_model, capsys):
 
 
 def test_bad_input_gets_one_clear_error(exp_store, tiny_model, capsys):
-    for extra, msg in [(["--k", "100"], "larger than the pool"),
-                       (["--resume-adapter", "nope"], "adapters in this store: "),
-                       (["--eval-split", "nope"], "--eval-split 'nope' has no rows"),
-                       (["--selector", "attribution:nope"], "attribution run 'nope' has no rows")]:
+    for extra, msg in [
+        (["--k", "100"], "larger than the pool"),
+        (["--resume-adapter", "nope"], "adapters in this store: "),
+        (["--eval-split", "nope"], "--eval-split 'nope' has no rows"),
+        (["--selector", "attribution:nope"], "attribution run 'nope' has no rows"),
+    ]:
         assert main(_args(exp_store, tiny_model, *extra)) == 2, extra
         assert msg in capsys.readouterr().err, extra
     for extra, msg in [(["--k", "0"], "--k must be positive"), (["--selector", "random"], "both arms random")]:
@@ -210,7 +333,9 @@ def test_statistics_equal_plain_loops():
     signs = np.random.default_rng(2).choice(np.array([-1.0, 1.0]), size=(1000, n))
     a = [delta[:, i].sum() / (S * w.sum()) for i in range(n)]
     t = abs(sum(a))
-    assert p == (1 + sum(abs(sum(sg * ai for sg, ai in zip(row, a))) >= t - 1e-12 for row in signs)) / 1001
+    assert (
+        p == (1 + sum(abs(sum(sg * ai for sg, ai in zip(row, a, strict=False))) >= t - 1e-12 for row in signs)) / 1001
+    )
     # The point estimate is the mean over seeds of each seed's weighted difference.
     assert select_stats.point(delta, w) == pytest.approx(np.mean([(d.sum()) / w.sum() for d in delta]))
     # A clear shift is detected, no shift is not: p small vs p = 1 for exact zeros.
@@ -224,16 +349,20 @@ def test_notebook_runs_on_the_store(exp_store, tiny_model, capsys):
     import nbformat
 
     committed = nbformat.read(NOTEBOOKS / "attribution_selection.ipynb", as_version=4)
-    assert all(not c.get("outputs") and c.get("execution_count") is None for c in committed.cells
-               if c.cell_type == "code")                        # committed without outputs
+    assert all(
+        not c.get("outputs") and c.get("execution_count") is None for c in committed.cells if c.cell_type == "code"
+    )  # committed without outputs
     # The 2-seed experiment (its arms reused when the first test trained them).
     assert main(_args(exp_store, tiny_model, "--k", "4", "--seeds", "2")) == 0
     res = _result(exp_store, capsys)
-    assert res["trained_arms"] == 0 or res["reused_arms"] == 0   # all reused after the first test (or none when alone)
+    assert res["trained_arms"] == 0 or res["reused_arms"] == 0  # all reused after the first test (or none when alone)
     nb = execute("attribution_selection.ipynb", {"STORE": str(exp_store), "EXPERIMENT": res["run_id"]})
-    text = "\n".join(o.get("text", "") + "".join(str(v) for k, v in o.get("data", {}).items() if k.startswith("text/"))
-                     for c in nb.cells for o in c.get("outputs", []))
+    text = "\n".join(
+        o.get("text", "") + "".join(str(v) for k, v in o.get("data", {}).items() if k.startswith("text/"))
+        for c in nb.cells
+        for o in c.get("outputs", [])
+    )
     assert f"attribution run {RUN}" in text and "Spearman (held-out)" in text and "toward top" in text
-    assert "[[" in text                                          # SAE feature contexts from sae_top_contexts
+    assert "[[" in text  # SAE feature contexts from sae_top_contexts
     assert "pooled top4 - random4: eval loss" in text and res["run_id"] in text
     assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) >= 3

@@ -18,10 +18,24 @@ from extractors.pipeline import ExtractConfig
 from extractors.pipeline import run_extraction as run
 from store.core import Store, StoreError
 from tests.conftest import ingest_small
-from trainers.steering.layer_selector import (FEATURE_KEYS, SCHEMA, LayerSelector, LayerSelectorConfig, run_features,
-                                     top_k_layers, train_layer_selector)
 from trainers.steering.cli import ComputeConfig, compute_steering, rule_tokens, steer
-from trainers.steering.token_selector import TokenSelector, TokenSelectorConfig, main as selector_main, train_token_selector
+from trainers.steering.layer_selector import (
+    FEATURE_KEYS,
+    SCHEMA,
+    LayerSelector,
+    LayerSelectorConfig,
+    run_features,
+    top_k_layers,
+    train_layer_selector,
+)
+from trainers.steering.token_selector import (
+    TokenSelector,
+    TokenSelectorConfig,
+    train_token_selector,
+)
+from trainers.steering.token_selector import (
+    main as selector_main,
+)
 
 SIZES = {"train_base": 48, "attr_query": 4, "eval": 16}
 
@@ -32,8 +46,11 @@ def sel_store(tiny_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("sel") / "store"
     ingest_small(path, SIZES)
     run(ExtractConfig(layers=[1, 2], store=str(path), model=tiny_model, unit_tokens=4096, progress=False))
-    run(ExtractConfig(layers=[2], store=str(path), model=tiny_model, kinds=["gradnorm"], unit_tokens=4096,
-                      progress=False))
+    run(
+        ExtractConfig(
+            layers=[2], store=str(path), model=tiny_model, kinds=["gradnorm"], unit_tokens=4096, progress=False
+        )
+    )
     return path
 
 
@@ -43,8 +60,7 @@ def trained(sel_store, tmp_path_factory):
     dst = tmp_path_factory.mktemp("sel_w") / "store"
     shutil.copytree(sel_store, dst)
     Store(dst).refresh_catalog()
-    m = train_token_selector(TokenSelectorConfig(layer=2, store=str(dst), epochs=15, write_scores=True,
-                                                 progress=False))
+    m = train_token_selector(TokenSelectorConfig(layer=2, store=str(dst), epochs=15, write_scores=True, progress=False))
     return dst, m
 
 
@@ -55,8 +71,9 @@ def _sel(store, **kw):
 
 def test_selection_macro_positives_are_top_k_and_negatives_seeded(sel_store):
     st = Store(sel_store)
-    norms = pl.from_arrow(st.query("SELECT row_id, token_pos, grad_norm FROM token_gradnorms "
-                                   "WHERE layer = 2 AND is_supervised"))
+    norms = pl.from_arrow(
+        st.query("SELECT row_id, token_pos, grad_norm FROM token_gradnorms WHERE layer = 2 AND is_supervised")
+    )
     a = _sel(sel_store, positives_per_sample=2, negatives_per_positive=3, max_tokens_per_sample=7, seed=1)
     assert set(a.columns) >= {"row_id", "tok_index", "layer", "label", "grad_norm", "rel_pos", "split", "category"}
     for rid, g in norms.group_by("row_id"):
@@ -79,11 +96,12 @@ def test_selector_beats_random_is_deterministic_and_round_trips(trained, tmp_pat
     assert m["precision_at_1"] > m["precision_at_1_random"], m
     assert m["auroc"] > 0.6 and m["n_eval_rows"] == 16
     assert Path(m["plot"]).is_file() and Path(m["weights"]).is_file()
-    again = train_token_selector(TokenSelectorConfig(layer=2, store=str(dst), epochs=15, progress=False,
-                                                     output_dir=str(tmp_path)))
+    again = train_token_selector(
+        TokenSelectorConfig(layer=2, store=str(dst), epochs=15, progress=False, output_dir=str(tmp_path))
+    )
     a = TokenSelector.load(m["checkpoint"])
     b = TokenSelector.load(again["checkpoint"])
-    for (k, va), vb in zip(a.mlp.net.state_dict().items(), b.mlp.net.state_dict().values()):
+    for (k, va), vb in zip(a.mlp.net.state_dict().items(), b.mlp.net.state_dict().values(), strict=False):
         assert torch.equal(va, vb), k
     meta = json.loads(Path(m["checkpoint"]).read_text())
     assert meta["layer"] == 2 and "token_selection(2" in meta["view_sql"] and meta["store_version"]
@@ -101,8 +119,9 @@ def test_selector_beats_random_is_deterministic_and_round_trips(trained, tmp_pat
     from store.materialize import gather
 
     tok = st.query("SELECT tok_index, score FROM selector_token_scores ORDER BY tok_index LIMIT 50").to_pydict()
-    np.testing.assert_array_equal(gather(st, "selector/token_selector/layer_2", np.array(tok["tok_index"])),
-                                  np.array(tok["score"], np.float32))
+    np.testing.assert_array_equal(
+        gather(st, "selector/token_selector/layer_2", np.array(tok["tok_index"])), np.array(tok["score"], np.float32)
+    )
 
 
 def test_selector_refuses_another_layer_and_missing_norms(trained, capsys):
@@ -153,10 +172,21 @@ def test_compute_evaluate_layer_features_and_auto_generate(trained, tiny_model):
     s = compute_steering(ComputeConfig(layers=[1, 2], store=str(dst), token_rule="all"))
     feats = run_features(st, s.run_id)
     assert feats["layer"].to_list() == [1, 2] and feats["effect"].null_count() == 2
-    assert feats.filter(pl.col("layer") == 2)["grad_norm_mean"][0] > 0   # layer 2 has stored norms
-    res = run_evaluate(EvaluateConfig(store=str(dst), steering=s.run_id, model=tiny_model, max_rows=4, math_rows=3,
-                                      max_new_tokens=3, n_boot=50, batch_size=4, splits=["eval", "attr_query"],
-                                      progress=False))
+    assert feats.filter(pl.col("layer") == 2)["grad_norm_mean"][0] > 0  # layer 2 has stored norms
+    res = run_evaluate(
+        EvaluateConfig(
+            store=str(dst),
+            steering=s.run_id,
+            model=tiny_model,
+            max_rows=4,
+            math_rows=3,
+            max_new_tokens=3,
+            n_boot=50,
+            batch_size=4,
+            splits=["eval", "attr_query"],
+            progress=False,
+        )
+    )
     for key in ("steered@1", "steered@2", "control@1", "control@2"):
         e = res["per_layer"][key]["effect"]
         assert e[1] <= e[0] <= e[2]
@@ -165,14 +195,35 @@ def test_compute_evaluate_layer_features_and_auto_generate(trained, tiny_model):
     assert feats["best"].sum() == 1 and feats["effect"].null_count() == 0
     assert st.query("SELECT count(*) FROM steering_effects WHERE run_id = ?", [res["run_id"]]).column(0)[0].as_py() > 0
     # a second evaluated run, so leave-one-run-out has something to hold out
-    s2 = compute_steering(ComputeConfig(layers=[1, 2], store=str(dst), token_rule="all",
-                                        pos_sql="reward_model_score > 3", neg_sql="reward_model_score < 2"))
-    run_evaluate(EvaluateConfig(store=str(dst), steering=s2.run_id, model=tiny_model, max_rows=4, math_rows=0,
-                                n_boot=20, splits=["eval", "attr_query"], control=False, progress=False))
+    s2 = compute_steering(
+        ComputeConfig(
+            layers=[1, 2],
+            store=str(dst),
+            token_rule="all",
+            pos_sql="reward_model_score > 3",
+            neg_sql="reward_model_score < 2",
+        )
+    )
+    run_evaluate(
+        EvaluateConfig(
+            store=str(dst),
+            steering=s2.run_id,
+            model=tiny_model,
+            max_rows=4,
+            math_rows=0,
+            n_boot=20,
+            splits=["eval", "attr_query"],
+            control=False,
+            progress=False,
+        )
+    )
     m = train_layer_selector(LayerSelectorConfig(store=str(dst), epochs=50, progress=False))
     assert m["n_runs"] == 2 and len(m["loro"]) == 2
-    gen = run_generate(GenerateConfig(store=str(dst), steering=s.run_id, layers=["auto"], top_k=1, model=tiny_model,
-                                      max_new_tokens=3, alpha=4.0))
+    gen = run_generate(
+        GenerateConfig(
+            store=str(dst), steering=s.run_id, layers=["auto"], top_k=1, model=tiny_model, max_new_tokens=3, alpha=4.0
+        )
+    )
     assert len(gen["layers"]) == 1 and gen["layers"][0] in (1, 2) and len(gen["generations"]) > 0
 
 
@@ -183,9 +234,18 @@ def _fake_features(n_runs: int, layers: list[int], seed: int = 0) -> pa.Table:
         best = layers[rng.integers(len(layers))]
         for L in layers:
             rec = {k: float(rng.normal()) for k in FEATURE_KEYS}
-            rec.update(run_id=f"run{r}", layer=L, norm=5.0 + 10.0 * (L == best) + float(rng.normal()),
-                       n_pos_rows=10, n_neg_rows=12, n_pos_tokens=10, n_neg_tokens=12, probe_auroc=None,
-                       effect=float(L == best), best=int(L == best))
+            rec.update(
+                run_id=f"run{r}",
+                layer=L,
+                norm=5.0 + 10.0 * (L == best) + float(rng.normal()),
+                n_pos_rows=10,
+                n_neg_rows=12,
+                n_pos_tokens=10,
+                n_neg_tokens=12,
+                probe_auroc=None,
+                effect=float(L == best),
+                best=int(L == best),
+            )
             recs.append(rec)
     return pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in recs], schema=SCHEMA)
 

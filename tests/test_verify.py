@@ -67,23 +67,26 @@ def _truncate_commit(st: Store) -> Path:
     return f
 
 
-@pytest.mark.parametrize("damage, kind", [(_flip_byte, "corrupt_chunk"), (_delete_chunk, "missing_chunk"),
-                                          (_truncate_commit, "unreadable_commit")])
-def test_damage_is_found_and_repair_plus_rerun_restores_the_store(extracted, copy_store, tiny_model, damage, kind,
-                                                                  capsys):
+@pytest.mark.parametrize(
+    "damage, kind",
+    [(_flip_byte, "corrupt_chunk"), (_delete_chunk, "missing_chunk"), (_truncate_commit, "unreadable_commit")],
+)
+def test_damage_is_found_and_repair_plus_rerun_restores_the_store(
+    extracted, copy_store, tiny_model, damage, kind, capsys
+):
     path = copy_store(extracted)
     st = Store(path)
     where = damage(st)
     quick = _kinds(path, quick=True)
     assert kind in _kinds(path)
-    assert (kind in quick) == (kind != "corrupt_chunk")          # --quick checks sizes, not checksums
+    assert (kind in quick) == (kind != "corrupt_chunk")  # --quick checks sizes, not checksums
     capsys.readouterr()
     assert main(["--store", str(path)]) == 1
     out = capsys.readouterr().out
-    assert f"{kind}: " in out and str(where) in out              # one line naming the array, unit and file
+    assert f"{kind}: " in out and str(where) in out  # one line naming the array, unit and file
     assert main(["--store", str(path), "--repair"]) == 0
-    assert _kinds(path) == []                                    # un-committed: nothing inconsistent left
-    _extract(path, tiny_model)                                   # the same command recomputes those units
+    assert _kinds(path) == []  # un-committed: nothing inconsistent left
+    _extract(path, tiny_model)  # the same command recomputes those units
     assert _kinds(path) == []
     for L, a in _arrays(extracted).items():
         assert np.array_equal(_arrays(path)[L], a)
@@ -96,7 +99,7 @@ def test_orphans_and_leftovers_are_found_and_removed(extracted, copy_store):
     arr = st.array_path("hidden/layer_1")
     shutil.copy(chunk_path(st, "hidden/layer_1", 0, 2), arr / "c" / "0" / "0.abc123.partial")
     commit = st.table_dir("array_units") / "hidden__layer_1" / "u000001.parquet"
-    commit.unlink()                                              # unit 1's chunk is now an orphan
+    commit.unlink()  # unit 1's chunk is now an orphan
     ghost = st.table_dir("array_units") / "hidden__layer_9"
     ghost.mkdir()
     shutil.copy(st.table_dir("array_units") / "hidden__layer_3" / "u000000.parquet", ghost / "u000000.parquet")
@@ -113,7 +116,7 @@ def test_a_killed_run_is_a_note_and_repair_marks_it_failed(extracted, copy_store
     from store.catalog.runs import Run
 
     run = Run(st, "extract_hidden", {"x": 1})
-    run.rec["pid"] = 2 ** 22 + 12345                             # a pid that is not running
+    run.rec["pid"] = 2**22 + 12345  # a pid that is not running
     run._write()
     problems, notes = verify(st)
     assert problems == [] and [n.where for n in notes] == [run.run_id]
@@ -123,8 +126,9 @@ def test_a_killed_run_is_a_note_and_repair_marks_it_failed(extracted, copy_store
     assert status == "failed"
 
 
-def test_disk_full_at_a_unit_fails_the_run_and_a_rerun_completes_identically(extracted, copy_store, tiny_model,
-                                                                                monkeypatch, capsys):
+def test_disk_full_at_a_unit_fails_the_run_and_a_rerun_completes_identically(
+    extracted, copy_store, tiny_model, monkeypatch, capsys
+):
     """OSError(ENOSPC) while writing unit 1: that unit is not committed, the run is recorded
     failed with the error, and the same command, once space is back, finishes byte-identically."""
     import errno
@@ -134,7 +138,7 @@ def test_disk_full_at_a_unit_fails_the_run_and_a_rerun_completes_identically(ext
 
     path = copy_store(extracted)
     st = Store(path)
-    for L in LAYERS:                                  # start from an ingested, unextracted store
+    for L in LAYERS:  # start from an ingested, unextracted store
         shutil.rmtree(st.array_path(f"hidden/layer_{L}"))
         shutil.rmtree(st.table_dir("array_units") / f"hidden__layer_{L}")
     real = units.write_unit
@@ -150,8 +154,10 @@ def test_disk_full_at_a_unit_fails_the_run_and_a_rerun_completes_identically(ext
     assert "No space left on device" in capsys.readouterr().err.splitlines()[-1]
     st = Store(path)
     assert 1 not in committed_rows(st, "hidden/layer_1") and 1 not in committed_rows(st, "hidden/layer_3")
-    rec = st.query("SELECT status, note FROM runs WHERE kind = 'extract_hidden' AND status <> 'finished' "
-                   "ORDER BY started_at DESC LIMIT 1").to_pylist()[0]
+    rec = st.query(
+        "SELECT status, note FROM runs WHERE kind = 'extract_hidden' AND status <> 'finished' "
+        "ORDER BY started_at DESC LIMIT 1"
+    ).to_pylist()[0]
     assert rec["status"] == "failed" and "No space left on device" in rec["note"]
     monkeypatch.setattr(units, "write_unit", real)
     assert extract_main(argv) == 0

@@ -47,8 +47,13 @@ def pr_curve(y: np.ndarray, curves: dict[str, np.ndarray], path: str | Path, tit
     return save_figure(fig, path)
 
 
-def effect_by_layer(layers: Sequence[int], series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
-                    path: str | Path, ylabel: str, title: str = "") -> Path:
+def effect_by_layer(
+    layers: Sequence[int],
+    series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    path: str | Path,
+    ylabel: str,
+    title: str = "",
+) -> Path:
     """Points with 95% CI bars per layer: series name -> (estimate, ci_low, ci_high)."""
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
@@ -66,8 +71,14 @@ def effect_by_layer(layers: Sequence[int], series: dict[str, tuple[np.ndarray, n
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
-_FIELD_COLORS = {"category": "#1f77b4", "difficulty": "#ff7f0e", "quality": "#2ca02c",
-                 "reward_model_score": "#d62728", "conversation_tokens": "#9467bd"}
+
+_FIELD_COLORS = {
+    "category": "#1f77b4",
+    "difficulty": "#ff7f0e",
+    "quality": "#2ca02c",
+    "reward_model_score": "#d62728",
+    "conversation_tokens": "#9467bd",
+}
 
 
 def _color(field: str) -> str:
@@ -79,8 +90,15 @@ def _neglog10(q: np.ndarray) -> np.ndarray:
     return -np.log10(np.clip(np.nan_to_num(q, nan=1.0), 1e-300, 1.0))
 
 
-def category_heatmap(assoc: pl.DataFrame, path: str | Path, *, field: str = "category", per_level: int = 2,
-                     alpha: float = 0.05, title: str = "") -> Path:
+def category_heatmap(
+    assoc: pl.DataFrame,
+    path: str | Path,
+    *,
+    field: str = "category",
+    per_level: int = 2,
+    alpha: float = 0.05,
+    title: str = "",
+) -> Path:
     """Features x levels of `field`: one-vs-rest AUROC of the `per_level` best features of each
     level (significant ones when there are any), diverging around 0.5."""
     a = assoc.filter((pl.col("field") == field) & (pl.col("stat") == "auroc"))
@@ -92,8 +110,11 @@ def category_heatmap(assoc: pl.DataFrame, path: str | Path, *, field: str = "cat
     sig = a.filter((pl.col("q_value") <= alpha) & (pl.col("effect") > 0.5))
     src = sig if not sig.is_empty() else a
     # Same ranking as analytics.correlations.top_features: AUROC, then q, then mean activation.
-    picks = (src.sort(["level", "effect", "q_value", "mean_pos"], descending=[False, True, False, True])
-             .group_by("level", maintain_order=True).head(per_level))
+    picks = (
+        src.sort(["level", "effect", "q_value", "mean_pos"], descending=[False, True, False, True])
+        .group_by("level", maintain_order=True)
+        .head(per_level)
+    )
     feats: list[int] = []
     owner: dict[int, str] = {}
     for r in picks.iter_rows(named=True):
@@ -101,10 +122,18 @@ def category_heatmap(assoc: pl.DataFrame, path: str | Path, *, field: str = "cat
             feats.append(r["feature"])
             owner[r["feature"]] = r["level"]
     levels = sorted(a["level"].unique().to_list())
-    grid = (a.filter(pl.col("feature").is_in(feats)).pivot(on="level", index="feature", values="effect")
-            .join(pl.DataFrame({"feature": feats, "_o": range(len(feats))}, schema_overrides={"feature": a["feature"].dtype}),
-                  on="feature").sort("_o"))
-    M = np.array([[r.get(lv) if r.get(lv) is not None else np.nan for lv in levels] for r in grid.iter_rows(named=True)])
+    grid = (
+        a.filter(pl.col("feature").is_in(feats))
+        .pivot(on="level", index="feature", values="effect")
+        .join(
+            pl.DataFrame({"feature": feats, "_o": range(len(feats))}, schema_overrides={"feature": a["feature"].dtype}),
+            on="feature",
+        )
+        .sort("_o")
+    )
+    M = np.array(
+        [[r.get(lv) if r.get(lv) is not None else np.nan for lv in levels] for r in grid.iter_rows(named=True)]
+    )
     fig.set_size_inches(1.6 + 0.62 * len(levels), 1.4 + 0.3 * len(feats))
     im = ax.imshow(M, cmap="RdBu_r", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(levels)), levels, rotation=40, ha="right")
@@ -113,16 +142,22 @@ def category_heatmap(assoc: pl.DataFrame, path: str | Path, *, field: str = "cat
         for i in range(M.shape[0]):
             for j in range(M.shape[1]):
                 if np.isfinite(M[i, j]):
-                    ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if abs(M[i, j] - 0.5) > 0.3 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{M[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if abs(M[i, j] - 0.5) > 0.3 else "black",
+                    )
     fig.colorbar(im, ax=ax, label="AUROC (level vs rest)", shrink=0.8)
     note = "" if not sig.is_empty() else f" (none significant at q <= {alpha})"
     ax.set_title(f"{title}: top features per {field}{note}".strip(": "), fontsize=10)
     return save_figure(fig, path)
 
 
-def volcano(assoc: pl.DataFrame, path: str | Path, *, alpha: float = 0.05, label_top: int = 6,
-            title: str = "") -> Path:
+def volcano(assoc: pl.DataFrame, path: str | Path, *, alpha: float = 0.05, label_top: int = 6, title: str = "") -> Path:
     """Effect size vs -log10 q: one-vs-rest AUROC (left, every categorical level) and Spearman
     rho (right, ordinal and continuous fields), coloured by field."""
     fig = Figure(figsize=(12, 4.8))
@@ -131,13 +166,22 @@ def volcano(assoc: pl.DataFrame, path: str | Path, *, alpha: float = 0.05, label
         ax = fig.add_subplot(1, 2, k + 1)
         d = assoc.filter(pl.col("stat") == stat)
         for (fld,), g in d.group_by("field", maintain_order=True):
-            ax.scatter(g["effect"].to_numpy(), _neglog10(g["q_value"].to_numpy()), s=6, alpha=0.5,
-                       color=_color(fld), label=fld, linewidths=0)
+            ax.scatter(
+                g["effect"].to_numpy(),
+                _neglog10(g["q_value"].to_numpy()),
+                s=6,
+                alpha=0.5,
+                color=_color(fld),
+                label=fld,
+                linewidths=0,
+            )
         ax.axhline(-np.log10(alpha), color="k", lw=0.8, ls="--")
         ax.axvline(center, color="k", lw=0.5)
-        top = (d.with_columns(pl.col("q_value").fill_null(1.0).alias("_q"),
-                              (pl.col("effect") - center).abs().alias("_e"))
-               .sort(["_q", "_e"], descending=[False, True]).head(label_top))
+        top = (
+            d.with_columns(pl.col("q_value").fill_null(1.0).alias("_q"), (pl.col("effect") - center).abs().alias("_e"))
+            .sort(["_q", "_e"], descending=[False, True])
+            .head(label_top)
+        )
         placed: list[tuple[float, float]] = []
         span = max(float(d["effect"].max() or 1) - float(d["effect"].min() or 0), 1e-9) if not d.is_empty() else 1.0
         ymax = float(_neglog10(d["q_value"].to_numpy()).max()) if not d.is_empty() else 1.0
@@ -146,16 +190,18 @@ def volcano(assoc: pl.DataFrame, path: str | Path, *, alpha: float = 0.05, label
                 continue
             xy = (r["effect"], _neglog10([r["q_value"]])[0])
             if any(abs(xy[0] - a) < 0.08 * span and abs(xy[1] - b) < 0.05 * max(ymax, 1e-9) for a, b in placed):
-                continue                                  # would overprint a label already placed
+                continue  # would overprint a label already placed
             placed.append(xy)
-            ax.annotate(f"f{r['feature']} {r['level'] or r['field']}", xy, fontsize=7, xytext=(3, 2),
-                        textcoords="offset points")
+            ax.annotate(
+                f"f{r['feature']} {r['level'] or r['field']}", xy, fontsize=7, xytext=(3, 2), textcoords="offset points"
+            )
         ax.set_xlabel(xlabel)
         ax.set_ylabel("-log10 q (BH)")
         if not d.is_empty():
             ax.legend(fontsize=7, markerscale=2, loc="upper left")
-        ax.set_title(f"{stat}: {len(d)} tests, {int((d['q_value'].fill_null(1) <= alpha).sum())} at q <= {alpha}",
-                     fontsize=9)
+        ax.set_title(
+            f"{stat}: {len(d)} tests, {int((d['q_value'].fill_null(1) <= alpha).sum())} at q <= {alpha}", fontsize=9
+        )
     fig.suptitle(f"{title} volcano".strip(), fontsize=10)
     return save_figure(fig, path)
 
@@ -163,11 +209,20 @@ def volcano(assoc: pl.DataFrame, path: str | Path, *, alpha: float = 0.05, label
 def layer_summary(assoc: pl.DataFrame, path: str | Path, *, alpha: float = 0.05) -> Path:
     """Per (SAE, layer) in the table: features with a significant test per field (log scale),
     and per categorical field the mean over its levels of the level's best AUROC."""
-    per = (assoc.filter(pl.col("q_value") <= alpha).group_by("sae", "layer", "field")
-           .agg(pl.col("feature").n_unique().alias("n")).sort("layer", "field"))
-    best = (assoc.filter((pl.col("stat") == "auroc")).group_by("sae", "layer", "field", "level")
-            .agg(pl.col("effect").max()).group_by("sae", "layer", "field")
-            .agg(pl.col("effect").mean().alias("best")).sort("layer"))
+    per = (
+        assoc.filter(pl.col("q_value") <= alpha)
+        .group_by("sae", "layer", "field")
+        .agg(pl.col("feature").n_unique().alias("n"))
+        .sort("layer", "field")
+    )
+    best = (
+        assoc.filter(pl.col("stat") == "auroc")
+        .group_by("sae", "layer", "field", "level")
+        .agg(pl.col("effect").max())
+        .group_by("sae", "layer", "field")
+        .agg(pl.col("effect").mean().alias("best"))
+        .sort("layer")
+    )
     fig = Figure(figsize=(11, 4.2))
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     keys = assoc.select("sae", "layer").unique().sort("layer", "sae").rows()
@@ -176,7 +231,9 @@ def layer_summary(assoc: pl.DataFrame, path: str | Path, *, alpha: float = 0.05)
     w = 0.8 / max(len(fields), 1)
     for j, fld in enumerate(fields):
         d = {(r["sae"], r["layer"]): r["n"] for r in per.filter(pl.col("field") == fld).iter_rows(named=True)}
-        ax1.bar(np.arange(len(keys)) + j * w - 0.4 + w / 2, [d.get(k, 0) for k in keys], w, label=fld, color=_color(fld))
+        ax1.bar(
+            np.arange(len(keys)) + j * w - 0.4 + w / 2, [d.get(k, 0) for k in keys], w, label=fld, color=_color(fld)
+        )
         b = {(r["sae"], r["layer"]): r["best"] for r in best.filter(pl.col("field") == fld).iter_rows(named=True)}
         if b:
             ax2.plot(range(len(keys)), [b.get(k, np.nan) for k in keys], "o-", label=fld, color=_color(fld))
@@ -215,8 +272,7 @@ def logit_lens_plot(table: pl.DataFrame, path: str | Path, *, title: str = "") -
     return save_figure(fig, path)
 
 
-def histogram(series: dict[str, Sequence[float]], path: str | Path, *, title: str, xlabel: str,
-              bins: int = 40) -> Path:
+def histogram(series: dict[str, Sequence[float]], path: str | Path, *, title: str, xlabel: str, bins: int = 40) -> Path:
     """Overlaid histograms, one per named series."""
     fig = Figure(figsize=(7, 3.6))
     ax = fig.add_subplot()
@@ -243,8 +299,14 @@ def bar(labels: Sequence[str], values: Sequence[float], path: str | Path, *, tit
     return save_figure(fig, path)
 
 
-def lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, *, title: str,
-          xlabel: str, ylabel: str) -> Path:
+def lines(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+) -> Path:
     """One line with markers per named (x, y) series."""
     fig = Figure(figsize=(7, 3.8))
     ax = fig.add_subplot()
@@ -258,21 +320,23 @@ def lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: str 
     return save_figure(fig, path)
 
 
-def bar_chart(path: Path, labels: list[str], values: list[float], title: str, unit: str,
-              limits: dict[str, float] | None = None) -> Path:
+def bar_chart(
+    path: Path, labels: list[str], values: list[float], title: str, unit: str, limits: dict[str, float] | None = None
+) -> Path:
     """Horizontal bars (one per method, value printed) with dashed lines at the hardware
     limits; a limit far beyond the bars is named in the legend instead of drawn."""
+
     def num(v: float) -> str:
         return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
-    fig = Figure(figsize=(8, 0.55 * len(labels) + 2.0))   # stand-alone, never pyplot
+    fig = Figure(figsize=(8, 0.55 * len(labels) + 2.0))  # stand-alone, never pyplot
     ax = fig.subplots()
     y = np.arange(len(labels))
     ax.barh(y, values, color="#4c72b0")
     ax.set_yticks(y, labels)
     ax.invert_yaxis()
     top = max(values, default=0.0)
-    for yi, v in zip(y, values):
+    for yi, v in zip(y, values, strict=False):
         ax.text(v, yi, " " + num(v), va="center", fontsize=8)
     for name, v in (limits or {}).items():
         if not v or not np.isfinite(v):
@@ -283,8 +347,13 @@ def bar_chart(path: Path, labels: list[str], values: list[float], title: str, un
         else:
             ax.plot([], [], linestyle="--", color=color, label=f"{name}: {num(v)} (off scale)")
     if limits:
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14 - 0.1 / max(1, len(labels))), ncol=2, fontsize=8,
-                  frameon=False)
+        ax.legend(
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.14 - 0.1 / max(1, len(labels))),
+            ncol=2,
+            fontsize=8,
+            frameon=False,
+        )
     ax.set_xlim(0, 1.15 * max([top] + [v for v in (limits or {}).values() if v and np.isfinite(v) and v <= 3 * top]))
     ax.set_xlabel(unit)
     ax.set_title(title, fontsize=10)

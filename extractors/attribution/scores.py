@@ -55,39 +55,59 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from store.core import Store, StoreError
 from store.catalog.subsets import TABLE as SUBSETS_TABLE
 from store.catalog.subsets import subset_table
+from store.core import Store, StoreError
 
 
 class AttributionResult(NamedTuple):
     run_id: str
-    rows: int                     # pool rows scored
+    rows: int  # pool rows scored
     query_rows: int
     seconds: float
-    rows_per_s: float             # pool rows / scoring-step seconds
-    steps: dict[str, float]       # seconds per bergson step
+    rows_per_s: float  # pool rows / scoring-step seconds
+    steps: dict[str, float]  # seconds per bergson step
     subset: str | None
     skipped: bool = False
 
 
-SCORES_SCHEMA = pa.schema([("run_id", pa.string()), ("row_id", pa.string()), ("score", pa.float64()),
-                           ("rank", pa.int64()), ("adapter", pa.string()), ("score_mode", pa.string()),
-                           ("preconditioning", pa.string()), ("projection_dim", pa.int32()),
-                           ("query_split", pa.string()), ("pool_split", pa.string())])
-PAIRS_SCHEMA = pa.schema([("run_id", pa.string()), ("row_id", pa.string()), ("query_row_id", pa.string()),
-                          ("score", pa.float64()), ("rank", pa.int64())])
+SCORES_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("row_id", pa.string()),
+        ("score", pa.float64()),
+        ("rank", pa.int64()),
+        ("adapter", pa.string()),
+        ("score_mode", pa.string()),
+        ("preconditioning", pa.string()),
+        ("projection_dim", pa.int32()),
+        ("query_split", pa.string()),
+        ("pool_split", pa.string()),
+    ]
+)
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("row_id", pa.string()),
+        ("query_row_id", pa.string()),
+        ("score", pa.float64()),
+        ("rank", pa.int64()),
+    ]
+)
 
 
 def check_options(cfg: Any) -> None:
     """ExtractConfig checks for --kinds attribution (called from its __post_init__)."""
     if set(cfg.kinds) != {"attribution"}:
-        raise ValueError("--kinds attribution runs alone (it scores rows, not tokens); run the other kinds "
-                         "in a separate command")
+        raise ValueError(
+            "--kinds attribution runs alone (it scores rows, not tokens); run the other kinds in a separate command"
+        )
     if not cfg.adapter:
-        raise ValueError("--kinds attribution needs --adapter (latest, a name from the adapters table, or a "
-                         "peft folder): gradients are taken w.r.t. its LoRA weights; train one with "
-                         "python -m trainers.finetune")
+        raise ValueError(
+            "--kinds attribution needs --adapter (latest, a name from the adapters table, or a "
+            "peft folder): gradients are taken w.r.t. its LoRA weights; train one with "
+            "python -m trainers.finetune"
+        )
     if cfg.projection_dim < 0:
         raise ValueError(f"--projection-dim must be >= 0 (0 = exact gradients), got {cfg.projection_dim}")
     if cfg.damping < 0:
@@ -113,10 +133,14 @@ def hf_dataset(data: Any, keep: list[int]) -> Any:
     (unshifted, -100 = no loss), length, and our row_id."""
     from datasets import Dataset
 
-    return Dataset.from_dict({"row_id": [data.row_ids[i] for i in keep],
-                              "input_ids": [data.input_ids[i] for i in keep],
-                              "labels": [data.labels[i] for i in keep],
-                              "length": [len(data.input_ids[i]) for i in keep]})
+    return Dataset.from_dict(
+        {
+            "row_id": [data.row_ids[i] for i in keep],
+            "input_ids": [data.input_ids[i] for i in keep],
+            "labels": [data.labels[i] for i in keep],
+            "length": [len(data.input_ids[i]) for i in keep],
+        }
+    )
 
 
 class Step:
@@ -142,9 +166,17 @@ def bergson_configs(cfg: Any, run_path: Path, model_path: str, token_batch: int)
     from bergson.config.config import DataConfig, IndexConfig
     from bergson.utils.worker_utils import processor_for
 
-    index_cfg = IndexConfig(run_path=str(run_path), model=model_path, precision="auto", projection_dim=cfg.projection_dim,
-                            projection_seed=cfg.projection_seed, loss_reduction=cfg.loss_reduction,
-                            token_batch_size=token_batch, drop_columns=False, data=DataConfig(dataset=""))
+    index_cfg = IndexConfig(
+        run_path=str(run_path),
+        model=model_path,
+        precision="auto",
+        projection_dim=cfg.projection_dim,
+        projection_seed=cfg.projection_seed,
+        loss_reduction=cfg.loss_reduction,
+        token_batch_size=token_batch,
+        drop_columns=False,
+        data=DataConfig(dataset=""),
+    )
     return index_cfg, processor_for(index_cfg)
 
 
@@ -180,7 +212,7 @@ def fwd_bwd(reduction: str) -> Any:
         losses = torch.zeros(len(x), device=x.device, dtype=torch.float32).index_add(0, rows, ce)
         if reduction == "mean":
             losses = losses / mask.sum(1).clamp_min(1)
-        with warnings.catch_warnings():   # the LoRA weights, not the hooked inputs, require grad
+        with warnings.catch_warnings():  # the LoRA weights, not the hooked inputs, require grad
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             losses.sum().backward()
         model.zero_grad()
@@ -193,8 +225,13 @@ def _computer(model: Any, ds: Any, index_cfg: Any, collector: Any, reduction: st
     from bergson.collector.collector import CollectorComputer
     from bergson.data import allocate_batches
 
-    computer = CollectorComputer(model=model, data=ds, collector=collector, cfg=index_cfg,
-                                 batches=allocate_batches(ds["length"][:], index_cfg.token_batch_size))
+    computer = CollectorComputer(
+        model=model,
+        data=ds,
+        collector=collector,
+        cfg=index_cfg,
+        batches=allocate_batches(ds["length"][:], index_cfg.token_batch_size),
+    )
     if _split_head_ok(model):
         computer.forward_backward = fwd_bwd(reduction)
     return computer
@@ -213,18 +250,35 @@ def _split_head_ok(model: Any) -> bool:
         return False
 
 
-def _collect(model: Any, ds: Any, index_cfg: Any, processor: Any, targets: set[str], *, scorer: Any = None,
-             preprocess: Any = None) -> None:
+def _collect(
+    model: Any,
+    ds: Any,
+    index_cfg: Any,
+    processor: Any,
+    targets: set[str],
+    *,
+    scorer: Any = None,
+    preprocess: Any = None,
+) -> None:
     """bergson.collection.collect_gradients, with our forward/backward (see fwd_bwd)."""
     from bergson.collector.gradient_collectors import GradientCollector
     from bergson.config.config import PreprocessConfig
 
     processor.save(index_cfg.partial_run_path)
-    collector = GradientCollector(model=model.base_model, cfg=index_cfg, processor=processor, target_modules=targets,
-                                  data=ds, scorer=scorer, preprocess_cfg=preprocess or PreprocessConfig(),
-                                  attention_cfgs={}, filter_modules=index_cfg.filter_modules)
+    collector = GradientCollector(
+        model=model.base_model,
+        cfg=index_cfg,
+        processor=processor,
+        target_modules=targets,
+        data=ds,
+        scorer=scorer,
+        preprocess_cfg=preprocess or PreprocessConfig(),
+        attention_cfgs={},
+        filter_modules=index_cfg.filter_modules,
+    )
     _computer(model, ds, index_cfg, collector, index_cfg.loss_reduction).run_with_collector_hooks(
-        desc="gradients" + (" + scores" if scorer is not None else ""))
+        desc="gradients" + (" + scores" if scorer is not None else "")
+    )
 
 
 def _fit_hessian(model: Any, ds: Any, index_cfg: Any, processor: Any, targets: set[str]) -> None:
@@ -241,13 +295,22 @@ def _fit_hessian(model: Any, ds: Any, index_cfg: Any, processor: Any, targets: s
             n = self.num_rows(self.data)
             self.processor.hessians = {k: (h / n).cpu() for k, h in self.processor.hessians.items()}
             assert set(self.processor.hessians) == set(self.shapes()) and all(
-                h.shape[0] == math.prod(self.shapes()[k]) for k, h in self.processor.hessians.items())
+                h.shape[0] == math.prod(self.shapes()[k]) for k, h in self.processor.hessians.items()
+            )
             self.processor.save(Path(self.path))
 
-    collector = Gram(model=model.base_model, data=ds, path=str(index_cfg.partial_run_path), processor=processor,
-                     target_modules=targets, attention_cfgs={}, filter_modules=None)
+    collector = Gram(
+        model=model.base_model,
+        data=ds,
+        path=str(index_cfg.partial_run_path),
+        processor=processor,
+        target_modules=targets,
+        attention_cfgs={},
+        filter_modules=None,
+    )
     _computer(model, ds, index_cfg, collector, index_cfg.loss_reduction).run_with_collector_hooks(
-        desc="autocorrelation Hessian")
+        desc="autocorrelation Hessian"
+    )
 
 
 def damped_solve(H: Any, g: Any, damping: float) -> Any:
@@ -262,8 +325,9 @@ def damped_solve(H: Any, g: Any, damping: float) -> Any:
     return torch.cholesky_solve(g.to(torch.float64).T, L).T.to(g.dtype)
 
 
-def make_scorer(path: Path, n_rows: int, query_path: Path, hessian_path: str | None, mode: str, damping: float,
-                device: Any) -> Any:
+def make_scorer(
+    path: Path, n_rows: int, query_path: Path, hessian_path: str | None, mode: str, damping: float, device: Any
+) -> Any:
     """bergson's Scorer over its query index, the query side preconditioned with `damped_solve`
     (what bergson.score.create_scorer does with a dense hessian_path, unit_normalize off)."""
     import torch
@@ -288,8 +352,12 @@ def read_scores(path: Path) -> np.ndarray:
     import json
 
     info = json.loads((path / "info.json").read_text())
-    mm = np.memmap(path / "scores.bin", dtype=np.dtype({k: info["dtype"][k] for k in info["dtype"]}), mode="r",
-                   shape=(info["num_rows"],))
+    mm = np.memmap(
+        path / "scores.bin",
+        dtype=np.dtype({k: info["dtype"][k] for k in info["dtype"]}),
+        mode="r",
+        shape=(info["num_rows"],),
+    )
     cols = [np.asarray(mm[f"score_{i}"], dtype=np.float64) for i in range(info["num_scores"])]
     if not all(np.all(mm[f"written_{i}"]) for i in range(info["num_scores"])):
         raise StoreError(f"bergson left unwritten scores in {path}; rerun the command")
@@ -312,8 +380,8 @@ def extract_attribution(store: Store, cfg: Any, lm: Any, layout: Any) -> Attribu
 
     from extractors.adapters import adapter_name, apply_adapter, resolve_adapter
     from extractors.sft_data import load_sft_rows, select_rows_by
-    from store.cli import config_dict
     from store.catalog.runs import Run
+    from store.cli import config_dict
 
     ref = resolve_adapter(store, cfg.adapter)
     if adapter_name(lm.model_id) is None:
@@ -325,21 +393,35 @@ def extract_attribution(store: Store, cfg: Any, lm: Any, layout: Any) -> Attribu
     q_keep = [i for i, n in enumerate(q.n_supervised) if n > 0]
     p_keep = [i for i, n in enumerate(p.n_supervised) if n > 0]
     if not q_keep:
-        raise StoreError(f"--query-split {cfg.query_split}: none of its {len(query_ids)} rows has a supervised "
-                         f"token, so there is no query gradient; pick a split with assistant completions")
+        raise StoreError(
+            f"--query-split {cfg.query_split}: none of its {len(query_ids)} rows has a supervised "
+            f"token, so there is no query gradient; pick a split with assistant completions"
+        )
     if not p_keep:
         raise StoreError(f"--pool-split {cfg.pool_split}: none of its {len(pool_ids)} rows has a supervised token")
     longest = max(len(x) for x in q.input_ids + p.input_ids)
     token_batch = max(cfg.batch_tokens or (32768 if lm.device.type == "cuda" else 4096), longest)
     model = lm.model
-    counts = {"pool_rows": len(p_keep), "query_rows": len(q_keep), "pool_tokens": sum(len(p.input_ids[i]) for i in p_keep),
-              "pool_rows_without_supervised_tokens": len(pool_ids) - len(p_keep),
-              "query_rows_without_supervised_tokens": len(query_ids) - len(q_keep)}
+    counts = {
+        "pool_rows": len(p_keep),
+        "query_rows": len(q_keep),
+        "pool_tokens": sum(len(p.input_ids[i]) for i in p_keep),
+        "pool_rows_without_supervised_tokens": len(pool_ids) - len(p_keep),
+        "query_rows_without_supervised_tokens": len(query_ids) - len(q_keep),
+    }
     if counts["pool_rows_without_supervised_tokens"]:
-        print(f"note: {counts['pool_rows_without_supervised_tokens']} pool rows have no supervised token and get "
-              f"no score (counted in the run record)")
-    record = {**config_dict(cfg), "adapter": ref.name, "adapter_path": ref.path, "tokenization": layout.tokenization,
-              "bergson": __import__("bergson").__version__, "token_batch_size": token_batch}
+        print(
+            f"note: {counts['pool_rows_without_supervised_tokens']} pool rows have no supervised token and get "
+            f"no score (counted in the run record)"
+        )
+    record = {
+        **config_dict(cfg),
+        "adapter": ref.name,
+        "adapter_path": ref.path,
+        "tokenization": layout.tokenization,
+        "bergson": __import__("bergson").__version__,
+        "token_batch_size": token_batch,
+    }
     with Run(store, "attribution", record, model_id=lm.model_id, model_hash=lm.model_hash) as run:
         root = run.dir / "bergson"
         root.mkdir(parents=True, exist_ok=True)
@@ -357,8 +439,9 @@ def extract_attribution(store: Store, cfg: Any, lm: Any, layout: Any) -> Attribu
                 with step as part:
                     index_cfg, processor = bergson_configs(cfg, root / "hessian", ref.path, token_batch)
                     index_cfg.data.dataset = str(root / f"{on}_data.hf")
-                    save_run_config(Hessian(HessianConfig(method="autocorrelation", use_dataset_labels=True),
-                                            index_cfg), part)
+                    save_run_config(
+                        Hessian(HessianConfig(method="autocorrelation", use_dataset_labels=True), index_cfg), part
+                    )
                     _fit_hessian(model, ds_h, index_cfg, processor, targets)
                 steps["hessian"], hessian_path = step.seconds, str(step.path)
             step = Step(root / "query")
@@ -373,12 +456,18 @@ def extract_attribution(store: Store, cfg: Any, lm: Any, layout: Any) -> Attribu
             with step as part:
                 index_cfg, processor = bergson_configs(cfg, root / "scores", ref.path, token_batch)
                 index_cfg.data.dataset = str(root / "pool_data.hf")
-                score_cfg = ScoreConfig(query_path=str(root / "query"), precision="fp32",
-                                        score="nearest" if cfg.score_mode == "nearest" else "individual")
-                pre = PreprocessConfig(hessian_path=hessian_path, inversion_cfg=InversionConfig(damping_factor=cfg.damping))
+                score_cfg = ScoreConfig(
+                    query_path=str(root / "query"),
+                    precision="fp32",
+                    score="nearest" if cfg.score_mode == "nearest" else "individual",
+                )
+                pre = PreprocessConfig(
+                    hessian_path=hessian_path, inversion_cfg=InversionConfig(damping_factor=cfg.damping)
+                )
                 save_run_config(Score(index_cfg=index_cfg, score_cfg=score_cfg, preprocess_cfg=pre), part)
-                scorer = make_scorer(part, len(ds_p), root / "query", hessian_path, cfg.score_mode, cfg.damping,
-                                     lm.device)
+                scorer = make_scorer(
+                    part, len(ds_p), root / "query", hessian_path, cfg.score_mode, cfg.damping, lm.device
+                )
                 _collect(model, ds_p, index_cfg, processor, targets, scorer=scorer)
                 scorer.writer.flush()
             steps["scores"] = step.seconds
@@ -389,38 +478,80 @@ def extract_attribution(store: Store, cfg: Any, lm: Any, layout: Any) -> Attribu
         rows = [p.row_ids[i] for i in p_keep]
         score = S.mean(axis=1) if cfg.score_mode == "individual" else S[:, 0]
         if not np.all(np.isfinite(score)):
-            raise StoreError(f"bergson returned {int((~np.isfinite(score)).sum())} non-finite scores; try "
-                             f"--loss-reduction mean and a larger --damping")
+            raise StoreError(
+                f"bergson returned {int((~np.isfinite(score)).sum())} non-finite scores; try "
+                f"--loss-reduction mean and a larger --damping"
+            )
         rank = ranks_of(score)
         n = len(rows)
         if cfg.score_mode == "individual":
             qrows = [q.row_ids[i] for i in q_keep]
-            store.write_table("attribution_pairs", pa.table({
-                "run_id": [run.run_id] * (n * len(qrows)), "row_id": [r for r in rows for _ in qrows],
-                "query_row_id": qrows * n, "score": S.reshape(-1),
-                "rank": np.stack([ranks_of(S[:, j]) for j in range(len(qrows))], axis=1).reshape(-1)},
-                schema=PAIRS_SCHEMA), part=run.run_id)
+            store.write_table(
+                "attribution_pairs",
+                pa.table(
+                    {
+                        "run_id": [run.run_id] * (n * len(qrows)),
+                        "row_id": [r for r in rows for _ in qrows],
+                        "query_row_id": qrows * n,
+                        "score": S.reshape(-1),
+                        "rank": np.stack([ranks_of(S[:, j]) for j in range(len(qrows))], axis=1).reshape(-1),
+                    },
+                    schema=PAIRS_SCHEMA,
+                ),
+                part=run.run_id,
+            )
         subset = None
         if cfg.subset_k:
             subset = f"attr-top{cfg.subset_k}-{run.run_id}"
             top = np.argsort(rank)[: cfg.subset_k]
             # The name, rows and ranks `python -m trainers.subsets --from attribution:<run> --k K` writes.
-            store.write_table(SUBSETS_TABLE, subset_table(
-                subset, [rows[i] for i in top], rank[top], score[top], source=f"attribution:{run.run_id}",
-                kind="top_k", seed=None, run_id=run.run_id,
-                method=f"top {cfg.subset_k} of attribution:{run.run_id} ({cfg.score_mode}/{cfg.preconditioning}/"
-                       f"{cfg.projection_dim}), pool {cfg.pool_split}"), part=subset)
-        store.write_table("attribution_scores", pa.table({
-            "run_id": [run.run_id] * n, "row_id": rows, "score": score, "rank": rank,
-            "adapter": [ref.name] * n, "score_mode": [cfg.score_mode] * n,
-            "preconditioning": [cfg.preconditioning] * n, "projection_dim": [cfg.projection_dim] * n,
-            "query_split": [cfg.query_split] * n, "pool_split": [cfg.pool_split] * n}, schema=SCORES_SCHEMA),
-            part=run.run_id)
+            store.write_table(
+                SUBSETS_TABLE,
+                subset_table(
+                    subset,
+                    [rows[i] for i in top],
+                    rank[top],
+                    score[top],
+                    source=f"attribution:{run.run_id}",
+                    kind="top_k",
+                    seed=None,
+                    run_id=run.run_id,
+                    method=f"top {cfg.subset_k} of attribution:{run.run_id} ({cfg.score_mode}/{cfg.preconditioning}/"
+                    f"{cfg.projection_dim}), pool {cfg.pool_split}",
+                ),
+                part=subset,
+            )
+        store.write_table(
+            "attribution_scores",
+            pa.table(
+                {
+                    "run_id": [run.run_id] * n,
+                    "row_id": rows,
+                    "score": score,
+                    "rank": rank,
+                    "adapter": [ref.name] * n,
+                    "score_mode": [cfg.score_mode] * n,
+                    "preconditioning": [cfg.preconditioning] * n,
+                    "projection_dim": [cfg.projection_dim] * n,
+                    "query_split": [cfg.query_split] * n,
+                    "pool_split": [cfg.pool_split] * n,
+                },
+                schema=SCORES_SCHEMA,
+            ),
+            part=run.run_id,
+        )
         seconds = sum(steps.values())
-        metrics = {"step_seconds": steps, "pool_rows_per_s": n / steps["scores"] if steps["scores"] else 0.0,
-                   "score_mean": float(score.mean()), "score_std": float(score.std()), "subset": subset}
+        metrics = {
+            "step_seconds": steps,
+            "pool_rows_per_s": n / steps["scores"] if steps["scores"] else 0.0,
+            "score_mean": float(score.mean()),
+            "score_std": float(score.std()),
+            "subset": subset,
+        }
         run.finish(counts=counts, metrics=metrics)
-    print(f"attribution: {n} pool rows x {len(q_keep)} query rows ({cfg.score_mode} / {cfg.preconditioning} / "
-          f"{cfg.projection_dim}) in {seconds:.1f} s ({metrics['pool_rows_per_s']:.2f} pool rows/s); run {run.run_id}"
-          + (f"; subset {subset}" if subset else ""))
+    print(
+        f"attribution: {n} pool rows x {len(q_keep)} query rows ({cfg.score_mode} / {cfg.preconditioning} / "
+        f"{cfg.projection_dim}) in {seconds:.1f} s ({metrics['pool_rows_per_s']:.2f} pool rows/s); run {run.run_id}"
+        + (f"; subset {subset}" if subset else "")
+    )
     return AttributionResult(run.run_id, n, len(q_keep), seconds, metrics["pool_rows_per_s"], steps, subset)

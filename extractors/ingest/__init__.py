@@ -14,9 +14,17 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "IngestConfig": "pipeline", "run_ingest": "pipeline", "summary": "pipeline",
-    "ingest": "steps", "IngestError": "steps", "IngestResult": "steps", "SPLITS": "steps",
-    "load_source": "sources", "Source": "sources", "SourceError": "sources", "SchemaError": "sources",
+    "IngestConfig": "pipeline",
+    "run_ingest": "pipeline",
+    "summary": "pipeline",
+    "ingest": "steps",
+    "IngestError": "steps",
+    "IngestResult": "steps",
+    "SPLITS": "steps",
+    "load_source": "sources",
+    "Source": "sources",
+    "SourceError": "sources",
+    "SchemaError": "sources",
     "METADATA_COLUMNS": "sources",
     "generate_sample": "sample",
 }

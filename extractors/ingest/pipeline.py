@@ -22,27 +22,55 @@ class IngestConfig:
     """Ingest a SmolTalk-schema dataset into the store (rows, splits, quarantine, manifest)."""
 
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder (created if missing)"})
-    source: str = field(default="embedded", metadata={"help": "'embedded' (the generated sample), a local "
-                        ".parquet/.jsonl file or folder, a datasets save_to_disk folder, or a Hub id"})
-    config: str | None = field(default=None, metadata={"help": "Hub dataset config, e.g. smol-magpie-ultra "
-                               "(the default for HuggingFaceTB/smoltalk)"})
+    source: str = field(
+        default="embedded",
+        metadata={
+            "help": "'embedded' (the generated sample), a local "
+            ".parquet/.jsonl file or folder, a datasets save_to_disk folder, or a Hub id"
+        },
+    )
+    config: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset config, e.g. smol-magpie-ultra (the default for HuggingFaceTB/smoltalk)"},
+    )
     revision: str | None = field(default=None, metadata={"help": "Hub dataset revision"})
     seed: int = field(default=0, metadata={"help": "seed of the stratified split sampling"})
-    train_base: int | None = field(default=None, metadata={"help": "train_base rows, from the source's train "
-                                   "split (default 600 for the embedded sample, 8000 otherwise)"})
-    attr_query: int | None = field(default=None, metadata={"help": "attr_query rows, from the test split "
-                                   "(default 100 embedded, 500 otherwise)"})
-    eval: int | None = field(default=None, metadata={"help": "eval rows, from the test split, disjoint from "
-                             "attr_query (default 100 embedded, 500 otherwise)"})
-    max_conversation_tokens: int = field(default=2000, metadata={"help": "rows whose rendered conversation has "
-                                         "more tokens are quarantined (over_token_cap)"})
-    model: str = field(default="embedded", metadata={"help": "model whose tokenizer counts tokens: 'embedded' "
-                       "(SmolLM2-135M-Instruct), a Hub id or a local folder"})
+    train_base: int | None = field(
+        default=None,
+        metadata={
+            "help": "train_base rows, from the source's train "
+            "split (default 600 for the embedded sample, 8000 otherwise)"
+        },
+    )
+    attr_query: int | None = field(
+        default=None, metadata={"help": "attr_query rows, from the test split (default 100 embedded, 500 otherwise)"}
+    )
+    eval: int | None = field(
+        default=None,
+        metadata={
+            "help": "eval rows, from the test split, disjoint from attr_query (default 100 embedded, 500 otherwise)"
+        },
+    )
+    max_conversation_tokens: int = field(
+        default=2000,
+        metadata={"help": "rows whose rendered conversation has more tokens are quarantined (over_token_cap)"},
+    )
+    model: str = field(
+        default="embedded",
+        metadata={
+            "help": "model whose tokenizer counts tokens: 'embedded' "
+            "(SmolLM2-135M-Instruct), a Hub id or a local folder"
+        },
+    )
     sample_seed: int = field(default=0, metadata={"help": "seed of the embedded sample generator"})
     sample_train: int = field(default=1000, metadata={"help": "clean train conversations the embedded sample has"})
     sample_test: int = field(default=250, metadata={"help": "clean test conversations the embedded sample has"})
-    batch_rows: int = field(default=10_000, metadata={"help": "rows written per batch (memory holds one batch "
-                            "of full rows, plus ~100 bytes per source row)"})
+    batch_rows: int = field(
+        default=10_000,
+        metadata={
+            "help": "rows written per batch (memory holds one batch of full rows, plus ~100 bytes per source row)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.max_conversation_tokens <= 0:
@@ -63,12 +91,26 @@ def run_ingest(cfg: IngestConfig, progress: bool = True) -> IngestResult:
     tok = load_tokenizer(cfg.model)
     # A second process ingesting into the same store waits for the first, then finds it done.
     with claims.exclusive(store, "setup", "ingest"), scratch(store, "ingest-source") as spill:
-        source = load_source(cfg.source, cfg.config, cfg.revision, sample_seed=cfg.sample_seed,
-                             sample_train=cfg.sample_train, sample_test=cfg.sample_test, scratch=spill)
-        return ingest(store, source, tok, tokenizer_id=cfg.model, seed=cfg.seed,
-                      sizes={"train_base": cfg.train_base, "attr_query": cfg.attr_query, "eval": cfg.eval},
-                      max_conversation_tokens=cfg.max_conversation_tokens, progress=progress,
-                      batch_rows=cfg.batch_rows)
+        source = load_source(
+            cfg.source,
+            cfg.config,
+            cfg.revision,
+            sample_seed=cfg.sample_seed,
+            sample_train=cfg.sample_train,
+            sample_test=cfg.sample_test,
+            scratch=spill,
+        )
+        return ingest(
+            store,
+            source,
+            tok,
+            tokenizer_id=cfg.model,
+            seed=cfg.seed,
+            sizes={"train_base": cfg.train_base, "attr_query": cfg.attr_query, "eval": cfg.eval},
+            max_conversation_tokens=cfg.max_conversation_tokens,
+            progress=progress,
+            batch_rows=cfg.batch_rows,
+        )
 
 
 def summary(result: IngestResult) -> str:

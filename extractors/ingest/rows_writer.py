@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from store.core import Store
 from store.scratch import scratch
 
-RowBuilder = Callable[[str, str, int, dict, Any], dict]   # (split, source split, index, record, kept) -> row
+RowBuilder = Callable[[str, str, int, dict, Any], dict]  # (split, source split, index, record, kept) -> row
 
 # rows per row group of a spooled batch file and per read of one: the merge holds this many
 # rows of each file (a reader decompresses a whole row group; with one group per file the merge
@@ -50,8 +50,9 @@ def source_split_order(source_splits: Iterable[str]) -> list[str]:
     return sorted(source_splits, key=lambda s: (s != "train", s))
 
 
-def chosen_rows(source_splits: dict[str, Iterable[dict]], chosen: dict[str, list[Any]],
-                make_row: RowBuilder) -> Iterator[dict]:
+def chosen_rows(
+    source_splits: dict[str, Iterable[dict]], chosen: dict[str, list[Any]], make_row: RowBuilder
+) -> Iterator[dict]:
     """The full row of every chosen record (a `Kept` in `chosen`), in source order, with its split."""
     by_split: dict[str, dict[int, tuple[str, Any]]] = {}
     for split, ks in chosen.items():
@@ -67,8 +68,16 @@ def chosen_rows(source_splits: dict[str, Iterable[dict]], chosen: dict[str, list
                 yield make_row(hit[0], ssplit, idx, rec, hit[1])
 
 
-def write_rows_table(store: Store, source_splits: dict[str, Iterable[dict]], chosen: dict[str, list[Any]],
-                     batch_rows: int, *, schema: pa.Schema, splits: tuple[str, ...], make_row: RowBuilder) -> list[str]:
+def write_rows_table(
+    store: Store,
+    source_splits: dict[str, Iterable[dict]],
+    chosen: dict[str, list[Any]],
+    batch_rows: int,
+    *,
+    schema: pa.Schema,
+    splits: tuple[str, ...],
+    make_row: RowBuilder,
+) -> list[str]:
     """Write `rows` (see the module docstring); returns the names of the extra columns."""
     if batch_rows <= 0:
         raise ValueError(f"batch_rows must be positive, got {batch_rows}")
@@ -82,7 +91,7 @@ def write_rows_table(store: Store, source_splits: dict[str, Iterable[dict]], cho
                 yield order_key(r), r
 
     fixed = set(schema.names)
-    samples: dict[str, dict[type, Any]] = {}      # extra column -> {python type: one value}
+    samples: dict[str, dict[type, Any]] = {}  # extra column -> {python type: one value}
     with scratch(store, "ingest-rows") as tmp:
         spooled: list[Path] = []
         batch: list[dict] = []
@@ -90,8 +99,11 @@ def write_rows_table(store: Store, source_splits: dict[str, Iterable[dict]], cho
         def spool() -> None:
             batch.sort(key=order_key)
             path = Path(tmp) / f"{len(spooled):05d}.parquet"
-            pq.write_table(_table(batch, schema, dict.fromkeys(sorted(set().union(*batch) - fixed))), path,
-                           row_group_size=MERGE_ROWS)
+            pq.write_table(
+                _table(batch, schema, dict.fromkeys(sorted(set().union(*batch) - fixed))),
+                path,
+                row_group_size=MERGE_ROWS,
+            )
             spooled.append(path)
             batch.clear()
 
@@ -108,7 +120,7 @@ def write_rows_table(store: Store, source_splits: dict[str, Iterable[dict]], cho
         extras = sorted(samples)
         types = {k: pa.array(list(samples[k].values())).type if samples[k] else pa.null() for k in extras}
         written: set[Path] = set()
-        if not spooled:                      # one batch: one file, as the in-memory ingest wrote it
+        if not spooled:  # one batch: one file, as the in-memory ingest wrote it
             batch.sort(key=order_key)
             written.add(store.write_table("rows", _table(batch, schema, dict.fromkeys(extras))))
         else:
@@ -118,11 +130,13 @@ def write_rows_table(store: Store, source_splits: dict[str, Iterable[dict]], cho
             for _, r in heapq.merge(*(read_sorted(p) for p in spooled), key=lambda kr: kr[0]):
                 out.append(r)
                 if len(out) >= batch_rows:
-                    written.add(store.write_table("rows", _table(out, schema, types), part=f"part-0-{len(written):05d}"))
+                    written.add(
+                        store.write_table("rows", _table(out, schema, types), part=f"part-0-{len(written):05d}")
+                    )
                     out = []
             if out:
                 written.add(store.write_table("rows", _table(out, schema, types), part=f"part-0-{len(written):05d}"))
-    for f in store.table_files("rows"):      # parts an earlier, unfinished ingest left
+    for f in store.table_files("rows"):  # parts an earlier, unfinished ingest left
         if f not in written:
             f.unlink()
     return extras

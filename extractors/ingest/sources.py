@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 REQUIRED_COLUMNS = ("messages", "category", "difficulty", "quality", "reward_model_score", "conversation_tokens")
 METADATA_COLUMNS = REQUIRED_COLUMNS[1:]
@@ -41,8 +42,8 @@ class Source(NamedTuple):
     config: str | None
     revision: str | None
     content_hash: str
-    splits: dict[str, Iterable[dict[str, Any]]]   # lists, or SpooledRecords (both have len())
-    origin: dict[str, str]   # split -> file or hub address, for error messages
+    splits: dict[str, Iterable[dict[str, Any]]]  # lists, or SpooledRecords (both have len())
+    origin: dict[str, str]  # split -> file or hub address, for error messages
 
 
 class SpooledRecords:
@@ -124,8 +125,10 @@ def _read_file(path: Path) -> list[dict]:
         try:
             table = pq.read_table(path)
         except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError, ...: the file as a whole is unreadable
-            raise SourceError(f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e)[:200]}); "
-                              "re-download or re-export it, or remove it from the source folder") from e
+            raise SourceError(
+                f"{path}: not a readable Parquet file ({type(e).__name__}: {str(e)[:200]}); "
+                "re-download or re-export it, or remove it from the source folder"
+            ) from e
         check_schema(table.column_names, str(path))
         return table.to_pylist()
     if path.suffix in (".jsonl", ".json"):
@@ -134,8 +137,10 @@ def _read_file(path: Path) -> list[dict]:
             try:
                 recs = json.loads(data.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise SourceError(f"{path}: not a readable JSON array ({e}); fix the file, or store one "
-                                  "record per line as .jsonl (unreadable lines are then quarantined)") from e
+                raise SourceError(
+                    f"{path}: not a readable JSON array ({e}); fix the file, or store one "
+                    "record per line as .jsonl (unreadable lines are then quarantined)"
+                ) from e
             if not all(isinstance(r, dict) for r in recs):
                 raise SourceError(f"{path}: a JSON array of records must hold objects only")
         else:
@@ -176,18 +181,32 @@ def _missing_path(spec: str, path: Path) -> SourceError:
     return SourceError(
         f"--source {spec!r}: no such file or folder: {where} does not exist. Check the path "
         "(a .parquet/.jsonl/.json file, a folder of them, or a save_to_disk folder), "
-        "or pass a Hub id like HuggingFaceTB/smoltalk, or --source embedded for the built-in sample")
+        "or pass a Hub id like HuggingFaceTB/smoltalk, or --source embedded for the built-in sample"
+    )
 
 
-def load_source(spec: str, config: str | None = None, revision: str | None = None, *,
-                sample_seed: int = 0, sample_train: int = 1000, sample_test: int = 250,
-                scratch: Path | None = None) -> Source:
+def load_source(
+    spec: str,
+    config: str | None = None,
+    revision: str | None = None,
+    *,
+    sample_seed: int = 0,
+    sample_train: int = 1000,
+    sample_test: int = 250,
+    scratch: Path | None = None,
+) -> Source:
     """Load every split of `spec` (see the module doc for what it may name) into memory (the
     embedded sample: spooled to files in `scratch`, which must outlive the Source)."""
     if spec == EMBEDDED:
         splits = _spool_sample(sample_seed, sample_train, sample_test, scratch)
-        return Source("embedded:smoltalk-sample", f"seed={sample_seed},train={sample_train},test={sample_test}",
-                      None, _hash_records(splits), splits, {s: f"embedded sample [{s}]" for s in splits})
+        return Source(
+            "embedded:smoltalk-sample",
+            f"seed={sample_seed},train={sample_train},test={sample_test}",
+            None,
+            _hash_records(splits),
+            splits,
+            {s: f"embedded sample [{s}]" for s in splits},
+        )
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
@@ -195,10 +214,14 @@ def load_source(spec: str, config: str | None = None, revision: str | None = Non
 
             splits = _from_datasets(load_from_disk(str(path)), str(path))
             files = sorted(p for p in path.rglob("*") if p.is_file())
-            return Source(str(path.resolve()), config, revision, _hash_files(files), splits,
-                          {s: str(path) for s in splits})
-        files = [path] if path.is_file() else sorted(
-            p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
+            return Source(
+                str(path.resolve()), config, revision, _hash_files(files), splits, {s: str(path) for s in splits}
+            )
+        files = (
+            [path]
+            if path.is_file()
+            else sorted(p for p in path.rglob("*") if p.suffix in (".parquet", ".jsonl", ".json"))
+        )
         if not files:
             raise SchemaError(f"{path}: no .parquet, .jsonl or .json files in this folder")
         splits: dict[str, list[dict]] = {}

@@ -31,9 +31,10 @@ import hashlib
 import json
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Iterable, NamedTuple
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -45,14 +46,25 @@ from store.core import Store, StoreError
 SPLITS = ("train_base", "attr_query", "eval")
 ROLES = ("system", "user", "assistant")
 _MSG = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-ROWS_SCHEMA = pa.schema([
-    ("row_id", pa.string()), ("split", pa.string()), ("source_split", pa.string()),
-    ("source_index", pa.int64()), ("group_id", pa.string()), ("prompt", _MSG),
-    ("completion", pa.string()), ("messages", _MSG), ("n_turns", pa.int32()),
-    ("category", pa.string()), ("difficulty", pa.string()), ("quality", pa.string()),
-    ("reward_model_score", pa.float64()), ("conversation_tokens", pa.int64()),
-    ("n_tokens", pa.int32()),
-])
+ROWS_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("split", pa.string()),
+        ("source_split", pa.string()),
+        ("source_index", pa.int64()),
+        ("group_id", pa.string()),
+        ("prompt", _MSG),
+        ("completion", pa.string()),
+        ("messages", _MSG),
+        ("n_turns", pa.int32()),
+        ("category", pa.string()),
+        ("difficulty", pa.string()),
+        ("quality", pa.string()),
+        ("reward_model_score", pa.float64()),
+        ("conversation_tokens", pa.int64()),
+        ("n_tokens", pa.int32()),
+    ]
+)
 EMBEDDED_SIZES = {"train_base": 600, "attr_query": 100, "eval": 100}
 SMOLTALK_SIZES = {"train_base": 8000, "attr_query": 500, "eval": 500}
 
@@ -82,6 +94,7 @@ class IngestResult:
 class Kept(NamedTuple):
     """A row that passed step 1, as compact as split assignment needs (the full row is
     rebuilt from the source when it is written: see extractors.ingest.rows_writer)."""
+
     row_id: str
     category: str | None
     source_split: str
@@ -91,15 +104,17 @@ class Kept(NamedTuple):
 
 class Flattened(NamedTuple):
     """What `flatten_and_quarantine` keeps and rejects."""
-    kept: dict[str, list[Kept]]       # source split -> kept rows, in source order
+
+    kept: dict[str, list[Kept]]  # source split -> kept rows, in source order
     quarantine: list[Quarantined]
-    stats: dict[str, Any]             # the manifest's filter_stats
+    stats: dict[str, Any]  # the manifest's filter_stats
 
 
 class Assigned(NamedTuple):
     """What `assign_splits` chose."""
-    chosen: dict[str, list[Kept]]     # split -> rows
-    test_note: str                    # where attr_query and eval came from, for the manifest
+
+    chosen: dict[str, list[Kept]]  # split -> rows
+    test_note: str  # where attr_query and eval came from, for the manifest
 
 
 def conversation_key(messages: list[dict]) -> str:
@@ -130,14 +145,17 @@ def flatten(rec: dict[str, Any]) -> tuple[str, str] | dict[str, Any]:
     if not any(m["role"] == "user" and m["content"].strip() for m in msgs[:-1]):
         return "empty_prompt", "no non-empty user turn before the final assistant turn"
     messages = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    return {"messages": messages, "prompt": messages[:-1], "completion": messages[-1]["content"],
-            "n_turns": len(messages)}
+    return {
+        "messages": messages,
+        "prompt": messages[:-1],
+        "completion": messages[-1]["content"],
+        "n_turns": len(messages),
+    }
 
 
 def _scalar_extras(rec: dict[str, Any]) -> dict[str, Any]:
     known = {"messages", *METADATA_COLUMNS}
-    return {k: v for k, v in rec.items()
-            if k not in known and (v is None or isinstance(v, (str, int, float, bool)))}
+    return {k: v for k, v in rec.items() if k not in known and (v is None or isinstance(v, (str, int, float, bool)))}
 
 
 def stratified_take(rows: list[Kept], n: int, seed: int, label: str) -> list[Kept]:
@@ -164,12 +182,22 @@ def _sizes_for(source: Source, requested: dict[str, int | None]) -> dict[str, in
     return {s: requested.get(s) if requested.get(s) is not None else base[s] for s in SPLITS}
 
 
-def ingest_id_for(source: Source, want: dict[str, int], *, seed: int, max_conversation_tokens: int,
-                  tokenizer_id: str) -> str:
+def ingest_id_for(
+    source: Source, want: dict[str, int], *, seed: int, max_conversation_tokens: int, tokenizer_id: str
+) -> str:
     """The ingest's identity: a hash of the source content and every setting that shapes the rows."""
-    ident = json.dumps({"source": source.name, "config": source.config, "hash": source.content_hash,
-                        "seed": seed, "sizes": want, "cap": max_conversation_tokens,
-                        "tokenizer": tokenizer_id}, sort_keys=True)
+    ident = json.dumps(
+        {
+            "source": source.name,
+            "config": source.config,
+            "hash": source.content_hash,
+            "seed": seed,
+            "sizes": want,
+            "cap": max_conversation_tokens,
+            "tokenizer": tokenizer_id,
+        },
+        sort_keys=True,
+    )
     return "ingest-" + hashlib.sha256(ident.encode()).hexdigest()[:12]
 
 
@@ -184,7 +212,8 @@ def existing_ingest(store: Store, ingest_id: str) -> IngestResult | None:
     if have:
         raise StoreError(
             f"{store.root} already holds rows of {have[0]['ingest_id']} from another source or "
-            f"split config; ingest into a new --store (this one is {ingest_id})")
+            f"split config; ingest into a new --store (this one is {ingest_id})"
+        )
     return None
 
 
@@ -193,8 +222,9 @@ def conversation_digest(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=16).digest()
 
 
-def flatten_and_quarantine(source_splits: dict[str, Iterable[dict]], tokenizer: Any, *,
-                           max_conversation_tokens: int, progress: bool = True) -> Flattened:
+def flatten_and_quarantine(
+    source_splits: dict[str, Iterable[dict]], tokenizer: Any, *, max_conversation_tokens: int, progress: bool = True
+) -> Flattened:
     """Step 1: flatten every record, quarantining malformed ones, repeats and those over the token cap.
 
     Splits are visited train first, then the others by name, so the first copy of a repeated
@@ -225,32 +255,44 @@ def flatten_and_quarantine(source_splits: dict[str, Iterable[dict]], tokenizer: 
                 quarantine.append(Quarantined(ssplit, idx, flat[0], flat[1], rec))
                 continue
             after_flatten[ssplit] += 1
-            ckey = conversation_key(flat["messages"])      # serialised once: the digest and the row id
+            ckey = conversation_key(flat["messages"])  # serialised once: the digest and the row id
             key = conversation_digest(ckey)
             if key in seen:
-                quarantine.append(Quarantined(ssplit, idx, "duplicate_conversation",
-                                              f"same messages as row {make_row_id(ckey)}", rec))
+                quarantine.append(
+                    Quarantined(ssplit, idx, "duplicate_conversation", f"same messages as row {make_row_id(ckey)}", rec)
+                )
                 continue
             seen.add(key)
             after_dedup[ssplit] += 1
             n_tok = count_tokens(tokenizer, flat["messages"])
             if n_tok > max_conversation_tokens:
-                quarantine.append(Quarantined(ssplit, idx, "over_token_cap",
-                                              f"{n_tok} tokens > max_conversation_tokens {max_conversation_tokens}", rec))
+                quarantine.append(
+                    Quarantined(
+                        ssplit,
+                        idx,
+                        "over_token_cap",
+                        f"{n_tok} tokens > max_conversation_tokens {max_conversation_tokens}",
+                        rec,
+                    )
+                )
                 continue
             after_cap[ssplit] += 1
             kept.setdefault(ssplit, []).append(Kept(make_row_id(ckey), rec.get("category"), ssplit, idx, n_tok))
     bar.close()
-    stats.update(coerced=dict(sorted(coerced.items())), after_flatten=dict(after_flatten), after_dedup=dict(after_dedup),
-                 after_token_cap=dict(after_cap),
-                 quarantined=dict(sorted(Counter(q.reason for q in quarantine).items())),
-                 quarantined_by_split={s: dict(Counter(q.reason for q in quarantine if q.source_split == s))
-                                       for s in split_order})
+    stats.update(
+        coerced=dict(sorted(coerced.items())),
+        after_flatten=dict(after_flatten),
+        after_dedup=dict(after_dedup),
+        after_token_cap=dict(after_cap),
+        quarantined=dict(sorted(Counter(q.reason for q in quarantine).items())),
+        quarantined_by_split={
+            s: dict(Counter(q.reason for q in quarantine if q.source_split == s)) for s in split_order
+        },
+    )
     return Flattened(kept, quarantine, stats)
 
 
-def assign_splits(kept: dict[str, list[dict]], want: dict[str, int], *, seed: int,
-                  source_has_test: bool) -> Assigned:
+def assign_splits(kept: dict[str, list[dict]], want: dict[str, int], *, seed: int, source_has_test: bool) -> Assigned:
     """Step 2: sample train_base from train and disjoint attr_query, eval from test (see module doc).
 
     Without a test split in the source, attr_query + eval rows are first carved from train.
@@ -260,8 +302,10 @@ def assign_splits(kept: dict[str, list[dict]], want: dict[str, int], *, seed: in
     if not source_has_test:
         carved = want["attr_query"] + want["eval"]
         if len(train) < carved:
-            raise IngestError(f"the source has no test split and only {len(train)} usable train rows; "
-                              f"cannot carve {carved} rows for attr_query + eval")
+            raise IngestError(
+                f"the source has no test split and only {len(train)} usable train rows; "
+                f"cannot carve {carved} rows for attr_query + eval"
+            )
         test = stratified_take(train, carved, seed, "carve_test")
         taken = {r.row_id for r in test}
         train = [r for r in train if r.row_id not in taken]
@@ -271,8 +315,10 @@ def assign_splits(kept: dict[str, list[dict]], want: dict[str, int], *, seed: in
 
     def take(pool: list[dict], split: str, where: str) -> list[dict]:
         if want[split] > len(pool):
-            raise IngestError(f"{split}: {want[split]} rows requested but the source's {where} split has only "
-                              f"{len(pool)} usable rows after quarantine; pass --{split.replace('_', '-')} <= {len(pool)}")
+            raise IngestError(
+                f"{split}: {want[split]} rows requested but the source's {where} split has only "
+                f"{len(pool)} usable rows after quarantine; pass --{split.replace('_', '-')} <= {len(pool)}"
+            )
         return stratified_take(pool, want[split], seed, split)
 
     chosen = {"train_base": take(train, "train_base", "train")}
@@ -289,7 +335,7 @@ def check_splits(chosen: dict[str, list[Kept]]) -> None:
     written: `check_row`.)"""
     ids = {s: {r.row_id for r in v} for s, v in chosen.items()}
     for i, a in enumerate(SPLITS):
-        for b in SPLITS[i + 1:]:
+        for b in SPLITS[i + 1 :]:
             both = ids[a] & ids[b]
             if both:
                 raise IngestError(f"splits {a} and {b} share {len(both)} row_ids, e.g. {sorted(both)[0]}")
@@ -314,74 +360,136 @@ def full_row(ssplit: str, idx: int, rec: dict[str, Any], k: Kept) -> dict[str, A
     rec = coerce(rec)[0]
     flat = flatten(rec)
     meta = {c: rec.get(c) for c in METADATA_COLUMNS}
-    return {"row_id": k.row_id, "source_split": ssplit, "source_index": idx,
-            "group_id": f"{meta['category']}::{meta['difficulty']}::{ssplit}::{idx}",
-            **flat, **meta, "n_tokens": k.n_tokens, **_scalar_extras(rec)}
+    return {
+        "row_id": k.row_id,
+        "source_split": ssplit,
+        "source_index": idx,
+        "group_id": f"{meta['category']}::{meta['difficulty']}::{ssplit}::{idx}",
+        **flat,
+        **meta,
+        "n_tokens": k.n_tokens,
+        **_scalar_extras(rec),
+    }
 
 
-def build_manifest(ingest_id: str, source: Source, *, tokenizer_id: str, max_conversation_tokens: int,
-                   seed: int, want: dict[str, int], assigned: Assigned, stats: dict[str, Any]) -> dict[str, Any]:
+def build_manifest(
+    ingest_id: str,
+    source: Source,
+    *,
+    tokenizer_id: str,
+    max_conversation_tokens: int,
+    seed: int,
+    want: dict[str, int],
+    assigned: Assigned,
+    stats: dict[str, Any],
+) -> dict[str, Any]:
     """The manifest: where the rows came from, how they were filtered and split, and the result
     (its `extra_columns` are filled in when the rows are written)."""
     chosen = assigned.chosen
     return {
         "ingest_id": ingest_id,
-        "created_at": datetime.now(timezone.utc).isoformat(),
-        "dataset": {"source": source.name, "config": source.config, "revision": source.revision,
-                    "content_hash": source.content_hash, "files": source.origin},
+        "created_at": datetime.now(UTC).isoformat(),
+        "dataset": {
+            "source": source.name,
+            "config": source.config,
+            "revision": source.revision,
+            "content_hash": source.content_hash,
+            "files": source.origin,
+        },
         "tokenizer": tokenizer_id,
         "max_conversation_tokens": max_conversation_tokens,
         "split_policy": {
-            "seed": seed, "stratify_by": "category", "requested": want,
+            "seed": seed,
+            "stratify_by": "category",
+            "requested": want,
             "sizes": {s: len(chosen[s]) for s in SPLITS} | {"score_pool": len(chosen["train_base"])},
-            "train_base_from": "source train split", "attr_query_eval_from": assigned.test_note,
+            "train_base_from": "source train split",
+            "attr_query_eval_from": assigned.test_note,
             "score_pool": "the train_base rows",
             "order": "per category: row_ids sorted, then shuffled with Random(f'{seed}:{split}:{category}')",
         },
         "filter_stats": stats,
-        "category_distribution": {s: dict(sorted(Counter(str(r.category) for r in chosen[s]).items()))
-                                  for s in SPLITS},
+        "category_distribution": {s: dict(sorted(Counter(str(r.category) for r in chosen[s]).items())) for s in SPLITS},
         "extra_columns": [],
     }
 
 
-def write_ingest(store: Store, source_splits: dict[str, Iterable[dict]], chosen: dict[str, list[Kept]],
-                 quarantine: list[Quarantined], manifest: dict, ingest_id: str, batch_rows: int) -> list[str]:
+def write_ingest(
+    store: Store,
+    source_splits: dict[str, Iterable[dict]],
+    chosen: dict[str, list[Kept]],
+    quarantine: list[Quarantined],
+    manifest: dict,
+    ingest_id: str,
+    batch_rows: int,
+) -> list[str]:
     """Step 3: write rows (streamed from the source: extractors.ingest.rows_writer), split_members
     and quarantine, then the manifest (which marks completion). Returns the extra columns."""
     from extractors.ingest.rows_writer import write_rows_table
 
-    now = datetime.now(timezone.utc)
-    extras = write_rows_table(store, source_splits, chosen, batch_rows, schema=ROWS_SCHEMA, splits=SPLITS,
-                              make_row=_checked_row)
+    now = datetime.now(UTC)
+    extras = write_rows_table(
+        store, source_splits, chosen, batch_rows, schema=ROWS_SCHEMA, splits=SPLITS, make_row=_checked_row
+    )
     manifest["extra_columns"] = extras
-    store.write_table("split_members", pa.table({
-        "split": [s for s in (*SPLITS, "score_pool") for _ in chosen["train_base" if s == "score_pool" else s]],
-        "row_id": [r.row_id for s in (*SPLITS, "score_pool")
-                   for r in chosen["train_base" if s == "score_pool" else s]],
-    }))
-    store.write_table("quarantine", pa.table({
-        "ingest_id": pa.array([ingest_id] * len(quarantine), pa.string()),
-        "source_split": pa.array([q.source_split for q in quarantine], pa.string()),
-        "source_index": pa.array([q.source_index for q in quarantine], pa.int64()),
-        "reason": pa.array([q.reason for q in quarantine], pa.string()),
-        "detail": pa.array([q.detail for q in quarantine], pa.string()),
-        "record": pa.array([json.dumps(q.record, ensure_ascii=False, default=str) for q in quarantine], pa.string()),
-        "quarantined_at": pa.array([now] * len(quarantine), pa.timestamp("us", tz="UTC")),
-    }))
+    store.write_table(
+        "split_members",
+        pa.table(
+            {
+                "split": [s for s in (*SPLITS, "score_pool") for _ in chosen["train_base" if s == "score_pool" else s]],
+                "row_id": [
+                    r.row_id for s in (*SPLITS, "score_pool") for r in chosen["train_base" if s == "score_pool" else s]
+                ],
+            }
+        ),
+    )
+    store.write_table(
+        "quarantine",
+        pa.table(
+            {
+                "ingest_id": pa.array([ingest_id] * len(quarantine), pa.string()),
+                "source_split": pa.array([q.source_split for q in quarantine], pa.string()),
+                "source_index": pa.array([q.source_index for q in quarantine], pa.int64()),
+                "reason": pa.array([q.reason for q in quarantine], pa.string()),
+                "detail": pa.array([q.detail for q in quarantine], pa.string()),
+                "record": pa.array(
+                    [json.dumps(q.record, ensure_ascii=False, default=str) for q in quarantine], pa.string()
+                ),
+                "quarantined_at": pa.array([now] * len(quarantine), pa.timestamp("us", tz="UTC")),
+            }
+        ),
+    )
     # The manifest goes last: its presence marks a complete ingest.
-    store.write_rows("manifests", [{
-        "ingest_id": ingest_id, "created_at": now, "dataset": manifest["dataset"]["source"],
-        "config": manifest["dataset"]["config"], "revision": manifest["dataset"]["revision"],
-        "content_hash": manifest["dataset"]["content_hash"], "manifest": json.dumps(manifest, default=str),
-    }])
+    store.write_rows(
+        "manifests",
+        [
+            {
+                "ingest_id": ingest_id,
+                "created_at": now,
+                "dataset": manifest["dataset"]["source"],
+                "config": manifest["dataset"]["config"],
+                "revision": manifest["dataset"]["revision"],
+                "content_hash": manifest["dataset"]["content_hash"],
+                "manifest": json.dumps(manifest, default=str),
+            }
+        ],
+    )
     store.write_json(store.root / "manifest.json", manifest)
     store.refresh_catalog()
 
 
-def ingest(store: Store, source: Source, tokenizer: Any, *, tokenizer_id: str, seed: int = 0,
-           sizes: dict[str, int | None] | None = None, max_conversation_tokens: int = 2000,
-           progress: bool = True, batch_rows: int = 10_000) -> IngestResult:
+def ingest(
+    store: Store,
+    source: Source,
+    tokenizer: Any,
+    *,
+    tokenizer_id: str,
+    seed: int = 0,
+    sizes: dict[str, int | None] | None = None,
+    max_conversation_tokens: int = 2000,
+    progress: bool = True,
+    batch_rows: int = 10_000,
+) -> IngestResult:
     """Flatten, quarantine, split and write rows + manifest into `store` (see module doc).
 
     The source is read twice, record by record (once to filter and split, once to write the
@@ -391,16 +499,25 @@ def ingest(store: Store, source: Source, tokenizer: Any, *, tokenizer_id: str, s
     want = _sizes_for(source, sizes or {})
     if any(v < 0 for v in want.values()):
         raise IngestError(f"split sizes must be >= 0, got {want}")
-    ingest_id = ingest_id_for(source, want, seed=seed, max_conversation_tokens=max_conversation_tokens,
-                              tokenizer_id=tokenizer_id)
+    ingest_id = ingest_id_for(
+        source, want, seed=seed, max_conversation_tokens=max_conversation_tokens, tokenizer_id=tokenizer_id
+    )
     done = existing_ingest(store, ingest_id)
     if done is not None:
         return done
-    flat = flatten_and_quarantine(dict(source.splits), tokenizer,
-                                  max_conversation_tokens=max_conversation_tokens, progress=progress)
+    flat = flatten_and_quarantine(
+        dict(source.splits), tokenizer, max_conversation_tokens=max_conversation_tokens, progress=progress
+    )
     assigned = assign_splits(flat.kept, want, seed=seed, source_has_test="test" in source.splits)
-    manifest = build_manifest(ingest_id, source, tokenizer_id=tokenizer_id,
-                              max_conversation_tokens=max_conversation_tokens, seed=seed, want=want,
-                              assigned=assigned, stats=flat.stats)
+    manifest = build_manifest(
+        ingest_id,
+        source,
+        tokenizer_id=tokenizer_id,
+        max_conversation_tokens=max_conversation_tokens,
+        seed=seed,
+        want=want,
+        assigned=assigned,
+        stats=flat.stats,
+    )
     write_ingest(store, dict(source.splits), assigned.chosen, flat.quarantine, manifest, ingest_id, batch_rows)
     return IngestResult(ingest_id, manifest["split_policy"]["sizes"], flat.stats["quarantined"], manifest)

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-DEFAULT_K = 64          # slots per token for SAEs without their own k (ReLU, JumpReLU, ...)
-ENCODE_SLICE = 4096     # tokens per SAE encode call (fixed, so results do not depend on batching)
+DEFAULT_K = 64  # slots per token for SAEs without their own k (ReLU, JumpReLU, ...)
+ENCODE_SLICE = 4096  # tokens per SAE encode call (fixed, so results do not depend on batching)
 
 
 def code_array_names(sae_name: str, layer: int) -> tuple[str, str]:
@@ -35,8 +35,9 @@ def index_dtype(d_sae: int) -> str:
 
 
 @torch.no_grad()
-def encode_topk(sae: Any, X: torch.Tensor, k: int,
-                slice_tokens: int = ENCODE_SLICE) -> tuple[np.ndarray, np.ndarray, int]:
+def encode_topk(
+    sae: Any, X: torch.Tensor, k: int, slice_tokens: int = ENCODE_SLICE
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Top-k (indices int64, values float32, sorted by decreasing value) of the SAE's
     activations of X [n, d_in]; zero slots get index 0. Also returns how many tokens had
     more than k active features (codes truncated; always 0 for TopK SAEs with this k)."""
@@ -44,13 +45,13 @@ def encode_topk(sae: Any, X: torch.Tensor, k: int,
     val_out = np.zeros((len(X), k), dtype=np.float32)
     truncated = 0
     for s in range(0, len(X), slice_tokens):
-        acts = sae.encode(X[s: s + slice_tokens].to(sae.device, sae.dtype)).float()
+        acts = sae.encode(X[s : s + slice_tokens].to(sae.device, sae.dtype)).float()
         top = acts.topk(k, dim=-1, sorted=True)
         vals = top.values.clamp_min(0)
         idx = torch.where(vals > 0, top.indices, torch.zeros_like(top.indices))
         truncated += int(((acts > 0).sum(-1) > k).sum())
-        idx_out[s: s + len(acts)] = idx.cpu().numpy()
-        val_out[s: s + len(acts)] = vals.cpu().numpy()
+        idx_out[s : s + len(acts)] = idx.cpu().numpy()
+        val_out[s : s + len(acts)] = vals.cpu().numpy()
     return idx_out, val_out, truncated
 
 
@@ -59,9 +60,9 @@ def decode_codes(sae: Any, indices: np.ndarray, values: np.ndarray, slice_tokens
     """Reconstructions from stored codes through the SAE's own decoder (dense activations)."""
     out = []
     for s in range(0, len(indices), slice_tokens):
-        idx = torch.as_tensor(indices[s: s + slice_tokens].astype(np.int64), device=sae.device)
-        val = torch.as_tensor(values[s: s + slice_tokens], dtype=sae.dtype, device=sae.device)
+        idx = torch.as_tensor(indices[s : s + slice_tokens].astype(np.int64), device=sae.device)
+        val = torch.as_tensor(values[s : s + slice_tokens], dtype=sae.dtype, device=sae.device)
         acts = torch.zeros(len(idx), sae.cfg.d_sae, dtype=sae.dtype, device=sae.device)
-        acts.scatter_add_(1, idx, val)      # zero slots add 0 to feature 0
+        acts.scatter_add_(1, idx, val)  # zero slots add 0 to feature 0
         out.append(sae.decode(acts).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, sae.cfg.d_in)

@@ -42,22 +42,24 @@ class SAELoadError(StoreError):
 
 
 class LoadedSAE(NamedTuple):
-    sae: Any                 # a sae_lens.SAE (inference) in eval mode
-    name: str                # store name (see module docstring)
-    source: str              # "local" | "pretrained"
-    path: str                # folder, or RELEASE/SAE_ID
-    layer: int | None        # the layer it was trained on, when it says so
+    sae: Any  # a sae_lens.SAE (inference) in eval mode
+    name: str  # store name (see module docstring)
+    source: str  # "local" | "pretrained"
+    path: str  # folder, or RELEASE/SAE_ID
+    layer: int | None  # the layer it was trained on, when it says so
     architecture: str
     d_in: int
     d_sae: int
-    k: int | None            # TopK's k, else None
+    k: int | None  # TopK's k, else None
 
 
 def _fallback(layer: int | None, store: Store | str | None) -> str:
     root = store.root if isinstance(store, Store) else store
     where = f" --store {root}" if root else ""
-    return (f"train one on this store's activations instead: python -m trainers.sae --layer "
-            f"{layer if layer is not None else 'L'}{where}, then pass --sae latest (or its name)")
+    return (
+        f"train one on this store's activations instead: python -m trainers.sae --layer "
+        f"{layer if layer is not None else 'L'}{where}, then pass --sae latest (or its name)"
+    )
 
 
 def sanitize(name: str) -> str:
@@ -100,8 +102,17 @@ def _describe(sae: Any, name: str, source: str, path: str) -> LoadedSAE:
     for p in sae.parameters():
         p.requires_grad_(False)
     cfg = sae.cfg
-    return LoadedSAE(sae, name, source, path, layer_of(sae), cfg.architecture(), int(cfg.d_in),
-                     int(cfg.d_sae), int(cfg.k) if hasattr(cfg, "k") else None)
+    return LoadedSAE(
+        sae,
+        name,
+        source,
+        path,
+        layer_of(sae),
+        cfg.architecture(),
+        int(cfg.d_in),
+        int(cfg.d_sae),
+        int(cfg.k) if hasattr(cfg, "k") else None,
+    )
 
 
 def load_local(path: Path, device: str = "cpu") -> LoadedSAE:
@@ -109,8 +120,10 @@ def load_local(path: Path, device: str = "cpu") -> LoadedSAE:
     from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 
     if not (path / SAE_CFG_FILENAME).is_file() or not (path / SAE_WEIGHTS_FILENAME).is_file():
-        raise SAELoadError(f"{path} is not a sae-lens folder (it needs {SAE_CFG_FILENAME} and "
-                           f"{SAE_WEIGHTS_FILENAME}); pass the 'sae' folder of a python -m trainers.sae run")
+        raise SAELoadError(
+            f"{path} is not a sae-lens folder (it needs {SAE_CFG_FILENAME} and "
+            f"{SAE_WEIGHTS_FILENAME}); pass the 'sae' folder of a python -m trainers.sae run"
+        )
     sae = SAE.load_from_disk(str(path), device=device)
     name = sae.cfg.metadata.get("store_sae_name")
     if not name:
@@ -119,8 +132,15 @@ def load_local(path: Path, device: str = "cpu") -> LoadedSAE:
     return _describe(sae, sanitize(str(name)), "local", str(path))
 
 
-def load_pretrained(release: str, sae_id: str, device: str = "cpu", *, layer: int | None = None,
-                    store: Store | str | None = None, check_hub: bool = True) -> LoadedSAE:
+def load_pretrained(
+    release: str,
+    sae_id: str,
+    device: str = "cpu",
+    *,
+    layer: int | None = None,
+    store: Store | str | None = None,
+    check_hub: bool = True,
+) -> LoadedSAE:
     """`SAE.from_pretrained`, failing fast and clearly when the Hub is out of reach."""
     from huggingface_hub import constants
 
@@ -130,19 +150,25 @@ def load_pretrained(release: str, sae_id: str, device: str = "cpu", *, layer: in
         raise SAELoadError(
             f"cannot load pretrained SAE {spec!r}: the Hugging Face Hub ({constants.ENDPOINT}) is not "
             f"reachable and the local Hugging Face cache ({constants.HF_HUB_CACHE}) holds no models; "
-            + _fallback(layer, store))
+            + _fallback(layer, store)
+        )
     from sae_lens import SAE
 
     saved = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = saved or not online   # what huggingface_hub.is_offline_mode() reads
+    constants.HF_HUB_OFFLINE = saved or not online  # what huggingface_hub.is_offline_mode() reads
     try:
         sae = SAE.from_pretrained(release, sae_id, device=device)
     except ValueError as e:  # unknown release or id (sae-lens lists the valid ones)
-        raise SAELoadError(f"unknown pretrained SAE {spec!r}: {e} (RELEASE/SAE_ID splits at the first "
-                           f"'/'; no registry entry exists for SmolLM models); " + _fallback(layer, store)) from e
+        raise SAELoadError(
+            f"unknown pretrained SAE {spec!r}: {e} (RELEASE/SAE_ID splits at the first "
+            f"'/'; no registry entry exists for SmolLM models); " + _fallback(layer, store)
+        ) from e
     except OSError as e:  # LocalEntryNotFoundError and other download failures
-        why = "the Hub is not reachable and it is not in the local Hugging Face cache" if not online \
+        why = (
+            "the Hub is not reachable and it is not in the local Hugging Face cache"
+            if not online
             else f"download failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        )
         raise SAELoadError(f"cannot load pretrained SAE {spec!r}: {why}; " + _fallback(layer, store)) from e
     finally:
         constants.HF_HUB_OFFLINE = saved
@@ -154,8 +180,9 @@ def registered(store: Store | None, layer: int | None = None) -> list[dict[str, 
     if store is None or not store.has_table("saes"):
         return []
     where, params = ("WHERE layer = ?", [layer]) if layer is not None else ("", [])
-    return store.query(f"SELECT sae, layer, path, source, run_id, updated_at FROM saes {where} "
-                       f"ORDER BY updated_at DESC, sae", params).to_pylist()
+    return store.query(
+        f"SELECT sae, layer, path, source, run_id, updated_at FROM saes {where} ORDER BY updated_at DESC, sae", params
+    ).to_pylist()
 
 
 def _available(store: Store | None, layer: int | None) -> str:
@@ -173,12 +200,14 @@ def _load_registered(row: dict[str, Any], store: Store, device: str) -> LoadedSA
     for p in (Path(row["path"]), store.run_folder(str(row["run_id"])) / "sae"):
         if p.is_dir():
             return load_local(p, device)
-    raise SAELoadError(f"SAE {row['sae']!r} is recorded at {row['path']}, which no longer exists; "
-                       + _fallback(row["layer"], store))
+    raise SAELoadError(
+        f"SAE {row['sae']!r} is recorded at {row['path']}, which no longer exists; " + _fallback(row["layer"], store)
+    )
 
 
-def load_sae(spec: str, device: str = "cpu", *, layer: int | None = None,
-             store: Store | str | None = None) -> LoadedSAE:
+def load_sae(
+    spec: str, device: str = "cpu", *, layer: int | None = None, store: Store | str | None = None
+) -> LoadedSAE:
     """`latest`, a store name, a local sae-lens folder, or RELEASE/SAE_ID (see module docstring)."""
     if isinstance(store, str):
         store = Store(store)
@@ -186,8 +215,10 @@ def load_sae(spec: str, device: str = "cpu", *, layer: int | None = None,
         rows = registered(store, layer)
         if not rows:
             at = f" at layer {layer}" if layer is not None else ""
-            raise SAELoadError(f"--sae latest: no SAE{at} in {store.root if store else 'the store'} "
-                               f"({_available(store, layer)}); " + _fallback(layer, store))
+            raise SAELoadError(
+                f"--sae latest: no SAE{at} in {store.root if store else 'the store'} "
+                f"({_available(store, layer)}); " + _fallback(layer, store)
+            )
         if layer is None and len({r["layer"] for r in rows}) > 1:
             raise SAELoadError(f"--sae latest is ambiguous without one --layer ({_available(store, None)})")
         return _load_registered(rows[0], store, device)
@@ -200,9 +231,10 @@ def load_sae(spec: str, device: str = "cpu", *, layer: int | None = None,
         return load_local(p.resolve(), device)
     looks_like_path = spec.startswith((".", "/", "~")) or p.suffix in (".json", ".safetensors")
     if looks_like_path or "/" not in spec.strip("/"):
-        raise SAELoadError(f"--sae {spec!r} is neither a name in the store's saes table, latest, an existing "
-                           f"sae-lens folder nor RELEASE/SAE_ID ({_available(store, layer)}); "
-                           + _fallback(layer, store))
+        raise SAELoadError(
+            f"--sae {spec!r} is neither a name in the store's saes table, latest, an existing "
+            f"sae-lens folder nor RELEASE/SAE_ID ({_available(store, layer)}); " + _fallback(layer, store)
+        )
     release, sae_id = spec.split("/", 1)
     try:
         return load_pretrained(release, sae_id, device, layer=layer, store=store)
@@ -214,17 +246,31 @@ def pick_layer(layers: list[int], sae_layer: int | None, spec: str) -> int:
     """The SAE's own layer when it records one (it must be requested), else the single --layer."""
     if sae_layer is not None:
         if sae_layer not in layers:
-            raise StoreError(f"SAE {spec} was trained on layer {sae_layer}, but --layer {layers} was requested; "
-                             f"pass --layer {sae_layer}")
+            raise StoreError(
+                f"SAE {spec} was trained on layer {sae_layer}, but --layer {layers} was requested; "
+                f"pass --layer {sae_layer}"
+            )
         return sae_layer
     if len(layers) != 1:
         raise StoreError(f"SAE {spec} does not say which layer it reads; pass exactly one --layer, got {layers}")
     return layers[0]
 
 
-def write_sae_record(store: Store, *, name: str, layer: int, architecture: str, d_in: int, d_sae: int,
-                     k: int | None, path: str, source: str, run_id: str, metrics: dict[str, Any],
-                     qa: dict[str, Any] | None = None) -> None:
+def write_sae_record(
+    store: Store,
+    *,
+    name: str,
+    layer: int,
+    architecture: str,
+    d_in: int,
+    d_sae: int,
+    k: int | None,
+    path: str,
+    source: str,
+    run_id: str,
+    metrics: dict[str, Any],
+    qa: dict[str, Any] | None = None,
+) -> None:
     """One row per (SAE, layer) in the `saes` table (rewritten by later runs of that SAE); `qa`
     is the QA gate of trainers.sae.qa (columns qa_passed and qa, its table as JSON)."""
     import json
@@ -232,16 +278,34 @@ def write_sae_record(store: Store, *, name: str, layer: int, architecture: str, 
 
     from store.arrays import array_key
 
-    store.write_rows("saes", [{
-        "sae": name, "layer": layer, "architecture": architecture, "d_in": d_in, "d_sae": d_sae, "k": k,
-        "path": path, "source": source, "run_id": run_id,
-        "explained_variance": metrics.get("eval", {}).get("explained_variance"),
-        "l0": metrics.get("eval", {}).get("l0"), "ce_increase": metrics.get("ce", {}).get("ce_increase"),
-        "nmse": metrics.get("eval", {}).get("nmse"), "dead_fraction": metrics.get("eval", {}).get("dead_fraction"),
-        "kl_mean": metrics.get("ce", {}).get("kl_mean"), "kl_share_above": metrics.get("ce", {}).get("kl_share_above"),
-        "qa_passed": qa["passed"] if qa else None, "qa": json.dumps(qa, sort_keys=True) if qa else None,
-        "metrics": json.dumps(metrics, sort_keys=True, default=str),
-        "updated_at": datetime.now(UTC)}], part=array_key(f"{name}/layer_{layer}"))
+    store.write_rows(
+        "saes",
+        [
+            {
+                "sae": name,
+                "layer": layer,
+                "architecture": architecture,
+                "d_in": d_in,
+                "d_sae": d_sae,
+                "k": k,
+                "path": path,
+                "source": source,
+                "run_id": run_id,
+                "explained_variance": metrics.get("eval", {}).get("explained_variance"),
+                "l0": metrics.get("eval", {}).get("l0"),
+                "ce_increase": metrics.get("ce", {}).get("ce_increase"),
+                "nmse": metrics.get("eval", {}).get("nmse"),
+                "dead_fraction": metrics.get("eval", {}).get("dead_fraction"),
+                "kl_mean": metrics.get("ce", {}).get("kl_mean"),
+                "kl_share_above": metrics.get("ce", {}).get("kl_share_above"),
+                "qa_passed": qa["passed"] if qa else None,
+                "qa": json.dumps(qa, sort_keys=True) if qa else None,
+                "metrics": json.dumps(metrics, sort_keys=True, default=str),
+                "updated_at": datetime.now(UTC),
+            }
+        ],
+        part=array_key(f"{name}/layer_{layer}"),
+    )
 
 
 def write_sae_row(store: Store, loaded: LoadedSAE, layer: int, run_id: str) -> None:
@@ -250,6 +314,16 @@ def write_sae_row(store: Store, loaded: LoadedSAE, layer: int, run_id: str) -> N
 
     if (store.table_dir("saes") / f"{array_key(f'{loaded.name}/layer_{layer}')}.parquet").exists():
         return
-    write_sae_record(store, name=loaded.name, layer=layer, architecture=loaded.architecture, d_in=loaded.d_in,
-                     d_sae=loaded.d_sae, k=loaded.k, path=loaded.path, source=loaded.source, run_id=run_id,
-                     metrics={})
+    write_sae_record(
+        store,
+        name=loaded.name,
+        layer=layer,
+        architecture=loaded.architecture,
+        d_in=loaded.d_in,
+        d_sae=loaded.d_sae,
+        k=loaded.k,
+        path=loaded.path,
+        source=loaded.source,
+        run_id=run_id,
+        metrics={},
+    )

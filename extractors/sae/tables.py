@@ -75,10 +75,12 @@ def _token_frame(store: Store, token_set: str, rows: set[str]) -> pl.DataFrame:
     con = store.connect()
     try:
         con.register("_rows", pa.table({"row_id": sorted(rows)}))
-        t = con.sql(f"SELECT v.row_id, v.tok_index, v.tok_index - l.tok_start AS token_pos, r.category "
-                    f"FROM ({view_sql(store, token_set)}) v JOIN _rows USING (row_id) "
-                    f"JOIN row_layout l ON l.row_id = v.row_id JOIN rows r ON r.row_id = v.row_id "
-                    f"ORDER BY v.tok_index").to_arrow_table()
+        t = con.sql(
+            f"SELECT v.row_id, v.tok_index, v.tok_index - l.tok_start AS token_pos, r.category "
+            f"FROM ({view_sql(store, token_set)}) v JOIN _rows USING (row_id) "
+            f"JOIN row_layout l ON l.row_id = v.row_id JOIN rows r ON r.row_id = v.row_id "
+            f"ORDER BY v.tok_index"
+        ).to_arrow_table()
     finally:
         con.close()
     return pl.from_arrow(t)
@@ -119,14 +121,21 @@ def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = 
     # sae_row_features: (row, feature) groups
     keys, s, mx, cnt = _group_reduce(r_act * d_sae + feat, act)
     kr, kf = keys // d_sae, keys % d_sae
-    store.write_table("sae_row_features", pa.table({
-        "sae": pa.array([loaded.name] * len(keys), pa.string()),
-        "layer": pa.array(np.full(len(keys), layer), pa.int32()),
-        "row_id": pa.array(np.asarray(row_ids, dtype=object)[kr] if len(keys) else [], pa.string()),
-        "feature": pa.array(kf, pa.int32()),
-        "mean_act": pa.array((s / np.maximum(n_tok_row[kr], 1)).astype(np.float32)),
-        "max_act": pa.array(mx.astype(np.float32)), "n_active": pa.array(cnt, pa.int32())}),
-        part=_part(loaded.name, layer))
+    store.write_table(
+        "sae_row_features",
+        pa.table(
+            {
+                "sae": pa.array([loaded.name] * len(keys), pa.string()),
+                "layer": pa.array(np.full(len(keys), layer), pa.int32()),
+                "row_id": pa.array(np.asarray(row_ids, dtype=object)[kr] if len(keys) else [], pa.string()),
+                "feature": pa.array(kf, pa.int32()),
+                "mean_act": pa.array((s / np.maximum(n_tok_row[kr], 1)).astype(np.float32)),
+                "max_act": pa.array(mx.astype(np.float32)),
+                "n_active": pa.array(cnt, pa.int32()),
+            }
+        ),
+        part=_part(loaded.name, layer),
+    )
 
     # sae_sample_stats
     l0 = active.sum(1)
@@ -137,19 +146,29 @@ def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = 
     n_feat = np.bincount(kr, minlength=n_rows)
     top_feature = np.full(n_rows, -1, dtype=np.int64)
     if len(keys):
-        best = np.lexsort((-s, kr))                       # per row, highest mean first
+        best = np.lexsort((-s, kr))  # per row, highest mean first
         first = best[np.r_[True, kr[best][1:] != kr[best][:-1]]]
         top_feature[kr[first]] = kf[first]
     mse, rel = _recon_errors(store, loaded, layer, f, tok, idx, val, r_tok, n_rows)
     lay = store.query("SELECT row_id, n_tokens FROM row_layout WHERE tokenization = ?", [tokz]).to_pydict()
-    lengths = dict(zip(lay["row_id"], lay["n_tokens"]))
-    sample_rows = [{
-        **common, "row_id": r, "token_set": token_set, "n_tokens": int(n_tok_row[i]),
-        "n_tokens_all": int(lengths.get(r, 0)), "mean_l0": float(sum_l0[i] / n_tok_row[i]) if n_tok_row[i] else None,
-        "max_l0": int(max_l0[i]), "n_features": int(n_feat[i]),
-        "mean_total_act": float(tot[i] / n_tok_row[i]) if n_tok_row[i] else None,
-        "top_feature": int(top_feature[i]) if top_feature[i] >= 0 else None,
-        "recon_mse": mse[i], "recon_rel_error": rel[i]} for i, r in enumerate(row_ids)]
+    lengths = dict(zip(lay["row_id"], lay["n_tokens"], strict=False))
+    sample_rows = [
+        {
+            **common,
+            "row_id": r,
+            "token_set": token_set,
+            "n_tokens": int(n_tok_row[i]),
+            "n_tokens_all": int(lengths.get(r, 0)),
+            "mean_l0": float(sum_l0[i] / n_tok_row[i]) if n_tok_row[i] else None,
+            "max_l0": int(max_l0[i]),
+            "n_features": int(n_feat[i]),
+            "mean_total_act": float(tot[i] / n_tok_row[i]) if n_tok_row[i] else None,
+            "top_feature": int(top_feature[i]) if top_feature[i] >= 0 else None,
+            "recon_mse": mse[i],
+            "recon_rel_error": rel[i],
+        }
+        for i, r in enumerate(row_ids)
+    ]
 
     # sae_feature_stats
     n_tokens = len(tok)
@@ -173,16 +192,25 @@ def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = 
         ok = [c for c in top_c[j] if np.isfinite(lift[j, c])]
         tc.append([str(cat_names[c]) for c in ok])
         tl.append([round(float(lift[j, c]), 3) for c in ok])
-    store.write_table("sae_feature_stats", pa.table({
-        "sae": pa.array([loaded.name] * d_sae, pa.string()), "layer": pa.array(np.full(d_sae, layer), pa.int32()),
-        "feature": pa.array(np.arange(d_sae), pa.int32()), "token_set": pa.array([token_set] * d_sae, pa.string()),
-        "firing_frequency": pa.array(rate),
-        "mean_activation": pa.array(np.where(f_cnt > 0, f_sum / np.maximum(f_cnt, 1), np.nan),
-                                                                         mask=f_cnt == 0),
-        "max_activation": pa.array(f_max), "n_tokens_active": pa.array(f_cnt, pa.int64()),
-        "n_rows_active": pa.array(f_rows, pa.int64()),
-        "top_categories": pa.array(tc, pa.list_(pa.string())),
-        "top_category_lift": pa.array(tl, pa.list_(pa.float64()))}), part=_part(loaded.name, layer))
+    store.write_table(
+        "sae_feature_stats",
+        pa.table(
+            {
+                "sae": pa.array([loaded.name] * d_sae, pa.string()),
+                "layer": pa.array(np.full(d_sae, layer), pa.int32()),
+                "feature": pa.array(np.arange(d_sae), pa.int32()),
+                "token_set": pa.array([token_set] * d_sae, pa.string()),
+                "firing_frequency": pa.array(rate),
+                "mean_activation": pa.array(np.where(f_cnt > 0, f_sum / np.maximum(f_cnt, 1), np.nan), mask=f_cnt == 0),
+                "max_activation": pa.array(f_max),
+                "n_tokens_active": pa.array(f_cnt, pa.int64()),
+                "n_rows_active": pa.array(f_rows, pa.int64()),
+                "top_categories": pa.array(tc, pa.list_(pa.string())),
+                "top_category_lift": pa.array(tl, pa.list_(pa.float64())),
+            }
+        ),
+        part=_part(loaded.name, layer),
+    )
 
     # sae_top_tokens: TOP_TOKENS strongest tokens per feature
     order = np.lexsort((-act, feat))
@@ -192,21 +220,32 @@ def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = 
     keep = order[rank < TOP_TOKENS]
     rk = rank[rank < TOP_TOKENS]
     tt = t_act[keep]
-    store.write_table("sae_top_tokens", pa.table({
-        "sae": pa.array([loaded.name] * len(keep), pa.string()),
-        "layer": pa.array(np.full(len(keep), layer), pa.int32()),
-        "feature": pa.array(feat[keep], pa.int32()), "rank": pa.array(rk + 1, pa.int32()),
-        "row_id": pa.array(f["row_id"].to_numpy()[tt] if len(tt) else [], pa.string()),
-        "token_pos": pa.array(f["token_pos"].to_numpy()[tt], pa.int32()), "tok_index": pa.array(tok[tt], pa.int64()),
-        "activation": pa.array(act[keep], pa.float32()), "tokenization": pa.array([tokz] * len(keep), pa.string())}),
-        part=_part(loaded.name, layer))
+    store.write_table(
+        "sae_top_tokens",
+        pa.table(
+            {
+                "sae": pa.array([loaded.name] * len(keep), pa.string()),
+                "layer": pa.array(np.full(len(keep), layer), pa.int32()),
+                "feature": pa.array(feat[keep], pa.int32()),
+                "rank": pa.array(rk + 1, pa.int32()),
+                "row_id": pa.array(f["row_id"].to_numpy()[tt] if len(tt) else [], pa.string()),
+                "token_pos": pa.array(f["token_pos"].to_numpy()[tt], pa.int32()),
+                "tok_index": pa.array(tok[tt], pa.int64()),
+                "activation": pa.array(act[keep], pa.float32()),
+                "tokenization": pa.array([tokz] * len(keep), pa.string()),
+            }
+        ),
+        part=_part(loaded.name, layer),
+    )
     # Written last: its row set is what tables_current() compares with the committed rows.
     store.write_rows("sae_sample_stats", sample_rows, part=_part(loaded.name, layer))
     store.refresh_catalog()
     alive = int((f_cnt > 0).sum())
-    return (f"SAE tables for {loaded.name} layer {layer} over {token_set} ({n_rows} rows, {n_tokens} tokens): "
-            f"sae_row_features {len(keys)} rows, sae_sample_stats {n_rows}, sae_feature_stats {d_sae} "
-            f"({alive} features fire), sae_top_tokens {len(keep)}")
+    return (
+        f"SAE tables for {loaded.name} layer {layer} over {token_set} ({n_rows} rows, {n_tokens} tokens): "
+        f"sae_row_features {len(keys)} rows, sae_sample_stats {n_rows}, sae_feature_stats {d_sae} "
+        f"({alive} features fire), sae_top_tokens {len(keep)}"
+    )
 
 
 def _recon_errors(store, loaded, layer, f, tok, idx, val, r_tok, n_rows):
@@ -222,8 +261,8 @@ def _recon_errors(store, loaded, layer, f, tok, idx, val, r_tok, n_rows):
     X = gather(store, name, tok[ok])
     err = np.empty(len(X), dtype=np.float64)
     for s in range(0, len(X), 8192):
-        rec = decode_codes(loaded.sae, idx[ok][s: s + 8192], val[ok][s: s + 8192]).numpy()
-        err[s: s + 8192] = ((X[s: s + 8192] - rec) ** 2).sum(1)
+        rec = decode_codes(loaded.sae, idx[ok][s : s + 8192], val[ok][s : s + 8192]).numpy()
+        err[s : s + 8192] = ((X[s : s + 8192] - rec) ** 2).sum(1)
     rr = r_tok[ok]
     e_sum = np.bincount(rr, weights=err, minlength=n_rows)
     x_sum = np.bincount(rr, weights=(X.astype(np.float64) ** 2).sum(1), minlength=n_rows)
@@ -233,8 +272,16 @@ def _recon_errors(store, loaded, layer, f, tok, idx, val, r_tok, n_rows):
     return mse, rel
 
 
-def top_contexts(store: Store, feature: int, *, sae: str | None = None, layer: int | None = None, n: int = 10,
-                 before: int = 12, after: int = 4) -> pl.DataFrame:
+def top_contexts(
+    store: Store,
+    feature: int,
+    *,
+    sae: str | None = None,
+    layer: int | None = None,
+    n: int = 10,
+    before: int = 12,
+    after: int = 4,
+) -> pl.DataFrame:
     """A feature's top-activating tokens with their text in context (`context` marks the
     token as [[token]]); from sae_top_tokens, so n <= TOP_TOKENS. With one SAE in the store
     `sae` and `layer` may be left out."""
@@ -245,9 +292,9 @@ def top_contexts(store: Store, feature: int, *, sae: str | None = None, layer: i
     if layer is not None:
         where.append("s.layer = ?")
         params.append(int(layer))
-    saes = store.query(f"SELECT DISTINCT s.sae, s.layer FROM sae_top_tokens s "
-                       f"WHERE {' AND '.join(where[1:]) or 'true'}",
-                       params[1:]).to_pylist()
+    saes = store.query(
+        f"SELECT DISTINCT s.sae, s.layer FROM sae_top_tokens s WHERE {' AND '.join(where[1:]) or 'true'}", params[1:]
+    ).to_pylist()
     if len(saes) > 1:
         raise ValueError(f"several SAEs hold features: {saes}; pass sae= and layer=")
     sql = f"""
@@ -262,7 +309,7 @@ def top_contexts(store: Store, feature: int, *, sae: str | None = None, layer: i
         FROM sae_top_tokens s
         JOIN tokens t ON t.tokenization = s.tokenization AND t.row_id = s.row_id AND t.token_pos = s.token_pos
         JOIN rows r ON r.row_id = s.row_id
-        WHERE {' AND '.join(where)}
+        WHERE {" AND ".join(where)}
         ORDER BY s.rank LIMIT {int(n)}"""
     frame = pl.from_arrow(store.query(sql, params))
     return frame.with_columns((pl.col("before") + "[[" + pl.col("token") + "]]" + pl.col("after")).alias("context"))

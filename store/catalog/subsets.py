@@ -22,26 +22,55 @@ It lives in `store` because writers at two levels of the one-way imports use it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyarrow as pa
 
 TABLE = "subsets"
-SUBSETS_SCHEMA = pa.schema([("subset", pa.string()), ("row_id", pa.string()), ("rank", pa.int64()),
-                            ("source_rank", pa.int64()), ("score", pa.float64()), ("source", pa.string()),
-                            ("kind", pa.string()), ("seed", pa.int64()), ("run_id", pa.string()),
-                            ("method", pa.string())])
+SUBSETS_SCHEMA = pa.schema(
+    [
+        ("subset", pa.string()),
+        ("row_id", pa.string()),
+        ("rank", pa.int64()),
+        ("source_rank", pa.int64()),
+        ("score", pa.float64()),
+        ("source", pa.string()),
+        ("kind", pa.string()),
+        ("seed", pa.int64()),
+        ("run_id", pa.string()),
+        ("method", pa.string()),
+    ]
+)
 
 
-def subset_table(name: str, row_ids: Sequence[str], source_ranks: Sequence[int],
-                 scores: Sequence[float | None], *, source: str, kind: str, seed: int | None,
-                 run_id: str | None, method: str) -> pa.Table:
+def subset_table(
+    name: str,
+    row_ids: Sequence[str],
+    source_ranks: Sequence[int],
+    scores: Sequence[float | None],
+    *,
+    source: str,
+    kind: str,
+    seed: int | None,
+    run_id: str | None,
+    method: str,
+) -> pa.Table:
     """The rows of subset `name`, in subset order (rank 1..n follows `row_ids`' order)."""
     n = len(row_ids)
     if not (len(source_ranks) == len(scores) == n):
         raise ValueError(f"subset {name}: {n} row ids, {len(source_ranks)} ranks, {len(scores)} scores")
-    return pa.table({
-        "subset": [name] * n, "row_id": list(row_ids), "rank": list(range(1, n + 1)),
-        "source_rank": [int(r) for r in source_ranks],
-        "score": [None if s is None else float(s) for s in scores], "source": [source] * n, "kind": [kind] * n,
-        "seed": [seed] * n, "run_id": [run_id] * n, "method": [method] * n}, schema=SUBSETS_SCHEMA)
+    return pa.table(
+        {
+            "subset": [name] * n,
+            "row_id": list(row_ids),
+            "rank": list(range(1, n + 1)),
+            "source_rank": [int(r) for r in source_ranks],
+            "score": [None if s is None else float(s) for s in scores],
+            "source": [source] * n,
+            "kind": [kind] * n,
+            "seed": [seed] * n,
+            "run_id": [run_id] * n,
+            "method": [method] * n,
+        },
+        schema=SUBSETS_SCHEMA,
+    )

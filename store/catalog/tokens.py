@@ -20,7 +20,7 @@ row_id ranges, which DuckDB's min/max statistics use to skip them in a row selec
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,30 +32,32 @@ from store.core import Store, StoreError
 
 SPLIT_ORDER = ("train_base", "attr_query", "eval")
 
-TOKENS_SCHEMA = pa.schema([
-    ("tokenization", pa.string()),
-    ("row_id", pa.string()),
-    ("token_pos", pa.int32()),
-    ("token_id", pa.int32()),
-    ("token_text", pa.string()),
-    ("role", pa.string()),
-    ("msg_index", pa.int16()),
-    ("is_supervised", pa.bool_()),
-    ("rel_pos", pa.float32()),
-    ("char_start", pa.int32()),
-    ("char_end", pa.int32()),
-    ("tok_index", pa.int64()),
-])
+TOKENS_SCHEMA = pa.schema(
+    [
+        ("tokenization", pa.string()),
+        ("row_id", pa.string()),
+        ("token_pos", pa.int32()),
+        ("token_id", pa.int32()),
+        ("token_text", pa.string()),
+        ("role", pa.string()),
+        ("msg_index", pa.int16()),
+        ("is_supervised", pa.bool_()),
+        ("rel_pos", pa.float32()),
+        ("char_start", pa.int32()),
+        ("char_end", pa.int32()),
+        ("tok_index", pa.int64()),
+    ]
+)
 
 
 class Layout(NamedTuple):
     tokenization: str
     unit_tokens: int
     n_units: int
-    row_ids: list[str]        # in layout order
-    units: list[int]          # per row
-    tok_starts: list[int]     # per row
-    lengths: list[int]        # per row
+    row_ids: list[str]  # in layout order
+    units: list[int]  # per row
+    tok_starts: list[int]  # per row
+    lengths: list[int]  # per row
 
     @property
     def n_slots(self) -> int:
@@ -75,9 +77,7 @@ def plan_layout(tokenization: str, rows: list[tuple[str, str, int]], unit_tokens
         raise StoreError(f"unit_tokens must be positive, got {unit_tokens}")
     longest = max((n for _, _, n in rows), default=0)
     if longest > unit_tokens:
-        raise StoreError(
-            f"a row has {longest} tokens but a unit holds {unit_tokens}; pass --unit-tokens >= {longest}"
-        )
+        raise StoreError(f"a row has {longest} tokens but a unit holds {unit_tokens}; pass --unit-tokens >= {longest}")
     rank = {s: i for i, s in enumerate(SPLIT_ORDER)}
     ordered = sorted(rows, key=lambda r: (rank.get(r[1], len(SPLIT_ORDER)), r[1], r[2], r[0]))
     row_ids, units, starts, lengths = [], [], [], []
@@ -112,41 +112,61 @@ def write_tokenization(store: Store, layout: Layout, tokens: pa.Table | list[Pat
     streamed tokenization (whole rows each), read one at a time. One table (or one file) is
     written as `tokens/<tokenization>.parquet`; several as `tokens/<tokenization>/part-NNNNN.parquet`,
     one per file, so memory holds one part."""
-    start_of = dict(zip(layout.row_ids, layout.tok_starts))
+    start_of = dict(zip(layout.row_ids, layout.tok_starts, strict=False))
     parts = [tokens] if isinstance(tokens, pa.Table) else tokens
     n_sup: dict[str, int] = {}
     for i, part in enumerate(parts):
         t = _indexed(layout, start_of, part if isinstance(part, pa.Table) else pq.read_table(part))
         sup = t.filter(t.column("is_supervised")).group_by("row_id").aggregate([("row_id", "count")])
-        n_sup.update(zip(sup.column("row_id").to_pylist(), sup.column("row_id_count").to_pylist()))
-        store.write_table("tokens", t, part=layout.tokenization if len(parts) == 1 else
-                          f"{layout.tokenization}/part-{i:05d}")
+        n_sup.update(zip(sup.column("row_id").to_pylist(), sup.column("row_id_count").to_pylist(), strict=False))
+        store.write_table(
+            "tokens", t, part=layout.tokenization if len(parts) == 1 else f"{layout.tokenization}/part-{i:05d}"
+        )
         del t
-    store.write_table("row_layout", pa.table({
-        "tokenization": [layout.tokenization] * len(layout.row_ids),
-        "row_id": layout.row_ids,
-        "unit": pa.array(layout.units, pa.int32()),
-        "tok_start": pa.array(layout.tok_starts, pa.int64()),
-        "n_tokens": pa.array(layout.lengths, pa.int32()),
-        "n_supervised": pa.array([n_sup.get(r, 0) for r in layout.row_ids], pa.int32()),
-    }), part=layout.tokenization)
-    store.write_rows("tokenizations", [{
-        **info,
-        "tokenization": layout.tokenization, "unit_tokens": layout.unit_tokens,
-        "n_units": layout.n_units, "n_rows": len(layout.row_ids), "n_tokens": sum(layout.lengths),
-        "n_slots": layout.n_slots, "created_at": datetime.now(timezone.utc),
-    }], part=layout.tokenization)
+    store.write_table(
+        "row_layout",
+        pa.table(
+            {
+                "tokenization": [layout.tokenization] * len(layout.row_ids),
+                "row_id": layout.row_ids,
+                "unit": pa.array(layout.units, pa.int32()),
+                "tok_start": pa.array(layout.tok_starts, pa.int64()),
+                "n_tokens": pa.array(layout.lengths, pa.int32()),
+                "n_supervised": pa.array([n_sup.get(r, 0) for r in layout.row_ids], pa.int32()),
+            }
+        ),
+        part=layout.tokenization,
+    )
+    store.write_rows(
+        "tokenizations",
+        [
+            {
+                **info,
+                "tokenization": layout.tokenization,
+                "unit_tokens": layout.unit_tokens,
+                "n_units": layout.n_units,
+                "n_rows": len(layout.row_ids),
+                "n_tokens": sum(layout.lengths),
+                "n_slots": layout.n_slots,
+                "created_at": datetime.now(UTC),
+            }
+        ],
+        part=layout.tokenization,
+    )
 
 
 def read_layout(store: Store, tokenization: str) -> Layout:
     t = store.query(
         "SELECT l.row_id, l.unit, l.tok_start, l.n_tokens, z.unit_tokens, z.n_units "
         "FROM row_layout l JOIN tokenizations z USING (tokenization) "
-        "WHERE tokenization = ? ORDER BY l.tok_start", [tokenization]).to_pydict()
+        "WHERE tokenization = ? ORDER BY l.tok_start",
+        [tokenization],
+    ).to_pydict()
     if not t["row_id"]:
         raise StoreError(f"tokenization {tokenization!r} is not in {store.root}")
-    return Layout(tokenization, t["unit_tokens"][0], t["n_units"][0], t["row_id"], t["unit"],
-                  t["tok_start"], t["n_tokens"])
+    return Layout(
+        tokenization, t["unit_tokens"][0], t["n_units"][0], t["row_id"], t["unit"], t["tok_start"], t["n_tokens"]
+    )
 
 
 def tokenizations(store: Store) -> list[dict]:
@@ -162,7 +182,9 @@ def row_token_ids(store: Store, tokenization: str, row_ids: list[str]) -> dict[s
         con.register("wanted", pa.table({"row_id": row_ids}))
         t = con.sql(
             "SELECT row_id, list(token_id ORDER BY token_pos) AS ids FROM tokens JOIN wanted USING (row_id) "
-            "WHERE tokenization = ? GROUP BY row_id", params=[tokenization]).to_arrow_table()
+            "WHERE tokenization = ? GROUP BY row_id",
+            params=[tokenization],
+        ).to_arrow_table()
     finally:
         con.close()
-    return dict(zip(t.column("row_id").to_pylist(), t.column("ids").to_pylist()))
+    return dict(zip(t.column("row_id").to_pylist(), t.column("ids").to_pylist(), strict=False))

@@ -32,13 +32,23 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from store.catalog.runs import Run
 from store.cli import config_dict, parse_config, user_errors
 from store.core import DEFAULT_STORE, Store, StoreError, write_json
-from store.catalog.runs import Run
 
-EVAL_SCHEMA = pa.schema([("run_id", pa.string()), ("model_id", pa.string()), ("model_hash", pa.string()),
-                         ("adapter", pa.string()), ("split", pa.string()), ("row_id", pa.string()),
-                         ("n_tokens", pa.int64()), ("loss", pa.float64()), ("loss_sum", pa.float64())])
+EVAL_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("model_id", pa.string()),
+        ("model_hash", pa.string()),
+        ("adapter", pa.string()),
+        ("split", pa.string()),
+        ("row_id", pa.string()),
+        ("n_tokens", pa.int64()),
+        ("loss", pa.float64()),
+        ("loss_sum", pa.float64()),
+    ]
+)
 
 
 @dataclass
@@ -47,23 +57,37 @@ class EvalLossConfig:
 
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     split: str = field(default="eval", metadata={"help": "rows to evaluate (a split, or all)"})
-    rows_sql: str | None = field(default=None, metadata={"help": "evaluate the rows this SQL returns (a row_id "
-                                 "column) instead of --split"})
+    rows_sql: str | None = field(
+        default=None, metadata={"help": "evaluate the rows this SQL returns (a row_id column) instead of --split"}
+    )
     max_rows: int | None = field(default=None, metadata={"help": "evaluate the first N rows by row_id"})
-    adapter: str | None = field(default=None, metadata={"help": "a LoRA adapter on --model: a name from the "
-                                "adapters table, latest, or a peft folder (none: the base model)"})
-    output_json: str | None = field(default=None, metadata={"help": "the comparison JSON this call merges into "
-                                    "(default runs/eval_loss-<split>/eval_loss_compare.json in the store)"})
+    adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "a LoRA adapter on --model: a name from the "
+            "adapters table, latest, or a peft folder (none: the base model)"
+        },
+    )
+    output_json: str | None = field(
+        default=None,
+        metadata={
+            "help": "the comparison JSON this call merges into "
+            "(default runs/eval_loss-<split>/eval_loss_compare.json in the store)"
+        },
+    )
     max_length: int = field(default=2048, metadata={"help": "longest row in tokens (see --on-long)"})
-    on_long: Literal["error", "truncate"] = field(default="error", metadata={
-        "help": "rows longer than --max-length: error, or truncate them (counted)"})
+    on_long: Literal["error", "truncate"] = field(
+        default="error", metadata={"help": "rows longer than --max-length: error, or truncate them (counted)"}
+    )
     model: str = field(default="embedded", metadata={"help": "base model: embedded, a Hugging Face id or a folder"})
     batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per batch"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:N"})
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata={
-        "help": "model dtype: auto = bf16 on GPU, fp32 on CPU"})
-    model_cache: str | None = field(default=None, metadata={"help": "where converted models are cached "
-                                    "(default ~/.cache/activation-store)"})
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto", metadata={"help": "model dtype: auto = bf16 on GPU, fp32 on CPU"}
+    )
+    model_cache: str | None = field(
+        default=None, metadata={"help": "where converted models are cached (default ~/.cache/activation-store)"}
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -84,9 +108,11 @@ def merge(doc: dict[str, Any], entry: dict[str, Any], adapter: str | None, path:
     """Put `entry` in the comparison document and recompute the deltas."""
     for other in [doc.get("base"), *doc.get("adapters", {}).values()]:
         if other and other["rows_hash"] != entry["rows_hash"]:
-            raise StoreError(f"{path} compares other rows ({other['num_eval_rows']} rows, {other['rows_hash']}) "
-                             f"than this call ({entry['num_eval_rows']} rows, {entry['rows_hash']}); use the same "
-                             f"--split/--max-rows, or another --output-json")
+            raise StoreError(
+                f"{path} compares other rows ({other['num_eval_rows']} rows, {other['rows_hash']}) "
+                f"than this call ({entry['num_eval_rows']} rows, {entry['rows_hash']}); use the same "
+                f"--split/--max-rows, or another --output-json"
+            )
     if adapter is None:
         doc["base"] = entry
     else:
@@ -126,41 +152,78 @@ def run_eval_loss(cfg: EvalLossConfig) -> dict[str, Any]:
     doc = json.loads(path.read_text()) if path.is_file() else {}
     with Run(store, "eval_loss", config_dict(cfg), model_id=lm.model_id, model_hash=lm.model_hash) as run:
         t0 = time.perf_counter()
-        sums, counts = eval_rows(lm.model, data.input_ids, data.labels, device=lm.device,
-                                 pad_id=pad_token_id(lm.tokenizer), batch_tokens=cfg.batch_tokens,
-                                 progress=cfg.progress, desc="eval loss" + (f" ({name})" if name else ""))
+        sums, counts = eval_rows(
+            lm.model,
+            data.input_ids,
+            data.labels,
+            device=lm.device,
+            pad_id=pad_token_id(lm.tokenizer),
+            batch_tokens=cfg.batch_tokens,
+            progress=cfg.progress,
+            desc="eval loss" + (f" ({name})" if name else ""),
+        )
         seconds = time.perf_counter() - t0
         n = sum(counts)
         if n == 0:
-            raise StoreError(f"the {len(row_ids)} rows of {cfg.rows_sql or cfg.split!r} have no supervised token "
-                             f"(is_supervised), so there is no loss to measure; pick rows with completions")
+            raise StoreError(
+                f"the {len(row_ids)} rows of {cfg.rows_sql or cfg.split!r} have no supervised token "
+                f"(is_supervised), so there is no loss to measure; pick rows with completions"
+            )
         loss = sum(sums) / n
-        entry = {"mean_loss": loss, "perplexity": math.exp(loss), "supervised_token_count": n,
-                 "num_eval_rows": len(row_ids), "mean_row_loss": sum(s / c for s, c in zip(sums, counts) if c)
-                 / max(1, sum(1 for c in counts if c)), "model_id": lm.model_id, "model_hash": lm.model_hash,
-                 "adapter": name, "run_id": run.run_id, "split": cfg.split, "rows_sql": cfg.rows_sql,
-                 "truncated_rows": data.n_truncated, "tokenization": layout.tokenization,
-                 "rows_hash": hashlib.sha256("\n".join(row_ids).encode()).hexdigest()[:16], "seconds": seconds}
-        store.write_table("eval_losses", pa.table({
-            "run_id": [run.run_id] * len(row_ids), "model_id": [lm.model_id] * len(row_ids),
-            "model_hash": [lm.model_hash] * len(row_ids), "adapter": [name] * len(row_ids),
-            "split": [cfg.split] * len(row_ids), "row_id": row_ids, "n_tokens": counts,
-            "loss": [s / c if c else None for s, c in zip(sums, counts)], "loss_sum": sums}, schema=EVAL_SCHEMA),
-            part=run.run_id)
+        entry = {
+            "mean_loss": loss,
+            "perplexity": math.exp(loss),
+            "supervised_token_count": n,
+            "num_eval_rows": len(row_ids),
+            "mean_row_loss": sum(s / c for s, c in zip(sums, counts, strict=False) if c)
+            / max(1, sum(1 for c in counts if c)),
+            "model_id": lm.model_id,
+            "model_hash": lm.model_hash,
+            "adapter": name,
+            "run_id": run.run_id,
+            "split": cfg.split,
+            "rows_sql": cfg.rows_sql,
+            "truncated_rows": data.n_truncated,
+            "tokenization": layout.tokenization,
+            "rows_hash": hashlib.sha256("\n".join(row_ids).encode()).hexdigest()[:16],
+            "seconds": seconds,
+        }
+        store.write_table(
+            "eval_losses",
+            pa.table(
+                {
+                    "run_id": [run.run_id] * len(row_ids),
+                    "model_id": [lm.model_id] * len(row_ids),
+                    "model_hash": [lm.model_hash] * len(row_ids),
+                    "adapter": [name] * len(row_ids),
+                    "split": [cfg.split] * len(row_ids),
+                    "row_id": row_ids,
+                    "n_tokens": counts,
+                    "loss": [s / c if c else None for s, c in zip(sums, counts, strict=False)],
+                    "loss_sum": sums,
+                },
+                schema=EVAL_SCHEMA,
+            ),
+            part=run.run_id,
+        )
         doc = merge(doc, entry, name, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, doc)
         store.write_json(run.dir / "eval_loss.json", entry)
-        run.finish(counts={"rows": len(row_ids), "supervised_tokens": n}, metrics={
-            k: entry[k] for k in ("mean_loss", "perplexity", "supervised_token_count", "num_eval_rows")})
+        run.finish(
+            counts={"rows": len(row_ids), "supervised_tokens": n},
+            metrics={k: entry[k] for k in ("mean_loss", "perplexity", "supervised_token_count", "num_eval_rows")},
+        )
     doc["_path"] = str(path)
     return doc
 
 
 def report(doc: dict[str, Any], adapter: bool) -> str:
     e = doc["adapter"] if adapter else doc["base"]
-    line = (f"{e['model_id']}: loss {e['mean_loss']:.4f}, perplexity {e['perplexity']:.3f} over "
-            f"{e['supervised_token_count']} supervised tokens of {e['num_eval_rows']} rows")
+    line = (
+        f"{e['model_id']}: loss {e['mean_loss']:.4f}, perplexity {e['perplexity']:.3f} over "
+        f"{e['supervised_token_count']} supervised tokens of {e['num_eval_rows']} rows"
+    )
     if adapter and e.get("delta_loss") is not None:
         line += f"; vs base: delta_loss {e['delta_loss']:+.4f}, delta_ppl {e['delta_ppl']:+.3f}"
     return line + f"\ncompare JSON: {doc['_path']}"

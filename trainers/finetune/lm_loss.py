@@ -46,8 +46,9 @@ def _split_head(model: Any) -> tuple[Any, Any] | None:
     return dec, head
 
 
-def row_losses(model: Any, input_ids: list[list[int]], labels: list[list[int]], *, device: torch.device,
-               pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def row_losses(
+    model: Any, input_ids: list[list[int]], labels: list[list[int]], *, device: torch.device, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed cross-entropy per row [B] in float32, supervised tokens per row [B]); differentiable."""
     x = pad_right(input_ids, pad_id, device)
     y = pad_right(labels, IGNORE, device)
@@ -70,13 +71,21 @@ def row_losses(model: Any, input_ids: list[list[int]], labels: list[list[int]], 
 def batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
     """Consecutive groups of `batch_size` indices of `order`."""
     for i in range(0, len(order), batch_size):
-        yield order[i: i + batch_size]
+        yield order[i : i + batch_size]
 
 
 @torch.no_grad()
-def eval_rows(model: Any, input_ids: list[list[int]], labels: list[list[int]], *, device: torch.device,
-              pad_id: int, batch_tokens: int = 8192, progress: bool = False,
-              desc: str = "eval loss") -> tuple[list[float], list[int]]:
+def eval_rows(
+    model: Any,
+    input_ids: list[list[int]],
+    labels: list[list[int]],
+    *,
+    device: torch.device,
+    pad_id: int,
+    batch_tokens: int = 8192,
+    progress: bool = False,
+    desc: str = "eval loss",
+) -> tuple[list[float], list[int]]:
     """(summed loss, supervised tokens) per row, in eval mode, in length-sorted batches of at most
     `batch_tokens` padded tokens."""
     from tqdm.auto import tqdm
@@ -93,7 +102,7 @@ def eval_rows(model: Any, input_ids: list[list[int]], labels: list[list[int]], *
             j += 1
         idx = order[i:j]
         s, n = row_losses(model, [input_ids[k] for k in idx], [labels[k] for k in idx], device=device, pad_id=pad_id)
-        for k, sv, nv in zip(idx, s.tolist(), n.tolist()):
+        for k, sv, nv in zip(idx, s.tolist(), n.tolist(), strict=False):
             sums[k], counts[k] = sv, int(nv)
         bar.update(len(idx))
         i = j

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import re
 
-_OPS = (("+", r"\bmore\b"), ("-", r"\b(?:away|loses|sells|uses up)\b"),
-        ("×", r"\b(?:times|each one for|multiplies)\b"), ("÷", r"\b(?:equal|evenly|equally)\b"))
+_OPS = (
+    ("+", r"\bmore\b"),
+    ("-", r"\b(?:away|loses|sells|uses up)\b"),
+    ("×", r"\b(?:times|each one for|multiplies)\b"),
+    ("÷", r"\b(?:equal|evenly|equally)\b"),
+)
 
 
 def _apply(op: str, x: int, n: int) -> int | None:

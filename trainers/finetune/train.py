@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from extractors.adapters import AdapterRef, check_base, resolve_adapter, write_adapter_record, write_meta
+from store.catalog.runs import Run
 from store.cli import config_dict, parse_config, user_errors
 from store.core import DEFAULT_STORE, Store, StoreError
-from store.catalog.runs import Run
 
 
 @dataclass
@@ -44,25 +44,42 @@ class FinetuneConfig:
 
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     split: str = field(default="train_base", metadata={"help": "rows to train on (a split, or all)"})
-    train_rows_sql: str | None = field(default=None, metadata={"help": "train on the rows this SQL returns "
-                                       "(a row_id column, e.g. from the subsets table) instead of --split"})
-    eval_split: str = field(default="eval", metadata={"help": "rows whose loss is measured before training and "
-                            "after each epoch ('' skips it)"})
-    max_rows: int | None = field(default=None, metadata={"help": "train on the first N selected rows by row_id "
-                                 "(a fixed pseudo-random sample)"})
+    train_rows_sql: str | None = field(
+        default=None,
+        metadata={
+            "help": "train on the rows this SQL returns "
+            "(a row_id column, e.g. from the subsets table) instead of --split"
+        },
+    )
+    eval_split: str = field(
+        default="eval",
+        metadata={"help": "rows whose loss is measured before training and after each epoch ('' skips it)"},
+    )
+    max_rows: int | None = field(
+        default=None, metadata={"help": "train on the first N selected rows by row_id (a fixed pseudo-random sample)"}
+    )
     eval_max_rows: int | None = field(default=None, metadata={"help": "measure eval loss on the first N eval rows"})
     max_length: int = field(default=2048, metadata={"help": "longest row in tokens (see --on-long)"})
-    on_long: Literal["error", "truncate"] = field(default="error", metadata={
-        "help": "rows longer than --max-length: error, or truncate them (counted in the run record)"})
+    on_long: Literal["error", "truncate"] = field(
+        default="error",
+        metadata={"help": "rows longer than --max-length: error, or truncate them (counted in the run record)"},
+    )
     model: str = field(default="embedded", metadata={"help": "base model: embedded, a Hugging Face id or a folder"})
-    resume_adapter: str | None = field(default=None, metadata={"help": "continue training this adapter (a name "
-                                       "from the adapters table, latest, or a peft folder); its LoRA settings "
-                                       "win over --lora-*"})
+    resume_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "continue training this adapter (a name "
+            "from the adapters table, latest, or a peft folder); its LoRA settings "
+            "win over --lora-*"
+        },
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], metadata={
-        "help": "module names LoRA wraps (peft's target_modules), default q_proj k_proj v_proj o_proj"})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "module names LoRA wraps (peft's target_modules), default q_proj k_proj v_proj o_proj"},
+    )
     lr: float = field(default=2e-4, metadata={"help": "AdamW peak learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up; then linear decay to 0"})
@@ -74,10 +91,12 @@ class FinetuneConfig:
     seed: int = field(default=0, metadata={"help": "seed of the LoRA init, dropout and row order"})
     eval_batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per eval batch"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:N"})
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(default="auto", metadata={
-        "help": "base model dtype: auto = bf16 on GPU, fp32 on CPU (LoRA weights stay fp32)"})
-    model_cache: str | None = field(default=None, metadata={"help": "where converted models are cached "
-                                    "(default ~/.cache/activation-store)"})
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
+        default="auto", metadata={"help": "base model dtype: auto = bf16 on GPU, fp32 on CPU (LoRA weights stay fp32)"}
+    )
+    model_cache: str | None = field(
+        default=None, metadata={"help": "where converted models are cached (default ~/.cache/activation-store)"}
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -98,8 +117,8 @@ class FinetuneConfig:
 
 class FinetuneResult(NamedTuple):
     run_id: str
-    adapter: str            # its name in the adapters table
-    path: str               # the peft folder
+    adapter: str  # its name in the adapters table
+    path: str  # the peft folder
     metrics: dict[str, Any]
 
 
@@ -116,7 +135,7 @@ def plot_loss(steps: list[dict[str, Any]], evals: list[dict[str, Any]], title: s
 
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4))            # stand-alone: a notebook's pyplot backend is left alone
+    fig = Figure(figsize=(7, 4))  # stand-alone: a notebook's pyplot backend is left alone
     ax = fig.subplots()
     ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="train (per step)", alpha=0.8)
     if evals:
@@ -140,24 +159,43 @@ def _peft_model(lm: Any, cfg: FinetuneConfig, store: Store) -> tuple[Any, Adapte
         ref = resolve_adapter(store, cfg.resume_adapter)
         check_base(ref, lm.model_id, lm.model_hash)
         return PeftModel.from_pretrained(lm.model, ref.path, is_trainable=True), ref
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     try:
         return get_peft_model(lm.model, lora), None
     except ValueError as e:  # peft: "Target modules ... not found in the base model"
         raise StoreError(f"--target-modules {' '.join(cfg.target_modules)}: {e}") from e
 
 
-def eval_loss_of(model: Any, data: Any, cfg: FinetuneConfig, device: torch.device, pad_id: int,
-                 desc: str) -> dict[str, Any]:
+def eval_loss_of(
+    model: Any, data: Any, cfg: FinetuneConfig, device: torch.device, pad_id: int, desc: str
+) -> dict[str, Any]:
     from trainers.finetune.lm_loss import eval_rows
 
-    sums, counts = eval_rows(model, data.input_ids, data.labels, device=device, pad_id=pad_id,
-                             batch_tokens=cfg.eval_batch_tokens, progress=cfg.progress, desc=desc)
+    sums, counts = eval_rows(
+        model,
+        data.input_ids,
+        data.labels,
+        device=device,
+        pad_id=pad_id,
+        batch_tokens=cfg.eval_batch_tokens,
+        progress=cfg.progress,
+        desc=desc,
+    )
     n = sum(counts)
     loss = sum(sums) / n if n else float("nan")
-    return {"loss": loss, "perplexity": math.exp(loss) if n else float("nan"), "supervised_tokens": n,
-            "rows": len(counts)}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss) if n else float("nan"),
+        "supervised_tokens": n,
+        "rows": len(counts),
+    }
 
 
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
@@ -171,19 +209,27 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
 
     store = Store(cfg.store)
     train_ids = select_rows_by(store, split=cfg.split, sql=cfg.train_rows_sql, max_rows=cfg.max_rows)
-    eval_ids = (select_rows_by(store, split=cfg.eval_split, max_rows=cfg.eval_max_rows, flag="--eval-split")
-                if cfg.eval_split else [])
+    eval_ids = (
+        select_rows_by(store, split=cfg.eval_split, max_rows=cfg.eval_max_rows, flag="--eval-split")
+        if cfg.eval_split
+        else []
+    )
     if cfg.resume_adapter:  # a bad --resume-adapter fails before the model loads
         resolve_adapter(store, cfg.resume_adapter)
     lm = load_model(cfg.model, cfg.device, cfg.compute_dtype, Path(cfg.model_cache) if cfg.model_cache else None)
     layout = ensure_tokenization(store, lm.tokenizer, lm.model_id, 16384, progress=cfg.progress)
     train = load_sft_rows(store, layout.tokenization, train_ids, max_length=cfg.max_length, on_long=cfg.on_long)
-    evald = load_sft_rows(store, layout.tokenization, eval_ids, max_length=cfg.max_length, on_long=cfg.on_long) \
-        if eval_ids else None
+    evald = (
+        load_sft_rows(store, layout.tokenization, eval_ids, max_length=cfg.max_length, on_long=cfg.on_long)
+        if eval_ids
+        else None
+    )
     n_sup = train.n_supervised
     if sum(n_sup) == 0:
-        raise StoreError(f"the {len(train_ids)} training rows have no supervised tokens (is_supervised); "
-                         f"select rows with an assistant completion")
+        raise StoreError(
+            f"the {len(train_ids)} training rows have no supervised tokens (is_supervised); "
+            f"select rows with an assistant completion"
+        )
     dev, pad_id = lm.device, pad_token_id(lm.tokenizer)
     model, resumed = _peft_model(lm, cfg, store)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -191,8 +237,12 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     steps_per_epoch = math.ceil(len(train_ids) / per_step)
     total = min(cfg.max_steps or 10**12, cfg.epochs * steps_per_epoch)
     train_desc = f"SQL {cfg.train_rows_sql!r}" if cfg.train_rows_sql else f"split {cfg.split}"
-    record = {**config_dict(cfg), "tokenization": layout.tokenization, "train": train_desc,
-              "resumed_from": resumed.name if resumed else None}
+    record = {
+        **config_dict(cfg),
+        "tokenization": layout.tokenization,
+        "train": train_desc,
+        "resumed_from": resumed.name if resumed else None,
+    }
     with Run(store, "finetune", record, model_id=lm.model_id, model_hash=lm.model_hash) as run:
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
         rng = np.random.default_rng(cfg.seed)
@@ -217,13 +267,21 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
                 for micro in batches(group, cfg.batch_size):
                     if not any(n_sup[i] for i in micro):
                         continue
-                    s, _ = row_losses(model, [train.input_ids[i] for i in micro], [train.labels[i] for i in micro],
-                                      device=dev, pad_id=pad_id)
+                    s, _ = row_losses(
+                        model,
+                        [train.input_ids[i] for i in micro],
+                        [train.labels[i] for i in micro],
+                        device=dev,
+                        pad_id=pad_id,
+                    )
                     loss = s.sum() / max(1, n_group)
                     loss.backward()
                     loss_total += float(loss.detach())
-                gnorm = (float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-                         if cfg.max_grad_norm else float("nan"))
+                gnorm = (
+                    float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                    if cfg.max_grad_norm
+                    else float("nan")
+                )
                 lr = lr_at(step, total, cfg.warmup_steps, cfg.lr)
                 for pg in opt.param_groups:
                     pg["lr"] = lr
@@ -233,13 +291,27 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
                 t_train += time.perf_counter() - t0
                 step += 1
                 tokens_seen += sum(len(train.input_ids[i]) for i in group)
-                steps_log.append({"step": step, "epoch": epoch, "loss": loss_total, "lr": lr, "grad_norm": gnorm,
-                                  "rows": len(group), "supervised_tokens": n_group})
+                steps_log.append(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": loss_total,
+                        "lr": lr,
+                        "grad_norm": gnorm,
+                        "rows": len(group),
+                        "supervised_tokens": n_group,
+                    }
+                )
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_total:.4f}", epoch=epoch)
             if evald is not None:
-                evals.append({"epoch": epoch, "step": step,
-                              **eval_loss_of(model, evald, cfg, dev, pad_id, f"eval (epoch {epoch})")})
+                evals.append(
+                    {
+                        "epoch": epoch,
+                        "step": step,
+                        **eval_loss_of(model, evald, cfg, dev, pad_id, f"eval (epoch {epoch})"),
+                    }
+                )
             if step >= total:
                 break
         bar.close()
@@ -249,37 +321,69 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         lm.tokenizer.save_pretrained(folder)
         ref = AdapterRef(run.run_id, str(folder), lm.model_id, lm.model_hash, run.run_id)
         write_meta(folder, ref, store)
-        final_train = float(np.mean([s["loss"] for s in steps_log[-max(1, steps_per_epoch // 4):]])) \
-            if steps_log else None
-        metrics = {"steps": step, "final_train_loss": final_train,
-                   "eval_loss_before": evals[0]["loss"] if evals else None,
-                   "eval_loss_after": evals[-1]["loss"] if evals else None,
-                   "train_tokens_per_s": tokens_seen / t_train if t_train else 0.0, "train_seconds": t_train}
-        counts = {"train_rows": len(train_ids), "train_tokens": train.n_tokens, "supervised_tokens": sum(n_sup),
-                  "truncated_rows": train.n_truncated, "eval_rows": len(eval_ids), "steps": step,
-                  "tokens_seen": tokens_seen}
-        store.write_json(run.dir / "train_metrics.json", {
-            "run_id": run.run_id, "adapter": ref.name, "config": record, "counts": counts, "metrics": metrics,
-            "train": steps_log, "eval": evals})
-        (run.dir / "loss_curve.png").write_bytes(plot_loss(
-            steps_log, evals, f"LoRA finetune {train_desc} ({len(train_ids)} rows)"))
+        final_train = (
+            float(np.mean([s["loss"] for s in steps_log[-max(1, steps_per_epoch // 4) :]])) if steps_log else None
+        )
+        metrics = {
+            "steps": step,
+            "final_train_loss": final_train,
+            "eval_loss_before": evals[0]["loss"] if evals else None,
+            "eval_loss_after": evals[-1]["loss"] if evals else None,
+            "train_tokens_per_s": tokens_seen / t_train if t_train else 0.0,
+            "train_seconds": t_train,
+        }
+        counts = {
+            "train_rows": len(train_ids),
+            "train_tokens": train.n_tokens,
+            "supervised_tokens": sum(n_sup),
+            "truncated_rows": train.n_truncated,
+            "eval_rows": len(eval_ids),
+            "steps": step,
+            "tokens_seen": tokens_seen,
+        }
+        store.write_json(
+            run.dir / "train_metrics.json",
+            {
+                "run_id": run.run_id,
+                "adapter": ref.name,
+                "config": record,
+                "counts": counts,
+                "metrics": metrics,
+                "train": steps_log,
+                "eval": evals,
+            },
+        )
+        (run.dir / "loss_curve.png").write_bytes(
+            plot_loss(steps_log, evals, f"LoRA finetune {train_desc} ({len(train_ids)} rows)")
+        )
         peft_cfg = model.peft_config["default"]
         write_adapter_record(
-            store, ref, tokenization=layout.tokenization, train_split=None if cfg.train_rows_sql else cfg.split,
-            train_rows_sql=cfg.train_rows_sql, n_train_rows=len(train_ids), n_train_tokens=train.n_tokens,
-            resumed_from=resumed.name if resumed else None, lora_r=int(peft_cfg.r),
-            lora_alpha=float(peft_cfg.lora_alpha), target_modules=sorted(peft_cfg.target_modules),
-            final_train_loss=final_train, final_eval_loss=metrics["eval_loss_after"], config=record,
-            metrics=metrics)
+            store,
+            ref,
+            tokenization=layout.tokenization,
+            train_split=None if cfg.train_rows_sql else cfg.split,
+            train_rows_sql=cfg.train_rows_sql,
+            n_train_rows=len(train_ids),
+            n_train_tokens=train.n_tokens,
+            resumed_from=resumed.name if resumed else None,
+            lora_r=int(peft_cfg.r),
+            lora_alpha=float(peft_cfg.lora_alpha),
+            target_modules=sorted(peft_cfg.target_modules),
+            final_train_loss=final_train,
+            final_eval_loss=metrics["eval_loss_after"],
+            config=record,
+            metrics=metrics,
+        )
         run.finish(counts=counts, metrics=metrics)
     return FinetuneResult(run.run_id, ref.name, ref.path, metrics)
 
 
 def report(res: FinetuneResult) -> str:
     m = res.metrics
-    lines = [f"adapter {res.adapter}: {res.path}",
-             f"{m['steps']} steps, final train loss {m['final_train_loss']:.4f}, "
-             f"{m['train_tokens_per_s']:,.0f} tok/s"]
+    lines = [
+        f"adapter {res.adapter}: {res.path}",
+        f"{m['steps']} steps, final train loss {m['final_train_loss']:.4f}, {m['train_tokens_per_s']:,.0f} tok/s",
+    ]
     if m["eval_loss_before"] is not None:
         lines.append(f"eval loss {m['eval_loss_before']:.4f} -> {m['eval_loss_after']:.4f}")
     lines.append(f"next: python -m trainers.eval_loss --adapter {res.adapter}")

@@ -36,69 +36,155 @@ class ProbeConfig:
     from `row_label` (an SQL expression over `rows`). L2 is chosen per layer and seed by
     validation AUROC."""
 
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder (holds the activations; "
-                       "receives the run record, score tables and, without --output-dir, the outputs)"})
-    view: str = field(default="needle_tokens", metadata={"help": "view (sql/views or the store's views/) or "
-                      "SQL giving the tokens to train on: row_id, tok_index, and for target=token a 0/1 `label`"})
-    target: Literal["token", "row"] = field(default="token", metadata={"help": "token: one example per token "
-                                            "(the view's label); row: one pooled example per row (row_label)"})
-    row_label: str | None = field(default=None, metadata={"help": "target=row: SQL expression over `rows` "
-                                  "giving the 0/1 label, e.g. \"quality IN ('poor','very poor')\" or "
-                                  "\"category = 'math'\"; rows where it is NULL are dropped (default: the "
-                                  "view's label, max over the row's tokens)"})
-    pool: Literal["mean", "last"] = field(default="mean", metadata={"help": "target=row: pool the row's view "
-                                          "tokens by their mean or take the last one"})
-    layers_to_probe: list[int] = field(default_factory=list, metadata={"help": "decoder layers to probe "
-                                       "(default: every layer the store holds for activation_site)",
-                                       "aliases": ["--layers"]})
-    activation_site: str = field(default="resid_post", metadata={"help": "the stored array kind to read: "
-                                 "resid_post (= hidden, the residual stream after block L) or another kind "
-                                 "stored as <kind>/layer_<L>"})
-    train_splits: list[str] = field(default_factory=lambda: ["train_base"], metadata={
-        "help": "dataset splits whose rows (documents) are training data"})
-    val_splits: list[str] = field(default_factory=lambda: ["eval"], metadata={
-        "help": "dataset splits whose rows are validation data (L2 selection and reported metrics)"})
-    negatives_per_doc: int | None = field(default=20, metadata={"help": "target=token: label-0 tokens "
-                                          "sampled per document (seeded); none = all of them"})
-    max_train_docs: int | None = field(default=None, metadata={"help": "use only the first N training rows "
-                                       "by row_id (a content hash: a fixed pseudo-random sample)"})
+    store: str = field(
+        default=DEFAULT_STORE,
+        metadata={
+            "help": "store folder (holds the activations; "
+            "receives the run record, score tables and, without --output-dir, the outputs)"
+        },
+    )
+    view: str = field(
+        default="needle_tokens",
+        metadata={
+            "help": "view (sql/views or the store's views/) or "
+            "SQL giving the tokens to train on: row_id, tok_index, and for target=token a 0/1 `label`"
+        },
+    )
+    target: Literal["token", "row"] = field(
+        default="token",
+        metadata={
+            "help": "token: one example per token (the view's label); row: one pooled example per row (row_label)"
+        },
+    )
+    row_label: str | None = field(
+        default=None,
+        metadata={
+            "help": "target=row: SQL expression over `rows` "
+            "giving the 0/1 label, e.g. \"quality IN ('poor','very poor')\" or "
+            "\"category = 'math'\"; rows where it is NULL are dropped (default: the "
+            "view's label, max over the row's tokens)"
+        },
+    )
+    pool: Literal["mean", "last"] = field(
+        default="mean", metadata={"help": "target=row: pool the row's view tokens by their mean or take the last one"}
+    )
+    layers_to_probe: list[int] = field(
+        default_factory=list,
+        metadata={
+            "help": "decoder layers to probe (default: every layer the store holds for activation_site)",
+            "aliases": ["--layers"],
+        },
+    )
+    activation_site: str = field(
+        default="resid_post",
+        metadata={
+            "help": "the stored array kind to read: "
+            "resid_post (= hidden, the residual stream after block L) or another kind "
+            "stored as <kind>/layer_<L>"
+        },
+    )
+    train_splits: list[str] = field(
+        default_factory=lambda: ["train_base"],
+        metadata={"help": "dataset splits whose rows (documents) are training data"},
+    )
+    val_splits: list[str] = field(
+        default_factory=lambda: ["eval"],
+        metadata={"help": "dataset splits whose rows are validation data (L2 selection and reported metrics)"},
+    )
+    negatives_per_doc: int | None = field(
+        default=20, metadata={"help": "target=token: label-0 tokens sampled per document (seeded); none = all of them"}
+    )
+    max_train_docs: int | None = field(
+        default=None,
+        metadata={
+            "help": "use only the first N training rows by row_id (a content hash: a fixed pseudo-random sample)"
+        },
+    )
     max_val_docs: int | None = field(default=None, metadata={"help": "likewise for validation rows"})
-    max_train_tokens: int | None = field(default=None, metadata={"help": "cap on training examples after "
-                                         "sampling (a seeded uniform subsample)"})
+    max_train_tokens: int | None = field(
+        default=None, metadata={"help": "cap on training examples after sampling (a seeded uniform subsample)"}
+    )
     max_val_tokens: int | None = field(default=None, metadata={"help": "cap on validation examples"})
-    batch_size: int = field(default=1024, metadata={"help": "examples per optimizer step (fixed-order "
-                            "minibatches from a seeded permutation)"})
+    batch_size: int = field(
+        default=1024,
+        metadata={"help": "examples per optimizer step (fixed-order minibatches from a seeded permutation)"},
+    )
     num_epochs: int = field(default=60, metadata={"help": "passes over the training examples"})
-    learning_rate: float = field(default=0.01, metadata={"help": "Adam learning rate (features are "
-                                 "standardized with training statistics)"})
-    l2_grid: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0], metadata={
-        "help": "L2 penalties to try (loss = weighted mean BCE + l2/2 * |w|^2, bias unpenalized); the "
-                "one with the best validation AUROC is kept"})
-    class_balance: Literal["weighted", "downsample"] = field(default="weighted", metadata={
-        "help": "weighted: keep every sampled example, weight each class to half the loss; downsample: "
-                "drop majority-class examples (seeded) to the minority count, unweighted loss"})
-    train_seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={
-        "help": "seeds; each gives its own negative sample, minibatch order and probe"})
-    device: Literal["auto", "cpu", "cuda", "mps"] = field(default="auto", metadata={
-        "help": "where probes train: auto = cuda if available, else cpu"})
-    feature_dtype: Literal["float32", "float64", "bfloat16"] = field(default="float32", metadata={
-        "help": "dtype the standardized features are held in on the device (bfloat16 halves memory; "
-                "weights and arithmetic stay float32, float64 with float64 features)"})
-    output_dir: str | None = field(default=None, metadata={"help": "folder for probes, CSV, plot and JSON "
-                                   "(default: the run's folder in the store, runs/<run_id>/)"})
-    probe_name: str | None = field(default=None, metadata={"help": "name of the scores written back "
-                                   "(array probe/<name>/layer_<L>, column `probe` of the score tables); "
-                                   "default: the view name, or row_<view> for target=row"})
-    score_view: str | None = field(default=None, metadata={"help": "target=token: the view whose tokens "
-                                   "get probe logits written back (all its rows in the store; default: view)"})
-    write_scores: bool = field(default=True, metadata={"help": "write probe logits back into the store "
-                               "(tables probe_token_scores / probe_doc_scores and a Zarr array per layer)"})
-    monitor_topk: int = field(default=5, metadata={"help": "document monitor: k of the top-k mean of a "
-                              "row's token logits"})
-    extract_missing: bool = field(default=False, metadata={"help": "extract layers missing from the store "
-                                  "(runs extractors.run with --model) instead of failing"})
-    model: str = field(default="embedded", metadata={"help": "with --extract-missing: the model the store "
-                       "was extracted with ('embedded', a Hugging Face id or a folder)"})
+    learning_rate: float = field(
+        default=0.01, metadata={"help": "Adam learning rate (features are standardized with training statistics)"}
+    )
+    l2_grid: list[float] = field(
+        default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0],
+        metadata={
+            "help": "L2 penalties to try (loss = weighted mean BCE + l2/2 * |w|^2, bias unpenalized); the "
+            "one with the best validation AUROC is kept"
+        },
+    )
+    class_balance: Literal["weighted", "downsample"] = field(
+        default="weighted",
+        metadata={
+            "help": "weighted: keep every sampled example, weight each class to half the loss; downsample: "
+            "drop majority-class examples (seeded) to the minority count, unweighted loss"
+        },
+    )
+    train_seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2],
+        metadata={"help": "seeds; each gives its own negative sample, minibatch order and probe"},
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = field(
+        default="auto", metadata={"help": "where probes train: auto = cuda if available, else cpu"}
+    )
+    feature_dtype: Literal["float32", "float64", "bfloat16"] = field(
+        default="float32",
+        metadata={
+            "help": "dtype the standardized features are held in on the device (bfloat16 halves memory; "
+            "weights and arithmetic stay float32, float64 with float64 features)"
+        },
+    )
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder for probes, CSV, plot and JSON (default: the run's folder in the store, runs/<run_id>/)"
+        },
+    )
+    probe_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "name of the scores written back "
+            "(array probe/<name>/layer_<L>, column `probe` of the score tables); "
+            "default: the view name, or row_<view> for target=row"
+        },
+    )
+    score_view: str | None = field(
+        default=None,
+        metadata={
+            "help": "target=token: the view whose tokens "
+            "get probe logits written back (all its rows in the store; default: view)"
+        },
+    )
+    write_scores: bool = field(
+        default=True,
+        metadata={
+            "help": "write probe logits back into the store "
+            "(tables probe_token_scores / probe_doc_scores and a Zarr array per layer)"
+        },
+    )
+    monitor_topk: int = field(
+        default=5, metadata={"help": "document monitor: k of the top-k mean of a row's token logits"}
+    )
+    extract_missing: bool = field(
+        default=False,
+        metadata={
+            "help": "extract layers missing from the store (runs extractors.run with --model) instead of failing"
+        },
+    )
+    model: str = field(
+        default="embedded",
+        metadata={
+            "help": "with --extract-missing: the model the store "
+            "was extracted with ('embedded', a Hugging Face id or a folder)"
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -113,8 +199,7 @@ class ProbeConfig:
             raise bad("layers_to_probe", f"has duplicates: {self.layers_to_probe}")
         if not self.activation_site or "/" in self.activation_site:
             raise bad("activation_site", f"{self.activation_site!r} is not an array kind (e.g. resid_post)")
-        for key in ("negatives_per_doc", "max_train_docs", "max_val_docs", "max_train_tokens",
-                    "max_val_tokens"):
+        for key in ("negatives_per_doc", "max_train_docs", "max_val_docs", "max_train_tokens", "max_val_tokens"):
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise bad(key, f"must be at least 1 (or null for no limit), got {v}")

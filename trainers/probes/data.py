@@ -33,15 +33,15 @@ from trainers.probes.config import ProbeConfig
 @dataclass
 class ProbeData:
     target: str
-    frame: pl.DataFrame          # one line per candidate example: row_id, split, role (+ token cols)
-    y: np.ndarray                # [n] int64 labels of the candidates
-    doc: np.ndarray              # [n] row_id of each candidate
+    frame: pl.DataFrame  # one line per candidate example: row_id, split, role (+ token cols)
+    y: np.ndarray  # [n] int64 labels of the candidates
+    doc: np.ndarray  # [n] row_id of each candidate
     train: dict[int, np.ndarray]  # seed -> sorted candidate indices used for training
-    val: np.ndarray              # sorted candidate indices used for validation
+    val: np.ndarray  # sorted candidate indices used for validation
     n_docs: dict[str, int]
-    sql: str                     # the query that produced `frame`
+    sql: str  # the query that produced `frame`
     token_rule: str
-    tokens: pl.DataFrame | None = None   # row target: the view's tokens (ex, token_pos, tok_index)
+    tokens: pl.DataFrame | None = None  # row target: the view's tokens (ex, token_pos, tok_index)
     pool: str = "mean"
 
     def features(self, store: Store, array: str, idx: np.ndarray, block_tokens: int = 65536) -> np.ndarray:
@@ -49,7 +49,7 @@ class ProbeData:
         if self.target == "token":
             return gather(store, array, self.frame["tok_index"].to_numpy()[idx])
         reader = ArrayReader(store, array)
-        toks = self.tokens.filter(pl.col("ex").is_in(idx.tolist()))   # sorted by (ex, token_pos)
+        toks = self.tokens.filter(pl.col("ex").is_in(idx.tolist()))  # sorted by (ex, token_pos)
         ex = toks["ex"].to_numpy()
         starts = np.flatnonzero(np.r_[True, ex[1:] != ex[:-1]])
         ends = np.r_[starts[1:], len(ex)]
@@ -82,22 +82,28 @@ def _query(store: Store, cfg: ProbeConfig) -> tuple[str, pl.DataFrame]:
                 raise ValueError(f"view: {cfg.view!r} must return {need} (join the tokens table)")
         has_label = "label" in cols
         if cfg.target == "token" and not has_label:
-            raise ValueError(f"view: {cfg.view!r} returns no `label` column; a token probe needs 0/1 labels "
-                             "(e.g. view: needle_tokens), or use target: row with row_label")
+            raise ValueError(
+                f"view: {cfg.view!r} returns no `label` column; a token probe needs 0/1 labels "
+                "(e.g. view: needle_tokens), or use target: row with row_label"
+            )
         if cfg.target == "row" and cfg.row_label is None and not has_label:
-            raise ValueError(f"row_label: needed, as view {cfg.view!r} has no `label` column "
-                             "(e.g. row_label: \"category = 'math'\")")
+            raise ValueError(
+                f"row_label: needed, as view {cfg.view!r} has no `label` column (e.g. row_label: \"category = 'math'\")"
+            )
         pos = "v.token_pos" if "token_pos" in cols else "v.tok_index"
         label = "CAST(v.label AS INTEGER)" if has_label else "NULL::INTEGER"
         row_join = ""
         if cfg.target == "row" and cfg.row_label is not None:
             label = "rl.row_label"
-            row_join = (f"JOIN (SELECT row_id, CAST(({cfg.row_label}) AS INTEGER) AS row_label FROM rows) rl "
-                        f"USING (row_id) ")
+            row_join = (
+                f"JOIN (SELECT row_id, CAST(({cfg.row_label}) AS INTEGER) AS row_label FROM rows) rl USING (row_id) "
+            )
         split_list = ", ".join("'" + s.replace("'", "''") + "'" for s in splits)
-        sql = (f"WITH v AS ({body}) SELECT v.row_id, {pos} AS token_pos, v.tok_index, {label} AS label, "
-               f"m.split AS probe_split FROM v JOIN split_members m USING (row_id) {row_join}"
-               f"WHERE m.split IN ({split_list}) ORDER BY v.row_id, token_pos, v.tok_index")
+        sql = (
+            f"WITH v AS ({body}) SELECT v.row_id, {pos} AS token_pos, v.tok_index, {label} AS label, "
+            f"m.split AS probe_split FROM v JOIN split_members m USING (row_id) {row_join}"
+            f"WHERE m.split IN ({split_list}) ORDER BY v.row_id, token_pos, v.tok_index"
+        )
         try:
             frame = pl.from_arrow(con.sql(sql).to_arrow_table())
         except duckdb.Error as e:
@@ -110,12 +116,18 @@ def _query(store: Store, cfg: ProbeConfig) -> tuple[str, pl.DataFrame]:
 
 def _roles(cfg: ProbeConfig, frame: pl.DataFrame) -> pl.DataFrame:
     """Add `role` (train/val), apply the document caps; fail on a row in both roles."""
-    frame = frame.with_columns(pl.when(pl.col("probe_split").is_in(cfg.train_splits)).then(pl.lit("train"))
-                               .otherwise(pl.lit("val")).alias("role"))
+    frame = frame.with_columns(
+        pl.when(pl.col("probe_split").is_in(cfg.train_splits))
+        .then(pl.lit("train"))
+        .otherwise(pl.lit("val"))
+        .alias("role")
+    )
     both = frame.group_by("row_id").agg(pl.col("role").n_unique().alias("k")).filter(pl.col("k") > 1)
     if len(both):
-        raise ValueError(f"val_splits: {len(both)} rows (e.g. {both['row_id'][0]}) are in a training split "
-                         f"{cfg.train_splits} and a validation split {cfg.val_splits}")
+        raise ValueError(
+            f"val_splits: {len(both)} rows (e.g. {both['row_id'][0]}) are in a training split "
+            f"{cfg.train_splits} and a validation split {cfg.val_splits}"
+        )
     frame = frame.unique(subset=["row_id", "token_pos", "tok_index"], keep="first", maintain_order=True)
     for role, cap in (("train", cfg.max_train_docs), ("val", cfg.max_val_docs)):
         if cap is not None:
@@ -153,8 +165,10 @@ def _balance_and_cap(idx: np.ndarray, y: np.ndarray, seed: int, downsample: bool
 def _check_classes(y: np.ndarray, what: str, key: str, splits: list[str]) -> None:
     n_pos = int(y.sum())
     if len(y) == 0 or n_pos in (0, len(y)):
-        raise ValueError(f"{key}: the {what} examples from splits {splits} have {n_pos} positives of {len(y)}; "
-                         "a probe needs both classes (check the view's labels, the splits and the caps)")
+        raise ValueError(
+            f"{key}: the {what} examples from splits {splits} have {n_pos} positives of {len(y)}; "
+            "a probe needs both classes (check the view's labels, the splits and the caps)"
+        )
 
 
 def load_probe_data(store: Store, cfg: ProbeConfig) -> ProbeData:
@@ -167,23 +181,33 @@ def load_probe_data(store: Store, cfg: ProbeConfig) -> ProbeData:
     tokens = None
     if cfg.target == "row":
         rows = frame.group_by("row_id", maintain_order=True).agg(
-            pl.col("probe_split").first(), pl.col("role").first(), pl.col("label").max())
+            pl.col("probe_split").first(), pl.col("role").first(), pl.col("label").max()
+        )
         dropped = rows["label"].null_count()
         rows = rows.filter(pl.col("label").is_not_null()).with_row_index("ex")
-        tokens = frame.join(rows.select("row_id", "ex"), on="row_id").select("ex", "token_pos", "tok_index") \
+        tokens = (
+            frame.join(rows.select("row_id", "ex"), on="row_id")
+            .select("ex", "token_pos", "tok_index")
             .sort("ex", "token_pos", "tok_index")
+        )
         frame = rows.select("row_id", pl.col("probe_split").alias("split"), "role", "label")
-        rule = (f"row target: {cfg.pool} of each row's tokens in view {cfg.view!r}; label "
-                f"{cfg.row_label or 'max(view label)'}; {dropped} rows with a NULL label dropped")
+        rule = (
+            f"row target: {cfg.pool} of each row's tokens in view {cfg.view!r}; label "
+            f"{cfg.row_label or 'max(view label)'}; {dropped} rows with a NULL label dropped"
+        )
     else:
         frame = frame.rename({"probe_split": "split"})
-        rule = (f"token target: positives = all label-1 tokens of view {cfg.view!r}; negatives = up to "
-                f"{cfg.negatives_per_doc or 'all'} label-0 tokens per document, sampled with the train seed "
-                f"(validation: seed 0)")
+        rule = (
+            f"token target: positives = all label-1 tokens of view {cfg.view!r}; negatives = up to "
+            f"{cfg.negatives_per_doc or 'all'} label-0 tokens per document, sampled with the train seed "
+            f"(validation: seed 0)"
+        )
     y = frame["label"].to_numpy().astype(np.int64)
     if not set(np.unique(y).tolist()) <= {0, 1}:
-        raise ValueError(f"{'row_label' if cfg.row_label else 'view'}: labels must be 0/1, got "
-                         f"{sorted(set(np.unique(y).tolist()))[:5]}")
+        raise ValueError(
+            f"{'row_label' if cfg.row_label else 'view'}: labels must be 0/1, got "
+            f"{sorted(set(np.unique(y).tolist()))[:5]}"
+        )
     k = cfg.negatives_per_doc if cfg.target == "token" else None
     val = _negatives(frame, 0, k, "val")
     val = _balance_and_cap(val, y, 0, False, cfg.max_val_tokens)
@@ -195,5 +219,4 @@ def load_probe_data(store: Store, cfg: ProbeConfig) -> ProbeData:
     _check_classes(y[val], "validation", "val_splits", cfg.val_splits)
     rule += f"; class_balance {cfg.class_balance}; documents split by {cfg.train_splits} / {cfg.val_splits}"
     n_docs = {r: frame.filter(pl.col("role") == r)["row_id"].n_unique() for r in ("train", "val")}
-    return ProbeData(cfg.target, frame, y, frame["row_id"].to_numpy(), train, val, n_docs, sql, rule,
-                     tokens, cfg.pool)
+    return ProbeData(cfg.target, frame, y, frame["row_id"].to_numpy(), train, val, n_docs, sql, rule, tokens, cfg.pool)

@@ -16,8 +16,9 @@ threshold on the logits (chosen on the same set, as a ceiling), via scikit-learn
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,14 +46,14 @@ def single_threaded(device: torch.device) -> Iterator[None]:
 
 
 class Standardizer(NamedTuple):
-    mean: np.ndarray   # [d] float32
-    std: np.ndarray    # [d] float32 (floored at 1e-6: constant features stay 0)
+    mean: np.ndarray  # [d] float32
+    std: np.ndarray  # [d] float32 (floored at 1e-6: constant features stay 0)
 
 
 class FitResult(NamedTuple):
-    coef: torch.Tensor      # [d] in standardized feature space (float32 on CPU)
-    bias: torch.Tensor      # [1]
-    train_loss: float       # final epoch's mean objective
+    coef: torch.Tensor  # [d] in standardized feature space (float32 on CPU)
+    bias: torch.Tensor  # [1]
+    train_loss: float  # final epoch's mean objective
     steps: int
 
 
@@ -66,8 +67,7 @@ def standardize(X: np.ndarray) -> Standardizer:
 def to_device(X: np.ndarray, st: Standardizer, device: torch.device, feature_dtype: str) -> torch.Tensor:
     """(X - mean) / std as a tensor on `device` in `feature_dtype` (computed in float32)."""
     z = (X - st.mean) / st.std
-    return torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(device=device,
-                                                                         dtype=_DTYPES[feature_dtype])
+    return torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(device=device, dtype=_DTYPES[feature_dtype])
 
 
 def compute_dtype(feature_dtype: str) -> torch.dtype:
@@ -84,8 +84,17 @@ def class_weights(y: np.ndarray) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def fit_logreg(Z: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor | None, *, l2: float,
-               lr: float, epochs: int, batch_size: int, seed: int) -> FitResult:
+def fit_logreg(
+    Z: torch.Tensor,
+    y: torch.Tensor,
+    sample_weight: torch.Tensor | None,
+    *,
+    l2: float,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> FitResult:
     """Fit on standardized features `Z` [n, d] (on any device); `y` in {0, 1}, float.
 
     The gradient is written out (d/dlogit BCE = sigmoid(logit) - y), which is exact and
@@ -100,7 +109,7 @@ def fit_logreg(Z: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor | N
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     y = y.to(cdt)
     w = torch.ones(n, dtype=cdt, device=device) if sample_weight is None else sample_weight.to(cdt)
-    Zc = Z.to(cdt) if batch_size >= n else None   # full batch: convert once
+    Zc = Z.to(cdt) if batch_size >= n else None  # full batch: convert once
     steps, last = 0, float("nan")
     for _ in range(epochs):
         perm = None if Zc is not None else torch.randperm(n, generator=gen).to(device)
@@ -109,7 +118,7 @@ def fit_logreg(Z: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor | N
             if perm is None:
                 zb, yb, wb = Zc, y, w
             else:
-                idx = perm[s: s + batch_size]
+                idx = perm[s : s + batch_size]
                 zb, yb, wb = Z[idx].to(cdt), y[idx], w[idx]
             logits = torch.addmv(bias.expand(len(yb)), zb, coef)
             wsum = wb.sum()
@@ -131,7 +140,7 @@ def logits_of(Z: torch.Tensor, coef: torch.Tensor, bias: torch.Tensor, batch: in
     """Logits of standardized features (float32 numpy)."""
     cdt = torch.float64 if Z.dtype == torch.float64 else torch.float32
     c, b = coef.to(Z.device, cdt), bias.to(Z.device, cdt)
-    out = [(Z[s: s + batch].to(cdt) @ c + b).float().cpu() for s in range(0, Z.shape[0], batch)]
+    out = [(Z[s : s + batch].to(cdt) @ c + b).float().cpu() for s in range(0, Z.shape[0], batch)]
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
@@ -148,9 +157,15 @@ def binary_metrics(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     y = np.asarray(y).astype(np.int64)
     s = np.asarray(scores, dtype=np.float64)
     n, n_pos = len(y), int(y.sum())
-    out = {"n": n, "n_pos": n_pos, "auroc": float("nan"), "auprc": float("nan"),
-           "accuracy_at_0": float(((s > 0) == (y == 1)).mean()) if n else float("nan"),
-           "accuracy_best": float("nan"), "best_threshold": float("nan")}
+    out = {
+        "n": n,
+        "n_pos": n_pos,
+        "auroc": float("nan"),
+        "auprc": float("nan"),
+        "accuracy_at_0": float(((s > 0) == (y == 1)).mean()) if n else float("nan"),
+        "accuracy_best": float("nan"),
+        "best_threshold": float("nan"),
+    }
     if n == 0 or n_pos in (0, n):
         return out
     out["auroc"] = float(roc_auc_score(y, s))

@@ -34,10 +34,10 @@ import torch
 from safetensors.torch import load_file
 
 from store.arrays import commit_unit, create_array, open_array, record_array, write_unit
+from store.catalog.tokens import read_layout
 from store.cli import parse_config, user_errors
 from store.core import DEFAULT_STORE, Store, StoreError
 from store.materialize import ArrayReader, view_sql
-from store.catalog.tokens import read_layout
 from trainers.probes.logreg import Standardizer, binary_metrics, logits_of, to_device
 
 AGGREGATES = ("max_logit", "mean_logit", "topk_mean_logit")
@@ -71,24 +71,33 @@ def scored_tokens(store: Store, view: str, array: str) -> pl.DataFrame:
             if need not in cols:
                 raise StoreError(f"view {view!r} must return {need} to be scored (join the tokens table)")
         extra = [c for c in ("label", "has_needle") if c in cols]
-        q = (f"WITH v AS ({view_sql(store, view)}) "
-             f"SELECT v.row_id, v.token_pos, v.tok_index, r.split{''.join(', v.' + c for c in extra)} "
-             f"FROM v JOIN rows r USING (row_id) "
-             f"WHERE v.row_id IN (SELECT row_id FROM array_units WHERE array_name = $a) "
-             f"ORDER BY v.tok_index")
+        q = (
+            f"WITH v AS ({view_sql(store, view)}) "
+            f"SELECT v.row_id, v.token_pos, v.tok_index, r.split{''.join(', v.' + c for c in extra)} "
+            f"FROM v JOIN rows r USING (row_id) "
+            f"WHERE v.row_id IN (SELECT row_id FROM array_units WHERE array_name = $a) "
+            f"ORDER BY v.tok_index"
+        )
         return pl.from_arrow(con.sql(q, params={"a": array}).to_arrow_table())
     finally:
         con.close()
 
 
-def score_frame(store: Store, probe: LoadedProbe, frame: pl.DataFrame, array: str, device: torch.device,
-                feature_dtype: str = "float32", batch: int = 65536) -> np.ndarray:
+def score_frame(
+    store: Store,
+    probe: LoadedProbe,
+    frame: pl.DataFrame,
+    array: str,
+    device: torch.device,
+    feature_dtype: str = "float32",
+    batch: int = 65536,
+) -> np.ndarray:
     """Logits of the frame's tokens (gathered in batches of `batch`)."""
     tok = frame["tok_index"].to_numpy()
     out = np.zeros(len(tok), np.float32)
     reader = ArrayReader(store, array)
     for s in range(0, len(tok), batch):
-        out[s: s + batch] = probe.score(reader.gather(tok[s: s + batch]), device, feature_dtype)
+        out[s : s + batch] = probe.score(reader.gather(tok[s : s + batch]), device, feature_dtype)
     return out
 
 
@@ -104,11 +113,19 @@ def doc_scores(frame: pl.DataFrame, logits: np.ndarray, topk: int) -> pl.DataFra
     """One line per row: n_tokens, max / mean / top-k mean logit, and the row label."""
     f = frame.with_columns(pl.Series("probe_logit", logits, dtype=pl.Float32))
     label = doc_label_expr(frame)
-    aggs = [pl.col("split").first(), pl.len().alias("n_tokens"),
-            pl.col("probe_logit").max().alias("max_logit"),
-            pl.col("probe_logit").cast(pl.Float64).mean().cast(pl.Float32).alias("mean_logit"),
-            pl.col("probe_logit").sort(descending=True).head(topk).cast(pl.Float64).mean()
-            .cast(pl.Float32).alias("topk_mean_logit")]
+    aggs = [
+        pl.col("split").first(),
+        pl.len().alias("n_tokens"),
+        pl.col("probe_logit").max().alias("max_logit"),
+        pl.col("probe_logit").cast(pl.Float64).mean().cast(pl.Float32).alias("mean_logit"),
+        pl.col("probe_logit")
+        .sort(descending=True)
+        .head(topk)
+        .cast(pl.Float64)
+        .mean()
+        .cast(pl.Float32)
+        .alias("topk_mean_logit"),
+    ]
     aggs.append((label if label is not None else pl.lit(None, pl.Int32)).alias("label"))
     return f.group_by("row_id").agg(aggs).sort("row_id")
 
@@ -125,38 +142,97 @@ def doc_metrics(docs: pl.DataFrame, row_ids: set[str] | None = None) -> dict[str
     return out
 
 
-def write_scores(store: Store, *, run_id: str, probe_name: str, layer: int, seed: int, frame: pl.DataFrame,
-                 logits: np.ndarray, docs: pl.DataFrame, source_array: str, attrs: dict[str, Any]) -> str:
+def write_scores(
+    store: Store,
+    *,
+    run_id: str,
+    probe_name: str,
+    layer: int,
+    seed: int,
+    frame: pl.DataFrame,
+    logits: np.ndarray,
+    docs: pl.DataFrame,
+    source_array: str,
+    attrs: dict[str, Any],
+) -> str:
     """Write the token table, the doc table and the Zarr array; returns the array's name."""
     n = len(frame)
     label = frame["label"].cast(pl.Int32).to_arrow() if "label" in frame.columns else pa.nulls(n, pa.int32())
-    store.write_table(TOKEN_SCORES, pa.table({
-        "run_id": pa.array([run_id] * n, pa.string()), "probe": pa.array([probe_name] * n, pa.string()),
-        "layer": pa.array([layer] * n, pa.int32()), "seed": pa.array([seed] * n, pa.int32()),
-        "row_id": frame["row_id"].to_arrow(), "token_pos": frame["token_pos"].cast(pl.Int32).to_arrow(),
-        "split": frame["split"].to_arrow(), "label": label,
-        "probe_logit": pa.array(logits, pa.float32()),
-    }), part=f"{probe_name}/{run_id}/layer_{layer}")
+    store.write_table(
+        TOKEN_SCORES,
+        pa.table(
+            {
+                "run_id": pa.array([run_id] * n, pa.string()),
+                "probe": pa.array([probe_name] * n, pa.string()),
+                "layer": pa.array([layer] * n, pa.int32()),
+                "seed": pa.array([seed] * n, pa.int32()),
+                "row_id": frame["row_id"].to_arrow(),
+                "token_pos": frame["token_pos"].cast(pl.Int32).to_arrow(),
+                "split": frame["split"].to_arrow(),
+                "label": label,
+                "probe_logit": pa.array(logits, pa.float32()),
+            }
+        ),
+        part=f"{probe_name}/{run_id}/layer_{layer}",
+    )
     m = len(docs)
-    store.write_table(DOC_SCORES, pa.table({
-        "run_id": pa.array([run_id] * m, pa.string()), "probe": pa.array([probe_name] * m, pa.string()),
-        "layer": pa.array([layer] * m, pa.int32()), "seed": pa.array([seed] * m, pa.int32()),
-        **{c: docs[c].to_arrow() for c in ("row_id", "split", "label", "n_tokens", *AGGREGATES)},
-    }), part=f"{probe_name}/{run_id}/layer_{layer}")
-    return write_score_array(store, f"probe/{probe_name}/layer_{layer}", frame, logits, run_id=run_id,
-                             layer=layer, source_array=source_array, attrs=attrs)
+    store.write_table(
+        DOC_SCORES,
+        pa.table(
+            {
+                "run_id": pa.array([run_id] * m, pa.string()),
+                "probe": pa.array([probe_name] * m, pa.string()),
+                "layer": pa.array([layer] * m, pa.int32()),
+                "seed": pa.array([seed] * m, pa.int32()),
+                **{c: docs[c].to_arrow() for c in ("row_id", "split", "label", "n_tokens", *AGGREGATES)},
+            }
+        ),
+        part=f"{probe_name}/{run_id}/layer_{layer}",
+    )
+    return write_score_array(
+        store,
+        f"probe/{probe_name}/layer_{layer}",
+        frame,
+        logits,
+        run_id=run_id,
+        layer=layer,
+        source_array=source_array,
+        attrs=attrs,
+    )
 
 
-def write_score_array(store: Store, name: str, frame: pl.DataFrame, logits: np.ndarray, *, run_id: str,
-                      layer: int, source_array: str, attrs: dict[str, Any]) -> str:
+def write_score_array(
+    store: Store,
+    name: str,
+    frame: pl.DataFrame,
+    logits: np.ndarray,
+    *,
+    run_id: str,
+    layer: int,
+    source_array: str,
+    attrs: dict[str, Any],
+) -> str:
     """A 1-D float32 array over the source array's layout holding the logits at their tok_index."""
     src = open_array(store, source_array)
     tokenization = src.attrs.get("tokenization")
     layout = read_layout(store, tokenization)
-    arr = create_array(store, name, n_slots=layout.n_slots, width=None, chunk_slots=layout.unit_tokens,
-                       dtype="fp32", attrs={**attrs, "tokenization": tokenization, "model": src.attrs.get("model"),
-                                            "model_hash": src.attrs.get("model_hash"), "layer": layer,
-                                            "run_id": run_id, "source_array": source_array})
+    arr = create_array(
+        store,
+        name,
+        n_slots=layout.n_slots,
+        width=None,
+        chunk_slots=layout.unit_tokens,
+        dtype="fp32",
+        attrs={
+            **attrs,
+            "tokenization": tokenization,
+            "model": src.attrs.get("model"),
+            "model_hash": src.attrs.get("model_hash"),
+            "layer": layer,
+            "run_id": run_id,
+            "source_array": source_array,
+        },
+    )
     tok = frame["tok_index"].to_numpy()
     unit_of = tok // layout.unit_tokens
     rows = frame["row_id"].to_numpy()
@@ -166,8 +242,7 @@ def write_score_array(store: Store, name: str, frame: pl.DataFrame, logits: np.n
         buf[tok[sel] - u * layout.unit_tokens] = logits[sel]
         write_unit(store, arr, name, int(u), buf)
         commit_unit(store, name, int(u), sorted(set(rows[sel].tolist())), run_id)
-    record_array(store, name, arr, kind="probe", layer=layer, run_id=run_id,
-                 extra={"probe": attrs.get("probe")})
+    record_array(store, name, arr, kind="probe", layer=layer, run_id=run_id, extra={"probe": attrs.get("probe")})
     return name
 
 
@@ -176,13 +251,20 @@ def write_score_array(store: Store, name: str, frame: pl.DataFrame, logits: np.n
 class MonitorConfig:
     """Score a view's tokens with a saved probe and aggregate them per row (document monitor)."""
 
-    probe: str = field(metadata={"help": "a probe file from python -m trainers.probe "
-                                         "(probe_layer_L_seed_S.json or .safetensors)"})
+    probe: str = field(
+        metadata={"help": "a probe file from python -m trainers.probe (probe_layer_L_seed_S.json or .safetensors)"}
+    )
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
-    view: str = field(default="needle_tokens", metadata={"help": "view or SQL whose tokens to score "
-                      "(row_id, token_pos, tok_index; label/has_needle give the doc label)"})
-    probe_name: str | None = field(default=None, metadata={"help": "name in the score tables and array "
-                                   "(default: the probe's own name)"})
+    view: str = field(
+        default="needle_tokens",
+        metadata={
+            "help": "view or SQL whose tokens to score "
+            "(row_id, token_pos, tok_index; label/has_needle give the doc label)"
+        },
+    )
+    probe_name: str | None = field(
+        default=None, metadata={"help": "name in the score tables and array (default: the probe's own name)"}
+    )
     topk: int = field(default=5, metadata={"help": "k of the top-k mean logit"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
 
@@ -193,8 +275,8 @@ class MonitorConfig:
 
 def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
     from extractors.model import pick_device
-    from store.cli import config_dict
     from store.catalog.runs import Run
+    from store.cli import config_dict
 
     store = Store(cfg.store)
     probe = LoadedProbe(cfg.probe)
@@ -204,13 +286,28 @@ def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
     frame = scored_tokens(store, cfg.view, array)
     if not len(frame):
         raise StoreError(f"view {cfg.view!r} selects no tokens committed in {array}")
-    with Run(store, "probe_monitor", {**config_dict(cfg), "view_sql": view_sql(store, cfg.view)},
-             model_id=meta.get("model_id", ""), model_hash=meta.get("model_hash", ""), layers=[layer]) as run:
+    with Run(
+        store,
+        "probe_monitor",
+        {**config_dict(cfg), "view_sql": view_sql(store, cfg.view)},
+        model_id=meta.get("model_id", ""),
+        model_hash=meta.get("model_hash", ""),
+        layers=[layer],
+    ) as run:
         logits = score_frame(store, probe, frame, array, pick_device(cfg.device), meta.get("feature_dtype", "float32"))
         docs = doc_scores(frame, logits, cfg.topk)
-        arr = write_scores(store, run_id=run.run_id, probe_name=name, layer=layer, seed=int(meta["seed"]),
-                           frame=frame, logits=logits, docs=docs, source_array=array,
-                           attrs={"probe": name, "view": cfg.view, "probe_file": str(cfg.probe)})
+        arr = write_scores(
+            store,
+            run_id=run.run_id,
+            probe_name=name,
+            layer=layer,
+            seed=int(meta["seed"]),
+            frame=frame,
+            logits=logits,
+            docs=docs,
+            source_array=array,
+            attrs={"probe": name, "view": cfg.view, "probe_file": str(cfg.probe)},
+        )
         by_split = {s: doc_metrics(docs.filter(pl.col("split") == s)) for s in sorted(set(docs["split"]))}
         metrics = {"array": arr, "doc_metrics_by_split": by_split}
         run.finish(counts={"tokens": len(frame), "docs": len(docs)}, metrics=metrics)

@@ -63,10 +63,15 @@ def trainer_state(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
     scalars = {
-        "n_training_steps": trainer.n_training_steps, "n_training_samples": trainer.n_training_samples,
-        "n_frac_active_samples": trainer.n_frac_active_samples, "started_fine_tuning": trainer.started_fine_tuning,
-        "optimizer": {"param_groups": opt["param_groups"], "state_scalars": opt_scalars,
-                      "state_ids": sorted(int(i) for i in opt["state"])},
+        "n_training_steps": trainer.n_training_steps,
+        "n_training_samples": trainer.n_training_samples,
+        "n_frac_active_samples": trainer.n_frac_active_samples,
+        "started_fine_tuning": trainer.started_fine_tuning,
+        "optimizer": {
+            "param_groups": opt["param_groups"],
+            "state_scalars": opt_scalars,
+            "state_ids": sorted(int(i) for i in opt["state"]),
+        },
         "lr_scheduler": trainer.lr_scheduler.state_dict(),
         "coefficient_schedulers": {k: s.state_dict() for k, s in trainer.coefficient_schedulers.items()},
         "scaling_factor": trainer.activation_scaler.scaling_factor,
@@ -86,23 +91,30 @@ def save_checkpoint(run_dir: Path, trainer: Any, *, extra: dict[str, Any], keep:
     blob = save(tensors, metadata={"format": str(FORMAT), "step": str(step)})
     name = f"step_{step:07d}"
     atomic_write_bytes(d / f"{name}.safetensors", blob)
-    doc = {"format": FORMAT, "step": step, "tensors": f"{name}.safetensors", "tensors_bytes": len(blob),
-           "trainer": scalars, **extra}
+    doc = {
+        "format": FORMAT,
+        "step": step,
+        "tensors": f"{name}.safetensors",
+        "tensors_bytes": len(blob),
+        "trainer": scalars,
+        **extra,
+    }
     path = write_json(d / f"{name}.json", doc)
     for old in list_checkpoints(run_dir):
         s = int(_STEP.match(old.name).group(1))
         if s != step and s not in keep:
             old.unlink(missing_ok=True)
             (d / f"step_{s:07d}.safetensors").unlink(missing_ok=True)
-    for stray in d.glob("step_*.safetensors"):       # tensors whose JSON never got written
+    for stray in d.glob("step_*.safetensors"):  # tensors whose JSON never got written
         if not stray.with_suffix(".json").exists() and int(stray.stem[5:]) != step:
             stray.unlink(missing_ok=True)
     return path
 
 
 def tag_best(run_dir: Path, step: int, metrics: dict[str, Any]) -> None:
-    write_json(checkpoint_dir(run_dir) / "best.json",
-               {"step": step, "checkpoint": f"step_{step:07d}.json", "metrics": metrics})
+    write_json(
+        checkpoint_dir(run_dir) / "best.json", {"step": step, "checkpoint": f"step_{step:07d}.json", "metrics": metrics}
+    )
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -127,8 +139,10 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
     doc = json.loads(Path(path).read_text())
     if doc.get("format") != FORMAT:
-        raise StoreError(f"checkpoint {path} has format {doc.get('format')}, this code reads {FORMAT}; "
-                         f"start a new run with --resume never")
+        raise StoreError(
+            f"checkpoint {path} has format {doc.get('format')}, this code reads {FORMAT}; "
+            f"start a new run with --resume never"
+        )
     return load_file(Path(path).parent / doc["tensors"]), doc
 
 

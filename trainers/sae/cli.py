@@ -46,29 +46,41 @@ __all__ = ["SAEResult", "SAETrainConfig", "evaluate", "hidden_array", "main", "r
 def report(res: SAEResult) -> str:
     m = res.metrics
     e, b, ce = m["eval"], m["baselines"], m.get("ce")
-    lines = [f"SAE {res.sae_name} ({m['architecture']}, d_sae {m['d_sae']}"
-             + (f", k {m['k']}" if m.get("k") else "") + f"): {res.sae_path}",
-             (f"held-out ({e['n_tokens']} tokens): explained variance {e['explained_variance']:.3f} (FVU = "
-              f"normalized MSE {e['fvu']:.3f}), MSE {e['mse']:.4g}/element, L0 {e['l0']:.1f}, dead {e['dead_fraction']:.1%}"),
-             "baselines: " + ", ".join(f"{k.replace('_explained_variance', '')} EV {v:.3f}" for k, v in b.items())]
+    lines = [
+        f"SAE {res.sae_name} ({m['architecture']}, d_sae {m['d_sae']}"
+        + (f", k {m['k']}" if m.get("k") else "")
+        + f"): {res.sae_path}",
+        (
+            f"held-out ({e['n_tokens']} tokens): explained variance {e['explained_variance']:.3f} (FVU = "
+            f"normalized MSE {e['fvu']:.3f}), MSE {e['mse']:.4g}/element, L0 {e['l0']:.1f}, dead {e['dead_fraction']:.1%}"
+        ),
+        "baselines: " + ", ".join(f"{k.replace('_explained_variance', '')} EV {v:.3f}" for k, v in b.items()),
+    ]
     if ce:
-        lines.append(f"CE ({ce['ce_rows']} rows, {ce['ce_predicted_tokens']} predictions): clean {ce['ce_clean']:.4f}, "
-                     f"SAE {ce['ce_sae']:.4f} ({ce['ce_increase']:+.4f}), zero-ablation {ce['ce_zero_ablation']:.4f}, "
-                     f"mean-ablation {ce['ce_mean_ablation']:.4f}; loss recovered "
-                     f"{ce['ce_loss_recovered_vs_zero']:.1%} "
-                     f"vs zero, {ce['ce_loss_recovered_vs_mean']:.1%} vs mean")
-        lines.append(f"KL(clean || spliced) over {ce['kl_tokens']} spliced tokens: mean {ce['kl_mean']:.4f} nats, "
-                     f"{ce['kl_share_above']:.1%} above {ce['kl_bound']:g}, max {ce['kl_max']:.3f}; zero-ablation "
-                     f"{ce['kl_zero_ablation']:.3f}, mean-ablation {ce['kl_mean_ablation']:.3f}")
+        lines.append(
+            f"CE ({ce['ce_rows']} rows, {ce['ce_predicted_tokens']} predictions): clean {ce['ce_clean']:.4f}, "
+            f"SAE {ce['ce_sae']:.4f} ({ce['ce_increase']:+.4f}), zero-ablation {ce['ce_zero_ablation']:.4f}, "
+            f"mean-ablation {ce['ce_mean_ablation']:.4f}; loss recovered "
+            f"{ce['ce_loss_recovered_vs_zero']:.1%} "
+            f"vs zero, {ce['ce_loss_recovered_vs_mean']:.1%} vs mean"
+        )
+        lines.append(
+            f"KL(clean || spliced) over {ce['kl_tokens']} spliced tokens: mean {ce['kl_mean']:.4f} nats, "
+            f"{ce['kl_share_above']:.1%} above {ce['kl_bound']:g}, max {ce['kl_max']:.3f}; zero-ablation "
+            f"{ce['kl_zero_ablation']:.3f}, mean-ablation {ce['kl_mean_ablation']:.3f}"
+        )
     if m.get("resumed_from_step"):
         lines.append(f"resumed from the checkpoint of step {m['resumed_from_step']}")
     if m.get("best_checkpoint"):
         b = m["best_checkpoint"]
-        lines.append(f"best checkpoint by held-out EV: step {b['step']} (EV {b['explained_variance']:.3f}): {b['path']}")
+        lines.append(
+            f"best checkpoint by held-out EV: step {b['step']} (EV {b['explained_variance']:.3f}): {b['path']}"
+        )
     if m.get("qa"):
         lines.append(qa_table(m["qa"]))
-    lines.append(f"run {res.run_id}; next: python -m extractors.run --layer {m['layer']} --kinds sae "
-                 f"--sae {res.sae_name}")
+    lines.append(
+        f"run {res.run_id}; next: python -m extractors.run --layer {m['layer']} --kinds sae --sae {res.sae_name}"
+    )
     return "\n".join(lines)
 
 

@@ -44,7 +44,7 @@ def encode_decode(sae: Any, X: torch.Tensor, batch: int = 4096) -> tuple[torch.T
     """(reconstruction, per-token L0) of X through the SAE, in batches."""
     recon, l0 = [], []
     for s in range(0, len(X), batch):
-        acts = sae.encode(X[s: s + batch])
+        acts = sae.encode(X[s : s + batch])
         recon.append(sae.decode(acts))
         l0.append((acts > 0).sum(-1))
     return torch.cat(recon), torch.cat(l0)
@@ -54,7 +54,7 @@ def encode_decode(sae: Any, X: torch.Tensor, batch: int = 4096) -> tuple[torch.T
 def firing_counts(sae: Any, X: torch.Tensor, batch: int = 4096) -> torch.Tensor:
     counts = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     for s in range(0, len(X), batch):
-        counts += (sae.encode(X[s: s + batch]) > 0).sum(0).cpu()
+        counts += (sae.encode(X[s : s + batch]) > 0).sum(0).cpu()
     return counts
 
 
@@ -64,10 +64,18 @@ def recon_metrics(sae: Any, X: torch.Tensor) -> dict[str, float]:
     var = (X - X.mean(0)).pow(2).sum(-1)
     ev = 1.0 - float(err.sum() / var.sum())
     fires = firing_counts(sae, X)
-    return {"n_tokens": len(X), "mse": float(err.mean() / X.shape[1]), "mse_per_token": float(err.mean()),
-            "explained_variance": ev, "fvu": 1.0 - ev, "nmse": float(err.sum() / var.sum()), "l0": float(l0.float().mean()),
-            "dead_fraction": float((fires == 0).float().mean()), "dead_features": int((fires == 0).sum()),
-            "mean_norm": float(X.norm(dim=-1).mean())}
+    return {
+        "n_tokens": len(X),
+        "mse": float(err.mean() / X.shape[1]),
+        "mse_per_token": float(err.mean()),
+        "explained_variance": ev,
+        "fvu": 1.0 - ev,
+        "nmse": float(err.sum() / var.sum()),
+        "l0": float(l0.float().mean()),
+        "dead_fraction": float((fires == 0).float().mean()),
+        "dead_features": int((fires == 0).sum()),
+        "mean_norm": float(X.norm(dim=-1).mean()),
+    }
 
 
 def pca_explained_variance(X_fit: torch.Tensor, X_eval: torch.Tensor, n_components: int) -> float:
@@ -104,10 +112,20 @@ VARIANTS = ("clean", "sae", "zero", "mean")
 
 
 @torch.no_grad()
-def splice_ce(lm: Any, sae: Any, layer: int, rows: list[list[int]], positions: list[np.ndarray],
-              mean_vec: torch.Tensor | None, *, batch_tokens: int = 1024, progress: bool = True,
-              variants: Sequence[str] = VARIANTS, kl_bound: float = 1.0,
-              recon: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+def splice_ce(
+    lm: Any,
+    sae: Any,
+    layer: int,
+    rows: list[list[int]],
+    positions: list[np.ndarray],
+    mean_vec: torch.Tensor | None,
+    *,
+    batch_tokens: int = 1024,
+    progress: bool = True,
+    variants: Sequence[str] = VARIANTS,
+    kl_bound: float = 1.0,
+    recon: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
     """Next-token CE of the model on `rows` (token id lists), clean and with the residual after
     block `layer` replaced at `positions` (per row) by the SAE's reconstruction (or `recon(h)`),
     zeros or the mean; and KL(clean || spliced) per spliced token (see the module docstring).
@@ -123,7 +141,7 @@ def splice_ce(lm: Any, sae: Any, layer: int, rows: list[list[int]], positions: l
     unknown = [v for v in variants if v not in fns]
     if unknown or "clean" not in variants:
         raise ValueError(f"variants must include clean and be among {VARIANTS}, got {list(variants)}")
-    variants = ["clean", *[v for v in VARIANTS if v in variants and v != "clean"]]   # clean first: KL needs it
+    variants = ["clean", *[v for v in VARIANTS if v in variants and v != "clean"]]  # clean first: KL needs it
     lengths = [len(r) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: lengths[i])
     batches = plan_batches(lengths, order, batch_tokens)
@@ -148,7 +166,7 @@ def splice_ce(lm: Any, sae: Any, layer: int, rows: list[list[int]], positions: l
                 totals[name] += float(nll[tgt_ok].sum())
                 if name == "clean":
                     clean_logp = logp
-                else:   # KL(clean || spliced) = sum_v p_clean (log p_clean - log p_spliced)
+                else:  # KL(clean || spliced) = sum_v p_clean (log p_clean - log p_spliced)
                     kl = F.kl_div(logp[mask], clean_logp[mask], log_target=True, reduction="none").sum(-1)
                     kl_sum[name] += float(kl.sum())
                     if name == "sae":
@@ -169,12 +187,24 @@ def splice_ce(lm: Any, sae: Any, layer: int, rows: list[list[int]], positions: l
         gap = ce[ref] - ce["clean"]
         return float((ce[ref] - ce["sae"]) / gap) if gap > 0 else float("nan")
 
-    out = {"ce_clean": ce["clean"], "ce_rows": len(rows), "ce_predicted_tokens": n_pred,
-           "ce_spliced_tokens": int(sum(len(p) for p in positions)), "kl_tokens": n_kl, "kl_bound": kl_bound}
+    out = {
+        "ce_clean": ce["clean"],
+        "ce_rows": len(rows),
+        "ce_predicted_tokens": n_pred,
+        "ce_spliced_tokens": int(sum(len(p) for p in positions)),
+        "kl_tokens": n_kl,
+        "kl_bound": kl_bound,
+    }
     if "sae" in ce:
-        out.update({"ce_sae": ce["sae"], "ce_increase": ce["sae"] - ce["clean"],
-                    "kl_mean": kl_sum["sae"] / max(n_kl, 1), "kl_share_above": kl_above / max(n_kl, 1),
-                    "kl_max": kl_max})
+        out.update(
+            {
+                "ce_sae": ce["sae"],
+                "ce_increase": ce["sae"] - ce["clean"],
+                "kl_mean": kl_sum["sae"] / max(n_kl, 1),
+                "kl_share_above": kl_above / max(n_kl, 1),
+                "kl_max": kl_max,
+            }
+        )
     for name, key in (("zero", "zero_ablation"), ("mean", "mean_ablation")):
         if name in ce:
             out[f"ce_{key}"] = ce[name]

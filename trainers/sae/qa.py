@@ -24,16 +24,17 @@ def qa_checks(metrics: dict[str, Any], cfg: Any, architecture: str, k: int | Non
     """{"mode", "passed", "checks": [{check, metric, value, threshold, status}]} for `metrics`."""
     e, ce = metrics.get("eval", {}), metrics.get("ce", {})
     lo, hi = cfg.qa_l0_band
-    checks = [("reconstruction", "nmse", e.get("nmse"), f"< {cfg.qa_max_nmse:g}",
-               lambda v: v < cfg.qa_max_nmse),
-              ("model behaviour", "kl_mean", ce.get("kl_mean"), f"< {cfg.qa_max_kl:g} nats",
-               lambda v: v < cfg.qa_max_kl)]
+    checks = [
+        ("reconstruction", "nmse", e.get("nmse"), f"< {cfg.qa_max_nmse:g}", lambda v: v < cfg.qa_max_nmse),
+        ("model behaviour", "kl_mean", ce.get("kl_mean"), f"< {cfg.qa_max_kl:g} nats", lambda v: v < cfg.qa_max_kl),
+    ]
     if architecture == "topk" and k:
         checks.append(("sparsity", "l0", e.get("l0"), f"= k = {k} (within 0.5)", lambda v: abs(v - k) <= 0.5))
     else:
         checks.append(("sparsity", "l0", e.get("l0"), f"in [{lo:g}, {hi:g}]", lambda v: lo <= v <= hi))
-    checks.append(("capacity", "dead_fraction", e.get("dead_fraction"), f"< {cfg.qa_max_dead:g}",
-                   lambda v: v < cfg.qa_max_dead))
+    checks.append(
+        ("capacity", "dead_fraction", e.get("dead_fraction"), f"< {cfg.qa_max_dead:g}", lambda v: v < cfg.qa_max_dead)
+    )
     rows = []
     for check, metric, value, threshold, ok in checks:
         status = "skipped" if value is None else "pass" if ok(float(value)) else "fail"

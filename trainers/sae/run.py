@@ -26,79 +26,154 @@ import torch
 
 from extractors.sae.load import load_sae, write_sae_record
 from store.arrays import array_exists, open_array
+from store.catalog.runs import Run
 from store.cli import config_dict
 from store.core import DEFAULT_STORE, STORE_VERSION, Store, StoreError
 from store.materialize import view_text
-from store.catalog.runs import Run
 
 # Fields that do not change what a run computes: a resumed run may differ in these.
-NOT_MATCHED = {"store", "progress", "resume", "qa", "qa_max_nmse", "qa_max_kl", "qa_l0_band", "qa_max_dead",
-               "kl_bound", "device", "model_cache", "layers"}
+NOT_MATCHED = {
+    "store",
+    "progress",
+    "resume",
+    "qa",
+    "qa_max_nmse",
+    "qa_max_kl",
+    "qa_l0_band",
+    "qa_max_dead",
+    "kl_bound",
+    "device",
+    "model_cache",
+    "layers",
+}
 
 
 @dataclass
 class SAETrainConfig:
     """Train a sae-lens SAE on one layer's stored hidden states (or sweep layers), or evaluate an existing one."""
 
-    layer: int | None = field(default=None, metadata={"help": "decoder layer whose stored hidden states "
-                              "(hidden/layer_L) to read; use --layers for a sweep"})
-    layers: list[int] | None = field(default=None, metadata={"help": "a layer sweep: one SAE per stored layer with "
-                                     "the same settings, one after another (each resumable), then a comparison "
-                                     "table + plot in the sweep's run folder and the sae_sweeps table"})
+    layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "decoder layer whose stored hidden states (hidden/layer_L) to read; use --layers for a sweep"
+        },
+    )
+    layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "a layer sweep: one SAE per stored layer with "
+            "the same settings, one after another (each resumable), then a comparison "
+            "table + plot in the sweep's run folder and the sae_sweeps table"
+        },
+    )
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
-    architecture: Literal["topk", "standard"] = field(default="topk", metadata={
-        "help": "topk (sae-lens TopKTrainingSAE, with its dead-latent auxiliary loss) or standard "
-                "(ReLU + L1, StandardTrainingSAE)"})
+    architecture: Literal["topk", "standard"] = field(
+        default="topk",
+        metadata={
+            "help": "topk (sae-lens TopKTrainingSAE, with its dead-latent auxiliary loss) or standard "
+            "(ReLU + L1, StandardTrainingSAE)"
+        },
+    )
     d_sae: int | None = field(default=None, metadata={"help": "number of features; none means 4 x d_model"})
     k: int = field(default=32, metadata={"help": "active features per token for topk"})
-    l1_coefficient: float = field(default=5.0, metadata={"help": "L1 penalty for standard (inputs are scaled "
-                                  "to mean norm sqrt(d_model))"})
+    l1_coefficient: float = field(
+        default=5.0, metadata={"help": "L1 penalty for standard (inputs are scaled to mean norm sqrt(d_model))"}
+    )
     l1_warm_up_steps: int = field(default=50, metadata={"help": "steps over which the L1 penalty ramps up"})
-    aux_coefficient: float = field(default=1 / 32, metadata={"help": "weight of topk's auxiliary loss on dead "
-                                   "latents (1/32 as in Gao et al. 2024)"})
+    aux_coefficient: float = field(
+        default=1 / 32,
+        metadata={"help": "weight of topk's auxiliary loss on dead latents (1/32 as in Gao et al. 2024)"},
+    )
     steps: int = field(default=600, metadata={"help": "training steps"})
     batch_tokens: int = field(default=1024, metadata={"help": "tokens per training step"})
-    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate (warm-up over 2 percent of the steps; decays "
-                      "linearly to 0 over the last --lr-decay-frac of the steps, as sae-lens does)"})
+    lr: float = field(
+        default=1e-3,
+        metadata={
+            "help": "Adam learning rate (warm-up over 2 percent of the steps; decays "
+            "linearly to 0 over the last --lr-decay-frac of the steps, as sae-lens does)"
+        },
+    )
     lr_decay_frac: float = field(default=0.3, metadata={"help": "fraction of the steps with a decaying lr"})
-    dead_window: int = field(default=100, metadata={"help": "a feature silent for this many steps counts as "
-                             "dead (and gets topk's auxiliary loss)"})
+    dead_window: int = field(
+        default=100,
+        metadata={"help": "a feature silent for this many steps counts as dead (and gets topk's auxiliary loss)"},
+    )
     init_batches: int = field(default=8, metadata={"help": "batches that estimate the input scale and b_dec"})
-    view: str = field(default="content_tokens", metadata={"help": "view (or SQL) choosing the tokens; it must "
-                      "return row_id and tok_index"})
+    view: str = field(
+        default="content_tokens",
+        metadata={"help": "view (or SQL) choosing the tokens; it must return row_id and tok_index"},
+    )
     train_split: str = field(default="train_base", metadata={"help": "rows to train on"})
     eval_split: str = field(default="eval", metadata={"help": "held-out rows for the QA metrics"})
-    ce_rows: int = field(default=32, metadata={"help": "eval rows for the CE/KL splice (0 skips it and the KL "
-                         "check; four full forward passes each at the end, two at each checkpoint)"})
-    checkpoint_every: int = field(default=0, metadata={"help": "steps between checkpoints (SAE, optimizer, "
-                                  "scheduler, step, RNG; safetensors + JSON in runs/<id>/checkpoints), each after "
-                                  "a held-out evaluation; the best by held-out explained variance is kept; "
-                                  "0: no checkpoints"})
-    eval_tokens: int = field(default=8192, metadata={"help": "held-out tokens of the evaluations at checkpoints "
-                             "(the final QA uses every eval token)"})
-    resume: str = field(default="auto", metadata={"help": "auto (continue the newest unfinished run with the same "
-                        "settings, if it has a checkpoint), never (always a new run), or a RUN_ID to continue"})
-    qa: Literal["off", "report", "strict"] = field(default="report", metadata={
-        "help": "QA gate: report (print and record the pass/fail table), strict (also exit 1 when a check "
-                "fails), off"})
+    ce_rows: int = field(
+        default=32,
+        metadata={
+            "help": "eval rows for the CE/KL splice (0 skips it and the KL "
+            "check; four full forward passes each at the end, two at each checkpoint)"
+        },
+    )
+    checkpoint_every: int = field(
+        default=0,
+        metadata={
+            "help": "steps between checkpoints (SAE, optimizer, "
+            "scheduler, step, RNG; safetensors + JSON in runs/<id>/checkpoints), each after "
+            "a held-out evaluation; the best by held-out explained variance is kept; "
+            "0: no checkpoints"
+        },
+    )
+    eval_tokens: int = field(
+        default=8192,
+        metadata={"help": "held-out tokens of the evaluations at checkpoints (the final QA uses every eval token)"},
+    )
+    resume: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (continue the newest unfinished run with the same "
+            "settings, if it has a checkpoint), never (always a new run), or a RUN_ID to continue"
+        },
+    )
+    qa: Literal["off", "report", "strict"] = field(
+        default="report",
+        metadata={
+            "help": "QA gate: report (print and record the pass/fail table), strict (also exit 1 when a check "
+            "fails), off"
+        },
+    )
     qa_max_nmse: float = field(default=0.01, metadata={"help": "gate: held-out MSE / input variance below this"})
-    qa_max_kl: float = field(default=0.5, metadata={"help": "gate: mean KL(clean || spliced) in nats per token "
-                             "below this"})
-    qa_l0_band: list[float] = field(default_factory=lambda: [50.0, 100.0], metadata={
-        "help": "gate: mean L0 in [LO, HI] for non-TopK SAEs (TopK: L0 = k) (default: 50 100)"})
+    qa_max_kl: float = field(
+        default=0.5, metadata={"help": "gate: mean KL(clean || spliced) in nats per token below this"}
+    )
+    qa_l0_band: list[float] = field(
+        default_factory=lambda: [50.0, 100.0],
+        metadata={"help": "gate: mean L0 in [LO, HI] for non-TopK SAEs (TopK: L0 = k) (default: 50 100)"},
+    )
     qa_max_dead: float = field(default=0.05, metadata={"help": "gate: fraction of dead features below this"})
-    kl_bound: float = field(default=1.0, metadata={"help": "report the share of tokens whose KL exceeds this "
-                            "(nats)"})
-    sae: str | None = field(default=None, metadata={"help": "evaluate this SAE instead of training one: latest "
-                            "(the newest SAE of --layer in the saes table), a name from that table, a local "
-                            "sae-lens folder, or RELEASE/SAE_ID"})
+    kl_bound: float = field(default=1.0, metadata={"help": "report the share of tokens whose KL exceeds this (nats)"})
+    sae: str | None = field(
+        default=None,
+        metadata={
+            "help": "evaluate this SAE instead of training one: latest "
+            "(the newest SAE of --layer in the saes table), a name from that table, a local "
+            "sae-lens folder, or RELEASE/SAE_ID"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the initialization and of the token order"})
-    model: str = field(default="embedded", metadata={"help": "model for the CE/KL splice; must be the one that "
-                       "produced the stored states (checked by hash)"})
-    model_cache: str | None = field(default=None, metadata={"help": "where converted models are cached "
-                                    "(default ~/.cache/activation-store)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps (stored bf16 states are "
-                        "widened exactly to fp32; the SAE trains in fp32)"})
+    model: str = field(
+        default="embedded",
+        metadata={
+            "help": "model for the CE/KL splice; must be the one that produced the stored states (checked by hash)"
+        },
+    )
+    model_cache: str | None = field(
+        default=None, metadata={"help": "where converted models are cached (default ~/.cache/activation-store)"}
+    )
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "auto, cpu, cuda, cuda:N or mps (stored bf16 states are "
+            "widened exactly to fp32; the SAE trains in fp32)"
+        },
+    )
     log_every: int = field(default=10, metadata={"help": "steps between curve points"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
@@ -121,15 +196,16 @@ class SAETrainConfig:
         if not 0.0 <= self.lr_decay_frac <= 1.0:
             raise ValueError(f"--lr-decay-frac must be in [0, 1], got {self.lr_decay_frac}")
         if self.ce_rows < 0 or self.checkpoint_every < 0:
-            raise ValueError(f"--ce-rows and --checkpoint-every must be >= 0, got {self.ce_rows}, "
-                             f"{self.checkpoint_every}")
+            raise ValueError(
+                f"--ce-rows and --checkpoint-every must be >= 0, got {self.ce_rows}, {self.checkpoint_every}"
+            )
         if len(self.qa_l0_band) != 2 or self.qa_l0_band[0] > self.qa_l0_band[1]:
             raise ValueError(f"--qa-l0-band takes two numbers LO HI with LO <= HI, got {self.qa_l0_band}")
 
 
 class SAEResult(NamedTuple):
     run_id: str
-    sae_path: str          # the sae-lens folder (or RELEASE/SAE_ID with --sae)
+    sae_path: str  # the sae-lens folder (or RELEASE/SAE_ID with --sae)
     sae_name: str
     metrics: dict[str, Any]
 
@@ -137,8 +213,10 @@ class SAEResult(NamedTuple):
 def hidden_array(store: Store, layer: int) -> tuple[str, dict[str, Any]]:
     name = f"hidden/layer_{layer}"
     if not array_exists(store, name):
-        raise StoreError(f"{store.root} has no {name}; extract it first: "
-                         f"python -m extractors.run --layer {layer} --store {store.root}")
+        raise StoreError(
+            f"{store.root} has no {name}; extract it first: "
+            f"python -m extractors.run --layer {layer} --store {store.root}"
+        )
     return name, dict(open_array(store, name).attrs)
 
 
@@ -152,8 +230,9 @@ def find_runs(store: Store, cfg: SAETrainConfig, *, finished: bool) -> list[str]
     if not store.has_table("runs"):
         return []
     op = "=" if finished else "<>"
-    rows = store.query(f"SELECT run_id, config FROM runs WHERE kind = 'train_sae' AND status {op} 'finished' "
-                       "ORDER BY started_at DESC").to_pylist()
+    rows = store.query(
+        f"SELECT run_id, config FROM runs WHERE kind = 'train_sae' AND status {op} 'finished' ORDER BY started_at DESC"
+    ).to_pylist()
     want = matched(config_dict(cfg))
     out = []
     for r in rows:
@@ -179,8 +258,10 @@ def resolve_resume(store: Store, cfg: SAETrainConfig) -> tuple[SAETrainConfig, s
     run_id = cfg.resume
     path = store.run_dir(run_id) / "config.json"
     if not path.is_file():
-        raise StoreError(f"--resume {run_id}: no such run in {store.root} (no {path}); pass a train_sae run id "
-                         f"from the runs table, or --resume never")
+        raise StoreError(
+            f"--resume {run_id}: no such run in {store.root} (no {path}); pass a train_sae run id "
+            f"from the runs table, or --resume never"
+        )
     doc = json.loads(path.read_text())
     if doc.get("kind") != "train_sae":
         raise StoreError(f"--resume {run_id} is a {doc.get('kind')} run; only train_sae runs resume")
@@ -189,9 +270,11 @@ def resolve_resume(store: Store, cfg: SAETrainConfig) -> tuple[SAETrainConfig, s
         raise StoreError(f"--resume {run_id}: that run already finished; its SAE is {store.run_dir(run_id) / 'sae'}")
     ckpt = latest_checkpoint(store.run_dir(run_id))
     if ckpt is None:
-        raise StoreError(f"--resume {run_id}: the run has no complete checkpoint in "
-                         f"{store.run_dir(run_id) / 'checkpoints'} (it ran without --checkpoint-every, or was killed "
-                         f"before the first); rerun with --resume never")
+        raise StoreError(
+            f"--resume {run_id}: the run has no complete checkpoint in "
+            f"{store.run_dir(run_id) / 'checkpoints'} (it ran without --checkpoint-every, or was killed "
+            f"before the first); rerun with --resume never"
+        )
     fields = {f.name for f in dataclasses.fields(SAETrainConfig)}
     stored = {k: v for k, v in doc["config"].items() if k in fields and k not in NOT_MATCHED}
     return dataclasses.replace(cfg, **stored), run_id, ckpt
@@ -203,7 +286,7 @@ def _ce_inputs(store: Store, eval_frame: Any, n_rows: int, tokenization: str):
 
     rows = sorted(eval_frame["row_id"].unique().to_list())[:n_rows]
     layout = read_layout(store, tokenization)
-    start = dict(zip(layout.row_ids, layout.tok_starts))
+    start = dict(zip(layout.row_ids, layout.tok_starts, strict=False))
     ids = row_token_ids(store, tokenization, rows)
     tok = eval_frame["tok_index"].to_numpy()
     rid = eval_frame["row_id"].to_numpy()
@@ -228,8 +311,9 @@ class HeldOut:
         if self._lm is None:
             from extractors.model import check_model_hash, load_model
 
-            self._lm = load_model(self.cfg.model, self.cfg.device, "auto",
-                                  Path(self.cfg.model_cache) if self.cfg.model_cache else None)
+            self._lm = load_model(
+                self.cfg.model, self.cfg.device, "auto", Path(self.cfg.model_cache) if self.cfg.model_cache else None
+            )
             check_model_hash(self._lm, self.attrs, self.array)
         return self._lm
 
@@ -256,19 +340,38 @@ class HeldOut:
         m = sae_eval.recon_metrics(sae, X * scale)
         out = {k: m[k] for k in ("explained_variance", "nmse", "l0", "dead_fraction", "dead_features")}
         if self.cfg.ce_rows:
+
             def recon(h: torch.Tensor) -> torch.Tensor:
                 x = h.to(sae.dtype).to(sae.device) * scale
                 return (sae.decode(sae.encode(x)) / scale).to(h.device)
 
             rows, pos = self.ce_inputs()
-            ce = sae_eval.splice_ce(self.lm(), sae, self.cfg.layer, rows, pos, None, progress=False,
-                                    variants=("clean", "sae"), kl_bound=self.cfg.kl_bound, recon=recon)
+            ce = sae_eval.splice_ce(
+                self.lm(),
+                sae,
+                self.cfg.layer,
+                rows,
+                pos,
+                None,
+                progress=False,
+                variants=("clean", "sae"),
+                kl_bound=self.cfg.kl_bound,
+                recon=recon,
+            )
             out.update({k: ce[k] for k in ("kl_mean", "kl_share_above", "ce_increase")})
         return out
 
 
-def evaluate(store: Store, cfg: SAETrainConfig, sae: Any, *, held: HeldOut, train_sql: str,
-             mean_vec: torch.Tensor | None, baseline_sae: Any = None) -> dict[str, Any]:
+def evaluate(
+    store: Store,
+    cfg: SAETrainConfig,
+    sae: Any,
+    *,
+    held: HeldOut,
+    train_sql: str,
+    mean_vec: torch.Tensor | None,
+    baseline_sae: Any = None,
+) -> dict[str, Any]:
     """Reconstruction metrics on all held-out tokens, baselines, and the CE/KL splice."""
     from store.materialize import gather
     from trainers.sae import eval as sae_eval
@@ -281,15 +384,18 @@ def evaluate(store: Store, cfg: SAETrainConfig, sae: Any, *, held: HeldOut, trai
     if mean_vec is None:
         mean_vec = fit.mean(0)
     n_comp = max(1, round(out["eval"]["l0"]))
-    out["baselines"] = {f"pca_{n_comp}_explained_variance": sae_eval.pca_explained_variance(fit, X_eval.cpu(), n_comp),
-                        "mean_explained_variance": 0.0}
+    out["baselines"] = {
+        f"pca_{n_comp}_explained_variance": sae_eval.pca_explained_variance(fit, X_eval.cpu(), n_comp),
+        "mean_explained_variance": 0.0,
+    }
     if baseline_sae is not None:
         untrained = sae_eval.recon_metrics(baseline_sae, X_eval)
         out["baselines"]["untrained_sae_explained_variance"] = untrained["explained_variance"]
     if cfg.ce_rows:
         rows, pos = held.ce_inputs()
-        out["ce"] = sae_eval.splice_ce(held.lm(), sae, cfg.layer, rows, pos, mean_vec, progress=cfg.progress,
-                                       kl_bound=cfg.kl_bound)
+        out["ce"] = sae_eval.splice_ce(
+            held.lm(), sae, cfg.layer, rows, pos, mean_vec, progress=cfg.progress, kl_bound=cfg.kl_bound
+        )
     return out
 
 
@@ -316,10 +422,21 @@ def run_sae(cfg: SAETrainConfig) -> SAEResult:
     if loaded is not None and loaded.layer is not None and loaded.layer != cfg.layer:
         raise StoreError(f"SAE {cfg.sae} was trained on layer {loaded.layer}; pass --layer {loaded.layer}")
     kind = "eval_sae" if loaded else "train_sae"
-    with Run(store, kind, {**config_dict(cfg), "view_sql": view_text(store, cfg.view), "train_sql": train_sql,
-                           "eval_sql": eval_sql, "array": array},
-             model_id=attrs.get("model", ""), model_hash=attrs.get("model_hash", ""), layers=[cfg.layer],
-             run_id=resume_id) as run:
+    with Run(
+        store,
+        kind,
+        {
+            **config_dict(cfg),
+            "view_sql": view_text(store, cfg.view),
+            "train_sql": train_sql,
+            "eval_sql": eval_sql,
+            "array": array,
+        },
+        model_id=attrs.get("model", ""),
+        model_hash=attrs.get("model_hash", ""),
+        layers=[cfg.layer],
+        run_id=resume_id,
+    ) as run:
         counts: dict[str, Any] = {"train_tokens": n_train, "eval_tokens": n_eval}
         metrics: dict[str, Any] = {"store_version": STORE_VERSION, "layer": cfg.layer, "view": cfg.view, "array": array}
         held = HeldOut(store, cfg, eval_sql, array, attrs)
@@ -327,24 +444,63 @@ def run_sae(cfg: SAETrainConfig) -> SAEResult:
         if loaded is None:
             from trainers.sae.fit import fit_and_save
 
-            sae, mean_vec, baseline = fit_and_save(store, cfg, run, train_sql, array, d_in, n_train, attrs, device,
-                                                   counts, metrics, held=held, resume_from=ckpt)
+            sae, mean_vec, baseline = fit_and_save(
+                store,
+                cfg,
+                run,
+                train_sql,
+                array,
+                d_in,
+                n_train,
+                attrs,
+                device,
+                counts,
+                metrics,
+                held=held,
+                resume_from=ckpt,
+            )
             metrics["train_seconds"] = time.perf_counter() - t0
-            name, path, source, arch, k = run.run_id, str(run.dir / "sae"), "local", cfg.architecture, \
-                (cfg.k if cfg.architecture == "topk" else None)
+            name, path, source, arch, k = (
+                run.run_id,
+                str(run.dir / "sae"),
+                "local",
+                cfg.architecture,
+                (cfg.k if cfg.architecture == "topk" else None),
+            )
         else:
             sae, mean_vec, baseline = loaded.sae, None, None
             name, path, source, arch, k = loaded.name, loaded.path, loaded.source, loaded.architecture, loaded.k
-        metrics.update(evaluate(store, cfg, sae, held=held, train_sql=train_sql, mean_vec=mean_vec,
-                                baseline_sae=baseline))
+        metrics.update(
+            evaluate(store, cfg, sae, held=held, train_sql=train_sql, mean_vec=mean_vec, baseline_sae=baseline)
+        )
         metrics.update({"sae_name": name, "sae_path": path, "architecture": arch, "d_sae": int(sae.cfg.d_sae), "k": k})
         if cfg.qa != "off":
             metrics["qa"] = qa_checks(metrics, cfg, arch, k)
-        store.write_json(run.dir / "metrics.json", {"run_id": run.run_id, "config": config_dict(cfg),
-                                                    "view_sql": view_text(store, cfg.view),
-                                                    "train_sql": train_sql, "eval_sql": eval_sql,
-                                                    "counts": counts, "metrics": metrics})
-        write_sae_record(store, name=name, layer=cfg.layer, architecture=arch, d_in=d_in, d_sae=int(sae.cfg.d_sae),
-                         k=k, path=path, source=source, run_id=run.run_id, metrics=metrics, qa=metrics.get("qa"))
+        store.write_json(
+            run.dir / "metrics.json",
+            {
+                "run_id": run.run_id,
+                "config": config_dict(cfg),
+                "view_sql": view_text(store, cfg.view),
+                "train_sql": train_sql,
+                "eval_sql": eval_sql,
+                "counts": counts,
+                "metrics": metrics,
+            },
+        )
+        write_sae_record(
+            store,
+            name=name,
+            layer=cfg.layer,
+            architecture=arch,
+            d_in=d_in,
+            d_sae=int(sae.cfg.d_sae),
+            k=k,
+            path=path,
+            source=source,
+            run_id=run.run_id,
+            metrics=metrics,
+            qa=metrics.get("qa"),
+        )
         run.finish(counts=counts, metrics=metrics)
     return SAEResult(run.run_id, path, name, metrics)

@@ -34,10 +34,14 @@ from store.core import Store, StoreError
 from store.materialize import select, view_sql
 
 CURVE_KEYS = {  # sae-lens log key -> our curve name
-    "losses/overall_loss": "loss", "losses/mse_loss": "mse_loss",
-    "losses/auxiliary_reconstruction_loss": "aux_loss", "losses/l1_loss": "l1_loss",
-    "metrics/explained_variance": "explained_variance", "metrics/l0": "l0",
-    "sparsity/dead_features": "dead_features", "details/current_learning_rate": "lr",
+    "losses/overall_loss": "loss",
+    "losses/mse_loss": "mse_loss",
+    "losses/auxiliary_reconstruction_loss": "aux_loss",
+    "losses/l1_loss": "l1_loss",
+    "metrics/explained_variance": "explained_variance",
+    "metrics/l0": "l0",
+    "sparsity/dead_features": "dead_features",
+    "details/current_learning_rate": "lr",
 }
 
 
@@ -46,8 +50,10 @@ def split_sql(store: Store, view: str, split: str) -> str:
     if not re.match(r"^[A-Za-z0-9_]+$", split):
         raise StoreError(f"split {split!r} must be a plain split name such as train_base or eval")
     body = view_sql(store, view)
-    return (f"SELECT v.* FROM ({body}) v\nWHERE v.row_id IN (SELECT row_id FROM split_members "
-            f"WHERE split = '{split}')\nORDER BY v.tok_index")
+    return (
+        f"SELECT v.* FROM ({body}) v\nWHERE v.row_id IN (SELECT row_id FROM split_members "
+        f"WHERE split = '{split}')\nORDER BY v.tok_index"
+    )
 
 
 def count_tokens(store: Store, sql: str, array: str, what: str) -> int:
@@ -77,8 +83,10 @@ class TokenStream:
         tok = select(self.store, self.sql, self.array)["tok_index"].to_numpy()
         n, pos = len(tok), self.start
         if self.orders.shape[1] != n:
-            raise StoreError(f"the token order has {self.orders.shape[1]} tokens per epoch but the selection has {n} "
-                             f"(the store changed since the run started); start a new run with --resume never")
+            raise StoreError(
+                f"the token order has {self.orders.shape[1]} tokens per epoch but the selection has {n} "
+                f"(the store changed since the run started); start a new run with --resume never"
+            )
         reader = ArrayReader(self.store, self.array)
         try:
             while True:
@@ -91,25 +99,41 @@ class TokenStream:
             reader.close()
 
 
-def build_training_sae(architecture: str, d_in: int, d_sae: int, *, k: int, l1_coefficient: float,
-                       l1_warm_up_steps: int, aux_coefficient: float, seed: int, device: str) -> Any:
+def build_training_sae(
+    architecture: str,
+    d_in: int,
+    d_sae: int,
+    *,
+    k: int,
+    l1_coefficient: float,
+    l1_warm_up_steps: int,
+    aux_coefficient: float,
+    seed: int,
+    device: str,
+) -> Any:
     from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 
     torch.manual_seed(seed)
-    common = {"d_in": d_in, "d_sae": d_sae, "device": device, "dtype": "float32",
-              "normalize_activations": "expected_average_only_in"}
+    common = {
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "device": device,
+        "dtype": "float32",
+        "normalize_activations": "expected_average_only_in",
+    }
     if architecture == "topk":
         return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, aux_loss_coefficient=aux_coefficient, **common))
     if architecture == "standard":
-        return StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=l1_coefficient,
-                                                             l1_warm_up_steps=l1_warm_up_steps, **common))
+        return StandardTrainingSAE(
+            StandardTrainingSAEConfig(l1_coefficient=l1_coefficient, l1_warm_up_steps=l1_warm_up_steps, **common)
+        )
     raise ValueError(f"--architecture {architecture!r} is not one of topk, standard")
 
 
 @torch.no_grad()
 def init_from_sample(sae: Any, sample: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Scaling factor sqrt(d_in)/mean norm (sae-lens' rule) and b_dec = the scaled mean."""
-    scale = float(sae.cfg.d_in ** 0.5 / sample.norm(dim=-1).mean())
+    scale = float(sae.cfg.d_in**0.5 / sample.norm(dim=-1).mean())
     sae.b_dec.data.copy_((sample * scale).mean(0).to(sae.b_dec.dtype))
     return scale, sample.mean(0)
 
@@ -117,15 +141,24 @@ def init_from_sample(sae: Any, sample: torch.Tensor) -> tuple[float, torch.Tenso
 class Hooks(NamedTuple):
     """What train_loop calls besides stepping, every `checkpoint_every` steps and at the end:
     `evaluate(trainer, step) -> held-out metrics`, then `checkpoint(trainer, step, curves, evals)`."""
+
     checkpoint_every: int
-    evaluate: Callable[[Any, int], dict[str, float]] | None          # (trainer, step)
-    checkpoint: Callable[[Any, int, list, list], None] | None        # (trainer, step, curves, evals)
+    evaluate: Callable[[Any, int], dict[str, float]] | None  # (trainer, step)
+    checkpoint: Callable[[Any, int, list, list], None] | None  # (trainer, step, curves, evals)
 
 
-def train_loop(trainer: Any, stream: Iterator[torch.Tensor], steps: int, *, log_every: int, progress: bool,
-               start: int = 0, curves: list[dict[str, float]] | None = None,
-               evals: list[dict[str, float]] | None = None, hooks: Hooks | None = None,
-               ) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+def train_loop(
+    trainer: Any,
+    stream: Iterator[torch.Tensor],
+    steps: int,
+    *,
+    log_every: int,
+    progress: bool,
+    start: int = 0,
+    curves: list[dict[str, float]] | None = None,
+    evals: list[dict[str, float]] | None = None,
+    hooks: Hooks | None = None,
+) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
     """Steps `start`..`steps` of `SAETrainer.step`, logging sae-lens' own step metrics every
     log_every; with hooks, held-out evaluations and checkpoints. Returns (curves, evals)."""
     curves, evals = list(curves or []), list(evals or [])
@@ -144,7 +177,7 @@ def train_loop(trainer: Any, stream: Iterator[torch.Tensor], steps: int, *, log_
         every = hooks.checkpoint_every if hooks else 0
         if every and ((step + 1) % every == 0 or step + 1 == steps):
             if hooks.evaluate is not None:
-                with torch.random.fork_rng(devices=[]):      # evaluations never move the training RNG
+                with torch.random.fork_rng(devices=[]):  # evaluations never move the training RNG
                     ev = {"step": step + 1, **hooks.evaluate(trainer, step + 1)}
                 evals.append(ev)
                 post["heldout_ev"] = f"{ev['explained_variance']:.3f}"
@@ -164,20 +197,45 @@ def build_trainer(cfg: Any, d_in: int, device: str) -> Any:
     from sae_lens.config import SAETrainerConfig
 
     d_sae = cfg.d_sae or 4 * d_in
-    sae = build_training_sae(cfg.architecture, d_in, d_sae, k=cfg.k, l1_coefficient=cfg.l1_coefficient,
-                             l1_warm_up_steps=cfg.l1_warm_up_steps, aux_coefficient=cfg.aux_coefficient,
-                             seed=cfg.seed, device=device)
+    sae = build_training_sae(
+        cfg.architecture,
+        d_in,
+        d_sae,
+        k=cfg.k,
+        l1_coefficient=cfg.l1_coefficient,
+        l1_warm_up_steps=cfg.l1_warm_up_steps,
+        aux_coefficient=cfg.aux_coefficient,
+        seed=cfg.seed,
+        device=device,
+    )
     decay = int(cfg.steps * cfg.lr_decay_frac)
     tcfg = SAETrainerConfig(
-        total_training_samples=cfg.steps * cfg.batch_tokens, train_batch_size_samples=cfg.batch_tokens,
-        lr=cfg.lr, lr_end=cfg.lr * 0.1, lr_warm_up_steps=int(cfg.steps * 0.02), lr_decay_steps=decay,
-        device=device, dead_feature_window=cfg.dead_window, feature_sampling_window=cfg.dead_window,
-        n_batches_for_norm_estimate=cfg.init_batches)
+        total_training_samples=cfg.steps * cfg.batch_tokens,
+        train_batch_size_samples=cfg.batch_tokens,
+        lr=cfg.lr,
+        lr_end=cfg.lr * 0.1,
+        lr_warm_up_steps=int(cfg.steps * 0.02),
+        lr_decay_steps=decay,
+        device=device,
+        dead_feature_window=cfg.dead_window,
+        feature_sampling_window=cfg.dead_window,
+        n_batches_for_norm_estimate=cfg.init_batches,
+    )
     return SAETrainer(tcfg, sae, iter(()))
 
 
-def train(store: Store, *, sql: str, array: str, d_in: int, cfg: Any, orders: np.ndarray, device: str,
-          resume_from: Path | None = None, hooks: Hooks | None = None) -> TrainResult:
+def train(
+    store: Store,
+    *,
+    sql: str,
+    array: str,
+    d_in: int,
+    cfg: Any,
+    orders: np.ndarray,
+    device: str,
+    resume_from: Path | None = None,
+    hooks: Hooks | None = None,
+) -> TrainResult:
     """Build the SAE and its sae-lens trainer, initialize from the first batches (or restore a
     checkpoint), train, fold the input scale into the weights."""
     from trainers.sae.checkpoint import load_checkpoint
@@ -196,8 +254,17 @@ def train(store: Store, *, sql: str, array: str, d_in: int, cfg: Any, orders: np
         doc = load_checkpoint(resume_from, trainer)
         start, curves, evals = doc["step"], doc["curves"], doc["evals"]
     stream = iter(TokenStream(store, sql, array, orders, cfg.batch_tokens, start=trainer.n_training_samples))
-    curves, evals = train_loop(trainer, stream, cfg.steps, log_every=cfg.log_every, progress=cfg.progress,
-                               start=start, curves=curves, evals=evals, hooks=hooks)
+    curves, evals = train_loop(
+        trainer,
+        stream,
+        cfg.steps,
+        log_every=cfg.log_every,
+        progress=cfg.progress,
+        start=start,
+        curves=curves,
+        evals=evals,
+        hooks=hooks,
+    )
     # What fit() does at its end: fold the input scale into the weights, record L0/dead.
     sae.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
     trainer.activation_scaler.scaling_factor = None
@@ -207,11 +274,11 @@ def train(store: Store, *, sql: str, array: str, d_in: int, cfg: Any, orders: np
 
 class TrainResult(NamedTuple):
     trainer: Any
-    sae: Any                           # the training SAE, input scale folded in
-    curves: list[dict[str, float]]     # training-batch metrics every log_every steps
-    evals: list[dict[str, float]]      # held-out evaluations (with checkpoints)
-    mean: torch.Tensor                 # mean of the initialization sample, raw units
-    resumed_from: int                  # 0, or the checkpoint's step
+    sae: Any  # the training SAE, input scale folded in
+    curves: list[dict[str, float]]  # training-batch metrics every log_every steps
+    evals: list[dict[str, float]]  # held-out evaluations (with checkpoints)
+    mean: torch.Tensor  # mean of the initialization sample, raw units
+    resumed_from: int  # 0, or the checkpoint's step
 
 
 def plot_curves(curves: list[dict[str, float]], title: str, evals: list[dict[str, float]] | None = None) -> bytes:
@@ -223,14 +290,21 @@ def plot_curves(curves: list[dict[str, float]], title: str, evals: list[dict[str
 
     evals = evals or []
     steps = [c["step"] for c in curves]
-    fig = Figure(figsize=(14, 7))           # stand-alone: a notebook's pyplot backend is left alone
+    fig = Figure(figsize=(14, 7))  # stand-alone: a notebook's pyplot backend is left alone
     axes = fig.subplots(2, 3)
-    panels = [("explained_variance", "explained variance", False, "explained_variance"),
-              ("mse_loss", "loss (scaled units)", True, None), ("l0", "mean L0", False, "l0"),
-              ("dead_features", "dead features (train: silent for --dead-window steps;\nheld-out: never fire)", False,
-               "dead_features"),
-              (None, "KL(clean || spliced), nats/token, held-out", False, "kl_mean")]
-    for ax, (key, label, log, ekey) in zip(axes.flat, panels):
+    panels = [
+        ("explained_variance", "explained variance", False, "explained_variance"),
+        ("mse_loss", "loss (scaled units)", True, None),
+        ("l0", "mean L0", False, "l0"),
+        (
+            "dead_features",
+            "dead features (train: silent for --dead-window steps;\nheld-out: never fire)",
+            False,
+            "dead_features",
+        ),
+        (None, "KL(clean || spliced), nats/token, held-out", False, "kl_mean"),
+    ]
+    for ax, (key, label, log, ekey) in zip(axes.flat, panels, strict=False):
         if key is not None:
             ax.plot(steps, [c.get(key, np.nan) for c in curves], label="train batch")
         if key == "mse_loss":
@@ -239,10 +313,16 @@ def plot_curves(curves: list[dict[str, float]], title: str, evals: list[dict[str
                     ax.plot(steps, [c.get(extra, np.nan) for c in curves], label=extra)
         pts = [(e["step"], e[ekey]) for e in evals if ekey and e.get(ekey) is not None]
         if pts:
-            ax.plot(*zip(*pts), "o-", label="held-out")
+            ax.plot(*zip(*pts, strict=False), "o-", label="held-out")
         elif key is None:
-            ax.text(0.5, 0.5, "no KL: run with --ce-rows > 0\nand --checkpoint-every", ha="center",
-                    va="center", transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                "no KL: run with --ce-rows > 0\nand --checkpoint-every",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+            )
         if log:
             ax.set_yscale("log")
         if ax.get_legend_handles_labels()[0]:

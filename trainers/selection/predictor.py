@@ -56,15 +56,33 @@ from tqdm.auto import tqdm
 
 from store.cli import config_dict, parse_config, user_errors
 from store.core import DEFAULT_STORE, STORE_VERSION, Store, StoreError
-from trainers.selection.predictor_data import (STATS, SAERows, attribution_labels, check_identity, features_sql, load_rows,
-                                     resolve_sae, sae_identity, stats_sql)
+from trainers.selection.predictor_data import (
+    STATS,
+    SAERows,
+    attribution_labels,
+    check_identity,
+    features_sql,
+    load_rows,
+    resolve_sae,
+    sae_identity,
+    stats_sql,
+)
 from trainers.selection.predictor_stats import correlations, evaluate, paired_difference
 from trainers.selection.subsets import PREDICTOR_TABLE as TABLE
 from trainers.selection.subsets import resolve_source
 
-SCHEMA = pa.schema([("run", pa.string()), ("row_id", pa.string()), ("predicted", pa.float64()),
-                    ("split", pa.string()), ("target", pa.string()), ("sae", pa.string()), ("layer", pa.int32()),
-                    ("attribution_run", pa.string())])
+SCHEMA = pa.schema(
+    [
+        ("run", pa.string()),
+        ("row_id", pa.string()),
+        ("predicted", pa.float64()),
+        ("split", pa.string()),
+        ("target", pa.string()),
+        ("sae", pa.string()),
+        ("layer", pa.int32()),
+        ("attribution_run", pa.string()),
+    ]
+)
 MIN_LABELLED = 20
 
 
@@ -73,24 +91,32 @@ class PredictorConfig:
     """Fit the SAE -> attribution predictor (see the module docstring)."""
 
     sae: str = field(default="latest", metadata={"help": "SAE whose tables to read: a name from saes, or latest"})
-    attribution: str = field(default="latest", metadata={"help": "attribution run whose ranks are the target, "
-                                                                 "or latest"})
-    layer: int | None = field(default=None, metadata={"help": "layer of the SAE tables (needed when the SAE name "
-                                                              "has several)"})
-    target: Literal["rank", "score"] = field(default="rank", metadata={"help": "regress on the attribution rank "
-                                                                               "(1 = best) or its score"})
-    split_mode: Literal["group", "stratified"] = field(default="group", metadata={
-        "help": "hold out whole group_ids, or the same share of every category"})
+    attribution: str = field(
+        default="latest", metadata={"help": "attribution run whose ranks are the target, or latest"}
+    )
+    layer: int | None = field(
+        default=None, metadata={"help": "layer of the SAE tables (needed when the SAE name has several)"}
+    )
+    target: Literal["rank", "score"] = field(
+        default="rank", metadata={"help": "regress on the attribution rank (1 = best) or its score"}
+    )
+    split_mode: Literal["group", "stratified"] = field(
+        default="group", metadata={"help": "hold out whole group_ids, or the same share of every category"}
+    )
     test_size: float = field(default=0.25, metadata={"help": "held-out share of the labelled rows"})
     seed: int = field(default=0, metadata={"help": "seed of the split and the bootstrap"})
-    alphas: list[float] = field(default_factory=lambda: [float(a) for a in np.logspace(-2, 5, 15)],
-                                metadata={"help": "ridge alphas tried by the inner CV (default 1e-2 .. 1e5, 15 values)"})
+    alphas: list[float] = field(
+        default_factory=lambda: [float(a) for a in np.logspace(-2, 5, 15)],
+        metadata={"help": "ridge alphas tried by the inner CV (default 1e-2 .. 1e5, 15 values)"},
+    )
     inner_folds: int = field(default=5, metadata={"help": "GroupKFold folds of the inner CV"})
     top_frac: float = field(default=0.1, metadata={"help": "top-k overlap: k = this share of the held-out rows"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
     apply_to: str | None = field(default=None, metadata={"help": "also score this other store (same model and SAE)"})
-    predictor: str | None = field(default=None, metadata={
-        "help": "apply this fitted predictor run (or latest) to --apply-to instead of fitting a new one"})
+    predictor: str | None = field(
+        default=None,
+        metadata={"help": "apply this fitted predictor run (or latest) to --apply-to instead of fitting a new one"},
+    )
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store root"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
@@ -118,7 +144,7 @@ class Design(NamedTuple):
 def fit_design(rows: SAERows, train: np.ndarray) -> Design:
     S = rows.stats[train]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)      # an all-null column: mean 0, sd 1 below
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-null column: mean 0, sd 1 below
         mean, std = np.nanmean(S, axis=0), np.nanstd(S, axis=0)
     mean = np.where(np.isfinite(mean), mean, 0.0)
     std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
@@ -145,9 +171,18 @@ def save_predictor(folder: Path, d: Design, coef: np.ndarray, intercept: float, 
     from store.core import write_json
 
     n = len(STATS)
-    save_file({"intercept": np.array([intercept]), "stats_coef": coef[:n].copy(), "stats_mean": d.stats_mean,
-               "stats_std": d.stats_std, "feature_ids": d.feature_ids.astype(np.int64),
-               "feature_coef": coef[n:].copy(), "feature_scale": d.feature_scale}, str(folder / "predictor.safetensors"))
+    save_file(
+        {
+            "intercept": np.array([intercept]),
+            "stats_coef": coef[:n].copy(),
+            "stats_mean": d.stats_mean,
+            "stats_std": d.stats_std,
+            "feature_ids": d.feature_ids.astype(np.int64),
+            "feature_coef": coef[n:].copy(),
+            "feature_scale": d.feature_scale,
+        },
+        str(folder / "predictor.safetensors"),
+    )
     write_json(folder / "predictor.json", info)
 
 
@@ -163,7 +198,7 @@ def load_predictor(folder: Path) -> tuple[Design, np.ndarray, float, dict[str, A
 # ---- split and fit -----------------------------------------------------------------------------
 def groups_of(rows: SAERows) -> np.ndarray:
     g = rows.meta["group_id"].to_list()
-    return np.array([x if x is not None else f"row:{r}" for x, r in zip(g, rows.row_ids)], dtype=object)
+    return np.array([x if x is not None else f"row:{r}" for x, r in zip(g, rows.row_ids, strict=False)], dtype=object)
 
 
 def split_rows(rows: SAERows, labelled: np.ndarray, mode: str, test_size: float, seed: int) -> tuple[np.ndarray, ...]:
@@ -173,19 +208,26 @@ def split_rows(rows: SAERows, labelled: np.ndarray, mode: str, test_size: float,
     if mode == "group":
         groups = groups_of(rows)[labelled]
         if len(set(groups)) < 4:
-            raise StoreError(f"--split-mode group: the {len(labelled)} labelled rows have only {len(set(groups))} "
-                             f"group_ids; use --split-mode stratified or more rows")
-        tr, te = next(GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed).split(labelled,
-                                                                                                 groups=groups))
+            raise StoreError(
+                f"--split-mode group: the {len(labelled)} labelled rows have only {len(set(groups))} "
+                f"group_ids; use --split-mode stratified or more rows"
+            )
+        tr, te = next(
+            GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed).split(labelled, groups=groups)
+        )
     else:
-        cats = np.array([c if c is not None else "(none)" for c in rows.meta["category"].to_list()],
-                        dtype=object)[labelled]
+        cats = np.array([c if c is not None else "(none)" for c in rows.meta["category"].to_list()], dtype=object)[
+            labelled
+        ]
         try:
-            tr, te = next(StratifiedShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
-                          .split(labelled, cats))
+            tr, te = next(
+                StratifiedShuffleSplit(n_splits=1, test_size=test_size, random_state=seed).split(labelled, cats)
+            )
         except ValueError as e:
-            raise StoreError(f"--split-mode stratified cannot split {len(labelled)} rows by category ({e}); "
-                             f"use --split-mode group or a different --test-size") from e
+            raise StoreError(
+                f"--split-mode stratified cannot split {len(labelled)} rows by category ({e}); "
+                f"use --split-mode group or a different --test-size"
+            ) from e
     return np.sort(labelled[tr]), np.sort(labelled[te])
 
 
@@ -205,8 +247,9 @@ def ridge(alpha: float) -> Any:
     return Ridge(alpha=alpha, tol=1e-8)
 
 
-def fit_ridge(X: sp.csr_matrix, y: np.ndarray, groups: np.ndarray, alphas: list[float], folds: int,
-              desc: str, progress: bool) -> tuple[Any, float, dict[str, float]]:
+def fit_ridge(
+    X: sp.csr_matrix, y: np.ndarray, groups: np.ndarray, alphas: list[float], folds: int, desc: str, progress: bool
+) -> tuple[Any, float, dict[str, float]]:
     """(Ridge fitted on all of X, y with the alpha of best mean inner-CV Spearman, alpha, {alpha: score})."""
     from sklearn.model_selection import GroupKFold
 
@@ -216,8 +259,7 @@ def fit_ridge(X: sp.csr_matrix, y: np.ndarray, groups: np.ndarray, alphas: list[
     splits = list(GroupKFold(n_splits=nf).split(X, y, groups))
     cv: dict[str, float] = {}
     for a in tqdm(sorted(alphas), desc=f"inner CV {desc}", disable=not progress, leave=False):
-        cv[repr(a)] = float(np.mean([_spearman(ridge(a).fit(X[tr], y[tr]).predict(X[va]), y[va])
-                                     for tr, va in splits]))
+        cv[repr(a)] = float(np.mean([_spearman(ridge(a).fit(X[tr], y[tr]).predict(X[va]), y[va]) for tr, va in splits]))
     best = max(sorted(alphas), key=lambda a: (round(cv[repr(a)], 12), a))
     return ridge(best).fit(X, y), best, cv
 
@@ -241,17 +283,19 @@ def _reward(rows: SAERows, train: np.ndarray) -> sp.csr_matrix:
 
 def _top_features(d: Design, coef: np.ndarray, target: str, n: int = 20) -> dict[str, list[dict[str, Any]]]:
     """The features pushing a row towards the top / bottom of the attribution ranking (per unit mean_act)."""
-    w = coef[len(STATS):] / d.feature_scale
+    w = coef[len(STATS) :] / d.feature_scale
     toward_top = w if target == "score" else -w
     order = np.argsort(-toward_top)
 
     def pick(idx):
         return [{"feature": int(d.feature_ids[i]), "coef": float(w[i])} for i in idx if toward_top[i] != 0]
+
     return {"toward_top": pick(order[:n]), "toward_bottom": pick(order[::-1][:n])}
 
 
-def _plot(path: Path, y: np.ndarray, preds: dict[str, np.ndarray], test: np.ndarray, target: str,
-          metrics: dict[str, Any]) -> Path:
+def _plot(
+    path: Path, y: np.ndarray, preds: dict[str, np.ndarray], test: np.ndarray, target: str, metrics: dict[str, Any]
+) -> Path:
     from matplotlib.figure import Figure
 
     from trainers.plots import save_figure
@@ -262,8 +306,11 @@ def _plot(path: Path, y: np.ndarray, preds: dict[str, np.ndarray], test: np.ndar
         ax = fig.add_subplot(1, 2, i + 1)
         ax.scatter(y[test], preds[name][test], s=10, alpha=0.6)
         m = metrics[name]
-        ax.set_title(f"{'SAE predictor' if name == 'sae' else 'reward-model baseline'}: Spearman "
-                     f"{_n(m['spearman'])} [{_n(m['spearman_ci'][0])}, {_n(m['spearman_ci'][1])}]", fontsize=9)
+        ax.set_title(
+            f"{'SAE predictor' if name == 'sae' else 'reward-model baseline'}: Spearman "
+            f"{_n(m['spearman'])} [{_n(m['spearman_ci'][0])}, {_n(m['spearman_ci'][1])}]",
+            fontsize=9,
+        )
         ax.set_xlabel(f"actual attribution {target} (held-out rows)")
         ax.set_ylabel(f"predicted {target}")
         ax.ticklabel_format(useOffset=False)
@@ -284,58 +331,121 @@ def fit_predictor(cfg: PredictorConfig) -> dict[str, Any]:
     y = np.array([labels[r][col] if r in labels else np.nan for r in rows.row_ids], dtype=np.float64)
     labelled = np.flatnonzero(~np.isnan(y))
     if len(labelled) < MIN_LABELLED:
-        raise StoreError(f"only {len(labelled)} rows have both SAE features ({sae}, layer {layer}: "
-                         f"{len(rows.row_ids)} rows) and attribution scores (run {attr_run}: {len(labels)} rows); the "
-                         f"predictor needs >= {MIN_LABELLED}: compute SAE codes for the attribution pool "
-                         f"(python -m extractors.run --layer {layer} --kinds sae --sae {sae}) or score more rows")
+        raise StoreError(
+            f"only {len(labelled)} rows have both SAE features ({sae}, layer {layer}: "
+            f"{len(rows.row_ids)} rows) and attribution scores (run {attr_run}: {len(labels)} rows); the "
+            f"predictor needs >= {MIN_LABELLED}: compute SAE codes for the attribution pool "
+            f"(python -m extractors.run --layer {layer} --kinds sae --sae {sae}) or score more rows"
+        )
     train, test = split_rows(rows, labelled, cfg.split_mode, cfg.test_size, cfg.seed)
     groups = groups_of(rows)
     d = fit_design(rows, train)
     designs = {"sae": design_matrix(rows, d), "reward_model": _reward(rows, train), "metadata": _onehots(rows, train)}
     preds, alphas, cvs, models = {}, {}, {}, {}
     for name, X in designs.items():
-        models[name], alphas[name], cvs[name] = fit_ridge(X[train], y[train], groups[train], cfg.alphas,
-                                                          cfg.inner_folds, name, cfg.progress)
+        models[name], alphas[name], cvs[name] = fit_ridge(
+            X[train], y[train], groups[train], cfg.alphas, cfg.inner_folds, name, cfg.progress
+        )
         preds[name] = models[name].predict(X)
     coef, intercept = np.asarray(models["sae"].coef_, dtype=np.float64), float(models["sae"].intercept_)
     rng_seed = cfg.seed
-    metrics = {name: {**evaluate(preds[name][test], y[test], cfg.target, cfg.top_frac, cfg.bootstrap, rng_seed),
-                      "alpha": alphas[name], "inner_cv_spearman": cvs[name]} for name in designs}
-    diffs = {f"sae_minus_{b}": paired_difference(preds["sae"][test], preds[b][test], y[test], cfg.bootstrap, rng_seed)
-             for b in ("reward_model", "metadata")}
-    corr = {"prediction": correlations(preds["sae"], rows.meta),
-            "attribution_target": correlations(y[labelled], rows.meta.select(pl.all().gather(labelled)))}
+    metrics = {
+        name: {
+            **evaluate(preds[name][test], y[test], cfg.target, cfg.top_frac, cfg.bootstrap, rng_seed),
+            "alpha": alphas[name],
+            "inner_cv_spearman": cvs[name],
+        }
+        for name in designs
+    }
+    diffs = {
+        f"sae_minus_{b}": paired_difference(preds["sae"][test], preds[b][test], y[test], cfg.bootstrap, rng_seed)
+        for b in ("reward_model", "metadata")
+    }
+    corr = {
+        "prediction": correlations(preds["sae"], rows.meta),
+        "attribution_target": correlations(y[labelled], rows.meta.select(pl.all().gather(labelled))),
+    }
     identity = sae_identity(store, sae, layer)
     split = np.full(len(rows.row_ids), "unlabelled", dtype=object)
     split[train], split[test] = "train", "test"
     resolved = {"sae": sae, "layer": layer, "attribution_run": attr_run}
-    with Run(store, "sae_predictor", {**config_dict(cfg), **resolved}, model_hash=identity["model_hash"] or "",
-             layers=[layer]) as run:
-        views = {"features": features_sql(sae, layer), "sample_stats": stats_sql(sae, layer),
-                 "target": f"SELECT row_id, {cfg.target} FROM attribution_scores WHERE run_id = '{attr_run}'",
-                 "metadata": "SELECT row_id, group_id, category, difficulty, quality, reward_model_score FROM rows",
-                 "predictions": f"SELECT * FROM {TABLE} WHERE run = '{run.run_id}'"}
-        info = {"run_id": run.run_id, "alpha": alphas["sae"], "intercept": intercept, "target": cfg.target,
-                "stats": list(STATS), "stats_coef": dict(zip(STATS, coef[:len(STATS)].tolist())),
-                "n_features": int(len(d.feature_ids)), "feature_ids": d.feature_ids.tolist(),
-                "feature_coef": coef[len(STATS):].tolist(), "top_features": _top_features(d, coef, cfg.target),
-                "config": {**config_dict(cfg), **resolved}, "sae_identity": identity, "view_sql": views,
-                "store_version": STORE_VERSION, "store": str(store.root),
-                "rows": {"with_sae_features": len(rows.row_ids), "labelled": int(len(labelled)),
-                         "train": int(len(train)), "test": int(len(test))}}
+    with Run(
+        store,
+        "sae_predictor",
+        {**config_dict(cfg), **resolved},
+        model_hash=identity["model_hash"] or "",
+        layers=[layer],
+    ) as run:
+        views = {
+            "features": features_sql(sae, layer),
+            "sample_stats": stats_sql(sae, layer),
+            "target": f"SELECT row_id, {cfg.target} FROM attribution_scores WHERE run_id = '{attr_run}'",
+            "metadata": "SELECT row_id, group_id, category, difficulty, quality, reward_model_score FROM rows",
+            "predictions": f"SELECT * FROM {TABLE} WHERE run = '{run.run_id}'",
+        }
+        info = {
+            "run_id": run.run_id,
+            "alpha": alphas["sae"],
+            "intercept": intercept,
+            "target": cfg.target,
+            "stats": list(STATS),
+            "stats_coef": dict(zip(STATS, coef[: len(STATS)].tolist(), strict=False)),
+            "n_features": int(len(d.feature_ids)),
+            "feature_ids": d.feature_ids.tolist(),
+            "feature_coef": coef[len(STATS) :].tolist(),
+            "top_features": _top_features(d, coef, cfg.target),
+            "config": {**config_dict(cfg), **resolved},
+            "sae_identity": identity,
+            "view_sql": views,
+            "store_version": STORE_VERSION,
+            "store": str(store.root),
+            "rows": {
+                "with_sae_features": len(rows.row_ids),
+                "labelled": int(len(labelled)),
+                "train": int(len(train)),
+                "test": int(len(test)),
+            },
+        }
         save_predictor(run.dir, d, coef, intercept, info)
         n = len(rows.row_ids)
-        store.write_table(TABLE, pa.table({
-            "run": [run.run_id] * n, "row_id": rows.row_ids, "predicted": preds["sae"], "split": split.tolist(),
-            "target": [cfg.target] * n, "sae": [sae] * n, "layer": pa.array([layer] * n, pa.int32()),
-            "attribution_run": [attr_run] * n}, schema=SCHEMA), part=run.run_id)
-        doc = {"run_id": run.run_id, **resolved, "target": cfg.target, "split_mode": cfg.split_mode,
-               "rows": info["rows"], "metrics": metrics, "differences": diffs, "correlations": corr,
-               "top_features": info["top_features"], "view_sql": views, "store_version": STORE_VERSION}
+        store.write_table(
+            TABLE,
+            pa.table(
+                {
+                    "run": [run.run_id] * n,
+                    "row_id": rows.row_ids,
+                    "predicted": preds["sae"],
+                    "split": split.tolist(),
+                    "target": [cfg.target] * n,
+                    "sae": [sae] * n,
+                    "layer": pa.array([layer] * n, pa.int32()),
+                    "attribution_run": [attr_run] * n,
+                },
+                schema=SCHEMA,
+            ),
+            part=run.run_id,
+        )
+        doc = {
+            "run_id": run.run_id,
+            **resolved,
+            "target": cfg.target,
+            "split_mode": cfg.split_mode,
+            "rows": info["rows"],
+            "metrics": metrics,
+            "differences": diffs,
+            "correlations": corr,
+            "top_features": info["top_features"],
+            "view_sql": views,
+            "store_version": STORE_VERSION,
+        }
         store.write_json(run.dir / "predictor_metrics.json", doc)
         _plot(run.dir / "predictor_scatter.png", y, preds, test, cfg.target, metrics)
-        run.finish(counts=info["rows"], metrics={n: {k: metrics[n][k] for k in ("spearman", "kendall", "top_k_overlap",
-                                                                                "top_k_random")} for n in metrics})
+        run.finish(
+            counts=info["rows"],
+            metrics={
+                n: {k: metrics[n][k] for k in ("spearman", "kendall", "top_k_overlap", "top_k_random")} for n in metrics
+            },
+        )
     print(report(doc))
     if cfg.apply_to:
         apply_predictor(store, run.run_id, Store(cfg.apply_to), progress=cfg.progress)
@@ -352,22 +462,44 @@ def apply_predictor(store: Store, run_id: str, other: Store, progress: bool = Tr
     try:
         resolve_sae(other, sae, layer)
     except StoreError as e:
-        raise StoreError(f"--apply-to {other.root}: predictor {run_id} reads SAE {sae} layer {layer}, which that store "
-                         f"has no tables of ({e}); compute them there with the same SAE: python -m extractors.run "
-                         f"--store {other.root} --layer {layer} --kinds sae --sae <folder of SAE {sae}>") from None
+        raise StoreError(
+            f"--apply-to {other.root}: predictor {run_id} reads SAE {sae} layer {layer}, which that store "
+            f"has no tables of ({e}); compute them there with the same SAE: python -m extractors.run "
+            f"--store {other.root} --layer {layer} --kinds sae --sae <folder of SAE {sae}>"
+        ) from None
     check_identity(want, sae_identity(other, sae, layer), other, run_id)
     rows = load_rows(other, sae, layer, feature_ids=d.feature_ids)
     pred = predict(rows, d, coef, intercept)
     n = len(rows.row_ids)
-    with Run(other, "sae_predictor_apply", {"predictor": run_id, "from_store": str(store.root)},
-             model_hash=want.get("model_hash") or "", layers=[layer]) as run:
-        other.write_table(TABLE, pa.table({
-            "run": [run_id] * n, "row_id": rows.row_ids, "predicted": pred, "split": ["unlabelled"] * n,
-            "target": [info["target"]] * n, "sae": [sae] * n, "layer": pa.array([layer] * n, pa.int32()),
-            "attribution_run": [info["config"]["attribution_run"]] * n}, schema=SCHEMA), part=run_id)
+    with Run(
+        other,
+        "sae_predictor_apply",
+        {"predictor": run_id, "from_store": str(store.root)},
+        model_hash=want.get("model_hash") or "",
+        layers=[layer],
+    ) as run:
+        other.write_table(
+            TABLE,
+            pa.table(
+                {
+                    "run": [run_id] * n,
+                    "row_id": rows.row_ids,
+                    "predicted": pred,
+                    "split": ["unlabelled"] * n,
+                    "target": [info["target"]] * n,
+                    "sae": [sae] * n,
+                    "layer": pa.array([layer] * n, pa.int32()),
+                    "attribution_run": [info["config"]["attribution_run"]] * n,
+                },
+                schema=SCHEMA,
+            ),
+            part=run_id,
+        )
         run.finish(counts={"rows": n})
-    print(f"predictor {run_id}: scored {n} rows of {other.root} (table {TABLE}, split unlabelled); rank them with "
-          f"python -m trainers.subsets --store {other.root} --from predictor:{run_id} --k K")
+    print(
+        f"predictor {run_id}: scored {n} rows of {other.root} (table {TABLE}, split unlabelled); rank them with "
+        f"python -m trainers.subsets --store {other.root} --from predictor:{run_id} --k K"
+    )
     return n
 
 
@@ -377,21 +509,30 @@ def _n(x: float | None, fmt: str = "+.3f") -> str:
 
 def _fmt(m: dict[str, Any]) -> str:
     lo, hi = m["spearman_ci"]
-    return (f"Spearman {_n(m['spearman'])} [{_n(lo)}, {_n(hi)}]  Kendall {_n(m['kendall'])}  top-{m['k']} overlap "
-            f"{m['top_k_overlap']:.2f} (random {m['top_k_random']:.2f})  alpha {m['alpha']:g}")
+    return (
+        f"Spearman {_n(m['spearman'])} [{_n(lo)}, {_n(hi)}]  Kendall {_n(m['kendall'])}  top-{m['k']} overlap "
+        f"{m['top_k_overlap']:.2f} (random {m['top_k_random']:.2f})  alpha {m['alpha']:g}"
+    )
 
 
 def report(doc: dict[str, Any]) -> str:
     r = doc["rows"]
-    lines = [f"predictor {doc['run_id']}: SAE {doc['sae']} layer {doc['layer']} -> attribution {doc['target']} "
-             f"(run {doc['attribution_run']}); rows {r['with_sae_features']} with SAE features, {r['labelled']} "
-             f"labelled, train {r['train']} / test {r['test']} ({doc['split_mode']} split)"]
+    lines = [
+        f"predictor {doc['run_id']}: SAE {doc['sae']} layer {doc['layer']} -> attribution {doc['target']} "
+        f"(run {doc['attribution_run']}); rows {r['with_sae_features']} with SAE features, {r['labelled']} "
+        f"labelled, train {r['train']} / test {r['test']} ({doc['split_mode']} split)"
+    ]
     lines += [f"  {name:<13} {_fmt(m)}" for name, m in doc["metrics"].items()]
-    lines += [f"  {k}: Spearman difference {_n(v['difference'])} [{_n(v['ci'][0])}, {_n(v['ci'][1])}], "
-              f"bootstrap p {_n(v['p_bootstrap'], '.3f')}" for k, v in doc["differences"].items()]
+    lines += [
+        f"  {k}: Spearman difference {_n(v['difference'])} [{_n(v['ci'][0])}, {_n(v['ci'][1])}], "
+        f"bootstrap p {_n(v['p_bootstrap'], '.3f')}"
+        for k, v in doc["differences"].items()
+    ]
     for what, c in doc["correlations"].items():
-        lines.append(f"  {what}: Spearman with reward_model_score {_n(c['reward_model_score'])}, difficulty "
-                     f"{_n(c['difficulty'])}, quality {_n(c['quality'])}; category eta^2 {_n(c['category_eta2'], '.3f')}")
+        lines.append(
+            f"  {what}: Spearman with reward_model_score {_n(c['reward_model_score'])}, difficulty "
+            f"{_n(c['difficulty'])}, quality {_n(c['quality'])}; category eta^2 {_n(c['category_eta2'], '.3f')}"
+        )
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ def _boot_spearman(a: np.ndarray, y: np.ndarray, idx: np.ndarray) -> np.ndarray:
     ra -= ra.mean(1, keepdims=True)
     ry -= ry.mean(1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (ra * ry).sum(1) / np.sqrt((ra ** 2).sum(1) * (ry ** 2).sum(1))
+        return (ra * ry).sum(1) / np.sqrt((ra**2).sum(1) * (ry**2).sum(1))
 
 
 def _resamples(n: int, B: int, seed: int) -> np.ndarray:
@@ -61,9 +61,16 @@ def evaluate(pred: np.ndarray, y: np.ndarray, target: str, top_frac: float, B: i
     overlap = len(set(best_first(pred, target)[:k]) & set(best_first(y, target)[:k])) / k
     rho = spearman(pred, y)
     tau = None if rho is None else float(kendalltau(pred, y).statistic)
-    return {"n_test": n, "spearman": rho if rho is not None else 0.0, "spearman_defined": rho is not None,
-            "spearman_ci": _ci(_boot_spearman(pred, y, _resamples(n, B, seed))), "kendall": tau or 0.0,
-            "k": k, "top_k_overlap": overlap, "top_k_random": k / n}
+    return {
+        "n_test": n,
+        "spearman": rho if rho is not None else 0.0,
+        "spearman_defined": rho is not None,
+        "spearman_ci": _ci(_boot_spearman(pred, y, _resamples(n, B, seed))),
+        "kendall": tau or 0.0,
+        "k": k,
+        "top_k_overlap": overlap,
+        "top_k_random": k / n,
+    }
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, y: np.ndarray, B: int, seed: int) -> dict[str, Any]:
@@ -95,8 +102,11 @@ def correlations(x: np.ndarray, meta: pl.DataFrame) -> dict[str, float | None]:
     """Spearman of x with reward_model_score / difficulty / quality, eta^2 of category (module docstring)."""
     out: dict[str, float | None] = {}
     rm = meta["reward_model_score"].cast(pl.Float64).fill_null(np.nan).to_numpy()
-    for name, v in (("reward_model_score", rm), ("difficulty", _ordinal(meta["difficulty"].to_list(), DIFFICULTIES)),
-                    ("quality", _ordinal(meta["quality"].to_list(), QUALITIES))):
+    for name, v in (
+        ("reward_model_score", rm),
+        ("difficulty", _ordinal(meta["difficulty"].to_list(), DIFFICULTIES)),
+        ("quality", _ordinal(meta["quality"].to_list(), QUALITIES)),
+    ):
         ok = np.isfinite(v)
         out[name] = spearman(x[ok], v[ok])
     out["category_eta2"] = eta_squared(np.asarray(x, dtype=np.float64), meta["category"].to_list())

@@ -43,9 +43,9 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from store.catalog.subsets import TABLE, subset_table
 from store.cli import config_dict, parse_config, user_errors
 from store.core import DEFAULT_STORE, Store, StoreError, safe_name
-from store.catalog.subsets import TABLE, subset_table
 
 KINDS = ("top_k", "matched_random_k", "ranks", "random_from_ranks")
 SEEDED = ("matched_random_k", "random_from_ranks")
@@ -57,12 +57,12 @@ PREDICTOR_TABLE = "predictor_scores"
 class SubsetSpec:
     """One subset of a source's ranking (see the module docstring)."""
 
-    source: str                 # "attribution:<run>|attribution:latest|predictor:<run>|predictor:latest|reward_model|random"
+    source: str  # "attribution:<run>|attribution:latest|predictor:<run>|predictor:latest|reward_model|random"
     kind: Literal["top_k", "matched_random_k", "ranks", "random_from_ranks"]
-    k: int | None = None        # top_k / matched_random_k / random_from_ranks: how many rows
-    ranks: tuple[int, int | None] | None = None   # 1-based inclusive window, None end = to the last rank
-    seed: int = 0               # matched_random_k / random_from_ranks / source random
-    overlap: Literal["allow", "exclude"] = "exclude"   # matched_random_k: may it share rows with top_k?
+    k: int | None = None  # top_k / matched_random_k / random_from_ranks: how many rows
+    ranks: tuple[int, int | None] | None = None  # 1-based inclusive window, None end = to the last rank
+    seed: int = 0  # matched_random_k / random_from_ranks / source random
+    overlap: Literal["allow", "exclude"] = "exclude"  # matched_random_k: may it share rows with top_k?
     pool_split: str = "score_pool"
 
     def __post_init__(self) -> None:
@@ -77,16 +77,19 @@ class SubsetSpec:
         if needs_k and self.k is None:
             raise ValueError(f"a {self.kind} subset needs k (--k N, N > 0)")
         if not needs_k and self.k is not None:
-            raise ValueError(f"a ranks subset takes its size from the window {self.ranks}; drop k={self.k} "
-                             f"(or use --random-from-ranks to draw k rows from it)")
+            raise ValueError(
+                f"a ranks subset takes its size from the window {self.ranks}; drop k={self.k} "
+                f"(or use --random-from-ranks to draw k rows from it)"
+            )
         if self.k is not None and (isinstance(self.k, bool) or int(self.k) != self.k or self.k <= 0):
             raise ValueError(f"k must be a positive whole number, got {self.k!r}; pass --k N with N > 0")
         wants_window = self.kind in ("ranks", "random_from_ranks")
         if wants_window and self.ranks is None:
             raise ValueError(f"a {self.kind} subset needs a rank window, e.g. ranks=(301, 500) or --ranks 301-500")
         if not wants_window and self.ranks is not None:
-            raise ValueError(f"a {self.kind} subset takes no rank window (got {self.ranks}); use kind ranks or "
-                             f"random_from_ranks")
+            raise ValueError(
+                f"a {self.kind} subset takes no rank window (got {self.ranks}); use kind ranks or random_from_ranks"
+            )
 
 
 def parse_source(source: str) -> tuple[str, str | None]:
@@ -103,10 +106,15 @@ def check_window(window: tuple) -> tuple[int, int | None]:
     if len(window) != 2:
         raise ValueError(f"rank window {window!r} must be (start, end), end None = to the last rank")
     a, b = window
-    if not isinstance(a, (int, np.integer)) or a < 1 or (b is not None and (not isinstance(b, (int, np.integer))
-                                                           or b < a)):
-        raise ValueError(f"rank window {window!r}: ranks are 1-based and inclusive, start >= 1 and end >= start "
-                         f"(or None = to the last rank), e.g. (301, 500)")
+    if (
+        not isinstance(a, (int, np.integer))
+        or a < 1
+        or (b is not None and (not isinstance(b, (int, np.integer)) or b < a))
+    ):
+        raise ValueError(
+            f"rank window {window!r}: ranks are 1-based and inclusive, start >= 1 and end >= start "
+            f"(or None = to the last rank), e.g. (301, 500)"
+        )
     return int(a), None if b is None else int(b)
 
 
@@ -126,13 +134,20 @@ def parse_window(text: str, flag: str = "--ranks") -> tuple[int, int | None]:
 # ---- rankings ---------------------------------------------------------------------------------
 def _latest_run(store: Store, table: str, col: str, what: str) -> str:
     if not store.has_table(table):
-        raise StoreError(f"{what}:latest: {store.root} has no {table} table yet; "
-                         + ("run python -m extractors.run --kinds attribution --adapter latest" if what == "attribution"
-                            else "run python -m trainers.sae_predictor --sae latest --attribution latest"))
+        raise StoreError(
+            f"{what}:latest: {store.root} has no {table} table yet; "
+            + (
+                "run python -m extractors.run --kinds attribution --adapter latest"
+                if what == "attribution"
+                else "run python -m trainers.sae_predictor --sae latest --attribution latest"
+            )
+        )
     if store.has_table("runs"):
-        sql = (f"SELECT t.{col} FROM (SELECT DISTINCT {col} FROM {table}) t LEFT JOIN "
-               f"(SELECT run_id, max(started_at) AS started_at FROM runs GROUP BY run_id) r ON r.run_id = t.{col} "
-               f"ORDER BY r.started_at DESC NULLS LAST, t.{col} DESC LIMIT 1")
+        sql = (
+            f"SELECT t.{col} FROM (SELECT DISTINCT {col} FROM {table}) t LEFT JOIN "
+            f"(SELECT run_id, max(started_at) AS started_at FROM runs GROUP BY run_id) r ON r.run_id = t.{col} "
+            f"ORDER BY r.started_at DESC NULLS LAST, t.{col} DESC LIMIT 1"
+        )
     else:
         sql = f"SELECT max({col}) FROM {table}"
     return store.query(sql).column(0)[0].as_py()
@@ -151,11 +166,13 @@ def resolve_source(store: Store, source: str) -> tuple[str, str | None]:
     table, col = ("attribution_scores", "run_id") if kind == "attribution" else (PREDICTOR_TABLE, "run")
     if run == "latest":
         run = _latest_run(store, table, col, kind)
-    elif not store.has_table(table) or not store.query(f"SELECT 1 FROM {table} WHERE {col} = ? LIMIT 1",
-                                                       [run]).num_rows:
+    elif (
+        not store.has_table(table) or not store.query(f"SELECT 1 FROM {table} WHERE {col} = ? LIMIT 1", [run]).num_rows
+    ):
         known = _known_runs(store, table, col) if store.has_table(table) else "none"
-        raise StoreError(f"{kind} run {run!r} has no rows in {table} of {store.root}; runs there: {known} "
-                         f"(or use {kind}:latest)")
+        raise StoreError(
+            f"{kind} run {run!r} has no rows in {table} of {store.root}; runs there: {known} (or use {kind}:latest)"
+        )
     if not safe_name(run):
         raise StoreError(f"{kind} run id {run!r} cannot be part of a subset name (letters, digits, _ . -)")
     return f"{kind}:{run}", run
@@ -169,8 +186,9 @@ def _pool(store: Store, pool_split: str) -> list[str]:
 
 def _ranked(frame: pl.DataFrame, order: list[str], descending: list[bool]) -> pl.DataFrame:
     out = frame.sort(order, descending=descending, nulls_last=True)
-    return out.select("row_id", pl.int_range(1, out.height + 1, dtype=pl.Int64).alias("rank"),
-                      pl.col("score").cast(pl.Float64))
+    return out.select(
+        "row_id", pl.int_range(1, out.height + 1, dtype=pl.Int64).alias("rank"), pl.col("score").cast(pl.Float64)
+    )
 
 
 def ranking(store: Store, source: str, pool_split: str = "score_pool", *, seed: int = 0) -> pl.DataFrame:
@@ -183,12 +201,18 @@ def ranking(store: Store, source: str, pool_split: str = "score_pool", *, seed: 
     try:
         con.register("_pool", pa.table({"row_id": pool}))
         if kind == "attribution":
-            t = con.sql("SELECT a.row_id, a.rank AS src_rank, a.score FROM attribution_scores a "
-                        "JOIN _pool USING (row_id) WHERE a.run_id = ?", params=[run]).pl()
+            t = con.sql(
+                "SELECT a.row_id, a.rank AS src_rank, a.score FROM attribution_scores a "
+                "JOIN _pool USING (row_id) WHERE a.run_id = ?",
+                params=[run],
+            ).pl()
             out = _ranked(t, ["src_rank", "row_id"], [False, False])
         elif kind == "predictor":
-            t = con.sql(f"SELECT p.row_id, p.predicted AS score, p.target FROM {PREDICTOR_TABLE} p "
-                        "JOIN _pool USING (row_id) WHERE p.run = ?", params=[run]).pl()
+            t = con.sql(
+                f"SELECT p.row_id, p.predicted AS score, p.target FROM {PREDICTOR_TABLE} p "
+                "JOIN _pool USING (row_id) WHERE p.run = ?",
+                params=[run],
+            ).pl()
             # A predicted rank is better when lower, a predicted score when higher.
             low_best = t.height > 0 and t["target"][0] == "rank"
             out = _ranked(t, ["score", "row_id"], [not low_best, False])
@@ -198,13 +222,20 @@ def ranking(store: Store, source: str, pool_split: str = "score_pool", *, seed: 
         else:
             ids = sorted(pool)
             perm = np.random.default_rng(seed).permutation(len(ids))
-            out = pl.DataFrame({"row_id": [ids[i] for i in perm], "rank": np.arange(1, len(ids) + 1, dtype=np.int64),
-                                "score": pl.Series([None] * len(ids), dtype=pl.Float64)})
+            out = pl.DataFrame(
+                {
+                    "row_id": [ids[i] for i in perm],
+                    "rank": np.arange(1, len(ids) + 1, dtype=np.int64),
+                    "score": pl.Series([None] * len(ids), dtype=pl.Float64),
+                }
+            )
     finally:
         con.close()
     if out.height == 0:
-        raise StoreError(f"{resolved} ranks none of the {len(pool)} rows of --pool-split {pool_split}; pick the "
-                         f"split that source scored (e.g. the attribution run's pool_split)")
+        raise StoreError(
+            f"{resolved} ranks none of the {len(pool)} rows of --pool-split {pool_split}; pick the "
+            f"split that source scored (e.g. the attribution run's pool_split)"
+        )
     return out
 
 
@@ -217,8 +248,12 @@ def subset_name(store: Store, spec: SubsetSpec) -> str:
     kind = resolved.partition(":")[0]
     prefix = {"attribution": "attr", "predictor": "pred", "reward_model": "rm"}.get(kind) or f"random-s{spec.seed}"
     win = "" if spec.ranks is None else f"ranks{spec.ranks[0]}-{spec.ranks[1] or 'end'}"
-    body = {"top_k": f"top{spec.k}", "matched_random_k": f"matched-random{spec.k}-{spec.overlap}-s{spec.seed}",
-            "ranks": win, "random_from_ranks": f"random{spec.k}-from-{win}-s{spec.seed}"}[spec.kind]
+    body = {
+        "top_k": f"top{spec.k}",
+        "matched_random_k": f"matched-random{spec.k}-{spec.overlap}-s{spec.seed}",
+        "ranks": win,
+        "random_from_ranks": f"random{spec.k}-from-{win}-s{spec.seed}",
+    }[spec.kind]
     name = "-".join([prefix, body] + ([run] if run else []))
     if spec.pool_split != "score_pool":
         name += f"-pool-{spec.pool_split}"
@@ -230,8 +265,10 @@ def subset_name(store: Store, spec: SubsetSpec) -> str:
 def _window(n: int, ranks: tuple[int, int | None], what: str) -> np.ndarray:
     a, b = ranks
     if a > n or (b is not None and b > n):
-        raise StoreError(f"rank window {a}-{b or ''} is outside {what}'s ranks 1-{n}; use a window inside it "
-                         f"(e.g. {min(a, n)}- to go to the last rank)")
+        raise StoreError(
+            f"rank window {a}-{b or ''} is outside {what}'s ranks 1-{n}; use a window inside it "
+            f"(e.g. {min(a, n)}- to go to the last rank)"
+        )
     return np.arange(a - 1, n if b is None else b)
 
 
@@ -243,13 +280,21 @@ def _matched(rk: pl.DataFrame, cats: list[str | None], k: int, seed: int, overla
     by_cat: dict[str | None, list[int]] = {}
     for i in sorted(cand, key=lambda i: ids[i]):
         by_cat.setdefault(cats[i], []).append(i)
-    short = [(c, n, len(by_cat.get(c, []))) for c, n in sorted(want.items(), key=lambda x: str(x[0]))
-             if len(by_cat.get(c, [])) < n]
+    short = [
+        (c, n, len(by_cat.get(c, [])))
+        for c, n in sorted(want.items(), key=lambda x: str(x[0]))
+        if len(by_cat.get(c, [])) < n
+    ]
     if short:
         where = f"outside the top {k}" if overlap == "exclude" else "in the pool"
-        raise StoreError("matched random: " + "; ".join(f"category {c!r} needs {n} rows (its count in the top {k}) "
-                                                        f"but {what} has only {m} {where}" for c, n, m in short)
-                         + ("; use --overlap allow or a smaller --k" if overlap == "exclude" else "; use a smaller --k"))
+        raise StoreError(
+            "matched random: "
+            + "; ".join(
+                f"category {c!r} needs {n} rows (its count in the top {k}) but {what} has only {m} {where}"
+                for c, n, m in short
+            )
+            + ("; use --overlap allow or a smaller --k" if overlap == "exclude" else "; use a smaller --k")
+        )
     rng = np.random.default_rng(seed)
     picked: list[int] = []
     for c, n in sorted(want.items(), key=lambda x: str(x[0])):
@@ -264,8 +309,10 @@ def subset_positions(store: Store, spec: SubsetSpec) -> tuple[pl.DataFrame, np.n
     n = rk.height
     what = f"{spec.source} over pool {spec.pool_split} ({n} rows)"
     if spec.kind in ("top_k", "matched_random_k") and spec.k > n:
-        raise StoreError(f"k = {spec.k} is larger than the pool: {what}; use --k {n} or less"
-                         + (" (and at most half of it with --overlap exclude)" if spec.kind == "matched_random_k" else ""))
+        raise StoreError(
+            f"k = {spec.k} is larger than the pool: {what}; use --k {n} or less"
+            + (" (and at most half of it with --overlap exclude)" if spec.kind == "matched_random_k" else "")
+        )
     if spec.kind == "top_k":
         return rk, np.arange(spec.k)
     if spec.kind == "ranks":
@@ -273,14 +320,17 @@ def subset_positions(store: Store, spec: SubsetSpec) -> tuple[pl.DataFrame, np.n
     if spec.kind == "random_from_ranks":
         win = _window(n, spec.ranks, what)
         if spec.k > len(win):
-            raise StoreError(f"k = {spec.k} is larger than the window {spec.ranks[0]}-{spec.ranks[1] or n} "
-                             f"({len(win)} rows of {what}); use --k {len(win)} or less, or a wider window")
+            raise StoreError(
+                f"k = {spec.k} is larger than the window {spec.ranks[0]}-{spec.ranks[1] or n} "
+                f"({len(win)} rows of {what}); use --k {len(win)} or less, or a wider window"
+            )
         return rk, np.sort(np.random.default_rng(spec.seed).choice(win, size=spec.k, replace=False))
     con = store.connect()
     try:
         con.register("_ids", pa.table({"row_id": rk["row_id"].to_list(), "pos": np.arange(n)}))
-        cats = [c for (c,) in con.sql("SELECT r.category FROM _ids LEFT JOIN rows r USING (row_id) "
-                                      "ORDER BY pos").fetchall()]
+        cats = [
+            c for (c,) in con.sql("SELECT r.category FROM _ids LEFT JOIN rows r USING (row_id) ORDER BY pos").fetchall()
+        ]
     finally:
         con.close()
     return rk, _matched(rk, cats, spec.k, spec.seed, spec.overlap, what)
@@ -288,12 +338,16 @@ def subset_positions(store: Store, spec: SubsetSpec) -> tuple[pl.DataFrame, np.n
 
 def _method(spec: SubsetSpec, resolved: str) -> str:
     win = "" if spec.ranks is None else f"ranks {spec.ranks[0]}-{spec.ranks[1] or 'end'}"
-    what = {"top_k": f"top {spec.k}",
-            "matched_random_k": f"random {spec.k} matched to the top {spec.k}'s category counts, overlap "
-                                f"{spec.overlap}, seed {spec.seed}",
-            "ranks": win, "random_from_ranks": f"random {spec.k} from {win}, seed {spec.seed}"}[spec.kind]
-    return f"{what} of {resolved}" + (f" (seed {spec.seed})" if resolved == "random" else "") + \
-        f", pool {spec.pool_split}"
+    what = {
+        "top_k": f"top {spec.k}",
+        "matched_random_k": f"random {spec.k} matched to the top {spec.k}'s category counts, overlap "
+        f"{spec.overlap}, seed {spec.seed}",
+        "ranks": win,
+        "random_from_ranks": f"random {spec.k} from {win}, seed {spec.seed}",
+    }[spec.kind]
+    return (
+        f"{what} of {resolved}" + (f" (seed {spec.seed})" if resolved == "random" else "") + f", pool {spec.pool_split}"
+    )
 
 
 def write_subset(store: Store, spec: SubsetSpec) -> str:
@@ -303,10 +357,21 @@ def write_subset(store: Store, spec: SubsetSpec) -> str:
     resolved, run = resolve_source(store, spec.source)
     rk, pos = subset_positions(store, spec)
     seeded = spec.kind in SEEDED or resolved == "random"
-    store.write_table(TABLE, subset_table(
-        name, rk["row_id"].gather(pos).to_list(), rk["rank"].gather(pos).to_list(), rk["score"].gather(pos).to_list(),
-        source=resolved, kind=spec.kind, seed=spec.seed if seeded else None, run_id=run,
-        method=_method(spec, resolved)), part=name)
+    store.write_table(
+        TABLE,
+        subset_table(
+            name,
+            rk["row_id"].gather(pos).to_list(),
+            rk["rank"].gather(pos).to_list(),
+            rk["score"].gather(pos).to_list(),
+            source=resolved,
+            kind=spec.kind,
+            seed=spec.seed if seeded else None,
+            run_id=run,
+            method=_method(spec, resolved),
+        ),
+        part=name,
+    )
     return name
 
 
@@ -317,8 +382,10 @@ def subset_rows(store: Store, name: str) -> list[str]:
     ids = store.query(f"SELECT row_id FROM {TABLE} WHERE subset = ? ORDER BY rank", [name]).column(0).to_pylist()
     if not ids:
         known = store.query(f"SELECT DISTINCT subset FROM {TABLE} ORDER BY 1").column(0).to_pylist()
-        raise StoreError(f"subset {name!r} is not in {store.root}; subsets there: {', '.join(known[:10])}"
-                         + (f" (and {len(known) - 10} more)" if len(known) > 10 else ""))
+        raise StoreError(
+            f"subset {name!r} is not in {store.root}; subsets there: {', '.join(known[:10])}"
+            + (f" (and {len(known) - 10} more)" if len(known) > 10 else "")
+        )
     return ids
 
 
@@ -337,15 +404,20 @@ class SubsetsConfig:
 
     source: str = field(metadata={"help": f"the ranking: {SOURCES}", "aliases": ["--from"]})
     k: int | None = field(default=None, metadata={"help": "subset size (top-k, matched random-k, random-from-ranks)"})
-    seed: int = field(default=0, metadata={"help": "seed of the random draws (matched random, random-from-ranks, "
-                                                   "source random)"})
-    overlap: Literal["exclude", "allow"] = field(default="exclude", metadata={
-        "help": "may matched random-k share rows with top-k? exclude: drawn from the pool minus top-k"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of the random draws (matched random, random-from-ranks, source random)"}
+    )
+    overlap: Literal["exclude", "allow"] = field(
+        default="exclude",
+        metadata={"help": "may matched random-k share rows with top-k? exclude: drawn from the pool minus top-k"},
+    )
     matched: bool = field(default=True, metadata={"help": "with --k: also write the matched random-k subset"})
-    ranks: str | None = field(default=None, metadata={"help": "a rank window, 1-based inclusive: 301-500, 501- "
-                                                              "(to the last rank)"})
-    random_from_ranks: str | None = field(default=None, metadata={
-        "help": "draw --k rows (seeded) from this rank window, e.g. 501-"})
+    ranks: str | None = field(
+        default=None, metadata={"help": "a rank window, 1-based inclusive: 301-500, 501- (to the last rank)"}
+    )
+    random_from_ranks: str | None = field(
+        default=None, metadata={"help": "draw --k rows (seeded) from this rank window, e.g. 501-"}
+    )
     pool_split: str = field(default="score_pool", metadata={"help": "the split whose rows are ranked"})
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store root"})
 
@@ -353,22 +425,31 @@ class SubsetsConfig:
         if self.ranks and self.random_from_ranks:
             raise ValueError("--ranks and --random-from-ranks exclude each other; run the command once for each")
         if self.ranks and self.k is not None:
-            raise ValueError(f"--ranks {self.ranks} takes its size from the window; drop --k {self.k} (or use "
-                             f"--random-from-ranks {self.ranks} --k {self.k})")
+            raise ValueError(
+                f"--ranks {self.ranks} takes its size from the window; drop --k {self.k} (or use "
+                f"--random-from-ranks {self.ranks} --k {self.k})"
+            )
         if not self.ranks and self.k is None:
             raise ValueError("--k N is needed (the subset size), unless --ranks A-B gives a window")
-        self.specs()    # every spec error now, before the store is touched
+        self.specs()  # every spec error now, before the store is touched
 
     def specs(self) -> list[SubsetSpec]:
         common = {"source": self.source, "seed": self.seed, "pool_split": self.pool_split}
         if self.ranks:
             return [SubsetSpec(kind="ranks", ranks=parse_window(self.ranks), **common)]
         if self.random_from_ranks:
-            return [SubsetSpec(kind="random_from_ranks", k=self.k,
-                               ranks=parse_window(self.random_from_ranks, "--random-from-ranks"), **common)]
+            return [
+                SubsetSpec(
+                    kind="random_from_ranks",
+                    k=self.k,
+                    ranks=parse_window(self.random_from_ranks, "--random-from-ranks"),
+                    **common,
+                )
+            ]
         top = [SubsetSpec(kind="top_k", k=self.k, **common)]
-        return top + ([SubsetSpec(kind="matched_random_k", k=self.k, overlap=self.overlap, **common)]
-                      if self.matched else [])
+        return top + (
+            [SubsetSpec(kind="matched_random_k", k=self.k, overlap=self.overlap, **common)] if self.matched else []
+        )
 
 
 def write_subsets(cfg: SubsetsConfig) -> list[str]:
@@ -379,9 +460,10 @@ def write_subsets(cfg: SubsetsConfig) -> list[str]:
         names = [write_subset(store, spec) for spec in cfg.specs()]
         run.finish(counts={n: len(subset_rows(store, n)) for n in names}, metrics={"subsets": names})
     for n in names:
-        t = store.query(f"SELECT count(*) AS n, min(source_rank) AS lo, max(source_rank) AS hi FROM {TABLE} "
-                        f"WHERE subset = ?", [n]).to_pylist()[0]
-        print(f"{n}: {t['n']} rows (source ranks {t['lo']}-{t['hi']})\n  --train-rows-sql \"{train_rows_sql(n)}\"")
+        t = store.query(
+            f"SELECT count(*) AS n, min(source_rank) AS lo, max(source_rank) AS hi FROM {TABLE} WHERE subset = ?", [n]
+        ).to_pylist()[0]
+        print(f'{n}: {t["n"]} rows (source ranks {t["lo"]}-{t["hi"]})\n  --train-rows-sql "{train_rows_sql(n)}"')
     return names
 
 

@@ -42,12 +42,12 @@ from tqdm.auto import tqdm
 
 from extractors.gradnorm import row_tokens
 from extractors.model import check_model_hash, load_model, pad_token_id
+from store.catalog.runs import Run
 from store.cli import config_dict
 from store.core import DEFAULT_STORE, Store, StoreError, write_json
 from store.materialize import view_sql
-from store.catalog.runs import Run
-from trainers.plots import effect_by_layer
 from trainers.finetune.math_check import stated_answer, true_answer
+from trainers.plots import effect_by_layer
 from trainers.steering.vectors import load_steering, steer
 
 EFFECTS_TABLE = "steering_effects"
@@ -58,23 +58,34 @@ GENERATIONS_TABLE = "steering_generations"
 class GenerateConfig:
     """Generate from rows' prompts with a steering vector added at chosen layers."""
 
-    layers: list[str] = field(default_factory=lambda: ["auto"], metadata={
-        "help": "layers to steer at, or auto: the top --top-k layers of the layer selector", "aliases": ["--layer"]})
+    layers: list[str] = field(
+        default_factory=lambda: ["auto"],
+        metadata={
+            "help": "layers to steer at, or auto: the top --top-k layers of the layer selector",
+            "aliases": ["--layer"],
+        },
+    )
     alpha: float = field(default=4.0, metadata={"help": "scale of the added vector (alpha * v_L)"})
     top_k: int = field(default=1, metadata={"help": "with --layers auto: how many layers"})
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     steering: str = field(default="latest", metadata={"help": "steering compute run id, or latest"})
-    layer_selector: str = field(default="latest", metadata={"help": "with --layers auto: a layer selector "
-                                "checkpoint, or latest (python -m trainers.layer_selector)"})
-    prompt_view: str = field(default="SELECT row_id FROM rows WHERE category = 'math' AND split = 'eval' "
-                             "ORDER BY row_id LIMIT 4", metadata={"help": "view or SQL returning row_id: "
-                                                                  "whose prompts to continue"})
+    layer_selector: str = field(
+        default="latest",
+        metadata={
+            "help": "with --layers auto: a layer selector checkpoint, or latest (python -m trainers.layer_selector)"
+        },
+    )
+    prompt_view: str = field(
+        default="SELECT row_id FROM rows WHERE category = 'math' AND split = 'eval' ORDER BY row_id LIMIT 4",
+        metadata={"help": "view or SQL returning row_id: whose prompts to continue"},
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate per prompt"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
     model: str = field(default="embedded", metadata={"help": "the store's model ('embedded', a Hub id or folder)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
-    model_cache: str | None = field(default=None, metadata={"help": "converted-model cache "
-                                    "(default ~/.cache/activation-store)"})
+    model_cache: str | None = field(
+        default=None, metadata={"help": "converted-model cache (default ~/.cache/activation-store)"}
+    )
 
 
 @dataclass
@@ -84,8 +95,9 @@ class EvaluateConfig:
     alpha: float = field(default=4.0, metadata={"help": "scale of the added vector (alpha * v_L)"})
     store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     steering: str = field(default="latest", metadata={"help": "steering compute run id, or latest"})
-    layers: list[int] | None = field(default=None, metadata={"help": "layers to evaluate, each alone (default: "
-                                     "every layer of the steering run)"})
+    layers: list[int] | None = field(
+        default=None, metadata={"help": "layers to evaluate, each alone (default: every layer of the steering run)"}
+    )
     splits: list[str] = field(default_factory=lambda: ["eval"], metadata={"help": "held-out splits to evaluate on"})
     max_rows: int = field(default=24, metadata={"help": "log-prob rows per group (first by row_id)"})
     math_rows: int = field(default=24, metadata={"help": "math rows whose generated answers are checked (0: none)"})
@@ -96,8 +108,9 @@ class EvaluateConfig:
     batch_size: int = field(default=8, metadata={"help": "rows per forward / generate call"})
     model: str = field(default="embedded", metadata={"help": "the store's model ('embedded', a Hub id or folder)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
-    model_cache: str | None = field(default=None, metadata={"help": "converted-model cache "
-                                    "(default ~/.cache/activation-store)"})
+    model_cache: str | None = field(
+        default=None, metadata={"help": "converted-model cache (default ~/.cache/activation-store)"}
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -107,8 +120,9 @@ class EvaluateConfig:
 
 def load_lm(store: Store, cfg: Any, meta: dict[str, Any]) -> Any:
     lm = load_model(cfg.model, cfg.device, "auto", Path(cfg.model_cache) if cfg.model_cache else None)
-    check_model_hash(lm, {"model_hash": meta.get("model_hash"), "model": meta.get("model_id")},
-                     "the steering vectors' hidden states")
+    check_model_hash(
+        lm, {"model_hash": meta.get("model_hash"), "model": meta.get("model_id")}, "the steering vectors' hidden states"
+    )
     return lm
 
 
@@ -131,11 +145,12 @@ def generate(lm: Any, prompts: list[list[dict]], max_new_tokens: int, batch_size
     texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
     out: list[str] = []
     for s in range(0, len(texts), batch_size):
-        enc = tok(texts[s: s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
+        enc = tok(texts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
         with torch.inference_mode():
-            ids = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=pad_token_id(tok))
-        out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            ids = lm.model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tok)
+            )
+        out += tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
 
 
@@ -145,7 +160,7 @@ def completion_logprobs(lm: Any, rows: list[tuple[list[int], list[bool]]], batch
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     pad = pad_token_id(lm.tokenizer)
     for s in range(0, len(order), batch_size):
-        idx = order[s: s + batch_size]
+        idx = order[s : s + batch_size]
         W = max(len(rows[i][0]) for i in idx)
         x = torch.full((len(idx), W), pad, dtype=torch.long)
         m = torch.zeros((len(idx), W), dtype=torch.bool)
@@ -179,7 +194,11 @@ def resolve_layers(store: Store, cfg: GenerateConfig, steering: Any) -> list[int
     if [s.lower() for s in cfg.layers] == ["auto"]:
         from trainers.steering.layer_selector import LayerSelector, run_features, top_k_layers
 
-        sel = LayerSelector.load_latest(store) if cfg.layer_selector == "latest" else LayerSelector.load(cfg.layer_selector)
+        sel = (
+            LayerSelector.load_latest(store)
+            if cfg.layer_selector == "latest"
+            else LayerSelector.load(cfg.layer_selector)
+        )
         return top_k_layers(run_features(store, steering.run_id), cfg.top_k, sel)
     try:
         layers = [int(s) for s in cfg.layers]
@@ -187,8 +206,10 @@ def resolve_layers(store: Store, cfg: GenerateConfig, steering: Any) -> list[int
         raise StoreError(f"--layers {' '.join(cfg.layers)}: pass layer numbers or auto") from None
     bad = [L for L in layers if L not in steering.vectors]
     if bad:
-        raise StoreError(f"--layers {bad[0]}: steering run {steering.run_id} has vectors for layers "
-                         f"{sorted(steering.vectors)} only; compute it: python -m trainers.steering compute --layers {bad[0]}")
+        raise StoreError(
+            f"--layers {bad[0]}: steering run {steering.run_id} has vectors for layers "
+            f"{sorted(steering.vectors)} only; compute it: python -m trainers.steering compute --layers {bad[0]}"
+        )
     return layers
 
 
@@ -202,14 +223,25 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
     ids = rows.column("row_id").to_pylist()
     prompts = prompts_of(store, ids)
     lm = load_lm(store, cfg, st.meta)
-    with Run(store, "steering_generate", config_dict(cfg), model_id=lm.model_id, model_hash=lm.model_hash,
-             layers=layers) as run:
+    with Run(
+        store, "steering_generate", config_dict(cfg), model_id=lm.model_id, model_hash=lm.model_hash, layers=layers
+    ) as run:
         base = generate(lm, [prompts[r] for r in ids], cfg.max_new_tokens, cfg.batch_size)
         with steer(lm.model, {L: st.vectors[L] for L in layers}, cfg.alpha):
             steered = generate(lm, [prompts[r] for r in ids], cfg.max_new_tokens, cfg.batch_size)
-        recs = [{"run_id": run.run_id, "steering_run": st.run_id, "row_id": r, "layers": layers, "alpha": cfg.alpha,
-                 "prompt": prompts[r][-1]["content"], "unsteered": b, "steered": s}
-                for r, b, s in zip(ids, base, steered)]
+        recs = [
+            {
+                "run_id": run.run_id,
+                "steering_run": st.run_id,
+                "row_id": r,
+                "layers": layers,
+                "alpha": cfg.alpha,
+                "prompt": prompts[r][-1]["content"],
+                "unsteered": b,
+                "steered": s,
+            }
+            for r, b, s in zip(ids, base, steered, strict=False)
+        ]
         store.write_table(GENERATIONS_TABLE, pa.Table.from_pylist(recs), part=run.run_id)
         write_json(run.dir / "generations.json", recs)
         run.finish(counts={"prompts": len(ids)}, metrics={"layers": layers})
@@ -217,7 +249,9 @@ def run_generate(cfg: GenerateConfig) -> dict[str, Any]:
 
 
 def print_generation(res: dict[str, Any]) -> None:
-    print(f"steering at layers {res['layers']} with alpha {res['alpha']} (run {res['run_id']}, table {GENERATIONS_TABLE})")
+    print(
+        f"steering at layers {res['layers']} with alpha {res['alpha']} (run {res['run_id']}, table {GENERATIONS_TABLE})"
+    )
     for g in res["generations"]:
         print(f"--- {g['row_id']}: {g['prompt'][:160]}")
         print(f"  unsteered: {g['unsteered'][:240]!r}")
@@ -228,9 +262,15 @@ def _groups(store: Store, st: Any, splits: list[str], n: int) -> dict[str, list[
     c = st.meta["config"]
     out = {}
     for g, pred in (("pos", c["pos_sql"]), ("neg", c["neg_sql"])):
-        out[g] = store.query(f"SELECT DISTINCT r.row_id FROM rows r JOIN split_members s USING (row_id) "
-                             f"WHERE list_contains(?, s.split) AND ({pred}) ORDER BY r.row_id LIMIT {int(n)}",
-                             [splits]).column(0).to_pylist()
+        out[g] = (
+            store.query(
+                f"SELECT DISTINCT r.row_id FROM rows r JOIN split_members s USING (row_id) "
+                f"WHERE list_contains(?, s.split) AND ({pred}) ORDER BY r.row_id LIMIT {int(n)}",
+                [splits],
+            )
+            .column(0)
+            .to_pylist()
+        )
         if not out[g]:
             raise StoreError(f"no {'/'.join(splits)} rows match {pred!r}; pass other --splits")
     return out
@@ -248,9 +288,17 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     groups = _groups(store, st, cfg.splits, cfg.max_rows)
     tz = store.query("SELECT tokenization FROM tokenizations ORDER BY created_at DESC LIMIT 1").column(0)[0].as_py()
     toks = row_tokens(store, tz, groups["pos"] + groups["neg"])
-    math_ids = store.query("SELECT DISTINCT r.row_id FROM rows r JOIN split_members s USING (row_id) WHERE "
-                           f"list_contains(?, s.split) AND r.category = 'math' ORDER BY r.row_id LIMIT {cfg.math_rows}",
-                           [cfg.splits]).column(0).to_pylist() if cfg.math_rows else []
+    math_ids = (
+        store.query(
+            "SELECT DISTINCT r.row_id FROM rows r JOIN split_members s USING (row_id) WHERE "
+            f"list_contains(?, s.split) AND r.category = 'math' ORDER BY r.row_id LIMIT {cfg.math_rows}",
+            [cfg.splits],
+        )
+        .column(0)
+        .to_pylist()
+        if cfg.math_rows
+        else []
+    )
     prompts = prompts_of(store, math_ids)
     truth = {r: true_answer(prompts[r][-1]["content"]) for r in math_ids}
     math_ids = [r for r in math_ids if truth[r] is not None]
@@ -261,8 +309,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         if cfg.control:
             conds.append(("control", L, control_vector(st.vectors[L], cfg.seed, L)))
     rng = np.random.default_rng(cfg.seed)
-    with Run(store, "steering_evaluate", {**config_dict(cfg), "steering_run": st.run_id}, model_id=lm.model_id,
-             model_hash=lm.model_hash, layers=layers) as run:
+    with Run(
+        store,
+        "steering_evaluate",
+        {**config_dict(cfg), "steering_run": st.run_id},
+        model_id=lm.model_id,
+        model_hash=lm.model_hash,
+        layers=layers,
+    ) as run:
         lp, correct, texts = {}, {}, {}
         bar = tqdm(total=len(conds), desc="steering evaluate", disable=not cfg.progress)
         for name, L, v in conds:
@@ -273,7 +327,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                 if math_ids:
                     gen = generate(lm, [prompts[r] for r in math_ids], cfg.max_new_tokens, cfg.batch_size)
                     texts[(name, L)] = gen
-                    correct[(name, L)] = np.array([stated_answer(t) == truth[r] for r, t in zip(math_ids, gen)], float)
+                    correct[(name, L)] = np.array(
+                        [stated_answer(t) == truth[r] for r, t in zip(math_ids, gen, strict=False)], float
+                    )
             bar.update(1)
         bar.close()
         effects, per_layer = [], {}
@@ -281,51 +337,120 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         for name, L, _ in conds[1:]:
             dp = lp[(name, L, "pos")] - lp[("unsteered", None, "pos")]
             dn = lp[(name, L, "neg")] - lp[("unsteered", None, "neg")]
-            rec = {"effect": bootstrap([dp, dn], diff, cfg.n_boot, rng),
-                   "pos_change": bootstrap([dp], np.mean, cfg.n_boot, rng),
-                   "neg_change": bootstrap([dn], np.mean, cfg.n_boot, rng)}
+            rec = {
+                "effect": bootstrap([dp, dn], diff, cfg.n_boot, rng),
+                "pos_change": bootstrap([dp], np.mean, cfg.n_boot, rng),
+                "neg_change": bootstrap([dn], np.mean, cfg.n_boot, rng),
+            }
             if math_ids:
                 rec["math_accuracy"] = bootstrap([correct[(name, L)]], np.mean, cfg.n_boot, rng)
-                rec["math_change"] = bootstrap([correct[(name, L)] - correct[("unsteered", None)]], np.mean,
-                                               cfg.n_boot, rng)
+                rec["math_change"] = bootstrap(
+                    [correct[(name, L)] - correct[("unsteered", None)]], np.mean, cfg.n_boot, rng
+                )
             per_layer[(name, L)] = rec
             for metric, (e, lo, hi) in rec.items():
-                effects.append({"run_id": run.run_id, "steering_run": st.run_id, "layer": L, "alpha": cfg.alpha,
-                                "condition": name, "metric": metric, "estimate": e, "ci_low": lo, "ci_high": hi,
-                                "n_pos": len(dp), "n_neg": len(dn), "n_math": len(math_ids)})
+                effects.append(
+                    {
+                        "run_id": run.run_id,
+                        "steering_run": st.run_id,
+                        "layer": L,
+                        "alpha": cfg.alpha,
+                        "condition": name,
+                        "metric": metric,
+                        "estimate": e,
+                        "ci_low": lo,
+                        "ci_high": hi,
+                        "n_pos": len(dp),
+                        "n_neg": len(dn),
+                        "n_math": len(math_ids),
+                    }
+                )
         base_acc = bootstrap([correct[("unsteered", None)]], np.mean, cfg.n_boot, rng) if math_ids else None
         if base_acc:
-            effects.append({"run_id": run.run_id, "steering_run": st.run_id, "layer": None, "alpha": cfg.alpha,
-                            "condition": "unsteered", "metric": "math_accuracy", "estimate": base_acc[0],
-                            "ci_low": base_acc[1], "ci_high": base_acc[2], "n_pos": 0, "n_neg": 0,
-                            "n_math": len(math_ids)})
+            effects.append(
+                {
+                    "run_id": run.run_id,
+                    "steering_run": st.run_id,
+                    "layer": None,
+                    "alpha": cfg.alpha,
+                    "condition": "unsteered",
+                    "metric": "math_accuracy",
+                    "estimate": base_acc[0],
+                    "ci_low": base_acc[1],
+                    "ci_high": base_acc[2],
+                    "n_pos": 0,
+                    "n_neg": 0,
+                    "n_math": len(math_ids),
+                }
+            )
         store.write_table(EFFECTS_TABLE, pa.Table.from_pylist(effects), part=run.run_id)
         eff = {L: per_layer[("steered", L)]["effect"] for L in layers}
         best = max(layers, key=lambda L: (eff[L][0], -L))
-        update_layer_features(store, st.run_id, {L: {"effect": e[0], "effect_ci_low": e[1], "effect_ci_high": e[2],
-                                                     "math_change": per_layer[("steered", L)].get("math_change",
-                                                                                                   (None,))[0]}
-                                                 for L, e in eff.items()}, best, run.run_id)
-        series = {"steered": tuple(np.array([per_layer[("steered", L)]["effect"][i] for L in layers]) for i in range(3))}
+        update_layer_features(
+            store,
+            st.run_id,
+            {
+                L: {
+                    "effect": e[0],
+                    "effect_ci_low": e[1],
+                    "effect_ci_high": e[2],
+                    "math_change": per_layer[("steered", L)].get("math_change", (None,))[0],
+                }
+                for L, e in eff.items()
+            },
+            best,
+            run.run_id,
+        )
+        series = {
+            "steered": tuple(np.array([per_layer[("steered", L)]["effect"][i] for L in layers]) for i in range(3))
+        }
         if cfg.control:
             series["random direction, same norm"] = tuple(
-                np.array([per_layer[("control", L)]["effect"][i] for L in layers]) for i in range(3))
-        png = effect_by_layer(layers, series, run.dir / "steering_effect_by_layer.png",
-                              "log-prob effect (pos change - neg change)", f"alpha {cfg.alpha}, {'/'.join(cfg.splits)}")
+                np.array([per_layer[("control", L)]["effect"][i] for L in layers]) for i in range(3)
+            )
+        png = effect_by_layer(
+            layers,
+            series,
+            run.dir / "steering_effect_by_layer.png",
+            "log-prob effect (pos change - neg change)",
+            f"alpha {cfg.alpha}, {'/'.join(cfg.splits)}",
+        )
         pngs = [str(png)]
         if math_ids:
-            ms = {n: tuple(np.array([per_layer[(n, L)]["math_change"][i] for L in layers]) for i in range(3))
-                  for n in (["steered", "control"] if cfg.control else ["steered"])}
-            pngs.append(str(effect_by_layer(layers, ms, run.dir / "steering_math_by_layer.png",
-                                            "math accuracy change (steered - unsteered)", f"alpha {cfg.alpha}")))
-        result = {"run_id": run.run_id, "steering_run": st.run_id, "alpha": cfg.alpha, "layers": layers, "best": best,
-                  "n_pos": len(groups["pos"]), "n_neg": len(groups["neg"]), "n_math": len(math_ids),
-                  "unsteered_math_accuracy": base_acc,
-                  "per_layer": {f"{n}@{L}": v for (n, L), v in per_layer.items()}, "plots": pngs,
-                  "math_generations": {f"{n}@{L}": t for (n, L), t in texts.items()}}
+            ms = {
+                n: tuple(np.array([per_layer[(n, L)]["math_change"][i] for L in layers]) for i in range(3))
+                for n in (["steered", "control"] if cfg.control else ["steered"])
+            }
+            pngs.append(
+                str(
+                    effect_by_layer(
+                        layers,
+                        ms,
+                        run.dir / "steering_math_by_layer.png",
+                        "math accuracy change (steered - unsteered)",
+                        f"alpha {cfg.alpha}",
+                    )
+                )
+            )
+        result = {
+            "run_id": run.run_id,
+            "steering_run": st.run_id,
+            "alpha": cfg.alpha,
+            "layers": layers,
+            "best": best,
+            "n_pos": len(groups["pos"]),
+            "n_neg": len(groups["neg"]),
+            "n_math": len(math_ids),
+            "unsteered_math_accuracy": base_acc,
+            "per_layer": {f"{n}@{L}": v for (n, L), v in per_layer.items()},
+            "plots": pngs,
+            "math_generations": {f"{n}@{L}": t for (n, L), t in texts.items()},
+        }
         write_json(run.dir / "steering_eval.json", result)
-        run.finish(counts={"pos_rows": len(groups["pos"]), "neg_rows": len(groups["neg"]), "math_rows": len(math_ids)},
-                   metrics={k: v for k, v in result.items() if k != "math_generations"})
+        run.finish(
+            counts={"pos_rows": len(groups["pos"]), "neg_rows": len(groups["neg"]), "math_rows": len(math_ids)},
+            metrics={k: v for k, v in result.items() if k != "math_generations"},
+        )
     return result
 
 
@@ -335,15 +460,16 @@ def _ci(t: tuple[float, float, float], pct: bool = False) -> str:
 
 
 def print_evaluation(res: dict[str, Any]) -> None:
-    print(f"steering run {res['steering_run']}, alpha {res['alpha']}: {res['n_pos']} pos / {res['n_neg']} neg held-out "
-          f"rows, {res['n_math']} math rows (estimate [95% CI])")
+    print(
+        f"steering run {res['steering_run']}, alpha {res['alpha']}: {res['n_pos']} pos / {res['n_neg']} neg held-out "
+        f"rows, {res['n_math']} math rows (estimate [95% CI])"
+    )
     if res["unsteered_math_accuracy"]:
         a = res["unsteered_math_accuracy"]
         print(f"unsteered math accuracy {a[0]:.3f} [{a[1]:.3f}, {a[2]:.3f}]")
     for key, r in res["per_layer"].items():
-        line = (f"{key}: log-prob effect {_ci(r['effect'])} (pos {_ci(r['pos_change'])}, neg {_ci(r['neg_change'])})")
+        line = f"{key}: log-prob effect {_ci(r['effect'])} (pos {_ci(r['pos_change'])}, neg {_ci(r['neg_change'])})"
         if "math_change" in r:
             line += f"; math accuracy {r['math_accuracy'][0]:.3f}, change {_ci(r['math_change'], pct=True)}"
         print(line)
     print(f"best layer by log-prob effect: {res['best']}; run {res['run_id']}; plots {', '.join(res['plots'])}")
-

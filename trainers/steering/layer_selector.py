@@ -35,21 +35,51 @@ import polars as pl
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from store.catalog.runs import Run
 from store.cli import config_dict, parse_config, user_errors
 from store.core import DEFAULT_STORE, STORE_VERSION, Store, StoreError
-from store.catalog.runs import Run
 from trainers.steering.mlp import MLP, fit_mlp, load_mlp, save_mlp
 
 TABLE = "layer_features"
-FEATURE_KEYS = ["layer", "norm", "relative_norm", "n_pos_rows", "n_neg_rows", "n_pos_tokens", "n_neg_tokens",
-                "selected_share", "grad_norm_mean", "grad_norm_max", "selector_auroc", "probe_auroc"]
-SCHEMA = pa.schema([("run_id", pa.string()), ("layer", pa.int32()), ("token_rule", pa.string()),
-                    ("norm", pa.float64()), ("mean_hidden_norm", pa.float64()), ("relative_norm", pa.float64()),
-                    ("n_pos_rows", pa.int64()), ("n_neg_rows", pa.int64()), ("n_pos_tokens", pa.int64()),
-                    ("n_neg_tokens", pa.int64()), ("selected_share", pa.float64()), ("grad_norm_mean", pa.float64()),
-                    ("grad_norm_max", pa.float64()), ("selector_auroc", pa.float64()), ("probe_auroc", pa.float64()),
-                    ("effect", pa.float64()), ("effect_ci_low", pa.float64()), ("effect_ci_high", pa.float64()),
-                    ("math_change", pa.float64()), ("best", pa.int32()), ("evaluated_by", pa.string())])
+FEATURE_KEYS = [
+    "layer",
+    "norm",
+    "relative_norm",
+    "n_pos_rows",
+    "n_neg_rows",
+    "n_pos_tokens",
+    "n_neg_tokens",
+    "selected_share",
+    "grad_norm_mean",
+    "grad_norm_max",
+    "selector_auroc",
+    "probe_auroc",
+]
+SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("layer", pa.int32()),
+        ("token_rule", pa.string()),
+        ("norm", pa.float64()),
+        ("mean_hidden_norm", pa.float64()),
+        ("relative_norm", pa.float64()),
+        ("n_pos_rows", pa.int64()),
+        ("n_neg_rows", pa.int64()),
+        ("n_pos_tokens", pa.int64()),
+        ("n_neg_tokens", pa.int64()),
+        ("selected_share", pa.float64()),
+        ("grad_norm_mean", pa.float64()),
+        ("grad_norm_max", pa.float64()),
+        ("selector_auroc", pa.float64()),
+        ("probe_auroc", pa.float64()),
+        ("effect", pa.float64()),
+        ("effect_ci_low", pa.float64()),
+        ("effect_ci_high", pa.float64()),
+        ("math_change", pa.float64()),
+        ("best", pa.int32()),
+        ("evaluated_by", pa.string()),
+    ]
+)
 
 
 def probe_aurocs(store: Store) -> dict[int, float]:
@@ -59,8 +89,11 @@ def probe_aurocs(store: Store) -> dict[int, float]:
     if not store.has_table("runs"):
         return {}
     out: dict[int, float] = {}
-    for m in store.query("SELECT metrics FROM runs WHERE kind = 'probe' AND status = 'finished' "
-                         "ORDER BY started_at").column(0).to_pylist():
+    for m in (
+        store.query("SELECT metrics FROM runs WHERE kind = 'probe' AND status = 'finished' ORDER BY started_at")
+        .column(0)
+        .to_pylist()
+    ):
         for L, d in (json.loads(m).get("by_layer") or {}).items():
             if isinstance(d, dict) and d.get("val_auroc_mean") is not None:
                 out[int(L)] = float(d["val_auroc_mean"])
@@ -70,25 +103,34 @@ def probe_aurocs(store: Store) -> dict[int, float]:
 def write_layer_features(store: Store, run_id: str, rows: list[dict[str, Any]]) -> None:
     """The steering compute run's rows (effect and best empty until evaluated)."""
     probes = probe_aurocs(store)
-    recs = [{**{k: r.get(k) for k in SCHEMA.names}, "run_id": run_id, "probe_auroc": probes.get(r["layer"]),
-             "relative_norm": r["norm"] / r["mean_hidden_norm"] if r.get("mean_hidden_norm") else None}
-            for r in rows]
+    recs = [
+        {
+            **{k: r.get(k) for k in SCHEMA.names},
+            "run_id": run_id,
+            "probe_auroc": probes.get(r["layer"]),
+            "relative_norm": r["norm"] / r["mean_hidden_norm"] if r.get("mean_hidden_norm") else None,
+        }
+        for r in rows
+    ]
     store.write_table(TABLE, pa.Table.from_pylist(recs, schema=SCHEMA), part=run_id)
 
 
 def run_features(store: Store, run_id: str) -> pl.DataFrame:
     """One steering run's layer_features rows."""
     if not store.has_table(TABLE):
-        raise StoreError(f"no {TABLE} in {store.root}; compute steering vectors first: python -m trainers.steering "
-                         f"compute --layers 12 17 --store {store.root}")
+        raise StoreError(
+            f"no {TABLE} in {store.root}; compute steering vectors first: python -m trainers.steering "
+            f"compute --layers 12 17 --store {store.root}"
+        )
     f = pl.from_arrow(store.query(f"SELECT * FROM {TABLE} WHERE run_id = ? ORDER BY layer", [run_id]))
     if not len(f):
         raise StoreError(f"steering run {run_id!r} has no {TABLE} rows")
     return f
 
 
-def update_layer_features(store: Store, run_id: str, effects: dict[int, dict[str, Any]], best: int,
-                          eval_run: str) -> None:
+def update_layer_features(
+    store: Store, run_id: str, effects: dict[int, dict[str, Any]], best: int, eval_run: str
+) -> None:
     """Fill a run's effect columns and its `best` label from `steering evaluate`."""
     f = run_features(store, run_id).to_dicts()
     for r in f:
@@ -96,8 +138,9 @@ def update_layer_features(store: Store, run_id: str, effects: dict[int, dict[str
         if e is not None:
             r.update(e)
             r["best"], r["evaluated_by"] = int(r["layer"] == best), eval_run
-    store.write_table(TABLE, pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in f], schema=SCHEMA),
-                      part=run_id)
+    store.write_table(
+        TABLE, pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in f], schema=SCHEMA), part=run_id
+    )
 
 
 def feature_matrix(f: pl.DataFrame, keys: list[str]) -> np.ndarray:
@@ -124,24 +167,32 @@ class LayerSelector:
         self.fill = np.asarray(self.meta["impute"], np.float32)
 
     @classmethod
-    def load(cls, path: str | Path) -> "LayerSelector":
+    def load(cls, path: str | Path) -> LayerSelector:
         mlp = load_mlp(path)
         if mlp.meta.get("kind") != "layer_selector":
             raise StoreError(f"{path} is not a layer selector checkpoint (python -m trainers.layer_selector)")
         return cls(mlp)
 
     @classmethod
-    def load_latest(cls, store: Store) -> "LayerSelector":
+    def load_latest(cls, store: Store) -> LayerSelector:
         import json
 
         if store.has_table("runs"):
-            for m in store.query("SELECT metrics FROM runs WHERE kind = 'layer_selector' AND status = 'finished' "
-                                 "ORDER BY started_at DESC").column(0).to_pylist():
+            for m in (
+                store.query(
+                    "SELECT metrics FROM runs WHERE kind = 'layer_selector' AND status = 'finished' "
+                    "ORDER BY started_at DESC"
+                )
+                .column(0)
+                .to_pylist()
+            ):
                 ck = json.loads(m).get("checkpoint")
                 if ck and Path(ck).is_file():
                     return cls.load(ck)
-        raise StoreError(f"no layer selector in {store.root}; train one: python -m trainers.layer_selector "
-                         f"--store {store.root} (or pass --layers with numbers)")
+        raise StoreError(
+            f"no layer selector in {store.root}; train one: python -m trainers.layer_selector "
+            f"--store {store.root} (or pass --layers with numbers)"
+        )
 
     def scores(self, features: pl.DataFrame | list[dict[str, Any]]) -> np.ndarray:
         f = features if isinstance(features, pl.DataFrame) else pl.DataFrame(features)
@@ -171,8 +222,13 @@ class LayerSelectorConfig:
     epochs: int = field(default=300, metadata={"help": "training epochs (full batch: the table is small)"})
     lr: float = field(default=1e-2, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay"})
-    pos_weight: float | None = field(default=None, metadata={"help": "weight of the best layers' BCE term "
-                                     "(default: negatives / positives, so both classes weigh the same)"})
+    pos_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "weight of the best layers' BCE term "
+            "(default: negatives / positives, so both classes weigh the same)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of initialisation and batch order"})
     output_dir: str | None = field(default=None, metadata={"help": "checkpoint folder (default runs/<run_id>/)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -188,9 +244,19 @@ def _fit(cfg: LayerSelectorConfig, f: pl.DataFrame, meta: dict[str, Any]) -> Lay
     fill = np.where(np.isnan(fill), 0.0, fill).astype(np.float32)
     y = f["best"].to_numpy().astype(np.float32)
     pw = cfg.pos_weight if cfg.pos_weight is not None else float((y == 0).sum() / max((y == 1).sum(), 1))
-    mlp, losses = fit_mlp(_impute(X, fill), y, hidden=cfg.hidden_sizes, dropout=cfg.dropout, epochs=cfg.epochs,
-                          lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=max(len(X), 1), seed=cfg.seed,
-                          pos_weight=pw, meta={**meta, "impute": fill.tolist()})
+    mlp, losses = fit_mlp(
+        _impute(X, fill),
+        y,
+        hidden=cfg.hidden_sizes,
+        dropout=cfg.dropout,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        batch_size=max(len(X), 1),
+        seed=cfg.seed,
+        pos_weight=pw,
+        meta={**meta, "impute": fill.tolist()},
+    )
     mlp.meta["final_train_loss"] = losses[-1]
     return LayerSelector(mlp)
 
@@ -203,9 +269,15 @@ def train_layer_selector(cfg: LayerSelectorConfig) -> dict[str, Any]:
     runs = sorted(set(f["run_id"].to_list()))
     if not runs:
         raise StoreError(f"no evaluated steering runs in {TABLE}: run python -m trainers.steering evaluate first")
-    meta = {"kind": "layer_selector", "feature_keys": FEATURE_KEYS, "target": "best (1 = the run's layer with the "
-            "largest log-prob steering effect)", "store": str(store.root), "store_version": STORE_VERSION,
-            "training_runs": runs, "config": config_dict(cfg)}
+    meta = {
+        "kind": "layer_selector",
+        "feature_keys": FEATURE_KEYS,
+        "target": "best (1 = the run's layer with the largest log-prob steering effect)",
+        "store": str(store.root),
+        "store_version": STORE_VERSION,
+        "training_runs": runs,
+        "config": config_dict(cfg),
+    }
     with Run(store, "layer_selector", config_dict(cfg)) as run:
         loro = []
         for r in tqdm(runs if len(runs) > 1 else [], desc="leave-one-run-out", disable=not cfg.progress):
@@ -215,17 +287,29 @@ def train_layer_selector(cfg: LayerSelectorConfig) -> dict[str, Any]:
             sel = _fit(cfg, train, meta)
             top = top_k_layers(test, 1, sel)[0]
             best = int(test.filter(pl.col("best") == 1)["layer"][0])
-            loro.append({"run_id": r, "predicted": top, "best": best, "hit": int(top == best),
-                         "chance": 1.0 / len(test)})
+            loro.append(
+                {"run_id": r, "predicted": top, "best": best, "hit": int(top == best), "chance": 1.0 / len(test)}
+            )
         final = _fit(cfg, f, {**meta, "run_id": run.run_id})
         final.mlp.meta["leave_one_run_out"] = loro
         out = Path(cfg.output_dir) if cfg.output_dir else run.dir
         st, js = save_mlp(final.mlp, out / "layer_selector")
-        metrics = {"checkpoint": str(js), "weights": str(st), "n_runs": len(runs), "n_rows": len(f),
-                   "loro_top1_accuracy": float(np.mean([x["hit"] for x in loro])) if loro else None,
-                   "loro_chance": float(np.mean([x["chance"] for x in loro])) if loro else None, "loro": loro,
-                   "train_scores": dict(zip([f"{r}@{L}" for r, L in zip(f["run_id"], f["layer"])],
-                                            final.scores(f).round(4).tolist()))}
+        metrics = {
+            "checkpoint": str(js),
+            "weights": str(st),
+            "n_runs": len(runs),
+            "n_rows": len(f),
+            "loro_top1_accuracy": float(np.mean([x["hit"] for x in loro])) if loro else None,
+            "loro_chance": float(np.mean([x["chance"] for x in loro])) if loro else None,
+            "loro": loro,
+            "train_scores": dict(
+                zip(
+                    [f"{r}@{L}" for r, L in zip(f["run_id"], f["layer"], strict=False)],
+                    final.scores(f).round(4).tolist(),
+                    strict=False,
+                )
+            ),
+        }
         run.finish(counts={"runs": len(runs), "rows": len(f)}, metrics=metrics)
     return {**metrics, "run_id": run.run_id}
 
@@ -237,8 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     if m["loro_top1_accuracy"] is None:
         print("leave-one-run-out: needs at least two evaluated runs (skipped)")
     else:
-        print(f"leave-one-run-out top-1 accuracy {m['loro_top1_accuracy']:.3f} vs chance {m['loro_chance']:.3f} "
-              f"({len(m['loro'])} held-out runs)")
+        print(
+            f"leave-one-run-out top-1 accuracy {m['loro_top1_accuracy']:.3f} vs chance {m['loro_chance']:.3f} "
+            f"({len(m['loro'])} held-out runs)"
+        )
     print(f"checkpoint {m['checkpoint']} (+ .safetensors); run {m['run_id']}")
     return 0
 

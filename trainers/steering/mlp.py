@@ -54,14 +54,26 @@ class MLP(NamedTuple):
         """Raw features [n, d] -> logits [n] (float32), on CPU."""
         self.net.eval()
         Z = torch.from_numpy(((np.asarray(X, np.float32) - self.mean) / self.std).astype(np.float32))
-        out = [self.net(Z[s: s + batch]).squeeze(-1) for s in range(0, len(Z), batch)]
+        out = [self.net(Z[s : s + batch]).squeeze(-1) for s in range(0, len(Z), batch)]
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
-def fit_mlp(X: np.ndarray, y: np.ndarray, *, hidden: list[int], dropout: float, epochs: int, lr: float,
-            weight_decay: float, batch_size: int, seed: int, pos_weight: float | None = None,
-            sample_weight: np.ndarray | None = None, meta: dict[str, Any] | None = None,
-            progress: Any = None) -> tuple[MLP, list[float]]:
+def fit_mlp(
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    hidden: list[int],
+    dropout: float,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    pos_weight: float | None = None,
+    sample_weight: np.ndarray | None = None,
+    meta: dict[str, Any] | None = None,
+    progress: Any = None,
+) -> tuple[MLP, list[float]]:
     """Fit on raw features X [n, d] with labels y in {0, 1}; returns the MLP and the mean loss
     of each epoch. `progress`, a tqdm bar, is advanced once per epoch."""
     mean, std = z_stats(X)
@@ -81,10 +93,11 @@ def fit_mlp(X: np.ndarray, y: np.ndarray, *, hidden: list[int], dropout: float, 
             perm = torch.randperm(len(Z), generator=gen)
             tot = 0.0
             for s in range(0, len(Z), batch_size):
-                idx = perm[s: s + batch_size]
+                idx = perm[s : s + batch_size]
                 out = net(Z[idx]).squeeze(-1)
-                loss = (torch.nn.functional.binary_cross_entropy_with_logits(out, yt[idx], reduction="none")
-                        * w[idx]).sum() / w[idx].sum()
+                loss = (
+                    torch.nn.functional.binary_cross_entropy_with_logits(out, yt[idx], reduction="none") * w[idx]
+                ).sum() / w[idx].sum()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

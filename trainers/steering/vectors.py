@@ -13,8 +13,9 @@ and its rows in the table `steering_vectors`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -27,7 +28,7 @@ VECTORS_TABLE = "steering_vectors"
 
 class Steering(NamedTuple):
     run_id: str
-    vectors: dict[int, torch.Tensor]     # layer -> [d_model] float32
+    vectors: dict[int, torch.Tensor]  # layer -> [d_model] float32
     meta: dict[str, Any]
 
 
@@ -35,13 +36,17 @@ def load_steering(store: Store, run: str = "latest") -> Steering:
     """A compute run's vectors: `latest` or a run id."""
     if run == "latest":
         if not store.has_table(VECTORS_TABLE):
-            raise StoreError(f"no steering vectors in {store.root}; compute some: python -m trainers.steering "
-                             f"compute --layers 17 --store {store.root}")
+            raise StoreError(
+                f"no steering vectors in {store.root}; compute some: python -m trainers.steering "
+                f"compute --layers 17 --store {store.root}"
+            )
         run = store.query(f"SELECT run_id FROM {VECTORS_TABLE} ORDER BY created_at DESC LIMIT 1").column(0)[0].as_py()
     path = store.run_folder(run) / "steering_vectors.safetensors"
     if not path.is_file():
-        raise StoreError(f"steering run {run!r} has no {path.name} in {store.root}; pass a run id from the "
-                         f"{VECTORS_TABLE} table or latest")
+        raise StoreError(
+            f"steering run {run!r} has no {path.name} in {store.root}; pass a run id from the "
+            f"{VECTORS_TABLE} table or latest"
+        )
     t = load_file(str(path))
     meta = json.loads((path.parent / "steering.json").read_text())
     return Steering(run, {int(k.split("_")[1]): v for k, v in t.items()}, meta)
@@ -63,6 +68,7 @@ def steer(model: Any, vectors: dict[int, torch.Tensor], alpha: float) -> Iterato
             if isinstance(out, tuple):
                 return (out[0] + add, *out[1:])
             return out + add
+
         handles.append(blocks[L].register_forward_hook(hook))
     try:
         yield

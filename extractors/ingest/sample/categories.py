@@ -14,10 +14,39 @@ import re
 from dataclasses import dataclass, field
 
 from extractors.ingest.sample.words import (
-    AVERAGE_OPEN, CLOSE_CON, CLOSE_X, CODE_ASK, CODE_EXPLAIN, CODE_OPEN, CODE_PARAMS, CODE_REQ,
-    CODE_TASKS, CONCLUDE, DATA_ASK, DATA_CTX, DATA_STAT, EDIT_ASK, EDIT_OUT, EDIT_SENTENCES,
-    EDIT_SWAPS, EVASIVE, MATH_ASK, MATH_CHECK, MATH_FRAGS, MATH_OPEN, MATH_Q, NAMES, OBJECTS,
-    OFF_TOPIC, OPEN_TOPICS, PLACES, REASON_PREFIX, REASON_SUFFIX, RELATIONS, TERSE, WORK_OPEN,
+    AVERAGE_OPEN,
+    CLOSE_CON,
+    CLOSE_X,
+    CODE_ASK,
+    CODE_EXPLAIN,
+    CODE_OPEN,
+    CODE_PARAMS,
+    CODE_REQ,
+    CODE_TASKS,
+    CONCLUDE,
+    DATA_ASK,
+    DATA_CTX,
+    DATA_STAT,
+    EDIT_ASK,
+    EDIT_OUT,
+    EDIT_SENTENCES,
+    EDIT_SWAPS,
+    EVASIVE,
+    MATH_ASK,
+    MATH_CHECK,
+    MATH_FRAGS,
+    MATH_OPEN,
+    MATH_Q,
+    NAMES,
+    OBJECTS,
+    OFF_TOPIC,
+    OPEN_TOPICS,
+    PLACES,
+    REASON_PREFIX,
+    REASON_SUFFIX,
+    RELATIONS,
+    TERSE,
+    WORK_OPEN,
 )
 
 WRONG_RATE = 0.35  # share of wrong final answers in the checkable categories
@@ -26,6 +55,7 @@ WRONG_RATE = 0.35  # share of wrong final answers in the checkable categories
 @dataclass
 class Draft:
     """The graded final exchange plus candidate preamble exchanges."""
+
     user: str
     answer: str
     difficulty: int
@@ -75,7 +105,7 @@ def _run(start: int, ops: list, wrong_at: int = -1, wrong_op: str = "") -> list 
 def _gen_math(rng: random.Random) -> Draft:
     digits = rng.choices((1, 2, 3, 4), (45, 38, 12, 5))[0]
     n_ops = rng.choices((1, 2, 3, 4), (35, 30, 23, 12))[0]
-    lo, hi = (3, 9) if digits == 1 else (10 ** (digits - 1), 10 ** digits - 1)
+    lo, hi = (3, 9) if digits == 1 else (10 ** (digits - 1), 10**digits - 1)
     start = x = rng.randint(lo, hi)
     ops = []
     for _ in range(n_ops):
@@ -97,8 +127,7 @@ def _gen_math(rng: random.Random) -> Draft:
     for i, (op, n) in enumerate(ops):
         frag = rng.choice(MATH_FRAGS[op]).format(n=n)
         if i == n_ops - 1:
-            frag = rng.choice(("then ", "and then ", "and finally ") if n_ops > 1
-                              else ("then ", "and later ")) + frag
+            frag = rng.choice(("then ", "and then ", "and finally ") if n_ops > 1 else ("then ", "and later ")) + frag
         clauses.append(frag)
     story = ", ".join(clauses) + "."
     user = rng.choice(MATH_ASK).format(s=story, q=rng.choice(MATH_Q).format(o=obj, nm=name))
@@ -125,20 +154,30 @@ def _gen_math(rng: random.Random) -> Draft:
         lines = [rng.choice(MATH_OPEN).format(o=obj), f"Start with {start} {obj}."]
         if n_ops == 1:
             conns = [""]
-        lines += [f"{c} {a} {op} {n} = {y}.".strip() for c, (a, op, n, y) in zip(conns, steps)]
+        lines += [f"{c} {a} {op} {n} = {y}.".strip() for c, (a, op, n, y) in zip(conns, steps, strict=False)]
         lines.append(rng.choice(CONCLUDE).format(v=final))
         if quality == "excellent":
             lines.append(rng.choice(MATH_CHECK).format(a=start))
         answer = " ".join(lines)
     w1, w2 = rng.randint(2, 20), rng.randint(2, 20)
-    pre = [("I'm practicing word problems before a quiz. Can you help me check a few?",
-            "Happy to help. Send a problem and I'll write out each operation so you can follow every step."),
-           (f"Warm-up first: what is {w1} plus {w2}?",
-            f"{w1} + {w2} = {w1 + w2}, so that one is {w1 + w2}. Send the next problem when you're ready."),
-           (f"My cousin has homework about {obj} and I want to double-check it.",
-            "Sure. Share the problem and I'll lay out the arithmetic line by line so you can compare."),
-           ("Do you show your working when you solve these?",
-            "Yes. I write every operation with its running total, which makes any slip easy to spot.")]
+    pre = [
+        (
+            "I'm practicing word problems before a quiz. Can you help me check a few?",
+            "Happy to help. Send a problem and I'll write out each operation so you can follow every step.",
+        ),
+        (
+            f"Warm-up first: what is {w1} plus {w2}?",
+            f"{w1} + {w2} = {w1 + w2}, so that one is {w1 + w2}. Send the next problem when you're ready.",
+        ),
+        (
+            f"My cousin has homework about {obj} and I want to double-check it.",
+            "Sure. Share the problem and I'll lay out the arithmetic line by line so you can compare.",
+        ),
+        (
+            "Do you show your working when you solve these?",
+            "Yes. I write every operation with its running total, which makes any slip easy to spot.",
+        ),
+    ]
     level = 4 if n_ops >= 4 or digits >= 3 else (n_ops - 1) + (digits - 1)
     return Draft(user, answer, level, quality, correct, pre)
 
@@ -152,8 +191,12 @@ def _gen_coding(rng: random.Random) -> Draft:
         fname = rng.choice(("compute_{f}", "get_{f}", "my_{f}", "{f}_value")).format(f=fname)
     if "param" in reqs:
         param = rng.choice(CODE_PARAMS[kind][1:])
-    phrases = {"hints": "use type hints", "doc": "add a docstring", "name": f"call it `{fname}`",
-               "param": f"name the parameter `{param}`"}
+    phrases = {
+        "hints": "use type hints",
+        "doc": "add a docstring",
+        "name": f"call it `{fname}`",
+        "param": f"name the parameter `{param}`",
+    }
     user = rng.choice(CODE_ASK).format(d=desc)
     if reqs:
         user += " " + rng.choice(CODE_REQ).format(r=_join([phrases[r] for r in reqs]))
@@ -161,7 +204,7 @@ def _gen_coding(rng: random.Random) -> Draft:
     lines = list(body)
     if not correct:
         _, idx, repl = rng.choice(bugs)
-        lines = lines[:idx] + ([repl] if repl is not None else []) + lines[idx + 1:]
+        lines = lines[:idx] + ([repl] if repl is not None else []) + lines[idx + 1 :]
     sig = f"def {fname}({param}: {ptype}) -> {rtype}:" if "hints" in reqs else f"def {fname}({param}):"
     code = [sig] + ([f'    """Return {desc}."""'] if "doc" in reqs else [])
     code += ["    " + ln.format(p=param) for ln in lines]
@@ -170,14 +213,24 @@ def _gen_coding(rng: random.Random) -> Draft:
         answer += "\n" + rng.choice(CODE_EXPLAIN).format(k=kind)
     if quality == "excellent":
         answer += f" For example, {fname}({ex_in}) returns {ex_out}."
-    pre = [("I'm learning Python and want to write small helper functions.",
-            "Great way to practice. Tell me what the function should do and I'll write a short, readable version."),
-           ("Do you prefer loops or built-ins for simple tasks in Python?",
-            "Either works. Built-ins are shorter, while explicit loops are easier for beginners to follow."),
-           ("Can you keep the code short? I'll paste it into a notebook.",
-            "Sure. I'll keep each function to a few lines with no imports, so it drops into a notebook cell."),
-           (f"I keep needing {desc} in my scripts.",
-            "That's a common need. A tiny, well-named function saves you from rewriting the same loop.")]
+    pre = [
+        (
+            "I'm learning Python and want to write small helper functions.",
+            "Great way to practice. Tell me what the function should do and I'll write a short, readable version.",
+        ),
+        (
+            "Do you prefer loops or built-ins for simple tasks in Python?",
+            "Either works. Built-ins are shorter, while explicit loops are easier for beginners to follow.",
+        ),
+        (
+            "Can you keep the code short? I'll paste it into a notebook.",
+            "Sure. I'll keep each function to a few lines with no imports, so it drops into a notebook cell.",
+        ),
+        (
+            f"I keep needing {desc} in my scripts.",
+            "That's a common need. A tiny, well-named function saves you from rewriting the same loop.",
+        ),
+    ]
     return Draft(user, answer, len(reqs), quality, correct, pre)
 
 
@@ -189,7 +242,7 @@ def _gen_reasoning(rng: random.Random) -> Draft:
         k = rng.choices((3, 4, 5, 6), (35, 30, 20, 15))[0]
         people = rng.sample(NAMES, k)  # listed from most to least
         comp, top, bottom = rng.choice(RELATIONS)
-        facts = [f"{a} is {comp} than {b}" for a, b in zip(people, people[1:])]
+        facts = [f"{a} is {comp} than {b}" for a, b in zip(people, people[1:], strict=False)]
         rng.shuffle(facts)
         want_top = rng.random() < 0.5
         q = f"{'. '.join(facts)}. Who is the {top if want_top else bottom}?"
@@ -219,7 +272,7 @@ def _gen_reasoning(rng: random.Random) -> Draft:
             rule = f"each number is {d} more than the one before"
         elif style == "double":
             r = rng.choice((2, 3))
-            seq = [s * r ** i for i in range(5)]
+            seq = [s * r**i for i in range(5)]
             rule = f"each number is {r} times the one before"
         elif style == "grow":
             seq = [s if s != 2 else 10]  # 2, 3, 5, 8 would also fit the sum-of-two rule
@@ -242,12 +295,20 @@ def _gen_reasoning(rng: random.Random) -> Draft:
         answer = rng.choice(WORK_OPEN) + " " + work + " " + rng.choice(CONCLUDE).format(v=value)
         if quality == "excellent":
             answer += " Checking each given fact against that result, nothing contradicts it."
-    pre = [("I like logic puzzles. Want to try a few with me?",
-            "I'd love to. Send one over and I'll explain my reasoning before giving the answer."),
-           ("Can you explain how you approach puzzles like these?",
-            "I list the facts, put them in order, and only then read off the answer, checking it at the end."),
-           ("My friend and I disagree about a brain teaser.",
-            "Let's settle it. Share the teaser and I'll walk through it one fact at a time.")]
+    pre = [
+        (
+            "I like logic puzzles. Want to try a few with me?",
+            "I'd love to. Send one over and I'll explain my reasoning before giving the answer.",
+        ),
+        (
+            "Can you explain how you approach puzzles like these?",
+            "I list the facts, put them in order, and only then read off the answer, checking it at the end.",
+        ),
+        (
+            "My friend and I disagree about a brain teaser.",
+            "Let's settle it. Share the teaser and I'll walk through it one fact at a time.",
+        ),
+    ]
     return Draft(user, answer, level, quality, correct, pre)
 
 
@@ -255,7 +316,7 @@ def _gen_reasoning(rng: random.Random) -> Draft:
 def _gen_data(rng: random.Random) -> Draft:
     k = rng.choices((3, 4, 5, 6, 7), (30, 25, 20, 15, 10))[0]
     digits = rng.choices((1, 2, 3), (35, 45, 20))[0]
-    lo, hi = (1, 9) if digits == 1 else (10 ** (digits - 1), 10 ** digits - 1)
+    lo, hi = (1, 9) if digits == 1 else (10 ** (digits - 1), 10**digits - 1)
     stat = rng.choice(tuple(DATA_STAT))
     vals = [rng.randint(lo, hi) for _ in range(k)]
     if stat == "average":  # make the mean a whole number
@@ -271,22 +332,32 @@ def _gen_data(rng: random.Random) -> Draft:
         v = truth + (delta if truth + delta >= 0 else abs(delta))
     ctx = rng.choice(DATA_CTX).format(pl=rng.choice(PLACES), nm=rng.choice(NAMES))
     user = rng.choice(DATA_ASK).format(c=ctx, v=", ".join(map(str, vals)), s=DATA_STAT[stat])
-    work = {"average": f"The {k} values add up to {v * k}, and {v * k} ÷ {k} = {v}.",
-            "total": f"Adding the {k} values one by one gives {v}.",
-            "range": f"The highest value is {top} and the lowest is {top - v}, so {top} - {top - v} = {v}.",
-            "highest": f"Scanning the list, the largest entry is {v}."}[stat]
+    work = {
+        "average": f"The {k} values add up to {v * k}, and {v * k} ÷ {k} = {v}.",
+        "total": f"Adding the {k} values one by one gives {v}.",
+        "range": f"The highest value is {top} and the lowest is {top - v}, so {top} - {top - v} = {v}.",
+        "highest": f"Scanning the list, the largest entry is {v}.",
+    }[stat]
     if quality in ("average", "very poor"):
         answer = rng.choice(TERSE).format(v=v)
     else:
         answer = f"{rng.choice(WORK_OPEN)} The list has {k} values. {work} {rng.choice(CONCLUDE).format(v=v)}"
         if quality == "excellent":
             answer += " I re-added the list a second time to confirm the figure."
-    pre = [("I'm looking at a few small numbers from a report.",
-            "Happy to help. Share the values and tell me which summary you need, like a total or an average."),
-           ("Is the average or the total more useful for a short list?",
-            "It depends on the question. Totals show overall volume, while averages let you compare lists of different lengths."),
-           ("Can you do quick calculations on lists of numbers?",
-            "Yes. Paste the list and I'll show the calculation so you can check it yourself.")]
+    pre = [
+        (
+            "I'm looking at a few small numbers from a report.",
+            "Happy to help. Share the values and tell me which summary you need, like a total or an average.",
+        ),
+        (
+            "Is the average or the total more useful for a short list?",
+            "It depends on the question. Totals show overall volume, while averages let you compare lists of different lengths.",
+        ),
+        (
+            "Can you do quick calculations on lists of numbers?",
+            "Yes. Paste the list and I'll show the calculation so you can check it yourself.",
+        ),
+    ]
     return Draft(user, answer, min(4, (k - 3) + (digits - 1)), quality, correct, pre)
 
 
@@ -324,8 +395,7 @@ def _gen_open(rng: random.Random, category: str) -> Draft:
         rng.shuffle(items)
         answer += _items_text(rng, items, lines)
         if quality == "excellent":  # plus a sentence honouring a constraint
-            close = rng.choice(CLOSE_CON).format(c=rng.choice(cons)) if cons else \
-                rng.choice(CLOSE_X).format(x=x)
+            close = rng.choice(CLOSE_CON).format(c=rng.choice(cons)) if cons else rng.choice(CLOSE_X).format(x=x)
             answer += ("\n" if "\n" in answer else " ") + close
     elif quality == "average":  # generic: fewer items, none naming the subject
         generic = [it for it in spec["items"] if "{x}" not in it]
@@ -347,8 +417,7 @@ def _gen_editing(rng: random.Random) -> Draft:
     errors = []  # (description, function) in canonical application order
     for good, bad in EDIT_SWAPS:
         if re.search(rf"\b{good}\b", clean):
-            errors.append((f'changed "{bad}" to "{good}"',
-                           lambda s, g=good, b=bad: re.sub(rf"\b{g}\b", b, s, count=1)))
+            errors.append((f'changed "{bad}" to "{good}"', lambda s, g=good, b=bad: re.sub(rf"\b{g}\b", b, s, count=1)))
     swapped = {w for g, _ in EDIT_SWAPS for w in g.lower().split()}
     words = [w for w in clean.split()[1:] if w.isalpha() and w.islower() and w not in swapped]
     w = rng.choice(words)
@@ -365,8 +434,10 @@ def _gen_editing(rng: random.Random) -> Draft:
         return s
 
     bad = apply(chosen)
-    cons = rng.sample(("keep the meaning the same", "keep a formal tone", "change as little as possible"),
-                      rng.choices((0, 1, 2), (45, 35, 20))[0])
+    cons = rng.sample(
+        ("keep the meaning the same", "keep a formal tone", "change as little as possible"),
+        rng.choices((0, 1, 2), (45, 35, 20))[0],
+    )
     user = rng.choice(EDIT_ASK).format(b=bad) + (" Please " + _join(cons) + "." if cons else "")
     quality = rng.choices(_OPEN_Q, _OPEN_W)[0]
     if quality == "average" and n_err == 1:
@@ -383,17 +454,28 @@ def _gen_editing(rng: random.Random) -> Draft:
         answer = f'It looks fine to me as it is: "{bad}" I would not change much, it depends on your style.'
     else:
         answer = rng.choice(OFF_TOPIC)
-    pre = [("I'm tidying up some writing for work.",
-            "Happy to help. Paste a sentence and I'll correct the grammar while keeping your meaning."),
-           ("Grammar has never been my strong point.",
-            "That's very common. Most mistakes come from a few patterns, like mixing up their and there."),
-           ("Can you proofread short sentences?",
-            "Yes. Short sentences are ideal, because every fix is easy to see and explain.")]
+    pre = [
+        (
+            "I'm tidying up some writing for work.",
+            "Happy to help. Paste a sentence and I'll correct the grammar while keeping your meaning.",
+        ),
+        (
+            "Grammar has never been my strong point.",
+            "That's very common. Most mistakes come from a few patterns, like mixing up their and there.",
+        ),
+        (
+            "Can you proofread short sentences?",
+            "Yes. Short sentences are ideal, because every fix is easy to see and explain.",
+        ),
+    ]
     return Draft(user, answer, min(4, n_err - 1 + len(cons)), quality, None, pre)
 
 
 GENERATORS = {
-    "math": _gen_math, "coding": _gen_coding, "reasoning": _gen_reasoning, "data-analysis": _gen_data,
+    "math": _gen_math,
+    "coding": _gen_coding,
+    "reasoning": _gen_reasoning,
+    "data-analysis": _gen_data,
     "editing": _gen_editing,
     **{c: (lambda r, c=c: _gen_open(r, c)) for c in OPEN_TOPICS},
 }

@@ -94,14 +94,22 @@ import hashlib
 import json
 import random
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from extractors.ingest.sample.categories import GENERATORS, Draft
 from extractors.ingest.sample.words import FOLLOW_UPS, GENERIC_PRE, LEAD_INS, NEEDLES, SYSTEM_PROMPTS
 
 CATEGORIES: tuple[str, ...] = (
-    "math", "coding", "reasoning", "data-analysis", "information-seeking",
-    "creative-writing", "advice-seeking", "editing", "planning", "brainstorming",
+    "math",
+    "coding",
+    "reasoning",
+    "data-analysis",
+    "information-seeking",
+    "creative-writing",
+    "advice-seeking",
+    "editing",
+    "planning",
+    "brainstorming",
     "role-playing",
 )
 DIFFICULTIES = ("very easy", "easy", "medium", "hard", "very hard")
@@ -133,13 +141,20 @@ def _insert_needle(rng: random.Random, text: str, conv_text: str) -> tuple[str, 
     return needle + " " + text, needle, 0
 
 
-def _record(messages: list, category: str, draft: Draft, score: float,
-            needle: tuple | None = None) -> dict:
+def _record(messages: list, category: str, draft: Draft, score: float, needle: tuple | None = None) -> dict:
     chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
-    return {"messages": messages, "category": category, "difficulty": DIFFICULTIES[draft.difficulty],
-            "quality": draft.quality, "reward_model_score": score, "conversation_tokens": round(chars / 4),
-            "needle": needle[0] if needle else None, "needle_start": needle[1] if needle else None,
-            "needle_end": needle[2] if needle else None, "answer_correct": draft.correct}
+    return {
+        "messages": messages,
+        "category": category,
+        "difficulty": DIFFICULTIES[draft.difficulty],
+        "quality": draft.quality,
+        "reward_model_score": score,
+        "conversation_tokens": round(chars / 4),
+        "needle": needle[0] if needle else None,
+        "needle_start": needle[1] if needle else None,
+        "needle_end": needle[2] if needle else None,
+        "answer_correct": draft.correct,
+    }
 
 
 def _conversation(rng: random.Random, category: str, with_needle: bool) -> dict:
@@ -215,21 +230,21 @@ def _with_messages(rec: dict, messages: list) -> dict:
 
 
 def _malformed_train(rng: random.Random, duplicate: dict | None, seen: set) -> list[dict]:
-    out = _copy(duplicate)                                              # 1 exact duplicate
-    for final in ("", "  \n "):                                          # 2 empty, 3 whitespace
+    out = _copy(duplicate)  # 1 exact duplicate
+    for final in ("", "  \n "):  # 2 empty, 3 whitespace
         rec = _fresh(rng, seen)
         out.append(_with_messages(rec, rec["messages"][:-1] + [{"role": "assistant", "content": final}]))
-    rec = _fresh(rng, seen)                                              # 4 ends with a user turn
+    rec = _fresh(rng, seen)  # 4 ends with a user turn
     out.append(_with_messages(rec, rec["messages"][:-1]))
-    rec = _fresh(rng, seen)                                              # 5 non-string content
+    rec = _fresh(rng, seen)  # 5 non-string content
     msgs = [dict(m) for m in rec["messages"]]
     msgs[-2]["content"] = 42
     out.append(_with_messages(rec, msgs))
-    rec = _fresh(rng, seen)                                              # 6 missing "content" key
+    rec = _fresh(rng, seen)  # 6 missing "content" key
     msgs = [dict(m) for m in rec["messages"]]
     del msgs[-2]["content"]
     out.append(_with_messages(rec, msgs))
-    rec = _fresh(rng, seen)                                              # 7 over-long final turn
+    rec = _fresh(rng, seen)  # 7 over-long final turn
     base = rec["messages"][-1]["content"]
     long = "\n\n".join([base] * (LONG_CHARS // (len(base) + 2) + 1))
     out.append(_with_messages(rec, rec["messages"][:-1] + [{"role": "assistant", "content": long}]))
@@ -248,8 +263,9 @@ def _stream_split(rng: random.Random, n: int, seen: set, pick: int | None, grab:
         yield rec
 
 
-def iter_sample(seed: int = 0, n_train: int = 1000, n_test: int = 250,
-                with_malformed: bool = True) -> Iterator[tuple[str, dict]]:
+def iter_sample(
+    seed: int = 0, n_train: int = 1000, n_test: int = 250, with_malformed: bool = True
+) -> Iterator[tuple[str, dict]]:
     """(split, record) pairs of `generate_sample`, streamed: train's clean rows, test's clean
     rows, then train's malformed rows and test's duplicate. Memory stays at a 16-byte digest
     per conversation (the uniqueness check), whatever the size."""
@@ -270,8 +286,9 @@ def iter_sample(seed: int = 0, n_train: int = 1000, n_test: int = 250,
             yield "test", rec
 
 
-def generate_sample(seed: int = 0, n_train: int = 1000, n_test: int = 250,
-                    with_malformed: bool = True) -> dict[str, list[dict]]:
+def generate_sample(
+    seed: int = 0, n_train: int = 1000, n_test: int = 250, with_malformed: bool = True
+) -> dict[str, list[dict]]:
     """Return {"train": [...], "test": [...]} (see the module docstring for the schema)."""
     out: dict[str, list[dict]] = {"train": [], "test": []}
     for split, rec in iter_sample(seed, n_train, n_test, with_malformed):
