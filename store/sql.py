@@ -20,19 +20,21 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from store.cli import parse_config, user_errors
-from store.core import DEFAULT_STORE, Store
+import duckdb
+import polars as pl
+
+from store.cli import StoreOptions, parse_config, user_errors
+from store.core import Store
 from store.groups import write_missing_groups
 
 _READS = {"SELECT", "EXPLAIN", "PRAGMA"}  # DESCRIBE, SHOW and SUMMARIZE parse as SELECT
 
 
-@dataclass
-class SqlConfig:
+@dataclass(kw_only=True)
+class SqlConfig(StoreOptions):
     """Run SQL over a store's catalog (tables + sql/views) and print or save the result."""
 
     query: str | None = field(default=None, metadata={"help": "the SQL to run", "positional": True})
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     format: Literal["table", "csv", "json", "parquet"] = field(
         default="table", metadata={"help": "output format; parquet needs --out"}
     )
@@ -60,9 +62,6 @@ class SqlConfig:
 
 def run_sql(cfg: SqlConfig) -> str:
     """Execute cfg's request; returns what to print."""
-    import duckdb
-    import polars as pl
-
     store = Store(cfg.store)
     if not store.root.exists():
         raise ValueError(f"no store at {store.root}; create one with python -m extractors.run --layer 17")

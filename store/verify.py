@@ -32,6 +32,7 @@ message says what to do. Run it while no writer is working on the store.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -41,9 +42,11 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow.parquet as pq
 
+from store import claims
 from store.arrays import UNITS_TABLE, array_key, chunk_checksum, chunk_path
-from store.cli import parse_config, user_errors
-from store.core import DEFAULT_STORE, STORE_VERSION, Store, StoreError, pid_alive
+from store.catalog.runs import mark_failed
+from store.cli import StoreOptions, parse_config, user_errors
+from store.core import STORE_VERSION, Store, StoreError, pid_alive
 
 KNOWN_STORE_VERSIONS = {STORE_VERSION}
 
@@ -73,11 +76,10 @@ class Problem(NamedTuple):
         return f"{self.kind}: {self.where}: {self.message} ({self.path})"
 
 
-@dataclass
-class VerifyConfig:
+@dataclass(kw_only=True)
+class VerifyConfig(StoreOptions):
     """Check a store's catalog against its arrays (see the module docstring)."""
 
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     quick: bool = field(
         default=False, metadata={"help": "check chunk sizes only, not their CRC-32 (reads no chunk data)"}
     )
@@ -287,8 +289,6 @@ def _stale_runs(store: Store) -> list[Problem]:
 
 def _stale_claims(store: Store) -> list[Problem]:
     """Claim files of writers whose process is gone (see store.claims)."""
-    from store import claims
-
     return [
         Problem(
             "leftover",
@@ -334,10 +334,6 @@ def verify(store: Store, quick: bool = False) -> tuple[list[Problem], list[Probl
 
 def repair(store: Store, problems: list[Problem]) -> list[str]:
     """Carry out each problem's repair; returns one line per action."""
-    import shutil
-
-    from store.catalog.runs import mark_failed
-
     done = []
     for p in problems:
         path = Path(p.path)

@@ -268,12 +268,15 @@ def test_yaml_then_flags(tmp_path):
     path = tmp_path / "probe.yaml"
     path.write_text("num_epochs: 7\nl2_grid: [1e-3, 0.1]\nlayers_to_probe: [6, 17]\nclass_balance: downsample\n")
     cfg = load_config(["--config", str(path), "--num-epochs", "5"])
-    assert (cfg.num_epochs, cfg.l2_grid, cfg.layers_to_probe, cfg.class_balance) == (
+    assert (cfg.num_epochs, cfg.l2_grid, cfg.layers, cfg.class_balance) == (
         5,
         [1e-3, 0.1],
         [6, 17],
         "downsample",
     )
     shipped = load_config(["--config", str(Path(__file__).resolve().parent.parent / "configs" / "probe.yaml")])
-    assert shipped.layers_to_probe == [6, 12, 17, 24] and shipped.view == "needle_tokens"
+    assert shipped.layers == [6, 12, 17, 24] and shipped.view == "needle_tokens"
     assert ProbeConfig().view == "needle_tokens"
+    # the layers' older spellings: the YAML key above, --layers-to-probe, and --layer
+    assert load_config(["--layers-to-probe", "6", "12"]).layers == [6, 12]
+    assert load_config(["--layer", "17"]).layers == [17]

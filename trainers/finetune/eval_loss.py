@@ -32,9 +32,14 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from extractors.adapters import adapter_name, apply_adapter, resolve_adapter
+from extractors.chat_tokens import ensure_tokenization
+from extractors.model import load_model, pad_token_id
+from extractors.sft_data import load_sft_rows, select_rows_by
 from store.catalog.runs import Run
-from store.cli import config_dict, parse_config, user_errors
-from store.core import DEFAULT_STORE, Store, StoreError, write_json
+from store.cli import ModelOptions, ProgressOptions, StoreOptions, config_dict, parse_config, user_errors
+from store.core import Store, StoreError, write_json
+from trainers.finetune.lm_loss import eval_rows
 
 EVAL_SCHEMA = pa.schema(
     [
@@ -51,11 +56,10 @@ EVAL_SCHEMA = pa.schema(
 )
 
 
-@dataclass
-class EvalLossConfig:
-    """Mean completion-only loss and perplexity of the base model or a LoRA adapter on stored rows."""
+@dataclass(kw_only=True)
+class EvalLossConfig(StoreOptions, ModelOptions, ProgressOptions):
+    """Mean completion-only loss and perplexity of the base model (--model) or a LoRA adapter on stored rows."""
 
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     split: str = field(default="eval", metadata={"help": "rows to evaluate (a split, or all)"})
     rows_sql: str | None = field(
         default=None, metadata={"help": "evaluate the rows this SQL returns (a row_id column) instead of --split"}
@@ -79,16 +83,7 @@ class EvalLossConfig:
     on_long: Literal["error", "truncate"] = field(
         default="error", metadata={"help": "rows longer than --max-length: error, or truncate them (counted)"}
     )
-    model: str = field(default="embedded", metadata={"help": "base model: embedded, a Hugging Face id or a folder"})
     batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per batch"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:N"})
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
-        default="auto", metadata={"help": "model dtype: auto = bf16 on GPU, fp32 on CPU"}
-    )
-    model_cache: str | None = field(
-        default=None, metadata={"help": "where converted models are cached (default ~/.cache/activation-store)"}
-    )
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         if self.max_rows is not None and self.max_rows <= 0:
@@ -132,12 +127,6 @@ def merge(doc: dict[str, Any], entry: dict[str, Any], adapter: str | None, path:
 
 def run_eval_loss(cfg: EvalLossConfig) -> dict[str, Any]:
     """Evaluate, record, merge (see the module docstring); returns the comparison document."""
-    from extractors.adapters import adapter_name, apply_adapter, resolve_adapter
-    from extractors.chat_tokens import ensure_tokenization
-    from extractors.model import load_model, pad_token_id
-    from extractors.sft_data import load_sft_rows, select_rows_by
-    from trainers.finetune.lm_loss import eval_rows
-
     store = Store(cfg.store)
     row_ids = select_rows_by(store, split=cfg.split, sql=cfg.rows_sql, max_rows=cfg.max_rows)
     if cfg.adapter:  # a bad --adapter fails before the model loads

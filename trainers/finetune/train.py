@@ -22,6 +22,7 @@ CPU (fp32) works for a few hundred steps on the embedded model; a GPU trains in 
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 import time
@@ -31,18 +32,25 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from extractors.adapters import AdapterRef, check_base, resolve_adapter, write_adapter_record, write_meta
+from extractors.chat_tokens import ensure_tokenization
+from extractors.model import load_model, pad_token_id
+from extractors.sft_data import SFTRows, load_sft_rows, select_rows_by
 from store.catalog.runs import Run
-from store.cli import config_dict, parse_config, user_errors
-from store.core import DEFAULT_STORE, Store, StoreError
+from store.cli import ModelOptions, ProgressOptions, SeedOptions, StoreOptions, config_dict, parse_config, user_errors
+from store.core import Store, StoreError
+from trainers.finetune.lm_loss import batches, eval_rows, row_losses
 
 
-@dataclass
-class FinetuneConfig:
-    """LoRA finetune (peft) on stored tokens with a completion-only loss."""
+@dataclass(kw_only=True)
+class FinetuneConfig(StoreOptions, ModelOptions, SeedOptions, ProgressOptions):
+    """LoRA finetune (peft) on stored tokens with a completion-only loss.
 
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
+    --seed seeds the LoRA init, dropout and row order; --compute-dtype is the base model's
+    dtype (the LoRA weights stay fp32)."""
+
     split: str = field(default="train_base", metadata={"help": "rows to train on (a split, or all)"})
     train_rows_sql: str | None = field(
         default=None,
@@ -64,7 +72,6 @@ class FinetuneConfig:
         default="error",
         metadata={"help": "rows longer than --max-length: error, or truncate them (counted in the run record)"},
     )
-    model: str = field(default="embedded", metadata={"help": "base model: embedded, a Hugging Face id or a folder"})
     resume_adapter: str | None = field(
         default=None,
         metadata={
@@ -88,16 +95,7 @@ class FinetuneConfig:
     batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0 disables)"})
-    seed: int = field(default=0, metadata={"help": "seed of the LoRA init, dropout and row order"})
     eval_batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per eval batch"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:N"})
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
-        default="auto", metadata={"help": "base model dtype: auto = bf16 on GPU, fp32 on CPU (LoRA weights stay fp32)"}
-    )
-    model_cache: str | None = field(
-        default=None, metadata={"help": "where converted models are cached (default ~/.cache/activation-store)"}
-    )
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         for name in ("max_length", "lora_r", "epochs", "batch_size", "grad_accum", "eval_batch_tokens"):
@@ -131,9 +129,7 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 def plot_loss(steps: list[dict[str, Any]], evals: list[dict[str, Any]], title: str) -> bytes:
     """PNG bytes: train loss per step and eval loss per epoch."""
-    import io
-
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib only when a run ends
 
     fig = Figure(figsize=(7, 4))  # stand-alone: a notebook's pyplot backend is left alone
     ax = fig.subplots()
@@ -152,7 +148,7 @@ def plot_loss(steps: list[dict[str, Any]], evals: list[dict[str, Any]], title: s
 
 
 def _peft_model(lm: Any, cfg: FinetuneConfig, store: Store) -> tuple[Any, AdapterRef | None]:
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model  # lazy: peft is optional and heavy
 
     torch.manual_seed(cfg.seed)
     if cfg.resume_adapter:
@@ -176,8 +172,6 @@ def _peft_model(lm: Any, cfg: FinetuneConfig, store: Store) -> tuple[Any, Adapte
 def eval_loss_of(
     model: Any, data: Any, cfg: FinetuneConfig, device: torch.device, pad_id: int, desc: str
 ) -> dict[str, Any]:
-    from trainers.finetune.lm_loss import eval_rows
-
     sums, counts = eval_rows(
         model,
         data.input_ids,
@@ -198,15 +192,135 @@ def eval_loss_of(
     }
 
 
+class TrainLog(NamedTuple):
+    steps: list[dict[str, Any]]  # one entry per optimizer step
+    evals: list[dict[str, Any]]  # eval loss before training (epoch 0) and after each epoch
+    n_steps: int
+    tokens_seen: int
+    seconds: float  # time in optimizer steps (eval excluded)
+
+
+def _rows(
+    store: Store, cfg: FinetuneConfig, tokenization: str, train_ids: list[str], eval_ids: list[str]
+) -> tuple[SFTRows, SFTRows | None]:
+    """The training rows (and eval rows, or None) as token ids + completion-only labels."""
+    train = load_sft_rows(store, tokenization, train_ids, max_length=cfg.max_length, on_long=cfg.on_long)
+    evald = (
+        load_sft_rows(store, tokenization, eval_ids, max_length=cfg.max_length, on_long=cfg.on_long)
+        if eval_ids
+        else None
+    )
+    if sum(train.n_supervised) == 0:
+        raise StoreError(
+            f"the {len(train_ids)} training rows have no supervised tokens (is_supervised); "
+            f"select rows with an assistant completion"
+        )
+    return train, evald
+
+
+def _optimizer_step(
+    model: Any,
+    opt: Any,
+    train: SFTRows,
+    n_sup: list[int],
+    group: list[int],
+    lr: float,
+    cfg: FinetuneConfig,
+    dev: torch.device,
+    pad_id: int,
+) -> tuple[float, float, int]:
+    """One optimizer step over a group of rows: (loss, grad norm, supervised tokens). The loss
+    is the mean over the group's supervised tokens, accumulated over its micro-batches."""
+    trainable = [p for g in opt.param_groups for p in g["params"]]
+    for g in trainable:
+        g.grad = None
+    n_group = sum(n_sup[i] for i in group)
+    loss_total = 0.0
+    for micro in batches(group, cfg.batch_size):
+        if not any(n_sup[i] for i in micro):
+            continue
+        s, _ = row_losses(
+            model,
+            [train.input_ids[i] for i in micro],
+            [train.labels[i] for i in micro],
+            device=dev,
+            pad_id=pad_id,
+        )
+        loss = s.sum() / max(1, n_group)
+        loss.backward()
+        loss_total += float(loss.detach())
+    gnorm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)) if cfg.max_grad_norm else float("nan")
+    for pg in opt.param_groups:
+        pg["lr"] = lr
+    opt.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return loss_total, gnorm, n_group
+
+
+def _train(
+    model: Any, cfg: FinetuneConfig, train: SFTRows, evald: SFTRows | None, total: int, dev: torch.device, pad_id: int
+) -> TrainLog:
+    """The epochs: seeded row order, optimizer steps, eval loss before and after each epoch."""
+    n_sup = train.n_supervised
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    per_step = cfg.batch_size * cfg.grad_accum
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    steps_log: list[dict[str, Any]] = []
+    evals: list[dict[str, Any]] = []
+    if evald is not None:
+        evals.append({"epoch": 0, "step": 0, **eval_loss_of(model, evald, cfg, dev, pad_id, "eval (before)")})
+    step, tokens_seen, t_train = 0, 0, 0.0
+    bar = tqdm(total=total, desc="finetune", unit="step", disable=not cfg.progress)
+    model.train()
+    for epoch in range(1, cfg.epochs + 1):
+        order = [int(i) for i in rng.permutation(len(train.input_ids))]
+        for group in list(batches(order, per_step)):
+            if step >= total:
+                break
+            t0 = time.perf_counter()
+            lr = lr_at(step, total, cfg.warmup_steps, cfg.lr)
+            loss_total, gnorm, n_group = _optimizer_step(model, opt, train, n_sup, group, lr, cfg, dev, pad_id)
+            t_train += time.perf_counter() - t0
+            step += 1
+            tokens_seen += sum(len(train.input_ids[i]) for i in group)
+            steps_log.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss_total,
+                    "lr": lr,
+                    "grad_norm": gnorm,
+                    "rows": len(group),
+                    "supervised_tokens": n_group,
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_total:.4f}", epoch=epoch)
+        if evald is not None:
+            evals.append(
+                {"epoch": epoch, "step": step, **eval_loss_of(model, evald, cfg, dev, pad_id, f"eval (epoch {epoch})")}
+            )
+        if step >= total:
+            break
+    bar.close()
+    model.eval()
+    return TrainLog(steps_log, evals, step, tokens_seen, t_train)
+
+
+def _save_adapter(model: Any, lm: Any, run: Run, store: Store) -> AdapterRef:
+    """peft's folder + the tokenizer + store_adapter.json in runs/<run_id>/adapter."""
+    folder = run.dir / "adapter"
+    model.save_pretrained(folder, safe_serialization=True)
+    lm.tokenizer.save_pretrained(folder)
+    ref = AdapterRef(run.run_id, str(folder), lm.model_id, lm.model_hash, run.run_id)
+    write_meta(folder, ref, store)
+    return ref
+
+
 def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """Train the adapter and record everything (see the module docstring)."""
-    from tqdm.auto import tqdm
-
-    from extractors.chat_tokens import ensure_tokenization
-    from extractors.model import load_model, pad_token_id
-    from extractors.sft_data import load_sft_rows, select_rows_by
-    from trainers.finetune.lm_loss import batches, row_losses
-
     store = Store(cfg.store)
     train_ids = select_rows_by(store, split=cfg.split, sql=cfg.train_rows_sql, max_rows=cfg.max_rows)
     eval_ids = (
@@ -218,23 +332,9 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         resolve_adapter(store, cfg.resume_adapter)
     lm = load_model(cfg.model, cfg.device, cfg.compute_dtype, Path(cfg.model_cache) if cfg.model_cache else None)
     layout = ensure_tokenization(store, lm.tokenizer, lm.model_id, 16384, progress=cfg.progress)
-    train = load_sft_rows(store, layout.tokenization, train_ids, max_length=cfg.max_length, on_long=cfg.on_long)
-    evald = (
-        load_sft_rows(store, layout.tokenization, eval_ids, max_length=cfg.max_length, on_long=cfg.on_long)
-        if eval_ids
-        else None
-    )
-    n_sup = train.n_supervised
-    if sum(n_sup) == 0:
-        raise StoreError(
-            f"the {len(train_ids)} training rows have no supervised tokens (is_supervised); "
-            f"select rows with an assistant completion"
-        )
-    dev, pad_id = lm.device, pad_token_id(lm.tokenizer)
+    train, evald = _rows(store, cfg, layout.tokenization, train_ids, eval_ids)
     model, resumed = _peft_model(lm, cfg, store)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    per_step = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = math.ceil(len(train_ids) / per_step)
+    steps_per_epoch = math.ceil(len(train_ids) / (cfg.batch_size * cfg.grad_accum))
     total = min(cfg.max_steps or 10**12, cfg.epochs * steps_per_epoch)
     train_desc = f"SQL {cfg.train_rows_sql!r}" if cfg.train_rows_sql else f"split {cfg.split}"
     record = {
@@ -244,102 +344,28 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         "resumed_from": resumed.name if resumed else None,
     }
     with Run(store, "finetune", record, model_id=lm.model_id, model_hash=lm.model_hash) as run:
-        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        rng = np.random.default_rng(cfg.seed)
-        steps_log: list[dict[str, Any]] = []
-        evals: list[dict[str, Any]] = []
-        if evald is not None:
-            evals.append({"epoch": 0, "step": 0, **eval_loss_of(model, evald, cfg, dev, pad_id, "eval (before)")})
-        step, tokens_seen, t_train = 0, 0, 0.0
-        bar = tqdm(total=total, desc="finetune", unit="step", disable=not cfg.progress)
-        model.train()
-        for epoch in range(1, cfg.epochs + 1):
-            order = [int(i) for i in rng.permutation(len(train_ids))]
-            groups = list(batches(order, per_step))
-            for group in groups:
-                if step >= total:
-                    break
-                t0 = time.perf_counter()
-                for g in trainable:
-                    g.grad = None
-                n_group = sum(n_sup[i] for i in group)
-                loss_total = 0.0
-                for micro in batches(group, cfg.batch_size):
-                    if not any(n_sup[i] for i in micro):
-                        continue
-                    s, _ = row_losses(
-                        model,
-                        [train.input_ids[i] for i in micro],
-                        [train.labels[i] for i in micro],
-                        device=dev,
-                        pad_id=pad_id,
-                    )
-                    loss = s.sum() / max(1, n_group)
-                    loss.backward()
-                    loss_total += float(loss.detach())
-                gnorm = (
-                    float(torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm))
-                    if cfg.max_grad_norm
-                    else float("nan")
-                )
-                lr = lr_at(step, total, cfg.warmup_steps, cfg.lr)
-                for pg in opt.param_groups:
-                    pg["lr"] = lr
-                opt.step()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                t_train += time.perf_counter() - t0
-                step += 1
-                tokens_seen += sum(len(train.input_ids[i]) for i in group)
-                steps_log.append(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": loss_total,
-                        "lr": lr,
-                        "grad_norm": gnorm,
-                        "rows": len(group),
-                        "supervised_tokens": n_group,
-                    }
-                )
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_total:.4f}", epoch=epoch)
-            if evald is not None:
-                evals.append(
-                    {
-                        "epoch": epoch,
-                        "step": step,
-                        **eval_loss_of(model, evald, cfg, dev, pad_id, f"eval (epoch {epoch})"),
-                    }
-                )
-            if step >= total:
-                break
-        bar.close()
-        model.eval()
-        folder = run.dir / "adapter"
-        model.save_pretrained(folder, safe_serialization=True)
-        lm.tokenizer.save_pretrained(folder)
-        ref = AdapterRef(run.run_id, str(folder), lm.model_id, lm.model_hash, run.run_id)
-        write_meta(folder, ref, store)
+        log = _train(model, cfg, train, evald, total, lm.device, pad_token_id(lm.tokenizer))
+        ref = _save_adapter(model, lm, run, store)
+        steps_log, evals = log.steps, log.evals
         final_train = (
             float(np.mean([s["loss"] for s in steps_log[-max(1, steps_per_epoch // 4) :]])) if steps_log else None
         )
         metrics = {
-            "steps": step,
+            "steps": log.n_steps,
             "final_train_loss": final_train,
             "eval_loss_before": evals[0]["loss"] if evals else None,
             "eval_loss_after": evals[-1]["loss"] if evals else None,
-            "train_tokens_per_s": tokens_seen / t_train if t_train else 0.0,
-            "train_seconds": t_train,
+            "train_tokens_per_s": log.tokens_seen / log.seconds if log.seconds else 0.0,
+            "train_seconds": log.seconds,
         }
         counts = {
             "train_rows": len(train_ids),
             "train_tokens": train.n_tokens,
-            "supervised_tokens": sum(n_sup),
+            "supervised_tokens": sum(train.n_supervised),
             "truncated_rows": train.n_truncated,
             "eval_rows": len(eval_ids),
-            "steps": step,
-            "tokens_seen": tokens_seen,
+            "steps": log.n_steps,
+            "tokens_seen": log.tokens_seen,
         }
         store.write_json(
             run.dir / "train_metrics.json",

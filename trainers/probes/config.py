@@ -1,9 +1,11 @@
 """The probe trainer's config: one dataclass, read from a YAML file and CLI flags.
 
-    python -m trainers.probe --config configs/probe.yaml --layers-to-probe 17 --train-seeds 0
+    python -m trainers.probe --config configs/probe.yaml --layers 17 --train-seeds 0
 
 `load_config(argv)` reads `--config FILE` first (its keys are the dataclass's field names),
-then lets every command-line flag override the file. A key the dataclass does not know, a
+then lets every command-line flag override the file. The layers are the shared `--layers`
+(store.cli.LayerOptions); the older spellings `--layers-to-probe` and the YAML key
+`layers_to_probe` still work. A key the dataclass does not know, a
 value of the wrong type, or an impossible value raises `ValueError` naming the key, so a
 typo (`l2_gird`) fails before any work instead of silently training with a default.
 """
@@ -18,31 +20,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from store.cli import _unwrap_optional, build_parser
-from store.core import DEFAULT_STORE
+import yaml
+
+from store.cli import LayerOptions, ModelOptions, ProgressOptions, StoreOptions, _unwrap_optional, build_parser
 
 # activation_site -> the array kind it is stored as (arrays are named "<kind>/layer_<L>").
 # resid_post is the residual stream after a decoder block, i.e. what extractors.run stores.
 SITE_KINDS = {"resid_post": "hidden", "hidden": "hidden"}
+# Config-file keys of earlier versions -> today's field names.
+KEY_ALIASES = {"layers_to_probe": "layers", "layer": "layers"}
 
 
-@dataclass
-class ProbeConfig:
+@dataclass(kw_only=True)
+class ProbeConfig(StoreOptions, ModelOptions, LayerOptions, ProgressOptions):
     """Train linear (logistic-regression) probes on stored activations, one per layer and seed.
 
     Token target (default): labels come from the view's `label` column (needle_tokens: 1 inside
     the needle span); all positives of a document are kept and up to `negatives_per_doc`
     negatives are sampled per document. Row target: one pooled vector per row and a label
     from `row_label` (an SQL expression over `rows`). L2 is chosen per layer and seed by
-    validation AUROC."""
+    validation AUROC.
 
-    store: str = field(
-        default=DEFAULT_STORE,
-        metadata={
-            "help": "store folder (holds the activations; "
-            "receives the run record, score tables and, without --output-dir, the outputs)"
-        },
-    )
+    The store holds the activations and receives the run record, the score tables and, without
+    --output-dir, the outputs. Probes train on --device. --model, --compute-dtype and
+    --model-cache are used only with --extract-missing: the model the store was extracted with."""
+
     view: str = field(
         default="needle_tokens",
         metadata={
@@ -68,11 +70,11 @@ class ProbeConfig:
     pool: Literal["mean", "last"] = field(
         default="mean", metadata={"help": "target=row: pool the row's view tokens by their mean or take the last one"}
     )
-    layers_to_probe: list[int] = field(
+    layers: list[int] = field(
         default_factory=list,
         metadata={
-            "help": "decoder layers to probe (default: every layer the store holds for activation_site)",
-            "aliases": ["--layers"],
+            "default_help": "every layer the store holds for --activation-site",
+            "aliases": ["--layer", "--layers-to-probe"],
         },
     )
     activation_site: str = field(
@@ -131,9 +133,6 @@ class ProbeConfig:
         default_factory=lambda: [0, 1, 2],
         metadata={"help": "seeds; each gives its own negative sample, minibatch order and probe"},
     )
-    device: Literal["auto", "cpu", "cuda", "mps"] = field(
-        default="auto", metadata={"help": "where probes train: auto = cuda if available, else cpu"}
-    )
     feature_dtype: Literal["float32", "float64", "bfloat16"] = field(
         default="float32",
         metadata={
@@ -178,14 +177,6 @@ class ProbeConfig:
             "help": "extract layers missing from the store (runs extractors.run with --model) instead of failing"
         },
     )
-    model: str = field(
-        default="embedded",
-        metadata={
-            "help": "with --extract-missing: the model the store "
-            "was extracted with ('embedded', a Hugging Face id or a folder)"
-        },
-    )
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -193,10 +184,11 @@ class ProbeConfig:
 
         if not self.view.strip():
             raise bad("view", "must name a view or be SQL")
-        if any(L < 0 for L in self.layers_to_probe):
-            raise bad("layers_to_probe", f"layers are 0-based decoder blocks, got {self.layers_to_probe}")
-        if len(set(self.layers_to_probe)) != len(self.layers_to_probe):
-            raise bad("layers_to_probe", f"has duplicates: {self.layers_to_probe}")
+        self.check_device()
+        if any(L < 0 for L in self.layers):
+            raise bad("layers", f"layers are 0-based decoder blocks, got {self.layers}")
+        if len(set(self.layers)) != len(self.layers):
+            raise bad("layers", f"has duplicates: {self.layers}")
         if not self.activation_site or "/" in self.activation_site:
             raise bad("activation_site", f"{self.activation_site!r} is not an array kind (e.g. resid_post)")
         for key in ("negatives_per_doc", "max_train_docs", "max_val_docs", "max_train_tokens", "max_val_tokens"):
@@ -280,8 +272,6 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The config file's keys, checked and coerced to the dataclass's field types."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config: no file {str(p)!r}")
@@ -296,6 +286,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
+        key = KEY_ALIASES.get(key, key)
+        if key in out:
+            raise ValueError(f"{raw_key}: {p} sets {key!r} twice (under two of its names)")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"

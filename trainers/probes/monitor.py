@@ -33,10 +33,12 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file
 
+from extractors.model import pick_device
 from store.arrays import commit_unit, create_array, open_array, record_array, write_unit
+from store.catalog.runs import Run
 from store.catalog.tokens import read_layout
-from store.cli import parse_config, user_errors
-from store.core import DEFAULT_STORE, Store, StoreError
+from store.cli import DeviceOptions, StoreOptions, config_dict, parse_config, user_errors
+from store.core import Store, StoreError
 from store.materialize import ArrayReader, view_sql
 from trainers.probes.logreg import Standardizer, binary_metrics, logits_of, to_device
 
@@ -247,14 +249,13 @@ def write_score_array(
 
 
 # ---- python -m trainers.monitor: score any view with a saved probe ------------------------
-@dataclass
-class MonitorConfig:
+@dataclass(kw_only=True)
+class MonitorConfig(StoreOptions, DeviceOptions):
     """Score a view's tokens with a saved probe and aggregate them per row (document monitor)."""
 
     probe: str = field(
         metadata={"help": "a probe file from python -m trainers.probe (probe_layer_L_seed_S.json or .safetensors)"}
     )
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     view: str = field(
         default="needle_tokens",
         metadata={
@@ -266,7 +267,6 @@ class MonitorConfig:
         default=None, metadata={"help": "name in the score tables and array (default: the probe's own name)"}
     )
     topk: int = field(default=5, metadata={"help": "k of the top-k mean logit"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
 
     def __post_init__(self) -> None:
         if self.topk < 1:
@@ -274,10 +274,6 @@ class MonitorConfig:
 
 
 def run_monitor(cfg: MonitorConfig) -> dict[str, Any]:
-    from extractors.model import pick_device
-    from store.catalog.runs import Run
-    from store.cli import config_dict
-
     store = Store(cfg.store)
     probe = LoadedProbe(cfg.probe)
     meta = probe.meta

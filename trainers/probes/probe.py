@@ -36,10 +36,15 @@ import torch
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
+from extractors.model import pick_device
+from extractors.pipeline import ExtractConfig
+from extractors.pipeline import run_extraction as run_extract
 from store.arrays import array_exists, committed_set, open_array, stored_layers
-from store.cli import user_errors
+from store.catalog.runs import Run
+from store.cli import config_dict, user_errors
 from store.core import STORE_VERSION, Store, StoreError, atomic_write_bytes, write_json
 from store.materialize import view_text
+from trainers.probes import monitor
 from trainers.probes.config import ProbeConfig, load_config
 from trainers.probes.data import ProbeData, load_probe_data
 from trainers.probes.logreg import (
@@ -79,10 +84,10 @@ def missing_layers(store: Store, cfg: ProbeConfig, layers: list[int], row_ids: s
 
 def ensure_layers(store: Store, cfg: ProbeConfig, row_ids: set[str]) -> list[int]:
     """The layers to probe, all present for `row_ids` (extracting them with --extract-missing)."""
-    layers = list(cfg.layers_to_probe) or sorted(stored_layers(store, cfg.array_kind))
+    layers = list(cfg.layers) or sorted(stored_layers(store, cfg.array_kind))
     if not layers:
         raise StoreError(
-            f"layers_to_probe: the store {store.root} has no {cfg.array_kind}/layer_* arrays; "
+            f"--layers: the store {store.root} has no {cfg.array_kind}/layer_* arrays; "
             f"extract some first: python -m extractors.run --layers 6 12 17 24 --store {store.root}"
         )
     missing = missing_layers(store, cfg, layers, row_ids)
@@ -90,15 +95,13 @@ def ensure_layers(store: Store, cfg: ProbeConfig, row_ids: set[str]) -> list[int
         return layers
     if cfg.array_kind != "hidden":
         raise StoreError(
-            f"layers_to_probe: {cfg.array_kind}/layer_{{{','.join(map(str, missing))}}} are missing "
+            f"--layers: {cfg.array_kind}/layer_{{{','.join(map(str, missing))}}} are missing "
             f"or incomplete in {store.root}, and only hidden states can be extracted from here"
         )
     cmd = f"python -m extractors.run --layers {' '.join(map(str, missing))} --store {store.root}"
     if not cfg.extract_missing:
         what = ", ".join(f"layer {L} ({n} of {len(row_ids)} rows missing)" for L, n in missing.items())
-        raise StoreError(
-            f"layers_to_probe: {what} not extracted in {store.root}; run: {cmd}  (or pass --extract-missing)"
-        )
+        raise StoreError(f"--layers: {what} not extracted in {store.root}; run: {cmd}  (or pass --extract-missing)")
     _extract(store, cfg, sorted(missing))
     still = missing_layers(store, cfg, layers, row_ids)
     if still:
@@ -108,16 +111,21 @@ def ensure_layers(store: Store, cfg: ProbeConfig, row_ids: set[str]) -> list[int
 
 def _extract(store: Store, cfg: ProbeConfig, layers: list[int]) -> None:
     """--extract-missing: run the extractor (which also ingests the embedded sample into an empty store)."""
-    from extractors.pipeline import ExtractConfig
-    from extractors.pipeline import run_extraction as run_extract
-
     print(
         f"extracting layers {layers}: python -m extractors.run --layers {' '.join(map(str, layers))} "
         f"--store {store.root} --model {cfg.model}",
         file=sys.stderr,
     )
     run_extract(
-        ExtractConfig(layers=layers, store=str(store.root), model=cfg.model, device=cfg.device, progress=cfg.progress)
+        ExtractConfig(
+            layers=layers,
+            store=str(store.root),
+            model=cfg.model,
+            device=cfg.device,
+            compute_dtype=cfg.compute_dtype,
+            model_cache=cfg.model_cache,
+            progress=cfg.progress,
+        )
     )
 
 
@@ -314,7 +322,7 @@ def plot_auroc_by_layer(path: Path, cfg: ProbeConfig, metrics: dict[str, Any]) -
     """Validation AUROC of the selected probes by layer (each seed, the mean, its AUPRC), plus
     the document monitor's AUROC (max aggregate) when token scores were written. The y axis
     zooms in when every value is high, so near-ceiling layers stay distinguishable."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib only when a run ends
 
     by = metrics["by_layer"]
     layers = sorted(int(L) for L in by)
@@ -375,20 +383,16 @@ def plot_auroc_by_layer(path: Path, cfg: ProbeConfig, metrics: dict[str, Any]) -
 # ---- the run ----------------------------------------------------------------------------
 def run_probe(cfg: ProbeConfig) -> ProbeResult:
     """Load the view, check the layers, train, write outputs and scores; see the module docstring."""
-    from extractors.model import pick_device
-    from store.catalog.runs import Run
-    from store.cli import config_dict
-
     store = Store(cfg.store)
     if not store.has_table("tokens"):
-        layers = " ".join(map(str, cfg.layers_to_probe or [6, 12, 17, 24]))
-        if not (cfg.extract_missing and cfg.layers_to_probe and cfg.array_kind == "hidden"):
+        layers = " ".join(map(str, cfg.layers or [6, 12, 17, 24]))
+        if not (cfg.extract_missing and cfg.layers and cfg.array_kind == "hidden"):
             raise StoreError(
                 f"store: {store.root} has no tokens yet; extract first: python -m extractors.run "
-                f"--layers {layers} --store {store.root}  (or pass --layers-to-probe and "
+                f"--layers {layers} --store {store.root}  (or pass --layers and "
                 f"--extract-missing)"
             )
-        _extract(store, cfg, list(cfg.layers_to_probe))
+        _extract(store, cfg, list(cfg.layers))
     data = load_probe_data(store, cfg)
     layers = ensure_layers(store, cfg, set(data.frame["row_id"].unique().to_list()))
     device = pick_device(cfg.device)
@@ -491,12 +495,10 @@ def write_back(
 ) -> dict[str, Any]:
     """Score with the first seed's probes: token logits + doc monitor (token target), or
     per-row logits (row target); returns the document-level metrics per layer."""
-    from trainers.probes import monitor
-
     seed = cfg.train_seeds[0]
     out: dict[str, Any] = {}
     val_docs = set(data.doc[data.val].tolist())
-    for L, res in tqdm(per_layer.items(), desc="score", unit="layer", disable=not cfg.progress, leave=False):
+    for L in tqdm(per_layer, desc="score", unit="layer", disable=not cfg.progress, leave=False):
         array = cfg.array_name(L)
         probe = monitor.LoadedProbe(out_dir / f"probe_layer_{L}_seed_{seed}.json")
         if cfg.target == "row":
