@@ -33,35 +33,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
-from bench.common import machine, print_table, scratch_store, write_json
-from store.cli import config_dict, parse_config, user_errors
+from bench.common import Bench, BenchOutOptions, ScratchOptions, print_table
+from extractors.attribution.scores import read_scores
+from extractors.ingest import IngestConfig, run_ingest
+from extractors.pipeline import ExtractConfig, run_extraction
+from store.cli import ModelOptions, ProgressOptions, StoreOptions, parse_config, user_errors
 from store.core import Store, StoreError
+from trainers.finetune.train import FinetuneConfig, run_finetune
 
 
 @dataclass
-class BenchAttributionConfig:
-    """Attribution rows/s: ours (in-process bergson) vs bergson's command line on the same work."""
+class BenchAttributionConfig(StoreOptions, ModelOptions, ProgressOptions, BenchOutOptions, ScratchOptions):
+    """Attribution rows/s: ours (in-process bergson) vs bergson's command line on the same work.
 
-    model: str = field(default="embedded", metadata={"help": "base model (embedded, a HF id or a folder)"})
-    store: str | None = field(
-        default=None,
-        metadata={
-            "help": "an ingested store to use (default: a scratch store with the embedded sample, deleted afterwards)"
-        },
-    )
+    --store: an ingested store with train_base / attr_query rows (default: a scratch store with
+    the embedded sample, deleted afterwards); with it, the JSON goes to its runs/<bench id>/."""
+
+    store: str | None = None
+    progress: bool = False
     pool_rows: int = field(default=32, metadata={"help": "pool rows scored (first N of score_pool by row_id)"})
     query_rows: int = field(default=8, metadata={"help": "query rows (first N of attr_query by row_id)"})
     score_mode: str = field(default="mean", metadata={"help": "mean, nearest or individual"})
     preconditioning: str = field(default="query", metadata={"help": "none, query or pool"})
     projection_dim: int = field(default=32, metadata={"help": "bergson projection_dim"})
     finetune_steps: int = field(default=2, metadata={"help": "optimizer steps of the adapter trained first"})
-    model_cache: str | None = field(default=None, metadata={"help": "where converted models are cached"})
-    out: str | None = field(
-        default=None,
-        metadata={"help": "result JSON (default: bench_out/attribution.json, or a bench run folder of --store)"},
-    )
-    progress: bool = field(default=False, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         for name in ("pool_rows", "query_rows", "finetune_steps"):
@@ -71,14 +68,10 @@ class BenchAttributionConfig:
 
 def _prepare(cfg: BenchAttributionConfig, store: Store) -> str:
     """Ingest (a scratch store) and train the adapter; returns its name."""
-    from extractors.ingest import IngestConfig, run_ingest
-    from trainers.finetune.train import FinetuneConfig, run_finetune
-
     if not store.has_table("manifests"):
-        tok_model = cfg.model
         run_ingest(
             IngestConfig(
-                store=str(store.root), model=tok_model, train_base=cfg.pool_rows, attr_query=cfg.query_rows, eval=2
+                store=str(store.root), model=cfg.model, train_base=cfg.pool_rows, attr_query=cfg.query_rows, eval=2
             ),
             progress=cfg.progress,
         )
@@ -91,6 +84,8 @@ def _prepare(cfg: BenchAttributionConfig, store: Store) -> str:
             max_steps=cfg.finetune_steps,
             epochs=cfg.finetune_steps,
             eval_split="",
+            device=cfg.device,
+            compute_dtype=cfg.compute_dtype,
             model_cache=cfg.model_cache,
             progress=cfg.progress,
         )
@@ -100,8 +95,6 @@ def _prepare(cfg: BenchAttributionConfig, store: Store) -> str:
 
 def bergson_cli(ours: Path, dest: Path, steps: list[str]) -> dict[str, float]:
     """Replay our steps' config.yaml through `python -m bergson`, with run paths moved into `dest`."""
-    import yaml
-
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     for data in ("query_data.hf", "pool_data.hf"):  # the same datasets (their paths share a prefix with query/)
@@ -122,35 +115,38 @@ def bergson_cli(ours: Path, dest: Path, steps: list[str]) -> dict[str, float]:
     return seconds
 
 
-def run_bench(cfg: BenchAttributionConfig) -> dict[str, Any]:
-    from extractors.attribution.scores import read_scores
-    from extractors.pipeline import ExtractConfig, run_extraction
-
-    store, tmp = scratch_store(cfg.store, "bench-attr-")
-    try:
-        adapter = _prepare(cfg, store)
-        t0 = time.perf_counter()
-        res = run_extraction(
-            ExtractConfig(
-                layers=[],
-                kinds=["attribution"],
-                adapter=adapter,
-                store=str(store.root),
-                model=cfg.model,
-                max_rows=cfg.pool_rows,
-                query_max_rows=cfg.query_rows,
-                score_mode=cfg.score_mode,
-                preconditioning=cfg.preconditioning,
-                projection_dim=cfg.projection_dim,
-                model_cache=cfg.model_cache,
-                progress=cfg.progress,
-            )
+def _ours(cfg: BenchAttributionConfig, store: Store, adapter: str) -> tuple[Any, float]:
+    """`python -m extractors.run --kinds attribution --adapter <it>` in-process; (result, seconds)."""
+    t0 = time.perf_counter()
+    res = run_extraction(
+        ExtractConfig(
+            layers=[],
+            kinds=["attribution"],
+            adapter=adapter,
+            store=str(store.root),
+            model=cfg.model,
+            max_rows=cfg.pool_rows,
+            query_max_rows=cfg.query_rows,
+            score_mode=cfg.score_mode,
+            preconditioning=cfg.preconditioning,
+            projection_dim=cfg.projection_dim,
+            device=cfg.device,
+            compute_dtype=cfg.compute_dtype,
+            model_cache=cfg.model_cache,
+            progress=cfg.progress,
         )
-        ours_total = time.perf_counter() - t0
+    )
+    return res, time.perf_counter() - t0
+
+
+def run_bench(cfg: BenchAttributionConfig) -> dict[str, Any]:
+    with Bench("attribution", cfg.store, cfg.out, keep=cfg.keep_store, beside_store=True) as bench:
+        store = bench.store
+        adapter = _prepare(cfg, store)
+        res, ours_total = _ours(cfg, store, adapter)
         ours_dir = store.root / "runs" / res.run_id / "bergson"
         steps = [s for s in ("hessian", "query", "scores") if s in res.steps]
-        bench_id = f"bench_attribution-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-        cli_dir = store.run_dir(bench_id) / "bergson_cli"
+        cli_dir = store.run_dir(bench.id) / "bergson_cli"
         cli = bergson_cli(ours_dir, cli_dir, steps)
         a, b = read_scores(ours_dir / "scores"), read_scores(cli_dir / "scores")
         diff = float(np.max(np.abs(a - b)) / max(1e-30, float(np.max(np.abs(b)))))
@@ -189,9 +185,8 @@ def run_bench(cfg: BenchAttributionConfig) -> dict[str, Any]:
             f"{summary['score_step_ours_vs_cli']:.2f}x); scores agree to {diff:.1e} (relative)"
         )
         out = {
-            "bench": bench_id,
-            "config": config_dict(cfg),
-            "machine": machine(),
+            **bench.header(cfg),
+            "bench": bench.id,
             "pool_rows": n,
             "query_rows": res.query_rows,
             "ours": {"total_seconds": ours_total, "steps": res.steps, "run_id": res.run_id},
@@ -200,21 +195,8 @@ def run_bench(cfg: BenchAttributionConfig) -> dict[str, Any]:
             "table": table,
             "date": datetime.now(UTC).isoformat(),
         }
-        path = (
-            Path(cfg.out)
-            if cfg.out
-            else (
-                Path("bench_out") / "attribution.json"
-                if tmp is not None
-                else store.run_dir(bench_id) / "attribution.json"
-            )
-        )
-        write_json(path, out)
-        print(f"wrote {path}")
+        bench.write(out, bench.path())
         return out
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @user_errors(ValueError, StoreError, RuntimeError)

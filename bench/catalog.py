@@ -1,6 +1,6 @@
 """The catalog at our users' real sizes, without a model or a GPU: ingest, tokenization, bytes, queries.
 
-    python -m bench.catalog                                   # 431,000 conversations: M1 splits and full size, 10x tokens
+    python -m bench.catalog        # 431,000 conversations: M1 splits and full size, 10x tokens
     python -m bench.catalog --rows 3000 --test-rows 400 --replicate 2   # CPU-sized smoke run (~1 min)
     python -m bench.catalog --work ./catwork                  # keep the stores; a rerun reuses finished steps
 
@@ -38,21 +38,29 @@ import resource
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store.cli import config_dict, parse_config, user_errors
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from bench.common import Bench, BenchOutOptions, folder_bytes, print_table
+from store.catalog.runs import Run
+from store.cli import ProgressOptions, SeedOptions, config_dict, parse_config, user_errors
+from store.core import Store, row_group_rows, write_json
 
 M1_SIZES = {"train_base": 8000, "attr_query": 500, "eval": 500}
 MODES = ("m1", "full")
 
 
 @dataclass
-class BenchCatalogConfig:
-    """Build the catalog at full size from the embedded generator; time ingest, tokenization and views."""
+class BenchCatalogConfig(SeedOptions, ProgressOptions, BenchOutOptions):
+    """Build the catalog at full size from the embedded generator; time ingest, tokenization and views.
+
+    --model: only its tokenizer is loaded (it counts and tokenizes); --seed seeds the selected rows."""
 
     rows: int = field(
         default=431_000, metadata={"help": "conversations the generated source has (smol-magpie-ultra: ~431k)"}
@@ -70,13 +78,7 @@ class BenchCatalogConfig:
     replicate_modes: list[str] = field(
         default_factory=lambda: list(MODES), metadata={"help": "the modes whose tokens table is replicated"}
     )
-    model: str = field(
-        default="embedded",
-        metadata={
-            "help": "model whose tokenizer counts and tokenizes ('embedded', "
-            "a local folder or a Hub id); only its tokenizer is loaded"
-        },
-    )
+    model: str = "embedded"
     unit_tokens: int = field(default=16384, metadata={"help": "token slots per unit"})
     ingest_batch_rows: int = field(default=10_000, metadata={"help": "rows per ingest write batch"})
     tokenize_batch_rows: int = field(
@@ -86,7 +88,6 @@ class BenchCatalogConfig:
     repeats: int = field(
         default=3, metadata={"help": "repeats per query (the median is reported; the first is also kept)"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of the selected rows"})
     work: str | None = field(
         default=None,
         metadata={
@@ -94,10 +95,6 @@ class BenchCatalogConfig:
             "finished there); default: a temporary folder, deleted"
         },
     )
-    out: str | None = field(
-        default=None, metadata={"help": "result JSON, PNG beside it (default bench_out/catalog.json)"}
-    )
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         for name in (
@@ -139,6 +136,7 @@ def _step(kind: str, store_dir: str, cfg_d: dict, mode: str, q: Any) -> None:
     t0 = time.perf_counter()
     try:
         if kind == "ingest":
+            # lazy: each step's process imports what it measures only (its peak RSS is a figure)
             from extractors.ingest import IngestConfig, run_ingest
 
             res = run_ingest(
@@ -154,9 +152,9 @@ def _step(kind: str, store_dir: str, cfg_d: dict, mode: str, q: Any) -> None:
             )
             info = {"sizes": res.sizes, "quarantined": res.quarantined}
         else:
+            # lazy: as above
             from extractors.chat_tokens import ensure_tokenization
             from extractors.model import load_tokenizer
-            from store.core import Store
 
             tok = load_tokenizer(cfg_d["model"])
             t0 = time.perf_counter()  # the tokenizer's load is not the tokenization
@@ -212,8 +210,6 @@ def _timed(con: Any, sql: str, repeats: int) -> dict:
 
 def selected_rows(store_dir: Path, cfg: BenchCatalogConfig) -> tuple[list[str], int]:
     """Seeded random rows holding ~selection_tokens tokens in all, and their token count."""
-    from store.core import Store
-
     lay = Store(store_dir).query("SELECT row_id, n_tokens FROM row_layout ORDER BY row_id").to_pydict()
     order = list(range(len(lay["row_id"])))
     random.Random(cfg.seed).shuffle(order)
@@ -229,10 +225,6 @@ def selected_rows(store_dir: Path, cfg: BenchCatalogConfig) -> tuple[list[str], 
 def query_views(store_dir: Path, cfg: BenchCatalogConfig, selection: tuple[list[str], int]) -> list[dict]:
     """Each shipped view: a count, and its lines for the selected rows (`selected_rows`: the
     rows and their token count)."""
-    import pyarrow as pa
-
-    from store.core import Store
-
     st = Store(store_dir)
     packaged = sorted(p.stem for p in st.view_files() if p.parent.name == "views" and p.parent.parent.name == "sql")
     errors = st.view_errors()
@@ -276,10 +268,6 @@ def replicate_tokens(src: Path, dst: Path, factor: int) -> dict:
     tokenization would write for longer conversations, row groups clustered by row as its own
     are. (An unordered copy scatters every row over all of a part's row groups, so that no
     selection can skip one: the first version of this benchmark did, see docs/scale.md.)"""
-    import duckdb
-
-    from store.core import Store, row_group_rows
-
     if (dst / "catalog.duckdb").exists():
         return {"reused": True}
     shutil.rmtree(dst, ignore_errors=True)
@@ -320,11 +308,6 @@ def row_groups_hit(store_dir: Path, row_ids: list[str]) -> dict[str, int]:
     """How many of the `tokens` Parquet row groups may hold one of `row_ids` by their row_id
     statistics (min <= row_id <= max), of how many: the least a selection of those rows reads.
     Few when the tokens are clustered by row; every group when they are scrambled."""
-    import duckdb
-    import pyarrow as pa
-
-    from store.core import Store
-
     files = Store(store_dir).table_files("tokens")
     con = duckdb.connect()
     try:
@@ -342,8 +325,6 @@ def row_groups_hit(store_dir: Path, row_ids: list[str]) -> dict[str, int]:
 
 
 def catalog_bytes(store_dir: Path) -> dict[str, int]:
-    from bench.common import folder_bytes
-
     cat = store_dir / "catalog"
     sizes = {d.name: folder_bytes(d) for d in sorted(cat.iterdir()) if d.is_dir()}
     sizes["catalog.duckdb"] = (store_dir / "catalog.duckdb").stat().st_size
@@ -351,7 +332,7 @@ def catalog_bytes(store_dir: Path) -> dict[str, int]:
 
 
 def _figure(path: Path, results: list[dict]) -> Path:
-    import numpy as np
+    # lazy: matplotlib stays out of the step processes (their peak RSS is a figure)
     from matplotlib.figure import Figure
 
     from trainers.plots import save_figure
@@ -378,18 +359,12 @@ def _figure(path: Path, results: list[dict]) -> Path:
     return save_figure(fig, path)
 
 
-def run_bench(cfg: BenchCatalogConfig) -> dict:
-    from bench.common import machine, print_table, result_path
-    from store.catalog.runs import Run
-    from store.core import Store, write_json
-
-    work = Path(cfg.work) if cfg.work else Path(tempfile.mkdtemp(prefix="bench-catalog-"))
-    work.mkdir(parents=True, exist_ok=True)
+def _measure(cfg: BenchCatalogConfig, work: Path, out: Path) -> list[dict]:
+    """Build (or reuse) each mode's store and its replicated copy, and query them; each
+    finished store is saved in <out>.partial.json, so a long run's results survive a kill."""
     results: list[dict] = []
-    out = result_path(cfg.out, "catalog")
-    out.parent.mkdir(parents=True, exist_ok=True)
 
-    def done(entry: dict) -> None:  # a long run's finished stores survive a kill
+    def done(entry: dict) -> None:
         results.append(entry)
         write_json(out.with_suffix(".partial.json"), {"benchmark": "catalog", "partial": True, "results": results})
         q = {x["view"]: x for x in entry["queries"] if x["available"]}
@@ -399,116 +374,118 @@ def run_bench(cfg: BenchCatalogConfig) -> dict:
             flush=True,
         )
 
-    try:
-        for mode in cfg.modes:
-            store_dir = work / f"{mode}-{cfg.rows}"
-            ingest = run_step("ingest", store_dir, cfg, mode)
-            tokenize = run_step("tokenize", store_dir, cfg, mode)
-            st = Store(store_dir)
-            with Run(st, "bench_catalog", {"bench": True, "mode": mode, **config_dict(cfg)}) as run:
-                selection = selected_rows(store_dir, cfg)  # a copy has the same rows and row_layout
-                queries = query_views(store_dir, cfg, selection)
-                size = catalog_bytes(store_dir)
-                run.finish(counts={"rows": tokenize["rows"], "tokens": tokenize["tokens"]})
+    for mode in cfg.modes:
+        store_dir = work / f"{mode}-{cfg.rows}"
+        ingest = run_step("ingest", store_dir, cfg, mode)
+        tokenize = run_step("tokenize", store_dir, cfg, mode)
+        st = Store(store_dir)
+        with Run(st, "bench_catalog", {"bench": True, "mode": mode, **config_dict(cfg)}) as run:
+            selection = selected_rows(store_dir, cfg)  # a copy has the same rows and row_layout
+            queries = query_views(store_dir, cfg, selection)
+            size = catalog_bytes(store_dir)
+            run.finish(counts={"rows": tokenize["rows"], "tokens": tokenize["tokens"]})
+        done(
+            {
+                "store": mode,
+                "rows": tokenize["rows"],
+                "tokens": tokenize["tokens"],
+                "ingest": ingest,
+                "tokenize": tokenize,
+                "bytes": size,
+                "queries": queries,
+                "selection_row_groups": row_groups_hit(store_dir, selection[0]),
+            }
+        )
+        if cfg.replicate > 1 and mode in cfg.replicate_modes:
+            rep_dir = work / f"{mode}-{cfg.rows}-x{cfg.replicate}"
+            made = replicate_tokens(store_dir, rep_dir, cfg.replicate)
             done(
                 {
-                    "store": mode,
+                    "store": f"{mode} x{cfg.replicate} tokens",
                     "rows": tokenize["rows"],
-                    "tokens": tokenize["tokens"],
-                    "ingest": ingest,
-                    "tokenize": tokenize,
-                    "bytes": size,
-                    "queries": queries,
-                    "selection_row_groups": row_groups_hit(store_dir, selection[0]),
+                    "tokens": tokenize["tokens"] * cfg.replicate,
+                    "replicate": made,
+                    "bytes": catalog_bytes(rep_dir),
+                    "queries": query_views(rep_dir, cfg, selection),
+                    "selection_row_groups": row_groups_hit(rep_dir, selection[0]),
                 }
             )
-            if cfg.replicate > 1 and mode in cfg.replicate_modes:
-                rep_dir = work / f"{mode}-{cfg.rows}-x{cfg.replicate}"
-                made = replicate_tokens(store_dir, rep_dir, cfg.replicate)
-                done(
-                    {
-                        "store": f"{mode} x{cfg.replicate} tokens",
-                        "rows": tokenize["rows"],
-                        "tokens": tokenize["tokens"] * cfg.replicate,
-                        "replicate": made,
-                        "bytes": catalog_bytes(rep_dir),
-                        "queries": query_views(rep_dir, cfg, selection),
-                        "selection_row_groups": row_groups_hit(rep_dir, selection[0]),
-                    }
-                )
-        lines = []
-        for r in results:
-            base = {
-                "store": r["store"],
-                "rows": r["rows"],
-                "tokens": r["tokens"],
-                "catalog_MB": sum(r["bytes"].values()) / 1e6,
-                "tokens_MB": r["bytes"].get("tokens", 0) / 1e6,
-                "ingest_s": r.get("ingest", {}).get("seconds"),
-                "ingest_rss": r.get("ingest", {}).get("peak_rss_MB"),
-                "tok_s": r.get("tokenize", {}).get("seconds"),
-                "tok_rss": r.get("tokenize", {}).get("peak_rss_MB"),
-                "rg": "{hit} / {total}".format(**r["selection_row_groups"]),
-            }
-            lines.append(base)
-        print()
-        text = print_table(
-            lines,
-            [
-                ("store", "store", ""),
-                ("rows", "rows", ","),
-                ("tokens", "tokens", ","),
-                ("ingest_s", "ingest s", ".1f"),
-                ("ingest_rss", "ingest peak RSS MB", ",.0f"),
-                ("tok_s", "tokenize s", ".1f"),
-                ("tok_rss", "tokenize peak RSS MB", ",.0f"),
-                ("catalog_MB", "catalog MB", ",.1f"),
-                ("tokens_MB", "tokens MB", ",.1f"),
-                ("rg", "selection's row groups", ""),
-            ],
-        )
-        qlines = [
-            {
-                "store": r["store"],
-                "view": q["view"],
-                "lines": q.get("lines"),
-                "count_s": q.get("count_s"),
-                "sel_s": q.get("selection_s"),
-                "sel_lines": q.get("selection_lines"),
-                "note": "" if q["available"] else "not available: " + q["note"][:70],
-            }
-            for r in results
-            for q in r["queries"]
-        ]
-        print()
-        qtext = print_table(
-            qlines,
-            [
-                ("store", "store", ""),
-                ("view", "view", ""),
-                ("lines", "lines", ","),
-                ("count_s", "count s", ".3f"),
-                ("sel_s", "10k-token selection s", ".3f"),
-                ("sel_lines", "selected lines", ","),
-                ("note", "note", ""),
-            ],
-        )
-        result = {
-            "benchmark": "catalog",
-            "config": config_dict(cfg),
-            "machine": machine(),
-            "results": results,
-            "table": text,
-            "query_table": qtext,
+    return results
+
+
+def _print_tables(results: list[dict]) -> tuple[str, str]:
+    """The stores table and the queries table, printed; returns both texts."""
+    lines = [
+        {
+            "store": r["store"],
+            "rows": r["rows"],
+            "tokens": r["tokens"],
+            "catalog_MB": sum(r["bytes"].values()) / 1e6,
+            "tokens_MB": r["bytes"].get("tokens", 0) / 1e6,
+            "ingest_s": r.get("ingest", {}).get("seconds"),
+            "ingest_rss": r.get("ingest", {}).get("peak_rss_MB"),
+            "tok_s": r.get("tokenize", {}).get("seconds"),
+            "tok_rss": r.get("tokenize", {}).get("peak_rss_MB"),
+            "rg": "{hit} / {total}".format(**r["selection_row_groups"]),
         }
-        write_json(out, result)
+        for r in results
+    ]
+    print()
+    text = print_table(
+        lines,
+        [
+            ("store", "store", ""),
+            ("rows", "rows", ","),
+            ("tokens", "tokens", ","),
+            ("ingest_s", "ingest s", ".1f"),
+            ("ingest_rss", "ingest peak RSS MB", ",.0f"),
+            ("tok_s", "tokenize s", ".1f"),
+            ("tok_rss", "tokenize peak RSS MB", ",.0f"),
+            ("catalog_MB", "catalog MB", ",.1f"),
+            ("tokens_MB", "tokens MB", ",.1f"),
+            ("rg", "selection's row groups", ""),
+        ],
+    )
+    qlines = [
+        {
+            "store": r["store"],
+            "view": q["view"],
+            "lines": q.get("lines"),
+            "count_s": q.get("count_s"),
+            "sel_s": q.get("selection_s"),
+            "sel_lines": q.get("selection_lines"),
+            "note": "" if q["available"] else "not available: " + q["note"][:70],
+        }
+        for r in results
+        for q in r["queries"]
+    ]
+    print()
+    qtext = print_table(
+        qlines,
+        [
+            ("store", "store", ""),
+            ("view", "view", ""),
+            ("lines", "lines", ","),
+            ("count_s", "count s", ".3f"),
+            ("sel_s", "10k-token selection s", ".3f"),
+            ("sel_lines", "selected lines", ","),
+            ("note", "note", ""),
+        ],
+    )
+    return text, qtext
+
+
+def run_bench(cfg: BenchCatalogConfig) -> dict:
+    with Bench("catalog", cfg.work, cfg.out, scratch="folder") as bench:
+        bench.folder.mkdir(parents=True, exist_ok=True)
+        out = bench.path()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        results = _measure(cfg, bench.folder, out)
+        text, qtext = _print_tables(results)
+        result = {**bench.header(cfg), "results": results, "table": text, "query_table": qtext}
+        bench.write(result, out, lambda png: _figure(png, results))
         out.with_suffix(".partial.json").unlink(missing_ok=True)
-        _figure(out.with_suffix(".png"), results)
-        print(f"wrote {out} and {out.with_suffix('.png')}")
         return result
-    finally:
-        if not cfg.work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 @user_errors(ValueError, RuntimeError)

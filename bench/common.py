@@ -1,6 +1,17 @@
-"""What both benchmarks share: the machine, the disk probe, random-init model shapes, scratch
-stores, tables, JSON and bar charts.
+"""What every benchmark shares: one harness (`Bench`: scratch store or folder, result path,
+machine info, JSON + chart, clean-up), the option groups of the benchmarks' configs, the disk
+probe, random-init model shapes, tables.
 
+* `Bench(name, store=..., out=...)` is a context manager: without `--store` it makes a
+  temporary scratch store (or folder) and deletes it on exit (`--keep-store` keeps it);
+  `bench.path(model, device)` is where the JSON goes (`--out`, else
+  bench_out/<name>[_<model>_<device>].json, or for benchmarks that write beside a given
+  store, that store's runs/<bench id>/<name>.json); `bench.header(cfg, device)` starts the
+  result (benchmark, config, machine); `bench.write(result, path, chart)` writes the JSON,
+  draws the chart beside it and says where.
+* Configs compose store.cli's shared option groups (StoreOptions, ModelOptions, LayerOptions,
+  SeedOptions, ProgressOptions) and the two groups below (BenchOutOptions: --out;
+  ScratchOptions: --keep-store); a benchmark redeclares only a default that differs.
 * `disk_write_bandwidth(store)` writes and fsyncs a few hundred MB in unit-sized files on the
   store's filesystem, the way `store.arrays.write_unit` does, so a disk-bound extraction
   is recognisable next to the figure measured in the same run.
@@ -18,13 +29,18 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from store.core import Store, fsync_path, write_json  # noqa: F401 - write_json: the benchmarks' JSON writer
+from extractors.ingest import IngestConfig, run_ingest
+from extractors.model import LoadedModel, load_model, load_tokenizer, pick_device, pick_dtype
+from store.cli import config_dict
+from store.core import Store, fsync_path, write_json
 
 # Shapes from the models' config.json (Llama-3.2-1B without its rope scaling: irrelevant here).
 RANDOM_SHAPES: dict[str, dict[str, Any]] = {
@@ -60,8 +76,6 @@ RANDOM_PREFIX = "random:"
 
 def load_bench_model(model: str, device: str = "auto", dtype: str = "auto", cache_dir: str | None = None):
     """`extractors.model.load_model`, plus the `random:<shape>` models (see the docstring)."""
-    from extractors.model import LoadedModel, load_model, load_tokenizer, pick_device, pick_dtype
-
     if not model.startswith(RANDOM_PREFIX):
         return load_model(model, device, dtype, Path(cache_dir) if cache_dir else None)
     shape = model[len(RANDOM_PREFIX) :]
@@ -69,6 +83,7 @@ def load_bench_model(model: str, device: str = "auto", dtype: str = "auto", cach
         raise ValueError(
             f"--model {model!r}: unknown random shape; use one of {', '.join(RANDOM_PREFIX + k for k in RANDOM_SHAPES)}"
         )
+    # lazy: heavy; this module stays light, as bench.catalog's step processes import it and report their peak RSS
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -119,12 +134,93 @@ def scratch_store(path: str | None, prefix: str) -> tuple[Store, Path | None]:
     return Store(tmp / "store"), tmp
 
 
+@dataclass(kw_only=True)
+class BenchOutOptions:
+    out: str | None = field(
+        default=None,
+        metadata={
+            "help": "result JSON, a PNG chart beside it (default: bench_out/<benchmark>.json, or "
+            "bench_out/<benchmark>_<model>_<device>.json where one model runs; see the description above)"
+        },
+    )
+
+
+@dataclass(kw_only=True)
+class ScratchOptions:
+    keep_store: bool = field(default=False, metadata={"help": "keep the temporary scratch store (without --store)"})
+
+
+class Bench:
+    """One benchmark run: its scratch store or folder, its result path, machine info, JSON +
+    chart, clean-up (see the module docstring). `scratch="store"` gives `self.store` (the given
+    store, or a temporary one); `scratch="folder"` gives `self.folder` (the given folder, or a
+    temporary one); `beside_store`: without --out, the JSON goes to the given store's
+    runs/<bench id>/ instead of bench_out/."""
+
+    def __init__(
+        self,
+        name: str,
+        store: str | None = None,
+        out: str | None = None,
+        *,
+        scratch: Literal["store", "folder", "none"] = "store",
+        keep: bool = False,
+        beside_store: bool = False,
+    ):
+        self.name, self.out, self.keep, self.beside_store = name, out, keep, beside_store
+        self.id = f"bench_{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+        self._tmp: Path | None = None
+        self.store: Store | None = None
+        self.folder: Path | None = None
+        if scratch == "store":
+            self.store, self._tmp = scratch_store(store, f"bench-{name.replace('_', '-')}-")
+        elif scratch == "folder":
+            self.folder = Path(store) if store else Path(tempfile.mkdtemp(prefix=f"bench-{name.replace('_', '-')}-"))
+            self._tmp = None if store else self.folder
+        elif store:
+            self.store = Store(store)
+
+    @property
+    def scratch(self) -> bool:
+        """Whether the store (or folder) is this run's own temporary one."""
+        return self._tmp is not None
+
+    def __enter__(self) -> Bench:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._tmp is None:
+            return
+        if self.keep and self.store is not None:
+            print(f"kept the scratch store at {self.store.root}")
+        else:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def path(self, model: str | None = None, device: str | None = None) -> Path:
+        """Where the JSON goes: --out, else beside a given store (`beside_store`), else bench_out/."""
+        if not self.out and self.beside_store and self.store is not None and not self.scratch:
+            return self.store.run_dir(self.id) / f"{self.name}.json"
+        return result_path(self.out, self.name, model, device)
+
+    def header(self, cfg: Any, device: Any = None) -> dict[str, Any]:
+        """The start of every result: which benchmark, its config, the machine that ran it."""
+        return {"benchmark": self.name, "config": config_dict(cfg), "machine": machine(device)}
+
+    def write(self, result: dict[str, Any], path: Path, chart: Callable[[Path], Any] | None = None) -> Path:
+        """Write the result JSON, then the chart (`chart(png_path)`) beside it, and say where."""
+        write_json(path, result)
+        if chart is None:
+            print(f"wrote {path}")
+        else:
+            chart(path.with_suffix(".png"))
+            print(f"wrote {path} and {path.with_suffix('.png')}")
+        return path
+
+
 def ingest_rows(store: Store, rows: int, model: str, progress: bool) -> None:
     """Ingest the embedded sample (rows -> train_base) when the store has no rows yet."""
     if store.has_table("manifests"):
         return
-    from extractors.ingest import IngestConfig, run_ingest
-
     tokenizer_model = "embedded" if model.startswith(RANDOM_PREFIX) else model
     run_ingest(
         IngestConfig(
@@ -175,7 +271,7 @@ def folder_bytes(path: Path) -> int:
 
 def machine(device: Any = None) -> dict[str, Any]:
     """What ran the benchmark (GPU fields only when a CUDA device was used)."""
-    import torch
+    import torch  # lazy: heavy (see load_bench_model)
 
     cpu = platform.processor() or platform.machine()
     try:

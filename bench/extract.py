@@ -32,35 +32,61 @@ PNG bar chart (--out). The scratch store is a temporary folder unless --store is
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
+from unittest import mock
 
 import numpy as np
+import torch
 
-from store.cli import config_dict, parse_config, user_errors
+from bench.common import (
+    Bench,
+    BenchOutOptions,
+    ScratchOptions,
+    disk_write_bandwidth,
+    folder_bytes,
+    ingest_rows,
+    load_bench_model,
+    print_table,
+)
+from extractors.chat_tokens import ensure_tokenization
+from extractors.forward import LayerCapture, pad_batch, padding_fraction, validate_layers
+from extractors.hidden import HiddenSpec, extract_hidden, unit_batches
+from extractors.model import decoder_layers, pad_token_id
+from extractors.units import plan_work, select_rows
+from store.arrays import UNITS_TABLE, array_key
+from store.catalog.tokens import row_token_ids
+from store.cli import (
+    LayerOptions,
+    ModelOptions,
+    ProgressOptions,
+    StoreOptions,
+    config_dict,
+    parse_config,
+    user_errors,
+)
+from store.core import Store
+from trainers.plots import bar_chart
 
 METHODS = ("forward", "extract", "naive", "forward_full", "forward_windows", "saelens")
 
 
 @dataclass
-class BenchExtractConfig:
-    """Measure extraction tokens/s against the forward pass, the naive approach, SAELens and the disk."""
+class BenchExtractConfig(StoreOptions, ModelOptions, LayerOptions, ProgressOptions, BenchOutOptions, ScratchOptions):
+    """Measure extraction tokens/s against the forward pass, the naive approach, SAELens and the disk.
 
-    model: str = field(
-        default="embedded",
-        metadata={
-            "help": "'embedded' (SmolLM2-135M-Instruct), a local folder "
-            "or Hub id, or random:smollm2-135m / random:llama-1b (random init of that shape, no weights)"
-        },
-    )
-    layers: list[int] = field(
-        default_factory=lambda: [17],
-        metadata={"help": "layers to extract in one pass (0-based decoder block outputs)", "aliases": ["--layer"]},
-    )
+    --model also takes random:smollm2-135m / random:llama-1b (random init of that shape, no
+    weights). --layers are extracted in one pass. --store is a scratch store (ingested on first
+    use; default: a temporary folder): the benchmark deletes and rewrites the hidden arrays it
+    measures, and refuses a store whose arrays were written by anything else."""
+
+    store: str | None = None
+    layers: list[int] = field(default_factory=lambda: [17])
     rows: int = field(
         default=200,
         metadata={"help": "rows of the embedded sample to run (the first N by row_id)", "aliases": ["--max-rows"]},
@@ -78,27 +104,9 @@ class BenchExtractConfig:
             "help": "token slots per unit when the scratch store is tokenized (batches are formed within a unit)"
         },
     )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
-        default="auto", metadata={"help": "model compute dtype: auto = bf16 on GPU, fp32 on CPU"}
-    )
     methods: list[str] = field(
         default_factory=lambda: ["forward", "extract", "naive", "forward_windows", "saelens"],
         metadata={"help": f"what to measure, among {', '.join(METHODS)}"},
-    )
-    store: str | None = field(
-        default=None,
-        metadata={
-            "help": "scratch store (ingested on first use). The "
-            "benchmark deletes and rewrites the hidden arrays it measures, and refuses a store "
-            "whose arrays were written by anything else (default: a temporary folder)"
-        },
-    )
-    out: str | None = field(
-        default=None,
-        metadata={
-            "help": "result JSON (a PNG chart goes beside it) (default: bench_out/extract_<model>_<device>.json)"
-        },
     )
     repeats: int = field(
         default=1,
@@ -109,11 +117,6 @@ class BenchExtractConfig:
     )
     disk_mb: int = field(default=256, metadata={"help": "MB written + fsynced by the disk probe"})
     saelens_context: int = field(default=256, metadata={"help": "SAELens window length (tokens)"})
-    keep_store: bool = field(default=False, metadata={"help": "keep the temporary scratch store"})
-    model_cache: str | None = field(
-        default=None, metadata={"help": "converted-model cache folder (default ~/.cache/activation-store)"}
-    )
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -127,16 +130,12 @@ class BenchExtractConfig:
 
 
 def _sync(device: Any) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _clear_arrays(store, names: list[str]) -> None:
+def _clear_arrays(store: Store, names: list[str]) -> None:
     """Delete the arrays a previous benchmark left, refusing arrays a real run wrote."""
-    from store.arrays import UNITS_TABLE, array_key
-
     if store.has_table("arrays"):
         con = store.connect()
         try:
@@ -162,15 +161,7 @@ def _clear_arrays(store, names: list[str]) -> None:
 class _Setup:
     """Everything the methods share: model, layout, units, batches, token ids."""
 
-    def __init__(self, cfg: BenchExtractConfig, store):
-        from bench.common import load_bench_model
-        from extractors.chat_tokens import ensure_tokenization
-        from extractors.forward import padding_fraction, validate_layers
-        from extractors.hidden import unit_batches
-        from extractors.model import decoder_layers, pad_token_id
-        from extractors.units import plan_work, select_rows
-        from store.catalog.tokens import row_token_ids
-
+    def __init__(self, cfg: BenchExtractConfig, store: Store):
         self.lm = load_bench_model(cfg.model, cfg.device, cfg.compute_dtype, cfg.model_cache)
         self.layers = validate_layers(cfg.layers, len(decoder_layers(self.lm.model)), self.lm.model_id)
         self.names = [f"hidden/layer_{L}" for L in self.layers]
@@ -191,18 +182,12 @@ class _Setup:
         self.d_model = self.lm.model.config.hidden_size
 
     def inputs(self):
-        from extractors.forward import pad_batch
-
         return [
             pad_batch(ids, b.width, self.pad_id, self.lm.device) for ids, b in zip(self.ids, self.batches, strict=False)
         ]
 
 
 def _forward(s: _Setup, full: bool) -> dict[str, Any]:
-    import torch
-
-    from extractors.forward import LayerCapture
-
     xs = s.inputs()
     with nullcontext() if full else LayerCapture(s.lm.model, s.layers) as cap, torch.inference_mode():
         step = (lambda x: s.lm.model(input_ids=x, use_cache=False)) if full else cap.capture
@@ -217,9 +202,7 @@ def _forward(s: _Setup, full: bool) -> dict[str, Any]:
     return {"seconds": secs, "tokens": s.tokens, "note": f"{what}; inputs already on the device"}
 
 
-def _extract(s: _Setup, cfg: BenchExtractConfig, store) -> dict[str, Any]:
-    from extractors.hidden import HiddenSpec, extract_hidden
-
+def _extract(s: _Setup, cfg: BenchExtractConfig, store: Store) -> dict[str, Any]:
     _clear_arrays(store, s.names)  # the previous round's arrays
     t0 = time.perf_counter()
     res = extract_hidden(
@@ -235,12 +218,7 @@ def _extract(s: _Setup, cfg: BenchExtractConfig, store) -> dict[str, Any]:
     secs = time.perf_counter() - t0
     if res.tokens != s.tokens:
         raise RuntimeError(f"the extractor ran {res.tokens} tokens, the benchmark planned {s.tokens}")
-    m = store.query("SELECT metrics FROM runs WHERE run_id = ?", [res.run_id]).column(0)[0].as_py()
-    import json
-
-    m = json.loads(m)
-    from bench.common import folder_bytes
-
+    m = json.loads(store.query("SELECT metrics FROM runs WHERE run_id = ?", [res.run_id]).column(0)[0].as_py())
     disk = sum(folder_bytes(store.array_path(n)) for n in s.names)
     return {
         "seconds": secs,
@@ -256,11 +234,7 @@ def _extract(s: _Setup, cfg: BenchExtractConfig, store) -> dict[str, Any]:
     }
 
 
-def _naive(s: _Setup, store) -> dict[str, Any]:
-    import torch
-
-    from bench.common import folder_bytes
-
+def _naive(s: _Setup, store: Store) -> dict[str, Any]:
     folder = store.run_dir("bench-naive")
     shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -296,10 +270,6 @@ def _windows(s: _Setup, ctx: int) -> tuple[list[list[int]], int]:
 
 def _forward_windows(s: _Setup, cfg: BenchExtractConfig) -> dict[str, Any]:
     """Forward-only over SAELens' packed windows: the compute limit of `saelens`."""
-    import torch
-
-    from extractors.forward import LayerCapture
-
     windows, bs = _windows(s, cfg.saelens_context)
     if not windows:
         return {"skipped": f"not run: fewer tokens ({s.tokens}) than one --saelens-context window"}
@@ -319,19 +289,15 @@ def _forward_windows(s: _Setup, cfg: BenchExtractConfig) -> dict[str, Any]:
     }
 
 
-def _saelens(s: _Setup, cfg: BenchExtractConfig, store) -> dict[str, Any]:
+def _saelens(s: _Setup, cfg: BenchExtractConfig, store: Store) -> dict[str, Any]:
     """SAELens' CacheActivationsRunner over the same tokens (see the module docstring)."""
-    try:
+    try:  # lazy: optional here (the method reports itself skipped without sae-lens); datasets is heavy
         from datasets import Dataset
         from sae_lens import CacheActivationsRunner
         from sae_lens.config import CacheActivationsRunnerConfig
         from sae_lens.load_model import HookedProxyLM
     except ImportError as e:
         return {"skipped": f"not run: sae-lens is not importable ({e})"}
-    from unittest import mock
-
-    from bench.common import folder_bytes
-
     ctx = cfg.saelens_context
     windows, bs = _windows(s, ctx)
     if not windows:
@@ -390,8 +356,6 @@ def _saelens(s: _Setup, cfg: BenchExtractConfig, store) -> dict[str, Any]:
 
 def _summarize(results: dict[str, dict[str, Any]], s: _Setup, disk: dict[str, float]) -> tuple[dict, str]:
     """Rates, ratios, the disk limit and the goal; prints and returns the table."""
-    from bench.common import print_table
-
     fwd = results.get("forward", {}).get("seconds")
     fwd_tps = s.tokens / fwd if fwd else None
     for r in results.values():
@@ -469,16 +433,37 @@ def _summarize(results: dict[str, dict[str, Any]], s: _Setup, disk: dict[str, fl
     return summary, text
 
 
+def _measure(cfg: BenchExtractConfig, s: _Setup, store: Store) -> dict[str, dict[str, Any]]:
+    """Every method, in interleaved rounds; each method's fastest round is kept."""
+    results: dict[str, dict[str, Any]] = {}
+    order = [m for m in METHODS if m in cfg.methods]  # saelens last: it hooks every module while it runs
+    for rnd in range(cfg.repeats):
+        for m in order:
+            print(
+                f"measuring {m}" + (f" (round {rnd + 1}/{cfg.repeats})" if cfg.repeats > 1 else "") + " ...",
+                flush=True,
+            )
+            if m in ("forward", "forward_full"):
+                r = _forward(s, m == "forward_full")
+            elif m == "extract":
+                r = _extract(s, cfg, store)
+            elif m == "naive":
+                r = _naive(s, store)
+            elif m == "forward_windows":
+                r = _forward_windows(s, cfg)
+            else:
+                r = _saelens(s, cfg, store)
+            rounds = results.get(m, {}).get("seconds_per_round", []) + [r.get("seconds")]
+            if m not in results or r.get("seconds", np.inf) < results[m].get("seconds", np.inf):
+                results[m] = r
+            results[m]["seconds_per_round"] = rounds
+    return results
+
+
 def run_bench(cfg: BenchExtractConfig) -> dict[str, Any]:
     """Set up once, measure each method, print the table, write JSON + PNG; returns the result."""
-    import torch
-
-    from bench.common import disk_write_bandwidth, ingest_rows, machine, result_path, scratch_store, write_json
-    from extractors.model import decoder_layers
-    from trainers.plots import bar_chart
-
-    store, tmp = scratch_store(cfg.store, "bench-extract-")
-    try:
+    with Bench("extract", cfg.store, cfg.out, keep=cfg.keep_store) as bench:
+        store = bench.store
         ingest_rows(store, cfg.rows, cfg.model, cfg.progress)
         s = _Setup(cfg, store)
         print(
@@ -488,34 +473,10 @@ def run_bench(cfg: BenchExtractConfig) -> dict[str, Any]:
         )
         disk = disk_write_bandwidth(store.run_dir("bench-disk"), cfg.disk_mb)
         print(f"disk: write + fsync {disk['write_GBps']:.2f} GB/s on {store.root}")
-        results: dict[str, dict[str, Any]] = {}
-        order = [m for m in METHODS if m in cfg.methods]  # saelens last: it hooks every module while it runs
-        for rnd in range(cfg.repeats):
-            for m in order:
-                print(
-                    f"measuring {m}" + (f" (round {rnd + 1}/{cfg.repeats})" if cfg.repeats > 1 else "") + " ...",
-                    flush=True,
-                )
-                if m in ("forward", "forward_full"):
-                    r = _forward(s, m == "forward_full")
-                elif m == "extract":
-                    r = _extract(s, cfg, store)
-                elif m == "naive":
-                    r = _naive(s, store)
-                elif m == "forward_windows":
-                    r = _forward_windows(s, cfg)
-                else:
-                    r = _saelens(s, cfg, store)
-                rounds = results.get(m, {}).get("seconds_per_round", []) + [r.get("seconds")]
-                if m not in results or r.get("seconds", np.inf) < results[m].get("seconds", np.inf):
-                    results[m] = r
-                results[m]["seconds_per_round"] = rounds
+        results = _measure(cfg, s, store)
         summary, text = _summarize(results, s, disk)
-        out = result_path(cfg.out, "extract", cfg.model, s.lm.device.type)
         result = {
-            "benchmark": "extract",
-            "config": config_dict(cfg),
-            "machine": machine(s.lm.device),
+            **bench.header(cfg, s.lm.device),
             "model": {
                 "id": s.lm.model_id,
                 "hash": s.lm.model_hash,
@@ -537,27 +498,24 @@ def run_bench(cfg: BenchExtractConfig) -> dict[str, Any]:
             "table": text,
             "torch_threads": torch.get_num_threads(),
         }
-        write_json(out, result)
         labels = [m for m in results if "tokens_per_s" in results[m]]
-        bar_chart(
-            out.with_suffix(".png"),
-            labels,
-            [results[m]["tokens_per_s"] for m in labels],
-            f"{cfg.model if len(cfg.model) < 40 else '...' + cfg.model[-37:]} on {s.lm.device}, "
-            f"layers {s.layers}, {s.tokens:,} tokens",
-            "tokens / s",
-            {
-                "forward (compute limit)": summary["forward_tokens_per_s"] or 0.0,
-                "disk write limit": summary["disk_limit_tokens_per_s"],
-            },
+        bench.write(
+            result,
+            bench.path(cfg.model, s.lm.device.type),
+            lambda png: bar_chart(
+                png,
+                labels,
+                [results[m]["tokens_per_s"] for m in labels],
+                f"{cfg.model if len(cfg.model) < 40 else '...' + cfg.model[-37:]} on {s.lm.device}, "
+                f"layers {s.layers}, {s.tokens:,} tokens",
+                "tokens / s",
+                {
+                    "forward (compute limit)": summary["forward_tokens_per_s"] or 0.0,
+                    "disk write limit": summary["disk_limit_tokens_per_s"],
+                },
+            ),
         )
-        print(f"wrote {out} and {out.with_suffix('.png')}")
         return result
-    finally:
-        if tmp is not None and not cfg.keep_store:
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp is not None:
-            print(f"kept the scratch store at {store.root}")
 
 
 @user_errors(ValueError, RuntimeError)

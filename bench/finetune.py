@@ -15,7 +15,6 @@ writes JSON to bench_out/finetune.json (with --store: <store>/runs/<bench id>/, 
 
 from __future__ import annotations
 
-import shutil
 import sys
 import tempfile
 import time
@@ -24,28 +23,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, print_table, scratch_store, write_json
-from store.cli import config_dict, parse_config, user_errors
+from bench.common import Bench, BenchOutOptions, ScratchOptions, print_table
+from extractors.ingest import IngestConfig, run_ingest
+from extractors.model import load_model
+from extractors.sft_data import load_sft_rows, select_rows_by
+from store.catalog.tokens import read_layout, tokenizations
+from store.cli import ModelOptions, ProgressOptions, StoreOptions, parse_config, user_errors
 from store.core import StoreError
+from trainers.finetune.train import FinetuneConfig, run_finetune
 
 
 @dataclass
-class BenchFinetuneConfig:
-    """Finetune tokens/s: ours vs plain peft + transformers.Trainer on the same rows."""
+class BenchFinetuneConfig(StoreOptions, ModelOptions, ProgressOptions, BenchOutOptions, ScratchOptions):
+    """Finetune tokens/s: ours vs plain peft + transformers.Trainer on the same rows.
 
-    model: str = field(default="embedded", metadata={"help": "base model (embedded, a HF id or a folder)"})
-    store: str | None = field(default=None, metadata={"help": "an ingested store (default: a scratch store)"})
+    --store: an ingested store (default: a scratch store with the embedded sample, deleted
+    afterwards); with it, the JSON goes to its runs/<bench id>/."""
+
+    store: str | None = None
+    progress: bool = False
     rows: int = field(default=64, metadata={"help": "training rows (first N of train_base by row_id)"})
     batch_size: int = field(default=8, metadata={"help": "rows per optimizer step"})
     lr: float = field(default=2e-4, metadata={"help": "learning rate"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
-    model_cache: str | None = field(default=None, metadata={"help": "where converted models are cached"})
-    out: str | None = field(
-        default=None,
-        metadata={"help": "result JSON (default: bench_out/finetune.json, or a bench run folder of --store)"},
-    )
-    progress: bool = field(default=False, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         for name in ("rows", "batch_size", "lora_r"):
@@ -55,13 +55,12 @@ class BenchFinetuneConfig:
 
 def trainer_loop(cfg: BenchFinetuneConfig, ft: Any, data: Any) -> dict[str, Any]:
     """The plain peft + Trainer baseline; returns its seconds and final loss."""
+    # lazy: heavy (datasets, transformers' Trainer) and optional-weight (peft) packages of this baseline alone
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from extractors.model import load_model
-
-    lm = load_model(cfg.model, cfg.device, "auto", Path(cfg.model_cache) if cfg.model_cache else None)
+    lm = load_model(cfg.model, cfg.device, cfg.compute_dtype, Path(cfg.model_cache) if cfg.model_cache else None)
     tok = lm.tokenizer
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -112,35 +111,36 @@ def trainer_loop(cfg: BenchFinetuneConfig, ft: Any, data: Any) -> dict[str, Any]
     }
 
 
-def run_bench(cfg: BenchFinetuneConfig) -> dict[str, Any]:
-    from extractors.ingest import IngestConfig, run_ingest
-    from extractors.sft_data import load_sft_rows, select_rows_by
-    from store.catalog.tokens import read_layout, tokenizations
-    from trainers.finetune.train import FinetuneConfig, run_finetune
+def _ours(cfg: BenchFinetuneConfig, store: Any) -> tuple[FinetuneConfig, Any, float]:
+    """`python -m trainers.finetune` in-process on the same rows; (its config, result, wall seconds)."""
+    ft = FinetuneConfig(
+        store=str(store.root),
+        model=cfg.model,
+        max_rows=cfg.rows,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        lora_r=cfg.lora_r,
+        eval_split="",
+        epochs=1,
+        device=cfg.device,
+        compute_dtype=cfg.compute_dtype,
+        model_cache=cfg.model_cache,
+        progress=cfg.progress,
+    )
+    t0 = time.perf_counter()
+    ours = run_finetune(ft)
+    return ft, ours, time.perf_counter() - t0
 
-    store, tmp = scratch_store(cfg.store, "bench-ft-")
-    try:
+
+def run_bench(cfg: BenchFinetuneConfig) -> dict[str, Any]:
+    with Bench("finetune", cfg.store, cfg.out, keep=cfg.keep_store, beside_store=True) as bench:
+        store = bench.store
         if not store.has_table("manifests"):
             run_ingest(
                 IngestConfig(store=str(store.root), model=cfg.model, train_base=cfg.rows, attr_query=0, eval=0),
                 progress=cfg.progress,
             )
-        ft = FinetuneConfig(
-            store=str(store.root),
-            model=cfg.model,
-            max_rows=cfg.rows,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            lora_r=cfg.lora_r,
-            eval_split="",
-            epochs=1,
-            device=cfg.device,
-            model_cache=cfg.model_cache,
-            progress=cfg.progress,
-        )
-        t0 = time.perf_counter()
-        ours = run_finetune(ft)
-        ours_wall = time.perf_counter() - t0
+        ft, ours, ours_wall = _ours(cfg, store)
         layout = read_layout(store, tokenizations(store)[0]["tokenization"])
         data = load_sft_rows(store, layout.tokenization, select_rows_by(store, split="train_base", max_rows=cfg.rows))
         base = trainer_loop(cfg, ft, data)
@@ -170,11 +170,9 @@ def run_bench(cfg: BenchFinetuneConfig) -> dict[str, Any]:
         )
         ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
         print(f"ours / Trainer: {ratio:.2f}x tokens/s on {len(data.row_ids)} rows ({tokens} tokens)")
-        bench_id = f"bench_finetune-{datetime.now(UTC):%Y%m%d-%H%M%S}"
         out = {
-            "bench": bench_id,
-            "config": config_dict(cfg),
-            "machine": machine(),
+            **bench.header(cfg),
+            "bench": bench.id,
             "rows": len(data.row_ids),
             "tokens": tokens,
             "ours": {**ours.metrics, "wall_seconds": ours_wall, "run_id": ours.run_id},
@@ -183,17 +181,8 @@ def run_bench(cfg: BenchFinetuneConfig) -> dict[str, Any]:
             "table": table,
             "date": datetime.now(UTC).isoformat(),
         }
-        path = (
-            Path(cfg.out)
-            if cfg.out
-            else (Path("bench_out") / "finetune.json" if tmp is not None else store.run_dir(bench_id) / "finetune.json")
-        )
-        write_json(path, out)
-        print(f"wrote {path}")
+        bench.write(out, bench.path())
         return out
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @user_errors(ValueError, StoreError, RuntimeError)

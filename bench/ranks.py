@@ -1,6 +1,6 @@
 """Extraction throughput on N ranks against 1 rank, measured in one run on one machine.
 
-    python -m bench.ranks                                          # random SmolLM2-135M shape, layer 17, 200 rows, 1 vs 2 ranks
+    python -m bench.ranks          # random SmolLM2-135M shape, layer 17, 200 rows, 1 vs 2 ranks
     python -m bench.ranks --model random:llama-1b --layers 15 --rows 2000 --unit-tokens 65536 --ranks 1 2 4 8
     python -m bench.ranks --model TINY_FOLDER --layers 1 --rows 12 --unit-tokens 512   # CPU smoke run
 
@@ -32,24 +32,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store.cli import config_dict, parse_config, user_errors
+from bench.common import RANDOM_PREFIX, Bench, BenchOutOptions, ingest_rows, load_bench_model, print_table
+from extractors.chat_tokens import ensure_tokenization
+from extractors.units import select_rows
+from store.cli import LayerOptions, ModelOptions, ProgressOptions, StoreOptions, parse_config, user_errors
+from store.core import Store
+from trainers.plots import bar_chart
 
 
 @dataclass
-class BenchRanksConfig:
-    """Measure `torchrun --nproc-per-node N -m extractors.run` tokens/s for several N."""
+class BenchRanksConfig(StoreOptions, ModelOptions, LayerOptions, ProgressOptions, BenchOutOptions):
+    """Measure `torchrun --nproc-per-node N -m extractors.run` tokens/s for several N.
 
-    model: str = field(
-        default="random:smollm2-135m",
-        metadata={
-            "help": "'embedded', a local folder or Hub id, or "
-            "random:smollm2-135m / random:llama-1b (random init of that shape, saved once as a folder)"
-        },
-    )
-    layers: list[int] = field(
-        default_factory=lambda: [17],
-        metadata={"help": "layers to extract in one pass (0-based decoder block outputs)", "aliases": ["--layer"]},
-    )
+    --model also takes random:smollm2-135m / random:llama-1b (random init of that shape, saved
+    once as a folder the ranks load); --device is cpu, or cuda (one GPU per rank: LOCAL_RANK
+    picks it). --store here is a scratch folder for the case stores (default: a temporary
+    folder, deleted at the end); it must not hold a store of yours: cases are rewritten."""
+
+    store: str | None = None
+    model: str = "random:smollm2-135m"
+    device: str = "cpu"
+    layers: list[int] = field(default_factory=lambda: [17])
     rows: int = field(default=200, metadata={"help": "rows of the embedded sample to extract (train_base)"})
     ranks: list[int] = field(
         default_factory=lambda: [1, 2],
@@ -64,24 +67,11 @@ class BenchRanksConfig:
     batch_tokens: int | None = field(
         default=None, metadata={"help": "padded tokens per batch (default as extractors.run)"}
     )
-    device: str = field(default="cpu", metadata={"help": "cpu, or cuda (one GPU per rank: LOCAL_RANK picks it)"})
     threads: int | None = field(
         default=None, metadata={"help": "CPU threads of a whole case, split evenly over its ranks (default: all cores)"}
     )
     repeats: int = field(default=1, metadata={"help": "rounds over all cases; each case's fastest round is reported"})
-    store: str | None = field(
-        default=None,
-        metadata={
-            "help": "scratch folder (default: a temporary folder, "
-            "deleted at the end); must not hold a store of yours: cases are rewritten"
-        },
-    )
-    out: str | None = field(
-        default=None,
-        metadata={"help": "result JSON (a PNG chart goes beside it) (default: bench_out/ranks_<model>_<device>.json)"},
-    )
     timeout: float = field(default=1800.0, metadata={"help": "seconds one case may run before it is stopped"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars while preparing"})
 
     def __post_init__(self) -> None:
         if not self.ranks or any(n <= 0 for n in self.ranks):
@@ -100,9 +90,7 @@ class BenchRanksConfig:
 
 def _model_folder(cfg: BenchRanksConfig, work: Path) -> tuple[str, Any]:
     """(what --model the ranks get, the tokenizer): a random-init model is saved as a folder."""
-    from bench.common import RANDOM_PREFIX, load_bench_model
-
-    lm = load_bench_model(cfg.model, "cpu", "fp32")
+    lm = load_bench_model(cfg.model, "cpu", "fp32", cfg.model_cache)
     if not cfg.model.startswith(RANDOM_PREFIX):
         return cfg.model, lm.tokenizer
     folder = work / "model"
@@ -114,11 +102,6 @@ def _model_folder(cfg: BenchRanksConfig, work: Path) -> tuple[str, Any]:
 
 def _prepare(cfg: BenchRanksConfig, work: Path) -> tuple[Path, str, int]:
     """The template store (ingested, tokenized), the --model for the ranks, and its tokens."""
-    from bench.common import ingest_rows
-    from extractors.chat_tokens import ensure_tokenization
-    from extractors.units import select_rows
-    from store.core import Store
-
     model, tok = _model_folder(cfg, work)
     template = Store(work / "template")
     ingest_rows(template, cfg.rows, cfg.model, cfg.progress)
@@ -141,8 +124,6 @@ def _prepare(cfg: BenchRanksConfig, work: Path) -> tuple[Path, str, int]:
 
 def _case(cfg: BenchRanksConfig, template: Path, model: str, n: int, dst: Path) -> dict[str, Any]:
     """Run the N-rank command on a fresh copy of the template; figures from its run records."""
-    from store.core import Store
-
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(template, dst)
     Store(dst).refresh_catalog()
@@ -168,6 +149,9 @@ def _case(cfg: BenchRanksConfig, template: Path, model: str, n: int, dst: Path) 
         str(cfg.unit_tokens),
         "--device",
         cfg.device,
+        "--compute-dtype",
+        cfg.compute_dtype,
+        *(["--model-cache", cfg.model_cache] if cfg.model_cache else []),
         "--no-progress",
         *(["--batch-tokens", str(cfg.batch_tokens)] if cfg.batch_tokens else []),
     ]
@@ -213,44 +197,44 @@ def _chunks(store: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != "zarr.json"}
 
 
+def _rounds(cfg: BenchRanksConfig, work: Path, template: Path, model: str) -> tuple[dict, dict]:
+    """Every case in interleaved rounds: ({N: its fastest round}, {N: chunks equal the first case's})."""
+    best: dict[int, dict[str, Any]] = {}
+    identical: dict[int, bool] = {}
+    base = cfg.ranks[0]
+    for rnd in range(cfg.repeats):
+        for n in cfg.ranks:
+            print(
+                f"measuring {n} rank(s)" + (f" (round {rnd + 1}/{cfg.repeats})" if cfg.repeats > 1 else "") + " ...",
+                flush=True,
+            )
+            r = _case(cfg, template, model, n, work / f"case_{n}")
+            r["seconds_per_round"] = best.get(n, {}).get("seconds_per_round", []) + [r["seconds"]]
+            if n not in best or r["seconds"] < best[n]["seconds"]:
+                best[n] = r
+            else:
+                best[n]["seconds_per_round"] = r["seconds_per_round"]
+            if rnd == 0:
+                identical[n] = n == base or _chunks(work / f"case_{n}") == _chunks(work / f"case_{base}")
+    return best, identical
+
+
 def run_bench(cfg: BenchRanksConfig) -> dict[str, Any]:
     """Prepare once, run every case (interleaved rounds), print the table, write JSON + PNG."""
-    import tempfile
-
-    from bench.common import machine, print_table, result_path, write_json
-    from trainers.plots import bar_chart
-
-    work = Path(cfg.store) if cfg.store else Path(tempfile.mkdtemp(prefix="bench-ranks-"))
-    if (work / "catalog").is_dir() or (work / "arrays").is_dir():
+    if cfg.store and ((Path(cfg.store) / "catalog").is_dir() or (Path(cfg.store) / "arrays").is_dir()):
         raise ValueError(
-            f"--store {work} is a store; bench.ranks needs a scratch folder of its own (it rewrites "
+            f"--store {cfg.store} is a store; bench.ranks needs a scratch folder of its own (it rewrites "
             f"the case stores inside it): pass a new folder, or none for a temporary one"
         )
-    try:
+    with Bench("ranks", cfg.store, cfg.out, scratch="folder") as bench:
+        work = bench.folder
         template, model, tokens = _prepare(cfg, work)
         print(
             f"{cfg.rows} rows, {tokens:,} tokens in {cfg.unit_tokens}-slot units; model {cfg.model}; "
             f"layers {cfg.layers}; ranks {cfg.ranks} on {cfg.device}"
         )
-        best: dict[int, dict[str, Any]] = {}
-        identical: dict[int, bool] = {}
+        best, identical = _rounds(cfg, work, template, model)
         base = cfg.ranks[0]
-        for rnd in range(cfg.repeats):
-            for n in cfg.ranks:
-                print(
-                    f"measuring {n} rank(s)"
-                    + (f" (round {rnd + 1}/{cfg.repeats})" if cfg.repeats > 1 else "")
-                    + " ...",
-                    flush=True,
-                )
-                r = _case(cfg, template, model, n, work / f"case_{n}")
-                r["seconds_per_round"] = best.get(n, {}).get("seconds_per_round", []) + [r["seconds"]]
-                if n not in best or r["seconds"] < best[n]["seconds"]:
-                    best[n] = r
-                else:
-                    best[n]["seconds_per_round"] = r["seconds_per_round"]
-                if rnd == 0:
-                    identical[n] = n == base or _chunks(work / f"case_{n}") == _chunks(work / f"case_{base}")
         rows = []
         for n in cfg.ranks:
             r = best[n]
@@ -271,28 +255,19 @@ def run_bench(cfg: BenchRanksConfig) -> dict[str, Any]:
                 ("identical", "same chunks", ""),
             ],
         )
-        out = result_path(cfg.out, "ranks", cfg.model, cfg.device)
-        result = {
-            "benchmark": "ranks",
-            "config": config_dict(cfg),
-            "machine": machine(),
-            "tokens": tokens,
-            "cases": [best[n] for n in cfg.ranks],
-            "table": text,
-        }
-        write_json(out, result)
-        bar_chart(
-            out.with_suffix(".png"),
-            [f"{n} rank(s)" for n in cfg.ranks],
-            [best[n]["tokens_per_s"] for n in cfg.ranks],
-            f"extractors.run under torchrun, {cfg.model}, layers {cfg.layers}, {tokens:,} tokens, {cfg.device}",
-            "tokens / s",
+        result = {**bench.header(cfg), "tokens": tokens, "cases": [best[n] for n in cfg.ranks], "table": text}
+        bench.write(
+            result,
+            bench.path(cfg.model, cfg.device),
+            lambda png: bar_chart(
+                png,
+                [f"{n} rank(s)" for n in cfg.ranks],
+                [best[n]["tokens_per_s"] for n in cfg.ranks],
+                f"extractors.run under torchrun, {cfg.model}, layers {cfg.layers}, {tokens:,} tokens, {cfg.device}",
+                "tokens / s",
+            ),
         )
-        print(f"wrote {out} and {out.with_suffix('.png')}")
         return result
-    finally:
-        if not cfg.store:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 @user_errors(ValueError, RuntimeError)

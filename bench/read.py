@@ -29,6 +29,7 @@ deletes it.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -39,20 +40,33 @@ from typing import Any
 
 import numpy as np
 
-from store.cli import config_dict, parse_config, user_errors
+from bench.common import (
+    Bench,
+    BenchOutOptions,
+    ScratchOptions,
+    drop_cache,
+    ingest_rows,
+    print_table,
+)
+from extractors.chat_tokens import ensure_tokenization
+from extractors.model import EMBEDDED, load_tokenizer
+from store.arrays import commit_unit, create_array, decode, encode, open_array, record_array, write_unit
+from store.catalog.runs import Run
+from store.cli import ProgressOptions, SeedOptions, StoreOptions, config_dict, parse_config, user_errors
+from store.core import Store
+from store.materialize import drop_read_cache, gather, iter_materialize, materialize, select
+from trainers.plots import bar_chart
 
 
 @dataclass
-class BenchReadConfig:
-    """Measure view materialization and streaming against a raw np.memmap and the disk."""
+class BenchReadConfig(StoreOptions, SeedOptions, ProgressOptions, BenchOutOptions, ScratchOptions):
+    """Measure view materialization and streaming against a raw np.memmap and the disk.
 
-    store: str | None = field(
-        default=None,
-        metadata={
-            "help": "a store whose --array is extracted (read only); "
-            "default: a temporary scratch store with a synthetic array"
-        },
-    )
+    Without --store: a temporary scratch store with a synthetic array (deleted afterwards unless
+    --keep-store). With --store: a store whose --array is extracted, read only. --seed seeds the
+    random selections."""
+
+    store: str | None = None
     array: str = field(default="hidden/layer_17", metadata={"help": "array to read"})
     rows: int = field(default=800, metadata={"help": "rows of the embedded sample in the scratch store"})
     width: int = field(default=576, metadata={"help": "width of the synthetic array (SmolLM2: 576)"})
@@ -62,12 +76,6 @@ class BenchReadConfig:
     view: str = field(default="content_tokens", metadata={"help": "view streamed by the 'stream' case"})
     batch_size: int = field(default=8192, metadata={"help": "tokens per streamed batch"})
     repeats: int = field(default=3, metadata={"help": "repeats per measurement (the median is reported)"})
-    seed: int = field(default=0, metadata={"help": "seed of the random selections"})
-    out: str | None = field(
-        default=None, metadata={"help": "result JSON (a PNG chart goes beside it) (default: bench_out/read.json)"}
-    )
-    keep_store: bool = field(default=False, metadata={"help": "keep the temporary scratch store"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         for name in ("rows", "width", "unit_tokens", "n_tokens", "n_rows", "batch_size", "repeats"):
@@ -75,13 +83,8 @@ class BenchReadConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
 
-def _synthetic_array(store, cfg: BenchReadConfig) -> None:
+def _synthetic_array(store: Store, cfg: BenchReadConfig) -> None:
     """Fill cfg.array with random bf16 rows in the layout of the store's tokenization."""
-    from extractors.chat_tokens import ensure_tokenization
-    from extractors.model import EMBEDDED, load_tokenizer
-    from store.arrays import commit_unit, create_array, encode, record_array, write_unit
-    from store.catalog.runs import Run
-
     layout = ensure_tokenization(store, load_tokenizer(EMBEDDED), EMBEDDED, cfg.unit_tokens, progress=cfg.progress)
     with Run(store, "bench_synthetic", {"bench": True, **config_dict(cfg)}, model_id="synthetic") as run:
         arr = create_array(
@@ -134,8 +137,6 @@ class _Raw:
     """The array's bytes as one flat file, read through np.memmap: the baseline."""
 
     def __init__(self, arr, path: Path):
-        import os
-
         self.path, self.dtype = path, arr.attrs.get("dtype", str(arr.dtype))
         rows = arr.chunks[0]
         with open(path, "wb") as fh:
@@ -152,8 +153,6 @@ class _Raw:
         return np.memmap(self.path, dtype=self.storage, mode="r", shape=self.shape)
 
     def gather(self, idx: np.ndarray, mm: np.memmap | None = None) -> np.ndarray:
-        from store.arrays import decode
-
         mm = self.open() if mm is None else mm
         order = np.argsort(idx, kind="stable")
         out = np.empty((len(idx), *self.shape[1:]), dtype=self.storage)
@@ -169,102 +168,124 @@ class _Raw:
         return n
 
 
-def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
-    """Build or open the store, measure every case, print the table, write JSON + PNG."""
-    from bench.common import drop_cache, ingest_rows, machine, print_table, result_path, scratch_store, write_json
-    from store.arrays import open_array
-    from store.materialize import drop_read_cache, gather, iter_materialize, materialize, select
-    from trainers.plots import bar_chart
+# The baseline of each store method, for the ratio columns ("memmap kept map" peers likewise).
+BASELINE = {
+    "materialize": "memmap",
+    "gather": "memmap",
+    "iter_materialize chunk order": "memmap chunk order",
+    "iter_materialize shuffled": "memmap shuffled",
+}
+COLUMNS = [
+    ("case", "case", ""),
+    ("method", "method", ""),
+    ("tokens", "tokens", ","),
+    ("cold_tokens_per_s", "cold tok/s", ",.0f"),
+    ("warm_tokens_per_s", "warm tok/s", ",.0f"),
+    ("cold_GBps", "cold GB/s", ".2f"),
+    ("warm_GBps", "warm GB/s", ".2f"),
+    ("warm_s", "warm s", ".3f"),
+    ("cold_vs_memmap", "cold vs memmap", ".2f"),
+    ("warm_vs_memmap", "warm vs memmap", ".2f"),
+    ("warm_vs_kept_map", "warm vs kept map", ".2f"),
+    ("note", "note", ""),
+]
 
-    store, tmp = scratch_store(cfg.store, "bench-read-")
-    try:
-        if tmp is not None:
-            ingest_rows(store, cfg.rows, "embedded", cfg.progress)
-            _synthetic_array(store, cfg)
-        arr = open_array(store, cfg.array)
+
+class _Reads:
+    """The measurements on one store: the array, its raw copy, the cold-read reset and the
+    results so far (one dict per case and method)."""
+
+    def __init__(self, store: Store, cfg: BenchReadConfig, raw_path: Path):
+        self.store, self.cfg = store, cfg
+        self.arr = open_array(store, cfg.array)
         chunk_files = sorted(p for p in store.array_path(cfg.array).joinpath("c").rglob("*") if p.is_file())
-        workdir = store.run_dir("bench-read")
-        raw = _Raw(arr, workdir / "raw.bin")
-        row_bytes = raw.row_bytes
-        files = chunk_files + [raw.path]
+        self.raw = _Raw(self.arr, raw_path)
+        self.files = chunk_files + [self.raw.path]
+        self.kept: np.memmap | None = None
+        self.results: list[dict[str, Any]] = []
 
-        kept: dict[str, np.memmap | None] = {"map": None}
+    def cold(self) -> None:
+        # A cold read starts as a fresh process would: the store's kept readers (their maps
+        # pin pages in the page cache) and the baseline's kept map go first.
+        drop_read_cache()
+        self.kept = None
+        drop_cache(self.files)
 
-        def cold() -> None:
-            # A cold read starts as a fresh process would: the store's kept readers (their maps
-            # pin pages in the page cache) and the baseline's kept map go first.
-            drop_read_cache()
-            kept["map"] = None
-            drop_cache(files)
+    def kept_map(self) -> np.memmap:
+        """The raw file mapped once and kept between calls, as the store keeps its chunk maps."""
+        if self.kept is None:
+            self.kept = self.raw.open()
+        return self.kept
 
-        def kept_map() -> np.memmap:
-            """The raw file mapped once and kept between calls, as the store keeps its chunk maps."""
-            if kept["map"] is None:
-                kept["map"] = raw.open()
-            return kept["map"]
+    def record(self, case: str, method: str, n: int, t_cold: float, t_warm: float, note: str = "") -> None:
+        row_bytes = self.raw.row_bytes
+        r = {
+            "case": case,
+            "method": method,
+            "tokens": n,
+            "cold_s": t_cold,
+            "warm_s": t_warm,
+            "cold_tokens_per_s": n / t_cold,
+            "warm_tokens_per_s": n / t_warm,
+            "cold_GBps": n * row_bytes / t_cold / 1e9,
+            "warm_GBps": n * row_bytes / t_warm / 1e9,
+            "note": note,
+        }
+        if method == "select":  # reads no vectors
+            r["cold_GBps"] = r["warm_GBps"] = None
+        self.results.append(r)
 
+    def measure(self, case: str, n: int, fns: dict[str, tuple[Callable[[], Any], str]]) -> None:
+        """Time `fns` ({method: (call, note)}) interleaved, cold and warm, and record them."""
+        timed = _interleaved({k: fn for k, (fn, _) in fns.items()}, self.cfg.repeats, self.cold)
+        for method, (_, note) in fns.items():
+            self.record(case, method, n, *timed[method], note)
+
+    def selections(self) -> dict[str, str]:
+        """The 'tokens' and 'rows' cases' views: seeded pseudo-random tokens, and whole rows."""
+        cfg = self.cfg
         committed = f"(SELECT DISTINCT row_id FROM array_units WHERE array_name = '{cfg.array}')"
-        tz = arr.attrs.get("tokenization")
+        tz = self.arr.attrs.get("tokenization")
         tz_sql = f"t.tokenization = '{tz}'" if tz else "true"
         # Pseudo-random but deterministic selections (DuckDB's SAMPLE is not repeatable across threads).
-        views = {
+        return {
             "tokens": f"SELECT t.row_id, t.tok_index FROM tokens t WHERE {tz_sql} AND t.row_id IN {committed} "
             f"ORDER BY hash(t.tok_index + {cfg.seed}) LIMIT {cfg.n_tokens}",
             # A row-level view: whole rows come from row_layout, no scan of the tokens table.
             "rows": f"SELECT row_id FROM {committed} ORDER BY hash(row_id || '{cfg.seed}') LIMIT {cfg.n_rows}",
         }
-        results: list[dict[str, Any]] = []
 
-        def record(case: str, method: str, n: int, t_cold: float, t_warm: float, note: str = "") -> dict[str, Any]:
-            r = {
-                "case": case,
-                "method": method,
-                "tokens": n,
-                "cold_s": t_cold,
-                "warm_s": t_warm,
-                "cold_tokens_per_s": n / t_cold,
-                "warm_tokens_per_s": n / t_warm,
-                "cold_GBps": n * row_bytes / t_cold / 1e9,
-                "warm_GBps": n * row_bytes / t_warm / 1e9,
-                "note": note,
-            }
-            if method == "select":  # reads no vectors
-                r["cold_GBps"] = r["warm_GBps"] = None
-            results.append(r)
-            return r
-
-        for case, sql in views.items():
-            ref = materialize(store, sql, cfg.array)
+    def measure_selections(self) -> None:
+        """The 'tokens' and 'rows' cases: materialize, its parts, and the memmap baselines."""
+        store, name, raw = self.store, self.cfg.array, self.raw
+        for case, sql in self.selections().items():
+            ref = materialize(store, sql, name)
             idx = ref.frame["tok_index"].to_numpy()
             if not np.array_equal(ref.X, raw.gather(idx)):
                 raise RuntimeError("the store and the raw copy disagree; the benchmark is broken")
-            n = len(idx)
             fns = {
-                "materialize": (
-                    lambda sql=sql: materialize(store, sql, cfg.array),
-                    "SQL + commit check + gather + decode",
-                ),
+                "materialize": (lambda sql=sql: materialize(store, sql, name), "SQL + commit check + gather + decode"),
                 "select": (
-                    lambda sql=sql: select(store, sql, cfg.array),
+                    lambda sql=sql: select(store, sql, name),
                     "the view's SQL + commit check alone (materialize less its gather)",
                 ),
                 "gather": (
-                    lambda idx=idx: gather(store, cfg.array, idx),
+                    lambda idx=idx: gather(store, name, idx),
                     "store gather of the same indices + decode (the process's kept reader)",
                 ),
                 "memmap": (lambda idx=idx: raw.gather(idx), "sorted np.memmap gather from a raw file + decode"),
                 "memmap kept map": (
-                    lambda idx=idx: raw.gather(idx, kept_map()),
+                    lambda idx=idx: raw.gather(idx, self.kept_map()),
                     "the same, the file mapped once and kept (no page faults when warm)",
                 ),
             }
-            timed = _interleaved({k: fn for k, (fn, _) in fns.items()}, cfg.repeats, cold)
-            for method, (_, note) in fns.items():
-                record(case, method, n, *timed[method], note)
+            self.measure(case, len(idx), fns)
 
-        # Streaming a whole view, as SAE / probe training does.
-        frame = select(store, cfg.view, cfg.array)
-        tok = frame["tok_index"].to_numpy()
+    def measure_stream(self) -> None:
+        """The 'stream' case: a whole view streamed, as SAE / probe training does, in chunk
+        order and shuffled, against memmap passes; then the raw file read sequentially."""
+        store, cfg, raw = self.store, self.cfg, self.raw
+        tok = select(store, cfg.view, cfg.array)["tok_index"].to_numpy()
         n = len(tok)
         perm = np.random.default_rng(cfg.seed).permutation(n)
 
@@ -275,7 +296,7 @@ def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
                 m.X.sum()
 
         def stream_raw(order_idx: np.ndarray, keep: bool = False) -> None:
-            mm = kept_map() if keep else raw.open()
+            mm = self.kept_map() if keep else raw.open()
             for s in range(0, n, cfg.batch_size):
                 raw.gather(tok[order_idx[s : s + cfg.batch_size]], mm).sum()
 
@@ -292,97 +313,83 @@ def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
             "memmap shuffled": (lambda: stream_raw(perm), "same batches from the raw file"),
             "memmap kept map shuffled": (lambda: stream_raw(perm, True), "the file mapped once, kept"),
         }
-        timed = _interleaved({k: fn for k, (fn, _) in fns.items()}, cfg.repeats, cold)
-        for method, (_, note) in fns.items():
-            record("stream", method, n, *timed[method], note)
-        total = arr.shape[0]
-        timed = _interleaved({"raw": raw.read_all}, cfg.repeats, cold)
-        record(
+        self.measure("stream", n, fns)
+        timed = _interleaved({"raw": raw.read_all}, cfg.repeats, self.cold)
+        self.record(
             "stream",
             "raw sequential read",
-            total,
+            self.arr.shape[0],
             *timed["raw"],
             "the whole raw file (all slots), 64 MB reads: the disk / page-cache limit",
         )
 
-        baseline = {
-            "materialize": "memmap",
-            "gather": "memmap",
-            "iter_materialize chunk order": "memmap chunk order",
-            "iter_materialize shuffled": "memmap shuffled",
-        }
-        for r in results:
-            peer = next(
-                (x for x in results if x["case"] == r["case"] and x["method"] == baseline.get(r["method"])), None
-            )
-            if peer is not None:
-                r["cold_vs_memmap"] = peer["cold_s"] / r["cold_s"]
-                r["warm_vs_memmap"] = peer["warm_s"] / r["warm_s"]
-            kept_peer = next(
-                (
-                    x
-                    for x in results
-                    if x["case"] == r["case"]
-                    and baseline.get(r["method"])
-                    and x["method"] == baseline[r["method"]].replace("memmap", "memmap kept map")
-                ),
-                None,
-            )
-            if kept_peer is not None:
-                r["warm_vs_kept_map"] = kept_peer["warm_s"] / r["warm_s"]
-        print()
-        text = print_table(
-            results,
-            [
-                ("case", "case", ""),
-                ("method", "method", ""),
-                ("tokens", "tokens", ","),
-                ("cold_tokens_per_s", "cold tok/s", ",.0f"),
-                ("warm_tokens_per_s", "warm tok/s", ",.0f"),
-                ("cold_GBps", "cold GB/s", ".2f"),
-                ("warm_GBps", "warm GB/s", ".2f"),
-                ("warm_s", "warm s", ".3f"),
-                ("cold_vs_memmap", "cold vs memmap", ".2f"),
-                ("warm_vs_memmap", "warm vs memmap", ".2f"),
-                ("warm_vs_kept_map", "warm vs kept map", ".2f"),
-                ("note", "note", ""),
-            ],
+
+def add_ratios(results: list[dict[str, Any]]) -> None:
+    """Each store method's speed over its memmap baseline's, cold and warm, and (warm) over
+    the kept-map baseline's."""
+    for r in results:
+        peer = next((x for x in results if x["case"] == r["case"] and x["method"] == BASELINE.get(r["method"])), None)
+        if peer is not None:
+            r["cold_vs_memmap"] = peer["cold_s"] / r["cold_s"]
+            r["warm_vs_memmap"] = peer["warm_s"] / r["warm_s"]
+        kept_peer = next(
+            (
+                x
+                for x in results
+                if x["case"] == r["case"]
+                and BASELINE.get(r["method"])
+                and x["method"] == BASELINE[r["method"]].replace("memmap", "memmap kept map")
+            ),
+            None,
         )
-        out = result_path(cfg.out, "read")
+        if kept_peer is not None:
+            r["warm_vs_kept_map"] = kept_peer["warm_s"] / r["warm_s"]
+
+
+def _chart(png: Path, cfg: BenchReadConfig, result: dict[str, Any]) -> None:
+    results = result["results"]
+    shown = [r for r in results if r["warm_GBps"] is not None]
+    bar_chart(
+        png,
+        [f"{r['case']}: {r['method']}" for r in shown],
+        [r["warm_GBps"] for r in shown],
+        f"{cfg.array} ({'synthetic' if result['array']['synthetic'] else 'extracted'}), warm reads",
+        "GB/s",
+        {"raw sequential read (warm)": results[-1]["warm_GBps"]},
+    )
+
+
+def run_bench(cfg: BenchReadConfig) -> dict[str, Any]:
+    """Build or open the store, measure every case, print the table, write JSON + PNG."""
+    with Bench("read", cfg.store, cfg.out, keep=cfg.keep_store) as bench:
+        store = bench.store
+        if bench.scratch:
+            ingest_rows(store, cfg.rows, "embedded", cfg.progress)
+            _synthetic_array(store, cfg)
+        workdir = store.run_dir("bench-read")
+        reads = _Reads(store, cfg, workdir / "raw.bin")
+        reads.measure_selections()
+        reads.measure_stream()
+        add_ratios(reads.results)
+        print()
+        text = print_table(reads.results, COLUMNS)
+        arr = reads.arr
         result = {
-            "benchmark": "read",
-            "config": config_dict(cfg),
-            "machine": machine(),
+            **bench.header(cfg),
             "array": {
                 "name": cfg.array,
                 "shape": list(arr.shape),
                 "chunks": list(arr.chunks),
                 "dtype": arr.attrs.get("dtype"),
                 "synthetic": bool(arr.attrs.get("synthetic", False)),
-                "bytes": total * row_bytes,
+                "bytes": arr.shape[0] * reads.raw.row_bytes,
             },
-            "results": results,
+            "results": reads.results,
             "table": text,
         }
-        write_json(out, result)
-        shown = [r for r in results if r["warm_GBps"] is not None]
-        labels = [f"{r['case']}: {r['method']}" for r in shown]
-        bar_chart(
-            out.with_suffix(".png"),
-            labels,
-            [r["warm_GBps"] for r in shown],
-            f"{cfg.array} ({'synthetic' if result['array']['synthetic'] else 'extracted'}), warm reads",
-            "GB/s",
-            {"raw sequential read (warm)": results[-1]["warm_GBps"]},
-        )
-        print(f"wrote {out} and {out.with_suffix('.png')}")
+        bench.write(result, bench.path(), lambda png: _chart(png, cfg, result))
         shutil.rmtree(workdir, ignore_errors=True)
         return result
-    finally:
-        if tmp is not None and not cfg.keep_store:
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp is not None:
-            print(f"kept the scratch store at {store.root}")
 
 
 @user_errors(ValueError, RuntimeError)

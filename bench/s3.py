@@ -29,7 +29,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,15 +37,25 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import drop_cache, machine, print_table, result_path, write_json
-from store.cli import config_dict, parse_config, user_errors
+from bench.common import Bench, BenchOutOptions, drop_cache, print_table
+from bench.read import BenchReadConfig, _synthetic_array
+from extractors.ingest import IngestConfig, run_ingest
+from extractors.pipeline import ExtractConfig, run_extraction
+from store.cli import LayerOptions, ModelOptions, ProgressOptions, SeedOptions, parse_config, user_errors
+from store.core import Store
+from store.fs import staging_root, storage_options
+from store.materialize import iter_materialize, materialize
 from trainers.plots import bar_chart
 
 
 @dataclass
-class BenchS3Config:
-    """Measure extraction and read throughput of a local store against one on an S3 server."""
+class BenchS3Config(ModelOptions, LayerOptions, SeedOptions, ProgressOptions, BenchOutOptions):
+    """Measure extraction and read throughput of a local store against one on an S3 server.
 
+    --model and --layer are the extraction case's (one layer); --seed seeds the synthetic values
+    and the random selections."""
+
+    layers: list[int] = field(default_factory=lambda: [17])
     s3_url: str | None = field(
         default=None,
         metadata={
@@ -55,10 +64,6 @@ class BenchS3Config:
             "deleted afterwards); default: a moto S3 server started on 127.0.0.1"
         },
     )
-    model: str = field(
-        default="embedded", metadata={"help": "model of the extraction case (a local folder or hub id works too)"}
-    )
-    layer: int = field(default=17, metadata={"help": "layer extracted"})
     rows: int = field(default=200, metadata={"help": "train_base rows of the embedded sample ingested"})
     unit_tokens: int = field(default=16384, metadata={"help": "token slots per unit (chunk)"})
     width: int = field(default=576, metadata={"help": "width of the synthetic array of the write/read cases"})
@@ -67,12 +72,6 @@ class BenchS3Config:
     view: str = field(default="content_tokens", metadata={"help": "view streamed by the 'stream' case"})
     batch_size: int = field(default=8192, metadata={"help": "tokens per streamed batch"})
     repeats: int = field(default=3, metadata={"help": "repeats per read measurement (the median is reported)"})
-    seed: int = field(default=0, metadata={"help": "seed of the synthetic values and random selections"})
-    model_cache: str | None = field(default=None, metadata={"help": "converted-model cache (default: the user's)"})
-    out: str | None = field(
-        default=None, metadata={"help": "result JSON (a PNG chart beside it) (default: bench_out/s3.json)"}
-    )
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         for name in ("rows", "unit_tokens", "width", "n_tokens", "n_rows", "batch_size", "repeats"):
@@ -80,6 +79,7 @@ class BenchS3Config:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.s3_url is not None and not self.s3_url.startswith("s3://"):
             raise ValueError(f"--s3-url {self.s3_url!r} must be s3://bucket/prefix")
+        self.one_layer("bench.s3")
 
 
 class _MotoServer:
@@ -87,7 +87,7 @@ class _MotoServer:
     on exit: they are the standard credentials boto reads, set here for this process only)."""
 
     def __enter__(self) -> str:
-        try:
+        try:  # lazy: optional (the dev extra), needed only without --s3-url
             from moto.server import ThreadedMotoServer
         except ImportError as e:
             raise RuntimeError(
@@ -116,9 +116,7 @@ class _MotoServer:
             AWS_ENDPOINT_URL=f"http://{host}:{port}",
             AWS_DEFAULT_REGION="us-east-1",
         )
-        import s3fs
-
-        from store.fs import storage_options
+        import s3fs  # lazy: optional object-storage driver, only for this server
 
         s3fs.S3FileSystem(**storage_options("s3")).mkdir("bench")
         return f"s3://bench/store-{uuid.uuid4().hex[:8]}"
@@ -144,12 +142,6 @@ def _median(fn, repeats: int, before=None) -> float:
 
 
 def _measure_store(cfg: BenchS3Config, root: str, where: str) -> list[dict[str, Any]]:
-    from bench.read import BenchReadConfig, _synthetic_array
-    from extractors.ingest import IngestConfig, run_ingest
-    from extractors.pipeline import ExtractConfig, run_extraction
-    from store.core import Store
-    from store.materialize import iter_materialize, materialize
-
     out: list[dict[str, Any]] = []
     rec = lambda case, method, n, secs, bytes_=None, note="": out.append(  # noqa: E731
         {
@@ -182,17 +174,19 @@ def _measure_store(cfg: BenchS3Config, root: str, where: str) -> list[dict[str, 
 
     res = run_extraction(
         ExtractConfig(
-            layers=[cfg.layer],
+            layers=cfg.layers,
             store=root,
             model=cfg.model,
             unit_tokens=cfg.unit_tokens,
             progress=cfg.progress,
+            device=cfg.device,
+            compute_dtype=cfg.compute_dtype,
             model_cache=cfg.model_cache,
         )
     )
     rec(
         "extract",
-        f"extractors.run --layer {cfg.layer}",
+        f"extractors.run --layer {cfg.layers[0]}",
         res.tokens,
         res.seconds,
         note=f"{cfg.model}, tokenization + forward + write + commit",
@@ -249,75 +243,76 @@ def _measure_store(cfg: BenchS3Config, root: str, where: str) -> list[dict[str, 
     return out
 
 
-def run_bench(cfg: BenchS3Config) -> dict[str, Any]:
-    from store.core import Store
-    from store.fs import staging_root
+def _both_stores(cfg: BenchS3Config, local: Path, server: _MotoServer | None) -> list[dict[str, Any]]:
+    """Every case on a local store, then on the S3 store (deleted afterwards, with its staging)."""
+    url = server.__enter__() if server is not None else cfg.s3_url.rstrip("/")
+    if Store(url).has_table("manifests"):
+        raise ValueError(f"--s3-url {url} already holds a store; pass an empty prefix (it is deleted afterwards)")
+    results = _measure_store(cfg, str(local), "local disk")
+    try:
+        results += _measure_store(cfg, url, "S3 (moto, 127.0.0.1)" if server is not None else f"S3 ({url})")
+    finally:
+        Store(url).root.rmtree()
+        shutil.rmtree(staging_root(url), ignore_errors=True)  # its run folders' local staging
+        try:
+            staging_root(url).parent.rmdir()  # and the staging folder, if now empty
+        except OSError:
+            pass
+    for r in results:  # S3 speed as a fraction of local speed (same work)
+        if r["store"] != "local disk":
+            for suffix, key in ((" (warm)", "vs_local_warm"), (" (cold)", "vs_local_cold"), ("", "vs_local")):
+                peer = next(
+                    (x for x in results if x["store"] == "local disk" and x["method"] == r["method"] + suffix), None
+                )
+                if peer is not None and peer["seconds"] and r["seconds"]:
+                    r[key] = peer["seconds"] / r["seconds"]
+    return results
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench_s3_"))
+
+def run_bench(cfg: BenchS3Config) -> dict[str, Any]:
     server = _MotoServer() if cfg.s3_url is None else None
     try:
-        url = server.__enter__() if server is not None else cfg.s3_url.rstrip("/")
-        if Store(url).has_table("manifests"):
-            raise ValueError(f"--s3-url {url} already holds a store; pass an empty prefix (it is deleted afterwards)")
-        results = _measure_store(cfg, str(tmp / "store"), "local disk")
-        try:
-            results += _measure_store(cfg, url, "S3 (moto, 127.0.0.1)" if server is not None else f"S3 ({url})")
-        finally:
-            Store(url).root.rmtree()
-            shutil.rmtree(staging_root(url), ignore_errors=True)  # its run folders' local staging
-            try:
-                staging_root(url).parent.rmdir()  # and the staging folder, if now empty
-            except OSError:
-                pass
-        for r in results:  # S3 speed as a fraction of local speed (same work)
-            if r["store"] != "local disk":
-                for suffix, key in ((" (warm)", "vs_local_warm"), (" (cold)", "vs_local_cold"), ("", "vs_local")):
-                    peer = next(
-                        (x for x in results if x["store"] == "local disk" and x["method"] == r["method"] + suffix), None
-                    )
-                    if peer is not None and peer["seconds"] and r["seconds"]:
-                        r[key] = peer["seconds"] / r["seconds"]
-        print()
-        text = print_table(
-            results,
-            [
-                ("store", "store", ""),
-                ("case", "case", ""),
-                ("method", "method", ""),
-                ("tokens", "tokens", ","),
-                ("tokens_per_s", "tok/s", ",.0f"),
-                ("GBps", "GB/s", ".3f"),
-                ("seconds", "s", ".3f"),
-                ("vs_local_warm", "vs local warm", ".2f"),
-                ("vs_local_cold", "vs local cold", ".2f"),
-                ("vs_local", "vs local", ".2f"),
-                ("note", "note", ""),
-            ],
-        )
-        out = result_path(cfg.out, "s3")
-        result = {
-            "benchmark": "s3",
-            "config": config_dict(cfg),
-            "machine": machine(),
-            "server": "moto (ThreadedMotoServer, 127.0.0.1)" if server is not None else cfg.s3_url,
-            "results": results,
-            "table": text,
-        }
-        write_json(out, result)
-        shown = [r for r in results if r["tokens_per_s"] and r["case"] != "ingest"]
-        bar_chart(
-            out.with_suffix(".png"),
-            [f"{r['store']}: {r['method']}" for r in shown],
-            [r["tokens_per_s"] for r in shown],
-            "local disk vs S3 server",
-            "tokens/s",
-        )
-        print(f"wrote {out} and {out.with_suffix('.png')}")
-        return result
+        with Bench("s3", None, cfg.out, scratch="folder") as bench:
+            results = _both_stores(cfg, bench.folder / "store", server)
+            print()
+            text = print_table(
+                results,
+                [
+                    ("store", "store", ""),
+                    ("case", "case", ""),
+                    ("method", "method", ""),
+                    ("tokens", "tokens", ","),
+                    ("tokens_per_s", "tok/s", ",.0f"),
+                    ("GBps", "GB/s", ".3f"),
+                    ("seconds", "s", ".3f"),
+                    ("vs_local_warm", "vs local warm", ".2f"),
+                    ("vs_local_cold", "vs local cold", ".2f"),
+                    ("vs_local", "vs local", ".2f"),
+                    ("note", "note", ""),
+                ],
+            )
+            result = {
+                **bench.header(cfg),
+                "server": "moto (ThreadedMotoServer, 127.0.0.1)" if server is not None else cfg.s3_url,
+                "results": results,
+                "table": text,
+            }
+            shown = [r for r in results if r["tokens_per_s"] and r["case"] != "ingest"]
+            bench.write(
+                result,
+                bench.path(),
+                lambda png: bar_chart(
+                    png,
+                    [f"{r['store']}: {r['method']}" for r in shown],
+                    [r["tokens_per_s"] for r in shown],
+                    "local disk vs S3 server",
+                    "tokens/s",
+                ),
+            )
+            return result
     finally:
         if server is not None:
             server.__exit__(None, None, None)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @user_errors(ValueError, RuntimeError)

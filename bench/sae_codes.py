@@ -16,28 +16,33 @@ sparse codes back through the SAE's decoder. Prints a table and writes JSON to
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
 
+from bench.common import Bench, BenchOutOptions
+from extractors.sae.format import DEFAULT_K, code_array_names, decode_codes, encode_topk
+from extractors.sae.load import LoadedSAE, load_sae, registered
 from store.arrays import array_exists
-from store.cli import config_dict, parse_config, user_errors
-from store.core import DEFAULT_STORE, Store, StoreError
+from store.cli import LayerOptions, StoreOptions, config_dict, parse_config, user_errors
+from store.core import Store, StoreError
+from store.materialize import gather
 
 
 @dataclass
-class BenchConfig:
-    """Bytes per token of SAE codes vs dense arrays, and SAE encode throughput."""
+class BenchConfig(StoreOptions, LayerOptions, BenchOutOptions):
+    """Bytes per token of SAE codes vs dense arrays, and SAE encode throughput.
 
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder (with hidden/layer_L)"})
-    layer: int = field(default=17, metadata={"help": "layer of the hidden states and the SAE"})
+    --store must hold hidden/layer_L for the one --layer (the layer of the SAE too); without
+    --out the JSON goes to the store's runs/<bench id>/sae_codes.json."""
+
+    layers: list[int] = field(default_factory=lambda: [17])
     sae: str | None = field(
         default=None,
         metadata={
@@ -49,7 +54,13 @@ class BenchConfig:
     k: int = field(default=32, metadata={"help": "k of the untrained SAE"})
     tokens: int = field(default=32768, metadata={"help": "tokens timed (gathered from the stored states)"})
     repeats: int = field(default=3, metadata={"help": "timing repeats (the best is kept)"})
-    out: str | None = field(default=None, metadata={"help": "JSON output path (default: a bench run folder)"})
+
+    def __post_init__(self) -> None:
+        self.one_layer("bench.sae_codes")
+
+    @property
+    def layer(self) -> int:
+        return self.layers[0]
 
 
 def _best(fn, repeats: int) -> float:
@@ -68,12 +79,10 @@ def _disk_bytes(store: Store, name: str) -> int | None:
 
 
 def _pick_sae(store: Store, cfg: BenchConfig, d_in: int):
-    from extractors.sae.load import LoadedSAE, load_sae, registered
-
     spec = cfg.sae or ("latest" if registered(store, cfg.layer) else None)
     if spec is not None:
         return load_sae(spec, "cpu", layer=cfg.layer, store=store)
-    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens import TopKSAE, TopKSAEConfig  # lazy: heavy, only for the untrained SAE
 
     torch.manual_seed(0)
     d_sae = cfg.d_sae or 4 * d_in
@@ -82,11 +91,8 @@ def _pick_sae(store: Store, cfg: BenchConfig, d_in: int):
 
 
 @torch.no_grad()
-def run_bench(cfg: BenchConfig) -> dict:
-    from extractors.sae.format import DEFAULT_K, code_array_names, decode_codes, encode_topk
-    from store.materialize import gather
-
-    store = Store(cfg.store)
+def measure(cfg: BenchConfig, store: Store) -> dict[str, Any]:
+    """Bytes per token (from the dtypes and, where stored, from the chunk files) and tokens/s."""
     hidden = f"hidden/layer_{cfg.layer}"
     if not array_exists(store, hidden):
         raise StoreError(
@@ -167,17 +173,18 @@ def format_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-@user_errors(ValueError, RuntimeError)
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Measure, print the table, write the JSON (see the module docstring); returns the result."""
+    with Bench("sae_codes", cfg.store, cfg.out, scratch="none", beside_store=True) as bench:
+        res = {**bench.header(cfg), **measure(cfg, bench.store)}
+        print(format_table(res))
+        bench.write(res, bench.path())
+        return res
+
+
+@user_errors(ValueError, RuntimeError, StoreError)
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(BenchConfig, argv, prog="python -m bench.sae_codes")
-    res = run_bench(cfg)
-    print(format_table(res))
-    store = Store(cfg.store)
-    bench_id = f"bench-sae-codes-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    out = Path(cfg.out) if cfg.out else store.run_dir(bench_id) / "sae_codes.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2, default=str))
-    print(f"wrote {out}")
+    run_bench(parse_config(BenchConfig, argv, prog="python -m bench.sae_codes"))
     return 0
 
 

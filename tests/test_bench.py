@@ -273,7 +273,7 @@ def test_bench_s3_measures_local_and_s3(tiny_model, model_cache, tmp_path):
     res = bench_s3.run_bench(
         bench_s3.BenchS3Config(
             model=tiny_model,
-            layer=3,
+            layers=[3],
             rows=16,
             width=64,
             unit_tokens=512,
@@ -331,3 +331,21 @@ def test_result_path_names_the_default_json_by_benchmark_model_and_device():
     assert result_path(None, "extract", "hf:Org/Model.gguf", "cpu") == Path(
         "bench_out/extract_hf-Org_Model.gguf_cpu.json"
     )
+
+
+def test_bench_sae_codes_on_a_given_store(extract_result, tmp_path, capsys):
+    """bench.sae_codes on the extracted store (an untrained SAE: none is registered): the sizes
+    from the dtypes, the stored array measured, every throughput positive, the JSON written."""
+    from bench import sae_codes as bench_sae_codes
+
+    _, store, _ = extract_result
+    out = tmp_path / "sae_codes.json"
+    res = bench_sae_codes.run_bench(
+        bench_sae_codes.BenchConfig(store=str(store), layers=[3], tokens=256, repeats=1, out=str(out))
+    )
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "sae_codes" and saved["d_in"] == 64 and saved["sae"] == "untrained"
+    assert "stored hidden/layer_3" in saved["measured"] and all(v > 0 for v in res["tokens_per_s"].values())
+    assert "bytes/token" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="takes one layer"):
+        bench_sae_codes.BenchConfig(layers=[1, 3])
