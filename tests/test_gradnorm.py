@@ -63,6 +63,7 @@ def tiny_store(small_rows, tiny_model, tmp_path_factory):
     return dst
 
 
+@pytest.mark.slow  # the real SmolLM2 model (real_store)
 def test_stored_norms_equal_plain_autograd_on_the_real_model(real_store, copy_store):
     """Layers 17 and 24 from one partial backward (batched, padded) = full-model autograd per row."""
     from extractors.model import load_model

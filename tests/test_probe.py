@@ -45,6 +45,7 @@ def _metrics(rows):
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
+@pytest.mark.slow  # the real SmolLM2 model (real_store)
 def test_needle_probe_finds_the_needle_from_real_activations(needle_run, probe_store):
     store = Store(probe_store)
     arrays = {r["name"]: r["model"] for r in store.query("SELECT name, model FROM arrays").to_pylist()}
@@ -57,6 +58,7 @@ def test_needle_probe_finds_the_needle_from_real_activations(needle_run, probe_s
     assert all(r["n_val_pos"] >= 20 and r["n_val"] > 3 * r["n_val_pos"] for r in sel)
 
 
+@pytest.mark.slow  # the real SmolLM2 model (real_store)
 def test_outputs_metadata_csv_and_plot(needle_run):
     out = needle_run.out_dir
     rows = list(csv.DictReader(open(out / "probe_metrics.csv")))
@@ -82,6 +84,7 @@ def test_outputs_metadata_csv_and_plot(needle_run):
     assert (out / "probe_auroc_by_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # the real SmolLM2 model (real_store)
 def test_run_record_names_view_and_store_version(needle_run, probe_store):
     rec = Store(probe_store).query("SELECT * FROM runs WHERE run_id = ?", [needle_run.run_id]).to_pylist()[0]
     assert rec["kind"] == "probe" and rec["status"] == "finished"
@@ -92,6 +95,7 @@ def test_run_record_names_view_and_store_version(needle_run, probe_store):
     assert json.loads(rec["metrics"])["best_layer"] in (6, 17)
 
 
+@pytest.mark.slow  # the real SmolLM2 model (real_store)
 def test_scores_back_in_the_store_and_document_monitor(needle_run, probe_store):
     from store.materialize import materialize
 
@@ -123,6 +127,7 @@ def test_scores_back_in_the_store_and_document_monitor(needle_run, probe_store):
     assert got == pytest.approx(want)
 
 
+@pytest.mark.slow  # the real SmolLM2 model (real_store)
 def test_deterministic_bit_identical_on_cpu(needle_run, probe_store, tmp_path):
     args = [
         "--store",
@@ -148,6 +153,7 @@ def test_deterministic_bit_identical_on_cpu(needle_run, probe_store, tmp_path):
     assert not torch.equal(_weights(a.out_dir, 17, 0)["coef"], _weights(a.out_dir, 17, 1)["coef"])
 
 
+@pytest.mark.slow  # the real SmolLM2 model (real_store)
 def test_class_balance_modes_differ_as_documented(probe_store, tmp_path):
     args = ["--store", str(probe_store), "--layers", "17", "--train-seeds", "0", "--no-write-scores", *FAST]
     runs = {
@@ -174,6 +180,7 @@ def test_class_balance_modes_differ_as_documented(probe_store, tmp_path):
         ["--view", "row_targets_low_quality", "--pool", "last"],  # the label from a view
     ],
 )
+@pytest.mark.slow  # the real SmolLM2 model (real_store)
 def test_row_level_metadata_probe(probe_store, how):
     cfg = load_config(
         [
@@ -210,6 +217,7 @@ def test_row_level_metadata_probe(probe_store, how):
     assert scores["n"] == 160 and scores["pos"] == row["n_train_pos"] + row["n_val_pos"]
 
 
+@pytest.mark.slow  # the real SmolLM2 model (real_store)
 def test_missing_layer_says_which_extraction_to_run(real_store):
     before = Store(real_store).query("SELECT count(*) AS n FROM runs").to_pylist()[0]["n"]
     with pytest.raises(StoreError, match=r"python -m extractors\.run --layers 12 --store .*--extract-missing"):

@@ -21,6 +21,8 @@ import torch
 
 from store.core import Store
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 model: every test here reads real_store
+
 SQL_EXAMPLE = (
     "SELECT feature, avg(mean_act) FROM sae_row_features JOIN rows USING (row_id) "
     "WHERE category='math' GROUP BY 1 ORDER BY 2 DESC LIMIT 20"

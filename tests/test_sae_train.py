@@ -25,6 +25,8 @@ import torch
 
 from store.core import Store
 
+pytestmark = pytest.mark.slow  # the real SmolLM2 model: every test here reads real_store
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
