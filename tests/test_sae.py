@@ -41,7 +41,7 @@ def trained(sae_store):
 
     return run_sae(
         SAETrainConfig(
-            layer=17,
+            layers=[17],
             store=str(sae_store),
             d_sae=D_SAE,
             k=K,
@@ -310,7 +310,7 @@ def test_standard_l1_architecture_trains(sae_store):
 
     res = run_sae(
         SAETrainConfig(
-            layer=17,
+            layers=[17],
             store=str(sae_store),
             architecture="standard",
             d_sae=256,

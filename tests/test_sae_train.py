@@ -135,7 +135,7 @@ def test_kl_of_identity_splice_is_zero_and_of_zero_splice_is_large(real_store):
     assert out["kl_mean"] == pytest.approx(0.0, abs=1e-6) and out["kl_share_above"] == 0.0
     assert out["ce_sae"] == pytest.approx(out["ce_clean"], abs=1e-6)
     assert out["kl_zero_ablation"] > 1.0 and out["kl_tokens"] == sum(len(p) for p in pos)
-    assert SAETrainConfig(layer=17).qa_max_kl == 0.5
+    assert SAETrainConfig(layers=[17]).qa_max_kl == 0.5
 
 
 def test_qa_gate_fails_untrained_and_passes_trained(real_store, copy_store, capsys, tmp_path):

@@ -60,7 +60,9 @@ def trained(sel_store, tmp_path_factory):
     dst = tmp_path_factory.mktemp("sel_w") / "store"
     shutil.copytree(sel_store, dst)
     Store(dst).refresh_catalog()
-    m = train_token_selector(TokenSelectorConfig(layer=2, store=str(dst), epochs=15, write_scores=True, progress=False))
+    m = train_token_selector(
+        TokenSelectorConfig(layers=[2], store=str(dst), epochs=15, write_scores=True, progress=False)
+    )
     return dst, m
 
 
@@ -97,7 +99,7 @@ def test_selector_beats_random_is_deterministic_and_round_trips(trained, tmp_pat
     assert m["auroc"] > 0.6 and m["n_eval_rows"] == 16
     assert Path(m["plot"]).is_file() and Path(m["weights"]).is_file()
     again = train_token_selector(
-        TokenSelectorConfig(layer=2, store=str(dst), epochs=15, progress=False, output_dir=str(tmp_path))
+        TokenSelectorConfig(layers=[2], store=str(dst), epochs=15, progress=False, output_dir=str(tmp_path))
     )
     a = TokenSelector.load(m["checkpoint"])
     b = TokenSelector.load(again["checkpoint"])

@@ -226,7 +226,7 @@ def layer_summary(assoc: pl.DataFrame, path: str | Path, *, alpha: float = 0.05)
     fig = Figure(figsize=(11, 4.2))
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     keys = assoc.select("sae", "layer").unique().sort("layer", "sae").rows()
-    names = [f"L{l}\n{s[:18]}" for s, l in keys]
+    names = [f"L{layer}\n{s[:18]}" for s, layer in keys]
     fields = sorted(assoc["field"].unique().to_list())
     w = 0.8 / max(len(fields), 1)
     for j, fld in enumerate(fields):

@@ -22,7 +22,15 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from store.cli import LayerOptions, ModelOptions, ProgressOptions, StoreOptions, _unwrap_optional, build_parser
+from store.cli import (
+    LayerOptions,
+    ModelOptions,
+    ProgressOptions,
+    StoreOptions,
+    _unwrap_optional,
+    build_parser,
+    current_prog,
+)
 
 # activation_site -> the array kind it is stored as (arrays are named "<kind>/layer_<L>").
 # resid_post is the residual stream after a decoder block, i.e. what extractors.run stores.
@@ -302,7 +310,7 @@ def load_config(argv: list[str] | None = None, prog: str = "python -m trainers.p
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
-    parser = build_parser(ProbeConfig, prog=prog)
+    parser = build_parser(ProbeConfig, prog=current_prog(prog))  # `activation-store probe` under run_command
     parser.add_argument("--config", help="YAML file of config keys (the field names above); flags override it")
     if known.config:
         parser.set_defaults(**read_yaml(known.config))

@@ -39,6 +39,7 @@ from store.cli import parse_config, user_errors
 from store.core import StoreError
 from trainers.sae.qa import qa_table
 from trainers.sae.run import SAEResult, SAETrainConfig, evaluate, hidden_array, run_sae
+from trainers.sae.sweep import run_sweep
 
 __all__ = ["SAEResult", "SAETrainConfig", "evaluate", "hidden_array", "main", "report", "run_sae"]
 
@@ -52,7 +53,8 @@ def report(res: SAEResult) -> str:
         + f"): {res.sae_path}",
         (
             f"held-out ({e['n_tokens']} tokens): explained variance {e['explained_variance']:.3f} (FVU = "
-            f"normalized MSE {e['fvu']:.3f}), MSE {e['mse']:.4g}/element, L0 {e['l0']:.1f}, dead {e['dead_fraction']:.1%}"
+            f"normalized MSE {e['fvu']:.3f}), MSE {e['mse']:.4g}/element, L0 {e['l0']:.1f}, "
+            f"dead {e['dead_fraction']:.1%}"
         ),
         "baselines: " + ", ".join(f"{k.replace('_explained_variance', '')} EV {v:.3f}" for k, v in b.items()),
     ]
@@ -88,9 +90,7 @@ def report(res: SAEResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cfg = parse_config(SAETrainConfig, argv, prog="python -m trainers.sae")
-    if cfg.layers is not None:
-        from trainers.sae.sweep import run_sweep
-
+    if cfg.sweep:
         sweep = run_sweep(cfg)
         print(sweep.table)
         print(f"sweep {sweep.run_id}: table, plot and JSON in its run folder; rows in sae_sweeps")

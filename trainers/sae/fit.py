@@ -14,8 +14,19 @@ from typing import Any
 
 import numpy as np
 
+from store.cli import config_dict
 from store.core import Store, StoreError
 from store.materialize import view_text
+from trainers.sae.checkpoint import checkpoint_dir, claim, read_checkpoint, save_checkpoint, tag_best
+from trainers.sae.train import (
+    Hooks,
+    build_training_sae,
+    init_from_sample,
+    make_orders,
+    plot_curves,
+    sample_tokens,
+    train,
+)
 
 
 def _set_metadata(
@@ -31,8 +42,6 @@ def _set_metadata(
 
 
 def _orders(run_dir: Path, n_train: int, n_epochs: int, seed: int, resuming: bool) -> np.ndarray:
-    from trainers.sae.train import make_orders
-
     orders = make_orders(n_train, n_epochs, seed)
     path = run_dir / "token_order.npy"
     if resuming and path.is_file():
@@ -48,10 +57,6 @@ def _orders(run_dir: Path, n_train: int, n_epochs: int, seed: int, resuming: boo
 
 
 def _hooks(cfg: Any, run: Any, held: Any) -> Any:
-    from store.cli import config_dict
-    from trainers.sae.checkpoint import save_checkpoint, tag_best
-    from trainers.sae.train import Hooks
-
     if not cfg.checkpoint_every:
         return None
 
@@ -81,9 +86,6 @@ def _export_best(
     best: dict[str, Any],
 ) -> str:
     """The best checkpoint as a sae-lens folder (input scale folded in): runs/<id>/sae_best."""
-    from trainers.sae.checkpoint import checkpoint_dir, read_checkpoint
-    from trainers.sae.train import build_training_sae
-
     tensors, doc = read_checkpoint(checkpoint_dir(run.dir) / f"step_{best['step']:07d}.json")
     tsae = build_training_sae(
         cfg.architecture,
@@ -122,10 +124,7 @@ def fit_and_save(
     """Save the order, train (from `resume_from` when given), save the SAE in sae-lens format
     with our metadata, plot. Returns (the saved SAE reloaded, the training mean, the untrained
     baseline SAE)."""
-    from sae_lens import SAE
-
-    from trainers.sae.checkpoint import claim
-    from trainers.sae.train import build_training_sae, init_from_sample, plot_curves, sample_tokens, train
+    from sae_lens import SAE  # lazy: sae_lens is heavy
 
     claim(run.dir)
     n_epochs = -(-(cfg.steps * cfg.batch_tokens) // n_train) + 1

@@ -24,12 +24,19 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 
+from extractors.model import check_model_hash, load_model, pick_device
 from extractors.sae.load import load_sae, write_sae_record
 from store.arrays import array_exists, open_array
 from store.catalog.runs import Run
-from store.cli import config_dict
-from store.core import DEFAULT_STORE, STORE_VERSION, Store, StoreError
-from store.materialize import view_text
+from store.catalog.tokens import read_layout, row_token_ids
+from store.cli import LayerOptions, ModelOptions, ProgressOptions, SeedOptions, StoreOptions, config_dict
+from store.core import STORE_VERSION, Store, StoreError
+from store.materialize import gather, select, view_text
+from trainers.sae import eval as sae_eval
+from trainers.sae.checkpoint import claimed_elsewhere, latest_checkpoint
+from trainers.sae.fit import fit_and_save
+from trainers.sae.qa import qa_checks
+from trainers.sae.train import count_tokens, sample_tokens, split_sql
 
 # Fields that do not change what a run computes: a resumed run may differ in these.
 NOT_MATCHED = {
@@ -43,30 +50,22 @@ NOT_MATCHED = {
     "qa_max_dead",
     "kl_bound",
     "device",
+    "compute_dtype",
     "model_cache",
-    "layers",
 }
 
 
-@dataclass
-class SAETrainConfig:
-    """Train a sae-lens SAE on one layer's stored hidden states (or sweep layers), or evaluate an existing one."""
+@dataclass(kw_only=True)
+class SAETrainConfig(StoreOptions, ModelOptions, LayerOptions, SeedOptions, ProgressOptions):
+    """Train a sae-lens SAE on one layer's stored hidden states (or sweep layers), or evaluate an existing one.
 
-    layer: int | None = field(
-        default=None,
-        metadata={
-            "help": "decoder layer whose stored hidden states (hidden/layer_L) to read; use --layers for a sweep"
-        },
-    )
-    layers: list[int] | None = field(
-        default=None,
-        metadata={
-            "help": "a layer sweep: one SAE per stored layer with "
-            "the same settings, one after another (each resumable), then a comparison "
-            "table + plot in the sweep's run folder and the sae_sweeps table"
-        },
-    )
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
+    --layer L reads hidden/layer_L; --layers L1 L2 ... is a layer sweep: one SAE per stored layer
+    with the same settings, one after another (each resumable), then a comparison table + plot in
+    the sweep's run folder and the sae_sweeps table. --seed seeds the initialization and the token
+    order. --model is the model of the CE/KL splice: it must be the one that produced the stored
+    states (checked by hash). Stored bf16 states are widened exactly to fp32; the SAE trains in
+    fp32 on --device."""
+
     architecture: Literal["topk", "standard"] = field(
         default="topk",
         metadata={
@@ -157,34 +156,12 @@ class SAETrainConfig:
             "sae-lens folder, or RELEASE/SAE_ID"
         },
     )
-    seed: int = field(default=0, metadata={"help": "seed of the initialization and of the token order"})
-    model: str = field(
-        default="embedded",
-        metadata={
-            "help": "model for the CE/KL splice; must be the one that produced the stored states (checked by hash)"
-        },
-    )
-    model_cache: str | None = field(
-        default=None, metadata={"help": "where converted models are cached (default ~/.cache/activation-store)"}
-    )
-    device: str = field(
-        default="auto",
-        metadata={
-            "help": "auto, cpu, cuda, cuda:N or mps (stored bf16 states are "
-            "widened exactly to fp32; the SAE trains in fp32)"
-        },
-    )
     log_every: int = field(default=10, metadata={"help": "steps between curve points"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
-        if self.layers is not None and len(self.layers) == 1 and self.layer in (None, self.layers[0]):
-            self.layer, self.layers = self.layers[0], None
-        if self.layers is not None and self.layer is not None:
-            raise ValueError(f"pass --layer {self.layer} or --layers {' '.join(map(str, self.layers))}, not both")
-        if self.layers is not None and len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"--layers {self.layers} repeats a layer")
-        if self.layer is None and self.layers is None and self.resume in ("auto", "never"):
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"--layers {' '.join(map(str, self.layers))} repeats a layer")
+        if not self.layers and self.resume in ("auto", "never"):
             raise ValueError("pass --layer L (one SAE), --layers L1 L2 ... (a sweep) or --resume RUN_ID")
         for name in ("steps", "batch_tokens", "k", "dead_window", "init_batches", "log_every", "eval_tokens"):
             if getattr(self, name) <= 0:
@@ -201,6 +178,15 @@ class SAETrainConfig:
             )
         if len(self.qa_l0_band) != 2 or self.qa_l0_band[0] > self.qa_l0_band[1]:
             raise ValueError(f"--qa-l0-band takes two numbers LO HI with LO <= HI, got {self.qa_l0_band}")
+
+    @property
+    def layer(self) -> int | None:
+        """The layer of a one-SAE run; None for a sweep (several layers) or before --resume RUN_ID fills it."""
+        return self.layers[0] if len(self.layers) == 1 else None
+
+    @property
+    def sweep(self) -> bool:
+        return len(self.layers) > 1
 
 
 class SAEResult(NamedTuple):
@@ -224,6 +210,16 @@ def matched(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in NOT_MATCHED}
 
 
+def stored_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A train_sae run's stored config in today's shape: records written before the shared
+    layer option (store.cli.LayerOptions) hold `layer: L` and `layers: null`."""
+    if "layer" not in config:
+        return config
+    out = {k: v for k, v in config.items() if k != "layer"}
+    out["layers"] = [config["layer"]] if config["layer"] is not None else (config.get("layers") or [])
+    return out
+
+
 def find_runs(store: Store, cfg: SAETrainConfig, *, finished: bool) -> list[str]:
     """train_sae runs of this store with cfg's settings (see NOT_MATCHED), newest first:
     finished ones, or unfinished ones (running or failed)."""
@@ -236,7 +232,7 @@ def find_runs(store: Store, cfg: SAETrainConfig, *, finished: bool) -> list[str]
     want = matched(config_dict(cfg))
     out = []
     for r in rows:
-        stored = json.loads(r["config"])
+        stored = stored_config(json.loads(r["config"]))
         if matched({k: stored.get(k) for k in want}) == want:
             out.append(r["run_id"])
     return out
@@ -244,8 +240,6 @@ def find_runs(store: Store, cfg: SAETrainConfig, *, finished: bool) -> list[str]
 
 def resolve_resume(store: Store, cfg: SAETrainConfig) -> tuple[SAETrainConfig, str | None, Path | None]:
     """(config, run id to continue or None, its latest checkpoint or None); see the module docstring."""
-    from trainers.sae.checkpoint import claimed_elsewhere, latest_checkpoint
-
     if cfg.sae is not None or cfg.resume == "never":
         return cfg, None, None
     if cfg.resume == "auto":
@@ -276,14 +270,12 @@ def resolve_resume(store: Store, cfg: SAETrainConfig) -> tuple[SAETrainConfig, s
             f"before the first); rerun with --resume never"
         )
     fields = {f.name for f in dataclasses.fields(SAETrainConfig)}
-    stored = {k: v for k, v in doc["config"].items() if k in fields and k not in NOT_MATCHED}
+    stored = {k: v for k, v in stored_config(doc["config"]).items() if k in fields and k not in NOT_MATCHED}
     return dataclasses.replace(cfg, **stored), run_id, ckpt
 
 
 def _ce_inputs(store: Store, eval_frame: Any, n_rows: int, tokenization: str):
     """Token ids of the first n eval rows (by row_id) and the view's positions in each."""
-    from store.catalog.tokens import read_layout, row_token_ids
-
     rows = sorted(eval_frame["row_id"].unique().to_list())[:n_rows]
     layout = read_layout(store, tokenization)
     start = dict(zip(layout.row_ids, layout.tok_starts, strict=False))
@@ -299,8 +291,6 @@ class HeldOut:
     at checkpoints and the final QA."""
 
     def __init__(self, store: Store, cfg: SAETrainConfig, eval_sql: str, array: str, attrs: dict[str, Any]):
-        from store.materialize import select
-
         self.store, self.cfg, self.sql, self.array, self.attrs = store, cfg, eval_sql, array, attrs
         self.frame = select(store, eval_sql, array)
         self._lm: Any = None
@@ -309,10 +299,9 @@ class HeldOut:
 
     def lm(self) -> Any:
         if self._lm is None:
-            from extractors.model import check_model_hash, load_model
-
+            cfg = self.cfg
             self._lm = load_model(
-                self.cfg.model, self.cfg.device, "auto", Path(self.cfg.model_cache) if self.cfg.model_cache else None
+                cfg.model, cfg.device, cfg.compute_dtype, Path(cfg.model_cache) if cfg.model_cache else None
             )
             check_model_hash(self._lm, self.attrs, self.array)
         return self._lm
@@ -324,16 +313,12 @@ class HeldOut:
 
     def sample(self) -> torch.Tensor:
         if self._sample is None:
-            from trainers.sae.train import sample_tokens
-
             self._sample = sample_tokens(self.store, self.sql, self.array, self.cfg.eval_tokens, seed=1)
         return self._sample
 
     def during_training(self, trainer: Any, step: int) -> dict[str, float]:
         """Held-out metrics of the training SAE (inputs scaled as in training; EV, L0 and dead
         features do not depend on the scale) and, with --ce-rows, the KL of its splice."""
-        from trainers.sae import eval as sae_eval
-
         sae, scale = trainer.sae, trainer.activation_scaler.scaling_factor
         sae.eval()
         X = self.sample().to(sae.device)
@@ -373,10 +358,6 @@ def evaluate(
     baseline_sae: Any = None,
 ) -> dict[str, Any]:
     """Reconstruction metrics on all held-out tokens, baselines, and the CE/KL splice."""
-    from store.materialize import gather
-    from trainers.sae import eval as sae_eval
-    from trainers.sae.train import sample_tokens
-
     X_eval = torch.from_numpy(gather(store, held.array, held.frame["tok_index"].to_numpy())).to(sae.device)
     out: dict[str, Any] = {"eval": sae_eval.recon_metrics(sae, X_eval)}
     n_fit = min(20000, cfg.batch_tokens * cfg.init_batches)
@@ -399,60 +380,114 @@ def evaluate(
     return out
 
 
-def run_sae(cfg: SAETrainConfig) -> SAEResult:
-    """Train (or resume, or with --sae load) the SAE, evaluate it, gate it, record everything."""
-    from extractors.model import pick_device
-    from trainers.sae.qa import qa_checks
-    from trainers.sae.train import count_tokens, split_sql
+class Inputs(NamedTuple):
+    """What one SAE run reads: the layer's array and the train / eval token selections."""
 
-    store = Store(cfg.store)
-    cfg, resume_id, ckpt = resolve_resume(store, cfg)
-    if cfg.layer is None:
-        raise ValueError("run_sae trains one layer; pass --layer L (a sweep is trainers.sae.sweep.run_sweep)")
+    array: str
+    attrs: dict[str, Any]
+    d_in: int
+    train_sql: str
+    eval_sql: str
+    n_train: int
+    n_eval: int
+
+
+def run_inputs(store: Store, cfg: SAETrainConfig) -> Inputs:
     array, attrs = hidden_array(store, cfg.layer)
     d_in = int(attrs.get("d_model") or open_array(store, array).shape[1])
     train_sql = split_sql(store, cfg.view, cfg.train_split)
     eval_sql = split_sql(store, cfg.view, cfg.eval_split)
     n_train = count_tokens(store, train_sql, array, f"--train-split {cfg.train_split}")
     n_eval = count_tokens(store, eval_sql, array, f"--eval-split {cfg.eval_split}")
-    device = str(pick_device(cfg.device))
-    loaded = load_sae(cfg.sae, device, layer=cfg.layer, store=store) if cfg.sae else None
-    if loaded is not None and loaded.d_in != d_in:
-        raise StoreError(f"SAE {cfg.sae} reads {loaded.d_in}-wide inputs, but {array} is {d_in} wide")
-    if loaded is not None and loaded.layer is not None and loaded.layer != cfg.layer:
+    return Inputs(array, attrs, d_in, train_sql, eval_sql, n_train, n_eval)
+
+
+def load_existing(store: Store, cfg: SAETrainConfig, device: str, inp: Inputs) -> Any:
+    """--sae: the SAE to evaluate, checked against the layer's array."""
+    loaded = load_sae(cfg.sae, device, layer=cfg.layer, store=store)
+    if loaded.d_in != inp.d_in:
+        raise StoreError(f"SAE {cfg.sae} reads {loaded.d_in}-wide inputs, but {inp.array} is {inp.d_in} wide")
+    if loaded.layer is not None and loaded.layer != cfg.layer:
         raise StoreError(f"SAE {cfg.sae} was trained on layer {loaded.layer}; pass --layer {loaded.layer}")
-    kind = "eval_sae" if loaded else "train_sae"
+    return loaded
+
+
+def write_records(
+    store: Store, run: Run, cfg: SAETrainConfig, inp: Inputs, sae: Any, source: str, counts: dict, metrics: dict
+) -> None:
+    """metrics.json in the run folder and the SAE's row in the `saes` table."""
+    store.write_json(
+        run.dir / "metrics.json",
+        {
+            "run_id": run.run_id,
+            "config": config_dict(cfg),
+            "view_sql": view_text(store, cfg.view),
+            "train_sql": inp.train_sql,
+            "eval_sql": inp.eval_sql,
+            "counts": counts,
+            "metrics": metrics,
+        },
+    )
+    write_sae_record(
+        store,
+        name=metrics["sae_name"],
+        layer=cfg.layer,
+        architecture=metrics["architecture"],
+        d_in=inp.d_in,
+        d_sae=int(sae.cfg.d_sae),
+        k=metrics["k"],
+        path=metrics["sae_path"],
+        source=source,
+        run_id=run.run_id,
+        metrics=metrics,
+        qa=metrics.get("qa"),
+    )
+
+
+def run_sae(cfg: SAETrainConfig) -> SAEResult:
+    """Train (or resume, or with --sae load) the SAE, evaluate it, gate it, record everything."""
+    store = Store(cfg.store)
+    cfg, resume_id, ckpt = resolve_resume(store, cfg)
+    if cfg.layer is None:
+        raise ValueError("run_sae trains one layer; pass --layer L (a sweep is trainers.sae.sweep.run_sweep)")
+    inp = run_inputs(store, cfg)
+    device = str(pick_device(cfg.device))
+    loaded = load_existing(store, cfg, device, inp) if cfg.sae else None
+    record = {
+        **config_dict(cfg),
+        "view_sql": view_text(store, cfg.view),
+        "train_sql": inp.train_sql,
+        "eval_sql": inp.eval_sql,
+        "array": inp.array,
+    }
     with Run(
         store,
-        kind,
-        {
-            **config_dict(cfg),
-            "view_sql": view_text(store, cfg.view),
-            "train_sql": train_sql,
-            "eval_sql": eval_sql,
-            "array": array,
-        },
-        model_id=attrs.get("model", ""),
-        model_hash=attrs.get("model_hash", ""),
+        "eval_sae" if loaded else "train_sae",
+        record,
+        model_id=inp.attrs.get("model", ""),
+        model_hash=inp.attrs.get("model_hash", ""),
         layers=[cfg.layer],
         run_id=resume_id,
     ) as run:
-        counts: dict[str, Any] = {"train_tokens": n_train, "eval_tokens": n_eval}
-        metrics: dict[str, Any] = {"store_version": STORE_VERSION, "layer": cfg.layer, "view": cfg.view, "array": array}
-        held = HeldOut(store, cfg, eval_sql, array, attrs)
+        counts: dict[str, Any] = {"train_tokens": inp.n_train, "eval_tokens": inp.n_eval}
+        metrics: dict[str, Any] = {
+            "store_version": STORE_VERSION,
+            "layer": cfg.layer,
+            "view": cfg.view,
+            "array": inp.array,
+        }
+        held = HeldOut(store, cfg, inp.eval_sql, inp.array, inp.attrs)
         t0 = time.perf_counter()
         if loaded is None:
-            from trainers.sae.fit import fit_and_save
-
             sae, mean_vec, baseline = fit_and_save(
                 store,
                 cfg,
                 run,
-                train_sql,
-                array,
-                d_in,
-                n_train,
-                attrs,
+                inp.train_sql,
+                inp.array,
+                inp.d_in,
+                inp.n_train,
+                inp.attrs,
                 device,
                 counts,
                 metrics,
@@ -460,47 +495,17 @@ def run_sae(cfg: SAETrainConfig) -> SAEResult:
                 resume_from=ckpt,
             )
             metrics["train_seconds"] = time.perf_counter() - t0
-            name, path, source, arch, k = (
-                run.run_id,
-                str(run.dir / "sae"),
-                "local",
-                cfg.architecture,
-                (cfg.k if cfg.architecture == "topk" else None),
-            )
+            name, path, source, arch = run.run_id, str(run.dir / "sae"), "local", cfg.architecture
+            k = cfg.k if cfg.architecture == "topk" else None
         else:
             sae, mean_vec, baseline = loaded.sae, None, None
             name, path, source, arch, k = loaded.name, loaded.path, loaded.source, loaded.architecture, loaded.k
         metrics.update(
-            evaluate(store, cfg, sae, held=held, train_sql=train_sql, mean_vec=mean_vec, baseline_sae=baseline)
+            evaluate(store, cfg, sae, held=held, train_sql=inp.train_sql, mean_vec=mean_vec, baseline_sae=baseline)
         )
         metrics.update({"sae_name": name, "sae_path": path, "architecture": arch, "d_sae": int(sae.cfg.d_sae), "k": k})
         if cfg.qa != "off":
             metrics["qa"] = qa_checks(metrics, cfg, arch, k)
-        store.write_json(
-            run.dir / "metrics.json",
-            {
-                "run_id": run.run_id,
-                "config": config_dict(cfg),
-                "view_sql": view_text(store, cfg.view),
-                "train_sql": train_sql,
-                "eval_sql": eval_sql,
-                "counts": counts,
-                "metrics": metrics,
-            },
-        )
-        write_sae_record(
-            store,
-            name=name,
-            layer=cfg.layer,
-            architecture=arch,
-            d_in=d_in,
-            d_sae=int(sae.cfg.d_sae),
-            k=k,
-            path=path,
-            source=source,
-            run_id=run.run_id,
-            metrics=metrics,
-            qa=metrics.get("qa"),
-        )
+        write_records(store, run, cfg, inp, sae, source, counts, metrics)
         run.finish(counts=counts, metrics=metrics)
     return SAEResult(run.run_id, path, name, metrics)

@@ -26,6 +26,7 @@ import numpy as np
 from store.catalog.runs import Run
 from store.cli import config_dict
 from store.core import Store, StoreError
+from trainers.sae.qa import qa_checks
 from trainers.sae.run import SAEResult, SAETrainConfig, find_runs, hidden_array, run_sae
 
 TABLE = "sae_sweeps"
@@ -92,8 +93,6 @@ def _finished(store: Store, cfg: SAETrainConfig) -> SAEResult | None:
             doc = json.loads(path.read_text())
             m = doc["metrics"]
             if cfg.qa != "off" and m.get("qa", {}).get("mode") != cfg.qa:
-                from trainers.sae.qa import qa_checks
-
                 m["qa"] = qa_checks(m, cfg, m["architecture"], m.get("k"))
             return SAEResult(run_id, m["sae_path"], m["sae_name"], m)
     return None
@@ -117,7 +116,7 @@ def table_md(rows: list[dict[str, Any]]) -> str:
 
 def plot_sweep(rows: list[dict[str, Any]], title: str) -> bytes:
     """PNG bytes: one panel per compared metric against the layer."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: matplotlib only when a sweep ends
 
     fig = Figure(figsize=(13, 6.5))  # stand-alone Figure, never pyplot
     axes = fig.subplots(2, 3)
@@ -162,7 +161,7 @@ def run_sweep(cfg: SAETrainConfig) -> SweepResult:
     rows: list[dict[str, Any]] = []
     with Run(store, "sae_sweep", config_dict(cfg), layers=list(cfg.layers)) as run:
         for layer in cfg.layers:
-            lcfg = dataclasses.replace(cfg, layer=layer, layers=None)
+            lcfg = dataclasses.replace(cfg, layers=[layer])
             prev = _finished(store, lcfg) if cfg.resume == "auto" else None
             res = prev or run_sae(lcfg)
             rows.append(_row(store, run.run_id, layer, res, reused=prev is not None))

@@ -52,10 +52,16 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import scipy.sparse as sp
+from safetensors.numpy import load_file, save_file
+from scipy.stats import spearmanr
+from sklearn.linear_model import Ridge
+from sklearn.model_selection import GroupKFold, GroupShuffleSplit, StratifiedShuffleSplit
 from tqdm.auto import tqdm
 
-from store.cli import config_dict, parse_config, user_errors
-from store.core import DEFAULT_STORE, STORE_VERSION, Store, StoreError
+from store.catalog.runs import Run
+from store.cli import LayerOptions, ProgressOptions, SeedOptions, StoreOptions, config_dict, parse_config, user_errors
+from store.core import STORE_VERSION, Store, StoreError, write_json
+from trainers.plots import save_figure
 from trainers.selection.predictor_data import (
     STATS,
     SAERows,
@@ -86,16 +92,14 @@ SCHEMA = pa.schema(
 MIN_LABELLED = 20
 
 
-@dataclass
-class PredictorConfig:
-    """Fit the SAE -> attribution predictor (see the module docstring)."""
+@dataclass(kw_only=True)
+class PredictorConfig(StoreOptions, LayerOptions, SeedOptions, ProgressOptions):
+    """Fit the SAE -> attribution predictor (see the module docstring). --layer L picks the SAE
+    tables' layer (needed when the SAE name has several); --seed seeds the split and the bootstrap."""
 
     sae: str = field(default="latest", metadata={"help": "SAE whose tables to read: a name from saes, or latest"})
     attribution: str = field(
         default="latest", metadata={"help": "attribution run whose ranks are the target, or latest"}
-    )
-    layer: int | None = field(
-        default=None, metadata={"help": "layer of the SAE tables (needed when the SAE name has several)"}
     )
     target: Literal["rank", "score"] = field(
         default="rank", metadata={"help": "regress on the attribution rank (1 = best) or its score"}
@@ -104,7 +108,6 @@ class PredictorConfig:
         default="group", metadata={"help": "hold out whole group_ids, or the same share of every category"}
     )
     test_size: float = field(default=0.25, metadata={"help": "held-out share of the labelled rows"})
-    seed: int = field(default=0, metadata={"help": "seed of the split and the bootstrap"})
     alphas: list[float] = field(
         default_factory=lambda: [float(a) for a in np.logspace(-2, 5, 15)],
         metadata={"help": "ridge alphas tried by the inner CV (default 1e-2 .. 1e5, 15 values)"},
@@ -117,10 +120,11 @@ class PredictorConfig:
         default=None,
         metadata={"help": "apply this fitted predictor run (or latest) to --apply-to instead of fitting a new one"},
     )
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store root"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    layers: list[int] = field(default_factory=list, metadata={"default_help": "the SAE's only layer"})
 
     def __post_init__(self) -> None:
+        if len(self.layers) > 1:
+            self.one_layer("the predictor")
         if not 0 < self.test_size < 1:
             raise ValueError(f"--test-size must be between 0 and 1, got {self.test_size}")
         if not 0 < self.top_frac <= 1:
@@ -131,6 +135,10 @@ class PredictorConfig:
             raise ValueError(f"--alphas must be positive numbers, got {self.alphas}")
         if self.predictor and not self.apply_to:
             raise ValueError("--predictor RUN applies a fitted predictor: it needs --apply-to OTHER_STORE")
+
+    @property
+    def layer(self) -> int | None:
+        return self.layers[0] if self.layers else None
 
 
 # ---- the model: standardisation + ridge coefficients -----------------------------------------
@@ -166,10 +174,6 @@ def predict(rows: SAERows, d: Design, coef: np.ndarray, intercept: float) -> np.
 
 
 def save_predictor(folder: Path, d: Design, coef: np.ndarray, intercept: float, info: dict[str, Any]) -> None:
-    from safetensors.numpy import save_file
-
-    from store.core import write_json
-
     n = len(STATS)
     save_file(
         {
@@ -187,8 +191,6 @@ def save_predictor(folder: Path, d: Design, coef: np.ndarray, intercept: float, 
 
 
 def load_predictor(folder: Path) -> tuple[Design, np.ndarray, float, dict[str, Any]]:
-    from safetensors.numpy import load_file
-
     t = load_file(str(folder / "predictor.safetensors"))
     info = json.loads((folder / "predictor.json").read_text())
     d = Design(t["stats_mean"], t["stats_std"], t["feature_ids"], t["feature_scale"])
@@ -203,8 +205,6 @@ def groups_of(rows: SAERows) -> np.ndarray:
 
 def split_rows(rows: SAERows, labelled: np.ndarray, mode: str, test_size: float, seed: int) -> tuple[np.ndarray, ...]:
     """(train, test) indices into rows, both subsets of `labelled` (module docstring)."""
-    from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit
-
     if mode == "group":
         groups = groups_of(rows)[labelled]
         if len(set(groups)) < 4:
@@ -232,8 +232,6 @@ def split_rows(rows: SAERows, labelled: np.ndarray, mode: str, test_size: float,
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
     if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
     return float(spearmanr(a, b).statistic)
@@ -242,8 +240,6 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 def ridge(alpha: float) -> Any:
     """scikit-learn's Ridge; on sparse input it solves by conjugate gradients, whose default tolerance
     (1e-4) left coefficients ~2% from the exact (dense Cholesky) solution: 1e-8 matches it to ~1e-6."""
-    from sklearn.linear_model import Ridge
-
     return Ridge(alpha=alpha, tol=1e-8)
 
 
@@ -251,8 +247,6 @@ def fit_ridge(
     X: sp.csr_matrix, y: np.ndarray, groups: np.ndarray, alphas: list[float], folds: int, desc: str, progress: bool
 ) -> tuple[Any, float, dict[str, float]]:
     """(Ridge fitted on all of X, y with the alpha of best mean inner-CV Spearman, alpha, {alpha: score})."""
-    from sklearn.model_selection import GroupKFold
-
     nf = min(folds, len(set(groups)))
     if nf < 2:
         raise StoreError(f"the inner CV needs >= 2 groups among the training rows, has {nf}; use more rows")
@@ -296,9 +290,7 @@ def _top_features(d: Design, coef: np.ndarray, target: str, n: int = 20) -> dict
 def _plot(
     path: Path, y: np.ndarray, preds: dict[str, np.ndarray], test: np.ndarray, target: str, metrics: dict[str, Any]
 ) -> Path:
-    from matplotlib.figure import Figure
-
-    from trainers.plots import save_figure
+    from matplotlib.figure import Figure  # lazy: matplotlib only when a run ends
 
     fig = Figure(figsize=(10.5, 4.4))
     fig.subplots_adjust(wspace=0.35)
@@ -318,14 +310,10 @@ def _plot(
 
 
 # ---- commands ----------------------------------------------------------------------------------
-def fit_predictor(cfg: PredictorConfig) -> dict[str, Any]:
-    """Fit, evaluate and write everything (module docstring); returns the metrics document."""
-    from store.catalog.runs import Run
-
-    store = Store(cfg.store)
-    sae, layer = resolve_sae(store, cfg.sae, cfg.layer)
-    _, attr_run = resolve_source(store, f"attribution:{cfg.attribution}")
-    rows = load_rows(store, sae, layer)
+def labelled_target(
+    store: Store, cfg: PredictorConfig, rows: SAERows, sae: str, layer: int, attr_run: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(y per row, NaN where the row has no attribution score; the indices of labelled rows)."""
     labels = attribution_labels(store, attr_run)
     col = 0 if cfg.target == "rank" else 1
     y = np.array([labels[r][col] if r in labels else np.nan for r in rows.row_ids], dtype=np.float64)
@@ -337,7 +325,19 @@ def fit_predictor(cfg: PredictorConfig) -> dict[str, Any]:
             f"predictor needs >= {MIN_LABELLED}: compute SAE codes for the attribution pool "
             f"(python -m extractors.run --layer {layer} --kinds sae --sae {sae}) or score more rows"
         )
-    train, test = split_rows(rows, labelled, cfg.split_mode, cfg.test_size, cfg.seed)
+    return y, labelled
+
+
+class Fits(NamedTuple):
+    design: Design  # the SAE predictor's standardisation
+    preds: dict[str, np.ndarray]  # every row's prediction by each model (sae, reward_model, metadata)
+    alphas: dict[str, float]
+    cvs: dict[str, dict[str, float]]
+    models: dict[str, Any]
+
+
+def fit_models(cfg: PredictorConfig, rows: SAERows, y: np.ndarray, train: np.ndarray) -> Fits:
+    """The SAE predictor and its two baselines, each a ridge with inner-CV alpha on the training rows."""
     groups = groups_of(rows)
     d = fit_design(rows, train)
     designs = {"sae": design_matrix(rows, d), "reward_model": _reward(rows, train), "metadata": _onehots(rows, train)}
@@ -347,15 +347,52 @@ def fit_predictor(cfg: PredictorConfig) -> dict[str, Any]:
             X[train], y[train], groups[train], cfg.alphas, cfg.inner_folds, name, cfg.progress
         )
         preds[name] = models[name].predict(X)
-    coef, intercept = np.asarray(models["sae"].coef_, dtype=np.float64), float(models["sae"].intercept_)
+    return Fits(d, preds, alphas, cvs, models)
+
+
+def write_predictions(
+    store: Store, run_id: str, cfg: PredictorConfig, rows: SAERows, pred: np.ndarray, split: np.ndarray, resolved: dict
+) -> None:
+    """Every row's SAE prediction and its split into the predictor table."""
+    n = len(rows.row_ids)
+    store.write_table(
+        TABLE,
+        pa.table(
+            {
+                "run": [run_id] * n,
+                "row_id": rows.row_ids,
+                "predicted": pred,
+                "split": split.tolist(),
+                "target": [cfg.target] * n,
+                "sae": [resolved["sae"]] * n,
+                "layer": pa.array([resolved["layer"]] * n, pa.int32()),
+                "attribution_run": [resolved["attribution_run"]] * n,
+            },
+            schema=SCHEMA,
+        ),
+        part=run_id,
+    )
+
+
+def fit_predictor(cfg: PredictorConfig) -> dict[str, Any]:
+    """Fit, evaluate and write everything (module docstring); returns the metrics document."""
+    store = Store(cfg.store)
+    sae, layer = resolve_sae(store, cfg.sae, cfg.layer)
+    _, attr_run = resolve_source(store, f"attribution:{cfg.attribution}")
+    rows = load_rows(store, sae, layer)
+    y, labelled = labelled_target(store, cfg, rows, sae, layer, attr_run)
+    train, test = split_rows(rows, labelled, cfg.split_mode, cfg.test_size, cfg.seed)
+    fits = fit_models(cfg, rows, y, train)
+    d, preds = fits.design, fits.preds
+    coef, intercept = np.asarray(fits.models["sae"].coef_, dtype=np.float64), float(fits.models["sae"].intercept_)
     rng_seed = cfg.seed
     metrics = {
         name: {
             **evaluate(preds[name][test], y[test], cfg.target, cfg.top_frac, cfg.bootstrap, rng_seed),
-            "alpha": alphas[name],
-            "inner_cv_spearman": cvs[name],
+            "alpha": fits.alphas[name],
+            "inner_cv_spearman": fits.cvs[name],
         }
-        for name in designs
+        for name in preds
     }
     diffs = {
         f"sae_minus_{b}": paired_difference(preds["sae"][test], preds[b][test], y[test], cfg.bootstrap, rng_seed)
@@ -385,7 +422,7 @@ def fit_predictor(cfg: PredictorConfig) -> dict[str, Any]:
         }
         info = {
             "run_id": run.run_id,
-            "alpha": alphas["sae"],
+            "alpha": fits.alphas["sae"],
             "intercept": intercept,
             "target": cfg.target,
             "stats": list(STATS),
@@ -407,24 +444,7 @@ def fit_predictor(cfg: PredictorConfig) -> dict[str, Any]:
             },
         }
         save_predictor(run.dir, d, coef, intercept, info)
-        n = len(rows.row_ids)
-        store.write_table(
-            TABLE,
-            pa.table(
-                {
-                    "run": [run.run_id] * n,
-                    "row_id": rows.row_ids,
-                    "predicted": preds["sae"],
-                    "split": split.tolist(),
-                    "target": [cfg.target] * n,
-                    "sae": [sae] * n,
-                    "layer": pa.array([layer] * n, pa.int32()),
-                    "attribution_run": [attr_run] * n,
-                },
-                schema=SCHEMA,
-            ),
-            part=run.run_id,
-        )
+        write_predictions(store, run.run_id, cfg, rows, preds["sae"], split, resolved)
         doc = {
             "run_id": run.run_id,
             **resolved,
@@ -454,8 +474,6 @@ def fit_predictor(cfg: PredictorConfig) -> dict[str, Any]:
 
 def apply_predictor(store: Store, run_id: str, other: Store, progress: bool = True) -> int:
     """Score every row with SAE features in `other` with predictor `run_id` of `store`; returns the count."""
-    from store.catalog.runs import Run
-
     d, coef, intercept, info = load_predictor(store.root / "runs" / run_id)
     want = info["sae_identity"]
     sae, layer = want["sae"], want["layer"]

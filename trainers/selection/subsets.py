@@ -43,9 +43,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from extractors.sft_data import select_rows_by
+from store.catalog.runs import Run
 from store.catalog.subsets import TABLE, subset_table
-from store.cli import config_dict, parse_config, user_errors
-from store.core import DEFAULT_STORE, Store, StoreError, safe_name
+from store.cli import SeedOptions, StoreOptions, config_dict, parse_config, user_errors
+from store.core import Store, StoreError, safe_name
 
 KINDS = ("top_k", "matched_random_k", "ranks", "random_from_ranks")
 SEEDED = ("matched_random_k", "random_from_ranks")
@@ -179,8 +181,6 @@ def resolve_source(store: Store, source: str) -> tuple[str, str | None]:
 
 
 def _pool(store: Store, pool_split: str) -> list[str]:
-    from extractors.sft_data import select_rows_by
-
     return select_rows_by(store, split=pool_split, flag="--pool-split")
 
 
@@ -395,18 +395,16 @@ def train_rows_sql(name: str) -> str:
 
 
 # ---- command line -----------------------------------------------------------------------------
-@dataclass
-class SubsetsConfig:
+@dataclass(kw_only=True)
+class SubsetsConfig(StoreOptions, SeedOptions):
     """Write named subsets of a ranking to the `subsets` table (see the module docstring).
 
     With --k alone: top_k and its matched_random_k (unless --no-matched); --ranks A-B: a rank
-    window; --random-from-ranks A- --k N: N rows drawn from a window."""
+    window; --random-from-ranks A- --k N: N rows drawn from a window. --seed seeds the random
+    draws (matched random, random-from-ranks, source random)."""
 
     source: str = field(metadata={"help": f"the ranking: {SOURCES}", "aliases": ["--from"]})
     k: int | None = field(default=None, metadata={"help": "subset size (top-k, matched random-k, random-from-ranks)"})
-    seed: int = field(
-        default=0, metadata={"help": "seed of the random draws (matched random, random-from-ranks, source random)"}
-    )
     overlap: Literal["exclude", "allow"] = field(
         default="exclude",
         metadata={"help": "may matched random-k share rows with top-k? exclude: drawn from the pool minus top-k"},
@@ -419,7 +417,6 @@ class SubsetsConfig:
         default=None, metadata={"help": "draw --k rows (seeded) from this rank window, e.g. 501-"}
     )
     pool_split: str = field(default="score_pool", metadata={"help": "the split whose rows are ranked"})
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store root"})
 
     def __post_init__(self) -> None:
         if self.ranks and self.random_from_ranks:
@@ -453,8 +450,6 @@ class SubsetsConfig:
 
 
 def write_subsets(cfg: SubsetsConfig) -> list[str]:
-    from store.catalog.runs import Run
-
     store = Store(cfg.store)
     with Run(store, "subsets", config_dict(cfg)) as run:
         names = [write_subset(store, spec) for spec in cfg.specs()]

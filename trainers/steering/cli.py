@@ -36,9 +36,18 @@ from safetensors.torch import save_file
 
 from store.arrays import array_exists, committed_set, open_array
 from store.catalog.runs import Run
-from store.cli import Command, config_dict, parse_config, run_command, user_errors
-from store.core import DEFAULT_STORE, STORE_VERSION, Store, StoreError, write_json
+from store.cli import Command, LayerOptions, StoreOptions, config_dict, parse_config, run_command, user_errors
+from store.core import STORE_VERSION, Store, StoreError, write_json
 from store.materialize import gather, select, view_sql
+from trainers.steering.evaluate import (
+    EvaluateConfig,
+    parse_generate,
+    print_evaluation,
+    print_generation,
+    run_evaluate,
+    run_generate,
+)
+from trainers.steering.layer_selector import write_layer_features
 from trainers.steering.token_selector import TokenSelector, latest_selector, supervised_tokens
 from trainers.steering.vectors import VECTORS_TABLE, Steering, load_steering, steer  # noqa: F401 - re-exported
 
@@ -46,12 +55,12 @@ GOOD = "quality IN ('good','excellent')"
 POOR = "quality IN ('poor','very poor')"
 
 
-@dataclass
-class ComputeConfig:
-    """Difference-of-means steering vectors per layer from two row groups of the store."""
+@dataclass(kw_only=True)
+class ComputeConfig(StoreOptions, LayerOptions):
+    """Difference-of-means steering vectors per layer from two row groups of the store: one
+    vector per layer L of --layers, each read from hidden/layer_L."""
 
-    layers: list[int] = field(metadata={"help": "layers L with hidden/layer_L in the store", "aliases": ["--layer"]})
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
+    layers: list[int]  # required: the shared --layer / --layers
     pos_sql: str = field(default=GOOD, metadata={"help": "SQL predicate over rows: the group steered towards"})
     neg_sql: str = field(default=POOR, metadata={"help": "SQL predicate over rows: the group steered away from"})
     split: str = field(default="train_base", metadata={"help": "rows the vectors come from"})
@@ -138,10 +147,19 @@ def grad_summary(store: Store, layer: int, toks: pl.DataFrame) -> tuple[float | 
     return float(g.mean()), float(g.max())
 
 
+def layer_selectors(store: Store, cfg: ComputeConfig) -> dict[int, TokenSelector | None]:
+    """With --token-rule selector, each layer's token selector (checked against its array)."""
+    selectors: dict[int, TokenSelector | None] = {L: None for L in cfg.layers}
+    if cfg.token_rule == "selector":
+        for i, L in enumerate(cfg.layers):
+            sel = TokenSelector.load(cfg.selector[i] if cfg.selector else latest_selector(store, L))
+            sel.check_array(store, f"hidden/layer_{L}")
+            selectors[L] = sel
+    return selectors
+
+
 def compute_steering(cfg: ComputeConfig) -> Steering:
     """Vectors, stats and records for every layer of cfg (see the module docstring)."""
-    from trainers.steering.layer_selector import write_layer_features
-
     store = Store(cfg.store)
     arrays = [f"hidden/layer_{L}" for L in cfg.layers]
     for a in arrays:
@@ -150,12 +168,7 @@ def compute_steering(cfg: ComputeConfig) -> Steering:
                 f"--layers: {a} is not in {store.root}; extract it: python -m extractors.run "
                 f"--layer {a.rsplit('_', 1)[1]} --store {store.root}"
             )
-    selectors: dict[int, TokenSelector | None] = {L: None for L in cfg.layers}
-    if cfg.token_rule == "selector":
-        for i, L in enumerate(cfg.layers):
-            sel = TokenSelector.load(cfg.selector[i] if cfg.selector else latest_selector(store, L))
-            sel.check_array(store, f"hidden/layer_{L}")
-            selectors[L] = sel
+    selectors = layer_selectors(store, cfg)
     pos = group_rows(store, cfg.pos_sql, cfg.split, arrays, cfg.max_rows)
     neg = group_rows(store, cfg.neg_sql, cfg.split, arrays, cfg.max_rows)
     for what, g, pred in (("--pos-sql", pos, cfg.pos_sql), ("--neg-sql", neg, cfg.neg_sql)):
@@ -256,16 +269,12 @@ def compute_main(argv: list[str] | None = None) -> int:
 
 @user_errors(ValueError, StoreError)
 def generate_main(argv: list[str] | None = None) -> int:
-    from trainers.steering.evaluate import GenerateConfig, print_generation, run_generate
-
-    print_generation(run_generate(parse_config(GenerateConfig, argv, prog="python -m trainers.steering generate")))
+    print_generation(run_generate(parse_generate(argv, prog="python -m trainers.steering generate")))
     return 0
 
 
 @user_errors(ValueError, StoreError)
 def evaluate_main(argv: list[str] | None = None) -> int:
-    from trainers.steering.evaluate import EvaluateConfig, print_evaluation, run_evaluate
-
     print_evaluation(run_evaluate(parse_config(EvaluateConfig, argv, prog="python -m trainers.steering evaluate")))
     return 0
 

@@ -3,7 +3,7 @@
 
     python -m trainers.steering generate --layers 17 --alpha 4 --prompt-view "SELECT row_id FROM rows
         WHERE category = 'math' AND split = 'eval' ORDER BY row_id LIMIT 4"
-    python -m trainers.steering generate --layers auto --top-k 2 --alpha 4   # layers from trainers.steering.layer_selector
+    python -m trainers.steering generate --layers auto --top-k 2 --alpha 4   # the layer selector's top 2
     python -m trainers.steering evaluate --alpha 4 --splits eval attr_query
     python -m trainers.steering evaluate --alpha 4 --max-rows 8 --math-rows 6 --max-new-tokens 32   # CPU-sized
 
@@ -31,9 +31,10 @@ steering run's `layer_features` rows get `effect` and the `best` label.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -43,31 +44,37 @@ from tqdm.auto import tqdm
 from extractors.gradnorm import row_tokens
 from extractors.model import check_model_hash, load_model, pad_token_id
 from store.catalog.runs import Run
-from store.cli import config_dict
-from store.core import DEFAULT_STORE, Store, StoreError, write_json
+from store.cli import (
+    LayerOptions,
+    ModelOptions,
+    ProgressOptions,
+    SeedOptions,
+    StoreOptions,
+    config_dict,
+    parse_config,
+)
+from store.core import Store, StoreError, write_json
 from store.materialize import view_sql
 from trainers.finetune.math_check import stated_answer, true_answer
 from trainers.plots import effect_by_layer
+from trainers.steering.layer_selector import LayerSelector, run_features, top_k_layers, update_layer_features
 from trainers.steering.vectors import load_steering, steer
 
 EFFECTS_TABLE = "steering_effects"
 GENERATIONS_TABLE = "steering_generations"
 
 
-@dataclass
-class GenerateConfig:
-    """Generate from rows' prompts with a steering vector added at chosen layers."""
+@dataclass(kw_only=True)
+class GenerateConfig(StoreOptions, ModelOptions, LayerOptions):
+    """Generate from rows' prompts with a steering vector added at chosen layers (--layers), or
+    at the top --top-k layers of the layer selector (no --layers, or --layers auto). --model is
+    the store's model (its hash is checked against the steering vectors' hidden states)."""
 
-    layers: list[str] = field(
-        default_factory=lambda: ["auto"],
-        metadata={
-            "help": "layers to steer at, or auto: the top --top-k layers of the layer selector",
-            "aliases": ["--layer"],
-        },
+    layers: list[int] = field(
+        default_factory=list, metadata={"default_help": "auto, the top --top-k layers of the layer selector"}
     )
     alpha: float = field(default=4.0, metadata={"help": "scale of the added vector (alpha * v_L)"})
     top_k: int = field(default=1, metadata={"help": "with --layers auto: how many layers"})
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     steering: str = field(default="latest", metadata={"help": "steering compute run id, or latest"})
     layer_selector: str = field(
         default="latest",
@@ -81,45 +88,51 @@ class GenerateConfig:
     )
     max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate per prompt"})
     batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
-    model: str = field(default="embedded", metadata={"help": "the store's model ('embedded', a Hub id or folder)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
-    model_cache: str | None = field(
-        default=None, metadata={"help": "converted-model cache (default ~/.cache/activation-store)"}
-    )
+
+    def __post_init__(self) -> None:
+        if [str(x).lower() for x in self.layers] == ["auto"]:  # the documented spelling of the default
+            self.layers = []
 
 
-@dataclass
-class EvaluateConfig:
-    """Measure each layer's steering effect on held-out rows, with bootstrap 95% CIs."""
+def parse_generate(argv: list[str] | None, prog: str) -> GenerateConfig:
+    """GenerateConfig from the command line, where `--layers auto` (as in the docs) means no --layers."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    out, i = [], 0
+    while i < len(args):
+        if args[i] in ("--layers", "--layer") and i + 1 < len(args) and args[i + 1].lower() == "auto":
+            i += 2
+            continue
+        if args[i].lower() in ("--layers=auto", "--layer=auto"):
+            i += 1
+            continue
+        out.append(args[i])
+        i += 1
+    return parse_config(GenerateConfig, out, prog=prog)
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig(StoreOptions, ModelOptions, LayerOptions, SeedOptions, ProgressOptions):
+    """Measure each layer's steering effect on held-out rows, each layer alone, with bootstrap
+    95% CIs. --seed seeds the bootstrap and the control direction; --model is the store's model."""
 
     alpha: float = field(default=4.0, metadata={"help": "scale of the added vector (alpha * v_L)"})
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     steering: str = field(default="latest", metadata={"help": "steering compute run id, or latest"})
-    layers: list[int] | None = field(
-        default=None, metadata={"help": "layers to evaluate, each alone (default: every layer of the steering run)"}
-    )
+    layers: list[int] = field(default_factory=list, metadata={"default_help": "every layer of the steering run"})
     splits: list[str] = field(default_factory=lambda: ["eval"], metadata={"help": "held-out splits to evaluate on"})
     max_rows: int = field(default=24, metadata={"help": "log-prob rows per group (first by row_id)"})
     math_rows: int = field(default=24, metadata={"help": "math rows whose generated answers are checked (0: none)"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens generated per math prompt"})
     control: bool = field(default=True, metadata={"help": "also steer with a random direction of the same norm"})
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples"})
-    seed: int = field(default=0, metadata={"help": "seed of the bootstrap and of the control direction"})
     batch_size: int = field(default=8, metadata={"help": "rows per forward / generate call"})
-    model: str = field(default="embedded", metadata={"help": "the store's model ('embedded', a Hub id or folder)"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or mps"})
-    model_cache: str | None = field(
-        default=None, metadata={"help": "converted-model cache (default ~/.cache/activation-store)"}
-    )
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         if self.max_rows < 1 or self.n_boot < 1 or self.math_rows < 0:
             raise ValueError("--max-rows and --n-boot must be at least 1, --math-rows at least 0")
 
 
-def load_lm(store: Store, cfg: Any, meta: dict[str, Any]) -> Any:
-    lm = load_model(cfg.model, cfg.device, "auto", Path(cfg.model_cache) if cfg.model_cache else None)
+def load_lm(store: Store, cfg: ModelOptions, meta: dict[str, Any]) -> Any:
+    lm = load_model(cfg.model, cfg.device, cfg.compute_dtype, Path(cfg.model_cache) if cfg.model_cache else None)
     check_model_hash(
         lm, {"model_hash": meta.get("model_hash"), "model": meta.get("model_id")}, "the steering vectors' hidden states"
     )
@@ -191,19 +204,14 @@ def control_vector(v: torch.Tensor, seed: int, layer: int) -> torch.Tensor:
 
 
 def resolve_layers(store: Store, cfg: GenerateConfig, steering: Any) -> list[int]:
-    if [s.lower() for s in cfg.layers] == ["auto"]:
-        from trainers.steering.layer_selector import LayerSelector, run_features, top_k_layers
-
+    if not cfg.layers:
         sel = (
             LayerSelector.load_latest(store)
             if cfg.layer_selector == "latest"
             else LayerSelector.load(cfg.layer_selector)
         )
         return top_k_layers(run_features(store, steering.run_id), cfg.top_k, sel)
-    try:
-        layers = [int(s) for s in cfg.layers]
-    except ValueError:
-        raise StoreError(f"--layers {' '.join(cfg.layers)}: pass layer numbers or auto") from None
+    layers = list(cfg.layers)
     bad = [L for L in layers if L not in steering.vectors]
     if bad:
         raise StoreError(
@@ -276,19 +284,18 @@ def _groups(store: Store, st: Any, splits: list[str], n: int) -> dict[str, list[
     return out
 
 
-def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    from trainers.steering.layer_selector import update_layer_features
+Condition = tuple[str, int | None, torch.Tensor | None]  # (unsteered|steered|control, layer, vector)
 
-    store = Store(cfg.store)
-    st = load_steering(store, cfg.steering)
-    layers = cfg.layers or sorted(st.vectors)
-    bad = [L for L in layers if L not in st.vectors]
-    if bad:
-        raise StoreError(f"--layers {bad[0]}: steering run {st.run_id} has layers {sorted(st.vectors)}")
-    groups = _groups(store, st, cfg.splits, cfg.max_rows)
-    tz = store.query("SELECT tokenization FROM tokenizations ORDER BY created_at DESC LIMIT 1").column(0)[0].as_py()
-    toks = row_tokens(store, tz, groups["pos"] + groups["neg"])
-    math_ids = (
+
+class MathRows(NamedTuple):
+    ids: list[str]  # math rows whose answer is recomputable from the question
+    prompts: dict[str, list[dict]]
+    truth: dict[str, int | None]
+
+
+def math_rows(store: Store, cfg: EvaluateConfig) -> MathRows:
+    """The --splits' math rows (at most --math-rows) whose answer trainers.finetune.math_check recomputes."""
+    ids = (
         store.query(
             "SELECT DISTINCT r.row_id FROM rows r JOIN split_members s USING (row_id) WHERE "
             f"list_contains(?, s.split) AND r.category = 'math' ORDER BY r.row_id LIMIT {cfg.math_rows}",
@@ -299,15 +306,156 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         if cfg.math_rows
         else []
     )
-    prompts = prompts_of(store, math_ids)
-    truth = {r: true_answer(prompts[r][-1]["content"]) for r in math_ids}
-    math_ids = [r for r in math_ids if truth[r] is not None]
-    lm = load_lm(store, cfg, st.meta)
-    conds: list[tuple[str, int | None, torch.Tensor | None]] = [("unsteered", None, None)]
+    prompts = prompts_of(store, ids)
+    truth = {r: true_answer(prompts[r][-1]["content"]) for r in ids}
+    return MathRows([r for r in ids if truth[r] is not None], prompts, truth)
+
+
+def conditions(cfg: EvaluateConfig, st: Any, layers: list[int]) -> list[Condition]:
+    """Unsteered, then per layer: steered (and, with --control, the random direction of the same norm)."""
+    conds: list[Condition] = [("unsteered", None, None)]
     for L in layers:
         conds.append(("steered", L, st.vectors[L]))
         if cfg.control:
             conds.append(("control", L, control_vector(st.vectors[L], cfg.seed, L)))
+    return conds
+
+
+def measure(
+    lm: Any, cfg: EvaluateConfig, conds: list[Condition], groups: dict[str, list[str]], toks: dict, math: MathRows
+) -> tuple[dict, dict, dict]:
+    """Per condition: each group's per-row log-probs, and the math rows' generations and correctness."""
+    lp, correct, texts = {}, {}, {}
+    bar = tqdm(total=len(conds), desc="steering evaluate", disable=not cfg.progress)
+    for name, L, v in conds:
+        ctx = steer(lm.model, {L: v}, cfg.alpha) if v is not None else steer(lm.model, {}, 0.0)
+        with ctx:
+            for g in ("pos", "neg"):
+                lp[(name, L, g)] = completion_logprobs(lm, [toks[r] for r in groups[g]], cfg.batch_size)
+            if math.ids:
+                gen = generate(lm, [math.prompts[r] for r in math.ids], cfg.max_new_tokens, cfg.batch_size)
+                texts[(name, L)] = gen
+                correct[(name, L)] = np.array(
+                    [stated_answer(t) == math.truth[r] for r, t in zip(math.ids, gen, strict=False)], float
+                )
+        bar.update(1)
+    bar.close()
+    return lp, correct, texts
+
+
+def effect_rows(
+    cfg: EvaluateConfig,
+    run_id: str,
+    st: Any,
+    conds: list[Condition],
+    lp: dict,
+    correct: dict,
+    n_math: int,
+    rng: np.random.Generator,
+) -> tuple[list[dict[str, Any]], dict, tuple[float, float, float] | None]:
+    """The bootstrap estimates: (steering_effects rows, per (condition, layer) estimates, the
+    unsteered math accuracy or None). Draws from `rng` in a fixed order, so --seed repeats them."""
+    effects, per_layer = [], {}
+    diff = lambda a, b: a.mean() - b.mean()  # noqa: E731
+    for name, L, _ in conds[1:]:
+        dp = lp[(name, L, "pos")] - lp[("unsteered", None, "pos")]
+        dn = lp[(name, L, "neg")] - lp[("unsteered", None, "neg")]
+        rec = {
+            "effect": bootstrap([dp, dn], diff, cfg.n_boot, rng),
+            "pos_change": bootstrap([dp], np.mean, cfg.n_boot, rng),
+            "neg_change": bootstrap([dn], np.mean, cfg.n_boot, rng),
+        }
+        if n_math:
+            rec["math_accuracy"] = bootstrap([correct[(name, L)]], np.mean, cfg.n_boot, rng)
+            rec["math_change"] = bootstrap(
+                [correct[(name, L)] - correct[("unsteered", None)]], np.mean, cfg.n_boot, rng
+            )
+        per_layer[(name, L)] = rec
+        for metric, (e, lo, hi) in rec.items():
+            effects.append(
+                {
+                    "run_id": run_id,
+                    "steering_run": st.run_id,
+                    "layer": L,
+                    "alpha": cfg.alpha,
+                    "condition": name,
+                    "metric": metric,
+                    "estimate": e,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "n_pos": len(dp),
+                    "n_neg": len(dn),
+                    "n_math": n_math,
+                }
+            )
+    base_acc = bootstrap([correct[("unsteered", None)]], np.mean, cfg.n_boot, rng) if n_math else None
+    if base_acc:
+        effects.append(
+            {
+                "run_id": run_id,
+                "steering_run": st.run_id,
+                "layer": None,
+                "alpha": cfg.alpha,
+                "condition": "unsteered",
+                "metric": "math_accuracy",
+                "estimate": base_acc[0],
+                "ci_low": base_acc[1],
+                "ci_high": base_acc[2],
+                "n_pos": 0,
+                "n_neg": 0,
+                "n_math": n_math,
+            }
+        )
+    return effects, per_layer, base_acc
+
+
+def plot_effects(run_dir: Path, cfg: EvaluateConfig, layers: list[int], per_layer: dict, n_math: int) -> list[str]:
+    """steering_effect_by_layer.png (and steering_math_by_layer.png with math rows); their paths."""
+    series = {"steered": tuple(np.array([per_layer[("steered", L)]["effect"][i] for L in layers]) for i in range(3))}
+    if cfg.control:
+        series["random direction, same norm"] = tuple(
+            np.array([per_layer[("control", L)]["effect"][i] for L in layers]) for i in range(3)
+        )
+    png = effect_by_layer(
+        layers,
+        series,
+        run_dir / "steering_effect_by_layer.png",
+        "log-prob effect (pos change - neg change)",
+        f"alpha {cfg.alpha}, {'/'.join(cfg.splits)}",
+    )
+    pngs = [str(png)]
+    if n_math:
+        ms = {
+            n: tuple(np.array([per_layer[(n, L)]["math_change"][i] for L in layers]) for i in range(3))
+            for n in (["steered", "control"] if cfg.control else ["steered"])
+        }
+        pngs.append(
+            str(
+                effect_by_layer(
+                    layers,
+                    ms,
+                    run_dir / "steering_math_by_layer.png",
+                    "math accuracy change (steered - unsteered)",
+                    f"alpha {cfg.alpha}",
+                )
+            )
+        )
+    return pngs
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    store = Store(cfg.store)
+    st = load_steering(store, cfg.steering)
+    layers = cfg.layers or sorted(st.vectors)
+    bad = [L for L in layers if L not in st.vectors]
+    if bad:
+        raise StoreError(f"--layers {bad[0]}: steering run {st.run_id} has layers {sorted(st.vectors)}")
+    groups = _groups(store, st, cfg.splits, cfg.max_rows)
+    tz = store.query("SELECT tokenization FROM tokenizations ORDER BY created_at DESC LIMIT 1").column(0)[0].as_py()
+    toks = row_tokens(store, tz, groups["pos"] + groups["neg"])
+    math = math_rows(store, cfg)
+    lm = load_lm(store, cfg, st.meta)
+    conds = conditions(cfg, st, layers)
     rng = np.random.default_rng(cfg.seed)
     with Run(
         store,
@@ -317,72 +465,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         model_hash=lm.model_hash,
         layers=layers,
     ) as run:
-        lp, correct, texts = {}, {}, {}
-        bar = tqdm(total=len(conds), desc="steering evaluate", disable=not cfg.progress)
-        for name, L, v in conds:
-            ctx = steer(lm.model, {L: v}, cfg.alpha) if v is not None else steer(lm.model, {}, 0.0)
-            with ctx:
-                for g in ("pos", "neg"):
-                    lp[(name, L, g)] = completion_logprobs(lm, [toks[r] for r in groups[g]], cfg.batch_size)
-                if math_ids:
-                    gen = generate(lm, [prompts[r] for r in math_ids], cfg.max_new_tokens, cfg.batch_size)
-                    texts[(name, L)] = gen
-                    correct[(name, L)] = np.array(
-                        [stated_answer(t) == truth[r] for r, t in zip(math_ids, gen, strict=False)], float
-                    )
-            bar.update(1)
-        bar.close()
-        effects, per_layer = [], {}
-        diff = lambda a, b: a.mean() - b.mean()  # noqa: E731
-        for name, L, _ in conds[1:]:
-            dp = lp[(name, L, "pos")] - lp[("unsteered", None, "pos")]
-            dn = lp[(name, L, "neg")] - lp[("unsteered", None, "neg")]
-            rec = {
-                "effect": bootstrap([dp, dn], diff, cfg.n_boot, rng),
-                "pos_change": bootstrap([dp], np.mean, cfg.n_boot, rng),
-                "neg_change": bootstrap([dn], np.mean, cfg.n_boot, rng),
-            }
-            if math_ids:
-                rec["math_accuracy"] = bootstrap([correct[(name, L)]], np.mean, cfg.n_boot, rng)
-                rec["math_change"] = bootstrap(
-                    [correct[(name, L)] - correct[("unsteered", None)]], np.mean, cfg.n_boot, rng
-                )
-            per_layer[(name, L)] = rec
-            for metric, (e, lo, hi) in rec.items():
-                effects.append(
-                    {
-                        "run_id": run.run_id,
-                        "steering_run": st.run_id,
-                        "layer": L,
-                        "alpha": cfg.alpha,
-                        "condition": name,
-                        "metric": metric,
-                        "estimate": e,
-                        "ci_low": lo,
-                        "ci_high": hi,
-                        "n_pos": len(dp),
-                        "n_neg": len(dn),
-                        "n_math": len(math_ids),
-                    }
-                )
-        base_acc = bootstrap([correct[("unsteered", None)]], np.mean, cfg.n_boot, rng) if math_ids else None
-        if base_acc:
-            effects.append(
-                {
-                    "run_id": run.run_id,
-                    "steering_run": st.run_id,
-                    "layer": None,
-                    "alpha": cfg.alpha,
-                    "condition": "unsteered",
-                    "metric": "math_accuracy",
-                    "estimate": base_acc[0],
-                    "ci_low": base_acc[1],
-                    "ci_high": base_acc[2],
-                    "n_pos": 0,
-                    "n_neg": 0,
-                    "n_math": len(math_ids),
-                }
-            )
+        lp, correct, texts = measure(lm, cfg, conds, groups, toks, math)
+        effects, per_layer, base_acc = effect_rows(cfg, run.run_id, st, conds, lp, correct, len(math.ids), rng)
         store.write_table(EFFECTS_TABLE, pa.Table.from_pylist(effects), part=run.run_id)
         eff = {L: per_layer[("steered", L)]["effect"] for L in layers}
         best = max(layers, key=lambda L: (eff[L][0], -L))
@@ -401,37 +485,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             best,
             run.run_id,
         )
-        series = {
-            "steered": tuple(np.array([per_layer[("steered", L)]["effect"][i] for L in layers]) for i in range(3))
-        }
-        if cfg.control:
-            series["random direction, same norm"] = tuple(
-                np.array([per_layer[("control", L)]["effect"][i] for L in layers]) for i in range(3)
-            )
-        png = effect_by_layer(
-            layers,
-            series,
-            run.dir / "steering_effect_by_layer.png",
-            "log-prob effect (pos change - neg change)",
-            f"alpha {cfg.alpha}, {'/'.join(cfg.splits)}",
-        )
-        pngs = [str(png)]
-        if math_ids:
-            ms = {
-                n: tuple(np.array([per_layer[(n, L)]["math_change"][i] for L in layers]) for i in range(3))
-                for n in (["steered", "control"] if cfg.control else ["steered"])
-            }
-            pngs.append(
-                str(
-                    effect_by_layer(
-                        layers,
-                        ms,
-                        run.dir / "steering_math_by_layer.png",
-                        "math accuracy change (steered - unsteered)",
-                        f"alpha {cfg.alpha}",
-                    )
-                )
-            )
+        pngs = plot_effects(run.dir, cfg, layers, per_layer, len(math.ids))
         result = {
             "run_id": run.run_id,
             "steering_run": st.run_id,
@@ -440,7 +494,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             "best": best,
             "n_pos": len(groups["pos"]),
             "n_neg": len(groups["neg"]),
-            "n_math": len(math_ids),
+            "n_math": len(math.ids),
             "unsteered_math_accuracy": base_acc,
             "per_layer": {f"{n}@{L}": v for (n, L), v in per_layer.items()},
             "plots": pngs,
@@ -448,7 +502,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         }
         write_json(run.dir / "steering_eval.json", result)
         run.finish(
-            counts={"pos_rows": len(groups["pos"]), "neg_rows": len(groups["neg"]), "math_rows": len(math_ids)},
+            counts={"pos_rows": len(groups["pos"]), "neg_rows": len(groups["neg"]), "math_rows": len(math.ids)},
             metrics={k: v for k, v in result.items() if k != "math_generations"},
         )
     return result

@@ -25,6 +25,7 @@ highest-scoring distinct layers of one run's feature rows.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,8 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from store.catalog.runs import Run
-from store.cli import config_dict, parse_config, user_errors
-from store.core import DEFAULT_STORE, STORE_VERSION, Store, StoreError
+from store.cli import ProgressOptions, SeedOptions, StoreOptions, config_dict, parse_config, user_errors
+from store.core import STORE_VERSION, Store, StoreError
 from trainers.steering.mlp import MLP, fit_mlp, load_mlp, save_mlp
 
 TABLE = "layer_features"
@@ -84,8 +85,6 @@ SCHEMA = pa.schema(
 
 def probe_aurocs(store: Store) -> dict[int, float]:
     """{layer: validation AUROC} of the newest finished probe run holding the layer."""
-    import json
-
     if not store.has_table("runs"):
         return {}
     out: dict[int, float] = {}
@@ -212,11 +211,11 @@ def top_k_layers(features: pl.DataFrame | list[dict[str, Any]], k: int, selector
     return [layers[i] for i in order[:k]]
 
 
-@dataclass
-class LayerSelectorConfig:
-    """Train the layer-selector MLP on the layer_features of evaluated steering runs."""
+@dataclass(kw_only=True)
+class LayerSelectorConfig(StoreOptions, SeedOptions, ProgressOptions):
+    """Train the layer-selector MLP on the layer_features of evaluated steering runs (--seed seeds
+    its initialisation and batch order)."""
 
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
     hidden_sizes: list[int] = field(default_factory=lambda: [16], metadata={"help": "MLP hidden layer sizes"})
     dropout: float = field(default=0.0, metadata={"help": "dropout after each hidden layer"})
     epochs: int = field(default=300, metadata={"help": "training epochs (full batch: the table is small)"})
@@ -229,9 +228,7 @@ class LayerSelectorConfig:
             "(default: negatives / positives, so both classes weigh the same)"
         },
     )
-    seed: int = field(default=0, metadata={"help": "seed of initialisation and batch order"})
     output_dir: str | None = field(default=None, metadata={"help": "checkpoint folder (default runs/<run_id>/)"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -28,6 +28,7 @@ gives each row's argmax (and top-k) supervised token on CPU.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +42,8 @@ from tqdm.auto import tqdm
 from store.arrays import array_exists, commit_unit, committed_set, create_array, open_array, record_array, write_unit
 from store.catalog.runs import Run
 from store.catalog.tokens import read_layout
-from store.cli import config_dict, parse_config, user_errors
-from store.core import DEFAULT_STORE, STORE_VERSION, Store, StoreError
+from store.cli import LayerOptions, ProgressOptions, SeedOptions, StoreOptions, config_dict, parse_config, user_errors
+from store.core import STORE_VERSION, Store, StoreError
 from store.materialize import ArrayReader, gather, select, view_text
 from trainers.plots import pr_curve
 from trainers.probes.logreg import binary_metrics
@@ -52,12 +53,14 @@ SCORES_TABLE = "selector_token_scores"
 NEEDED = ("row_id", "tok_index", "token_pos", "label", "rel_pos", "split")
 
 
-@dataclass
-class TokenSelectorConfig:
-    """Train the token-selector MLP on stored hidden states, labelled by stored gradient norms."""
+@dataclass(kw_only=True)
+class TokenSelectorConfig(StoreOptions, LayerOptions, SeedOptions, ProgressOptions):
+    """Train the token-selector MLP on stored hidden states, labelled by stored gradient norms.
 
-    layer: int = field(metadata={"help": "layer L: features from hidden/layer_L, labels from gradnorm/layer_L"})
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
+    One layer, --layer L: features from hidden/layer_L, labels from gradnorm/layer_L. --seed seeds
+    the initialisation, dropout and minibatch order."""
+
+    layers: list[int]  # required: one layer (--layer L)
     name: str = field(default="token_selector", metadata={"help": "selector name (array selector/<name>/layer_L)"})
     positives_per_sample: int = field(
         default=1, metadata={"help": "positives per row: its top-k supervised tokens by gradient norm"}
@@ -78,7 +81,6 @@ class TokenSelectorConfig:
             "(default: none, i.e. 1; e.g. 4 to balance 1 positive : 4 negatives)"
         },
     )
-    seed: int = field(default=0, metadata={"help": "seed of initialisation, dropout and minibatch order"})
     train_split: str = field(default="train_base", metadata={"help": "rows that train"})
     eval_split: str = field(default="eval", metadata={"help": "held-out rows that evaluate"})
     top_k: int = field(default=3, metadata={"help": "k of precision@k"})
@@ -92,9 +94,9 @@ class TokenSelectorConfig:
     output_dir: str | None = field(
         default=None, metadata={"help": "where the checkpoint goes (default runs/<run_id>/ of the store)"}
     )
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
+        self.one_layer("the token selector")
         for k in (
             "positives_per_sample",
             "negatives_per_positive",
@@ -109,6 +111,10 @@ class TokenSelectorConfig:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.train_split == self.eval_split:
             raise ValueError(f"--train-split and --eval-split are both {self.train_split!r}; the split is by row")
+
+    @property
+    def layer(self) -> int:
+        return self.one_layer("the token selector")
 
     def selection_sql(self) -> str:
         return (
@@ -197,8 +203,6 @@ class TokenSelector:
 
 def latest_selector(store: Store, layer: int) -> Path:
     """The checkpoint of the newest finished token_selector run of `layer`."""
-    import json
-
     if not store.has_table("runs"):
         raise StoreError(f"the store {store.root} has no runs yet")
     rows = (
