@@ -9,8 +9,10 @@
 so `peft.PeftModel.from_pretrained(base, folder)` opens it without this package), a
 `store_adapter.json` beside peft's files (our name, base model id and hash, run id), and one
 row in the `adapters` table. The adapter's name is its training run id; arrays computed on it
-carry that name (`hidden/<adapter>/layer_L`, `gradnorm/<adapter>/layer_L`), so base and
-adapter results live side by side on the same token axis.
+carry that name (`hidden/<adapter>/layer_L`, `gradnorm/<adapter>/layer_L`,
+`sae/<sae>/<adapter>/layer_L/...`: `layer_array_name`), so base and adapter results live side
+by side on the same token axis. `python -m extractors.run --adapter NAME` resolves the adapter
+once and runs every kind of the command on base + adapter (`use_adapter`).
 
 A spec is, in this order: `latest`, a name in the `adapters` table, or a folder holding a peft
 adapter (`adapter_config.json`). A folder from elsewhere (no `store_adapter.json`) is named
@@ -114,8 +116,9 @@ def _available(store: Store | None) -> str:
 
 
 def _from_row(row: dict[str, Any], store: Store) -> AdapterRef:
-    """A registered adapter; a moved store finds it at runs/<run_id>/adapter."""
-    for p in (Path(row["path"]), store.run_folder(str(row["run_id"])) / "adapter"):
+    """A registered adapter; a moved store finds it at runs/<run_id>/adapter (when it has a run)."""
+    moved = [store.run_folder(str(row["run_id"])) / "adapter"] if row["run_id"] else []
+    for p in (Path(row["path"]), *moved):
         if (p / PEFT_CONFIG).is_file():
             return AdapterRef(
                 row["adapter"], str(p), row["base_model"] or "", row["base_hash"] or "", row["run_id"] or ""
@@ -180,16 +183,17 @@ def check_base(ref: AdapterRef, model_id: str, model_hash: str) -> None:
         )
 
 
-def apply_adapter(lm: Any, spec: str, store: Store | None) -> Any:
-    """Wrap `lm.model` (a LoadedModel's) with the adapter `spec` as a peft `PeftModel` in eval mode, no
-    parameter grads; returns a LoadedModel naming base + adapter (see the module docstring). The base
-    model object is modified in place (peft injects its LoRA layers), so do not reuse `lm` as the base."""
+def apply_adapter(lm: Any, spec: str | AdapterRef, store: Store | None) -> Any:
+    """Wrap `lm.model` (a LoadedModel's) with the adapter `spec` (a spec string, or an AdapterRef
+    already resolved) as a peft `PeftModel` in eval mode, no parameter grads; returns a LoadedModel
+    naming base + adapter (see the module docstring). The base model object is modified in place
+    (peft injects its LoRA layers), so do not reuse `lm` as the base."""
     try:
-        from peft import PeftModel
+        from peft import PeftModel  # lazy: peft imports accelerate and more, and only adapter runs need it
     except ImportError as e:  # pragma: no cover - peft is a dependency
         raise RuntimeError("adapters need peft: pip install peft (or run make setup)") from e
 
-    ref = resolve_adapter(store, spec)
+    ref = spec if isinstance(spec, AdapterRef) else resolve_adapter(store, spec)
     check_base(ref, lm.model_id, lm.model_hash)
     model = PeftModel.from_pretrained(lm.model, ref.path, is_trainable=False)
     model.to(lm.device).eval()
@@ -202,10 +206,34 @@ def apply_adapter(lm: Any, spec: str, store: Store | None) -> Any:
     )
 
 
+def use_adapter(lm: Any, ref: AdapterRef | None, store: Store | None) -> Any:
+    """`lm` on base + `ref` (apply_adapter), or `lm` itself without an adapter or when it already
+    carries this one: the one way every kind of `extractors.run --adapter` gets its model."""
+    if ref is None or adapter_name(lm.model_id) == ref.name:
+        return lm
+    return apply_adapter(lm, ref, store)
+
+
 def adapter_name(model_id: str) -> str | None:
     """The adapter's name in a model id made by `apply_adapter`, else None."""
     _, sep, name = model_id.rpartition("+adapter:")
     return name if sep else None
+
+
+def base_of(model_key: str) -> str:
+    """The base model's id (or hash) in a model id (or hash) made by `apply_adapter`."""
+    return model_key.partition("+adapter:")[0]
+
+
+def layer_array_name(prefix: str, layer: int, adapter: str | None = None) -> str:
+    """`<prefix>/layer_L`, or `<prefix>/<adapter>/layer_L` for an array computed on base + adapter
+    (hidden/..., gradnorm/..., sae/<sae>/...): the same token axis, side by side with the base."""
+    return f"{prefix}/{adapter}/layer_{layer}" if adapter else f"{prefix}/layer_{layer}"
+
+
+def adapter_attrs(ref: AdapterRef) -> dict[str, str]:
+    """What an array computed on base + adapter says about the adapter (its attrs and run config)."""
+    return {"adapter": ref.name, "adapter_path": str(ref.path)}
 
 
 def write_meta(folder: Path, ref: AdapterRef, store: Store) -> None:

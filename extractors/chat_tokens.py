@@ -21,9 +21,17 @@ reuse. Each token gets:
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from store import claims
+from store.catalog.tokens import plan_layout, read_layout, tokenizations, write_tokenization
+from store.core import StoreError
+from store.scratch import scratch
 
 
 class TemplateMismatch(ValueError):
@@ -145,10 +153,7 @@ def ensure_tokenization(
     use by rank 0 (other ranks wait for it), `batch_rows` rows at a time. A store holds one
     tokenization."""
 
-    from extractors.units import wait_for
-    from store import claims
-    from store.catalog.tokens import read_layout, tokenizations
-    from store.core import StoreError
+    from extractors.units import wait_for  # lazy: extractors.units loads torch and zarr, which ingest never needs
 
     ingest_id = store.query("SELECT ingest_id FROM manifests").column(0)[0].as_py()
     tz = "tok-" + hashlib.sha256(f"{tokenizer_hash(tok)}:{ingest_id}".encode()).hexdigest()[:12]
@@ -189,14 +194,6 @@ def _tokenize(
     temporary Parquet file, the layout is planned from the per-row counts (the running sum
     needs nothing else), then each file gets its tok_index and becomes one part of `tokens`
     (store.catalog.tokens.write_tokenization). Memory holds one batch plus ~100 bytes per row."""
-    from pathlib import Path
-
-    import pyarrow.parquet as pq
-    from tqdm.auto import tqdm
-
-    from store.catalog.tokens import plan_layout, write_tokenization
-    from store.scratch import scratch
-
     if batch_rows <= 0:
         raise ValueError(f"batch_rows must be positive, got {batch_rows}")
     planned: list[tuple[str, str, int]] = []

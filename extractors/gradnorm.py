@@ -37,19 +37,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from extractors.adapters import AdapterRef, adapter_attrs, layer_array_name
 from extractors.forward import pad_batch, padding_fraction, validate_layers
 from extractors.hidden import to_device, token_index, unit_batches
 from extractors.model import decoder_layers, pad_token_id
-from extractors.units import ArrayKind, ArraySpec, UnitWork, extract_units
+from extractors.units import ArrayKind, ArraySpec, UnitOptions, UnitRun, UnitWork, extract_units
 from store.arrays import array_key, committed_in_unit
 from store.catalog.tokens import Layout
-from store.cli import config_dict
 from store.core import Store
 from store.materialize import gather
 
@@ -59,7 +60,28 @@ REDUCTIONS = ("sum", "mean")
 
 def gradnorm_array_name(layer: int, adapter: str | None = None) -> str:
     """gradnorm/layer_L, or gradnorm/<adapter>/layer_L for norms on a finetuned adapter."""
-    return f"gradnorm/{adapter}/layer_{layer}" if adapter else f"gradnorm/layer_{layer}"
+    return layer_array_name("gradnorm", layer, adapter)
+
+
+@dataclass(frozen=True)
+class GradnormSpec:
+    """What `extract_gradnorms` computes: the norms at these layers of the gradient of each row's
+    completion loss (`sum` or `mean` over its supervised tokens); with `adapter`, on base + that
+    adapter (the LoadedModel given must be wrapped already: extractors.adapters.use_adapter)."""
+
+    layers: list[int]
+    loss_reduction: str = "sum"
+    batch_tokens: int | None = None  # padded tokens per batch; None: 32768 on CUDA, 2048 on CPU
+    adapter: AdapterRef | None = None
+    run_config: dict[str, Any] = field(default_factory=dict)  # the command's config, for the run record
+
+
+class GradnormSource(Protocol):
+    """A command config that knows its gradnorm spec and engine options (extractors.pipeline.ExtractConfig)."""
+
+    def gradnorm_spec(self, adapter: AdapterRef | None = None) -> GradnormSpec: ...
+
+    def unit_options(self) -> UnitOptions: ...
 
 
 def _parts(model: Any) -> tuple[Any, Any, float | None]:
@@ -99,7 +121,7 @@ def token_grad_norms(
     """{L: [B, T] float32 ||d loss / d h_L||} for a right-padded batch, from one backward pass
     through the blocks above min(layers) (see the module docstring)."""
     layers = sorted(layers)
-    blocks = decoder_layers(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    blocks = decoder_layers(model)
     decoder, lm_head, cap = _parts(model)
     kept: dict[int, torch.Tensor] = {}
 
@@ -196,7 +218,7 @@ class GradNorms(ArrayKind):
         layers: list[int],
         batch_tokens: int,
         reduction: str = "sum",
-        adapter: Any = None,
+        adapter: AdapterRef | None = None,
     ):
         self.store, self.lm, self.layout, self.layers = store, lm, layout, sorted(layers)
         self.batch_tokens, self.reduction, self.adapter = batch_tokens, reduction, adapter
@@ -215,8 +237,7 @@ class GradNorms(ArrayKind):
             "run_id": run_id,
             "kind": "gradnorm",
             "loss_reduction": self.reduction,
-            "adapter": ad.name if ad is not None else None,
-            "adapter_path": str(ad.path) if ad is not None else None,
+            **(adapter_attrs(ad) if ad is not None else {"adapter": None, "adapter_path": None}),
             "value": "L2 norm of d(completion loss)/d(output of decoder block L) per token",
             "loss": f"cross-entropy of the supervised tokens, {self.reduction} over the row",
             "layer_convention": "output of decoder block L (0-based) = transformers hidden_states[L+1]",
@@ -327,72 +348,49 @@ def sync_values_table(
     return written
 
 
-def with_adapter(store: Store, cfg: Any, lm: Any) -> tuple[Any, Any]:
-    """(base + adapter LoadedModel, AdapterRef) for `--adapter`; refuses an adapter trained on
-    another base model (extractors.adapters.apply_adapter checks the recorded base hash)."""
-    from pathlib import Path
-
-    from extractors.adapters import adapter_name, apply_adapter, resolve_adapter
-    from extractors.model import load_model
-
-    ref = resolve_adapter(store, cfg.adapter)
-    if adapter_name(lm.model_id) == ref.name:
-        return lm, ref
-    base = load_model(cfg.model, cfg.device, cfg.compute_dtype, Path(cfg.model_cache) if cfg.model_cache else None)
-    return apply_adapter(base, cfg.adapter, store), ref
-
-
 def extract_gradnorms(
     store: Store,
-    cfg: Any,
+    spec: GradnormSpec | GradnormSource,
     lm: Any,
     layout: Layout,
     selected: list[str],
-    adapter: Any = None,
+    engine: UnitOptions | None = None,
     run_extra: dict[str, Any] | None = None,
-) -> Any:
-    """Fill gradnorm/[<adapter>/]layer_L for the selected rows, then the values table.
-    `cfg` is an ExtractConfig; `adapter` an extractors.adapters.AdapterRef (lm already wrapped);
-    `run_extra` goes into the run's config. With `cfg.adapter` (and no `adapter`), the norms are
-    taken on base + that adapter (extractors.adapters; a fresh copy of the base model is wrapped,
-    so `lm` stays the plain base for the other kinds of the same command)."""
-    if adapter is None and getattr(cfg, "adapter", None):
-        lm, adapter = with_adapter(store, cfg, lm)
-    layers = validate_layers(
-        cfg.layers,
-        len(decoder_layers(lm.model.get_base_model() if hasattr(lm.model, "get_base_model") else lm.model)),
-        lm.model_id,
-    )
-    batch_tokens = cfg.batch_tokens or (32768 if lm.device.type == "cuda" else 2048)
-    kind = GradNorms(store, lm, layout, layers, batch_tokens, cfg.loss_reduction, adapter)
-    extra = {"adapter": adapter.name, "adapter_path": str(adapter.path)} if adapter is not None else {}
+) -> UnitRun:
+    """Fill gradnorm/[<adapter>/]layer_L for the selected rows, then the values table; `lm` is the
+    model the norms are taken on (base + spec.adapter when it has one), `run_extra` goes into the
+    run's config. `spec` may also be an ExtractConfig (bench.gradnorm passes its own), which gives
+    its spec and engine options."""
+    if not isinstance(spec, GradnormSpec):
+        spec, engine = spec.gradnorm_spec(), spec.unit_options()
+    engine = engine or UnitOptions()
+    adapter = spec.adapter
+    layers = validate_layers(spec.layers, len(decoder_layers(lm.model)), lm.model_id)
+    batch_tokens = spec.batch_tokens or (32768 if lm.device.type == "cuda" else 2048)
+    kind = GradNorms(store, lm, layout, layers, batch_tokens, spec.loss_reduction, adapter)
+    extra = adapter_attrs(adapter) if adapter is not None else {}
     extra.update(run_extra or {})
     res = extract_units(
         store,
         layout,
         selected,
         kind,
-        run_config={**config_dict(cfg), **extra, "gradnorm_batch_tokens": batch_tokens},
+        run_config={**spec.run_config, **extra, "gradnorm_batch_tokens": batch_tokens},
         device=lm.device,
         model_id=lm.model_id,
         model_hash=lm.model_hash,
         layers=layers,
-        rank=cfg.rank,
-        world_size=cfg.world_size,
-        writers=cfg.writers,
-        resident=cfg.resident,
-        claim_timeout=cfg.claim_timeout,
-        progress=cfg.progress,
+        engine=engine,
     )
     name = adapter.name if adapter is not None else None
     synced = sum(
-        sync_values_table(store, layout, n, L, name, cfg.rank, cfg.world_size)
+        sync_values_table(store, layout, n, L, name, engine.rank, engine.world_size)
         for L, n in zip(layers, kind.names, strict=False)
     )
     if not res.skipped:
         c, m = res.counts, res.metrics
         print(
-            f"gradient norms {', '.join(kind.names)} ({cfg.loss_reduction} loss): {c['rows']} rows, "
+            f"gradient norms {', '.join(kind.names)} ({spec.loss_reduction} loss): {c['rows']} rows, "
             f"{c['tokens']} tokens in {m['seconds']:.1f} s ({m['tokens_per_s']:,.0f} tok/s); run {res.run_id}"
         )
         if c["rows_without_supervised_tokens"]:

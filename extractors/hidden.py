@@ -1,6 +1,7 @@
 """Hidden states in the store: the array kind behind `python -m extractors.run --layer 17`.
 
-Arrays `hidden/layer_L` ([n_slots, d_model], bf16 by default) over the store's layout,
+Arrays `hidden/layer_L` ([n_slots, d_model], bf16 by default) over the store's layout, or
+`hidden/<adapter>/layer_L` for states of base + a LoRA adapter (`--adapter`, extractors.adapters),
 filled by the unit engine (extractors.units): each unit's rows run through the model in
 length-sorted batches formed from that unit alone, with one forward pass for all requested
 layers that stops after the deepest (extractors.forward.LayerCapture).
@@ -22,9 +23,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from extractors.adapters import AdapterRef, adapter_attrs, layer_array_name
 from extractors.forward import Batch, LayerCapture, pad_batch, padding_fraction, plan_batches, validate_layers
 from extractors.model import decoder_layers, pad_token_id
-from extractors.units import ArrayKind, ArraySpec, UnitWork, extract_units
+from extractors.units import ArrayKind, ArraySpec, UnitOptions, UnitWork, extract_units
 from store.catalog.tokens import Layout, row_token_ids
 from store.core import Store
 
@@ -42,13 +44,17 @@ class ExtractResult(NamedTuple):
 
 def hidden_array_name(layer: int, adapter: str | None = None) -> str:
     """hidden/layer_L, or hidden/<adapter>/layer_L for states of a finetuned adapter."""
-    return f"hidden/{adapter}/layer_{layer}" if adapter else f"hidden/layer_{layer}"
+    return layer_array_name("hidden", layer, adapter)
 
 
 @dataclass
 class HiddenSpec:
+    """What `extract_hidden` computes: these layers' states, stored in `dtype`; with `adapter`, of
+    base + that adapter (the LoadedModel given must be wrapped already: extractors.adapters)."""
+
     layers: list[int]
     dtype: str  # storage dtype: bf16 | fp16 | fp32
+    adapter: AdapterRef | None = None
 
 
 def unit_batches(layout: Layout, rows: list[int], batch_tokens: int) -> list[Batch]:
@@ -90,9 +96,19 @@ class HiddenStates(ArrayKind):
 
     run_kind = "extract_hidden"
 
-    def __init__(self, store: Store, lm: Any, layout: Layout, layers: list[int], dtype: str, batch_tokens: int):
+    def __init__(
+        self,
+        store: Store,
+        lm: Any,
+        layout: Layout,
+        layers: list[int],
+        dtype: str,
+        batch_tokens: int,
+        adapter: AdapterRef | None = None,
+    ):
         self.lm, self.layout, self.layers, self.dtype, self.batch_tokens = lm, layout, layers, dtype, batch_tokens
-        self.names = [hidden_array_name(L) for L in layers]
+        self.adapter = adapter
+        self.names = [hidden_array_name(L, adapter.name if adapter else None) for L in layers]
         self.desc = f"extract {','.join(map(str, layers))}"
         self.store = store
         self.batches: list[Batch] = []
@@ -109,8 +125,12 @@ class HiddenStates(ArrayKind):
             "d_model": d_model,
             "layer_convention": "output of decoder block L (0-based) = transformers hidden_states[L+1]",
         }
+        extra = None
+        if self.adapter is not None:  # base arrays keep their attributes exactly as before adapters existed
+            attrs.update(adapter_attrs(self.adapter))
+            extra = {"adapter": self.adapter.name}
         return [
-            ArraySpec(n, d_model, self.dtype, {**attrs, "layer": L}, "hidden", L)
+            ArraySpec(n, d_model, self.dtype, {**attrs, "layer": L}, "hidden", L, extra)
             for L, n in zip(self.layers, self.names, strict=False)
         ]
 
@@ -183,9 +203,9 @@ def extract_hidden(
     claim_timeout: float = 3600.0,
     progress: bool = True,
 ) -> ExtractResult:
-    """Fill hidden/layer_L for the selected rows (see the module docstring)."""
+    """Fill hidden/[<adapter>/]layer_L for the selected rows (see the module docstring)."""
     layers = validate_layers(spec.layers, len(decoder_layers(lm.model)), lm.model_id)
-    kind = HiddenStates(store, lm, layout, layers, spec.dtype, batch_tokens)
+    kind = HiddenStates(store, lm, layout, layers, spec.dtype, batch_tokens, spec.adapter)
     res = extract_units(
         store,
         layout,
@@ -196,12 +216,7 @@ def extract_hidden(
         model_id=lm.model_id,
         model_hash=lm.model_hash,
         layers=layers,
-        rank=rank,
-        world_size=world_size,
-        writers=writers,
-        resident=resident,
-        claim_timeout=claim_timeout,
-        progress=progress,
+        engine=UnitOptions(rank, world_size, writers, resident, claim_timeout, progress),
     )
     if res.skipped:
         return ExtractResult(None, 0, 0, 0.0, 0.0, 0.0, 0.0, True)

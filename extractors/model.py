@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from store.core import StoreError
+
 if TYPE_CHECKING:
-    import torch
+    import torch  # lazy: annotations only (see pick_device)
 
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -43,7 +45,7 @@ def rank_cuda_device(requested: str, local_rank: int | None, n_devices: int) -> 
 def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch.device:
     """cuda when available (or asked for), else cpu; asking for an absent device is an error.
     `local_rank` (torchrun's LOCAL_RANK) picks each rank's GPU (see rank_cuda_device)."""
-    import torch
+    import torch  # lazy: this module is imported by light commands (ingest, --help) that never touch torch
 
     if requested in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device(rank_cuda_device(requested, local_rank, torch.cuda.device_count()))
@@ -58,7 +60,7 @@ def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch
 
 def pick_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
     """Compute dtype: bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and less exact)."""
-    import torch
+    import torch  # lazy: see pick_device
 
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if requested == "auto":
@@ -100,7 +102,7 @@ class ModelSource(NamedTuple):
 
 def _convert_embedded(gguf: Path, target: Path) -> float:
     """Dequantize the GGUF once into `target` (safetensors + tokenizer); returns seconds."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers takes seconds to import
 
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -150,7 +152,7 @@ def _hub_hash(model_id: str, obj: Any) -> str:
 
 
 def load_tokenizer(model: str = EMBEDDED, cache_dir: Path | None = None):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: transformers takes seconds to import
 
     src = resolve(model, cache_dir)
     return AutoTokenizer.from_pretrained(src.path)
@@ -171,7 +173,7 @@ def load_model(
     model: str = EMBEDDED, device: str = "auto", dtype: str = "auto", cache_dir: Path | None = None
 ) -> LoadedModel:
     """Load model + tokenizer for inference (eval mode, no parameter grads)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers takes seconds to import
 
     t0 = time.perf_counter()
     src = resolve(model, cache_dir)
@@ -191,7 +193,10 @@ def load_model(
 
 
 def decoder_layers(model: Any) -> Any:
-    """The list of decoder blocks of a causal LM (Llama/Mistral/Qwen/Gemma/GPT-2 layouts)."""
+    """The list of decoder blocks of a causal LM (Llama/Mistral/Qwen/Gemma/GPT-2 layouts); a peft
+    wrapper is looked through (its blocks are the base model's, with the LoRA layers injected)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers"):
         obj = model
         try:
@@ -211,8 +216,6 @@ def pad_token_id(tokenizer: Any) -> int:
 
 def check_model_hash(lm: LoadedModel, attrs: dict[str, Any], what: str, flag: str = "--model") -> None:
     """Refuse a model other than the one that produced `what` (attrs carry model + model_hash)."""
-    from store.core import StoreError
-
     want = attrs.get("model_hash")
     if want and lm.model_hash != want:
         raise StoreError(

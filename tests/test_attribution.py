@@ -180,7 +180,7 @@ def test_bad_input_gets_one_clear_error(adapted, tiny_model, capsys):
 def test_query_preconditioning_is_bergsons_damped_inverse():
     from bergson.hessians.inversion import invert_psd_matrix
 
-    from extractors.attribution.scores import damped_solve
+    from extractors.attribution.steps import damped_solve
 
     torch.manual_seed(0)
     G = torch.randn(5, 64, dtype=torch.float64)  # 5 query rows: a rank-5 Gram, as in practice

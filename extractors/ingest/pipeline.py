@@ -7,21 +7,23 @@ parses one and calls `run_ingest`); `extractors.run` and the benchmarks build on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from extractors.ingest.sources import load_source
+from extractors.ingest.steps import IngestResult, ingest
+from extractors.model import load_tokenizer
 from store import claims
-from store.core import DEFAULT_STORE, Store
+from store.cli import SeedOptions, StoreOptions
+from store.core import Store
 from store.scratch import scratch
 
-if TYPE_CHECKING:
-    from extractors.ingest.steps import IngestResult
 
+@dataclass(kw_only=True)
+class IngestConfig(StoreOptions, SeedOptions):
+    """Ingest a SmolTalk-schema dataset into the store (rows, splits, quarantine, manifest); the
+    seed draws the stratified splits, and --model's tokenizer counts each conversation's tokens."""
 
-@dataclass
-class IngestConfig:
-    """Ingest a SmolTalk-schema dataset into the store (rows, splits, quarantine, manifest)."""
-
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder (created if missing)"})
+    # the model whose tokenizer counts tokens (only the tokenizer is loaded); help from ModelOptions
+    model: str = "embedded"
     source: str = field(
         default="embedded",
         metadata={
@@ -34,7 +36,6 @@ class IngestConfig:
         metadata={"help": "Hub dataset config, e.g. smol-magpie-ultra (the default for HuggingFaceTB/smoltalk)"},
     )
     revision: str | None = field(default=None, metadata={"help": "Hub dataset revision"})
-    seed: int = field(default=0, metadata={"help": "seed of the stratified split sampling"})
     train_base: int | None = field(
         default=None,
         metadata={
@@ -54,13 +55,6 @@ class IngestConfig:
     max_conversation_tokens: int = field(
         default=2000,
         metadata={"help": "rows whose rendered conversation has more tokens are quarantined (over_token_cap)"},
-    )
-    model: str = field(
-        default="embedded",
-        metadata={
-            "help": "model whose tokenizer counts tokens: 'embedded' "
-            "(SmolLM2-135M-Instruct), a Hub id or a local folder"
-        },
     )
     sample_seed: int = field(default=0, metadata={"help": "seed of the embedded sample generator"})
     sample_train: int = field(default=1000, metadata={"help": "clean train conversations the embedded sample has"})
@@ -83,10 +77,6 @@ class IngestConfig:
 
 def run_ingest(cfg: IngestConfig, progress: bool = True) -> IngestResult:
     """Load the source and ingest it; returns the IngestResult."""
-    from extractors.ingest.sources import load_source
-    from extractors.ingest.steps import ingest
-    from extractors.model import load_tokenizer
-
     store = Store(cfg.store)
     tok = load_tokenizer(cfg.model)
     # A second process ingesting into the same store waits for the first, then finds it done.

@@ -19,9 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import pyarrow.parquet as pq
+
+from extractors.ingest.records import UNREADABLE, read_jsonl
+from extractors.ingest.sample.generate import iter_sample
 
 REQUIRED_COLUMNS = ("messages", "category", "difficulty", "quality", "reward_model_score", "conversation_tokens")
 METADATA_COLUMNS = REQUIRED_COLUMNS[1:]
@@ -67,10 +73,6 @@ def _spool_sample(seed: int, n_train: int, n_test: int, scratch: Path | None) ->
     """The embedded sample streamed to JSON-lines files, one per split, in `scratch` (the
     store's scratch folder, see store.scratch; without one, a temporary folder) (the records
     round-trip exactly: str, int, float, bool and None values only)."""
-    import tempfile
-
-    from extractors.ingest.sample.generate import iter_sample
-
     tmp = tempfile.TemporaryDirectory(prefix="embedded-sample-") if scratch is None else None
     folder = Path(tmp.name) if tmp is not None else scratch
     paths = {s: folder / f"{s}.jsonl" for s in ("train", "test")}
@@ -117,11 +119,7 @@ def check_schema(columns: list[str] | set[str], where: str) -> None:
 def _read_file(path: Path) -> list[dict]:
     """A file's records. A line of a JSON-lines file that cannot be read becomes a placeholder
     the ingest quarantines (extractors.ingest.records); a file unreadable as a whole is an error."""
-    from extractors.ingest.records import UNREADABLE, read_jsonl
-
     if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
         try:
             table = pq.read_table(path)
         except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError, ...: the file as a whole is unreadable
@@ -161,7 +159,7 @@ def _split_of(path: Path) -> str:
 
 
 def _from_datasets(ds: Any, where: str) -> dict[str, list[dict]]:
-    from datasets import DatasetDict
+    from datasets import DatasetDict  # lazy: datasets takes seconds to import; only Hub sources need it
 
     parts = ds if isinstance(ds, DatasetDict) else {"train": ds}
     out = {}
@@ -210,7 +208,7 @@ def load_source(
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
-            from datasets import load_from_disk
+            from datasets import load_from_disk  # lazy: see _from_datasets
 
             splits = _from_datasets(load_from_disk(str(path)), str(path))
             files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -236,7 +234,7 @@ def load_source(
     if "/" not in spec:
         raise SchemaError(f"--source {spec!r} is neither 'embedded', an existing path, nor a Hub id like owner/name")
     try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # lazy: see _from_datasets
 
         ds = load_dataset(spec, config, revision=revision)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds when offline
@@ -246,9 +244,16 @@ def load_source(
             "Offline, download its parquet files and pass --source <folder>, or use --source embedded"
         ) from e
     splits = _from_datasets(ds, f"{spec}/{config}")
-    rev = revision
-    try:
-        rev = rev or next(iter(ds.values())).info.version and str(next(iter(ds.values())).info.version)
-    except Exception:  # noqa: BLE001 - revision is informative only
-        pass
+    rev = revision or _dataset_version(ds)
     return Source(spec, config, rev, _hash_records(splits), splits, {s: f"{spec}/{config} [{s}]" for s in splits})
+
+
+def _dataset_version(ds: Any) -> str | None:
+    """The version a loaded Hub dataset's info states, recorded (informative only) when no
+    --revision pins one; None when it is not a DatasetDict with a split (nothing to read it from)."""
+    from datasets import DatasetDict  # lazy: see _from_datasets
+
+    if not isinstance(ds, DatasetDict) or not ds:
+        return None
+    version = next(iter(ds.values())).info.version
+    return version and str(version)

@@ -37,9 +37,11 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import pyarrow as pa
+from tqdm.auto import tqdm
 
+from extractors.chat_tokens import count_tokens
 from extractors.ingest.records import coerce
-from extractors.ingest.rows_writer import source_split_order
+from extractors.ingest.rows_writer import source_split_order, write_rows_table
 from extractors.ingest.sources import METADATA_COLUMNS, Source
 from store.core import Store, StoreError
 
@@ -230,10 +232,6 @@ def flatten_and_quarantine(
     Splits are visited train first, then the others by name, so the first copy of a repeated
     conversation is the one kept. The records stream past: what stays per row is a `Kept`
     and a 16-byte digest; quarantined records are kept whole (for the quarantine table)."""
-    from tqdm.auto import tqdm
-
-    from extractors.chat_tokens import count_tokens
-
     stats: dict[str, Any] = {"source_rows": {s: len(v) for s, v in source_splits.items()}}
     quarantine: list[Quarantined] = []
     seen: set[bytes] = set()
@@ -425,8 +423,6 @@ def write_ingest(
 ) -> list[str]:
     """Step 3: write rows (streamed from the source: extractors.ingest.rows_writer), split_members
     and quarantine, then the manifest (which marks completion). Returns the extra columns."""
-    from extractors.ingest.rows_writer import write_rows_table
-
     now = datetime.now(UTC)
     extras = write_rows_table(
         store, source_splits, chosen, batch_rows, schema=ROWS_SCHEMA, splits=SPLITS, make_row=_checked_row

@@ -21,27 +21,53 @@ run rerun with the same command finishes exactly the missing units, and a finish
 a no-op.
 When all selected rows are committed the catalog tables are (re)built from the committed
 codes: see extractors.sae.tables.
+
+With `--adapter NAME` the codes are those of base + adapter states, in
+`sae/<sae>/<adapter>/layer_L/{indices,values}` on the same token axis; their inputs come from
+`hidden/<adapter>/layer_L` where committed, else from the adapter-wrapped model. The SAE must
+have been trained on the base model's (or this adapter's) activations. The catalog tables are
+not built for adapter codes: they hold one (SAE, layer) of the base model each, keyed by `sae`
+and `layer` only, and analyses read them without an adapter filter, so adapter codes there would
+be mixed with the base's; read adapter codes from their arrays (store.materialize.gather).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from extractors.adapters import AdapterRef, adapter_attrs, base_of
 from extractors.forward import LayerCapture, pad_batch, plan_batches
+from extractors.hidden import hidden_array_name
 from extractors.model import check_model_hash, pad_token_id
 from extractors.sae.format import DEFAULT_K, code_array_names, encode_topk, index_dtype
-from extractors.sae.load import LoadedSAE, load_sae, pick_layer, write_sae_row
+from extractors.sae.load import LoadedSAE, pick_layer, write_sae_row
 from extractors.sae.tables import build_sae_tables, tables_current
-from extractors.units import ArrayKind, ArraySpec, UnitWork, extract_units, row_slices
+from extractors.units import ArrayKind, ArraySpec, UnitOptions, UnitWork, extract_units, row_slices
 from store.arrays import REAL_DTYPE, STORAGE_OF, array_exists, committed_rows, committed_set, decode, encode, open_array
 from store.catalog.tokens import Layout, row_token_ids
-from store.cli import config_dict
 from store.core import Store, StoreError
 from store.materialize import gather
+
+
+@dataclass(frozen=True)
+class SaeCodesSpec:
+    """What `extract_sae_codes` computes: the top-k codes of the SAE `sae` (the spec as given, for
+    messages) at its layer among `layers`; with `adapter`, of base + that adapter's states (the
+    LoadedModel given must be wrapped already: extractors.adapters.use_adapter)."""
+
+    sae: str
+    layers: list[int]
+    dtype: str  # storage dtype of the values (and of fresh states without a stored hidden array)
+    batch_tokens: int  # padded tokens per batch for rows that run the model
+    k: int | None = None  # slots per token for SAEs without their own k (None: DEFAULT_K)
+    adapter: AdapterRef | None = None
+    run_config: dict[str, Any] = field(default_factory=dict)  # the command's config, for the run record
 
 
 class SAECodes(ArrayKind):
@@ -59,13 +85,15 @@ class SAECodes(ArrayKind):
         k: int,
         dtype: str,
         batch_tokens: int,
+        adapter: AdapterRef | None = None,
     ):
         self.store, self.lm, self.layout, self.loaded = store, lm, layout, loaded
-        self.layer, self.k, self.dtype, self.batch_tokens = layer, k, dtype, batch_tokens
-        self.idx_name, self.val_name = code_array_names(loaded.name, layer)
+        self.layer, self.k, self.dtype, self.batch_tokens, self.adapter = layer, k, dtype, batch_tokens, adapter
+        name = adapter.name if adapter is not None else None
+        self.idx_name, self.val_name = code_array_names(loaded.name, layer, name)
         self.names = [self.idx_name, self.val_name]
         self.desc = f"SAE codes layer {layer}"
-        hidden_name = f"hidden/layer_{layer}"
+        hidden_name = hidden_array_name(layer, name)
         self.hidden = open_array(store, hidden_name) if array_exists(store, hidden_name) else None
         self.hidden_done = committed_rows(store, hidden_name) if self.hidden is not None else {}
         # Fresh states are rounded to the stored states' dtype, so both paths give one code.
@@ -92,6 +120,10 @@ class SAECodes(ArrayKind):
             "empty_slot": "value 0 (index 0)",
             "decode": "sum_j values[t,j] * W_dec[indices[t,j]] + b_dec",
         }
+        on = {}  # base arrays keep their attributes exactly as before adapters existed
+        if self.adapter is not None:
+            attrs.update(adapter_attrs(self.adapter))
+            on = {"adapter": self.adapter.name}
         return [
             ArraySpec(
                 name,
@@ -100,7 +132,7 @@ class SAECodes(ArrayKind):
                 {**attrs, "kind": f"sae_{part}", "part": part},
                 "sae",
                 self.layer,
-                {"sae": ld.name, "k": self.k, "part": part},
+                {"sae": ld.name, "k": self.k, "part": part, **on},
             )
             for name, part, dtype in (
                 (self.idx_name, "indices", index_dtype(ld.d_sae)),
@@ -157,8 +189,6 @@ class SAECodes(ArrayKind):
         return X, sum(layout.lengths[i] for i in fresh)
 
     def fill(self, work: UnitWork, lo: int, stage: dict[str, torch.Tensor], tick: Callable[[int], None]) -> None:
-        import time
-
         X, fresh = self._inputs(work.rows, lo, self.hidden_done.get(work.unit, set()))
         te = time.perf_counter()
         idx, val, trunc = encode_topk(self.loaded.sae, torch.from_numpy(X), self.k)
@@ -194,56 +224,62 @@ class SAECodes(ArrayKind):
         }
 
 
+def check_sae(loaded: LoadedSAE, lm: Any, spec: str) -> None:
+    """Refuse an SAE whose width or training model does not fit `lm`; on base + adapter, an SAE
+    trained on the base model's activations is accepted (how an SAE transfers to a finetune)."""
+    d_model = lm.model.config.hidden_size
+    if loaded.d_in != d_model:
+        raise StoreError(f"SAE {spec} reads {loaded.d_in}-wide inputs but {lm.model_id} has d_model {d_model}")
+    meta = loaded.sae.cfg.metadata
+    trained_on = {"model_hash": meta.get("store_model_hash"), "model": meta.get("model_name")}
+    if trained_on["model_hash"] != lm.model_hash:
+        lm = lm._replace(model_id=base_of(lm.model_id), model_hash=base_of(lm.model_hash))
+    check_model_hash(lm, trained_on, f"the activations SAE {spec} was trained on")
+
+
 def extract_sae_codes(
     store: Store,
-    cfg: Any,
     lm: Any,
     layout: Layout,
     selected: list[str],
-    batch_tokens: int,
-    loaded: LoadedSAE | None = None,
+    spec: SaeCodesSpec,
+    loaded: LoadedSAE,
+    engine: UnitOptions | None = None,
 ) -> str | None:
-    """Fill sae/<name>/layer_L/{indices,values} for the selected rows, then the catalog tables.
-    `loaded`: the SAE already loaded on lm.device (else cfg.sae is loaded here)."""
-    if loaded is None:
-        loaded = load_sae(cfg.sae, str(lm.device), layer=cfg.layers[0] if len(cfg.layers) == 1 else None, store=store)
-    layer = pick_layer(cfg.layers, loaded.layer, cfg.sae)
-    d_model = lm.model.config.hidden_size
-    if loaded.d_in != d_model:
-        raise StoreError(f"SAE {cfg.sae} reads {loaded.d_in}-wide inputs but {lm.model_id} has d_model {d_model}")
-    meta = loaded.sae.cfg.metadata
-    check_model_hash(
-        lm,
-        {"model_hash": meta.get("store_model_hash"), "model": meta.get("model_name")},
-        f"the activations SAE {cfg.sae} was trained on",
-    )
-    # TopK SAEs keep their own k; others keep --sae-k slots when ExtractConfig has that field.
-    k = min(loaded.k or getattr(cfg, "sae_k", None) or DEFAULT_K, loaded.d_sae)
-    kind = SAECodes(store, lm, layout, loaded, layer, k, cfg.dtype, batch_tokens)
+    """Fill sae/<name>/[<adapter>/]layer_L/{indices,values} for the selected rows, then (for the base
+    model) the catalog tables. `loaded`: the SAE, already loaded on lm.device."""
+    engine = engine or UnitOptions()
+    layer = pick_layer(spec.layers, loaded.layer, spec.sae)
+    check_sae(loaded, lm, spec.sae)
+    # TopK SAEs keep their own k; others keep --sae-k slots.
+    k = min(loaded.k or spec.k or DEFAULT_K, loaded.d_sae)
+    kind = SAECodes(store, lm, layout, loaded, layer, k, spec.dtype, spec.batch_tokens, spec.adapter)
+    extra = adapter_attrs(spec.adapter) if spec.adapter is not None else {}
     res = extract_units(
         store,
         layout,
         selected,
         kind,
-        run_config={**config_dict(cfg), "sae_name": loaded.name, "sae_path": loaded.path, "k": k, "layer": layer},
+        run_config={
+            **spec.run_config,
+            "sae_name": loaded.name,
+            "sae_path": loaded.path,
+            "k": k,
+            "layer": layer,
+            **extra,
+        },
         device=lm.device,
         model_id=lm.model_id,
         model_hash=lm.model_hash,
         layers=[layer],
-        rank=cfg.rank,
-        world_size=cfg.world_size,
-        writers=getattr(cfg, "writers", None),
-        claim_timeout=getattr(cfg, "claim_timeout", 3600.0),
-        resident=getattr(cfg, "resident", None),
-        progress=cfg.progress,
+        engine=engine,
     )
     if res.skipped:
-        if not tables_current(store, loaded.name, layer, kind.idx_name, kind.val_name):
-            print(build_sae_tables(store, loaded, layer, progress=cfg.progress))
+        _tables(store, loaded, layer, kind, spec, engine.progress, check_current=True)
         return None
     write_sae_row(store, loaded, layer, res.run_id)
     if set(selected) <= committed_set(store, kind.idx_name):
-        print(build_sae_tables(store, loaded, layer, progress=cfg.progress))
+        _tables(store, loaded, layer, kind, spec, engine.progress, check_current=False)
     c, m = res.counts, res.metrics
     print(
         f"SAE codes {kind.idx_name.rsplit('/', 1)[0]} (k {k}): {c['rows']} rows, {c['tokens']} tokens "
@@ -255,3 +291,18 @@ def extract_sae_codes(
             f"note: {c['tokens_truncated_to_k']} tokens had more than {k} active features; their codes keep the top {k}"
         )
     return res.run_id
+
+
+def _tables(
+    store: Store, loaded: LoadedSAE, layer: int, kind: SAECodes, spec: SaeCodesSpec, progress: bool, check_current: bool
+) -> None:
+    """(Re)build the catalog tables of the base model's codes (see the module docstring for adapters)."""
+    if spec.adapter is not None:
+        print(
+            f"note: no catalog tables for {kind.idx_name.rsplit('/', 1)[0]}: the SAE tables describe the base "
+            f"model's codes only; read the adapter's codes from their arrays"
+        )
+        return
+    if check_current and tables_current(store, loaded.name, layer, kind.idx_name, kind.val_name):
+        return
+    print(build_sae_tables(store, loaded, layer, progress=progress))

@@ -6,10 +6,13 @@ two token-major Zarr arrays over the store's layout:
     sae/<sae_name>/layer_<L>/indices   [n_slots, k] uint16 (int32 when d_sae > 65535)
     sae/<sae_name>/layer_<L>/values    [n_slots, k] in the run's --dtype (bf16 by default)
 
+and `sae/<sae_name>/<adapter>/layer_<L>/...` for the codes of base + a LoRA adapter's states.
+
 A slot with value 0 is empty (its index is 0), so `sum_j values[t, j] * W_dec[indices[t, j]]
 + b_dec` decodes every token. Encoding runs in fixed slices of ENCODE_SLICE tokens, so the
-codes do not depend on how a run was batched. This module is a leaf: the code extractor,
-the catalog tables, the trainers and the benchmarks all read the format from here.
+codes do not depend on how a run was batched. This module is a leaf (it takes only the
+adapter naming rule, extractors.adapters.layer_array_name): the code extractor, the catalog
+tables, the trainers and the benchmarks all read the format from here.
 """
 
 from __future__ import annotations
@@ -19,13 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from extractors.adapters import layer_array_name
+
 DEFAULT_K = 64  # slots per token for SAEs without their own k (ReLU, JumpReLU, ...)
 ENCODE_SLICE = 4096  # tokens per SAE encode call (fixed, so results do not depend on batching)
 
 
-def code_array_names(sae_name: str, layer: int) -> tuple[str, str]:
-    """(indices array, values array) of one SAE at one layer."""
-    base = f"sae/{sae_name}/layer_{layer}"
+def code_array_names(sae_name: str, layer: int, adapter: str | None = None) -> tuple[str, str]:
+    """(indices array, values array) of one SAE at one layer (of base + `adapter`'s states)."""
+    base = layer_array_name(f"sae/{sae_name}", layer, adapter)
     return f"{base}/indices", f"{base}/values"
 
 

@@ -25,12 +25,17 @@ else the release and id, else the folder name plus a hash of its weights.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import socket
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from huggingface_hub import constants
+
+from store.arrays import array_key
 from store.core import Store, StoreError
 
 HUB_TIMEOUT_S = 3.0
@@ -70,8 +75,6 @@ def sanitize(name: str) -> str:
 
 def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
     """Can we open a TCP connection to the Hugging Face Hub's endpoint?"""
-    from huggingface_hub import constants
-
     url = urlsplit(constants.ENDPOINT)
     host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -82,8 +85,6 @@ def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
 
 
 def _hf_cache_has_models() -> bool:
-    from huggingface_hub import constants
-
     cache = Path(constants.HF_HUB_CACHE)
     return cache.is_dir() and any(p.name.startswith("models--") for p in cache.iterdir())
 
@@ -116,8 +117,8 @@ def _describe(sae: Any, name: str, source: str, path: str) -> LoadedSAE:
 
 
 def load_local(path: Path, device: str = "cpu") -> LoadedSAE:
-    from sae_lens import SAE
-    from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+    from sae_lens import SAE  # lazy: sae_lens is heavy (it imports transformer_lens and more)
+    from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME  # lazy: see above
 
     if not (path / SAE_CFG_FILENAME).is_file() or not (path / SAE_WEIGHTS_FILENAME).is_file():
         raise SAELoadError(
@@ -142,8 +143,6 @@ def load_pretrained(
     check_hub: bool = True,
 ) -> LoadedSAE:
     """`SAE.from_pretrained`, failing fast and clearly when the Hub is out of reach."""
-    from huggingface_hub import constants
-
     spec = f"{release}/{sae_id}"
     online = hub_reachable() if check_hub else True
     if not online and not _hf_cache_has_models():
@@ -152,7 +151,7 @@ def load_pretrained(
             f"reachable and the local Hugging Face cache ({constants.HF_HUB_CACHE}) holds no models; "
             + _fallback(layer, store)
         )
-    from sae_lens import SAE
+    from sae_lens import SAE  # lazy: see load_local
 
     saved = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = saved or not online  # what huggingface_hub.is_offline_mode() reads
@@ -273,11 +272,6 @@ def write_sae_record(
 ) -> None:
     """One row per (SAE, layer) in the `saes` table (rewritten by later runs of that SAE); `qa`
     is the QA gate of trainers.sae.qa (columns qa_passed and qa, its table as JSON)."""
-    import json
-    from datetime import UTC, datetime
-
-    from store.arrays import array_key
-
     store.write_rows(
         "saes",
         [
@@ -310,8 +304,6 @@ def write_sae_record(
 
 def write_sae_row(store: Store, loaded: LoadedSAE, layer: int, run_id: str) -> None:
     """A `saes` row for an SAE that did not come from `python -m trainers.sae` on this store."""
-    from store.arrays import array_key
-
     if (store.table_dir("saes") / f"{array_key(f'{loaded.name}/layer_{layer}')}.parquet").exists():
         return
     write_sae_record(

@@ -30,13 +30,14 @@ stored for every token.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from extractors.hidden import hidden_array_name
 from extractors.sae.format import code_array_names, decode_codes
 from store.arrays import array_exists, array_key, committed_set, open_array
 from store.core import Store
@@ -96,12 +97,25 @@ def _group_reduce(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.nd
     return k[starts], np.add.reduceat(v, starts), np.maximum.reduceat(v, starts), np.diff(np.r_[starts, len(k)])
 
 
-def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = True) -> str:
-    """(Re)build the four tables of one (SAE, layer) from its committed codes; returns a summary."""
-    idx_name, val_name = code_array_names(loaded.name, layer)
+class _Codes(NamedTuple):
+    """The committed codes of one (SAE, layer) over its token set, flattened for grouping."""
+
+    frame: pl.DataFrame  # row_id, tok_index, token_pos, category per token, in tok_index order
+    tok: np.ndarray  # tok_index per token
+    idx: np.ndarray  # [n_tokens, k] feature ids (int64)
+    val: np.ndarray  # [n_tokens, k] activations
+    row_ids: list[str]  # the committed rows, sorted
+    r_tok: np.ndarray  # row number (into row_ids) per token
+    n_tok_row: np.ndarray  # token-set tokens per row
+    active: np.ndarray  # [n_tokens, k] val > 0
+    feat: np.ndarray  # feature id per active slot
+    act: np.ndarray  # activation per active slot
+    r_act: np.ndarray  # row number per active slot
+    t_act: np.ndarray  # token number per active slot
+
+
+def _load_codes(store: Store, idx_name: str, val_name: str, token_set: str) -> _Codes:
     rows = _committed(store, idx_name, val_name)
-    tokz = open_array(store, idx_name).attrs["tokenization"]
-    token_set = token_set_of(store, loaded)
     f = _token_frame(store, token_set, rows)
     tok = f["tok_index"].to_numpy()
     idx = gather(store, idx_name, tok).astype(np.int64)
@@ -109,17 +123,54 @@ def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = 
     row_ids = sorted(rows)
     r_of = {r: i for i, r in enumerate(row_ids)}
     r_tok = np.array([r_of[r] for r in f["row_id"].to_list()], dtype=np.int64)
-    n_tok_row = np.bincount(r_tok, minlength=len(row_ids))
-    d_sae, k = loaded.d_sae, idx.shape[1] if idx.ndim == 2 else 0
+    k = idx.shape[1] if idx.ndim == 2 else 0
     active = val > 0
-    feat, act = idx[active], val[active]
-    r_act = np.repeat(r_tok, k)[active.ravel()]
-    t_act = np.repeat(np.arange(len(tok)), k)[active.ravel()]
-    common = {"sae": loaded.name, "layer": layer}
-    n_rows = len(row_ids)
+    return _Codes(
+        f,
+        tok,
+        idx,
+        val,
+        row_ids,
+        r_tok,
+        np.bincount(r_tok, minlength=len(row_ids)),
+        active,
+        idx[active],
+        val[active],
+        np.repeat(r_tok, k)[active.ravel()],
+        np.repeat(np.arange(len(tok)), k)[active.ravel()],
+    )
 
-    # sae_row_features: (row, feature) groups
-    keys, s, mx, cnt = _group_reduce(r_act * d_sae + feat, act)
+
+def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = True) -> str:
+    """(Re)build the four tables of one (SAE, layer) from its committed codes; returns a summary."""
+    idx_name, val_name = code_array_names(loaded.name, layer)
+    tokz = open_array(store, idx_name).attrs["tokenization"]
+    token_set = token_set_of(store, loaded)
+    c = _load_codes(store, idx_name, val_name, token_set)
+    part = _part(loaded.name, layer)
+    keys, s, kr, kf = _row_features(store, loaded, layer, c, part)
+    sample_rows = _sample_stats(store, loaded, layer, c, (s, kr, kf), token_set, tokz)
+    f_cnt = _feature_stats(store, loaded, layer, c, kf, token_set, part)
+    n_top = _top_tokens(store, loaded, layer, c, tokz, part)
+    # Written last: its row set is what tables_current() compares with the committed rows.
+    store.write_rows("sae_sample_stats", sample_rows, part=part)
+    store.refresh_catalog()
+    alive = int((f_cnt > 0).sum())
+    n_rows = len(c.row_ids)
+    return (
+        f"SAE tables for {loaded.name} layer {layer} over {token_set} ({n_rows} rows, {len(c.tok)} tokens): "
+        f"sae_row_features {len(keys)} rows, sae_sample_stats {n_rows}, sae_feature_stats {loaded.d_sae} "
+        f"({alive} features fire), sae_top_tokens {n_top}"
+    )
+
+
+def _row_features(
+    store: Store, loaded: Any, layer: int, c: _Codes, part: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """sae_row_features: one row per (row, feature) group; returns (group keys, their activation
+    sums, row numbers, features) for the other tables."""
+    d_sae = loaded.d_sae
+    keys, s, mx, cnt = _group_reduce(c.r_act * d_sae + c.feat, c.act)
     kr, kf = keys // d_sae, keys % d_sae
     store.write_table(
         "sae_row_features",
@@ -127,34 +178,48 @@ def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = 
             {
                 "sae": pa.array([loaded.name] * len(keys), pa.string()),
                 "layer": pa.array(np.full(len(keys), layer), pa.int32()),
-                "row_id": pa.array(np.asarray(row_ids, dtype=object)[kr] if len(keys) else [], pa.string()),
+                "row_id": pa.array(np.asarray(c.row_ids, dtype=object)[kr] if len(keys) else [], pa.string()),
                 "feature": pa.array(kf, pa.int32()),
-                "mean_act": pa.array((s / np.maximum(n_tok_row[kr], 1)).astype(np.float32)),
+                "mean_act": pa.array((s / np.maximum(c.n_tok_row[kr], 1)).astype(np.float32)),
                 "max_act": pa.array(mx.astype(np.float32)),
                 "n_active": pa.array(cnt, pa.int32()),
             }
         ),
-        part=_part(loaded.name, layer),
+        part=part,
     )
+    return keys, s, kr, kf
 
-    # sae_sample_stats
-    l0 = active.sum(1)
-    sum_l0 = np.bincount(r_tok, weights=l0, minlength=n_rows)
+
+def _sample_stats(
+    store: Store,
+    loaded: Any,
+    layer: int,
+    c: _Codes,
+    groups: tuple[np.ndarray, np.ndarray, np.ndarray],
+    token_set: str,
+    tokz: str,
+) -> list[dict[str, Any]]:
+    """The rows of sae_sample_stats (written last by build_sae_tables)."""
+    s, kr, kf = groups
+    n_rows, n_tok_row = len(c.row_ids), c.n_tok_row
+    l0 = c.active.sum(1)
+    sum_l0 = np.bincount(c.r_tok, weights=l0, minlength=n_rows)
     max_l0 = np.zeros(n_rows, dtype=np.int64)
-    np.maximum.at(max_l0, r_tok, l0)
-    tot = np.bincount(r_act, weights=act, minlength=n_rows)
+    np.maximum.at(max_l0, c.r_tok, l0)
+    tot = np.bincount(c.r_act, weights=c.act, minlength=n_rows)
     n_feat = np.bincount(kr, minlength=n_rows)
     top_feature = np.full(n_rows, -1, dtype=np.int64)
-    if len(keys):
+    if len(kr):
         best = np.lexsort((-s, kr))  # per row, highest mean first
         first = best[np.r_[True, kr[best][1:] != kr[best][:-1]]]
         top_feature[kr[first]] = kf[first]
-    mse, rel = _recon_errors(store, loaded, layer, f, tok, idx, val, r_tok, n_rows)
+    mse, rel = _recon_errors(store, loaded, layer, c.frame, c.tok, c.idx, c.val, c.r_tok, n_rows)
     lay = store.query("SELECT row_id, n_tokens FROM row_layout WHERE tokenization = ?", [tokz]).to_pydict()
     lengths = dict(zip(lay["row_id"], lay["n_tokens"], strict=False))
-    sample_rows = [
+    return [
         {
-            **common,
+            "sae": loaded.name,
+            "layer": layer,
             "row_id": r,
             "token_set": token_set,
             "n_tokens": int(n_tok_row[i]),
@@ -167,21 +232,26 @@ def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = 
             "recon_mse": mse[i],
             "recon_rel_error": rel[i],
         }
-        for i, r in enumerate(row_ids)
+        for i, r in enumerate(c.row_ids)
     ]
 
-    # sae_feature_stats
-    n_tokens = len(tok)
+
+def _feature_stats(
+    store: Store, loaded: Any, layer: int, c: _Codes, kf: np.ndarray, token_set: str, part: str
+) -> np.ndarray:
+    """sae_feature_stats: one row per feature; returns the features' firing counts."""
+    d_sae, feat, act = loaded.d_sae, c.feat, c.act
+    n_tokens = len(c.tok)
     f_cnt = np.bincount(feat, minlength=d_sae)
     f_sum = np.bincount(feat, weights=act, minlength=d_sae)
     f_max = np.zeros(d_sae, dtype=np.float32)
     np.maximum.at(f_max, feat, act)
     f_rows = np.bincount(kf, minlength=d_sae)
-    cats = f["category"].fill_null("(none)").to_numpy().astype(str)
+    cats = c.frame["category"].fill_null("(none)").to_numpy().astype(str)
     cat_names, cat_of_tok = np.unique(cats, return_inverse=True)
     n_cat = len(cat_names)
     cat_tokens = np.bincount(cat_of_tok, minlength=n_cat)
-    fc = np.bincount(feat * n_cat + cat_of_tok[t_act], minlength=d_sae * n_cat).reshape(d_sae, n_cat)
+    fc = np.bincount(feat * n_cat + cat_of_tok[c.t_act], minlength=d_sae * n_cat).reshape(d_sae, n_cat)
     rate = f_cnt / max(n_tokens, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         lift = (fc / np.maximum(cat_tokens, 1)[None, :]) / rate[:, None]
@@ -189,9 +259,9 @@ def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = 
     top_c = np.argsort(-lift, axis=1)[:, :3]
     tc, tl = [], []
     for j in range(d_sae):
-        ok = [c for c in top_c[j] if np.isfinite(lift[j, c])]
-        tc.append([str(cat_names[c]) for c in ok])
-        tl.append([round(float(lift[j, c]), 3) for c in ok])
+        ok = [k for k in top_c[j] if np.isfinite(lift[j, k])]
+        tc.append([str(cat_names[k]) for k in ok])
+        tl.append([round(float(lift[j, k]), 3) for k in ok])
     store.write_table(
         "sae_feature_stats",
         pa.table(
@@ -209,17 +279,21 @@ def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = 
                 "top_category_lift": pa.array(tl, pa.list_(pa.float64())),
             }
         ),
-        part=_part(loaded.name, layer),
+        part=part,
     )
+    return f_cnt
 
-    # sae_top_tokens: TOP_TOKENS strongest tokens per feature
+
+def _top_tokens(store: Store, loaded: Any, layer: int, c: _Codes, tokz: str, part: str) -> int:
+    """sae_top_tokens: the TOP_TOKENS strongest tokens per feature; returns its row count."""
+    feat, act = c.feat, c.act
     order = np.lexsort((-act, feat))
     fo = feat[order]
     starts = np.flatnonzero(np.r_[True, fo[1:] != fo[:-1]]) if len(fo) else np.zeros(0, dtype=np.int64)
     rank = np.arange(len(fo)) - np.repeat(starts, np.diff(np.r_[starts, len(fo)]))
     keep = order[rank < TOP_TOKENS]
     rk = rank[rank < TOP_TOKENS]
-    tt = t_act[keep]
+    tt = c.t_act[keep]
     store.write_table(
         "sae_top_tokens",
         pa.table(
@@ -228,29 +302,21 @@ def build_sae_tables(store: Store, loaded: Any, layer: int, *, progress: bool = 
                 "layer": pa.array(np.full(len(keep), layer), pa.int32()),
                 "feature": pa.array(feat[keep], pa.int32()),
                 "rank": pa.array(rk + 1, pa.int32()),
-                "row_id": pa.array(f["row_id"].to_numpy()[tt] if len(tt) else [], pa.string()),
-                "token_pos": pa.array(f["token_pos"].to_numpy()[tt], pa.int32()),
-                "tok_index": pa.array(tok[tt], pa.int64()),
+                "row_id": pa.array(c.frame["row_id"].to_numpy()[tt] if len(tt) else [], pa.string()),
+                "token_pos": pa.array(c.frame["token_pos"].to_numpy()[tt], pa.int32()),
+                "tok_index": pa.array(c.tok[tt], pa.int64()),
                 "activation": pa.array(act[keep], pa.float32()),
                 "tokenization": pa.array([tokz] * len(keep), pa.string()),
             }
         ),
-        part=_part(loaded.name, layer),
+        part=part,
     )
-    # Written last: its row set is what tables_current() compares with the committed rows.
-    store.write_rows("sae_sample_stats", sample_rows, part=_part(loaded.name, layer))
-    store.refresh_catalog()
-    alive = int((f_cnt > 0).sum())
-    return (
-        f"SAE tables for {loaded.name} layer {layer} over {token_set} ({n_rows} rows, {n_tokens} tokens): "
-        f"sae_row_features {len(keys)} rows, sae_sample_stats {n_rows}, sae_feature_stats {d_sae} "
-        f"({alive} features fire), sae_top_tokens {len(keep)}"
-    )
+    return len(keep)
 
 
 def _recon_errors(store, loaded, layer, f, tok, idx, val, r_tok, n_rows):
     """Per row: mean ||x - x_hat||^2 and sum ||x - x_hat||^2 / sum ||x||^2 (None without stored states)."""
-    name = f"hidden/layer_{layer}"
+    name = hidden_array_name(layer)
     none = [None] * n_rows
     if not array_exists(store, name):
         return none, none

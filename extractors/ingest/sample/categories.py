@@ -351,7 +351,8 @@ def _gen_data(rng: random.Random) -> Draft:
         ),
         (
             "Is the average or the total more useful for a short list?",
-            "It depends on the question. Totals show overall volume, while averages let you compare lists of different lengths.",
+            "It depends on the question. Totals show overall volume, while averages let you compare lists of "
+            "different lengths.",
         ),
         (
             "Can you do quick calculations on lists of numbers?",

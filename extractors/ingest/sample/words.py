@@ -437,7 +437,8 @@ OPEN_TOPICS = {
             ),
             (
                 "Is it normal to struggle with {x} at first?",
-                "Completely normal. Nearly everyone finds {x} awkward at the start, and practice matters more than talent.",
+                "Completely normal. Nearly everyone finds {x} awkward at the start, and practice matters more "
+                "than talent.",
             ),
             (
                 "Why is {x} so hard to keep up for more than a few weeks?",
@@ -546,7 +547,8 @@ OPEN_TOPICS = {
             ),
             (
                 "We've run out of ideas for {x}.",
-                "That happens to every team. Looking at what your audience enjoys most is a good way to restart ideas for {x}.",
+                "That happens to every team. Looking at what your audience enjoys most is a good way to restart "
+                "ideas for {x}.",
             ),
             (
                 "Do you like brainstorming with people?",
