@@ -428,7 +428,8 @@ def attach_contexts(store: Store, top: pl.DataFrame, sae: str, layer: int, n: in
         con.register("_feat", pa.table({"feature": pa.array(sorted(set(top["feature"].to_list())), pa.int32())}))
         ctx = pl.from_arrow(
             con.sql(
-                "SELECT feature, list(replace(context, chr(10), '\\n') ORDER BY rank) AS contexts FROM sae_top_contexts "
+                "SELECT feature, list(replace(context, chr(10), '\\n') ORDER BY rank) AS contexts "
+                "FROM sae_top_contexts "
                 "WHERE sae = $sae AND layer = $layer AND rank <= $n AND feature IN (SELECT feature FROM _feat) "
                 "GROUP BY feature",
                 params={"sae": sae, "layer": layer, "n": n},

@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'layer':>5}  {'accuracy':>8}  {'agree':>6}  {'KL(final||lens)':>15}  {'CE':>7}")
     for r in t.iter_rows(named=True):
         print(
-            f"{r['layer']:>5}  {r['accuracy']:>8.3f}  {r['agreement']:>6.3f}  {r['kl_to_final']:>15.3f}  {r['ce']:>7.3f}"
+            f"{r['layer']:>5}  {r['accuracy']:>8.3f}  {r['agreement']:>6.3f}  "
+            f"{r['kl_to_final']:>15.3f}  {r['ce']:>7.3f}"
         )
     print(f"table {TABLE} (run {res.run_id}); plot {res.plot}")
     return 0

@@ -2,7 +2,8 @@
 
     python -m analytics.select_experiment --selector attribution:latest --k 500 --seeds 5
     python -m analytics.select_experiment --selector predictor:latest --k 500 --seeds 5 --max-steps 60
-    python -m analytics.select_experiment --selector attribution:latest --k 500 --seeds 3 --ablation scale --max-steps 60
+    python -m analytics.select_experiment --selector attribution:latest --k 500 --seeds 3 \
+        --ablation scale --max-steps 60
     python -m analytics.select_experiment --store /tmp/st --selector attribution:latest --k 8 --seeds 2 \
         --max-steps 2 --batch-size 4 --eval-max-rows 16 --math-max-rows 4 --max-new-tokens 24   # CPU-sized
 
@@ -234,7 +235,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
     }
     for ax, m in zip(axes, metrics, strict=False):
         width = 0.7 / max(1, len(comps))
-        for j, (name, c) in enumerate(comps.items()):
+        for j, (_name, c) in enumerate(comps.items()):
             pts = c[m]["per_seed"] + [c[m]["pooled"]]
             x = np.arange(len(pts), dtype=float)
             x[-1] += 0.5

@@ -6,7 +6,8 @@ is chunked by the layout's unit (one chunk = one unit = a run of whole rows), so
 owns whole chunks and two ranks never write the same chunk.
 
 A unit is committed by writing `catalog/array_units/<array>/u<unit>.parquet` listing the
-rows it holds (and its chunk file's size and CRC-32), only after its chunk file is fsynced. Readers trust the commit table,
+rows it holds (and its chunk file's size and CRC-32), only after its chunk file is fsynced.
+Readers trust the commit table,
 never the chunk files, so a killed writer leaves nothing visible that is half-written.
 
 Storage dtypes: zarr 3.1 has no bfloat16, so bf16 is stored as its uint16 bit pattern with

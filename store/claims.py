@@ -3,7 +3,8 @@
 Before a writer computes a unit (or ingests, or tokenizes) it claims it: it creates
 `claims/<scope>/<item>.json` (host, pid, time) only if it is absent, which exactly one
 process can do (`store.fs.create_exclusive`: locally a temp file hard-linked into place, so
-the claim appears with its content; on object storage a conditional PUT, `If-None-Match: *`). Another writer that finds the claim leaves the item to its owner and moves
+the claim appears with its content; on object storage a conditional PUT, `If-None-Match: *`). Another writer
+that finds the claim leaves the item to its owner and moves
 on; when it has nothing else left it waits for the item to be committed, or takes the claim
 over once it is stale: the owner's process is gone (same host, pid not alive) or the claim
 is older than `timeout` seconds (another host's writer that died). A takeover first renames

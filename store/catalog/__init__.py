@@ -1,1 +1,2 @@
-"""Catalog tables with code of their own, above the store core: run records (`runs`), tokenizations and their layout (`tokens`), named row sets (`subsets`)."""
+"""Catalog tables with code of their own, above the store core:
+run records (`runs`), tokenizations and their layout (`tokens`), named row sets (`subsets`)."""

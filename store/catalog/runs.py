@@ -2,7 +2,8 @@
 recorded in `manifests`).
 
 A run writes its record when it starts (status `running`), with its config also saved as
-`runs/<run_id>/config.json` (`config-rank<r>.json` per rank), and rewrites it when it ends (`finished` or `failed`); a killed
+`runs/<run_id>/config.json` (`config-rank<r>.json` per rank), and rewrites it when it ends (`finished` or `failed`);
+a killed
 run stays `running`, which is what it was. Each rank of a distributed run writes its own
 record file, so ranks never contend. A `Run` is a context manager:
 
