@@ -20,10 +20,10 @@ from store.materialize import view_text
 from trainers.sae.checkpoint import checkpoint_dir, claim, read_checkpoint, save_checkpoint, tag_best
 from trainers.sae.train import (
     Hooks,
-    build_training_sae,
     init_from_sample,
     make_orders,
     plot_curves,
+    sae_from_config,
     sample_tokens,
     train,
 )
@@ -87,17 +87,7 @@ def _export_best(
 ) -> str:
     """The best checkpoint as a sae-lens folder (input scale folded in): runs/<id>/sae_best."""
     tensors, doc = read_checkpoint(checkpoint_dir(run.dir) / f"step_{best['step']:07d}.json")
-    tsae = build_training_sae(
-        cfg.architecture,
-        d_in,
-        cfg.d_sae or 4 * d_in,
-        k=cfg.k,
-        l1_coefficient=cfg.l1_coefficient,
-        l1_warm_up_steps=cfg.l1_warm_up_steps,
-        aux_coefficient=cfg.aux_coefficient,
-        seed=cfg.seed,
-        device=device,
-    )
+    tsae = sae_from_config(cfg, d_in, device)
     tsae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
     tsae.fold_activation_norm_scaling_factor(doc["trainer"]["scaling_factor"])
     _set_metadata(tsae, cfg, run, attrs, train_sql, store, best["step"])
@@ -155,17 +145,7 @@ def fit_and_save(
         metrics["best_checkpoint"] = {**best, "path": path}
         metrics["evals"] = evals
     # The untrained baseline: same seed and initialization rule, no steps.
-    base = build_training_sae(
-        cfg.architecture,
-        d_in,
-        cfg.d_sae or 4 * d_in,
-        k=cfg.k,
-        l1_coefficient=cfg.l1_coefficient,
-        l1_warm_up_steps=cfg.l1_warm_up_steps,
-        aux_coefficient=cfg.aux_coefficient,
-        seed=cfg.seed,
-        device=device,
-    )
+    base = sae_from_config(cfg, d_in, device)
     s, _ = init_from_sample(base, sample_tokens(store, train_sql, array, cfg.batch_tokens).to(device))
     base.fold_activation_norm_scaling_factor(s)
     base.eval()

@@ -131,6 +131,22 @@ def build_training_sae(
 
 
 @torch.no_grad()
+def sae_from_config(cfg: Any, d_in: int, device: str) -> Any:
+    """A fresh seeded training SAE with a run config's architecture and coefficients (d_sae
+    defaults to 4 x d_in): the one place training, the baseline and the best export build it."""
+    return build_training_sae(
+        cfg.architecture,
+        d_in,
+        cfg.d_sae or 4 * d_in,
+        k=cfg.k,
+        l1_coefficient=cfg.l1_coefficient,
+        l1_warm_up_steps=cfg.l1_warm_up_steps,
+        aux_coefficient=cfg.aux_coefficient,
+        seed=cfg.seed,
+        device=device,
+    )
+
+
 def init_from_sample(sae: Any, sample: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Scaling factor sqrt(d_in)/mean norm (sae-lens' rule) and b_dec = the scaled mean."""
     scale = float(sae.cfg.d_in**0.5 / sample.norm(dim=-1).mean())
@@ -196,18 +212,7 @@ def build_trainer(cfg: Any, d_in: int, device: str) -> Any:
     from sae_lens import SAETrainer
     from sae_lens.config import SAETrainerConfig
 
-    d_sae = cfg.d_sae or 4 * d_in
-    sae = build_training_sae(
-        cfg.architecture,
-        d_in,
-        d_sae,
-        k=cfg.k,
-        l1_coefficient=cfg.l1_coefficient,
-        l1_warm_up_steps=cfg.l1_warm_up_steps,
-        aux_coefficient=cfg.aux_coefficient,
-        seed=cfg.seed,
-        device=device,
-    )
+    sae = sae_from_config(cfg, d_in, device)
     decay = int(cfg.steps * cfg.lr_decay_frac)
     tcfg = SAETrainerConfig(
         total_training_samples=cfg.steps * cfg.batch_tokens,
