@@ -43,8 +43,8 @@ import polars as pl
 import pyarrow as pa
 
 from analytics import stats
-from store.cli import config_dict, parse_config, user_errors
-from store.core import DEFAULT_STORE, Store, StoreError
+from store.cli import LayerOptions, ProgressOptions, StoreOptions, config_dict, parse_config, user_errors
+from store.core import Store, StoreError
 
 TABLE = "feature_metadata_assoc"
 ORDINAL_ORDERS: dict[str, list[str]] = {
@@ -75,12 +75,12 @@ SCHEMA = pa.schema(
 )
 
 
-@dataclass
-class CorrelationConfig:
-    """Associate every SAE feature with the rows' metadata (AUROC / MI / Spearman + BH)."""
+@dataclass(kw_only=True)
+class CorrelationConfig(StoreOptions, LayerOptions, ProgressOptions):
+    """Associate every SAE feature with the rows' metadata (AUROC / MI / Spearman + BH).
+    One layer, --layer L: the SAE of that layer whose row features are analysed."""
 
-    layer: int = field(metadata={"help": "layer of the SAE whose row features to analyse"})
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
+    layers: list[int]  # required: one layer (--layer L)
     sae: str | None = field(
         default=None,
         metadata={
@@ -126,9 +126,9 @@ class CorrelationConfig:
     top_n: int = field(default=5, metadata={"help": "top features per category level in the report"})
     contexts: int = field(default=3, metadata={"help": "top-activating token contexts per top feature"})
     heatmap_per_level: int = field(default=2, metadata={"help": "features per category level in the heatmap"})
-    progress: bool = field(default=True, metadata={"help": "print progress lines (stderr)"})
 
     def __post_init__(self) -> None:
+        self.one_layer("feature correlations")
         if self.min_rows < 1:
             raise ValueError(f"--min-rows must be >= 1, got {self.min_rows}")
         if not 0 < self.alpha < 1:
@@ -144,6 +144,10 @@ class CorrelationConfig:
                 f"--ordinal {unknown[0]!r} has no known level order (known: "
                 f"{', '.join(ORDINAL_ORDERS)}); test it with --categorical instead"
             )
+
+    @property
+    def layer(self) -> int:
+        return self.one_layer("feature correlations")
 
 
 class RowMatrix(NamedTuple):

@@ -42,23 +42,27 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from store.cli import config_dict, parse_config, user_errors
-from store.core import DEFAULT_STORE, Store, StoreError
+from store.cli import (
+    LayerOptions,
+    ModelOptions,
+    ProgressOptions,
+    StoreOptions,
+    config_dict,
+    parse_config,
+    user_errors,
+)
+from store.core import Store, StoreError
 
 TABLE = "logit_lens"
 
 
-@dataclass
-class LogitLensConfig:
-    """Next-token accuracy and KL to the final layer through the final norm + unembedding, per layer."""
+@dataclass(kw_only=True)
+class LogitLensConfig(StoreOptions, LayerOptions, ModelOptions, ProgressOptions):
+    """Next-token accuracy and KL to the final layer through the final norm + unembedding, per layer.
+    --model is the model that produced the stored states (checked by hash)."""
 
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
-    layers: list[int] | None = field(
-        default=None,
-        metadata={
-            "help": "stored layers to read (default: every hidden/layer_L array in the store)",
-            "aliases": ["--layer"],
-        },
+    layers: list[int] = field(
+        default_factory=list, metadata={"default_help": "every hidden/layer_L array in the store"}
     )
     split: str = field(default="eval", metadata={"help": "rows to evaluate (a split name)"})
     view: str = field(
@@ -69,16 +73,9 @@ class LogitLensConfig:
     batch_tokens: int = field(
         default=512, metadata={"help": "tokens per unembedding batch (memory: batch x vocab floats)"}
     )
-    model: str = field(
-        default="embedded", metadata={"help": "the model that produced the stored states (checked by hash)"}
-    )
-    model_cache: str | None = field(
-        default=None, metadata={"help": "where converted models are cached (default ~/.cache/activation-store)"}
-    )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
+        self.check_device()
         if self.max_tokens <= 0 or self.batch_tokens <= 0:
             raise ValueError(
                 f"--max-tokens and --batch-tokens must be positive, got {self.max_tokens}, {self.batch_tokens}"
@@ -165,7 +162,7 @@ def run_logit_lens(cfg: LogitLensConfig) -> LensResult:
             f"extractors.run --layer {missing[0]} --store {store.root}"
         )
     attrs = dict(open_array(store, have[layers[0]]).attrs)
-    lm = load_model(cfg.model, cfg.device, "auto", Path(cfg.model_cache) if cfg.model_cache else None)
+    lm = load_model(cfg.model, cfg.device, cfg.compute_dtype, Path(cfg.model_cache) if cfg.model_cache else None)
     check_model_hash(lm, attrs, have[layers[0]])
     n_layers = int(lm.model.config.num_hidden_layers)
     norm, head = final_norm_and_head(lm.model)

@@ -54,17 +54,18 @@ import numpy as np
 from analytics import select_arms as sa
 from analytics.select_stats import compare, level
 from store.catalog.runs import Run
-from store.cli import config_dict, parse_config, user_errors
-from store.core import DEFAULT_STORE, Store, StoreError, write_json
+from store.cli import ModelOptions, ProgressOptions, StoreOptions, config_dict, parse_config, user_errors
+from store.core import Store, StoreError, write_json
 
 # Fields that do not change what an arm is: left out of the experiment's id, so changing them
 # (more seeds, other bootstrap settings, another device) reuses the finished arms.
 NOT_IN_ID = ("store", "seeds", "n_boot", "n_perm", "stats_seed", "device", "model_cache", "progress")
 
 
-@dataclass
-class SelectExperimentConfig:
-    """Top-k vs matched random-k continuation finetunes over seeds, with paired CIs (module docstring)."""
+@dataclass(kw_only=True)
+class SelectExperimentConfig(StoreOptions, ModelOptions, ProgressOptions):
+    """Top-k vs matched random-k continuation finetunes over seeds, with paired CIs (module docstring).
+    --model is the base model the arms' adapters continue from."""
 
     selector: str = field(
         default="attribution:latest",
@@ -114,18 +115,9 @@ class SelectExperimentConfig:
     on_long: Literal["error", "truncate"] = field(
         default="error", metadata={"help": "rows longer than --max-length: error, or truncate them"}
     )
-    model: str = field(default="embedded", metadata={"help": "base model: embedded, a Hugging Face id or a folder"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda if available, else cpu), cpu, cuda, cuda:N"})
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = field(
-        default="auto", metadata={"help": "base model dtype: auto = bf16 on GPU, fp32 on CPU"}
-    )
-    model_cache: str | None = field(
-        default=None, metadata={"help": "where converted models are cached (default ~/.cache/activation-store)"}
-    )
-    store: str = field(default=DEFAULT_STORE, metadata={"help": "store folder"})
-    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
+        self.check_device()
         for name in (
             "k",
             "seeds",

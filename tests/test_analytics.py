@@ -256,7 +256,7 @@ def test_correlations_cli_on_handmade_store(tmp_path, capsys):
     assert summary["metrics"]["best_auroc"]["category=math"]["feature"] == 7
     assert "feature **7**" in (d / "top_features.md").read_text()
     # A rerun replaces the (SAE, layer) file instead of piling up duplicates; --split restricts rows.
-    run_correlations(CorrelationConfig(layer=17, store=str(st.root), split="train_base", progress=False))
+    run_correlations(CorrelationConfig(layers=[17], store=str(st.root), split="train_base", progress=False))
     n = st.query(
         f"SELECT max(n_pos + n_neg) AS n, count(DISTINCT run_id) AS runs FROM {TABLE} WHERE stat = 'auroc'"
     ).to_pylist()[0]
@@ -277,7 +277,7 @@ def test_correlations_errors_are_actionable(tmp_path, capsys):
     with pytest.raises(StoreError, match="no SAE has row features at layer 6"):
         resolve_sae(st, None, 6)
     with pytest.raises(ValueError, match="no known level order"):
-        CorrelationConfig(layer=17, ordinal=["category"])
+        CorrelationConfig(layers=[17], ordinal=["category"])
     assert main(["--layer", "17", "--store", str(st.root), "--continuous", "no_such_field"]) == 2
     assert "no column 'no_such_field'" in capsys.readouterr().err
 
@@ -289,7 +289,7 @@ def test_correlations_errors_are_actionable(tmp_path, capsys):
 def test_a_trained_sae_feature_separates_math_rows(analytics_store, copy_store):
     st = Store(copy_store(analytics_store))
     sae_path = st.query("SELECT path FROM saes WHERE layer = 17").column(0)[0].as_py()
-    res = run_correlations(CorrelationConfig(layer=17, store=str(st.root), sae=sae_path, progress=False))
+    res = run_correlations(CorrelationConfig(layers=[17], store=str(st.root), sae=sae_path, progress=False))
     best = (
         res.assoc.filter((pl.col("field") == "category") & (pl.col("level") == "math") & (pl.col("stat") == "auroc"))
         .sort("effect", descending=True)
@@ -354,7 +354,7 @@ def test_report_is_one_html_file_with_every_section(analytics_store, copy_store,
     from analytics.report import SECTIONS, ReportConfig, write_report
 
     st = Store(copy_store(analytics_store))
-    run_correlations(CorrelationConfig(layer=17, store=str(st.root), progress=False, contexts=0))
+    run_correlations(CorrelationConfig(layers=[17], store=str(st.root), progress=False, contexts=0))
     st.write_table(
         "attribution_scores",
         pa.table({"run_id": ["a"] * 50, "row_id": [f"r{i}" for i in range(50)], "score": np.linspace(-1, 1, 50)}),

@@ -37,9 +37,7 @@ def _help(run, capsys) -> str:
 def _check_layers(out: str, where: str) -> None:
     """A command that takes layers takes both spellings (store.cli.LayerOptions)."""
     flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out))
-    # KNOWN GAP (issue 23, open): analytics.correlations still has its own --layer; its conversion to
-    # LayerOptions was not finished this session. Remove this exception when it is.
-    if flags & {"--layer", "--layers"} and "correlations" not in where:
+    if flags & {"--layer", "--layers"}:
         assert {"--layer", "--layers"} <= flags, f"{where} takes only one of --layer / --layers"
 
 
@@ -84,7 +82,7 @@ def test_unknown_command_and_no_command_exit_2(capsys):
 def test_one_layer_command_says_so(capsys):
     for argv, what in (
         (["token-selector", "--layers", "6", "17"], "the token selector"),
-        (["correlations", "--layers", "6", "17"], "python -m analytics.correlations"),
+        (["correlations", "--layers", "6", "17"], "feature correlations"),
     ):
         with pytest.raises(SystemExit) as e:
             cli.main(argv)
