@@ -43,8 +43,12 @@ import polars as pl
 import pyarrow as pa
 
 from analytics import stats
+from extractors.sae.load import SAELoadError, load_local, registered, sanitize
+from store.arrays import array_key
+from store.catalog.runs import Run
 from store.cli import LayerOptions, ProgressOptions, StoreOptions, config_dict, parse_config, user_errors
 from store.core import Store, StoreError
+from trainers import plots
 
 TABLE = "feature_metadata_assoc"
 ORDINAL_ORDERS: dict[str, list[str]] = {
@@ -190,7 +194,6 @@ def resolve_sae(store: Store, spec: str | None, layer: int) -> str:
         raise StoreError(f"several SAEs have row features at layer {layer}: {', '.join(have)}; pick one with --sae")
     if spec in have:
         return spec
-    from extractors.sae.load import SAELoadError, load_local, registered, sanitize
 
     if spec == "latest":
         newest = [r["sae"] for r in registered(store, layer) if r["sae"] in have]
@@ -513,9 +516,6 @@ def _markdown(res_top: pl.DataFrame, sae: str, layer: int, summary: dict[str, An
 
 def run_correlations(cfg: CorrelationConfig) -> CorrelationResult:
     """Load, test, write the table, plots and run record (see the module docstring)."""
-    from store.arrays import array_key
-    from store.catalog.runs import Run
-    from trainers import plots
 
     def say(msg: str) -> None:
         if cfg.progress:

@@ -42,6 +42,10 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from extractors.model import check_model_hash, load_model
+from store.arrays import committed_set, open_array, stored_layers
+from store.catalog.runs import Run
+from store.catalog.tokens import row_token_ids
 from store.cli import (
     LayerOptions,
     ModelOptions,
@@ -52,6 +56,8 @@ from store.cli import (
     user_errors,
 )
 from store.core import Store, StoreError
+from store.materialize import gather, view_sql
+from trainers import plots
 
 TABLE = "logit_lens"
 
@@ -107,7 +113,6 @@ def final_norm_and_head(model: Any) -> tuple[Any, Any]:
 def select_tokens(store: Store, view: str, split: str, tokenization: str, max_tokens: int) -> pl.DataFrame:
     """row_id, token_pos, tok_index, next_token_id of the view's tokens in the split's rows,
     whole rows in row_id order up to max_tokens (at least one row)."""
-    from store.materialize import view_sql
 
     sql = (
         f"SELECT v.row_id, v.token_pos, v.tok_index, n.token_id AS next_token_id FROM ({view_sql(store, view)}) v "
@@ -140,13 +145,6 @@ def _forward_logprobs(lm: Any, ids: dict[str, list[int]], frame: pl.DataFrame) -
 
 def run_logit_lens(cfg: LogitLensConfig) -> LensResult:
     """Lens statistics per stored layer (see the module docstring)."""
-    from extractors.model import check_model_hash, load_model
-    from store.arrays import committed_set, open_array, stored_layers
-    from store.catalog.runs import Run
-    from store.catalog.tokens import row_token_ids
-    from store.materialize import gather
-    from trainers import plots
-
     store = Store(cfg.store)
     have = stored_layers(store)
     if not have:

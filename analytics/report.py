@@ -37,7 +37,9 @@ from typing import Any, NamedTuple
 
 import polars as pl
 
+from analytics import glance
 from analytics.correlations import TABLE as ASSOC_TABLE
+from analytics.glance import query
 from analytics.logit_lens import TABLE as LENS_TABLE
 from store.catalog.runs import Run
 from store.cli import StoreOptions, config_dict, parse_config, user_errors
@@ -109,10 +111,6 @@ def _note(text: str) -> str:
     return f'<p class="note">{html.escape(text)}</p>'
 
 
-def _q(store: Store, sql: str, params: list | None = None) -> pl.DataFrame:
-    return pl.from_arrow(store.query(sql, params))
-
-
 def _dir_size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
 
@@ -121,13 +119,13 @@ def _dir_size(p: Path) -> int:
 def section_rows(store: Store, out: Path) -> str:
     if not store.has_table("rows"):
         return _note(f"no rows yet: python -m extractors.dataset --store {store.root}")
-    f = _q(store, "SELECT split, coalesce(category, '(none)') AS category, count(*) AS n FROM rows GROUP BY ALL")
+    f = query(store, "SELECT split, coalesce(category, '(none)') AS category, count(*) AS n FROM rows GROUP BY ALL")
     piv = f.pivot(on="split", index="category", values="n").fill_null(0).sort("category")
     piv = piv.with_columns(pl.sum_horizontal(pl.exclude("category")).alias("total"))
     tot = (
-        _q(store, "SELECT split, count(*) AS rows, sum(n_tokens) AS tokens FROM rows GROUP BY 1 ORDER BY 1")
-        if "n_tokens" in _q(store, "DESCRIBE rows")["column_name"].to_list()
-        else _q(store, "SELECT split, count(*) AS rows FROM rows GROUP BY 1 ORDER BY 1")
+        query(store, "SELECT split, count(*) AS rows, sum(n_tokens) AS tokens FROM rows GROUP BY 1 ORDER BY 1")
+        if "n_tokens" in query(store, "DESCRIBE rows")["column_name"].to_list()
+        else query(store, "SELECT split, count(*) AS rows FROM rows GROUP BY 1 ORDER BY 1")
     )
     png = plots.bar(
         piv["category"].to_list(),
@@ -138,7 +136,7 @@ def section_rows(store: Store, out: Path) -> str:
     )
     extra = ""
     if store.has_table("quarantine"):
-        qf = _q(store, "SELECT reason, count(*) AS n FROM quarantine GROUP BY 1 ORDER BY 2 DESC")
+        qf = query(store, "SELECT reason, count(*) AS n FROM quarantine GROUP BY 1 ORDER BY 2 DESC")
         extra = "<h3>Quarantined at ingest</h3>" + html_table(qf)
     return html_table(tot) + html_table(piv) + _img(png) + extra
 
@@ -146,7 +144,7 @@ def section_rows(store: Store, out: Path) -> str:
 def section_runs(store: Store, out: Path, max_runs: int, this_run: str = "") -> str:
     if not store.has_table("runs"):
         return _note("no runs recorded")
-    f = _q(
+    f = query(
         store,
         "SELECT run_id, kind, status, layers, round(seconds, 1) AS seconds, started_at, note FROM runs "
         "WHERE run_id <> ? ORDER BY started_at DESC",
@@ -159,13 +157,13 @@ def section_runs(store: Store, out: Path, max_runs: int, this_run: str = "") -> 
 def section_arrays(store: Store, out: Path) -> str:
     if not store.has_table("arrays"):
         return _note(f"no arrays yet: python -m extractors.run --layer 17 --store {store.root}")
-    have = set(_q(store, "DESCRIBE arrays")["column_name"].to_list())
+    have = set(query(store, "DESCRIBE arrays")["column_name"].to_list())
     cols = [c for c in ("name", "kind", "layer", "dtype", "shape", "chunks", "codec", "last_run") if c in have]
-    f = _q(store, f"SELECT {', '.join(cols)} FROM arrays ORDER BY name")
+    f = query(store, f"SELECT {', '.join(cols)} FROM arrays ORDER BY name")
     sizes = [_dir_size(store.array_path(n)) for n in f["name"].to_list()]
     f = f.with_columns(pl.Series("size_mb", [round(s / 2**20, 1) for s in sizes]))
     if store.has_table("array_units"):
-        c = _q(
+        c = query(
             store,
             "SELECT array_name AS name, count(DISTINCT row_id) AS committed_rows, count(DISTINCT unit) AS "
             "units FROM array_units GROUP BY 1",
@@ -178,7 +176,7 @@ def section_arrays(store: Store, out: Path) -> str:
 def section_saes(store: Store, out: Path) -> str:
     if not store.has_table("saes"):
         return _note(f"no SAEs yet: python -m trainers.sae --layer 17 --store {store.root}")
-    f = _q(
+    f = query(
         store,
         "SELECT sae, layer, architecture, d_sae, k, explained_variance, l0, ce_increase, metrics FROM saes "
         "ORDER BY layer, sae",
@@ -191,7 +189,7 @@ def section_saes(store: Store, out: Path) -> str:
             dead.append(None)
     f = f.drop("metrics").with_columns(pl.Series("dead_fraction", dead, dtype=pl.Float64))
     if store.has_table("sae_feature_stats"):
-        alive = _q(
+        alive = query(
             store,
             "SELECT sae, layer, count(*) FILTER (WHERE firing_frequency > 0) AS features_firing "
             "FROM sae_feature_stats GROUP BY ALL",
@@ -205,19 +203,19 @@ def section_correlations(store: Store, out: Path) -> str:
         return _note(
             f"no feature/metadata associations yet: python -m analytics.correlations --layer 17 --store {store.root}"
         )
-    sig = _q(
+    sig = query(
         store,
         f"SELECT sae, layer, field, stat, count(DISTINCT feature) FILTER (WHERE q_value <= 0.05) AS "
         f"features_q05, max(abs(effect)) AS max_abs_effect, count(*) AS tests FROM {ASSOC_TABLE} GROUP BY ALL "
         f"ORDER BY layer, sae, field, stat",
     )
-    best = _q(
+    best = query(
         store,
         f"SELECT sae, layer, level AS category, arg_max(feature, effect) AS feature, max(effect) AS auroc "
         f"FROM {ASSOC_TABLE} WHERE field = 'category' AND stat = 'auroc' GROUP BY ALL ORDER BY layer, category",
     )
     body = html_table(sig) + "<h3>Best one-vs-rest AUROC per category</h3>" + html_table(best)
-    runs = _q(
+    runs = query(
         store,
         "SELECT run_id FROM runs WHERE kind = 'feature_correlations' AND status = 'finished' "
         "ORDER BY started_at DESC LIMIT 1",
@@ -231,7 +229,7 @@ def section_correlations(store: Store, out: Path) -> str:
 def section_probes(store: Store, out: Path) -> str:
     if not store.has_table("runs"):
         return _note("no runs")
-    f = _q(
+    f = query(
         store,
         "SELECT run_id, config, metrics FROM runs WHERE kind = 'probe' AND status = 'finished' ORDER BY started_at",
     )
@@ -265,7 +263,7 @@ def section_probes(store: Store, out: Path) -> str:
 def section_lens(store: Store, out: Path) -> str:
     if not store.has_table(LENS_TABLE):
         return _note(f"no logit lens yet: python -m analytics.logit_lens --store {store.root}")
-    last = _q(store, f"SELECT l.* FROM {LENS_TABLE} l JOIN runs r USING (run_id) ORDER BY r.started_at DESC")
+    last = query(store, f"SELECT l.* FROM {LENS_TABLE} l JOIN runs r USING (run_id) ORDER BY r.started_at DESC")
     rid = last["run_id"][0]
     t = last.filter(pl.col("run_id") == rid).sort("layer")
     return html_table(
@@ -278,12 +276,12 @@ def section_attribution(store: Store, out: Path) -> str:
     for t in store.tables():
         if not t.startswith("attribution"):
             continue
-        cols = _q(store, f'DESCRIBE "{t}"')
+        cols = query(store, f'DESCRIBE "{t}"')
         types = dict(zip(cols["column_name"].to_list(), cols["column_type"].to_list(), strict=False))
         if "score" not in types or not any(k in types["score"] for k in ("DOUBLE", "FLOAT", "INT", "DECIMAL")):
             continue
         by = "run_id" if "run_id" in types else None
-        f = _q(store, f'SELECT {by + " AS g, " if by else ""}score::DOUBLE AS score FROM "{t}"')
+        f = query(store, f'SELECT {by + " AS g, " if by else ""}score::DOUBLE AS score FROM "{t}"')
         series = (
             {str(g): gg["score"].to_numpy() for (g,), gg in f.group_by("g", maintain_order=True)}
             if by
@@ -365,234 +363,6 @@ def write_report(cfg: ReportConfig) -> Path:
     return build_report(cfg).path
 
 
-# ---- results at a glance (markdown) ---------------------------------------------------------
-
-GLANCE_BEGIN = "<!-- results at a glance: generated by python -m analytics.report --markdown; edit the command -->"
-GLANCE_END = "<!-- end of the generated results -->"
-
-
-class Figure(NamedTuple):
-    topic: str
-    text: str
-    source: str  # the run id(s), or the benchmark file and its bench id
-
-
-def _finished(store: Store, kind: str) -> list[dict[str, Any]]:
-    """Finished runs of `kind`, newest first, with config and metrics parsed."""
-    if not store.has_table("runs"):
-        return []
-    f = _q(
-        store,
-        "SELECT run_id, config, metrics FROM runs WHERE kind = ? AND status = 'finished' ORDER BY started_at DESC",
-        [kind],
-    )
-    return [
-        {"run_id": r["run_id"], "config": json.loads(r["config"] or "{}"), "metrics": json.loads(r["metrics"] or "{}")}
-        for r in f.iter_rows(named=True)
-    ]
-
-
-def _run(run_id: str) -> str:
-    return f"run `{run_id}`"
-
-
-def glance_probe(store: Store) -> Figure | None:
-    for r in _finished(store, "probe"):
-        by = {int(L): d["val_auroc_mean"] for L, d in (r["metrics"].get("by_layer") or {}).items()}
-        if by:
-            best = max(by, key=by.get)
-            name = r["config"].get("name") or r["config"].get("view", "")
-            return Figure(
-                "probe",
-                f"the `{name}` linear probe reaches validation AUROC ≥ {min(by.values()):.3f} at every probed layer "
-                f"({', '.join(map(str, sorted(by)))}; best {by[best]:.3f} at layer {best})",
-                _run(r["run_id"]),
-            )
-    return None
-
-
-def glance_sae(store: Store) -> Figure | None:
-    if not store.has_table("saes"):
-        return None
-    f = _q(
-        store,
-        "SELECT s.sae, s.layer, s.architecture, s.d_sae, s.k, s.explained_variance, s.l0, s.run_id "
-        "FROM saes s LEFT JOIN runs r USING (run_id) WHERE s.explained_variance IS NOT NULL "
-        "ORDER BY r.started_at DESC NULLS LAST LIMIT 1",
-    )
-    if f.is_empty():
-        return None
-    s = f.row(0, named=True)
-    k = f", k {s['k']}" if s["k"] else ""
-    return Figure(
-        "SAE",
-        f"a {s['architecture']} SAE on layer {s['layer']} (d_sae {s['d_sae']}{k}) explains "
-        f"{s['explained_variance']:.1%} of the held-out variance at L0 {s['l0']:.1f}",
-        _run(s["run_id"] or s["sae"]),
-    )
-
-
-def glance_correlations(store: Store) -> Figure | None:
-    if not store.has_table(ASSOC_TABLE):
-        return None
-    f = _q(
-        store,
-        f"WITH last AS (SELECT a.run_id FROM {ASSOC_TABLE} a JOIN runs r USING (run_id) "
-        f"ORDER BY r.started_at DESC LIMIT 1) "
-        f"SELECT sae, layer, level, max(effect) AS auroc, any_value(run_id) AS run_id FROM {ASSOC_TABLE} "
-        f"WHERE run_id IN (SELECT run_id FROM last) AND field = 'category' AND stat = 'auroc' GROUP BY ALL",
-    )
-    if f.is_empty():
-        return None
-    worst = f.sort("auroc").row(0, named=True)
-    return Figure(
-        "SAE features vs metadata",
-        f"on layer {worst['layer']}, a single SAE feature separates each of the {len(f)} categories one-vs-rest at "
-        f"AUROC ≥ {worst['auroc']:.2f} (the hardest: {worst['level']})",
-        _run(worst["run_id"]),
-    )
-
-
-def glance_eval_loss(store: Store) -> Figure | None:
-    """The newest adapter eval-loss run beside the newest base run on the same rows."""
-    runs = _finished(store, "eval_loss")
-    rows_of = lambda r: tuple(r["config"].get(k) for k in ("split", "rows_sql", "max_rows"))  # noqa: E731
-    for a in runs:
-        if not a["config"].get("adapter"):
-            continue
-        base = next((r for r in runs if not r["config"].get("adapter") and rows_of(r) == rows_of(a)), None)
-        if base is None:
-            continue
-        ma, mb = a["metrics"], base["metrics"]
-        return Figure(
-            "finetune",
-            f"the LoRA adapter `{a['config']['adapter']}` moves eval loss from {mb['mean_loss']:.3f} to "
-            f"{ma['mean_loss']:.3f} (perplexity {mb['perplexity']:.2f} -> {ma['perplexity']:.2f}, "
-            f"{ma['num_eval_rows']} {a['config'].get('split', '')} rows)",
-            f"runs `{base['run_id']}` (base), `{a['run_id']}` (adapter)",
-        )
-    return None
-
-
-def glance_predictor(store: Store) -> Figure | None:
-    for r in _finished(store, "sae_predictor"):
-        m = r["metrics"]
-        if "sae" not in m:
-            continue
-        ci = ""
-        doc = store.run_folder(r["run_id"]) / "predictor_metrics.json"
-        if doc.is_file():
-            lo_hi = json.loads(doc.read_text()).get("metrics", {}).get("sae", {}).get("spearman_ci")
-            if lo_hi and None not in lo_hi:
-                ci = f" [{lo_hi[0]:+.2f}, {lo_hi[1]:+.2f}]"
-        others = ", ".join(f"{n.replace('_', ' ')} {v['spearman']:+.2f}" for n, v in m.items() if n != "sae")
-        return Figure(
-            "SAE -> attribution predictor",
-            f"a ridge predictor from layer-{r['config'].get('layer', '?')} SAE features ranks held-out rows by "
-            f"attribution at Spearman {m['sae']['spearman']:+.2f}{ci}" + (f" (baselines: {others})" if others else ""),
-            _run(r["run_id"]),
-        )
-    return None
-
-
-def glance_selection(store: Store) -> Figure | None:
-    for r in _finished(store, "select_experiment"):
-        pooled = r["metrics"].get("pooled_eval_loss_difference") or {}
-        if not pooled:
-            continue
-        name, est = next(iter(pooled.items()))
-        e = dict(zip(("estimate", "ci_low", "ci_high", "p_value", "n_rows", "n_seeds"), est, strict=False))
-        if isinstance(est, dict):
-            e = est
-        return Figure(
-            "selection experiment",
-            f"{name.replace('_', ' ')}: eval loss difference {e['estimate']:+.4f} "
-            f"[{e['ci_low']:+.4f}, {e['ci_high']:+.4f}] nats/token over {e['n_seeds']} seeds "
-            f"(sign-flip p {e['p_value']:.3f})",
-            _run(r["run_id"]),
-        )
-    return None
-
-
-GLANCE = [glance_probe, glance_sae, glance_correlations, glance_eval_loss, glance_predictor, glance_selection]
-
-
-def glance_bench(path: Path) -> Figure:
-    """The headline figure of one benchmark's JSON (bench_out/*.json), by its benchmark name."""
-    doc = json.loads(Path(path).read_text())
-    name = doc.get("benchmark") or Path(path).stem
-    s = doc.get("summary") or {}
-    if name == "attribution":
-        text = (
-            f"our attribution runs {s['ours_vs_bergson_cli']:.1f}x bergson's own CLI on the same work "
-            f"({doc['pool_rows']} pool x {doc['query_rows']} query rows), scores equal to "
-            f"{s['max_relative_score_difference']:.0e} (relative)"
-        )
-    elif name == "finetune":
-        text = f"our LoRA finetune runs {s['ours_vs_trainer']:.2f}x peft + transformers.Trainer's tokens/s"
-    elif name == "extract":
-        text = (
-            f"extraction runs at {s['extract_tokens_per_s']:,.0f} tokens/s, {s['extract_vs_limit']:.2f}x "
-            f"min(forward, disk limit) ({s['bound']}-bound)"
-        )
-    elif name == "catalog":
-        parts = []
-        for r in doc["results"]:
-            sel = [q["selection_s"] for q in r["queries"] if q.get("available")]
-            step = (
-                f"; ingest {r['ingest']['seconds']:.0f} s, tokenization {r['tokenize']['seconds']:.0f} s"
-                if "ingest" in r
-                else ""
-            )
-            parts.append(f"{r['store']} ({r['tokens']:,} tokens{step}): selections {min(sel):.2f}-{max(sel):.2f} s")
-        text = "the catalog at full size: " + "; ".join(parts)
-    else:
-        nums = ", ".join(f"{k} {v:.3g}" for k, v in s.items() if isinstance(v, float))
-        text = f"{name}: {nums or 'see the file'}"
-    bench_id = doc.get("bench") or doc.get("date") or ""
-    return Figure(f"bench.{name}", text, f"`{path}`" + (f" (`{bench_id}`)" if bench_id else ""))
-
-
-def glance_markdown(cfg: ReportConfig) -> tuple[str, dict[str, str]]:
-    """The generated block: one line per figure found, each with its source; and the failures."""
-    store = Store(cfg.store)
-    figures, failed = [], {}
-    is_store = store.root.is_dir() and bool(store.tables())
-    for fn in GLANCE if is_store else []:
-        try:
-            if (f := fn(store)) is not None:
-                figures.append(f)
-        except Exception as e:  # noqa: BLE001 - the others still print; exit 1 names it
-            failed[fn.__name__] = f"{type(e).__name__}: {e}"
-    for b in cfg.bench:
-        try:
-            figures.append(glance_bench(Path(b)))
-        except Exception as e:  # noqa: BLE001 - as above
-            failed[b] = f"{type(e).__name__}: {e}"
-    command = " ".join(
-        [
-            "python -m analytics.report --markdown --store",
-            str(cfg.store),
-            *(["--bench", *cfg.bench] if cfg.bench else []),
-        ]
-    )
-    lines = [GLANCE_BEGIN, f"Generated by `{command}` on {datetime.now(UTC):%Y-%m-%d}:", ""]
-    lines += [f"- **{f.topic}**: {f.text} ({f.source})" for f in figures]
-    if not is_store:
-        lines.append(f"- (no store figures: {store.root} has no catalog tables)")
-    elif not figures:
-        lines.append(f"- (no results in {store.root} yet)")
-    return "\n".join([*lines, GLANCE_END]), failed
-
-
-def replace_block(text: str, block: str, where: str) -> str:
-    """`text` with its generated block (GLANCE_BEGIN ... GLANCE_END) replaced by `block`."""
-    i, j = text.find(GLANCE_BEGIN), text.find(GLANCE_END)
-    if i < 0 or j < i:
-        raise StoreError(f"{where} has no generated block; put the lines {GLANCE_BEGIN!r} and {GLANCE_END!r} in it")
-    return text[:i] + block + text[j + len(GLANCE_END) :]
-
-
 def _say_failed(failed: dict[str, str]) -> int:
     if not failed:
         return 0
@@ -610,10 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         report = build_report(cfg)
         print(f"report: {report.path}")
         return _say_failed(report.failed)
-    block, failed = glance_markdown(cfg)
+    block, failed = glance.glance_markdown(cfg.store, cfg.bench)
     if cfg.into:
         target = Path(cfg.into)
-        target.write_text(replace_block(target.read_text(), block, cfg.into))
+        target.write_text(glance.replace_block(target.read_text(), block, cfg.into))
         print(f"wrote the generated block of {target}")
     else:
         print(block)

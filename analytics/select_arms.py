@@ -24,7 +24,14 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 
+from extractors.adapters import apply_adapter, registered, resolve_adapter
+from extractors.model import load_model
 from store.core import Store, StoreError, write_json
+from trainers.finetune.eval_loss import EvalLossConfig, run_eval_loss
+from trainers.finetune.math_check import stated_answer, true_answer
+from trainers.finetune.train import FinetuneConfig, run_finetune
+from trainers.selection.subsets import SubsetSpec
+from trainers.steering.evaluate import generate, prompts_of
 
 TABLE = "selection_runs"
 TAG = "selection experiment"  # in an arm adapter's train_rows_sql, as a SQL comment
@@ -107,8 +114,6 @@ def plan(
     selector: str, k: int, seeds: int, ablation: str | None, overlap: str, pool_split: str
 ) -> tuple[list[Arm], list[Comparison]]:
     """Every arm of every seed, and the comparisons (arm a - arm b) reported."""
-    from trainers.selection.subsets import SubsetSpec
-
     arms: list[Arm] = []
     if ablation is None:
         comps = [Comparison(f"top{k}_vs_random{k}", f"top{k}", f"random{k}")]
@@ -164,7 +169,6 @@ def check_budget(sizes: dict[str, int], budget: Budget) -> int:
 def resolve_base(store: Store, spec: str) -> Any:
     """The adapter every arm continues from (None for `none`: a fresh LoRA on the base model).
     `latest` is the newest adapter that is not itself an arm of a selection experiment."""
-    from extractors.adapters import registered, resolve_adapter
 
     if spec == "none":
         return None
@@ -186,8 +190,6 @@ def resolve_base(store: Store, spec: str) -> Any:
 
 def spec_of(store: Store, ref: Any) -> str | None:
     """What --adapter / --resume-adapter take for `ref`: its name when registered, else its folder."""
-    from extractors.adapters import registered
-
     if ref is None:
         return None
     return ref.name if any(r["adapter"] == ref.name for r in registered(store)) else ref.path
@@ -231,8 +233,6 @@ class Measure:
     compare_json: Path
 
     def eval_loss(self, adapter: str | None) -> dict[str, Any]:
-        from trainers.finetune.eval_loss import EvalLossConfig, run_eval_loss
-
         doc = run_eval_loss(
             EvalLossConfig(
                 store=str(self.store.root),
@@ -270,10 +270,6 @@ class Measure:
                 "correct": [],
                 "generations": [],
             }
-        from extractors.adapters import apply_adapter
-        from extractors.model import load_model
-        from trainers.finetune.math_check import stated_answer
-        from trainers.steering.evaluate import generate
 
         lm = load_model(
             self.model, self.device, self.compute_dtype, Path(self.model_cache) if self.model_cache else None
@@ -293,9 +289,6 @@ class Measure:
 
 def math_rows(store: Store, eval_split: str, max_rows: int, enabled: bool) -> tuple[list[str], dict, dict, str | None]:
     """The math eval rows whose answer can be recomputed (trainers.finetune.math_check), or why there are none."""
-    from trainers.finetune.math_check import true_answer
-    from trainers.steering.evaluate import prompts_of
-
     if not enabled:
         return [], {}, {}, "--no-downstream"
     if max_rows == 0:
@@ -339,8 +332,6 @@ def train_arm(
     store: Store, run_id: str, arm: Arm, subset: str, n_rows: int, base: Any, budget: Budget, cfg: Any
 ) -> dict[str, Any]:
     """Continuation finetune of one arm (see the module docstring); returns the new adapter's record."""
-    from trainers.finetune.train import FinetuneConfig, run_finetune
-
     steps, epochs = budget.steps_for(n_rows)
     sql = f"SELECT row_id FROM subsets WHERE subset = '{subset}' /* {TAG} {run_id}, arm {arm.arm_id} */"
     res = run_finetune(

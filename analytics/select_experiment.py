@@ -53,9 +53,12 @@ import numpy as np
 
 from analytics import select_arms as sa
 from analytics.select_stats import compare, level
+from extractors.sft_data import select_rows_by
 from store.catalog.runs import Run
 from store.cli import ModelOptions, ProgressOptions, StoreOptions, config_dict, parse_config, user_errors
 from store.core import Store, StoreError, write_json
+from trainers.plots import save_figure
+from trainers.selection.subsets import resolve_source, subset_name, subset_rows, write_subset
 
 # Fields that do not change what an arm is: left out of the experiment's id, so changing them
 # (more seeds, other bootstrap settings, another device) reuses the finished arms.
@@ -215,8 +218,6 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
     """Per-seed differences with their 95% CIs and the pooled one, one panel per metric."""
     from matplotlib.figure import Figure
 
-    from trainers.plots import save_figure
-
     comps = summary["comparisons"]
     metrics = [m for m in ("eval_loss", "downstream") if any(c[m] for c in comps.values())]
     fig = Figure(figsize=(6.2 * len(metrics), 4.3))
@@ -265,9 +266,6 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
 def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
     """Plan, train the missing arms, measure, summarize (see the module docstring)."""
     from tqdm.auto import tqdm
-
-    from extractors.sft_data import select_rows_by
-    from trainers.selection.subsets import resolve_source, subset_name, subset_rows, write_subset
 
     store = Store(cfg.store)
     select_rows_by(store, split=cfg.eval_split, max_rows=cfg.eval_max_rows, flag="--eval-split")

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from store.core import Store
 from store.verify import verify
@@ -189,6 +190,9 @@ def test_torchrun_two_ranks_write_the_one_rank_store(reference, ingested, tmp_pa
     proc = subprocess.run(
         [str(torchrun), "--nproc-per-node", "2", "-m", "extractors.run", *_args(st, tiny_model, model_cache, sae_dir)],
         cwd=REPO,
+        # torchrun sets OMP_NUM_THREADS=1 unless it is set; the CPU backward of the gradient norms
+        # sums in a thread-count-dependent order, so the ranks get the reference's thread count.
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
         capture_output=True,
         timeout=TIMEOUT,
         check=False,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from analytics import report
+from analytics import glance, report
 from store.catalog.runs import Run
 from store.core import Store
 
@@ -111,7 +111,7 @@ def test_markdown_names_every_figure_with_its_run_id(results_store, tmp_path, ca
     )
     assert report.main(["--markdown", "--store", str(st.root), "--bench", str(bench)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0] == report.GLANCE_BEGIN and out[-1] == report.GLANCE_END
+    assert out[0] == glance.GLANCE_BEGIN and out[-1] == glance.GLANCE_END
     assert f"--markdown --store {st.root} --bench {bench}" in out[1]
     lines = {ln.split("**")[1]: ln for ln in out if ln.startswith("- **")}
     probe = lines["probe"]
@@ -137,11 +137,11 @@ def test_markdown_names_every_figure_with_its_run_id(results_store, tmp_path, ca
 def test_into_replaces_only_the_generated_block(results_store, tmp_path, capsys):
     st, ids = results_store
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nbefore\n{report.GLANCE_BEGIN}\nold figures\n{report.GLANCE_END}\nafter\n")
+    readme.write_text(f"# title\n\nbefore\n{glance.GLANCE_BEGIN}\nold figures\n{glance.GLANCE_END}\nafter\n")
     assert report.main(["--markdown", "--store", str(st.root), "--into", str(readme)]) == 0
     text = readme.read_text()
-    assert text.startswith("# title\n\nbefore\n" + report.GLANCE_BEGIN) and text.endswith(
-        report.GLANCE_END + "\nafter\n"
+    assert text.startswith("# title\n\nbefore\n" + glance.GLANCE_BEGIN) and text.endswith(
+        glance.GLANCE_END + "\nafter\n"
     )
     assert "old figures" not in text and ids["probe"] in text
     readme.write_text("no block here\n")
@@ -168,6 +168,6 @@ def test_a_failing_section_exits_1_and_names_it(results_store, tmp_path, monkeyp
     out, err = capsys.readouterr()
     assert "report: " in out and Path(out.split("report: ")[1].strip()).is_file()  # the others still render
     assert "1 section(s) failed: Broken section (KeyError" in err
-    monkeypatch.setattr(report, "GLANCE", [*report.GLANCE, lambda store: 1 / 0])
+    monkeypatch.setattr(glance, "GLANCE", [*glance.GLANCE, lambda store: 1 / 0])
     assert report.main(["--markdown", "--store", str(results_store[0].root)]) == 1
     assert "ZeroDivisionError" in capsys.readouterr().err
