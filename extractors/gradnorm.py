@@ -50,7 +50,7 @@ from extractors.hidden import to_device, token_index, unit_batches
 from extractors.model import decoder_layers, pad_token_id
 from extractors.units import ArrayKind, ArraySpec, UnitOptions, UnitRun, UnitWork, extract_units
 from store.arrays import array_key, committed_in_unit
-from store.catalog.tokens import Layout
+from store.catalog.tokens import Layout, row_tokens
 from store.core import Store
 from store.materialize import gather
 
@@ -181,28 +181,6 @@ def reference_grad_norms(
     finally:
         handle.remove()
     return {L: h.grad.float().norm(dim=-1) for L, h in hs.items()}
-
-
-def row_tokens(store: Store, tokenization: str, row_ids: list[str]) -> dict[str, tuple[list[int], list[bool]]]:
-    """{row_id: (token ids, is_supervised flags)} in token order."""
-    con = store.connect()
-    try:
-        con.register("wanted", pa.table({"row_id": row_ids}))
-        t = con.sql(
-            "SELECT row_id, list(token_id ORDER BY token_pos) AS ids, "
-            "list(is_supervised ORDER BY token_pos) AS sup FROM tokens JOIN wanted USING (row_id) "
-            "WHERE tokenization = ? GROUP BY row_id",
-            params=[tokenization],
-        ).to_arrow_table()
-    finally:
-        con.close()
-    return dict(
-        zip(
-            t.column("row_id").to_pylist(),
-            zip(t.column("ids").to_pylist(), t.column("sup").to_pylist(), strict=False),
-            strict=False,
-        )
-    )
 
 
 class GradNorms(ArrayKind):

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
-import pyarrow as pa
-
+from store.catalog.tokens import row_tokens
 from store.core import Store, StoreError
 
 IGNORE = -100  # the label of a position without loss (torch's cross_entropy ignore_index)
@@ -103,24 +102,7 @@ def load_sft_rows(
     flag: str = "--max-length",
 ) -> SFTRows:
     """Token ids and labels of `row_ids` (in that order) from the stored tokenization."""
-    con = store.connect()
-    try:
-        con.register("wanted", pa.table({"row_id": row_ids}))
-        t = con.sql(
-            "SELECT row_id, list(token_id ORDER BY token_pos) AS ids, "
-            "list(is_supervised ORDER BY token_pos) AS sup FROM tokens JOIN wanted USING (row_id) "
-            "WHERE tokenization = ? GROUP BY row_id",
-            params=[tokenization],
-        ).to_arrow_table()
-    finally:
-        con.close()
-    got = dict(
-        zip(
-            t.column("row_id").to_pylist(),
-            zip(t.column("ids").to_pylist(), t.column("sup").to_pylist(), strict=False),
-            strict=False,
-        )
-    )
+    got = row_tokens(store, tokenization, row_ids)
     missing = [r for r in row_ids if r not in got]
     if missing:
         raise StoreError(

@@ -188,3 +188,25 @@ def row_token_ids(store: Store, tokenization: str, row_ids: list[str]) -> dict[s
     finally:
         con.close()
     return dict(zip(t.column("row_id").to_pylist(), t.column("ids").to_pylist(), strict=False))
+
+
+def row_tokens(store: Store, tokenization: str, row_ids: list[str]) -> dict[str, tuple[list[int], list[bool]]]:
+    """{row_id: (token ids, is_supervised flags)} in token order."""
+    con = store.connect()
+    try:
+        con.register("wanted", pa.table({"row_id": row_ids}))
+        t = con.sql(
+            "SELECT row_id, list(token_id ORDER BY token_pos) AS ids, "
+            "list(is_supervised ORDER BY token_pos) AS sup FROM tokens JOIN wanted USING (row_id) "
+            "WHERE tokenization = ? GROUP BY row_id",
+            params=[tokenization],
+        ).to_arrow_table()
+    finally:
+        con.close()
+    return dict(
+        zip(
+            t.column("row_id").to_pylist(),
+            zip(t.column("ids").to_pylist(), t.column("sup").to_pylist(), strict=False),
+            strict=False,
+        )
+    )
