@@ -3,6 +3,7 @@
     python -m store.verify                      # ./store_data: sizes and CRC-32 of every chunk
     python -m store.verify --quick              # sizes only (no chunk is read)
     python -m store.verify --repair --store /tmp/st   # then rerun the extraction command
+    python -m store.verify --store s3://bucket/prefix  # the same checks on object storage
 
 What is checked (one line per problem, naming the array, unit and file; exit code 1 when
 there is any):
@@ -27,42 +28,37 @@ wrong size or fails its checksum (their commit file and chunk are removed, so re
 same extraction command recomputes exactly those units), marks stale `running` runs as
 failed, and says what it did. Unreadable tables and dtype mismatches are not repaired: the
 message says what to do. Run it while no writer is working on the store.
+
+Local folders and fsspec stores (`s3://...`) go through the same checks: the file operations
+are `store.verify_fs.StoreFiles`, which lists the store once and reads only what a check
+needs (a table file's footer by a ranged read; whole chunks for their CRC-32, fetched
+concurrently from object storage). Every repair has its object-store form (deletes are object
+deletes, a run is marked failed by rewriting its record's object); an action the backend
+refuses (read-only credentials) is one `not repaired:` line naming it and what to do.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
+from fnmatch import fnmatch
+from pathlib import PurePosixPath
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from store import claims
-from store.arrays import UNITS_TABLE, array_key, chunk_checksum, chunk_path
+from store.arrays import UNITS_TABLE, array_key, chunk_path
 from store.catalog.runs import mark_failed
 from store.cli import StoreOptions, parse_config, user_errors
 from store.core import STORE_VERSION, Store, StoreError, pid_alive
+from store.verify_fs import StoreFiles
 
 KNOWN_STORE_VERSIONS = {STORE_VERSION}
-
-
-def _read(store: Store, table: str, columns: list[str]) -> dict[str, list]:
-    """The readable files of a table, read with pyarrow one by one: verify must work on a
-    catalog where a file is broken (DuckDB's views over the table would fail as a whole)."""
-    out: dict[str, list] = {c: [] for c in columns}
-    for f in store.table_files(table):
-        try:
-            t = pq.read_table(f)
-        except Exception:  # noqa: BLE001 - reported by _check_tables
-            continue
-        for c in columns:
-            out[c] += t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows
-    return out
+COMMIT_COLUMNS = ["unit", "row_id", "chunk_crc32"]
+CLAIM_TIMEOUT = 3600.0  # store.claims' default: another host's claim is stale after an hour
 
 
 class Problem(NamedTuple):
@@ -93,72 +89,94 @@ class VerifyConfig(StoreOptions):
     )
 
 
-def _array_dirs(store: Store) -> dict[str, Path]:
-    """{array name: folder} of every Zarr array under arrays/."""
-    out: dict[str, Path] = {}
-    root = store.arrays_dir
-    if not root.is_dir():
-        return out
-    for meta in root.rglob("zarr.json"):
-        if "c" in meta.relative_to(root).parts[:-1]:
-            continue  # inside an array's chunk folder
-        try:
-            node = json.loads(meta.read_bytes()).get("node_type")
-        except (OSError, ValueError):
-            node = "unreadable"
-        if node in ("array", "unreadable"):
-            out["/".join(meta.parent.relative_to(root).parts)] = meta.parent
+def _table_files(store: Store, files: StoreFiles, table: str) -> list[str]:
+    return files.under(files.rel(store.table_dir(table)), ".parquet")
+
+
+def _read(store: Store, files: StoreFiles, table: str, columns: list[str]) -> dict[str, list]:
+    """The readable files of a table, each read on its own: verify must work on a catalog
+    where a file is broken (DuckDB's views over the table would fail as a whole)."""
+    out: dict[str, list] = {c: [] for c in columns}
+    for t in files.parquet(_table_files(store, files, table), columns).values():
+        if isinstance(t, Exception):
+            continue  # reported by _check_tables
+        for c in columns:
+            out[c] += t.column(c).to_pylist() if c in t.column_names else [None] * t.num_rows
     return out
 
 
-def _check_tables(store: Store) -> list[Problem]:
+def _array_metas(store: Store, files: StoreFiles) -> dict[str, tuple[str, dict | Exception]]:
+    """{array name: (folder, its zarr.json or why it cannot be read)} of every Zarr array
+    under arrays/ (groups' zarr.json are read and skipped)."""
+    base = files.rel(store.arrays_dir)
+    metas = [
+        r
+        for r in files.under(base, "/zarr.json")
+        if "c" not in PurePosixPath(r).parts[len(PurePosixPath(base).parts) : -1]  # not in a chunk folder
+    ]
+    out: dict[str, tuple[str, dict | Exception]] = {}
+    for r, data in files.read_many(metas).items():
+        try:
+            if isinstance(data, Exception):
+                raise data
+            meta = json.loads(data)
+            node = meta.get("node_type")
+        except (OSError, ValueError, AttributeError) as e:
+            meta, node = e, "unreadable"
+        folder = str(PurePosixPath(r).parent)
+        if node in ("array", "unreadable") and folder != base:
+            out[folder[len(base) + 1 :]] = (folder, meta)
+    return out
+
+
+def _check_tables(store: Store, files: StoreFiles) -> list[Problem]:
     out = []
-    for table in store.tables():
+    cat = files.rel(store.catalog_dir)
+    below = [PurePosixPath(r).relative_to(cat).parts for r in files.under(cat, ".parquet")]
+    tables = sorted({parts[0] for parts in below if len(parts) > 1})
+    for table in tables:
         if table == UNITS_TABLE:
             continue  # commit files: checked per array
-        for f in store.table_files(table):
-            try:
-                pq.read_metadata(f)
-            except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
+        for r, meta in files.footers(_table_files(store, files, table)).items():
+            if isinstance(meta, Exception):
                 out.append(
                     Problem(
                         "unreadable_table_file",
                         table,
-                        str(f),
-                        f"cannot read ({str(e)[:120]}); restore it from a backup or rerun the step that wrote it",
+                        str(files.path(r)),
+                        f"cannot read ({str(meta)[:120]}); restore it from a backup or rerun the step that wrote it",
                         None,
                     )
                 )
-    for d in [store.catalog_dir, store.root]:
-        if d.is_dir():
-            for f in d.rglob(".*.tmp") if d == store.catalog_dir else d.glob(".catalog.*.tmp"):
-                out.append(Problem("leftover", "catalog", str(f), "unfinished atomic write", "delete"))
+    leftovers = [r for r in files.under(cat, ".tmp") if PurePosixPath(r).name.startswith(".")]
+    leftovers += sorted(r for r in files.sizes if "/" not in r and fnmatch(r, ".catalog.*.tmp"))
+    for r in leftovers:
+        out.append(Problem("leftover", "catalog", str(files.path(r)), "unfinished atomic write", "delete"))
     for table in ("manifests", "runs"):
-        if store.has_table(table):
-            have = set(_read(store, table, ["store_version"])["store_version"])
-            unknown = sorted(str(v) for v in have - KNOWN_STORE_VERSIONS - {None})
-            if unknown:
-                out.append(
-                    Problem(
-                        "unknown_version",
-                        table,
-                        str(store.table_dir(table)),
-                        f"store_version {', '.join(unknown)} is not one this code knows "
-                        f"({', '.join(sorted(KNOWN_STORE_VERSIONS))}); use the matching version",
-                        None,
-                    )
+        have = set(_read(store, files, table, ["store_version"])["store_version"])
+        unknown = sorted(str(v) for v in have - KNOWN_STORE_VERSIONS - {None})
+        if unknown:
+            out.append(
+                Problem(
+                    "unknown_version",
+                    table,
+                    str(store.table_dir(table)),
+                    f"store_version {', '.join(unknown)} is not one this code knows "
+                    f"({', '.join(sorted(KNOWN_STORE_VERSIONS))}); use the matching version",
+                    None,
                 )
+            )
     return out
 
 
-def _recorded_dtypes(store: Store) -> dict[str, str]:
-    t = _read(store, "arrays", ["name", "storage_dtype"])
+def _recorded_dtypes(store: Store, files: StoreFiles) -> dict[str, str]:
+    t = _read(store, files, "arrays", ["name", "storage_dtype"])
     return dict(zip(t["name"], t["storage_dtype"], strict=False))
 
 
-def _layout_units(store: Store) -> dict[str, dict[str, int]]:
+def _layout_units(store: Store, files: StoreFiles) -> dict[str, dict[str, int]]:
     """{tokenization: {row_id: unit}}."""
-    t = _read(store, "row_layout", ["tokenization", "row_id", "unit"])
+    t = _read(store, files, "row_layout", ["tokenization", "row_id", "unit"])
     out: dict[str, dict[str, int]] = {}
     for tz, r, u in zip(t["tokenization"], t["row_id"], t["unit"], strict=False):
         out.setdefault(tz, {})[r] = int(u)
@@ -166,107 +184,102 @@ def _layout_units(store: Store) -> dict[str, dict[str, int]]:
 
 
 def _check_array(
-    store: Store, name: str, folder: Path, quick: bool, recorded: dict[str, str], layouts: dict[str, dict[str, int]]
+    store: Store,
+    files: StoreFiles,
+    name: str,
+    folder: str,
+    meta: dict | Exception,
+    quick: bool,
+    recorded: dict[str, str],
+    layouts: dict[str, dict[str, int]],
 ) -> list[Problem]:
-    out = []
+    meta_path = str(files.path(f"{folder}/zarr.json"))
     try:
-        meta = json.loads((folder / "zarr.json").read_bytes())
+        if isinstance(meta, Exception):
+            raise meta
         shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
         dtype = np.dtype(meta["data_type"])
         attrs = meta.get("attributes", {})
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return [Problem("unreadable_array", name, str(folder / "zarr.json"), f"cannot read its metadata: {e}", None)]
+        return [Problem("unreadable_array", name, meta_path, f"cannot read its metadata: {e}", None)]
+    out: list[tuple[str, Problem]] = []  # (commit file, problem): sorted by unit at the end
     if name in recorded and recorded[name] and recorded[name] != str(dtype):
         out.append(
-            Problem(
-                "dtype_mismatch",
-                name,
-                str(folder / "zarr.json"),
-                f"stored as {dtype}, but the arrays table records {recorded[name]}; the array was "
-                f"replaced by hand: delete it and extract it again",
-                None,
+            (
+                "",
+                Problem(
+                    "dtype_mismatch",
+                    name,
+                    meta_path,
+                    f"stored as {dtype}, but the arrays table records {recorded[name]}; the array was "
+                    f"replaced by hand: delete it and extract it again",
+                    None,
+                ),
             )
         )
     n_units = -(-shape[0] // chunks[0])
     expect = int(np.prod(chunks)) * dtype.itemsize
-    units_dir = store.table_dir(UNITS_TABLE) / array_key(name)
+    units_dir = files.rel(store.table_dir(UNITS_TABLE) / array_key(name))
+    commits = [r for r in files.under(units_dir, ".parquet") if "/" not in r[len(units_dir) + 1 :]]
     committed: set[int] = set()
     layout = layouts.get(attrs.get("tokenization"), {})
-    for f in sorted(units_dir.glob("*.parquet")) if units_dir.is_dir() else []:
-        where = f"{name} unit {f.stem.lstrip('u')}"
-        try:
-            t = pq.read_table(f).to_pydict()
-            unit = int(t["unit"][0])
-        except Exception as e:  # noqa: BLE001 - truncated or not parquet
-            out.append(
-                Problem(
-                    "unreadable_commit",
-                    where,
-                    str(f),
-                    f"commit file unreadable ({str(e)[:80]}); repair un-commits the unit",
-                    "uncommit",
-                )
-            )
+    checked = []  # commits whose chunk has the right size: (commit file, where, chunk, unit, table)
+    for r, t in files.parquet(commits, COMMIT_COLUMNS).items():
+        where, f = f"{name} unit {PurePosixPath(r).stem.lstrip('u')}", str(files.path(r))
+        if isinstance(t, Exception) or t.num_rows == 0 or "unit" not in t.column_names:
+            why = str(t)[:80] if isinstance(t, Exception) else "no rows"
+            msg = f"commit file unreadable ({why}); repair un-commits the unit"
+            out.append((r, Problem("unreadable_commit", where, f, msg, "uncommit")))
             continue
+        t = t.to_pydict()
+        unit = int(t["unit"][0])
         if not 0 <= unit < n_units:
-            out.append(
-                Problem("orphan_commit", where, str(f), f"unit {unit} is outside the array's {n_units} units", "delete")
-            )
+            msg = f"unit {unit} is outside the array's {n_units} units"
+            out.append((r, Problem("orphan_commit", where, f, msg, "delete")))
             continue
         committed.add(unit)
-        chunk = chunk_path(store, name, unit, len(shape))
-        if not chunk.is_file():
-            out.append(
-                Problem("missing_chunk", where, str(chunk), "committed, but its chunk file is missing", "uncommit")
+        chunk = files.rel(chunk_path(store, name, unit, len(shape)))
+        size = files.size(chunk)
+        if size is None:
+            msg = "committed, but its chunk file is missing"
+            out.append((r, Problem("missing_chunk", where, str(files.path(chunk)), msg, "uncommit")))
+        elif size != expect:
+            msg = f"chunk is {size} bytes, expected {expect}"
+            out.append((r, Problem("corrupt_chunk", where, str(files.path(chunk)), msg, "uncommit")))
+        else:
+            checked.append((r, where, chunk, unit, t))
+    want_crc = [c for _, _, c, _, t in checked if any(x is not None for x in t.get("chunk_crc32", []))]
+    crcs = {} if quick else dict(files.crc32(want_crc))  # commits from before checksums: size only
+    for r, where, chunk, unit, t in checked:
+        rec = {c for c in t.get("chunk_crc32", []) if c is not None}
+        crc = crcs.get(chunk)
+        if crc is not None and (isinstance(crc, Exception) or crc not in rec):
+            msg = (
+                f"cannot read the chunk ({str(crc)[:80]})"
+                if isinstance(crc, Exception)
+                else f"CRC-32 {crc:08x} differs from the {next(iter(rec)):08x} recorded at commit"
             )
+            out.append((r, Problem("corrupt_chunk", where, str(files.path(chunk)), msg, "uncommit")))
             continue
-        size = chunk.stat().st_size
-        if size != expect:
-            out.append(
-                Problem("corrupt_chunk", where, str(chunk), f"chunk is {size} bytes, expected {expect}", "uncommit")
-            )
-            continue
-        crcs = {c for c in t.get("chunk_crc32", []) if c is not None}
-        if not quick and crcs:
-            _, crc = chunk_checksum(chunk)
-            if crc not in crcs:
-                out.append(
-                    Problem(
-                        "corrupt_chunk",
-                        where,
-                        str(chunk),
-                        f"CRC-32 {crc:08x} differs from the {next(iter(crcs)):08x} recorded at commit",
-                        "uncommit",
-                    )
-                )
-                continue
-        if layout:
-            strays = [r for r in t["row_id"] if layout.get(r) != unit]
-            if strays:
-                out.append(
-                    Problem(
-                        "misplaced_rows",
-                        where,
-                        str(f),
-                        f"{len(strays)} committed rows (e.g. {strays[0]}) do not lie in unit {unit} of the layout",
-                        "uncommit",
-                    )
-                )
-    cdir = folder / "c"
-    if cdir.is_dir():
-        for p in sorted(cdir.iterdir()):
-            if p.name.endswith(".partial") or ".partial" in p.name:
-                continue  # reported below
-            empty_dir = p.is_dir() and not any(p.iterdir())
-            if p.name.isdigit() and int(p.name) not in committed and not empty_dir:
-                out.append(Problem("orphan_chunk", name, str(p), f"chunk of unit {p.name} has no commit", "delete"))
-    for p in folder.rglob("*.partial"):
-        out.append(Problem("leftover", name, str(p), "an unfinished chunk write", "delete"))
-    return out
+        strays = [x for x in t["row_id"] if layout.get(x) != unit] if layout else []
+        if strays:
+            msg = f"{len(strays)} committed rows (e.g. {strays[0]}) do not lie in unit {unit} of the layout"
+            out.append((r, Problem("misplaced_rows", where, str(files.path(r)), msg, "uncommit")))
+    problems = [p for _, p in sorted(out, key=lambda x: x[0])]
+    cdir, orphans = f"{folder}/c/", set()
+    for r in files.under(cdir):
+        u = r[len(cdir) :].split("/")[0]
+        if ".partial" not in r and u.isdigit() and int(u) not in committed and u not in orphans:
+            orphans.add(u)
+            msg = f"chunk of unit {u} has no commit"
+            problems.append(Problem("orphan_chunk", name, str(files.path(cdir + u)), msg, "delete"))
+    for r in files.under(folder, ".partial"):
+        problems.append(Problem("leftover", name, str(files.path(r)), "an unfinished chunk write", "delete"))
+    return problems
 
 
-def _stale_runs(store: Store) -> list[Problem]:
-    t = _read(store, "runs", ["run_id", "status", "host", "pid"])
+def _stale_runs(store: Store, files: StoreFiles) -> list[Problem]:
+    t = _read(store, files, "runs", ["run_id", "status", "host", "pid"])
     rows = [dict(zip(t, vals, strict=False)) for vals in zip(*t.values(), strict=False) if vals[1] == "running"]
     out, host = [], socket.gethostname()
     for r in rows:
@@ -287,79 +300,78 @@ def _stale_runs(store: Store) -> list[Problem]:
     return out
 
 
-def _stale_claims(store: Store) -> list[Problem]:
+def _stale_claims(store: Store, files: StoreFiles) -> list[Problem]:
     """Claim files of writers whose process is gone (see store.claims)."""
-    return [
-        Problem(
-            "leftover",
-            "claims",
-            str(f),
-            f"claim of a writer that is gone (pid {info.get('pid')} on {info.get('host')})",
-            "delete",
-        )
-        for f, info in claims.stale_claims(store)
-    ]
+    out = []
+    base = files.rel(store.claims_dir)
+    for r in files.under(base, ".json"):
+        p = PurePosixPath(r)
+        try:
+            info = claims.owner(store, "/".join(p.parts[len(PurePosixPath(base).parts) : -1]), p.stem)
+        except ValueError:
+            continue  # not a claim's name: no writer made it
+        if info is not None and claims.is_stale(info, CLAIM_TIMEOUT):
+            msg = f"claim of a writer that is gone (pid {info.get('pid')} on {info.get('host')})"
+            out.append(Problem("leftover", "claims", str(files.path(r)), msg, "delete"))
+    return out
 
 
-def verify(store: Store, quick: bool = False) -> tuple[list[Problem], list[Problem]]:
-    """(problems, notes) of the store; see the module docstring."""
-    if store.remote:
-        raise StoreError(
-            f"store.verify checks local stores only; {store.root} is on object storage, where "
-            "commits are whole objects (docs/scale.md). To check it, copy it to a local folder "
-            "(e.g. aws s3 sync) and run python -m store.verify --store FOLDER"
-        )
-    problems = _check_tables(store) + _stale_claims(store)
-    arrays = _array_dirs(store)
-    recorded = _recorded_dtypes(store)
-    layouts = _layout_units(store)
-    for name, folder in sorted(arrays.items()):
-        problems += _check_array(store, name, folder, quick, recorded, layouts)
-    udir = store.table_dir(UNITS_TABLE)
+def verify(store: Store, quick: bool = False, files: StoreFiles | None = None) -> tuple[list[Problem], list[Problem]]:
+    """(problems, notes) of the store, local or on object storage; see the module docstring.
+    `files`: the store's listing (made here when not given: one listing of the store)."""
+    files = files or StoreFiles(store)
+    problems = _check_tables(store, files) + _stale_claims(store, files)
+    arrays = _array_metas(store, files)
+    recorded = _recorded_dtypes(store, files)
+    layouts = _layout_units(store, files)
+    for name, (folder, meta) in sorted(arrays.items()):
+        problems += _check_array(store, files, name, folder, meta, quick, recorded, layouts)
+    udir = PurePosixPath(files.rel(store.table_dir(UNITS_TABLE)))
     keys = {array_key(n) for n in arrays}
-    if udir.is_dir():
-        for d in sorted(udir.iterdir()):
-            if d.is_dir() and d.name not in keys:
-                problems.append(
-                    Problem(
-                        "orphan_commit",
-                        d.name.replace("__", "/"),
-                        str(d),
-                        "commits of an array that does not exist",
-                        "delete",
-                    )
-                )
-    return problems, _stale_runs(store)
+    below = [PurePosixPath(r).relative_to(udir).parts for r in files.under(str(udir))]
+    for k in sorted({parts[0] for parts in below if len(parts) > 1} - keys):
+        msg = "commits of an array that does not exist"
+        problems.append(Problem("orphan_commit", k.replace("__", "/"), str(files.path(f"{udir}/{k}")), msg, "delete"))
+    return problems, _stale_runs(store, files)
 
 
-def repair(store: Store, problems: list[Problem]) -> list[str]:
-    """Carry out each problem's repair; returns one line per action."""
-    done = []
+class Repaired(NamedTuple):
+    done: list[str]  # one line per action carried out
+    refused: list[str]  # one line per action the backend refused, naming it and the fix
+
+
+def repair(store: Store, problems: list[Problem], files: StoreFiles | None = None) -> Repaired:
+    """Carry out each problem's repair, on a local folder or object storage alike (deletes
+    are object deletes there; marking a run failed rewrites its record's Parquet object)."""
+    files = files or StoreFiles(store)
+    done, refused = [], []
     for p in problems:
-        path = Path(p.path)
-        if p.repair == "delete":
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
-            done.append(f"deleted {path}")
-        elif p.repair == "uncommit":
-            name, _, unit = p.where.rpartition(" unit ")
-            commit = store.table_dir(UNITS_TABLE) / array_key(name) / f"u{unit}.parquet" if unit else path
-            commit.unlink(missing_ok=True)
-            if unit and unit.isdigit():
-                meta = json.loads((store.array_path(name) / "zarr.json").read_bytes())
-                chunk = chunk_path(store, name, int(unit), len(meta["shape"]))
-                chunk.unlink(missing_ok=True)
-                if chunk.parent.name == unit.lstrip("0").rjust(1, "0") and not any(chunk.parent.iterdir()):
-                    chunk.parent.rmdir()  # c/<unit>/ of a 2-D array
-            done.append(f"un-committed {p.where} (removed {commit.name} and its chunk): rerun the extraction")
-        elif p.repair == "mark_failed":
-            mark_failed(store, p.where, "process gone (found by python -m store.verify)")
-            done.append(f"marked run {p.where} failed")
+        try:
+            if p.repair == "delete":
+                files.delete(files.rel(p.path))
+                done.append(f"deleted {p.path}")
+            elif p.repair == "uncommit":
+                name, _, unit = p.where.rpartition(" unit ")
+                commit = store.table_dir(UNITS_TABLE) / array_key(name) / f"u{unit}.parquet" if unit else p.path
+                files.delete(files.rel(commit))
+                if unit.isdigit():
+                    files.delete(files.rel(store.array_path(name) / "c" / str(int(unit))))
+                done.append(
+                    f"un-committed {p.where} (removed {PurePosixPath(str(commit)).name} and its chunk): "
+                    "rerun the extraction"
+                )
+            elif p.repair == "mark_failed":
+                mark_failed(store, p.where, "process gone (found by python -m store.verify)")
+                done.append(f"marked run {p.where} failed")
+        except (PermissionError, NotImplementedError) as e:
+            backend = getattr(store.root, "protocol", "the local filesystem")
+            refused.append(
+                f"{p.repair} of {p.path} refused by {backend} ({str(e)[:120]}): rerun --repair with "
+                "credentials that may delete and write under the store, or remove it by hand"
+            )
     if done:
         store.refresh_catalog()
-    return done
+    return Repaired(done, refused)
 
 
 @user_errors(StoreError, ValueError)
@@ -368,17 +380,24 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(cfg.store)
     if not store.remote and not store.root.is_dir():
         raise ValueError(f"no store at {store.root}; pass --store PATH")
-    problems, notes = verify(store, quick=cfg.quick)
+    files = StoreFiles(store)  # the one listing of the store that every check reads
+    if store.remote and not files.sizes:
+        raise ValueError(f"no store at {store.root} (no object under that prefix); pass --store URL")
+    problems, notes = verify(store, quick=cfg.quick, files=files)
     for p in problems:
         print(p.line())
     for n in notes:
         print("note: " + n.line())
     if cfg.repair and (problems or notes):
-        for line in repair(store, [*problems, *notes]):
+        done, refused = repair(store, [*problems, *notes], files)
+        for line in done:
             print("repair: " + line)
+        for line in refused:
+            print("not repaired: " + line)
         left = [p for p in problems if p.repair is None]
-        print(f"{len(problems) - len(left)} problems repaired, {len(left)} left (see their messages)")
-        return 1 if left else 0
+        n_left = len(left) + len(refused)
+        print(f"{len(problems) - n_left} problems repaired, {n_left} left (see their messages)")
+        return 1 if n_left else 0
     print(f"{len(problems)} problems in {store.root}" + (" (--quick: sizes only)" if cfg.quick else ""))
     return 1 if problems else 0
 
