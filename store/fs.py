@@ -15,6 +15,8 @@ reads paths runs unchanged on both; the few operations that differ are here:
   PUT with `If-None-Match: *`, s3fs's `mode="xb"`), for claims and Zarr group metadata.
 * `scan(folder)`: (name, signature) of the files in one folder, one listing request.
 * `read_parquet(path)`: a Parquet file of the catalog, local or remote.
+* `StoreFiles(root)`: every file of a store listed once, with batched (remotely concurrent)
+  whole and ranged reads, CRC-32s and deletes: what `store.verify` checks and repairs with.
 
 Credentials and the endpoint are never stored in the store: s3fs (botocore) reads them
 from the environment or the AWS config files as every AWS tool does (`AWS_ACCESS_KEY_ID`,
@@ -30,7 +32,8 @@ import hashlib
 import io
 import os
 import uuid
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
@@ -324,3 +327,115 @@ def staging_root(url: str) -> Path:
     uploaded (see `Store.run_dir`): one per store URL, under `default_staging_dir()`."""
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     return default_staging_dir() / key
+
+
+class StoreFiles:
+    """Every file under `root`, listed once: {path relative to the root: size} (`os.walk`
+    locally; one recursive listing on object storage, 1,000 keys per S3 request, not one per
+    folder), and the reads and deletes of `store.verify`, which asks this listing instead of
+    the filesystem. Remote reads are concurrent ranged GETs of the listed sizes (s3fs's
+    plain `cat` would HEAD each object first). A snapshot: use it while no writer works."""
+
+    CRC_BATCH_BYTES = 256 << 20  # remote chunks fetched at once for their CRC-32 (bounds memory)
+
+    def __init__(self, root: AnyPath):
+        self.root = root
+        self.sizes: dict[str, int] = {}
+        if isinstance(root, RemotePath):
+            try:
+                found = root.fs.find(root.path, detail=True)
+            except FileNotFoundError:
+                found = {}
+            n = len(root.path) + 1
+            self.sizes = {
+                k[n:]: int(i.get("size") or 0)
+                for k, i in found.items()
+                if k.startswith(root.path + "/") and i.get("type", "file") == "file"
+            }
+            return
+        for d, _, names in os.walk(root):
+            rel = Path(d).relative_to(root).as_posix()
+            for f in names:
+                try:
+                    self.sizes[f if rel == "." else f"{rel}/{f}"] = os.stat(os.path.join(d, f)).st_size
+                except FileNotFoundError:
+                    continue  # removed since the walk listed it
+
+    def under(self, prefix: str, suffix: str = "") -> list[str]:
+        """Sorted relative paths of the files below folder `prefix` ending in `suffix`."""
+        p = prefix.rstrip("/") + "/"
+        return sorted(k for k in self.sizes if k.startswith(p) and k.endswith(suffix))
+
+    def path(self, rel: str) -> AnyPath:
+        """The file as the store names it (a local path or a URL)."""
+        return self.root / rel
+
+    def rel(self, path: str | os.PathLike | RemotePath) -> str:
+        """A path under the root (or its `str`) -> relative to the root."""
+        return PurePosixPath(str(path)).relative_to(PurePosixPath(str(self.root))).as_posix()
+
+    def ranges(self, rels: list[str], starts: list[int], ends: list[int] | None = None) -> list[bytes | Exception]:
+        """Bytes [start, end) of each file (`ends` None: to its listed end), or the error."""
+        ends = [self.sizes.get(r, 0) for r in rels] if ends is None else ends
+        if not isinstance(self.root, RemotePath):
+            out: list[bytes | Exception] = []
+            for r, a, b in zip(rels, starts, ends, strict=True):
+                try:
+                    with open(self.path(r), "rb") as fh:
+                        fh.seek(a)
+                        out.append(fh.read(b - a))
+                except OSError as e:
+                    out.append(e)
+            return out
+        todo = [i for i, (a, b) in enumerate(zip(starts, ends, strict=True)) if b > a]
+        keys = [f"{self.root.path}/{rels[i]}" for i in todo]
+        got = (
+            self.root.fs.cat_ranges(keys, [starts[i] for i in todo], [ends[i] for i in todo], on_error="return")
+            if todo
+            else []
+        )
+        out = [b""] * len(rels)  # empty ranges: no request (a Range of 0 bytes is invalid)
+        for i, data in zip(todo, got, strict=True):
+            out[i] = data
+        return out
+
+    def read_many(self, rels: Iterable[str]) -> dict[str, bytes | Exception]:
+        """{rel: the whole file, or the error reading it}."""
+        rels = list(rels)
+        return dict(zip(rels, self.ranges(rels, [0] * len(rels)), strict=True))
+
+    def crc32(self, rels: list[str]) -> Iterator[tuple[str, int | Exception]]:
+        """(rel, CRC-32 of the whole file, or the error reading it): one file at a time
+        locally, remotely batches of up to CRC_BATCH_BYTES fetched concurrently."""
+        limit = self.CRC_BATCH_BYTES if isinstance(self.root, RemotePath) else 0
+        batch: list[str] = []
+        held = 0
+        for i, r in enumerate(rels):
+            batch.append(r)
+            held += self.sizes.get(r, 0)
+            if i + 1 == len(rels) or held >= limit:
+                for b, data in self.read_many(batch).items():
+                    yield b, data if isinstance(data, Exception) else zlib.crc32(data)
+                batch, held = [], 0
+
+    def delete(self, rel: str) -> int:
+        """Delete the listed files at `rel` and below it (a file, or a folder: on object
+        storage a key prefix, one batched delete); locally, then the folders left empty
+        (up to `catalog/<table>`, `arrays/<x>`, `claims/<scope>`); returns how many."""
+        gone = [k for k in self.sizes if k == rel or k.startswith(rel.rstrip("/") + "/")]
+        if isinstance(self.root, RemotePath):
+            if gone:
+                self.root.fs.rm([f"{self.root.path}/{k}" for k in gone])
+        else:
+            for k in gone:
+                (self.root / k).unlink(missing_ok=True)
+            for folder in {PurePosixPath(k).parent for k in gone}:
+                while len(folder.parts) > 2:
+                    try:
+                        (self.root / folder.as_posix()).rmdir()
+                    except OSError:
+                        break  # not empty, or gone
+                    folder = folder.parent
+        for k in gone:
+            del self.sizes[k]
+        return len(gone)

@@ -30,7 +30,7 @@ failed, and says what it did. Unreadable tables and dtype mismatches are not rep
 message says what to do. Run it while no writer is working on the store.
 
 Local folders and fsspec stores (`s3://...`) go through the same checks: the file operations
-are `store.verify_fs.StoreFiles`, which lists the store once and reads only what a check
+are `store.fs.StoreFiles`, which lists the store once and reads only what a check
 needs (a table file's footer by a ranged read; whole chunks for their CRC-32, fetched
 concurrently from object storage). Every repair has its object-store form (deletes are object
 deletes, a run is marked failed by rewriting its record's object); an action the backend
@@ -39,8 +39,10 @@ refuses (read-only credentials) is one `not repaired:` line naming it and what t
 
 from __future__ import annotations
 
+import io
 import json
 import socket
+import struct
 import sys
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -48,17 +50,20 @@ from pathlib import PurePosixPath
 from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from store import claims
 from store.arrays import UNITS_TABLE, array_key, chunk_path
 from store.catalog.runs import mark_failed
 from store.cli import StoreOptions, parse_config, user_errors
 from store.core import STORE_VERSION, Store, StoreError, pid_alive
-from store.verify_fs import StoreFiles
+from store.fs import StoreFiles
 
 KNOWN_STORE_VERSIONS = {STORE_VERSION}
 COMMIT_COLUMNS = ["unit", "row_id", "chunk_crc32"]
 CLAIM_TIMEOUT = 3600.0  # store.claims' default: another host's claim is stale after an hour
+FOOTER_READ = 64 << 10  # a catalog file's Parquet footer is a few KiB: one ranged read has it
 
 
 class Problem(NamedTuple):
@@ -89,6 +94,47 @@ class VerifyConfig(StoreOptions):
     )
 
 
+def _parquet(files: StoreFiles, rels: list[str], columns: list[str]) -> dict[str, pa.Table | Exception]:
+    """{file: its table (those of `columns` it has), or why it cannot be read}."""
+    out: dict[str, pa.Table | Exception] = {}
+    for r, data in files.read_many(rels).items():
+        try:
+            if isinstance(data, Exception):
+                raise data
+            f = pq.ParquetFile(io.BytesIO(data))
+            out[r] = f.read(columns=[c for c in columns if c in f.schema_arrow.names])
+        except Exception as e:  # noqa: BLE001 - truncated, not Parquet, gone: the caller reports it
+            out[r] = e
+    return out
+
+
+def _footers(files: StoreFiles, rels: list[str]) -> dict[str, pq.FileMetaData | Exception]:
+    """{file: its Parquet metadata, or what pyarrow raised}, from ranged reads of each file's
+    end only (its last FOOTER_READ bytes; a second read for a longer footer)."""
+    sizes = [files.sizes[r] for r in rels]
+    tails = files.ranges(rels, [max(0, n - FOOTER_READ) for n in sizes], sizes)
+    longer = {}
+    for i, t in enumerate(tails):
+        if not isinstance(t, Exception) and len(t) >= 8 and t[-4:] == b"PAR1":
+            need = struct.unpack("<I", t[-8:-4])[0] + 8  # footer length + length field + magic
+            if len(t) < need <= sizes[i]:
+                longer[i] = need
+    more = files.ranges(
+        [rels[i] for i in longer], [sizes[i] - n for i, n in longer.items()], [sizes[i] for i in longer]
+    )
+    for i, t in zip(longer, more, strict=True):
+        tails[i] = t
+    out: dict[str, pq.FileMetaData | Exception] = {}
+    for r, t in zip(rels, tails, strict=True):
+        try:
+            if isinstance(t, Exception):
+                raise t
+            out[r] = pq.read_metadata(io.BytesIO(t))
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
+            out[r] = e
+    return out
+
+
 def _table_files(store: Store, files: StoreFiles, table: str) -> list[str]:
     return files.under(files.rel(store.table_dir(table)), ".parquet")
 
@@ -97,7 +143,7 @@ def _read(store: Store, files: StoreFiles, table: str, columns: list[str]) -> di
     """The readable files of a table, each read on its own: verify must work on a catalog
     where a file is broken (DuckDB's views over the table would fail as a whole)."""
     out: dict[str, list] = {c: [] for c in columns}
-    for t in files.parquet(_table_files(store, files, table), columns).values():
+    for t in _parquet(files, _table_files(store, files, table), columns).values():
         if isinstance(t, Exception):
             continue  # reported by _check_tables
         for c in columns:
@@ -137,7 +183,7 @@ def _check_tables(store: Store, files: StoreFiles) -> list[Problem]:
     for table in tables:
         if table == UNITS_TABLE:
             continue  # commit files: checked per array
-        for r, meta in files.footers(_table_files(store, files, table)).items():
+        for r, meta in _footers(files, _table_files(store, files, table)).items():
             if isinstance(meta, Exception):
                 out.append(
                     Problem(
@@ -224,7 +270,7 @@ def _check_array(
     committed: set[int] = set()
     layout = layouts.get(attrs.get("tokenization"), {})
     checked = []  # commits whose chunk has the right size: (commit file, where, chunk, unit, table)
-    for r, t in files.parquet(commits, COMMIT_COLUMNS).items():
+    for r, t in _parquet(files, commits, COMMIT_COLUMNS).items():
         where, f = f"{name} unit {PurePosixPath(r).stem.lstrip('u')}", str(files.path(r))
         if isinstance(t, Exception) or t.num_rows == 0 or "unit" not in t.column_names:
             why = str(t)[:80] if isinstance(t, Exception) else "no rows"
@@ -239,7 +285,7 @@ def _check_array(
             continue
         committed.add(unit)
         chunk = files.rel(chunk_path(store, name, unit, len(shape)))
-        size = files.size(chunk)
+        size = files.sizes.get(chunk)
         if size is None:
             msg = "committed, but its chunk file is missing"
             out.append((r, Problem("missing_chunk", where, str(files.path(chunk)), msg, "uncommit")))
@@ -319,7 +365,7 @@ def _stale_claims(store: Store, files: StoreFiles) -> list[Problem]:
 def verify(store: Store, quick: bool = False, files: StoreFiles | None = None) -> tuple[list[Problem], list[Problem]]:
     """(problems, notes) of the store, local or on object storage; see the module docstring.
     `files`: the store's listing (made here when not given: one listing of the store)."""
-    files = files or StoreFiles(store)
+    files = files or StoreFiles(store.root)
     problems = _check_tables(store, files) + _stale_claims(store, files)
     arrays = _array_metas(store, files)
     recorded = _recorded_dtypes(store, files)
@@ -343,7 +389,7 @@ class Repaired(NamedTuple):
 def repair(store: Store, problems: list[Problem], files: StoreFiles | None = None) -> Repaired:
     """Carry out each problem's repair, on a local folder or object storage alike (deletes
     are object deletes there; marking a run failed rewrites its record's Parquet object)."""
-    files = files or StoreFiles(store)
+    files = files or StoreFiles(store.root)
     done, refused = [], []
     for p in problems:
         try:
@@ -380,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(cfg.store)
     if not store.remote and not store.root.is_dir():
         raise ValueError(f"no store at {store.root}; pass --store PATH")
-    files = StoreFiles(store)  # the one listing of the store that every check reads
+    files = StoreFiles(store.root)  # the one listing of the store that every check reads
     if store.remote and not files.sizes:
         raise ValueError(f"no store at {store.root} (no object under that prefix); pass --store URL")
     problems, notes = verify(store, quick=cfg.quick, files=files)
