@@ -7,14 +7,17 @@
 Cases, each timed cold (page cache dropped with posix_fadvise before every repeat, after the
 store's kept readers and the baseline's kept map are dropped: mapped pages stay cached) and warm:
 
-* `tokens`  materialize a view of N random tokens (`store.materialize.materialize`: SQL,
-            commit check, sorted chunk-aware gather, bf16 -> float32), its gather alone
-            (`store.materialize.gather`), and a sorted `np.memmap` gather of the same indices
+* `tokens`  materialize a seeded sample of N tokens of the committed tokens
+            (`store.materialize.materialize(..., sample=N, seed=--seed)`: SQL, seeded sample
+            without a sort, commit check, sorted chunk-aware gather, bf16 -> float32), the
+            same call timed in its two parts (`select` then `gather`: the SQL share and the
+            gather share of each call), its gather alone (`store.materialize.gather`), and a
+            sorted `np.memmap` gather of the same sample's indices
             from one raw file holding the same bytes, decoded the same way, mapped afresh per
             call (`memmap`) and mapped once and kept (`memmap kept map`: the store keeps its
             chunk maps between calls, so warm it is compared with both);
-* `rows`    the same for every token of R random whole rows (a row-level view: `row_id` only,
-            so the rows are located through row_layout);
+* `rows`    the same for every token of a seeded sample of R whole rows (a row-level view:
+            `row_id` only, so the rows are located through row_layout);
 * `stream`  `iter_materialize` over a whole view (--view, default content_tokens: the SAE
             training set) in chunk order and in a shuffled order, against a memmap pass over
             the same indices in the same batches; and the raw file read sequentially, the
@@ -116,15 +119,19 @@ def _synthetic_array(store: Store, cfg: BenchReadConfig) -> None:
 
 def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int, cold: Callable[[], None]) -> dict[str, tuple]:
     """{name: (median cold seconds, median warm seconds)}. Methods alternate within each
-    repeat, so a shared machine's varying load hits them alike; cold runs drop the page
-    cache first, warm runs follow one untimed pass."""
+    repeat, so a shared machine's varying load hits them alike, and each repeat starts one
+    method later (the first call after another case's large reads ran up to 1.6x slower than
+    the same call second: a repeat's first place is not always the same method's); cold runs
+    drop the page cache first, warm runs follow one untimed pass."""
     times: dict[str, dict[str, list[float]]] = {k: {"cold": [], "warm": []} for k in fns}
+    names = list(fns)
     for kind in ("cold", "warm"):
         if kind == "warm":
             for fn in fns.values():
                 fn()
-        for _ in range(repeats):
-            for k, fn in fns.items():
+        for i in range(repeats):
+            for k in names[i % len(names) :] + names[: i % len(names)]:
+                fn = fns[k]
                 if kind == "cold":
                     cold()
                 t0 = time.perf_counter()
@@ -171,6 +178,7 @@ class _Raw:
 # The baseline of each store method, for the ratio columns ("memmap kept map" peers likewise).
 BASELINE = {
     "materialize": "memmap",
+    "materialize in parts": "memmap",
     "gather": "memmap",
     "iter_materialize chunk order": "memmap chunk order",
     "iter_materialize shuffled": "memmap shuffled",
@@ -187,6 +195,8 @@ COLUMNS = [
     ("cold_vs_memmap", "cold vs memmap", ".2f"),
     ("warm_vs_memmap", "warm vs memmap", ".2f"),
     ("warm_vs_kept_map", "warm vs kept map", ".2f"),
+    ("sql_share", "SQL share c/w", ""),
+    ("gather_share", "gather share c/w", ""),
     ("note", "note", ""),
 ]
 
@@ -241,33 +251,50 @@ class _Reads:
         for method, (_, note) in fns.items():
             self.record(case, method, n, *timed[method], note)
 
-    def selections(self) -> dict[str, str]:
-        """The 'tokens' and 'rows' cases' views: seeded pseudo-random tokens, and whole rows."""
+    def selections(self) -> dict[str, tuple[str, int]]:
+        """The 'tokens' and 'rows' cases: {case: (view, sample size)}; the committed tokens, and
+        the committed rows, each sampled by materialize's seeded sample (store.sample: no sort;
+        DuckDB's SAMPLE is not repeatable across threads, ORDER BY hash() LIMIT sorts)."""
         cfg = self.cfg
         committed = f"(SELECT DISTINCT row_id FROM array_units WHERE array_name = '{cfg.array}')"
         tz = self.arr.attrs.get("tokenization")
         tz_sql = f"t.tokenization = '{tz}'" if tz else "true"
-        # Pseudo-random but deterministic selections (DuckDB's SAMPLE is not repeatable across threads).
         return {
-            "tokens": f"SELECT t.row_id, t.tok_index FROM tokens t WHERE {tz_sql} AND t.row_id IN {committed} "
-            f"ORDER BY hash(t.tok_index + {cfg.seed}) LIMIT {cfg.n_tokens}",
+            "tokens": (
+                f"SELECT t.row_id, t.tok_index FROM tokens t WHERE {tz_sql} AND t.row_id IN {committed}",
+                cfg.n_tokens,
+            ),
             # A row-level view: whole rows come from row_layout, no scan of the tokens table.
-            "rows": f"SELECT row_id FROM {committed} ORDER BY hash(row_id || '{cfg.seed}') LIMIT {cfg.n_rows}",
+            "rows": (f"SELECT row_id FROM {committed}", cfg.n_rows),
         }
 
     def measure_selections(self) -> None:
         """The 'tokens' and 'rows' cases: materialize, its parts, and the memmap baselines."""
-        store, name, raw = self.store, self.cfg.array, self.raw
-        for case, sql in self.selections().items():
-            ref = materialize(store, sql, name)
+        store, name, raw, seed = self.store, self.cfg.array, self.raw, self.cfg.seed
+        for case, (sql, n) in self.selections().items():
+            ref = materialize(store, sql, name, sample=n, seed=seed)
             idx = ref.frame["tok_index"].to_numpy()
             if not np.array_equal(ref.X, raw.gather(idx)):
                 raise RuntimeError("the store and the raw copy disagree; the benchmark is broken")
+            splits: list[tuple[float, float]] = []
+
+            def parts(sql=sql, n=n, splits=splits) -> None:
+                # materialize's body (pool=None), each part timed: the SQL share and the gather share
+                t0 = time.perf_counter()
+                frame = select(store, sql, name, sample=n, seed=seed)
+                t1 = time.perf_counter()
+                gather(store, name, frame["tok_index"].to_numpy())
+                splits.append((t1 - t0, time.perf_counter() - t1))
+
             fns = {
-                "materialize": (lambda sql=sql: materialize(store, sql, name), "SQL + commit check + gather + decode"),
+                "materialize": (
+                    lambda sql=sql, n=n: materialize(store, sql, name, sample=n, seed=seed),
+                    f"SQL + seeded sample of {n} + commit check + gather + decode",
+                ),
+                "materialize in parts": (parts, "the same call as select, then gather, each timed"),
                 "select": (
-                    lambda sql=sql: select(store, sql, name),
-                    "the view's SQL + commit check alone (materialize less its gather)",
+                    lambda sql=sql, n=n: select(store, sql, name, sample=n, seed=seed),
+                    "the view's SQL + sample + commit check alone (materialize less its gather)",
                 ),
                 "gather": (
                     lambda idx=idx: gather(store, name, idx),
@@ -280,6 +307,19 @@ class _Reads:
                 ),
             }
             self.measure(case, len(idx), fns)
+            self.shares(case, splits)
+
+    def shares(self, case: str, splits: list[tuple[float, float]]) -> None:
+        """Median per-call SQL and gather shares of 'materialize in parts', cold / warm, on the
+        case's materialize row. `_interleaved` calls it `repeats` times cold, once untimed to
+        warm up, then `repeats` times warm."""
+        r = self.cfg.repeats
+        split = {"cold": splits[:r], "warm": splits[r + 1 :]}
+        med = {k: [float(np.median([p[i] / sum(p) for p in v])) for i in (0, 1)] for k, v in split.items()}
+        for row in self.results:
+            if row["case"] == case and row["method"] in ("materialize", "materialize in parts"):
+                row["sql_share"] = f"{med['cold'][0]:.2f} / {med['warm'][0]:.2f}"
+                row["gather_share"] = f"{med['cold'][1]:.2f} / {med['warm'][1]:.2f}"
 
     def measure_stream(self) -> None:
         """The 'stream' case: a whole view streamed, as SAE / probe training does, in chunk

@@ -13,7 +13,8 @@ DuckDB (parallel scans, joins), so order explicitly where it matters.
   array is memory-mapped and fancy-indexed (a chunk file is raw C-order rows), which
   beats zarr's own `oindex` several-fold; compressed arrays fall back to `oindex`;
 * results come back in the view's row order, as float32 (bf16 is widened exactly, in
-  place in the output);
+  place in the output); `sample=N, seed=S` keeps a seeded uniform sample of N of the view's
+  tokens (or rows) instead, in key order, drawn in linear time without a sort (store.sample);
 * `iter_materialize` streams batches for selections larger than memory, in chunk order or
   in a given permutation (a stored shuffle), gathering each batch sorted; `columns=` projects
   the view inside DuckDB, so the columns a training loop does not use are never built.
@@ -42,6 +43,7 @@ from store.arrays import committed_row_ids, open_array
 from store.catalog.tokens import read_layout
 from store.core import Store, StoreError, _sql_str, file_signature
 from store.ranges import range_reader
+from store.sample import check_sample, draw
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -74,13 +76,23 @@ def view_text(store: Store, view_or_sql: str) -> str:
 
 
 def select(
-    store: Store, view_or_sql: str, array: str | None = None, *, columns: list[str] | None = None
+    store: Store,
+    view_or_sql: str,
+    array: str | None = None,
+    *,
+    columns: list[str] | None = None,
+    sample: int | None = None,
+    seed: int = 0,
 ) -> pl.DataFrame:
     """Run the view; with `array`, fail unless all its rows are committed there.
 
     `columns`: only these of the view's columns (row_id, tok_index and token_pos always, where
     the view has them), projected inside DuckDB so the others are never read or built (a
-    streamed `content_tokens` without its 11 text/metadata columns: 112 -> 44 ms)."""
+    streamed `content_tokens` without its 11 text/metadata columns: 112 -> 44 ms).
+    `sample=N, seed=S`: the seeded uniform sample of N of the view's tokens (of a row-level
+    view: N rows, with all their tokens), in key order, drawn without sorting (store.sample)."""
+    if sample is not None:
+        check_sample(sample, seed)
     sql = view_sql(store, view_or_sql)
     con = store.connect()
     try:
@@ -104,6 +116,8 @@ def select(
                 raise ValueError(f"columns {unknown} are not in the view; it has {con.sql(sql).columns}")
     finally:
         con.close()
+    if sample is not None:
+        frame = _sample(store, array, frame, sample, seed)
     if array is not None and len(frame):
         if "row_id" not in frame.columns:
             raise StoreError("the view must return row_id (join tokens or rows) to be materialized")
@@ -119,6 +133,23 @@ def select(
             )
         frame = _whole_rows(store, array, frame)
     return frame
+
+
+def _sample(store: Store, array: str | None, frame: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
+    """The view's lines of the seeded sample: tokens keyed by tok_index; whole rows (a row-level
+    view) by their first token's tok_index, so a row sample is N rows."""
+    if "tok_index" in frame.columns:
+        return frame[draw(frame["tok_index"].to_numpy(), n, seed)]
+    if array is None or "row_id" not in frame.columns or "token_pos" in frame.columns:
+        raise StoreError(
+            f"a sample needs the view to return tok_index (tokens), or row_id and no token columns "
+            f"(whole rows, with an array); it returns {frame.columns}"
+        )
+    tz = reader(store, array).arr.attrs.get("tokenization")
+    starts = frame.select("row_id").join(_layout_frame(store, tz), on="row_id", how="left", maintain_order="left")
+    if tz is None or starts["tok_start"].null_count() or frame["row_id"].is_duplicated().any():
+        return frame  # unsampled: select's checks below say what is wrong
+    return frame[draw(starts["tok_start"].to_numpy(), n, seed)]
 
 
 _LAYOUTS: dict[tuple[str, str], tuple[list[tuple], pl.DataFrame]] = {}
@@ -385,12 +416,22 @@ def _pool(X: np.ndarray, frame: pl.DataFrame, pool: str) -> tuple[np.ndarray, pl
 
 
 def materialize(
-    store: Store, view_or_sql: str, array: str = "hidden/layer_17", *, pool: str | None = None, as_torch: bool = False
+    store: Store,
+    view_or_sql: str,
+    array: str = "hidden/layer_17",
+    *,
+    pool: str | None = None,
+    as_torch: bool = False,
+    sample: int | None = None,
+    seed: int = 0,
 ) -> Materialized:
     """Vectors + columns of the tokens the view selects (see the module docstring).
 
-    `pool="mean"|"last"` returns one vector per row_id instead (row-level probes)."""
-    frame = select(store, view_or_sql, array)
+    `pool="mean"|"last"` returns one vector per row_id instead (row-level probes).
+    `sample=N, seed=S`: a seeded uniform sample of N of the view's tokens (or N whole rows of a
+    row-level view), without sorting the selection; reproducible across runs and stores of the
+    same tokenization, all of them if the view has fewer (store/sample.py)."""
+    frame = select(store, view_or_sql, array, sample=sample, seed=seed)
     X = gather(store, array, frame["tok_index"].to_numpy())
     if pool is not None:
         X, frame = _pool(X, frame, pool)

@@ -137,6 +137,13 @@ def test_bench_read_compares_with_memmap(extract_result, tmp_path):
         if r["method"] in ("materialize", "gather", "iter_materialize chunk order")
     )
     assert {("tokens", "memmap kept map"), ("stream", "memmap kept map shuffled")} <= cases
+    # the seeded samples (store.sample): the asked-for sizes, each call split into SQL and gather
+    tokens = next(r for r in saved["results"] if r["case"] == "tokens" and r["method"] == "materialize")
+    assert tokens["tokens"] == 200 and "seeded sample of 200" in tokens["note"]
+    for r in saved["results"]:
+        if r["method"] in ("materialize", "materialize in parts"):
+            sql, gat = (tuple(map(float, r[k].split(" / "))) for k in ("sql_share", "gather_share"))
+            assert all(0 < x < 1 for x in sql + gat) and abs(sql[0] + gat[0] - 1) < 0.02
     # the store was only read: no raw copy or benchmark folder left behind
     assert not any(p.name == "raw.bin" for p in store.rglob("raw.bin"))
 
