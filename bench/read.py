@@ -253,7 +253,7 @@ class _Reads:
 
     def selections(self) -> dict[str, tuple[str, int]]:
         """The 'tokens' and 'rows' cases: {case: (view, sample size)}; the committed tokens, and
-        the committed rows, each sampled by materialize's seeded sample (store.sample: no sort;
+        the committed rows, each sampled by materialize's seeded sample (store.reads.sample: no sort;
         DuckDB's SAMPLE is not repeatable across threads, ORDER BY hash() LIMIT sorts)."""
         cfg = self.cfg
         committed = f"(SELECT DISTINCT row_id FROM array_units WHERE array_name = '{cfg.array}')"

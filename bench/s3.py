@@ -15,7 +15,7 @@ Both stores get the same work, local first, then S3:
 * reads of that array: `tokens` (materialize `--n-tokens` random tokens), `rows` (every token
   of `--n-rows` random whole rows), `stream` (`iter_materialize` over `--view`). Local reads
   are timed cold (page cache dropped) and warm; S3 reads have no cache on the client, so
-  each call fetches from the server (byte-range reads of the chunk objects, store.ranges).
+  each call fetches from the server (byte-range reads of the chunk objects, store.reads.ranges).
 
 Without --s3-url, moto's server mode is started on 127.0.0.1 (a free port) with throwaway
 credentials, as the tests do: a local, single-process S3 over loopback HTTP, so its figures

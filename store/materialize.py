@@ -14,7 +14,7 @@ DuckDB (parallel scans, joins), so order explicitly where it matters.
   beats zarr's own `oindex` several-fold; compressed arrays fall back to `oindex`;
 * results come back in the view's row order, as float32 (bf16 is widened exactly, in
   place in the output); `sample=N, seed=S` keeps a seeded uniform sample of N of the view's
-  tokens (or rows) instead, in key order, drawn in linear time without a sort (store.sample);
+  tokens (or rows) instead, in key order, drawn in linear time without a sort (store.reads.sample);
 * `iter_materialize` streams batches for selections larger than memory, in chunk order or
   in a given permutation (a stored shuffle), gathering each batch sorted; `columns=` projects
   the view inside DuckDB, so the columns a training loop does not use are never built.
@@ -42,8 +42,8 @@ import zarr
 from store.arrays import committed_row_ids, open_array
 from store.catalog.tokens import read_layout
 from store.core import Store, StoreError, _sql_str, file_signature
-from store.ranges import range_reader
-from store.sample import check_sample, draw
+from store.reads.ranges import range_reader
+from store.reads.sample import check_sample, draw
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -90,7 +90,7 @@ def select(
     the view has them), projected inside DuckDB so the others are never read or built (a
     streamed `content_tokens` without its 11 text/metadata columns: 112 -> 44 ms).
     `sample=N, seed=S`: the seeded uniform sample of N of the view's tokens (of a row-level
-    view: N rows, with all their tokens), in key order, drawn without sorting (store.sample)."""
+    view: N rows, with all their tokens), in key order, drawn without sorting (store.reads.sample)."""
     if sample is not None:
         check_sample(sample, seed)
     sql = view_sql(store, view_or_sql)
@@ -221,7 +221,7 @@ class ArrayReader:
         self.dtype = self.arr.attrs.get("dtype", str(self.arr.dtype))
         self._rows = self.arr.chunks[0]
         self._base = _chunk_base(self.arr)
-        # On object storage (no files to map): byte-range reads of the chunk objects (store.ranges).
+        # On object storage (no files to map): byte-range reads of the chunk objects (store.reads.ranges).
         self._ranges = range_reader(self.arr) if self._base is None else None
         # chunk -> (its file's signature, its map); a map is checked against the file once per
         # gather call, so a reader kept between calls (`reader()`) sees replaced chunks.
@@ -430,7 +430,7 @@ def materialize(
     `pool="mean"|"last"` returns one vector per row_id instead (row-level probes).
     `sample=N, seed=S`: a seeded uniform sample of N of the view's tokens (or N whole rows of a
     row-level view), without sorting the selection; reproducible across runs and stores of the
-    same tokenization, all of them if the view has fewer (store/sample.py)."""
+    same tokenization, all of them if the view has fewer (store/reads/sample.py)."""
     frame = select(store, view_or_sql, array, sample=sample, seed=seed)
     X = gather(store, array, frame["tok_index"].to_numpy())
     if pool is not None:

@@ -137,7 +137,7 @@ def test_bench_read_compares_with_memmap(extract_result, tmp_path):
         if r["method"] in ("materialize", "gather", "iter_materialize chunk order")
     )
     assert {("tokens", "memmap kept map"), ("stream", "memmap kept map shuffled")} <= cases
-    # the seeded samples (store.sample): the asked-for sizes, each call split into SQL and gather
+    # the seeded samples (store.reads.sample): the asked-for sizes, each call split into SQL and gather
     tokens = next(r for r in saved["results"] if r["case"] == "tokens" and r["method"] == "materialize")
     assert tokens["tokens"] == 200 and "seeded sample of 200" in tokens["note"]
     for r in saved["results"]:

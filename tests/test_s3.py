@@ -179,7 +179,7 @@ def test_range_reader_equals_a_plain_reference():
     import zarr
 
     from store.fs import zarr_store
-    from store.ranges import range_reader
+    from store.reads.ranges import range_reader
 
     st = Store("memory://ranges-test")
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Seeded samples of a view (store.sample through materialize, and the SQL macros sample_key /
+"""Seeded samples of a view (store.reads.sample through materialize, and the SQL macros sample_key /
 sample_tokens) against a plain reference written here: SplitMix64 in Python ints, a key for
 every token of the view, the N smallest. Hermetic: a made-up tokenization and bf16 array."""
 

@@ -1,4 +1,4 @@
--- sample_key(tok_index, seed): the 64-bit key of a token in a seeded sample (store/sample.py):
+-- sample_key(tok_index, seed): the 64-bit key of a token in a seeded sample (store/reads/sample.py):
 -- output tok_index + 1 of a SplitMix64 generator seeded with mix64(seed), computed mod 2^64
 -- through UHUGEINT (UBIGINT arithmetic would raise on overflow). It depends only on the seed and
 -- tok_index, and distinct tokens have distinct keys. The N smallest keys of a selection are its

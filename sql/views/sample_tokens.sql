@@ -1,5 +1,5 @@
 -- sample_tokens(view_name, n, seed := 0): the seeded uniform sample of n of a view's tokens (the
--- same tokens as store.materialize.materialize(..., sample=n, seed=seed); see store/sample.py),
+-- same tokens as store.materialize.materialize(..., sample=n, seed=seed); see store/reads/sample.py),
 -- without sorting the view: each token's sample_key is compared with a cut-off that keeps about
 -- n + 6 sqrt(n) + 16 of them, and only those are ordered; if the cut-off kept fewer than n (about
 -- never: 6 standard deviations), every token is ordered instead, so the result is always exactly
