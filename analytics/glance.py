@@ -61,10 +61,14 @@ def glance_probe(store: Store) -> Figure | None:
         if by:
             best = max(by, key=by.get)
             name = r["config"].get("name") or r["config"].get("view", "")
+            where = (
+                f"at layer {best}"
+                if len(by) == 1
+                else f"at every probed layer ({', '.join(map(str, sorted(by)))}; best {by[best]:.3f} at layer {best})"
+            )
             return Figure(
                 "probe",
-                f"the `{name}` linear probe reaches validation AUROC ≥ {min(by.values()):.3f} at every probed layer "
-                f"({', '.join(map(str, sorted(by)))}; best {by[best]:.3f} at layer {best})",
+                f"the `{name}` linear probe reaches validation AUROC ≥ {min(by.values()):.3f} {where}",
                 _run(r["run_id"]),
             )
     return None
@@ -123,9 +127,11 @@ def glance_eval_loss(store: Store) -> Figure | None:
         if base is None:
             continue
         ma, mb = a["metrics"], base["metrics"]
+        entry = store.run_folder(a["run_id"]) / "eval_loss.json"  # names the adapter `latest` resolved to
+        name = json.loads(entry.read_text()).get("adapter") if entry.is_file() else None
         return Figure(
             "finetune",
-            f"the LoRA adapter `{a['config']['adapter']}` moves eval loss from {mb['mean_loss']:.3f} to "
+            f"the LoRA adapter `{name or a['config']['adapter']}` moves eval loss from {mb['mean_loss']:.3f} to "
             f"{ma['mean_loss']:.3f} (perplexity {mb['perplexity']:.2f} -> {ma['perplexity']:.2f}, "
             f"{ma['num_eval_rows']} {a['config'].get('split', '')} rows)",
             f"runs `{base['run_id']}` (base), `{a['run_id']}` (adapter)",

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import pytest
 
 from analytics.cli import COMMANDS, PROG
+from analytics.glance import GLANCE_BEGIN, GLANCE_END
 from store.cli import Command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,3 +193,15 @@ def test_the_readme_commands_table_is_analytics_cli_commands():
     assert commands_table() in readme, (
         "README.md's commands table differs from analytics.cli.COMMANDS; paste this:\n" + commands_table()
     )
+
+
+def test_the_readme_results_at_a_glance_are_the_generated_block():
+    """The README's figures come from `python -m analytics.report --markdown --into README.md`:
+    its block is there, and every figure in it names the run (or benchmark file) it came from."""
+    text = (ROOT / "README.md").read_text()
+    assert text.count(GLANCE_BEGIN) == 1 and text.count(GLANCE_END) == 1, "README.md lost its generated block"
+    block = text[text.index(GLANCE_BEGIN) : text.index(GLANCE_END)]
+    figures = [ln for ln in block.splitlines() if ln.startswith("- **")]
+    assert figures, "the generated block has no figures: run python -m analytics.report --markdown --into README.md"
+    for ln in figures:
+        assert re.search(r"\(runs? `[^`]+`|\(`[^`]+\.json`", ln), f"a figure without its source: {ln}"

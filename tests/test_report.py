@@ -171,3 +171,22 @@ def test_a_failing_section_exits_1_and_names_it(results_store, tmp_path, monkeyp
     monkeypatch.setattr(glance, "GLANCE", [*glance.GLANCE, lambda store: 1 / 0])
     assert report.main(["--markdown", "--store", str(results_store[0].root)]) == 1
     assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_one_probed_layer_and_a_resolved_latest_adapter_are_named(tmp_path, capsys):
+    """A probe of one layer says "at layer L"; an eval-loss run of `--adapter latest` names the
+    adapter it resolved to (its eval_loss.json), not the word latest."""
+    st = Store(tmp_path / "store")
+    st.write_table("rows", pa.table({"row_id": ["a"], "split": ["eval"], "category": ["x"]}))
+    by_layer = {"17": {"val_auroc_mean": 0.9991}}
+    _finished(st, "probe", {"name": "needle_probe"}, {"by_layer": by_layer})
+    rows = {"split": "eval", "rows_sql": None, "max_rows": 64}
+    _finished(st, "eval_loss", {**rows, "adapter": None}, {"mean_loss": 2.7, "perplexity": 14.9, "num_eval_rows": 64})
+    adapter = _finished(
+        st, "eval_loss", {**rows, "adapter": "latest"}, {"mean_loss": 2.6, "perplexity": 13.5, "num_eval_rows": 64}
+    )
+    st.write_json(st.run_folder(adapter) / "eval_loss.json", {"adapter": "finetune-20261202-1"})
+    assert report.main(["--markdown", "--store", str(st.root)]) == 0
+    out = capsys.readouterr().out
+    assert "AUROC ≥ 0.999 at layer 17 (run" in out and "every probed layer" not in out
+    assert "the LoRA adapter `finetune-20261202-1` moves eval loss from 2.700 to 2.600" in out
