@@ -3,7 +3,7 @@
 Each function draws on a stand-alone matplotlib `Figure` with the Agg canvas (never pyplot, so
 a notebook's own backend is left alone), writes the PNG beside the run's JSON and returns its
 path; notebooks show them with `IPython.display.Image(path)`. Trainers: a selector's
-precision-recall curve, a steering effect by layer. Analytics: heatmap, volcano, per-layer
+precision-recall curve, a steering effect by layer, a finetune's loss curve. Analytics: heatmap, volcano, per-layer
 summary, logit lens, histograms, bars, lines. Benchmarks: `bar_chart` with hardware limits.
 """
 
@@ -44,6 +44,21 @@ def pr_curve(y: np.ndarray, curves: dict[str, np.ndarray], path: str | Path, tit
     ax.set_ylabel("precision")
     ax.set_title(title or "precision-recall, held-out rows")
     ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def loss_curve(steps: list[dict], evals: list[dict], path: str | Path, title: str) -> Path:
+    """A finetune's train loss per optimizer step and its eval loss per epoch."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="train (per step)", alpha=0.8)
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="eval (per epoch)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per supervised token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
     return save_figure(fig, path)
 
 

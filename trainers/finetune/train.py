@@ -4,6 +4,7 @@
     python -m trainers.finetune --store /tmp/st --max-rows 64 --epochs 1 --batch-size 8 --eval-max-rows 16  # CPU-sized
     python -m trainers.finetune --train-rows-sql "SELECT row_id FROM subsets WHERE subset = 'attr-top50-...'"
     python -m trainers.finetune --resume-adapter latest --epochs 1              # continue an adapter
+    python -m trainers.finetune --checkpoint-every 50   # checkpoints; after a kill, rerun the same command
 
 It trains a peft LoRA adapter on the stored chat-template token ids (the `tokens` table, our
 users' "finetune_raw" tokenization: nothing is re-rendered) with a completion-only loss: every
@@ -18,11 +19,16 @@ Outputs in runs/<run_id>/: `adapter/` (peft's format plus the tokenizer and stor
 `loss_curve.png`; a `runs` record (kind finetune) and a row in the `adapters` table whose
 name (the run id) is what `--adapter` takes in trainers.eval_loss and extractors.run.
 CPU (fp32) works for a few hundred steps on the embedded model; a GPU trains in bf16.
+
+Resume (trainers.finetune.checkpoint): `--checkpoint-every N` writes a checkpoint every N steps
+and after each epoch's eval; `--resume auto` (the default) continues the newest unfinished
+finetune run with the same settings that has one, `--resume RUN_ID` a named one (its settings
+must match), `--resume never` starts afresh. On CPU the result is bit-identical to a run never
+interrupted.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import sys
 import time
@@ -41,7 +47,9 @@ from extractors.sft_data import SFTRows, load_sft_rows, select_rows_by
 from store.catalog.runs import Run
 from store.cli import ModelOptions, ProgressOptions, SeedOptions, StoreOptions, config_dict, parse_config, user_errors
 from store.core import Store, StoreError
+from trainers.finetune import checkpoint as ckpt
 from trainers.finetune.lm_loss import batches, eval_rows, row_losses
+from trainers.resume import claim
 
 
 @dataclass(kw_only=True)
@@ -96,6 +104,21 @@ class FinetuneConfig(StoreOptions, ModelOptions, SeedOptions, ProgressOptions):
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm (0 disables)"})
     eval_batch_tokens: int = field(default=8192, metadata={"help": "padded tokens per eval batch"})
+    checkpoint_every: int | None = field(
+        default=None,
+        metadata={
+            "help": "optimizer steps between checkpoints (adapter, AdamW, RNG states, row-order position; "
+            "safetensors + JSON in runs/<id>/checkpoints), plus one after each epoch's eval; the latest and "
+            "the best by eval loss are kept; leave it out for none"
+        },
+    )
+    resume: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (continue the newest unfinished finetune run with the same settings, if it has a "
+            "checkpoint), never (always a new run), or a RUN_ID to continue (its settings must match)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_length", "lora_r", "epochs", "batch_size", "grad_accum", "eval_batch_tokens"):
@@ -111,6 +134,11 @@ class FinetuneConfig(StoreOptions, ModelOptions, SeedOptions, ProgressOptions):
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.warmup_steps < 0 or self.max_grad_norm < 0:
             raise ValueError("--warmup-steps and --max-grad-norm must be >= 0")
+        if self.checkpoint_every is not None and self.checkpoint_every <= 0:
+            raise ValueError(
+                f"--checkpoint-every must be a positive number of optimizer steps, got {self.checkpoint_every}; "
+                f"leave it out for no checkpoints"
+            )
 
 
 class FinetuneResult(NamedTuple):
@@ -125,26 +153,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * max(0.0, (total - step) / max(1, total - warmup))
-
-
-def plot_loss(steps: list[dict[str, Any]], evals: list[dict[str, Any]], title: str) -> bytes:
-    """PNG bytes: train loss per step and eval loss per epoch."""
-    from matplotlib.figure import Figure  # lazy: matplotlib only when a run ends
-
-    fig = Figure(figsize=(7, 4))  # stand-alone: a notebook's pyplot backend is left alone
-    ax = fig.subplots()
-    ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="train (per step)", alpha=0.8)
-    if evals:
-        ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", label="eval (per epoch)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per supervised token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
 
 
 def _peft_model(lm: Any, cfg: FinetuneConfig, store: Store) -> tuple[Any, AdapterRef | None]:
@@ -198,6 +206,8 @@ class TrainLog(NamedTuple):
     n_steps: int
     tokens_seen: int
     seconds: float  # time in optimizer steps (eval excluded)
+    resumed_from_step: int | None  # the checkpoint a resumed run started from
+    checkpoints: list[dict[str, Any]]  # what this process wrote: step, bytes, seconds
 
 
 def _rows(
@@ -259,9 +269,17 @@ def _optimizer_step(
 
 
 def _train(
-    model: Any, cfg: FinetuneConfig, train: SFTRows, evald: SFTRows | None, total: int, dev: torch.device, pad_id: int
+    model: Any,
+    cfg: FinetuneConfig,
+    train: SFTRows,
+    evald: SFTRows | None,
+    total: int,
+    dev: torch.device,
+    pad_id: int,
+    plan: ckpt.Plan,
 ) -> TrainLog:
-    """The epochs: seeded row order, optimizer steps, eval loss before and after each epoch."""
+    """The epochs: seeded row order, optimizer steps, eval loss before and after each epoch;
+    checkpoints every `plan.every` steps and after each epoch's eval, or a resume from one."""
     n_sup = train.n_supervised
     trainable = [p for p in model.parameters() if p.requires_grad]
     per_step = cfg.batch_size * cfg.grad_accum
@@ -269,16 +287,59 @@ def _train(
     rng = np.random.default_rng(cfg.seed)
     steps_log: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
-    if evald is not None:
+    written: list[dict[str, Any]] = []
+    step, tokens_seen, t_train, start_epoch, start_pos, order = 0, 0, 0.0, 1, 0, None
+    resumed: int | None = None
+    if plan.resume_from is not None:
+        doc, saved_order = ckpt.load_checkpoint(plan.resume_from, model, opt)
+        if doc["rows"] != plan.rows or doc["total_steps"] != total:
+            raise StoreError(
+                f"checkpoint {plan.resume_from} was written for other training or eval rows (the selection "
+                f"returns other rows now); start a new run with --resume never"
+            )
+        rng.bit_generator.state = doc["row_order_rng"]
+        step, tokens_seen, t_train = doc["step"], doc["tokens_seen"], doc["train_seconds"]
+        resumed = step
+        steps_log, evals = doc["train"], doc["eval"]
+        start_epoch, start_pos = doc["epoch"], doc["position"]
+        order = saved_order
+        if doc["epoch_done"]:
+            start_epoch, start_pos, order = start_epoch + 1, 0, None
+    elif evald is not None:
         evals.append({"epoch": 0, "step": 0, **eval_loss_of(model, evald, cfg, dev, pad_id, "eval (before)")})
-    step, tokens_seen, t_train = 0, 0, 0.0
-    bar = tqdm(total=total, desc="finetune", unit="step", disable=not cfg.progress)
+
+    def checkpoint(epoch: int, position: int, epoch_done: bool, eval_loss: float | None) -> None:
+        doc = {
+            "step": step,
+            "epoch": epoch,
+            "position": position,
+            "epoch_done": epoch_done,
+            "eval_loss": eval_loss,
+            "row_order_rng": rng.bit_generator.state,
+            "lr_schedule": {"kind": "linear warm-up, linear decay to 0", "warmup_steps": cfg.warmup_steps},
+            "total_steps": total,
+            "rows": plan.rows,
+            "tokens_seen": tokens_seen,
+            "train_seconds": t_train,
+            "train": steps_log,
+            "eval": evals,
+        }
+        w = ckpt.save_checkpoint(plan.run_dir, model, opt, order, doc)
+        written.append({"step": step, "bytes": w.bytes, "seconds": w.seconds})
+        plan.sync()
+
+    bar = tqdm(total=total, initial=step, desc="finetune", unit="step", disable=not cfg.progress)
     model.train()
-    for epoch in range(1, cfg.epochs + 1):
-        order = [int(i) for i in rng.permutation(len(train.input_ids))]
-        for group in list(batches(order, per_step)):
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if step >= total:
+            break
+        if order is None:
+            order = [int(i) for i in rng.permutation(len(train.input_ids))]
+        groups = list(batches(order, per_step))
+        for pos in range(start_pos, len(groups)):
             if step >= total:
                 break
+            group = groups[pos]
             t0 = time.perf_counter()
             lr = lr_at(step, total, cfg.warmup_steps, cfg.lr)
             loss_total, gnorm, n_group = _optimizer_step(model, opt, train, n_sup, group, lr, cfg, dev, pad_id)
@@ -298,15 +359,18 @@ def _train(
             )
             bar.update(1)
             bar.set_postfix(loss=f"{loss_total:.4f}", epoch=epoch)
+            if plan.every and step % plan.every == 0 and pos + 1 < len(groups) and step < total:
+                checkpoint(epoch, pos + 1, False, None)  # the epoch's last step checkpoints after its eval
         if evald is not None:
             evals.append(
                 {"epoch": epoch, "step": step, **eval_loss_of(model, evald, cfg, dev, pad_id, f"eval (epoch {epoch})")}
             )
-        if step >= total:
-            break
+        if plan.every and (evald is not None or step % plan.every == 0):
+            checkpoint(epoch, len(groups), True, ckpt.finite(evals[-1]["loss"]) if evald is not None else None)
+        order, start_pos = None, 0
     bar.close()
     model.eval()
-    return TrainLog(steps_log, evals, step, tokens_seen, t_train)
+    return TrainLog(steps_log, evals, step, tokens_seen, t_train, resumed, written)
 
 
 def _save_adapter(model: Any, lm: Any, run: Run, store: Store) -> AdapterRef:
@@ -330,6 +394,7 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
     )
     if cfg.resume_adapter:  # a bad --resume-adapter fails before the model loads
         resolve_adapter(store, cfg.resume_adapter)
+    resume_id, resume_from = ckpt.resolve_resume(store, cfg)  # and so does a bad --resume
     lm = load_model(cfg.model, cfg.device, cfg.compute_dtype, Path(cfg.model_cache) if cfg.model_cache else None)
     layout = ensure_tokenization(store, lm.tokenizer, lm.model_id, 16384, progress=cfg.progress)
     train, evald = _rows(store, cfg, layout.tokenization, train_ids, eval_ids)
@@ -343,8 +408,11 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
         "train": train_desc,
         "resumed_from": resumed.name if resumed else None,
     }
-    with Run(store, "finetune", record, model_id=lm.model_id, model_hash=lm.model_hash) as run:
-        log = _train(model, cfg, train, evald, total, lm.device, pad_token_id(lm.tokenizer))
+    with Run(store, "finetune", record, model_id=lm.model_id, model_hash=lm.model_hash, run_id=resume_id) as run:
+        claim(run.dir)  # so `--resume auto` elsewhere leaves this run alone while it trains
+        rows = ckpt.rows_hash(train_ids + ["--"] + eval_ids)
+        plan = ckpt.Plan(run.dir, cfg.checkpoint_every, resume_from, rows, lambda: store.sync_run(run.run_id))
+        log = _train(model, cfg, train, evald, total, lm.device, pad_token_id(lm.tokenizer), plan)
         ref = _save_adapter(model, lm, run, store)
         steps_log, evals = log.steps, log.evals
         final_train = (
@@ -357,6 +425,10 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
             "eval_loss_after": evals[-1]["loss"] if evals else None,
             "train_tokens_per_s": log.tokens_seen / log.seconds if log.seconds else 0.0,
             "train_seconds": log.seconds,
+            "resumed_from_step": log.resumed_from_step,
+            "checkpoints_written": len(log.checkpoints),
+            "checkpoint_bytes": log.checkpoints[-1]["bytes"] if log.checkpoints else None,
+            "checkpoint_seconds": sum(c["seconds"] for c in log.checkpoints),
         }
         counts = {
             "train_rows": len(train_ids),
@@ -379,9 +451,9 @@ def run_finetune(cfg: FinetuneConfig) -> FinetuneResult:
                 "eval": evals,
             },
         )
-        (run.dir / "loss_curve.png").write_bytes(
-            plot_loss(steps_log, evals, f"LoRA finetune {train_desc} ({len(train_ids)} rows)")
-        )
+        from trainers.plots import loss_curve  # lazy: matplotlib only when a run ends
+
+        loss_curve(steps_log, evals, run.dir / "loss_curve.png", f"LoRA finetune {train_desc} ({len(train_ids)} rows)")
         peft_cfg = model.peft_config["default"]
         write_adapter_record(
             store,

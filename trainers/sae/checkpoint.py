@@ -23,15 +23,14 @@ explained variance, which `best.json` tags (step, file, metrics).
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from store.core import StoreError, atomic_write_bytes, write_json
+from trainers.resume import cpu, load_optimizer_state, optimizer_state, restore_rng, rng_tensors
 
 FORMAT = 1
 _STEP = re.compile(r"^step_(\d+)\.json$")
@@ -41,37 +40,20 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _cpu(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").contiguous().clone()
-
-
 def trainer_state(trainer: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, scalars) of a sae-lens SAETrainer: everything a later step depends on."""
-    tensors = {f"sae.{k}": _cpu(v) for k, v in trainer.sae.state_dict().items()}
-    opt = trainer.optimizer.state_dict()
-    opt_scalars: dict[str, dict[str, Any]] = {}
-    for i, st in opt["state"].items():
-        for key, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{i}.{key}"] = _cpu(v)
-            else:
-                opt_scalars.setdefault(str(i), {})[key] = v
-    tensors["trainer.act_freq_scores"] = _cpu(trainer.act_freq_scores)
-    tensors["trainer.n_forward_passes_since_fired"] = _cpu(trainer.n_forward_passes_since_fired)
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
+    tensors = {f"sae.{k}": cpu(v) for k, v in trainer.sae.state_dict().items()}
+    opt_tensors, opt_meta = optimizer_state(trainer.optimizer)
+    tensors.update(opt_tensors)
+    tensors["trainer.act_freq_scores"] = cpu(trainer.act_freq_scores)
+    tensors["trainer.n_forward_passes_since_fired"] = cpu(trainer.n_forward_passes_since_fired)
+    tensors.update(rng_tensors())
     scalars = {
         "n_training_steps": trainer.n_training_steps,
         "n_training_samples": trainer.n_training_samples,
         "n_frac_active_samples": trainer.n_frac_active_samples,
         "started_fine_tuning": trainer.started_fine_tuning,
-        "optimizer": {
-            "param_groups": opt["param_groups"],
-            "state_scalars": opt_scalars,
-            "state_ids": sorted(int(i) for i in opt["state"]),
-        },
+        "optimizer": opt_meta,
         "lr_scheduler": trainer.lr_scheduler.state_dict(),
         "coefficient_schedulers": {k: s.state_dict() for k, s in trainer.coefficient_schedulers.items()},
         "scaling_factor": trainer.activation_scaler.scaling_factor,
@@ -152,15 +134,7 @@ def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
     sc = doc["trainer"]
     dev = trainer.sae.device
     trainer.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
-    state: dict[int, dict[str, Any]] = {i: {} for i in sc["optimizer"]["state_ids"]}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, i, key = k.split(".", 2)
-            state[int(i)][key] = v
-    for i, kv in sc["optimizer"]["state_scalars"].items():
-        state[int(i)].update(kv)
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in sc["optimizer"]["param_groups"]]
-    trainer.optimizer.load_state_dict({"state": state, "param_groups": groups})
+    load_optimizer_state(trainer.optimizer, tensors, sc["optimizer"])
     trainer.lr_scheduler.load_state_dict(sc["lr_scheduler"])
     for name, st in sc["coefficient_schedulers"].items():
         trainer.coefficient_schedulers[name].load_state_dict(st)
@@ -169,28 +143,5 @@ def load_checkpoint(path: Path, trainer: Any) -> dict[str, Any]:
     trainer.act_freq_scores = tensors["trainer.act_freq_scores"].to(dev)
     trainer.n_forward_passes_since_fired = tensors["trainer.n_forward_passes_since_fired"].to(dev)
     trainer.activation_scaler.scaling_factor = sc["scaling_factor"]
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    restore_rng(tensors)
     return doc
-
-
-def claim(run_dir: Path) -> None:
-    """Mark this process as the run's trainer (read by `claimed_elsewhere`)."""
-    write_json(Path(run_dir) / "owner.json", {"host": socket.gethostname(), "pid": os.getpid()})
-
-
-def claimed_elsewhere(run_dir: Path) -> bool:
-    """Is another live process on this host training this run? (a killed one is not)"""
-    try:
-        owner = json.loads((Path(run_dir) / "owner.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if owner.get("host") != socket.gethostname() or owner.get("pid") == os.getpid():
-        return False
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except (OSError, ValueError, KeyError):
-        return False
-    return True

@@ -17,7 +17,8 @@ import numpy as np
 from store.cli import config_dict
 from store.core import Store, StoreError
 from store.materialize import view_text
-from trainers.sae.checkpoint import checkpoint_dir, claim, read_checkpoint, save_checkpoint, tag_best
+from trainers.resume import claim
+from trainers.sae.checkpoint import checkpoint_dir, read_checkpoint, save_checkpoint, tag_best
 from trainers.sae.train import (
     Hooks,
     init_from_sample,

@@ -15,7 +15,6 @@ run ends with the same weights, bit for bit on CPU, as one never interrupted.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,15 @@ from store.catalog.tokens import read_layout, row_token_ids
 from store.cli import LayerOptions, ModelOptions, ProgressOptions, SeedOptions, StoreOptions, config_dict
 from store.core import STORE_VERSION, Store, StoreError
 from store.materialize import gather, select, view_text
+from trainers.resume import (
+    find_runs_of_kind,
+    matched_settings,
+    named_run_config,
+    resumable_checkpoint,
+    resume_auto,
+)
 from trainers.sae import eval as sae_eval
-from trainers.sae.checkpoint import claimed_elsewhere, latest_checkpoint
+from trainers.sae.checkpoint import latest_checkpoint
 from trainers.sae.fit import fit_and_save
 from trainers.sae.qa import qa_checks
 from trainers.sae.train import count_tokens, sample_tokens, split_sql
@@ -207,7 +213,7 @@ def hidden_array(store: Store, layer: int) -> tuple[str, dict[str, Any]]:
 
 
 def matched(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in NOT_MATCHED}
+    return matched_settings(config, NOT_MATCHED)
 
 
 def stored_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -223,19 +229,7 @@ def stored_config(config: dict[str, Any]) -> dict[str, Any]:
 def find_runs(store: Store, cfg: SAETrainConfig, *, finished: bool) -> list[str]:
     """train_sae runs of this store with cfg's settings (see NOT_MATCHED), newest first:
     finished ones, or unfinished ones (running or failed)."""
-    if not store.has_table("runs"):
-        return []
-    op = "=" if finished else "<>"
-    rows = store.query(
-        f"SELECT run_id, config FROM runs WHERE kind = 'train_sae' AND status {op} 'finished' ORDER BY started_at DESC"
-    ).to_pylist()
-    want = matched(config_dict(cfg))
-    out = []
-    for r in rows:
-        stored = stored_config(json.loads(r["config"]))
-        if matched({k: stored.get(k) for k in want}) == want:
-            out.append(r["run_id"])
-    return out
+    return find_runs_of_kind(store, "train_sae", matched(config_dict(cfg)), finished=finished, normalize=stored_config)
 
 
 def resolve_resume(store: Store, cfg: SAETrainConfig) -> tuple[SAETrainConfig, str | None, Path | None]:
@@ -243,32 +237,10 @@ def resolve_resume(store: Store, cfg: SAETrainConfig) -> tuple[SAETrainConfig, s
     if cfg.sae is not None or cfg.resume == "never":
         return cfg, None, None
     if cfg.resume == "auto":
-        for run_id in find_runs(store, cfg, finished=False):
-            d = store.run_dir(run_id)
-            ckpt = latest_checkpoint(d)
-            if ckpt is not None and not claimed_elsewhere(d):
-                return cfg, run_id, ckpt
-        return cfg, None, None
+        return cfg, *resume_auto(store, "train_sae", matched(config_dict(cfg)), latest_checkpoint, stored_config)
     run_id = cfg.resume
-    path = store.run_dir(run_id) / "config.json"
-    if not path.is_file():
-        raise StoreError(
-            f"--resume {run_id}: no such run in {store.root} (no {path}); pass a train_sae run id "
-            f"from the runs table, or --resume never"
-        )
-    doc = json.loads(path.read_text())
-    if doc.get("kind") != "train_sae":
-        raise StoreError(f"--resume {run_id} is a {doc.get('kind')} run; only train_sae runs resume")
-    status = store.query("SELECT status FROM runs WHERE run_id = ?", [run_id]).column(0).to_pylist()
-    if status and status[0] == "finished":
-        raise StoreError(f"--resume {run_id}: that run already finished; its SAE is {store.run_dir(run_id) / 'sae'}")
-    ckpt = latest_checkpoint(store.run_dir(run_id))
-    if ckpt is None:
-        raise StoreError(
-            f"--resume {run_id}: the run has no complete checkpoint in "
-            f"{store.run_dir(run_id) / 'checkpoints'} (it ran without --checkpoint-every, or was killed "
-            f"before the first); rerun with --resume never"
-        )
+    doc = named_run_config(store, run_id, "train_sae")
+    _, ckpt = resumable_checkpoint(store, run_id, latest_checkpoint, "sae")
     fields = {f.name for f in dataclasses.fields(SAETrainConfig)}
     stored = {k: v for k, v in stored_config(doc["config"]).items() if k in fields and k not in NOT_MATCHED}
     return dataclasses.replace(cfg, **stored), run_id, ckpt
