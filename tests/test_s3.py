@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,9 @@ def s3(tmp_path_factory):
     srv.start()
     host, port = srv.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    # moto keeps its buckets in-process, shared by every server of this pytest process: start
+    # each module (tests/test_verify_s3.py reuses this fixture) from an empty S3.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
     mp = pytest.MonkeyPatch()
     import store.fs
 
