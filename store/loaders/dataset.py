@@ -1,0 +1,167 @@
+"""The view behind a loader, and ActivationDataset, the map-style loader (see store.loaders).
+
+`Selection` runs the view once through store.materialize.select (its SQL, commit check of the
+first array and whole-row expansion), checks every other array's commits the same way, and turns
+selection positions into a batch dict through materialize's kept per-process readers (memory-
+mapped chunks locally, byte-range reads on object storage): no second gather.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch.utils.data import Dataset
+
+from store.arrays import array_exists, committed_row_ids, decode
+from store.core import Store, StoreError
+from store.materialize import _missing_error, reader, select
+
+
+class _Source:
+    """One requested array: dense (one zarr array) or SAE codes (indices + values arrays)."""
+
+    def __init__(self, store: Store, name: str):
+        self.name = name
+        if _is_array(store, name):
+            self.parts = [name]
+            self.d_sae = None
+        elif _is_array(store, f"{name}/indices") and _is_array(store, f"{name}/values"):
+            self.parts = [f"{name}/indices", f"{name}/values"]
+            attrs = reader(store, self.parts[0]).arr.attrs
+            if "d_sae" not in attrs:
+                raise StoreError(
+                    f"{name}/indices has no d_sae attribute; re-extract the codes (extractors.run --kinds sae)"
+                )
+            self.d_sae = int(attrs["d_sae"])
+        else:
+            have = (
+                [r["name"] for r in store.query("SELECT name FROM arrays ORDER BY 1").to_pylist()]
+                if store.has_table("arrays")
+                else []
+            )
+            raise StoreError(
+                f"array {name!r} is not in {store.root}: name a dense array (hidden/layer_L) or an SAE's codes "
+                f"as sae/<sae>/layer_L (without /indices or /values); arrays there: {have or 'none'}"
+            )
+        self.dtypes = [reader(store, p).dtype for p in self.parts]
+
+
+def _is_array(store: Store, name: str) -> bool:
+    """Is `name` a zarr array of the store (not a group such as sae/<sae>/layer_L)?"""
+    if not array_exists(store, name):
+        return False
+    return json.loads((store.array_path(name) / "zarr.json").read_bytes()).get("node_type") == "array"
+
+
+def check_positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class Selection:
+    """The view's tokens (frame), its arrays, and turning positions into a batch dict."""
+
+    def __init__(self, store: Store, view_or_sql: str, arrays: list[str], columns: list[str] | None):
+        if isinstance(arrays, str) or not arrays:
+            raise ValueError(f"arrays must be a non-empty list of array names, got {arrays!r}")
+        self.store = store
+        self.sources = [_Source(store, a) for a in arrays]
+        frame = select(store, view_or_sql, self.sources[0].parts[0], columns=columns)
+        if "tok_index" not in frame.columns or "row_id" not in frame.columns:
+            raise StoreError(
+                f"the view must return row_id and tok_index (join the tokens table), or row_id alone for "
+                f"whole rows; it returns {frame.columns}"
+            )
+        selected = frame["row_id"].unique()
+        for src in self.sources:
+            for part in src.parts[1:] if src is self.sources[0] else src.parts:
+                missing = selected.filter(~selected.is_in(pl.Series(committed_row_ids(store, part)).implode()))
+                if len(missing):
+                    _missing_error(store, part, missing.sort(), len(selected))
+        keep = [c for c in (frame.columns if columns is None else columns) if c not in ("row_id", "tok_index")]
+        self.n = len(frame)
+        self.tok = frame["tok_index"].to_numpy().astype(np.int64)
+        self.row_id = frame["row_id"].to_numpy()
+        self.columns = {c: frame[c].to_numpy() for c in keep}
+        self.frame_rows = frame["row_id"]
+
+    def read(self, pos: np.ndarray) -> list[np.ndarray]:
+        """Stored (undecoded) rows of every array part for selection positions `pos`."""
+        tok = self.tok[pos]
+        return [reader(self.store, p).gather(tok, decoded=False) for s in self.sources for p in s.parts]
+
+    def batch(self, pos: np.ndarray, raw: list[np.ndarray] | None = None) -> dict[str, Any]:
+        raw = self.read(pos) if raw is None else raw
+        out: dict[str, Any] = {}
+        i = 0
+        for s in self.sources:
+            if s.d_sae is None:
+                out[s.name] = torch.from_numpy(np.ascontiguousarray(decode(raw[i], s.dtypes[0])))
+                i += 1
+                continue
+            idx, val = raw[i].astype(np.int64), decode(raw[i + 1], s.dtypes[1]).astype(np.float32, copy=False)
+            i += 2
+            b, j = np.nonzero(val)  # empty slots (value 0, index 0) are not codes
+            out[s.name] = torch.sparse_coo_tensor(
+                torch.from_numpy(np.stack([b, idx[b, j]])),
+                torch.from_numpy(val[b, j]),
+                (len(pos), s.d_sae),
+                check_invariants=False,
+            ).coalesce()
+        out["tok_index"] = torch.from_numpy(self.tok[pos])
+        out["row_id"] = self.row_id[pos].tolist()
+        for c, v in self.columns.items():
+            out[c] = torch.from_numpy(v[pos]) if v.dtype.kind in "biuf" else v[pos].tolist()
+        return out
+
+
+class ActivationDataset(Dataset):
+    """Map-style: index i is token i of the view (view order), or row i with `unit="row"`; with
+    `batch_size=B`, the i-th run of B tokens (rows). See store.loaders for a batch's keys."""
+
+    def __init__(
+        self,
+        store: Store | str,
+        view_or_sql: str,
+        arrays: list[str],
+        columns: list[str] | None = None,
+        *,
+        unit: str = "token",
+        batch_size: int | None = None,
+    ):
+        if unit not in ("token", "row"):
+            raise ValueError(f"unit must be 'token' or 'row', got {unit!r}")
+        self.batch_size = None if batch_size is None else check_positive("batch_size", batch_size)
+        self.unit = unit
+        self.sel = Selection(store if isinstance(store, Store) else Store(store), view_or_sql, arrays, columns)
+        if unit == "row":  # rows in first-appearance order, each with its lines of the view
+            f = pl.DataFrame({"row_id": self.sel.frame_rows}).with_row_index("_i")
+            g = f.group_by("row_id", maintain_order=True).agg(pl.col("_i"))
+            self._members = [np.asarray(m, dtype=np.int64) for m in g["_i"].to_list()]
+        n = self.sel.n if unit == "token" else len(self._members)
+        self.n_items = n
+        self._len = n if self.batch_size is None else -(-n // self.batch_size)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -self._len <= i < self._len:
+            raise IndexError(f"index {i} out of range for {self._len} items")
+        i %= self._len
+        b = self.batch_size or 1
+        items = range(i * b, min((i + 1) * b, self.n_items))
+        if self.unit == "row":
+            members = [self._members[k] for k in items]
+            out = self.sel.batch(np.concatenate(members))
+            out["row_lengths"] = torch.tensor([len(m) for m in members], dtype=torch.int64)
+            return out
+        out = self.sel.batch(np.arange(items.start, items.stop, dtype=np.int64))
+        if self.batch_size is None:  # one token: no batch dimension
+            out = {k: v[0] for k, v in out.items()}
+        return out
