@@ -124,7 +124,7 @@ def select(
         selected = frame["row_id"].unique()
         missing = selected.filter(~selected.is_in(pl.Series(committed_row_ids(store, array)).implode()))
         if len(missing):
-            _missing_error(store, array, missing.sort(), len(selected))
+            missing_error(store, array, missing.sort(), len(selected))
     if array is not None and "tok_index" not in frame.columns:
         if "token_pos" in frame.columns or "row_id" not in frame.columns or frame["row_id"].is_duplicated().any():
             raise StoreError(
@@ -194,7 +194,7 @@ def _whole_rows(store: Store, array: str, frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _missing_error(store: Store, array: str, missing: pl.Series, n_selected: int) -> None:
+def missing_error(store: Store, array: str, missing: pl.Series, n_selected: int) -> None:
     splits = pl.from_arrow(store.query("SELECT row_id, split FROM rows")).join(
         missing.to_frame("row_id"), on="row_id", how="semi"
     )

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from store.arrays import array_exists, committed_row_ids, decode
 from store.core import Store, StoreError
-from store.materialize import _missing_error, reader, select
+from store.materialize import missing_error, reader, select
 
 
 class _Source:
@@ -82,7 +82,7 @@ class Selection:
             for part in src.parts[1:] if src is self.sources[0] else src.parts:
                 missing = selected.filter(~selected.is_in(pl.Series(committed_row_ids(store, part)).implode()))
                 if len(missing):
-                    _missing_error(store, part, missing.sort(), len(selected))
+                    missing_error(store, part, missing.sort(), len(selected))
         keep = [c for c in (frame.columns if columns is None else columns) if c not in ("row_id", "tok_index")]
         self.n = len(frame)
         self.tok = frame["tok_index"].to_numpy().astype(np.int64)
