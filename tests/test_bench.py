@@ -308,15 +308,18 @@ def test_bench_s3_measures_local_and_s3(tiny_model, model_cache, tmp_path):
 
 def test_bench_ranks_compares_one_and_two_ranks(tiny_model, tmp_path):
     """`python -m bench.ranks` in a tiny setting: both cases run under torchrun, each writes
-    the rows' tokens once over its ranks, the chunks equal, the JSON and chart exist."""
+    the rows' tokens once over its ranks, the chunks equal (one thread per rank in both cases:
+    on a CPU the bytes depend on the thread count), the JSON and chart exist."""
     from bench import ranks as bench_ranks
 
     with pytest.raises(ValueError, match="--ranks must be positive"):
         bench_ranks.BenchRanksConfig(ranks=[0])
+    with pytest.raises(ValueError, match="not together with --threads"):
+        bench_ranks.BenchRanksConfig(threads=2, threads_per_rank=1)
     out = tmp_path / "ranks.json"
     res = bench_ranks.run_bench(
         bench_ranks.BenchRanksConfig(
-            model=tiny_model, layers=[1], rows=8, unit_tokens=512, out=str(out), progress=False
+            model=tiny_model, layers=[1], rows=8, unit_tokens=512, threads_per_rank=1, out=str(out), progress=False
         )
     )
     saved = json.loads(out.read_text())
