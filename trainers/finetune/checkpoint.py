@@ -84,8 +84,7 @@ class Written(NamedTuple):
 def _fsync_tree(folder: Path) -> int:
     n = 0
     for f in folder.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_path(f)
         n += f.stat().st_size
     fsync_path(folder)
     return n

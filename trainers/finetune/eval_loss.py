@@ -39,6 +39,7 @@ from extractors.sft_data import load_sft_rows, select_rows_by
 from store.catalog.runs import Run
 from store.cli import ModelOptions, ProgressOptions, StoreOptions, config_dict, parse_config, user_errors
 from store.core import Store, StoreError, write_json
+from trainers.finetune.checkpoint import rows_hash
 from trainers.finetune.lm_loss import eval_rows
 
 EVAL_SCHEMA = pa.schema(
@@ -174,7 +175,7 @@ def run_eval_loss(cfg: EvalLossConfig) -> dict[str, Any]:
             "rows_sql": cfg.rows_sql,
             "truncated_rows": data.n_truncated,
             "tokenization": layout.tokenization,
-            "rows_hash": hashlib.sha256("\n".join(row_ids).encode()).hexdigest()[:16],
+            "rows_hash": rows_hash(row_ids),
             "seconds": seconds,
         }
         store.write_table(
