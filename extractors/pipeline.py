@@ -40,6 +40,7 @@ from extractors.chat_tokens import ensure_tokenization
 from extractors.gradnorm import GradnormSpec, extract_gradnorms
 from extractors.hidden import ExtractResult, HiddenSpec, extract_hidden
 from extractors.ingest.pipeline import IngestConfig, run_ingest, summary
+from extractors.logits import LogitsSpec, extract_logits
 from extractors.model import load_model, pick_device
 from extractors.sae.codes import SaeCodesSpec, extract_sae_codes
 from extractors.sae.load import load_sae, pick_layer
@@ -47,7 +48,7 @@ from extractors.units import UnitOptions, UnitRun, select_rows, wait_for
 from store.cli import LayerOptions, ModelOptions, ProgressOptions, RankOptions, StoreOptions, config_dict
 from store.core import Store
 
-KINDS = ("hidden", "sae", "gradnorm", "attribution")
+KINDS = ("hidden", "sae", "gradnorm", "logits", "attribution")
 
 
 @dataclass(kw_only=True)
@@ -58,7 +59,8 @@ class ExtractConfig(StoreOptions, ModelOptions, RankOptions, LayerOptions, Progr
         default_factory=lambda: ["hidden"],
         metadata={
             "help": "what to extract: hidden (hidden states), sae (sparse SAE codes, needs --sae) and/or gradnorm "
-            "(per-token norms of d(completion loss)/d(residual stream), see extractors.gradnorm); or "
+            "(per-token norms of d(completion loss)/d(residual stream), see extractors.gradnorm), logits (the "
+            "top --logits-k next-token logits + log-sum-exp, see extractors.logits; with hidden, one forward pass); or "
             "attribution alone (per-row bergson scores of --pool-split vs --query-split, needs --adapter; "
             "see extractors.attribution.scores)"
         },
@@ -76,6 +78,10 @@ class ExtractConfig(StoreOptions, ModelOptions, RankOptions, LayerOptions, Progr
         metadata={
             "help": "feature slots kept per token for SAEs without their own k (default 64); TopK SAEs use their k"
         },
+    )
+    logits_k: int = field(
+        default=64,
+        metadata={"help": "--kinds logits: next-token logits kept per token (the top k, beside the full log-sum-exp)"},
     )
     adapter: str | None = field(
         default=None,
@@ -205,7 +211,7 @@ class ExtractConfig(StoreOptions, ModelOptions, RankOptions, LayerOptions, Progr
     )
 
     def __post_init__(self) -> None:
-        if not self.layers and set(self.kinds) - {"attribution"}:
+        if not self.layers and set(self.kinds) - {"attribution", "logits"}:
             raise ValueError("pass --layer L (or --layers L1 L2 ...)")
         if self.loss_reduction is None:
             if "attribution" in self.kinds and "gradnorm" in self.kinds:
@@ -231,6 +237,8 @@ class ExtractConfig(StoreOptions, ModelOptions, RankOptions, LayerOptions, Progr
                 "--kinds sae needs --sae (latest, an SAE name from the saes table, or a sae-lens folder; "
                 "train one with python -m trainers.sae)"
             )
+        if "logits" in self.kinds and self.logits_k <= 0:
+            raise ValueError(f"--logits-k must be positive, got {self.logits_k} (the default is 64)")
         if self.max_rows is not None and self.max_rows <= 0:
             raise ValueError(f"--max-rows must be positive, got {self.max_rows}")
         if self.batch_tokens is not None and self.batch_tokens <= 0:
@@ -318,7 +326,11 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult | UnitRun | AttributionR
     selected = select_rows(store, cfg.split, cfg.max_rows, view=cfg.rows_view)
     batch_tokens = cfg.batch_tokens or (131072 if lm.device.type == "cuda" else 8192)
     result: ExtractResult | UnitRun | AttributionResult | None = None
-    if "hidden" in cfg.kinds:
+    if "logits" in cfg.kinds:  # with hidden: one forward pass fills both (extractors.logits)
+        layers = cfg.layers if "hidden" in cfg.kinds else []
+        spec = LogitsSpec(cfg.logits_k, layers, cfg.dtype, batch_tokens, adapter, config_dict(cfg))
+        result = extract_logits(store, lm, layout, selected, spec, engine)
+    if "hidden" in cfg.kinds and "logits" not in cfg.kinds:
         result = extract_hidden(
             store,
             lm,
