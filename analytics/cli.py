@@ -24,6 +24,12 @@ PROG = "activation-store"
 COMMANDS: tuple[Command, ...] = (
     # store
     Command("sql", "ad-hoc SQL over the catalog, with every table and view registered", "store.sql"),
+    Command(
+        "export",
+        "a view's activations as a Hugging Face datasets folder, Parquet or SAELens' cached activations",
+        "store.export",
+        main="store.export.export:main",
+    ),
     Command("verify", "check a store's catalog against its arrays (--repair fixes what it can)", "store.verify"),
     # extractors
     Command("dataset", "ingest a SmolTalk-schema dataset (default: the embedded sample)", "extractors.dataset"),
@@ -80,6 +86,12 @@ COMMANDS: tuple[Command, ...] = (
         "analytics.correlations",
     ),
     Command("logit-lens", "next-token accuracy and KL to the final layer, per layer", "analytics.logit_lens"),
+    Command(
+        "feature-importance",
+        "SAE features ranked by attribution patching / integrated gradients, checked by exact ablation",
+        "analytics.feature_importance",
+        main="analytics.feature_importance.command:main",
+    ),
     Command("report", "a single-file HTML summary of a store", "analytics.report"),
     Command(
         "select-experiment",

@@ -1,0 +1,3 @@
+from store.export.export import main
+
+raise SystemExit(main())
