@@ -221,3 +221,62 @@ def test_rows_missing_from_one_array_are_named(st, sae, copy_store):
     ):
         ActivationStream(dst, VIEW, arrays=[H, sae])
     ActivationStream(dst, VIEW, arrays=[H])  # the hidden states alone are all there
+
+
+KILLED_LOOP = """
+import json, os, sys, time
+from store.loaders import ActivationStream
+root, state_path, log_path, every = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+stream = ActivationStream(root, sys.argv[5], arrays=["hidden/layer_1"], seed=11, batch_size=64, shuffle_buffer=256,
+                          block_tokens=96)
+done = 0
+if os.path.exists(state_path):
+    state = json.load(open(state_path))
+    stream.load_state_dict(state)
+    done = state["batches"]
+with open(log_path, "a") as log:
+    for batch in stream:  # a training step: log the batch, checkpoint the loader every `every` batches
+        log.write(json.dumps([done, batch["tok_index"].tolist()]) + "\\n")
+        log.flush()
+        done += 1
+        if done % every == 0:
+            with open(state_path + ".tmp", "w") as f:
+                json.dump(stream.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(state_path + ".tmp", state_path)
+        time.sleep(0.05)
+"""
+
+
+def test_sigkilled_training_loop_resumes_at_the_next_batch(st, tmp_path):
+    """A training process that saves the stream's state_dict every 3 batches is SIGKILLed mid-epoch;
+    the same command resumes from the last saved state, and the batches from there on are those of
+    an uninterrupted run (the ones after the last checkpoint are redone, as a training step would be)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    full = _epoch(ActivationStream(st, VIEW, arrays=[H], seed=11, **SMALL))
+    state, log = tmp_path / "state.json", tmp_path / "log.jsonl"
+    cmd = [sys.executable, "-c", KILLED_LOOP, str(st.root), str(state), str(log), "3", VIEW]
+    cwd = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(cmd, cwd=cwd)
+    deadline = time.monotonic() + 300
+    while (not log.exists() or len(log.read_text().splitlines()) < 8) and proc.poll() is None:
+        assert time.monotonic() < deadline, "the training loop logged no batches"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    saved = json.loads(state.read_text())["batches"]
+    before = [json.loads(line) for line in log.read_text().splitlines()]
+    assert 6 <= saved <= len(before) < len(full)  # killed mid-epoch, after at least two checkpoints
+    subprocess.run(cmd, cwd=cwd, check=True, timeout=300)
+    after = [json.loads(line) for line in log.read_text().splitlines()][len(before) :]
+    assert [i for i, _ in after] == list(range(saved, len(full)))
+    for i, tok in before + after:
+        assert np.array_equal(tok, full[i]), f"batch {i} differs from the uninterrupted run's"
