@@ -1,7 +1,7 @@
 """Seeded SIGKILLs over every array kind: a chain of kills on one store ends identical to an
 uninterrupted run.
 
-For each kind (hidden states, SAE codes, gradient norms) one process runs the documented
+For each kind (hidden states, SAE codes, gradient norms, logits) one process runs the documented
 commands (`python -m extractors.dataset` then `python -m extractors.run --kinds KIND`) on a
 tiny random model; it is SIGKILLed at 7 seeded moments spread over the ingest, the
 tokenization, chunk writes and commits (each rerun starts from what the last left), then
@@ -31,7 +31,7 @@ from tests.store_compare import catalog_rows
 
 REPO = Path(__file__).resolve().parent.parent
 KILLS = 7  # ingest, tokenize, then 5 seeded chunk writes or commits (10 cost CI ~100 s more, for the same phases)
-SEEDS = {"hidden": 1, "sae": 2, "gradnorm": 3}
+SEEDS = {"hidden": 1, "sae": 2, "gradnorm": 3, "logits": 4}
 INGEST = ["--train-base", "32", "--attr-query", "4", "--eval", "4", "--sample-train", "60", "--sample-test", "16"]
 VOLATILE = {
     "run_id",
@@ -61,6 +61,7 @@ def _kinds(sae_dir: Path) -> dict[str, list[str]]:
         "hidden": ["--layers", "1", "3", "--kinds", "hidden"],
         "sae": ["--layers", "2", "--kinds", "sae", "--sae", str(sae_dir)],
         "gradnorm": ["--layers", "1", "3", "--kinds", "gradnorm"],
+        "logits": ["--kinds", "logits", "--logits-k", "8"],
     }
 
 
@@ -155,7 +156,7 @@ def _arrays(store: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow  # 60-75 s per kind on 2 cores: the three chains are the suite's slowest tests
-@pytest.mark.parametrize("kind", ["hidden", "sae", "gradnorm"])
+@pytest.mark.parametrize("kind", ["hidden", "sae", "gradnorm", "logits"])
 def test_seeded_kills_end_identical_to_an_uninterrupted_run(kind, tmp_path, tiny_model, model_cache, sae_dir):
     kinds = _kinds(sae_dir)
     clean, killed = tmp_path / "clean", tmp_path / "killed"
