@@ -34,7 +34,9 @@ COMMANDS: tuple[Command, ...] = (
     # extractors
     Command("dataset", "ingest a SmolTalk-schema dataset (default: the embedded sample)", "extractors.dataset"),
     Command(
-        "extract", "hidden states, SAE codes, gradient norms or attribution scores into the store", "extractors.run"
+        "extract",
+        "hidden states, SAE codes, gradient norms, logits or attribution scores into the store",
+        "extractors.run",
     ),
     # trainers
     Command(
@@ -79,6 +81,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("eval-loss", "completion-only loss and perplexity of the base model or an adapter", "trainers.eval_loss"),
     Command("subsets", "named subsets of a ranking into the subsets table", "trainers.subsets"),
     Command("predictor", "the SAE -> attribution-rank predictor", "trainers.sae_predictor"),
+    Command(
+        "decoder",
+        "a decoder from stored SAE codes to the frozen model's next-token logits, gated on KL, with baselines",
+        "trainers.decoder",
+        main="trainers.decoder.cli:main",
+    ),
     # analytics
     Command(
         "correlations",
@@ -97,6 +105,11 @@ COMMANDS: tuple[Command, ...] = (
         "select-experiment",
         "top-k vs matched random-k continuation finetunes over seeds, paired CIs",
         "analytics.select_experiment",
+    ),
+    Command(
+        "planted-control",
+        "precision@k and AUROC of rankings against a planted control's rows.planted",
+        "analytics.selection.control",
     ),
     # benchmarks
     Command(
