@@ -149,7 +149,7 @@ def test_saelens_trains_straight_from_an_activation_stream(st, ref):
     X = torch.from_numpy(ref.X)
     trainer = _sae_trainer(batches(), steps=40, batch=64)
     before = _mse(trainer.sae, X)
-    losses = [float(trainer.step(next(trainer.data_provider)).loss) for _ in range(40)]
+    losses = [float(trainer.step(next(trainer.data_provider)).loss.detach()) for _ in range(40)]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
     assert _mse(trainer.sae, X) < 0.7 * before
 

@@ -232,7 +232,13 @@ def _finish_hf(tmp: Path, arrow: Path) -> None:
     """An arrow file -> a `save_to_disk` folder at tmp (state.json, dataset_info.json, shards)."""
     datasets = _datasets()
     ds = datasets.Dataset.from_file(str(arrow))
-    ds.save_to_disk(str(tmp))
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # our own bar counts the tokens; save_to_disk's would be a second
+    try:
+        ds.save_to_disk(str(tmp))
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
     del ds
 
 
