@@ -41,7 +41,7 @@ from extractors.gradnorm import GradnormSpec, extract_gradnorms
 from extractors.hidden import ExtractResult, HiddenSpec, extract_hidden
 from extractors.ingest.pipeline import IngestConfig, run_ingest, summary
 from extractors.logits import LogitsSpec, extract_logits
-from extractors.model import load_model, pick_device
+from extractors.model import load_model, pick_device, pick_dtype
 from extractors.sae.codes import SaeCodesSpec, extract_sae_codes
 from extractors.sae.load import load_sae, pick_layer
 from extractors.units import UnitOptions, UnitRun, select_rows, wait_for
@@ -134,6 +134,13 @@ class ExtractConfig(StoreOptions, ModelOptions, RankOptions, LayerOptions, Progr
         metadata={
             "help": "--kinds attribution: also write the top-k pool "
             "rows as a subset (table subsets) for trainers.finetune --train-rows-sql"
+        },
+    )
+    unit_rows: int = field(
+        default=64,
+        metadata={
+            "help": "--kinds attribution: pool rows per unit, the granule that is committed, resumed and shared "
+            "between workers (a kill loses at most one unit; see docs/attribution.md)"
         },
     )
     split: str = field(
@@ -231,6 +238,7 @@ class ExtractConfig(StoreOptions, ModelOptions, RankOptions, LayerOptions, Progr
                 damping=self.damping,
                 subset_k=self.subset_k,
                 query_max_rows=self.query_max_rows,
+                unit_rows=self.unit_rows,
             )
         if "sae" in self.kinds and not self.sae:
             raise ValueError(
@@ -273,6 +281,7 @@ class ExtractConfig(StoreOptions, ModelOptions, RankOptions, LayerOptions, Progr
 
     def attribution_spec(self, adapter: AdapterRef) -> AttributionSpec:
         assert self.loss_reduction is not None  # __post_init__ fills it
+        device = pick_device(self.device, self.local_rank)  # part of the run's settings, known before the load
         return AttributionSpec(
             adapter,
             query_split=self.query_split,
@@ -287,6 +296,10 @@ class ExtractConfig(StoreOptions, ModelOptions, RankOptions, LayerOptions, Progr
             subset_k=self.subset_k,
             loss_reduction=self.loss_reduction,
             batch_tokens=self.batch_tokens,
+            unit_rows=self.unit_rows,
+            model=self.model,
+            device=device.type,
+            compute_dtype=str(pick_dtype(device, self.compute_dtype)).removeprefix("torch."),
             run_config=config_dict(self),
         )
 
@@ -355,7 +368,7 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult | UnitRun | AttributionR
         result = result if result is not None else gn
     if "attribution" in cfg.kinds:
         assert adapter is not None
-        result = extract_attribution(store, lm, layout, cfg.attribution_spec(adapter))
+        result = extract_attribution(store, lm, layout, cfg.attribution_spec(adapter), engine)
     store.refresh_catalog()
     print(f"catalog: {store.sql_command}")
     return result

@@ -119,14 +119,17 @@ def test_scores_equal_plain_autograd_gradient_dot_products(adapted, tiny_model):
     )
 
 
-def test_default_setup_is_reproducible_finite_and_in_duckdb(adapted, tiny_model):
+def test_default_setup_is_finite_complete_and_in_duckdb(adapted, tiny_model):
     a = _attr(adapted, tiny_model, subset_k=3)  # mean / query / 32 / loss mean: the defaults
-    b = _attr(adapted, tiny_model)
     ra, sa, ka = _scores(adapted, a.run_id)
+    b = _attr(adapted, tiny_model)  # the same settings name the same run: complete, nothing recomputed
+    assert b.skipped and b.run_id == a.run_id and a.run_id.startswith("attribution-")
     rb, sb, kb = _scores(adapted, b.run_id)
     assert ra == rb == select_rows_by(Store(adapted), split="score_pool")  # every pool row has a score
     assert np.all(np.isfinite(sa)) and np.array_equal(sa, sb) and np.array_equal(ka, kb)
     assert sorted(ka) == list(range(1, len(ra) + 1))
+    complete = Store(adapted).query("SELECT bool_and(complete) FROM attribution_scores WHERE run_id = ?", [a.run_id])
+    assert complete.column(0)[0].as_py() is True
     st = Store(adapted)
     cfg = st.query("SELECT config, status FROM runs WHERE run_id = ?", [a.run_id]).to_pylist()[0]
     assert cfg["status"] == "finished" and '"preconditioning": "query"' in cfg["config"]
@@ -134,6 +137,9 @@ def test_default_setup_is_reproducible_finite_and_in_duckdb(adapted, tiny_model)
     folder = st.root / "runs" / a.run_id / "bergson"
     assert {p.name for p in folder.iterdir()} >= {"hessian", "query", "scores", "query_data.hf", "pool_data.hf"}
     assert not list(folder.glob("*.part"))
+    from extractors.attribution.scores import read_scores  # bergson's scores.bin of the whole pool, pool order
+
+    np.testing.assert_array_equal(read_scores(folder / "scores")[:, 0], sa)
     sub = st.query("SELECT row_id FROM subsets WHERE subset = ? ORDER BY rank", [a.subset]).column(0).to_pylist()
     assert sub == [ra[i] for i in np.argsort(ka)[:3]]
     cols = "row_id, rank, source_rank, score, source, kind, seed, run_id"

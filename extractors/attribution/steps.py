@@ -1,24 +1,38 @@
-"""bergson's steps run in-process on a loaded PeftModel: the Hessian, the query index, the scores.
+"""bergson's steps run in-process on a loaded PeftModel: the query side once, then the pool in units.
 
-    steps = run_steps(lm.model, run_dir / "bergson", spec, ds_query, ds_pool, token_batch, lm.device)
+    with lora_grads(lm.model) as targets:
+        side = query_side(lm.model, run_dir / "bergson", spec, ds_query, ds_pool, token_batch, targets)
+        S = score_unit(lm.model, ds_unit, spec, side, token_batch, lm.device, targets)   # [rows, scores]
 
 `AttributionSpec` holds what `--kinds attribution` computes, in our users' terms (their mapping
-onto bergson 2.5.1 is in extractors.attribution.scores). Each step writes `<name>.part/` and renames
-it to `<name>/` when complete, with the `config.yaml` that `bergson <folder>/config.yaml` replays.
-Gradients come from bergson's own collector, with our forward/backward (`fwd_bwd`: logits only at
-the supervised positions); the query side is preconditioned by `damped_solve`.
+onto bergson 2.5.1 is in extractors.attribution.scores), and which of its settings name the run
+(`identity`, hashed into `run_id`) or only decide how it is computed (`execution`: the unit size,
+the token batch and the device decide the bytes, so a partial run continues only with the same
+ones; extractors.attribution.units). The query side (the Hessian unless `--preconditioning none`,
+the query index) is written as bergson's step folders (`<name>.part/` renamed to `<name>/` when
+complete, with the `config.yaml` that `bergson <folder>/config.yaml` replays) and comes back as the
+preconditioned query gradients the Scorer takes. A pool unit is scored by bergson's collector and
+Scorer on that unit's rows alone, its batches formed within the unit (bergson's
+`allocate_batches` over the unit's lengths), so its scores depend on the unit only, never on which
+other units the same process scored. Gradients come from bergson's own collector, with our
+forward/backward (`fwd_bwd`: logits only at the supervised positions); the query side is
+preconditioned by `damped_solve`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -50,7 +64,43 @@ class AttributionSpec:
     subset_k: int | None = None
     loss_reduction: str = "mean"
     batch_tokens: int | None = None  # bergson's token batch; None: 32768 on CUDA, 4096 on CPU
+    unit_rows: int = 64  # pool rows per unit: the commit, resume and claim granule
+    model: str = ""  # --model as given (part of the run's identity)
+    device: str = "cpu"  # the device type the model runs on: cpu | cuda
+    compute_dtype: str = "fp32"  # the model's compute dtype, resolved (bf16 | fp16 | fp32)
     run_config: dict[str, Any] = field(default_factory=dict)  # the command's config, for the run record
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide what is computed: the same ones name the same run (`run_id`)."""
+        return {
+            "adapter": self.adapter.name,
+            "model": self.model,
+            "compute_dtype": self.compute_dtype,
+            "query_split": self.query_split,
+            "pool_split": self.pool_split,
+            "query_max_rows": self.query_max_rows,
+            "max_rows": self.pool_max_rows,
+            "score_mode": self.score_mode,
+            "preconditioning": self.preconditioning,
+            "projection_dim": self.projection_dim,
+            "projection_seed": self.projection_seed,
+            "damping": self.damping,
+            "loss_reduction": self.loss_reduction,
+        }
+
+    @property
+    def run_id(self) -> str:
+        """attribution-<12 hex of the identity>: the same command resumes (and shares) the same run."""
+        key = json.dumps(self.identity(), sort_keys=True, default=str)
+        return "attribution-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+    def requested_batch(self) -> int:
+        return self.batch_tokens or (32768 if self.device == "cuda" else 4096)
+
+    def execution(self) -> dict[str, Any]:
+        """The settings that decide the scores' last bits but not what they mean: a unit's batches
+        (its rows, the token batch) and the device. A partial run continues only with these."""
+        return {"unit_rows": self.unit_rows, "batch_tokens": self.requested_batch(), "device": self.device}
 
 
 def hf_dataset(data: SFTRows, keep: list[int]) -> Any:
@@ -105,9 +155,10 @@ def bergson_configs(spec: AttributionSpec, run_path: Path, token_batch: int) -> 
     return index_cfg, processor_for(index_cfg)
 
 
-def _prepare(model: Any) -> tuple[set[str], list[Any]]:
-    """bergson's target modules of a PeftModel (its lora_A/lora_B layers) and the LoRA weights,
-    which get requires_grad so the backward pass reaches the hooks (bergson's CLI sets it on the
+@contextmanager
+def lora_grads(model: Any) -> Iterator[set[str]]:
+    """bergson's target modules of a PeftModel (its lora_A/lora_B layers), with requires_grad on the
+    LoRA weights for the block so the backward pass reaches the hooks (bergson's CLI sets it on the
     input embeddings instead, which also computes the embedding matrix's gradient)."""
     from bergson.utils.worker_utils import extract_peft_target_modules  # lazy: bergson is optional
 
@@ -115,7 +166,11 @@ def _prepare(model: Any) -> tuple[set[str], list[Any]]:
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in lora:
         p.requires_grad_(True)
-    return targets, lora
+    try:
+        yield targets
+    finally:
+        for p in lora:
+            p.requires_grad_(False)
 
 
 def fwd_bwd(reduction: str) -> Any:
@@ -170,16 +225,9 @@ def _split_head_ok(model: Any) -> bool:
 
 
 def _collect(
-    model: Any,
-    ds: Any,
-    index_cfg: IndexConfig,
-    processor: Any,
-    targets: set[str],
-    *,
-    scorer: Any = None,
-    preprocess: Any = None,
+    model: Any, ds: Any, index_cfg: IndexConfig, processor: Any, targets: set[str], *, preprocess: Any = None
 ) -> None:
-    """bergson.collection.collect_gradients, with our forward/backward (see fwd_bwd)."""
+    """bergson.collection.collect_gradients (the query index), with our forward/backward (see fwd_bwd)."""
     from bergson.collector.gradient_collectors import GradientCollector  # lazy: bergson is optional
     from bergson.config.config import PreprocessConfig  # lazy: bergson is optional
 
@@ -190,14 +238,11 @@ def _collect(
         processor=processor,
         target_modules=targets,
         data=ds,
-        scorer=scorer,
         preprocess_cfg=preprocess or PreprocessConfig(),
         attention_cfgs={},
         filter_modules=index_cfg.filter_modules,
     )
-    _computer(model, ds, index_cfg, collector, index_cfg.loss_reduction).run_with_collector_hooks(
-        desc="gradients" + (" + scores" if scorer is not None else "")
-    )
+    _computer(model, ds, index_cfg, collector, index_cfg.loss_reduction).run_with_collector_hooks(desc="gradients")
 
 
 def _fit_hessian(model: Any, ds: Any, index_cfg: IndexConfig, processor: Any, targets: set[str]) -> None:
@@ -240,25 +285,123 @@ def damped_solve(H: Any, g: Any, damping: float) -> Any:
     return torch.cholesky_solve(g.to(torch.float64).T, L).T.to(g.dtype)
 
 
-def make_scorer(
-    path: Path, n_rows: int, query_path: Path, hessian_path: str | None, mode: str, damping: float, device: Any
-) -> Any:
-    """bergson's Scorer over its query index, the query side preconditioned with `damped_solve`
-    (what bergson.score.create_scorer does with a dense hessian_path, unit_normalize off)."""
+class QuerySide(NamedTuple):
+    """What scoring a pool unit needs from the query side, computed once per run."""
+
+    grads: dict[str, torch.Tensor]  # module -> [query gradients, dim] float32, preconditioned
+    modules: list[str]  # bergson's module order (the order scores are summed in)
+    steps: dict[str, float]  # seconds of the steps that computed it (hessian, query)
+
+
+def preconditioned_grads(query_path: Path, hessian_path: Path | None, damping: float) -> QuerySide:
+    """The query index's gradients, the query side preconditioned with `damped_solve` (what
+    bergson.score.create_scorer does with a dense hessian_path, unit_normalize off), as the float32
+    tensors bergson's Scorer computes with."""
     from bergson.config.config import ScoreConfig  # lazy: bergson is optional
     from bergson.gradients import GradientProcessor  # lazy: bergson is optional
     from bergson.score.score import get_query_grads  # lazy: bergson is optional
-    from bergson.score.score_writer import MemmapSequenceScoreWriter  # lazy: bergson is optional
+
+    score_cfg = ScoreConfig(query_path=str(query_path))
+    grads, _ = get_query_grads(score_cfg)
+    if hessian_path is not None:
+        H = GradientProcessor.load(hessian_path, map_location="cpu").hessians
+        grads = {m: damped_solve(H[m], g, damping) for m, g in grads.items()}
+    grads = {m: g.to(torch.float32).contiguous() for m, g in grads.items()}
+    return QuerySide(grads, list(score_cfg.modules), {})
+
+
+def _score_config(spec: AttributionSpec, root: Path, token_batch: int, hessian_path: str | None) -> Any:
+    """bergson's Score command for the whole pool (its config.yaml replays our scores with its CLI)."""
+    from bergson.cli.commands import Score  # lazy: bergson is optional
+    from bergson.config.config import InversionConfig, PreprocessConfig, ScoreConfig  # lazy: bergson is optional
+
+    index_cfg, _ = bergson_configs(spec, root / "scores", token_batch)
+    index_cfg.data.dataset = str(root / "pool_data.hf")
+    score_cfg = ScoreConfig(
+        query_path=str(root / "query"),
+        precision="fp32",
+        score="nearest" if spec.score_mode == "nearest" else "individual",
+    )
+    pre = PreprocessConfig(hessian_path=hessian_path, inversion_cfg=InversionConfig(damping_factor=spec.damping))
+    return Score(index_cfg=index_cfg, score_cfg=score_cfg, preprocess_cfg=pre)
+
+
+def query_side(
+    model: Any, root: Path, spec: AttributionSpec, ds_q: Any, ds_p: Any, token_batch: int, targets: set[str]
+) -> QuerySide:
+    """bergson's hessian (unless --preconditioning none) and query steps under `root`, each with its
+    replayable config.yaml (and `scores/config.yaml` for the pool), then the preconditioned query
+    gradients. `root` holds query_data.hf and pool_data.hf."""
+    from bergson.cli.commands import Build, Hessian  # lazy: bergson is optional
+    from bergson.config.config import HessianConfig, PreprocessConfig  # lazy: bergson is optional
+    from bergson.config.config_io import save_run_config  # lazy: bergson is optional
+
+    steps: dict[str, float] = {}
+    aggregation = "mean" if spec.score_mode == "mean" else "none"
+    hessian_path = None
+    if spec.preconditioning != "none":
+        on, ds_h = ("query", ds_q) if spec.preconditioning == "query" else ("pool", ds_p)
+        step = Step(root / "hessian")
+        with step as part:
+            index_cfg, processor = bergson_configs(spec, root / "hessian", token_batch)
+            index_cfg.data.dataset = str(root / f"{on}_data.hf")
+            save_run_config(Hessian(HessianConfig(method="autocorrelation", use_dataset_labels=True), index_cfg), part)
+            _fit_hessian(model, ds_h, index_cfg, processor, targets)
+        steps["hessian"], hessian_path = step.seconds, step.path
+    step = Step(root / "query")
+    with step as part:
+        index_cfg, processor = bergson_configs(spec, root / "query", token_batch)
+        index_cfg.data.dataset = str(root / "query_data.hf")
+        pre = PreprocessConfig(aggregation=aggregation)
+        save_run_config(Build(index_cfg, pre), part)
+        _collect(model, ds_q, index_cfg, processor, targets, preprocess=pre)
+    steps["query"] = step.seconds
+    shutil.rmtree(root / "scores", ignore_errors=True)  # a killed earlier run's; written whole at the end
+    (root / "scores").mkdir(parents=True)
+    save_run_config(
+        _score_config(spec, root, token_batch, str(hessian_path) if hessian_path else None), root / "scores"
+    )
+    side = preconditioned_grads(root / "query", hessian_path, spec.damping)
+    return side._replace(steps=steps)
+
+
+def score_unit(
+    model: Any, ds: Any, spec: AttributionSpec, side: QuerySide, token_batch: int, device: Any, targets: set[str]
+) -> np.ndarray:
+    """One pool unit's scores `[rows of ds, score columns]` (float32 values as float64): bergson's
+    collector and Scorer over `ds` alone, batched within it. Nothing is kept on disk (bergson's
+    loop drops a counter file in its run folder: a temporary one here); the run's scores step
+    folder gets the whole pool's scores.bin when the run completes."""
+    from bergson.collector.gradient_collectors import GradientCollector  # lazy: bergson is optional
+    from bergson.config.config import PreprocessConfig  # lazy: bergson is optional
+    from bergson.score.score_writer import InMemorySequenceScoreWriter  # lazy: bergson is optional
     from bergson.score.scorer import Scorer  # lazy: bergson is optional
 
-    score_cfg = ScoreConfig(query_path=str(query_path), score="nearest" if mode == "nearest" else "individual")
-    grads, _ = get_query_grads(score_cfg)
-    if hessian_path:
-        H = GradientProcessor.load(Path(hessian_path), map_location="cpu").hessians
-        grads = {m: damped_solve(H[m], g, damping) for m, g in grads.items()}
-    n_scores = 1 if mode == "nearest" else len(next(iter(grads.values())))
-    writer = MemmapSequenceScoreWriter(path, n_rows, n_scores, dtype=torch.float32)
-    return Scorer(grads, score_cfg.modules, writer, device, torch.float32, score_mode=score_cfg.score)
+    class UnitCollector(GradientCollector):
+        def teardown(self) -> None:  # bergson saves data.hf and the processor here: a unit keeps neither
+            pass
+
+    scratch = tempfile.TemporaryDirectory(prefix="attribution-unit-")
+    index_cfg, processor = bergson_configs(spec, Path(scratch.name) / "unit", token_batch)
+    index_cfg.partial_run_path.mkdir(parents=True)
+    mode = "nearest" if spec.score_mode == "nearest" else "individual"
+    n_scores = 1 if mode == "nearest" else len(next(iter(side.grads.values())))
+    writer = InMemorySequenceScoreWriter(len(ds), n_scores, dtype=torch.float32)
+    scorer = Scorer(side.grads, side.modules, writer, device, torch.float32, score_mode=mode)
+    collector = UnitCollector(
+        model=model.base_model,
+        cfg=index_cfg,
+        processor=processor,
+        target_modules=targets,
+        data=ds,
+        scorer=scorer,
+        preprocess_cfg=PreprocessConfig(),
+        attention_cfgs={},
+        filter_modules=index_cfg.filter_modules,
+    )
+    with scratch:
+        _computer(model, ds, index_cfg, collector, spec.loss_reduction).run_with_collector_hooks(desc="unit scores")
+    return writer.scores.numpy().astype(np.float64)
 
 
 def read_scores(path: Path) -> np.ndarray:
@@ -276,57 +419,9 @@ def read_scores(path: Path) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def run_steps(
-    model: Any, root: Path, spec: AttributionSpec, ds_q: Any, ds_p: Any, token_batch: int, device: Any
-) -> dict[str, float]:
-    """bergson's hessian (unless --preconditioning none), query and scores steps under `root`, each
-    with its replayable config.yaml; returns the seconds per step. The scores land in root/scores."""
-    from bergson.cli.commands import Build, Hessian, Score  # lazy: bergson is optional
-    from bergson.config.config import HessianConfig, InversionConfig, PreprocessConfig, ScoreConfig  # lazy: optional
-    from bergson.config.config_io import save_run_config  # lazy: bergson is optional
+def write_scores_bin(path: Path, S: np.ndarray) -> None:
+    """The whole pool's scores as bergson's scores step writes them (scores.bin + info.json in
+    `path`, read back by `read_scores`), so its folder looks like bergson's own output."""
+    from bergson.score.score_writer import save_sequence_scores  # lazy: bergson is optional
 
-    targets, lora = _prepare(model)
-    steps: dict[str, float] = {}
-    try:
-        aggregation = "mean" if spec.score_mode == "mean" else "none"
-        hessian_path = None
-        if spec.preconditioning != "none":
-            on, ds_h = ("query", ds_q) if spec.preconditioning == "query" else ("pool", ds_p)
-            step = Step(root / "hessian")
-            with step as part:
-                index_cfg, processor = bergson_configs(spec, root / "hessian", token_batch)
-                index_cfg.data.dataset = str(root / f"{on}_data.hf")
-                save_run_config(
-                    Hessian(HessianConfig(method="autocorrelation", use_dataset_labels=True), index_cfg), part
-                )
-                _fit_hessian(model, ds_h, index_cfg, processor, targets)
-            steps["hessian"], hessian_path = step.seconds, str(step.path)
-        step = Step(root / "query")
-        with step as part:
-            index_cfg, processor = bergson_configs(spec, root / "query", token_batch)
-            index_cfg.data.dataset = str(root / "query_data.hf")
-            pre = PreprocessConfig(aggregation=aggregation)
-            save_run_config(Build(index_cfg, pre), part)
-            _collect(model, ds_q, index_cfg, processor, targets, preprocess=pre)
-        steps["query"] = step.seconds
-        step = Step(root / "scores")
-        with step as part:
-            index_cfg, processor = bergson_configs(spec, root / "scores", token_batch)
-            index_cfg.data.dataset = str(root / "pool_data.hf")
-            score_cfg = ScoreConfig(
-                query_path=str(root / "query"),
-                precision="fp32",
-                score="nearest" if spec.score_mode == "nearest" else "individual",
-            )
-            pre = PreprocessConfig(
-                hessian_path=hessian_path, inversion_cfg=InversionConfig(damping_factor=spec.damping)
-            )
-            save_run_config(Score(index_cfg=index_cfg, score_cfg=score_cfg, preprocess_cfg=pre), part)
-            scorer = make_scorer(part, len(ds_p), root / "query", hessian_path, spec.score_mode, spec.damping, device)
-            _collect(model, ds_p, index_cfg, processor, targets, scorer=scorer)
-            scorer.writer.flush()
-        steps["scores"] = step.seconds
-    finally:
-        for t in lora:
-            t.requires_grad_(False)
-    return steps
+    save_sequence_scores(path, S.astype(np.float32), dtype=torch.float32)
