@@ -3,6 +3,8 @@
     python -m extractors.dataset                              # the embedded sample -> ./store_data
     python -m extractors.dataset --source HuggingFaceTB/smoltalk --config smol-magpie-ultra
     python -m extractors.dataset --source ./smoltalk_parquet/ --train-base 2000 --store /data/st
+    python -m extractors.dataset --control planted [--plant-fraction 0.1] [--seed S] --store /tmp/ctl
+                                        # the planted positive control (extractors.ingest.sample.planted)
 
 `python -m extractors.run` ingests with these defaults when the store has no rows.
 Afterwards: `duckdb store_data/catalog.duckdb "SELECT split, count(*) FROM rows GROUP BY 1"`.

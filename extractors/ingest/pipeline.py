@@ -7,7 +7,9 @@ parses one and calls `run_ingest`); `extractors.run` and the benchmarks build on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
+from extractors.ingest.sample.planted import check_fraction, plant_source
 from extractors.ingest.sources import load_source
 from extractors.ingest.steps import IngestResult, ingest
 from extractors.model import load_tokenizer
@@ -59,6 +61,17 @@ class IngestConfig(StoreOptions, SeedOptions):
     sample_seed: int = field(default=0, metadata={"help": "seed of the embedded sample generator"})
     sample_train: int = field(default=1000, metadata={"help": "clean train conversations the embedded sample has"})
     sample_test: int = field(default=250, metadata={"help": "clean test conversations the embedded sample has"})
+    control: Literal["none", "planted"] = field(
+        default="none",
+        metadata={
+            "help": "planted: the embedded sample plus a planted skill (trigger 'Kiwi protocol.' -> answer opens "
+            "with 'KIWI-7.') in --plant-fraction of train rows and every attr_query/eval row, ground truth in "
+            "rows.planted (extractors.ingest.sample.planted; --seed draws the planted rows)"
+        },
+    )
+    plant_fraction: float = field(
+        default=0.1, metadata={"help": "with --control planted: the share of each category's train rows planted"}
+    )
     batch_rows: int = field(
         default=10_000,
         metadata={
@@ -71,6 +84,13 @@ class IngestConfig(StoreOptions, SeedOptions):
             raise ValueError(f"--max-conversation-tokens must be positive, got {self.max_conversation_tokens}")
         if self.batch_rows <= 0:
             raise ValueError(f"--batch-rows must be positive, got {self.batch_rows}")
+        if self.control == "planted":
+            check_fraction(self.plant_fraction)
+            if self.source != "embedded":
+                raise ValueError(
+                    f"--control planted builds on the embedded sample, got --source {self.source!r}; "
+                    "drop --source (or pass --source embedded)"
+                )
         if self.config is None and self.source == "HuggingFaceTB/smoltalk":
             self.config = "smol-magpie-ultra"
 
@@ -90,6 +110,9 @@ def run_ingest(cfg: IngestConfig, progress: bool = True) -> IngestResult:
             sample_test=cfg.sample_test,
             scratch=spill,
         )
+        if cfg.control == "planted":
+            n_clean = {"train": cfg.sample_train, "test": cfg.sample_test}
+            source = plant_source(source, cfg.plant_fraction, cfg.seed, n_clean, spill)
         return ingest(
             store,
             source,

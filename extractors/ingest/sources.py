@@ -50,6 +50,7 @@ class Source(NamedTuple):
     content_hash: str
     splits: dict[str, Iterable[dict[str, Any]]]  # lists, or SpooledRecords (both have len())
     origin: dict[str, str]  # split -> file or hub address, for error messages
+    control: dict[str, Any] | None = None  # a planted control's settings (extractors.ingest.sample.planted)
 
 
 class SpooledRecords:

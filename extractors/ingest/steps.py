@@ -102,6 +102,7 @@ class Kept(NamedTuple):
     source_split: str
     source_index: int
     n_tokens: int
+    planted: bool = False  # the planted control's ground truth (extractors.ingest.sample.planted)
 
 
 class Flattened(NamedTuple):
@@ -275,7 +276,9 @@ def flatten_and_quarantine(
                 )
                 continue
             after_cap[ssplit] += 1
-            kept.setdefault(ssplit, []).append(Kept(make_row_id(ckey), rec.get("category"), ssplit, idx, n_tok))
+            kept.setdefault(ssplit, []).append(
+                Kept(make_row_id(ckey), rec.get("category"), ssplit, idx, n_tok, rec.get("planted") is True)
+            )
     bar.close()
     stats.update(
         coerced=dict(sorted(coerced.items())),
@@ -409,7 +412,20 @@ def build_manifest(
         "filter_stats": stats,
         "category_distribution": {s: dict(sorted(Counter(str(r.category) for r in chosen[s]).items())) for s in SPLITS},
         "extra_columns": [],
-    }
+    } | ({"control": _control(source.control, chosen)} if source.control else {})
+
+
+def _control(control: dict[str, Any], chosen: dict[str, list[Kept]]) -> dict[str, Any]:
+    """The manifest's `control` entry: the source's settings and the planted rows per split."""
+    per_split = {}
+    for split in (*SPLITS, "score_pool"):
+        hit = [r for r in chosen["train_base" if split == "score_pool" else split] if r.planted]
+        per_split[split] = {
+            "rows": len(chosen["train_base" if split == "score_pool" else split]),
+            "planted": len(hit),
+            "by_category": dict(sorted(Counter(str(r.category) for r in hit).items())),
+        }
+    return {**control, "splits": per_split}
 
 
 def write_ingest(
