@@ -280,3 +280,25 @@ def test_sigkilled_training_loop_resumes_at_the_next_batch(st, tmp_path):
     assert [i for i, _ in after] == list(range(saved, len(full)))
     for i, tok in before + after:
         assert np.array_equal(tok, full[i]), f"batch {i} differs from the uninterrupted run's"
+
+
+def test_a_given_frame_take_and_stack_equal_materialize(st, sae):
+    """The trainers' path: a selection they sampled themselves (a polars frame), batches of any
+    positions (`take`) and one array stacked; every array's commits are checked for the frame."""
+    ref = materialize(st, VIEW, H)
+    picked = ref.frame.select("row_id", "tok_index")[::3]
+    ds = ActivationDataset(st, picked, arrays=[H], columns=[], batch_size=50)
+    assert len(ds) == -(-len(picked) // 50) and list(ds[0]) == [H, "tok_index", "row_id"]
+    assert np.array_equal(ds.stack(H), ref.X[::3])
+    assert np.array_equal(ActivationDataset(st, picked, arrays=[H]).stack(H), ref.X[::3])
+    pos = np.array([5, 0, 5, len(picked) - 1])
+    got = ds.take(pos)
+    assert np.array_equal(got[H].numpy(), ref.X[::3][pos]) and got["row_id"] == [picked["row_id"][int(i)] for i in pos]
+    rows = ActivationDataset(st, picked, arrays=[H], unit="row", batch_size=3)
+    assert torch.equal(torch.cat([rows[i][H] for i in range(len(rows))]), torch.from_numpy(ref.X[::3]))
+    with pytest.raises(IndexError, match="positions must be in 0"):
+        ds.take(np.array([len(picked)]))
+    with pytest.raises(ValueError, match="stack\\(\\) takes one of the dataset's dense arrays"):
+        ActivationDataset(st, picked, arrays=[H, sae]).stack(sae)
+    with pytest.raises(StoreError, match="the frame must return row_id and tok_index"):
+        ActivationDataset(st, picked.select("row_id"), arrays=[H])

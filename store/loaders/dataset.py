@@ -66,20 +66,30 @@ def check_positive(name: str, value: Any) -> int:
 class Selection:
     """The view's tokens (frame), its arrays, and turning positions into a batch dict."""
 
-    def __init__(self, store: Store, view_or_sql: str, arrays: list[str], columns: list[str] | None):
+    def __init__(self, store: Store, view_or_sql: str | pl.DataFrame, arrays: list[str], columns: list[str] | None):
         if isinstance(arrays, str) or not arrays:
             raise ValueError(f"arrays must be a non-empty list of array names, got {arrays!r}")
         self.store = store
         self.sources = [_Source(store, a) for a in arrays]
-        frame = select(store, view_or_sql, self.sources[0].parts[0], columns=columns)
+        given = isinstance(view_or_sql, pl.DataFrame)  # a selection made already (a trainer's own sampling)
+        if given:
+            frame = (
+                view_or_sql
+                if columns is None
+                else view_or_sql.select(
+                    [c for c in view_or_sql.columns if c in ("row_id", "tok_index") or c in columns]
+                )
+            )
+        else:
+            frame = select(store, view_or_sql, self.sources[0].parts[0], columns=columns)
         if "tok_index" not in frame.columns or "row_id" not in frame.columns:
             raise StoreError(
-                f"the view must return row_id and tok_index (join the tokens table), or row_id alone for "
-                f"whole rows; it returns {frame.columns}"
+                f"the {'frame' if given else 'view'} must return row_id and tok_index (join the tokens table)"
+                f"{'' if given else ', or row_id alone for whole rows'}; it returns {frame.columns}"
             )
         selected = frame["row_id"].unique()
         for src in self.sources:
-            for part in src.parts[1:] if src is self.sources[0] else src.parts:
+            for part in src.parts[1:] if src is self.sources[0] and not given else src.parts:
                 missing = selected.filter(~selected.is_in(pl.Series(committed_row_ids(store, part)).implode()))
                 if len(missing):
                     missing_error(store, part, missing.sort(), len(selected))
@@ -122,12 +132,14 @@ class Selection:
 
 class ActivationDataset(Dataset):
     """Map-style: index i is token i of the view (view order), or row i with `unit="row"`; with
-    `batch_size=B`, the i-th run of B tokens (rows). See store.loaders for a batch's keys."""
+    `batch_size=B`, the i-th run of B tokens (rows); `take(positions)`, a batch of any positions.
+    See store.loaders for a batch's keys. `view_or_sql` may also be a polars frame of row_id and
+    tok_index (a trainer's own sampled selection): every array's commits are checked the same way."""
 
     def __init__(
         self,
         store: Store | str,
-        view_or_sql: str,
+        view_or_sql: str | pl.DataFrame,
         arrays: list[str],
         columns: list[str] | None = None,
         *,
@@ -149,6 +161,30 @@ class ActivationDataset(Dataset):
 
     def __len__(self) -> int:
         return self._len
+
+    def take(self, positions: np.ndarray) -> dict[str, Any]:
+        """One batch of the given token positions of the selection (any order, repeats allowed):
+        a trainer's own order (trainers.sae's stored permutation) through the same batching."""
+        if self.unit != "token":
+            raise ValueError("take() gives tokens; with unit='row', index the dataset by row")
+        pos = np.asarray(positions, dtype=np.int64)
+        if len(pos) and not (0 <= pos.min() and pos.max() < self.sel.n):
+            raise IndexError(f"positions must be in 0 .. {self.sel.n - 1}, got {pos.min()} .. {pos.max()}")
+        return self.sel.batch(pos)
+
+    def stack(self, array: str) -> np.ndarray:
+        """One dense array of every item, in the dataset's order, batch by batch: [n_tokens, d]
+        float32 (what materialize returns for the same selection, read `batch_size` at a time)."""
+        src = next((s for s in self.sel.sources if s.name == array), None)
+        if src is None or src.d_sae is not None:
+            raise ValueError(f"stack() takes one of the dataset's dense arrays, got {array!r}")
+        parts = [self[i][array].numpy() for i in range(len(self))] if self.batch_size else []
+        if not self.batch_size and len(self):
+            parts = [self.sel.batch(np.arange(self.sel.n))[array].numpy()]
+        if not parts:
+            arr = reader(self.sel.store, src.parts[0]).arr
+            return np.zeros((0, *arr.shape[1:]), np.float32)
+        return np.concatenate(parts)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -self._len <= i < self._len:

@@ -26,7 +26,8 @@ import numpy as np
 import polars as pl
 
 from store.core import Store
-from store.materialize import ArrayReader, gather, view_sql
+from store.loaders import ActivationDataset
+from store.materialize import view_sql
 from trainers.probes.config import ProbeConfig
 
 
@@ -45,27 +46,30 @@ class ProbeData:
     pool: str = "mean"
 
     def features(self, store: Store, array: str, idx: np.ndarray, block_tokens: int = 65536) -> np.ndarray:
-        """float32 [len(idx), d] for sorted candidate indices `idx`."""
+        """float32 [len(idx), d] for sorted candidate indices `idx`, read through the training
+        loaders (store.loaders.ActivationDataset over the chosen tokens, `block_tokens` at a time)."""
         if self.target == "token":
-            return gather(store, array, self.frame["tok_index"].to_numpy()[idx])
-        reader = ArrayReader(store, array)
+            picked = self.frame.select("row_id", "tok_index")[idx]
+            return ActivationDataset(store, picked, [array], columns=[], batch_size=block_tokens).stack(array)
         toks = self.tokens.filter(pl.col("ex").is_in(idx.tolist()))  # sorted by (ex, token_pos)
-        ex = toks["ex"].to_numpy()
-        starts = np.flatnonzero(np.r_[True, ex[1:] != ex[:-1]])
-        ends = np.r_[starts[1:], len(ex)]
-        out, s = [], 0
-        while s < len(starts):  # blocks of whole rows, about block_tokens tokens each
-            e = s + max(1, int(np.searchsorted(starts[s:], starts[s] + block_tokens)))
-            lo, hi = starts[s], ends[e - 1]
-            X = reader.gather(toks["tok_index"].to_numpy()[lo:hi])
-            st = starts[s:e] - lo
+        if not len(toks):
+            return np.zeros((0, 0), np.float32)
+        toks = toks.with_columns(pl.Series("row_id", self.frame["row_id"].to_numpy()[toks["ex"].to_numpy()]))
+        per_row = max(1, block_tokens * toks["ex"].n_unique() // len(toks))  # whole rows, ~block_tokens tokens
+        ds = ActivationDataset(
+            store, toks.select("row_id", "tok_index"), [array], columns=[], unit="row", batch_size=per_row
+        )
+        out = []
+        for i in range(len(ds)):
+            b = ds[i]
+            X, n = b[array].numpy(), b["row_lengths"].numpy()
+            ends = np.cumsum(n)
             if self.pool == "last":
-                out.append(X[ends[s:e] - lo - 1])
+                out.append(X[ends - 1])
             else:
-                sums = np.add.reduceat(X.astype(np.float64), st, axis=0)
-                out.append((sums / (ends[s:e] - starts[s:e])[:, None]).astype(np.float32))
-            s = e
-        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+                sums = np.add.reduceat(X.astype(np.float64), ends - n, axis=0)
+                out.append((sums / n[:, None]).astype(np.float32))
+        return np.concatenate(out)
 
 
 def _query(store: Store, cfg: ProbeConfig) -> tuple[str, pl.DataFrame]:

@@ -39,7 +39,8 @@ from store.catalog.runs import Run
 from store.catalog.tokens import read_layout
 from store.cli import DeviceOptions, StoreOptions, config_dict, parse_config, user_errors
 from store.core import Store, StoreError
-from store.materialize import ArrayReader, view_sql
+from store.loaders import ActivationDataset
+from store.materialize import view_sql
 from trainers.probes.logreg import Standardizer, binary_metrics, logits_of, to_device
 
 AGGREGATES = ("max_logit", "mean_logit", "topk_mean_logit")
@@ -94,12 +95,13 @@ def score_frame(
     feature_dtype: str = "float32",
     batch: int = 65536,
 ) -> np.ndarray:
-    """Logits of the frame's tokens (gathered in batches of `batch`)."""
-    tok = frame["tok_index"].to_numpy()
-    out = np.zeros(len(tok), np.float32)
-    reader = ArrayReader(store, array)
-    for s in range(0, len(tok), batch):
-        out[s : s + batch] = probe.score(reader.gather(tok[s : s + batch]), device, feature_dtype)
+    """Logits of the frame's tokens, in batches of `batch` read through the training loaders."""
+    out = np.zeros(len(frame), np.float32)
+    if not len(frame):
+        return out
+    ds = ActivationDataset(store, frame.select("row_id", "tok_index"), [array], columns=[], batch_size=batch)
+    for i in range(len(ds)):
+        out[i * batch : (i + 1) * batch] = probe.score(ds[i][array].numpy(), device, feature_dtype)
     return out
 
 

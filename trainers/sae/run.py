@@ -30,7 +30,8 @@ from store.catalog.runs import Run
 from store.catalog.tokens import read_layout, row_token_ids
 from store.cli import LayerOptions, ModelOptions, ProgressOptions, SeedOptions, StoreOptions, config_dict
 from store.core import STORE_VERSION, Store, StoreError
-from store.materialize import gather, select, view_text
+from store.loaders import ActivationDataset
+from store.materialize import select, view_text
 from trainers.resume import (
     find_runs_of_kind,
     matched_settings,
@@ -330,7 +331,8 @@ def evaluate(
     baseline_sae: Any = None,
 ) -> dict[str, Any]:
     """Reconstruction metrics on all held-out tokens, baselines, and the CE/KL splice."""
-    X_eval = torch.from_numpy(gather(store, held.array, held.frame["tok_index"].to_numpy())).to(sae.device)
+    held_tokens = ActivationDataset(store, held.frame.select("row_id", "tok_index"), [held.array], columns=[])
+    X_eval = torch.from_numpy(held_tokens.stack(held.array)).to(sae.device)
     out: dict[str, Any] = {"eval": sae_eval.recon_metrics(sae, X_eval)}
     n_fit = min(20000, cfg.batch_tokens * cfg.init_batches)
     fit = sample_tokens(store, train_sql, held.array, n_fit)

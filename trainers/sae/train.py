@@ -4,8 +4,11 @@ Data: a view picks the tokens (default `content_tokens`: no special/template tok
 attention sink at position 0), restricted to one split (default train_base) and sorted by
 `tok_index`, so that position i of the selection always means the same token. The order of
 training is a list of permutations of range(n), one per epoch, drawn from `seed` and saved
-as `token_order.npy` in the run folder *before* training; `TokenStream` walks them and
-gathers each batch from the Zarr chunks (`store.materialize.ArrayReader`, sorted reads).
+as `token_order.npy` in the run folder *before* training; `TokenStream` walks them and reads
+each batch through the training loaders (`store.loaders.ActivationDataset.take`: the same
+chunk-sorted gathers as materialize). The order stays this stored full permutation, not
+ActivationStream's block order, so that a run is replayed and resumed from that file alone
+and earlier runs' SAEs stay what they were.
 Nothing is copied or rewritten: the run can be replayed exactly from the store, the view
 SQL and that file, and resumed from any step (the position is `n_training_samples`; the
 rest of the state is in the checkpoint, see trainers.sae.checkpoint).
@@ -31,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from store.core import Store, StoreError
+from store.loaders import ActivationDataset
 from store.materialize import select, view_sql
 
 CURVE_KEYS = {  # sae-lens log key -> our curve name
@@ -78,25 +82,19 @@ class TokenStream:
         self.store, self.sql, self.array, self.orders, self.batch, self.start = store, sql, array, orders, batch, start
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        from store.materialize import ArrayReader
-
-        tok = select(self.store, self.sql, self.array)["tok_index"].to_numpy()
-        n, pos = len(tok), self.start
+        ds = ActivationDataset(self.store, self.sql, [self.array], columns=[])
+        n, pos = len(ds), self.start
         if self.orders.shape[1] != n:
             raise StoreError(
                 f"the token order has {self.orders.shape[1]} tokens per epoch but the selection has {n} "
                 f"(the store changed since the run started); start a new run with --resume never"
             )
-        reader = ArrayReader(self.store, self.array)
-        try:
-            while True:
-                g = np.arange(pos, pos + self.batch)
-                if g[-1] // n >= len(self.orders):
-                    raise StoreError("the token order ran out of epochs (a bug: make_orders got too few epochs)")
-                yield torch.from_numpy(reader.gather(tok[self.orders[g // n, g % n]]))
-                pos += self.batch
-        finally:
-            reader.close()
+        while True:
+            g = np.arange(pos, pos + self.batch)
+            if g[-1] // n >= len(self.orders):
+                raise StoreError("the token order ran out of epochs (a bug: make_orders got too few epochs)")
+            yield ds.take(self.orders[g // n, g % n])[self.array]
+            pos += self.batch
 
 
 def build_training_sae(
@@ -345,8 +343,6 @@ def plot_curves(curves: list[dict[str, float]], title: str, evals: list[dict[str
 
 def sample_tokens(store: Store, sql: str, array: str, n: int, seed: int = 0) -> torch.Tensor:
     """n tokens of the selection drawn without replacement (all of them when it has fewer)."""
-    from store.materialize import gather, select
-
-    tok = select(store, sql, array)["tok_index"].to_numpy()
-    pick = np.sort(np.random.default_rng(seed).permutation(len(tok))[: min(n, len(tok))])
-    return torch.from_numpy(gather(store, array, tok[pick]))
+    ds = ActivationDataset(store, sql, [array], columns=[])
+    pick = np.sort(np.random.default_rng(seed).permutation(len(ds))[: min(n, len(ds))])
+    return ds.take(pick)[array]

@@ -44,7 +44,8 @@ from store.catalog.runs import Run
 from store.catalog.tokens import read_layout
 from store.cli import LayerOptions, ProgressOptions, SeedOptions, StoreOptions, config_dict, parse_config, user_errors
 from store.core import STORE_VERSION, Store, StoreError
-from store.materialize import ArrayReader, gather, select, view_text
+from store.loaders import ActivationDataset
+from store.materialize import select, view_text
 from trainers.plots import pr_curve
 from trainers.probes.logreg import binary_metrics
 from trainers.steering.mlp import MLP, fit_mlp, load_mlp, save_mlp
@@ -188,7 +189,7 @@ class TokenSelector:
                 f"{len(missing)} rows are not in {array} (e.g. {sorted(missing)[0]}); extract them: "
                 f"python -m extractors.run --layer {self.layer} --store {store.root}"
             )
-        X = gather(store, array, frame["tok_index"].to_numpy())
+        X = _hidden(store, frame, array)
         return frame.with_columns(pl.Series("score", self.score(X, frame["rel_pos"].to_numpy())))
 
     def pick(self, store: Store, row_ids: list[str], k: int = 1, array: str | None = None) -> pl.DataFrame:
@@ -224,6 +225,13 @@ def latest_selector(store: Store, layer: int) -> Path:
     )
 
 
+def _hidden(store: Store, frame: pl.DataFrame, array: str) -> np.ndarray:
+    """The frame's hidden states [n, d] float32, in its order, read through the training loaders."""
+    return ActivationDataset(store, frame.select("row_id", "tok_index"), [array], columns=[], batch_size=65536).stack(
+        array
+    )
+
+
 def load_data(store: Store, cfg: TokenSelectorConfig) -> tuple[pl.DataFrame, np.ndarray, str]:
     """The selection view's tokens and their features; fails with the command that fixes it."""
     hidden, grad = f"hidden/layer_{cfg.layer}", f"gradnorm/layer_{cfg.layer}"
@@ -242,7 +250,7 @@ def load_data(store: Store, cfg: TokenSelectorConfig) -> tuple[pl.DataFrame, np.
             f"token_selection({cfg.layer}) selects no tokens: are the gradient norms of layer "
             f"{cfg.layer} committed? python -m extractors.run --layer {cfg.layer} --kinds gradnorm"
         )
-    X = gather(store, hidden, frame["tok_index"].to_numpy())
+    X = _hidden(store, frame, hidden)
     return frame, features(X, frame["rel_pos"].to_numpy()), hidden
 
 
@@ -305,17 +313,13 @@ def write_selector_scores(store: Store, sel: TokenSelector, name: str, run_id: s
         )
     finally:
         con.close()
-    reader, tok = ArrayReader(store, src), f["tok_index"].to_numpy()
-    logits = (
-        np.concatenate(
-            [
-                sel.score(reader.gather(tok[s : s + 65536]), f["rel_pos"].to_numpy()[s : s + 65536])
-                for s in range(0, len(tok), 65536)
-            ]
+    tok, logits = f["tok_index"].to_numpy(), np.zeros(0, np.float32)
+    if len(f):
+        ds = ActivationDataset(store, f.select("row_id", "tok_index"), [hidden], columns=[], batch_size=65536)
+        rel = f["rel_pos"].to_numpy()
+        logits = np.concatenate(
+            [sel.score(ds[i][hidden].numpy(), rel[i * 65536 : (i + 1) * 65536]) for i in range(len(ds))]
         )
-        if len(tok)
-        else np.zeros(0, np.float32)
-    )
     f = f.with_columns(pl.Series("score", logits, dtype=pl.Float32))
     ranks = (
         f.filter(pl.col("is_supervised"))
