@@ -64,6 +64,7 @@ query_row_id, score, rank within the query, complete); with `--subset-k K` the t
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any, NamedTuple
 
@@ -220,27 +221,38 @@ def _ensure_subset(store: Store, run_id: str, spec: AttributionSpec, n_units: in
 
 
 def _query_side(
-    store: Store, lm: Any, run_dir: Any, spec: AttributionSpec, q: _Rows, p: _Rows, token_batch: int, targets: set[str]
+    store: Store,
+    lm: Any,
+    run_dir: Any,
+    spec: AttributionSpec,
+    q: _Rows,
+    p: _Rows,
+    token_batch: int,
+    targets: set[str],
+    timeout: float,
 ) -> QuerySide:
     """The run's query side: loaded (checksum verified) when a process computed it already, else
     computed and saved, under a claim so that concurrent workers compute it once."""
-    with claims.exclusive(store, f"attribution-{spec.run_id}", "query"):
+    with claims.exclusive(store, f"attribution-{spec.run_id}", "query", timeout):
         side = load_query_side(run_dir)
         if side is None:
             root = run_dir / "bergson"
             root.mkdir(parents=True, exist_ok=True)
             ds_q, ds_p = hf_dataset(q.data, q.keep), hf_dataset(p.data, p.keep)
-            ds_q.save_to_disk(str(root / "query_data.hf"))
-            ds_p.save_to_disk(str(root / "pool_data.hf"))
+            for name, ds in (("query_data.hf", ds_q), ("pool_data.hf", ds_p)):
+                shutil.rmtree(root / name, ignore_errors=True)  # a killed worker's half-saved copy
+                ds.save_to_disk(str(root / name))
             side = query_side(lm.model, root, spec, ds_q, ds_p, token_batch, targets)
             save_query_side(run_dir, side)
     return side
 
 
-def _finalize(store: Store, run_dir: Any, spec: AttributionSpec, n_units: int, qrows: list[str]) -> str | None:
+def _finalize(
+    store: Store, run_dir: Any, spec: AttributionSpec, n_units: int, qrows: list[str], timeout: float
+) -> str | None:
     """Once every unit is committed, one worker makes the tables final (the others find it done)."""
     run_id = spec.run_id
-    with claims.exclusive(store, f"attribution-{run_id}", "final"):
+    with claims.exclusive(store, f"attribution-{run_id}", "final", timeout):
         if is_complete(store, run_id):
             return _ensure_subset(store, run_id, spec, n_units)
         rows, S, score = finalize(store, run_id, spec, n_units, qrows)
@@ -319,7 +331,7 @@ def extract_attribution(
 
         try:
             with lora_grads(lm.model) as targets:
-                side = _query_side(store, lm, run.dir, spec, q, p, token_batch, targets)
+                side = _query_side(store, lm, run.dir, spec, q, p, token_batch, targets, timeout)
                 work = todo()
                 bar = tqdm(total=len(work), desc="attribution units", unit="unit", disable=not engine.progress)
                 for w in claimed_units(store, scope, work, todo, timeout):
@@ -334,7 +346,7 @@ def extract_attribution(
                     mine.append(w.unit)
                     bar.update(1)
                 bar.close()
-            subset = _finalize(store, run.dir, spec, len(units), qrows)
+            subset = _finalize(store, run.dir, spec, len(units), qrows, timeout)
         finally:
             claims.release_all(store, scope, timeout)
         S = read_scores(run.dir / "bergson" / "scores")
