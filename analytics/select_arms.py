@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 
 from extractors.adapters import apply_adapter, registered, resolve_adapter
+from extractors.ingest.sample.planted import rule_followed
 from extractors.model import load_model
 from store.core import Store, StoreError, write_json
 from trainers.finetune.eval_loss import EvalLossConfig, run_eval_loss
@@ -67,8 +68,31 @@ SCHEMA = pa.schema(
 )
 
 
+ARMS = ("top", "matched_random", "bottom", "full")  # --arms (the plain experiment's; the ablation has its own)
+
+
+def parse_arms(text: str) -> tuple[str, ...]:
+    """--arms top,matched_random,bottom,full -> the names, checked (matched_random is the reference
+    every other arm is compared with, so it is always among them)."""
+    names = tuple(a.strip() for a in text.split(",") if a.strip())
+    bad = [a for a in names if a not in ARMS]
+    if bad or not names:
+        raise ValueError(
+            f"--arms {text!r}: {', '.join(repr(b) for b in bad) or 'no arm named'} is not an arm; pick from "
+            f"{','.join(ARMS)} (e.g. --arms top,matched_random,bottom,full)"
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(f"--arms {text!r} names an arm twice; name each once")
+    if "matched_random" not in names or len(names) < 2:
+        raise ValueError(
+            f"--arms {text!r}: every arm is compared with matched_random, so it needs matched_random and at "
+            "least one other arm, e.g. --arms top,matched_random"
+        )
+    return names
+
+
 class Arm(NamedTuple):
-    name: str  # e.g. top500, random500, ranks301-500, random200_from_501-
+    name: str  # top, matched_random, bottom, full; the ablation's top300, ranks301-500, random200_from_501-
     seed: int
     spec: Any  # trainers.subsets.SubsetSpec
 
@@ -114,21 +138,30 @@ def ablation_sizes(k: int) -> tuple[int, int]:
 
 
 def plan(
-    selector: str, k: int, seeds: int, ablation: str | None, overlap: str, pool_split: str
+    selector: str,
+    k: int,
+    seeds: int,
+    ablation: str | None,
+    overlap: str,
+    pool_split: str,
+    arm_names: tuple[str, ...] = ("top", "matched_random"),
 ) -> tuple[list[Arm], list[Comparison]]:
-    """Every arm of every seed, and the comparisons (arm a - arm b) reported."""
+    """Every arm of every seed, and the comparisons (arm a - arm b) reported: without an ablation,
+    each of `arm_names` but matched_random vs matched_random."""
     arms: list[Arm] = []
     if ablation is None:
-        comps = [Comparison(f"top{k}_vs_random{k}", f"top{k}", f"random{k}")]
+        specs = {
+            "top": SubsetSpec(selector, "top_k", k=k, overlap=overlap, pool_split=pool_split),
+            "bottom": SubsetSpec(selector, "bottom_k_matched", k=k, overlap=overlap, pool_split=pool_split),
+            "full": SubsetSpec(selector, "all", pool_split=pool_split),
+        }
+        comps = [Comparison(f"{a}_vs_matched_random", a, "matched_random") for a in arm_names if a != "matched_random"]
         for s in range(seeds):
-            arms += [
-                Arm(f"top{k}", s, SubsetSpec(selector, "top_k", k=k, overlap=overlap, pool_split=pool_split)),
-                Arm(
-                    f"random{k}",
-                    s,
-                    SubsetSpec(selector, "matched_random_k", k=k, seed=s, overlap=overlap, pool_split=pool_split),
-                ),
-            ]
+            for a in arm_names:
+                spec = specs.get(a) or SubsetSpec(
+                    selector, "matched_random_k", k=k, seed=s, overlap=overlap, pool_split=pool_split
+                )
+                arms.append(Arm(a, s, spec))
         return arms, comps
     a, w = ablation_sizes(k)
     window, rest = f"ranks{a + 1}-{k}", f"random{w}_from_{k + 1}-"
@@ -155,9 +188,10 @@ def plan(
     return arms, comps
 
 
-def check_budget(sizes: dict[str, int], budget: Budget) -> int:
-    """The common step count of every arm; arms that would differ in budget are refused."""
-    steps = {arm: budget.steps_for(n)[0] for arm, n in sizes.items()}
+def check_budget(sizes: dict[str, int], budget: Budget, fixed: tuple[str, ...] = ()) -> int:
+    """The common step count of every arm; arms that would differ in budget are refused. Arms in
+    `fixed` (the full pool) take the others' step count by construction and are left out of the check."""
+    steps = {arm: budget.steps_for(n)[0] for arm, n in sizes.items() if arm not in fixed}
     if len(set(steps.values())) > 1:
         lo, hi = min(steps, key=steps.get), max(steps, key=steps.get)
         raise StoreError(
@@ -234,6 +268,7 @@ class Measure:
     model_cache: str | None
     progress: bool
     compare_json: Path
+    metric: str = "math"  # math: the answer is correct; rule: the planted control's rule is followed
 
     def eval_loss(self, adapter: str | None) -> dict[str, Any]:
         doc = run_eval_loss(
@@ -280,7 +315,10 @@ class Measure:
         if adapter:
             lm = apply_adapter(lm, adapter, self.store)
         gens = generate(lm, [self.prompts[r] for r in self.math_ids], self.max_new_tokens, self.gen_batch_size)
-        correct = [int(stated_answer(g) == self.truth[r]) for r, g in zip(self.math_ids, gens, strict=False)]
+        if self.metric == "rule":
+            correct = [int(rule_followed(g)) for g in gens]
+        else:
+            correct = [int(stated_answer(g) == self.truth[r]) for r, g in zip(self.math_ids, gens, strict=False)]
         return {
             "downstream": sum(correct) / len(correct),
             "downstream_reason": None,
@@ -315,6 +353,34 @@ def math_rows(store: Store, eval_split: str, max_rows: int, enabled: bool) -> tu
     return ids, {r: truth[r] for r in ids}, prompts, None
 
 
+def is_control(store: Store) -> bool:
+    """Is the store a planted positive control (extractors.ingest.sample.planted)?"""
+    if not store.has_table("rows"):
+        return False
+    return "planted" in store.query("SELECT * FROM rows LIMIT 0").schema.names
+
+
+def rule_rows(store: Store, eval_split: str, max_rows: int, enabled: bool) -> tuple[list[str], dict, dict, str | None]:
+    """The planted control's trigger rows of the eval split (first `max_rows` by row_id), whose
+    generated completions are checked for the rule, or why there are none."""
+    if not enabled:
+        return [], {}, {}, "--no-downstream"
+    if max_rows == 0:
+        return [], {}, {}, "--math-max-rows 0"
+    ids = (
+        store.query(
+            "SELECT DISTINCT r.row_id FROM rows r JOIN split_members s USING (row_id) WHERE s.split = ? "
+            f"AND r.planted ORDER BY r.row_id LIMIT {int(max_rows)}",
+            [eval_split],
+        )
+        .column(0)
+        .to_pylist()
+    )
+    if not ids:
+        return [], {}, {}, f"no planted (trigger) rows in split {eval_split!r}"
+    return ids, {}, prompts_of(store, ids), None
+
+
 def commit(store: Store, run_id: str, arm_id: str, rec: dict[str, Any]) -> None:
     """The arm's JSON, then its selection_runs row (the commit)."""
     write_json(store.run_dir(run_id) / "arms" / f"{arm_id}.json", rec)
@@ -332,10 +398,12 @@ def commit(store: Store, run_id: str, arm_id: str, rec: dict[str, Any]) -> None:
 
 
 def train_arm(
-    store: Store, run_id: str, arm: Arm, subset: str, n_rows: int, base: Any, budget: Budget, cfg: Any
+    store: Store, run_id: str, arm: Arm, subset: str, n_rows: int, base: Any, budget: Budget, cfg: Any, steps: int
 ) -> dict[str, Any]:
-    """Continuation finetune of one arm (see the module docstring); returns the new adapter's record."""
-    steps, epochs = budget.steps_for(n_rows)
+    """Continuation finetune of one arm (see the module docstring) for exactly `steps` optimizer
+    steps (the experiment's common budget); returns the new adapter's record."""
+    per_epoch = math.ceil(n_rows / (budget.batch_size * budget.grad_accum))
+    epochs = math.ceil(steps / per_epoch)
     sql = f"SELECT row_id FROM subsets WHERE subset = '{subset}' /* {TAG} {run_id}, arm {arm.arm_id} */"
     res = run_finetune(
         FinetuneConfig(

@@ -13,23 +13,35 @@ itself; `none`: a fresh LoRA on the base model) on the subset, with identical bu
 optimizer steps, batch, lr; finetune seed = s in every arm), then the per-row eval loss of each
 adapter on `--eval-split` (paired by eval row) and the downstream metric: the share of math eval
 rows whose greedy answer is correct (trainers.finetune.math_check), skipped with a recorded reason when
-there are no math rows. The arms:
+there are no math rows. On a planted positive control (`python -m extractors.dataset --control
+planted`, `--downstream-metric auto|rule`) the downstream metric is instead the share of the
+planted (trigger) eval rows whose greedy completion follows the planted rule
+(extractors.ingest.sample.planted.rule_followed). The arms:
 
-* default: `top{k}` (the selector's top k, the same rows every seed) vs `random{k}` (k rows drawn
-  with seed s with exactly the top k's category counts, `--overlap exclude|allow`);
+* default, `--arms top,matched_random` (any of `top,matched_random,bottom,full`): `top` (the
+  selector's top k, the same rows every seed), `matched_random` (k rows drawn with seed s with
+  exactly the top k's category counts, `--overlap exclude|allow`), `bottom` (the k lowest-ranked
+  rows with top's category counts, per category its last-ranked rows: the anchor on the other
+  side) and `full` (the whole pool, at the same optimizer steps, batch and lr as the k-row arms:
+  the "no selection" anchor); every arm is compared with matched_random (`<arm>_vs_matched_random`);
 * `--ablation scale`, our users' scale-vs-rank-window study, at a = 3k // 5 and w = k - a (k = 500:
   300 and 200): `top{a}` vs `top{k}` (is the smaller, better-ranked set better?) and
   `ranks{a+1}-{k}` vs `random{w}_from_{k+1}-` (w rows drawn with seed s from ranks > k).
 
 Budget: with `--max-steps N` every arm takes exactly N optimizer steps (as many epochs as that
 needs); without it every arm takes `--epochs` x ceil(rows / (batch x accum)) steps, and arms whose
-step counts would differ (the ablation's arms have different sizes) are refused with the fix.
+step counts would differ (the ablation's arms have different sizes) are refused with the fix. The
+`full` arm is outside that check: it takes the k-row arms' step count by construction (so it sees
+each pool row about steps x batch / pool times). The budget (steps, batch, lr, rows per arm,
+seeds) is written into `select_experiment.json` (status planned) before the first arm trains.
 
 Statistics (analytics.select_stats), per seed and pooled over seeds, for each comparison a - b:
 the difference of token-weighted eval losses (negative: a is better) and of downstream accuracy
 (positive: a is better), a 95% percentile CI by the paired bootstrap over eval rows (and, pooled,
-seeds), and a two-sided sign-flip permutation p-value on the per-row differences pooled over
-seeds. The base adapter's own eval loss and accuracy are reported for scale.
+seeds), and one verdict per comparison: the p-value is the bootstrap's own, from the same
+replicates as the CI (analytics.select_stats: the test and the interval resample the same rows and
+seeds); the rows-only sign-flip p is kept beside it as `p_sign_flip_rows`, a secondary
+diagnostic. The base adapter's own eval loss and accuracy are reported for scale.
 
 Outputs in runs/<run_id>/ (run_id = select-<hash of the config>, the same for the same command):
 `select_experiment.json`, `select_experiment.png` (per-seed differences with CIs + pooled),
@@ -46,23 +58,19 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from analytics import select_arms as sa
-from analytics.select_stats import compare, level
+from analytics.selection.summary import plot, report, summarize
 from extractors.sft_data import select_rows_by
 from store.catalog.runs import Run
 from store.cli import ModelOptions, ProgressOptions, StoreOptions, config_dict, parse_config, user_errors
 from store.core import Store, StoreError, write_json
-from trainers.plots import save_figure
 from trainers.selection.subsets import resolve_source, subset_name, subset_rows, write_subset
 
 # Fields that do not change what an arm is: left out of the experiment's id, so changing them
 # (more seeds, other bootstrap settings, another device) reuses the finished arms.
-NOT_IN_ID = ("store", "seeds", "n_boot", "n_perm", "stats_seed", "device", "model_cache", "progress")
+NOT_IN_ID = ("store", "seeds", "arms", "n_boot", "n_perm", "stats_seed", "device", "model_cache", "progress")
 
 
 @dataclass(kw_only=True)
@@ -89,6 +97,21 @@ class SelectExperimentConfig(StoreOptions, ModelOptions, ProgressOptions):
         default="exclude",
         metadata={"help": "may the random arm share rows with the top k? exclude: drawn from the pool minus the top k"},
     )
+    arms: str = field(
+        default="top,matched_random",
+        metadata={
+            "help": "the arms, comma-separated, from top,matched_random,bottom,full: bottom = the k lowest-ranked "
+            "rows with top's category counts, full = the whole pool at the same optimizer steps and batch; each "
+            "is compared with matched_random (not with --ablation)"
+        },
+    )
+    downstream_metric: Literal["auto", "math", "rule"] = field(
+        default="auto",
+        metadata={
+            "help": "math: share of math eval answers correct; rule: share of planted (trigger) eval rows whose "
+            "generated completion follows the planted rule; auto: rule on a planted control store, else math"
+        },
+    )
     ablation: Literal["none", "scale"] = field(
         default="none",
         metadata={"help": "scale: top{3k//5} vs top{k} and ranks {3k//5+1}-{k} vs random {k-3k//5} from ranks > k"},
@@ -112,7 +135,9 @@ class SelectExperimentConfig(StoreOptions, ModelOptions, ProgressOptions):
     max_new_tokens: int = field(default=48, metadata={"help": "tokens generated per math prompt (greedy)"})
     gen_batch_size: int = field(default=8, metadata={"help": "prompts per generate call"})
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples"})
-    n_perm: int = field(default=10000, metadata={"help": "sign-flip permutations of the p-value"})
+    n_perm: int = field(
+        default=10000, metadata={"help": "sign-flip permutations of the secondary rows-only p (p_sign_flip_rows)"}
+    )
     stats_seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the permutations"})
     max_length: int = field(default=2048, metadata={"help": "longest row in tokens (see --on-long)"})
     on_long: Literal["error", "truncate"] = field(
@@ -141,6 +166,9 @@ class SelectExperimentConfig(StoreOptions, ModelOptions, ProgressOptions):
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.math_max_rows < 0:
             raise ValueError(f"--lr must be positive (got {self.lr}), --warmup-steps and --math-max-rows >= 0")
+        sa.parse_arms(self.arms)
+        if self.ablation != "none" and self.arms != "top,matched_random":
+            raise ValueError(f"--ablation {self.ablation} has its own arms; drop --arms {self.arms} (or --ablation)")
         if self.selector.partition(":")[0] == "random":
             raise ValueError(
                 "--selector random makes both arms random; pick attribution:<run>, predictor:<run> "
@@ -154,115 +182,6 @@ def experiment_id(cfg: SelectExperimentConfig, base: Any, top_subset: str) -> st
     return "select-" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _pairs(recs: list[dict[str, Any]], rows_key: str, value: str, weight: str | None) -> tuple[np.ndarray, ...]:
-    """[S, n] values of each record, checked to be over the same rows; and the weights [n]."""
-    rows = recs[0][rows_key]
-    for r in recs:
-        if r[rows_key] != rows:
-            raise StoreError(
-                f"arm {r['arm']} (seed {r['seed']}) was measured on other rows than arm {recs[0]['arm']}; "
-                f"the experiment's eval rows changed: rerun it from scratch (another store or config)"
-            )
-    v = np.array([r[value] for r in recs], dtype=np.float64)
-    w = np.array(recs[0][weight], dtype=np.float64) if weight else np.ones(len(rows))
-    return v, w
-
-
-def summarize(
-    cfg: SelectExperimentConfig, recs: dict[str, dict[str, Any]], comps: list[sa.Comparison], base: dict[str, Any]
-) -> dict[str, Any]:
-    """Per-seed and pooled differences of every comparison, and the base adapter's figures."""
-    rng = np.random.default_rng(cfg.stats_seed)
-    out: dict[str, Any] = {}
-    n_tok = np.array(base["n_tokens"], dtype=np.float64)
-    for c in comps:
-        A = [recs[f"s{s}-{c.a}"] for s in range(cfg.seeds)]
-        B = [recs[f"s{s}-{c.b}"] for s in range(cfg.seeds)]
-        la, w = _pairs([base, *A], "eval_row_ids", "loss_sum", "n_tokens")
-        lb, _ = _pairs([base, *B], "eval_row_ids", "loss_sum", "n_tokens")
-        entry: dict[str, Any] = {"a": c.a, "b": c.b, "seeds": list(range(cfg.seeds))}
-        res = compare(la[1:] - lb[1:], w, n_boot=cfg.n_boot, n_perm=cfg.n_perm, seed=cfg.stats_seed)
-        entry["eval_loss"] = {
-            "per_seed": [e.as_dict() for e in res["per_seed"]],
-            "pooled": res["pooled"].as_dict(),
-            "a_mean": float(np.mean([r["eval_loss"] for r in A])),
-            "b_mean": float(np.mean([r["eval_loss"] for r in B])),
-        }
-        if base["downstream"] is not None:
-            ca, w1 = _pairs([base, *A], "math_row_ids", "correct", None)
-            cb, _ = _pairs([base, *B], "math_row_ids", "correct", None)
-            res = compare(ca[1:] - cb[1:], w1, n_boot=cfg.n_boot, n_perm=cfg.n_perm, seed=cfg.stats_seed + 1)
-            entry["downstream"] = {
-                "per_seed": [e.as_dict() for e in res["per_seed"]],
-                "pooled": res["pooled"].as_dict(),
-                "a_mean": float(ca[1:].mean()),
-                "b_mean": float(cb[1:].mean()),
-            }
-        else:
-            entry["downstream"] = None
-        out[c.name] = entry
-    figures = {
-        "adapter": base["adapter"],
-        "eval_loss": level(np.array(base["loss_sum"]), n_tok, cfg.n_boot, rng),
-        "downstream": (
-            level(np.array(base["correct"], dtype=float), np.ones(len(base["correct"])), cfg.n_boot, rng)
-            if base["downstream"] is not None
-            else None
-        ),
-        "downstream_reason": base["downstream_reason"],
-    }
-    return {"comparisons": out, "base": figures}
-
-
-def plot(summary: dict[str, Any], path: Path, title: str) -> Path:
-    """Per-seed differences with their 95% CIs and the pooled one, one panel per metric."""
-    from matplotlib.figure import Figure
-
-    comps = summary["comparisons"]
-    metrics = [m for m in ("eval_loss", "downstream") if any(c[m] for c in comps.values())]
-    fig = Figure(figsize=(6.2 * len(metrics), 4.3))
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    labels = {
-        "eval_loss": "eval loss difference a - b (nats/token; < 0: a better)",
-        "downstream": "math accuracy difference a - b (> 0: a better)",
-    }
-    for ax, m in zip(axes, metrics, strict=False):
-        width = 0.7 / max(1, len(comps))
-        for j, (_name, c) in enumerate(comps.items()):
-            pts = c[m]["per_seed"] + [c[m]["pooled"]]
-            x = np.arange(len(pts), dtype=float)
-            x[-1] += 0.5
-            x += -0.35 + width * (j + 0.5)
-            est = np.array([p["estimate"] for p in pts])
-            lo, hi = np.array([p["ci_low"] for p in pts]), np.array([p["ci_high"] for p in pts])
-            bars = ax.errorbar(
-                x[:-1],
-                est[:-1],
-                yerr=[est[:-1] - lo[:-1], hi[:-1] - est[:-1]],
-                fmt="o",
-                capsize=3,
-                label=f"{c['a']} - {c['b']} (pooled p {c[m]['pooled']['p_value']:.3g})",
-            )
-            ax.errorbar(
-                x[-1:],
-                est[-1:],
-                yerr=[est[-1:] - lo[-1:], hi[-1:] - est[-1:]],
-                fmt="D",
-                ms=8,
-                capsize=5,
-                color=bars[0].get_color(),
-            )
-        n_seeds = len(next(iter(comps.values()))["seeds"])
-        ax.set_xticks(list(range(n_seeds)) + [n_seeds + 0.5], [f"seed {s}" for s in range(n_seeds)] + ["pooled"])
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.set_ylabel(labels[m])
-        b = summary["base"][m]
-        what = "eval loss" if m == "eval_loss" else "math accuracy"
-        ax.set_title(f"{title}\nbase adapter's {what}: {b[0]:.4f} [{b[1]:.4f}, {b[2]:.4f}]" if b else title, fontsize=9)
-        ax.legend(fontsize=7)
-    return save_figure(fig, path)
-
-
 def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
     """Plan, train the missing arms, measure, summarize (see the module docstring)."""
     from tqdm.auto import tqdm
@@ -273,15 +192,32 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
     base = sa.resolve_base(store, cfg.resume_adapter)
     base_spec = sa.spec_of(store, base)
     arms, comps = sa.plan(
-        cfg.selector, cfg.k, cfg.seeds, None if cfg.ablation == "none" else "scale", cfg.overlap, cfg.pool_split
+        cfg.selector,
+        cfg.k,
+        cfg.seeds,
+        None if cfg.ablation == "none" else "scale",
+        cfg.overlap,
+        cfg.pool_split,
+        sa.parse_arms(cfg.arms),
     )
     run_id = experiment_id(cfg, base, subset_name(store, arms[0].spec))
     # Every subset (cheap, deterministic) and the budget check before anything trains.
     subsets = {a.arm_id: write_subset(store, a.spec) for a in arms}
     sizes = {a.arm_id: len(subset_rows(store, subsets[a.arm_id])) for a in arms}
     budget = sa.Budget(cfg.epochs, cfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.warmup_steps)
-    steps = sa.check_budget(sizes, budget)
-    math_ids, truth, prompts, reason = sa.math_rows(store, cfg.eval_split, cfg.math_max_rows, cfg.downstream)
+    # The full pool takes the k-row arms' optimizer steps and batch (fewer passes over each row).
+    full = tuple(a.arm_id for a in arms if a.name == "full")
+    steps = sa.check_budget(sizes, budget, fixed=full)
+    metric = cfg.downstream_metric
+    if metric == "auto":
+        metric = "rule" if sa.is_control(store) else "math"
+    if metric == "rule" and not sa.is_control(store):
+        raise StoreError(
+            f"--downstream-metric rule needs a planted control store (rows.planted); {store.root} has none: "
+            "build one with python -m extractors.dataset --control planted, or pass --downstream-metric math"
+        )
+    rows_of = sa.rule_rows if metric == "rule" else sa.math_rows
+    math_ids, truth, prompts, reason = rows_of(store, cfg.eval_split, cfg.math_max_rows, cfg.downstream)
     measure = sa.Measure(
         store,
         cfg.model,
@@ -300,13 +236,27 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
         cfg.model_cache,
         cfg.progress,
         store.run_dir(run_id) / "eval_loss_compare.json",
+        metric,
     )
+    budget_doc = {
+        "steps": steps,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "lr": cfg.lr,
+        "warmup_steps": cfg.warmup_steps,
+        "rows": {a.name: sizes[a.arm_id] for a in arms},
+        "seeds": cfg.seeds,
+        "row_visits": steps * cfg.batch_size * cfg.grad_accum,
+        "full_arm": "the whole pool at the same optimizer steps, batch and lr as the k-row arms" if full else None,
+    }
     record = {
         **config_dict(cfg),
         "run_id": run_id,
         "selector_resolved": resolved,
         "base_adapter": base.name if base else None,
         "steps": steps,
+        "budget": budget_doc,
+        "downstream_metric": metric,
     }
     with Run(
         store,
@@ -327,6 +277,19 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
             "eval_split": cfg.eval_split,
         }
         todo = [a for a in arms if a.arm_id not in done]
+        # The pre-declared budget, on disk before the first arm trains (replaced by the result).
+        write_json(
+            run.dir / "select_experiment.json",
+            {
+                "run_id": run_id,
+                "status": "planned",
+                "selector": resolved,
+                "k": cfg.k,
+                "budget": budget_doc,
+                "arms": [a.arm_id for a in arms],
+                "downstream_metric": metric,
+            },
+        )
         bar = tqdm(total=len(todo) + ("base" not in done), desc="selection arms", disable=not cfg.progress)
         if "base" not in done:
             rec = {
@@ -347,7 +310,7 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
             bar.update(1)
         for arm in todo:
             bar.set_postfix(arm=arm.arm_id)
-            trained = sa.train_arm(store, run_id, arm, subsets[arm.arm_id], sizes[arm.arm_id], base, budget, cfg)
+            trained = sa.train_arm(store, run_id, arm, subsets[arm.arm_id], sizes[arm.arm_id], base, budget, cfg, steps)
             rec = {
                 **common,
                 "arm": arm.name,
@@ -364,7 +327,7 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
         bar.close()
         summary = summarize(cfg, done, comps, done["base"])
         title = f"{resolved}, k {cfg.k}, {cfg.seeds} seeds, {steps} steps"
-        png = plot(summary, run.dir / "select_experiment.png", title)
+        png = plot(summary, run.dir / "select_experiment.png", title, metric)
         result = {
             "run_id": run_id,
             "selector": resolved,
@@ -372,19 +335,14 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
             "seeds": cfg.seeds,
             "ablation": cfg.ablation,
             "base_adapter": base.name if base else None,
-            "budget": {
-                "steps": steps,
-                "batch_size": cfg.batch_size,
-                "grad_accum": cfg.grad_accum,
-                "lr": cfg.lr,
-                "warmup_steps": cfg.warmup_steps,
-            },
+            "status": "finished",
+            "budget": budget_doc,
             "eval": {
                 "split": cfg.eval_split,
                 "rows": len(done["base"]["eval_row_ids"]),
                 "supervised_tokens": int(sum(done["base"]["n_tokens"])),
             },
-            "downstream": {"rows": len(math_ids), "skipped_because": reason},
+            "downstream": {"metric": metric, "rows": len(math_ids), "skipped_because": reason},
             "arms": [
                 {
                     "arm": a.name,
@@ -407,8 +365,10 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
                 "accuracy (positive: a better)",
                 "ci": f"95% percentile bootstrap, {cfg.n_boot} resamples, paired by eval row; pooled: "
                 f"seeds and rows resampled independently (crossed), seed {cfg.stats_seed}",
-                "p_value": f"two-sided sign-flip permutation test on per-row differences pooled over "
-                f"seeds, {cfg.n_perm} permutations",
+                "p_value": f"primary: the bootstrap's own two-sided p from the same {cfg.n_boot} replicates "
+                "as the CI (rows, and pooled also seeds, resampled): p < 0.05 exactly when the 95% CI excludes 0",
+                "p_sign_flip_rows": f"secondary: two-sided sign-flip permutation test on per-row differences "
+                f"pooled over seeds ({cfg.n_perm} permutations); rows only, conditional on these seeds' arms",
             },
         }
         write_json(run.dir / "select_experiment.json", result)
@@ -424,41 +384,6 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
             metrics={"pooled_eval_loss_difference": pooled},
         )
     return result
-
-
-def _fmt(e: dict[str, Any], pct: bool = False) -> str:
-    f = (lambda x: f"{100 * x:+.1f}%") if pct else (lambda x: f"{x:+.4f}")
-    return f"{f(e['estimate'])} [{f(e['ci_low'])}, {f(e['ci_high'])}] p={e['p_value']:.3g}"
-
-
-def report(res: dict[str, Any]) -> str:
-    b = res["base"]
-    head = (
-        f"selection experiment {res['run_id']}: {res['selector']}, k {res['k']}, {res['seeds']} seeds, "
-        f"{res['budget']['steps']} steps per arm (batch {res['budget']['batch_size']}, lr {res['budget']['lr']}); "
-        f"{res['trained_arms']} arms trained, {res['reused_arms']} reused"
-    )
-    scale = f"base adapter {b['adapter']}: eval loss {b['eval_loss'][0]:.4f} over {res['eval']['rows']} rows" + (
-        f", math accuracy {b['downstream'][0]:.3f} over {res['downstream']['rows']} rows"
-        if b["downstream"]
-        else f"; downstream skipped: {b['downstream_reason']}"
-    )
-    lines = [head, scale]
-    for c in res["comparisons"].values():
-        lines.append(f"{c['a']} - {c['b']} (estimate [95% CI] p):")
-        for s, e in zip(c["seeds"], c["eval_loss"]["per_seed"], strict=False):
-            d = c["downstream"]["per_seed"][s] if c["downstream"] else None
-            lines.append(f"  seed {s}: eval loss {_fmt(e)}" + (f"; math accuracy {_fmt(d, True)}" if d else ""))
-        d = c["downstream"]["pooled"] if c["downstream"] else None
-        lines.append(
-            f"  pooled: eval loss {_fmt(c['eval_loss']['pooled'])}" + (f"; math accuracy {_fmt(d, True)}" if d else "")
-        )
-    lines += [
-        f"JSON {Path(res['plot']).with_suffix('.json')}",
-        f"plot {res['plot']}",
-        f"table {sa.TABLE} (SELECT * FROM {sa.TABLE} WHERE run_id = '{res['run_id']}')",
-    ]
-    return "\n".join(lines)
 
 
 @user_errors(ValueError, StoreError, RuntimeError)

@@ -7,6 +7,7 @@ synthetic attribution, runs notebooks/attribution_selection.ipynb top to bottom.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -185,10 +186,10 @@ def test_end_to_end_and_a_killed_run_reuses_the_finished_arms(exp_store, tiny_mo
     ).to_pylist()
     assert [(r["seed"], r["arm"]) for r in rows] == [
         (None, "base"),
-        (0, "random4"),
-        (0, "top4"),
-        (1, "random4"),
-        (1, "top4"),
+        (0, "matched_random"),
+        (0, "top"),
+        (1, "matched_random"),
+        (1, "top"),
     ]
     assert all(r["steps"] == (0 if r["seed"] is None else 1) and r["eval_rows"] == SIZES["eval"] for r in rows)
     assert {r["n_train_rows"] for r in rows if r["seed"] is not None} == {4}
@@ -207,10 +208,10 @@ def test_end_to_end_and_a_killed_run_reuses_the_finished_arms(exp_store, tiny_mo
     ]
     assert all(not set(top) & set(x) for x in rand)  # --overlap exclude (the default)
     # Each seed's difference is exactly the two arms' eval losses (as trainers.eval_loss reports them) subtracted.
-    c = res["comparisons"]["top4_vs_random4"]
+    c = res["comparisons"]["top_vs_matched_random"]
     loss = {(r["seed"], r["arm"]): r["eval_loss"] for r in rows}
     for s, e in enumerate(c["eval_loss"]["per_seed"]):
-        assert e["estimate"] == pytest.approx(loss[(s, "top4")] - loss[(s, "random4")], abs=1e-9)
+        assert e["estimate"] == pytest.approx(loss[(s, "top")] - loss[(s, "matched_random")], abs=1e-9)
         assert _inside(e)
     assert c["eval_loss"]["pooled"]["estimate"] == pytest.approx(
         np.mean([e["estimate"] for e in c["eval_loss"]["per_seed"]])
@@ -218,14 +219,17 @@ def test_end_to_end_and_a_killed_run_reuses_the_finished_arms(exp_store, tiny_mo
     assert _inside(c["eval_loss"]["pooled"]) and c["eval_loss"]["pooled"]["n_seeds"] == 2
     assert res["base"]["eval_loss"][0] == pytest.approx(loss[(None, "base")])
     # The one math eval row was generated and checked in every arm.
-    assert res["downstream"] == {"rows": 1, "skipped_because": None} and c["downstream"]["pooled"]["n_rows"] == 1
+    assert (
+        res["downstream"] == {"metric": "math", "rows": 1, "skipped_because": None}
+        and c["downstream"]["pooled"]["n_rows"] == 1
+    )
     assert Path(res["plot"]).read_bytes()[:4] == b"\x89PNG"
     # A run killed before seed 1's random arm was committed: the rerun trains that arm alone.
-    st.delete_part("selection_runs", f"{res['run_id']}/s1-random4")
+    st.delete_part("selection_runs", f"{res['run_id']}/s1-matched_random")
     assert main(_args(exp_store, tiny_model, "--k", "4", "--seeds", "2")) == 0
     again = _result(exp_store, capsys)
     assert (again["trained_arms"], again["reused_arms"], _finetunes(exp_store)) == (1, 3, before + 5)
-    assert again["comparisons"]["top4_vs_random4"]["eval_loss"]["per_seed"][0] == c["eval_loss"]["per_seed"][0]
+    assert again["comparisons"]["top_vs_matched_random"]["eval_loss"]["per_seed"][0] == c["eval_loss"]["per_seed"][0]
     assert [a["adapter"] for a in again["arms"]][:3] == [a["adapter"] for a in res["arms"]][:3]
 
 
@@ -250,11 +254,11 @@ def test_identical_arms_give_exactly_zero(exp_store, tiny_model, capsys):
         == 0
     )
     res = _result(exp_store, capsys)
-    c = res["comparisons"]["top30_vs_random30"]["eval_loss"]
+    c = res["comparisons"]["top_vs_matched_random"]["eval_loss"]
     for e in [*c["per_seed"], c["pooled"]]:
         assert (e["estimate"], e["ci_low"], e["ci_high"], e["p_value"]) == (0.0, 0.0, 0.0, 1.0)
     assert res["downstream"]["skipped_because"] == "--no-downstream"
-    assert res["comparisons"]["top30_vs_random30"]["downstream"] is None
+    assert res["comparisons"]["top_vs_matched_random"]["downstream"] is None
 
 
 def test_scale_ablation_and_budget_mismatch(exp_store, tiny_model, capsys):
@@ -302,10 +306,61 @@ def test_bad_input_gets_one_clear_error(exp_store, tiny_model, capsys):
     ]:
         assert main(_args(exp_store, tiny_model, *extra)) == 2, extra
         assert msg in capsys.readouterr().err, extra
-    for extra, msg in [(["--k", "0"], "--k must be positive"), (["--selector", "random"], "both arms random")]:
+    for extra, msg in [
+        (["--k", "0"], "--k must be positive"),
+        (["--selector", "random"], "both arms random"),
+        (["--arms", "top,nope"], "--arms 'top,nope': 'nope' is not an arm; pick from top,matched_random,bottom,full"),
+        (["--arms", "top,bottom"], "it needs matched_random"),
+        (["--arms", "top,matched_random,bottom", "--ablation", "scale"], "has its own arms"),
+    ]:
         with pytest.raises(SystemExit):
             main(_args(exp_store, tiny_model, *extra))
         assert msg in capsys.readouterr().err, extra
+
+
+def test_anchor_arms_bottom_and_full(exp_store, tiny_model, capsys, monkeypatch):
+    from analytics import select_arms as sa
+
+    planned: list[dict] = []
+    train = sa.train_arm
+
+    def spy(store, run_id, *a, **kw):  # the budget is on disk before the first arm trains
+        planned.append(json.loads((Store(store.root).run_dir(run_id) / "select_experiment.json").read_text()))
+        return train(store, run_id, *a, **kw)
+
+    monkeypatch.setattr(sa, "train_arm", spy)
+    argv = _args(exp_store, tiny_model, "--k", "4", "--seeds", "1", "--no-downstream", "--eval-max-rows", "4")
+    assert main([*argv, "--arms", "top,matched_random,bottom,full"]) == 0
+    res = _result(exp_store, capsys)
+    assert planned and planned[0]["status"] == "planned" and planned[0]["budget"]["steps"] == 1
+    assert planned[0]["budget"]["rows"] == {"top": 4, "matched_random": 4, "bottom": 4, "full": 30}
+    assert res["budget"] == planned[0]["budget"] and res["status"] == "finished"
+    assert set(res["comparisons"]) == {"bottom_vs_matched_random", "full_vs_matched_random", "top_vs_matched_random"}
+    st = Store(exp_store)
+    runs = st.query("SELECT arm, steps, n_train_rows FROM selection_runs WHERE run_id = ?", [res["run_id"]]).to_pylist()
+    assert sorted((r["arm"], r["steps"], r["n_train_rows"]) for r in runs) == [
+        ("base", 0, 0),
+        ("bottom", 1, 4),
+        ("full", 1, 30),
+        ("matched_random", 1, 4),
+        ("top", 1, 4),
+    ]
+    # bottom: per category of the top 4, that category's lowest-ranked pool rows (plain reference).
+    sub = {a["arm"]: a["subset"] for a in res["arms"]}
+    rk = st.query(
+        "SELECT a.row_id, a.rank, r.category FROM attribution_scores a JOIN rows r USING (row_id) "
+        "WHERE a.run_id = ? ORDER BY a.rank",
+        [RUN],
+    ).to_pylist()
+    want = []
+    for cat, n in Counter(r["category"] for r in rk[:4]).items():
+        want += [r["row_id"] for r in rk[4:] if r["category"] == cat][-n:]
+    got = st.query("SELECT row_id FROM subsets WHERE subset = ?", [sub["bottom"]]).column(0).to_pylist()
+    assert sorted(got) == sorted(want)
+    full = st.query("SELECT count(DISTINCT row_id) FROM subsets WHERE subset = ?", [sub["full"]]).column(0)[0]
+    assert full.as_py() == SIZES["train_base"]
+    for c in res["comparisons"].values():
+        assert _inside(c["eval_loss"]["pooled"])
 
 
 def test_help_documents_every_option(capsys):
@@ -343,6 +398,16 @@ def test_statistics_equal_plain_loops():
     assert shifted.p_value < 0.01 and shifted.ci_low > 0
     zero = select_stats.compare(np.zeros((S, n)), w, n_boot=200, n_perm=200)["pooled"]
     assert (zero.estimate, zero.ci_low, zero.ci_high, zero.p_value) == (0.0, 0.0, 0.0, 1.0)
+    # One verdict: the p is the bootstrap's own, from the same replicates as the CI (a plain loop).
+    draws = select_stats.bootstrap_draws(delta + 0.1, w, B, np.random.default_rng(4))
+    below, above = sum(d <= 0 for d in draws), sum(d >= 0 for d in draws)
+    assert select_stats.bootstrap_p(draws) == pytest.approx(min(1.0, 2 * (1 + min(below, above)) / (B + 1)))
+    # ... so p < 0.05 exactly when the 95% CI excludes 0, over a range of shifts (the rows-only
+    # sign-flip p is kept beside it as p_sign_flip_rows).
+    for shift in np.linspace(0.0, 1.2, 13):
+        e = select_stats.compare(delta + shift, w, n_boot=2000, n_perm=500, seed=7)["pooled"]
+        assert (e.p_value < 0.05) == (e.ci_low > 0 or e.ci_high < 0), shift
+        assert 0 < e.p_sign_flip_rows <= 1
 
 
 def test_notebook_runs_on_the_store(exp_store, tiny_model, capsys):
@@ -364,5 +429,5 @@ def test_notebook_runs_on_the_store(exp_store, tiny_model, capsys):
     )
     assert f"attribution run {RUN}" in text and "Spearman (held-out)" in text and "toward top" in text
     assert "[[" in text  # SAE feature contexts from sae_top_contexts
-    assert "pooled top4 - random4: eval loss" in text and res["run_id"] in text
+    assert "pooled top - matched_random: eval loss" in text and res["run_id"] in text
     assert sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", [])) >= 3

@@ -21,7 +21,11 @@ permutation seeded by `--seed`; ties break by row_id, `latest` is the newest run
   replacement among that category's pool rows in row_id order; `--overlap exclude` (default)
   draws outside top_k, `allow` from the whole pool;
 - `ranks`: a 1-based inclusive window (`301-500`; `501-` = to the last rank);
-- `random_from_ranks`: k rows drawn (seeded) uniformly from a window.
+- `random_from_ranks`: k rows drawn (seeded) uniformly from a window;
+- `bottom_k_matched`: the k lowest-ranked rows with exactly top_k's category counts (per category
+  its last-ranked rows; `--overlap exclude` keeps them outside top_k): the selection experiment's
+  `bottom` arm;
+- `all`: every pool row (the experiment's `full` arm).
 
 Each subset is one Parquet part of table `subsets` (schema in store/subsets.py), named by its
 spec (`subset_name`: the same spec, `latest` resolved, gives the same name and identical rows),
@@ -49,7 +53,7 @@ from store.catalog.subsets import TABLE, subset_table
 from store.cli import SeedOptions, StoreOptions, config_dict, parse_config, user_errors
 from store.core import Store, StoreError, safe_name
 
-KINDS = ("top_k", "matched_random_k", "ranks", "random_from_ranks")
+KINDS = ("top_k", "matched_random_k", "ranks", "random_from_ranks", "bottom_k_matched", "all")
 SEEDED = ("matched_random_k", "random_from_ranks")
 SOURCES = "attribution:<run>|attribution:latest|predictor:<run>|predictor:latest|reward_model|random"
 PREDICTOR_TABLE = "predictor_scores"
@@ -60,11 +64,11 @@ class SubsetSpec:
     """One subset of a source's ranking (see the module docstring)."""
 
     source: str  # "attribution:<run>|attribution:latest|predictor:<run>|predictor:latest|reward_model|random"
-    kind: Literal["top_k", "matched_random_k", "ranks", "random_from_ranks"]
+    kind: Literal["top_k", "matched_random_k", "ranks", "random_from_ranks", "bottom_k_matched", "all"]
     k: int | None = None  # top_k / matched_random_k / random_from_ranks: how many rows
     ranks: tuple[int, int | None] | None = None  # 1-based inclusive window, None end = to the last rank
     seed: int = 0  # matched_random_k / random_from_ranks / source random
-    overlap: Literal["allow", "exclude"] = "exclude"  # matched_random_k: may it share rows with top_k?
+    overlap: Literal["allow", "exclude"] = "exclude"  # matched_random_k / bottom_k_matched: rows of top_k too?
     pool_split: str = "score_pool"
 
     def __post_init__(self) -> None:
@@ -75,10 +79,12 @@ class SubsetSpec:
             raise ValueError(f"overlap {self.overlap!r} must be allow or exclude")
         if self.ranks is not None:
             object.__setattr__(self, "ranks", check_window(tuple(self.ranks)))
-        needs_k = self.kind != "ranks"
+        needs_k = self.kind not in ("ranks", "all")
         if needs_k and self.k is None:
             raise ValueError(f"a {self.kind} subset needs k (--k N, N > 0)")
-        if not needs_k and self.k is not None:
+        if self.kind == "all" and self.k is not None:
+            raise ValueError(f"an all subset is the whole pool; drop k={self.k}")
+        if self.kind == "ranks" and self.k is not None:
             raise ValueError(
                 f"a ranks subset takes its size from the window {self.ranks}; drop k={self.k} "
                 f"(or use --random-from-ranks to draw k rows from it)"
@@ -253,6 +259,8 @@ def subset_name(store: Store, spec: SubsetSpec) -> str:
         "matched_random_k": f"matched-random{spec.k}-{spec.overlap}-s{spec.seed}",
         "ranks": win,
         "random_from_ranks": f"random{spec.k}-from-{win}-s{spec.seed}",
+        "bottom_k_matched": f"bottom{spec.k}-matched-{spec.overlap}",
+        "all": "all",
     }[spec.kind]
     name = "-".join([prefix, body] + ([run] if run else []))
     if spec.pool_split != "score_pool":
@@ -303,18 +311,41 @@ def _matched(rk: pl.DataFrame, cats: list[str | None], k: int, seed: int, overla
     return np.sort(np.array(picked, dtype=np.int64))
 
 
+def _bottom_matched(cats: list[str | None], k: int, overlap: str, what: str) -> np.ndarray:
+    """Positions of the k lowest-ranked rows with top-k's category counts: per category, its
+    last-ranked rows (outside the top k with overlap exclude)."""
+    want = Counter(cats[:k])
+    cand = range(k, len(cats)) if overlap == "exclude" else range(len(cats))
+    by_cat: dict[str | None, list[int]] = {}
+    for i in cand:  # rank order
+        by_cat.setdefault(cats[i], []).append(i)
+    picked: list[int] = []
+    for c, n in sorted(want.items(), key=lambda x: str(x[0])):
+        have = by_cat.get(c, [])
+        if len(have) < n:
+            where = f"outside the top {k}" if overlap == "exclude" else "in the pool"
+            raise StoreError(
+                f"bottom matched: category {c!r} needs {n} rows (its count in the top {k}) but {what} has only "
+                f"{len(have)} {where}; use a smaller --k" + (" or --overlap allow" if overlap == "exclude" else "")
+            )
+        picked += have[len(have) - n :]
+    return np.sort(np.array(picked, dtype=np.int64))
+
+
 def subset_positions(store: Store, spec: SubsetSpec) -> tuple[pl.DataFrame, np.ndarray]:
     """(the source's ranking, the positions into it of the subset's rows, ascending)."""
     rk = ranking(store, spec.source, spec.pool_split, seed=spec.seed)
     n = rk.height
     what = f"{spec.source} over pool {spec.pool_split} ({n} rows)"
-    if spec.kind in ("top_k", "matched_random_k") and spec.k > n:
+    if spec.kind in ("top_k", "matched_random_k", "bottom_k_matched") and spec.k > n:
         raise StoreError(
             f"k = {spec.k} is larger than the pool: {what}; use --k {n} or less"
             + (" (and at most half of it with --overlap exclude)" if spec.kind == "matched_random_k" else "")
         )
     if spec.kind == "top_k":
         return rk, np.arange(spec.k)
+    if spec.kind == "all":
+        return rk, np.arange(n)
     if spec.kind == "ranks":
         return rk, _window(n, spec.ranks, what)
     if spec.kind == "random_from_ranks":
@@ -333,6 +364,8 @@ def subset_positions(store: Store, spec: SubsetSpec) -> tuple[pl.DataFrame, np.n
         ]
     finally:
         con.close()
+    if spec.kind == "bottom_k_matched":
+        return rk, _bottom_matched(cats, spec.k, spec.overlap, what)
     return rk, _matched(rk, cats, spec.k, spec.seed, spec.overlap, what)
 
 
@@ -344,6 +377,9 @@ def _method(spec: SubsetSpec, resolved: str) -> str:
         f"{spec.overlap}, seed {spec.seed}",
         "ranks": win,
         "random_from_ranks": f"random {spec.k} from {win}, seed {spec.seed}",
+        "bottom_k_matched": f"bottom {spec.k} matched to the top {spec.k}'s category counts (per category its "
+        f"lowest-ranked rows), overlap {spec.overlap}",
+        "all": "every row",
     }[spec.kind]
     return (
         f"{what} of {resolved}" + (f" (seed {spec.seed})" if resolved == "random" else "") + f", pool {spec.pool_split}"
