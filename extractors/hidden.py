@@ -4,7 +4,10 @@ Arrays `hidden/layer_L` ([n_slots, d_model], bf16 by default) over the store's l
 `hidden/<adapter>/layer_L` for states of base + a LoRA adapter (`--adapter`, extractors.adapters),
 filled by the unit engine (extractors.units): each unit's rows run through the model in
 length-sorted batches formed from that unit alone, with one forward pass for all requested
-layers that stops after the deepest (extractors.forward.LayerCapture).
+layers that stops after the deepest. By default (`--pack auto`) the batches are packed, without
+padding, each row's positions and attention its own (extractors.packing.PackedForward); with
+`--pack off`, or a model whose attention transformers cannot swap, right-padded
+(extractors.forward.LayerCapture). Both give each row's own states (docs/extraction.md).
 
 Per batch there is no per-token Python and no host synchronisation: the real tokens' flat
 positions and their unit slots are computed with numpy, each layer's output is gathered
@@ -26,6 +29,7 @@ import torch
 from extractors.adapters import AdapterRef, adapter_attrs, layer_array_name
 from extractors.forward import Batch, LayerCapture, pad_batch, padding_fraction, plan_batches, validate_layers
 from extractors.model import decoder_layers, pad_token_id
+from extractors.packing import PackedForward, attention_cost, plan_packs, use_packing
 from extractors.units import ArrayKind, ArraySpec, UnitOptions, UnitWork, extract_units
 from store.catalog.tokens import Layout, row_token_ids
 from store.core import Store
@@ -55,6 +59,7 @@ class HiddenSpec:
     layers: list[int]
     dtype: str  # storage dtype: bf16 | fp16 | fp32
     adapter: AdapterRef | None = None
+    pack: str = "auto"  # auto | on | off: packed (padding-free) batches, extractors.packing
 
 
 def unit_batches(layout: Layout, rows: list[int], batch_tokens: int) -> list[Batch]:
@@ -63,6 +68,20 @@ def unit_batches(layout: Layout, rows: list[int], batch_tokens: int) -> list[Bat
     recomputes a unit with the very batches an uninterrupted run used."""
     order = sorted(rows, key=lambda i: (layout.lengths[i], layout.row_ids[i]))
     return plan_batches(layout.lengths, order, batch_tokens)
+
+
+def unit_packs(layout: Layout, rows: list[int], batch_tokens: int) -> list[Batch]:
+    """The packed batches of one unit's rows: sorted by (length, row_id), up to batch_tokens real
+    tokens each (extractors.packing.plan_packs). Like unit_batches, a function of the unit alone."""
+    order = sorted(rows, key=lambda i: (layout.lengths[i], layout.row_ids[i]))
+    return plan_packs(layout.lengths, order, batch_tokens)
+
+
+def packed_slots(layout: Layout, b: Batch, lo: int) -> np.ndarray:
+    """The unit-buffer slots of a packed batch's tokens, in pack order (row after row)."""
+    lens = np.asarray(b.lengths, dtype=np.int64)
+    starts = np.asarray([layout.tok_starts[i] - lo for i in b.rows], dtype=np.int64)
+    return np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()), dtype=np.int64)
 
 
 def token_index(layout: Layout, b: Batch, lo: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,9 +124,11 @@ class HiddenStates(ArrayKind):
         dtype: str,
         batch_tokens: int,
         adapter: AdapterRef | None = None,
+        pack: str = "auto",
     ):
         self.lm, self.layout, self.layers, self.dtype, self.batch_tokens = lm, layout, layers, dtype, batch_tokens
         self.adapter = adapter
+        self.packed = use_packing(lm.model, pack)
         self.names = [hidden_array_name(L, adapter.name if adapter else None) for L in layers]
         self.desc = f"extract {','.join(map(str, layers))}"
         self.store = store
@@ -140,7 +161,7 @@ class HiddenStates(ArrayKind):
         )
 
     def __enter__(self) -> HiddenStates:
-        self._cap = LayerCapture(self.lm.model, self.layers).__enter__()
+        self._cap = (PackedForward if self.packed else LayerCapture)(self.lm.model, self.layers).__enter__()
         self._inference = torch.inference_mode()
         self._inference.__enter__()
         return self
@@ -153,23 +174,30 @@ class HiddenStates(ArrayKind):
         layout, dev = self.layout, self.lm.device
         cuda = dev.type == "cuda"
         pad_id = pad_token_id(self.lm.tokenizer)
-        batches = unit_batches(layout, work.rows, self.batch_tokens)
+        batches = (unit_packs if self.packed else unit_batches)(layout, work.rows, self.batch_tokens)
         self.batches += batches
         for b in batches:
-            x = pad_batch([self.ids[layout.row_ids[i]] for i in b.rows], b.width, pad_id, dev)
-            src, dst = (to_device(torch.from_numpy(a), dev) for a in token_index(layout, b, lo))
+            if self.packed:
+                src, dst = None, to_device(torch.from_numpy(packed_slots(layout, b, lo)), dev)
+            else:
+                x = pad_batch([self.ids[layout.row_ids[i]] for i in b.rows], b.width, pad_id, dev)
+                src, dst = (to_device(torch.from_numpy(a), dev) for a in token_index(layout, b, lo))
             if cuda:
                 self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
                 self.events[-1][0].record()
             else:
                 tf = time.perf_counter()
-            out = self._cap.capture(x)
+            if self.packed:
+                out = self._cap.run([self.ids[layout.row_ids[i]] for i in b.rows], dev)
+            else:
+                out = self._cap.capture(x)
             if cuda:
                 self.events[-1][1].record()
             else:
                 self.fwd_s += time.perf_counter() - tf
             for L, n in zip(self.layers, self.names, strict=False):
-                h = out[L].reshape(-1, out[L].shape[-1]).index_select(0, src)
+                h = out[L].reshape(-1, out[L].shape[-1])
+                h = h if src is None else h.index_select(0, src)
                 stage[n].index_copy_(0, dst, to_storage(h, self.dtype))
             tick(sum(b.lengths))
 
@@ -179,7 +207,13 @@ class HiddenStates(ArrayKind):
         return self.fwd_s
 
     def counts(self) -> dict[str, Any]:
-        return {"batches": len(self.batches), "padding_fraction": round(padding_fraction(self.batches), 4)}
+        cost = attention_cost(self.batches, self.packed)
+        return {
+            "batches": len(self.batches),
+            "packed": self.packed,
+            "padding_fraction": 0.0 if self.packed else round(padding_fraction(self.batches), 4),
+            **{k: round(v, 2) for k, v in cost.items()},
+        }
 
     def metrics(self, seconds: float) -> dict[str, Any]:
         fwd = self.forward_seconds()
@@ -205,7 +239,7 @@ def extract_hidden(
 ) -> ExtractResult:
     """Fill hidden/[<adapter>/]layer_L for the selected rows (see the module docstring)."""
     layers = validate_layers(spec.layers, len(decoder_layers(lm.model)), lm.model_id)
-    kind = HiddenStates(store, lm, layout, layers, spec.dtype, batch_tokens, spec.adapter)
+    kind = HiddenStates(store, lm, layout, layers, spec.dtype, batch_tokens, spec.adapter, spec.pack)
     res = extract_units(
         store,
         layout,

@@ -179,6 +179,14 @@ class ExtractConfig(StoreOptions, ModelOptions, RankOptions, LayerOptions, Progr
         },
     )
     dtype: Literal["bf16", "fp16", "fp32"] = field(default="bf16", metadata={"help": "storage dtype of hidden states"})
+    pack: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={
+            "help": "packed batches for hidden states and SAE codes: rows end to end without padding, each "
+            "with its own positions and attention (extractors.packing); auto packs models whose attention "
+            "runs through transformers' sdpa interface (Llama, Mistral, Qwen, Gemma), off pads"
+        },
+    )
     unit_tokens: int = field(
         default=16384,
         metadata={
@@ -269,11 +277,13 @@ class ExtractConfig(StoreOptions, ModelOptions, RankOptions, LayerOptions, Progr
         return UnitOptions(self.rank, self.world_size, self.writers, self.resident, self.claim_timeout, self.progress)
 
     def hidden_spec(self, adapter: AdapterRef | None = None) -> HiddenSpec:
-        return HiddenSpec(self.layers, self.dtype, adapter)
+        return HiddenSpec(self.layers, self.dtype, adapter, self.pack)
 
     def sae_spec(self, batch_tokens: int, adapter: AdapterRef | None = None) -> SaeCodesSpec:
         assert self.sae is not None  # __post_init__ requires --sae with --kinds sae
-        return SaeCodesSpec(self.sae, self.layers, self.dtype, batch_tokens, self.sae_k, adapter, config_dict(self))
+        return SaeCodesSpec(
+            self.sae, self.layers, self.dtype, batch_tokens, self.sae_k, adapter, config_dict(self), self.pack
+        )
 
     def gradnorm_spec(self, adapter: AdapterRef | None = None) -> GradnormSpec:
         assert self.loss_reduction is not None  # __post_init__ fills it

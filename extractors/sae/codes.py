@@ -11,7 +11,8 @@ counted in the run record) and stored in the format of extractors.sae.format (va
 --dtype, bf16 by default: fp32's range, so the attention sink's large activations cannot
 overflow). Inputs come from the stored hidden states (`hidden/layer_L`) for rows
 committed there, so the model does not run again; other rows run the model up to layer L
-(extractors.forward.LayerCapture) and their states are rounded to the hidden array's
+(packed batches, extractors.packing, as hidden states are; `--pack off`: padded,
+extractors.forward.LayerCapture) and their states are rounded to the hidden array's
 storage dtype first, so a token's code does not depend on which path computed it.
 
 Units follow the unit engine's contract (extractors.units): the units that hold selected
@@ -45,6 +46,7 @@ from extractors.adapters import AdapterRef, adapter_attrs, base_of
 from extractors.forward import LayerCapture, pad_batch, plan_batches
 from extractors.hidden import hidden_array_name
 from extractors.model import check_model_hash, pad_token_id
+from extractors.packing import PackedForward, plan_packs, use_packing
 from extractors.sae.format import DEFAULT_K, code_array_names, encode_topk, index_dtype
 from extractors.sae.load import LoadedSAE, pick_layer, write_sae_row
 from extractors.sae.tables import build_sae_tables, tables_current
@@ -68,6 +70,7 @@ class SaeCodesSpec:
     k: int | None = None  # slots per token for SAEs without their own k (None: DEFAULT_K)
     adapter: AdapterRef | None = None
     run_config: dict[str, Any] = field(default_factory=dict)  # the command's config, for the run record
+    pack: str = "auto"  # auto | on | off: packed batches for rows that run the model (extractors.packing)
 
 
 class SAECodes(ArrayKind):
@@ -86,8 +89,10 @@ class SAECodes(ArrayKind):
         dtype: str,
         batch_tokens: int,
         adapter: AdapterRef | None = None,
+        pack: str = "auto",
     ):
         self.store, self.lm, self.layout, self.loaded = store, lm, layout, loaded
+        self.packed = use_packing(lm.model, pack)
         self.layer, self.k, self.dtype, self.batch_tokens, self.adapter = layer, k, dtype, batch_tokens, adapter
         name = adapter.name if adapter is not None else None
         self.idx_name, self.val_name = code_array_names(loaded.name, layer, name)
@@ -99,7 +104,7 @@ class SAECodes(ArrayKind):
         # Fresh states are rounded to the stored states' dtype, so both paths give one code.
         self.store_dtype = STORAGE_OF.get(self.hidden.attrs.get("dtype"), dtype) if self.hidden is not None else dtype
         self.n_tokens, self.n_fresh, self.truncated, self.encode_s = 0, 0, 0, 0.0
-        self.cap: LayerCapture | None = None
+        self.cap: LayerCapture | PackedForward | None = None
 
     def specs(self, run_id: str) -> list[ArraySpec]:
         lm, ld = self.lm, self.loaded
@@ -148,7 +153,7 @@ class SAECodes(ArrayKind):
 
     def __enter__(self) -> SAECodes:
         if self.need_model:
-            self.cap = LayerCapture(self.lm.model, [self.layer]).__enter__()
+            self.cap = (PackedForward if self.packed else LayerCapture)(self.lm.model, [self.layer]).__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -179,12 +184,19 @@ class SAECodes(ArrayKind):
         if fresh:
             pad_id = pad_token_id(lm.tokenizer)
             order = sorted(fresh, key=lambda i: (layout.lengths[i], layout.row_ids[i]))
-            for b in plan_batches(layout.lengths, order, self.batch_tokens):
-                x = pad_batch([self.ids[layout.row_ids[i]] for i in b.rows], b.width, pad_id, lm.device)
-                out = self.cap.capture(x)[self.layer]
+            plan = plan_packs if self.packed else plan_batches
+            for b in plan(layout.lengths, order, self.batch_tokens):
+                ids = [self.ids[layout.row_ids[i]] for i in b.rows]
+                if isinstance(self.cap, PackedForward):  # [N, d], row after row
+                    flat = self.cap.run(ids, lm.device)[self.layer]
+                    offs = np.cumsum([0, *b.lengths]).tolist()
+                    out = [flat[offs[j] : offs[j + 1]] for j in range(len(b.rows))]
+                else:
+                    padded = self.cap.capture(pad_batch(ids, b.width, pad_id, lm.device))[self.layer]
+                    out = [padded[j, : b.lengths[j]] for j in range(len(b.rows))]
                 for j, i in enumerate(b.rows):
                     # Round to the storage dtype: the same input the stored-state path would see.
-                    h = decode(encode(out[j, : b.lengths[j]].float(), self.store_dtype), REAL_DTYPE[self.store_dtype])
+                    h = decode(encode(out[j].float(), self.store_dtype), REAL_DTYPE[self.store_dtype])
                     X[where[i] : where[i] + b.lengths[j]] = h
         return X, sum(layout.lengths[i] for i in fresh)
 
@@ -253,7 +265,7 @@ def extract_sae_codes(
     check_sae(loaded, lm, spec.sae)
     # TopK SAEs keep their own k; others keep --sae-k slots.
     k = min(loaded.k or spec.k or DEFAULT_K, loaded.d_sae)
-    kind = SAECodes(store, lm, layout, loaded, layer, k, spec.dtype, spec.batch_tokens, spec.adapter)
+    kind = SAECodes(store, lm, layout, loaded, layer, k, spec.dtype, spec.batch_tokens, spec.adapter, spec.pack)
     extra = adapter_attrs(spec.adapter) if spec.adapter is not None else {}
     res = extract_units(
         store,
