@@ -173,3 +173,58 @@ def test_seeded_kills_end_identical_to_an_uninterrupted_run(kind, tmp_path, tiny
     assert not list((killed / "claims").rglob("*.json")) if (killed / "claims").is_dir() else True
     problems, _ = verify(Store(killed))
     assert problems == [], [p.line() for p in problems]
+
+
+# ---- attribution: the pool scored in units (extractors.attribution), on a LoRA adapter folder ----
+ATTR_ROWS = 12  # pool rows, one per unit: room for the seeded commit kills
+ATTR_ARGS = ["--kinds", "attribution", "--max-rows", str(ATTR_ROWS), "--query-max-rows", "2", "--unit-rows", "1"]
+ATTR_ARGS += ["--score-mode", "individual", "--subset-k", "3"]  # both tables, the subset; query preconditioning
+ATTR_PHASES = ["ingest", "tokenize", "query", "commit", "commit", "commit", "final"]  # KILLS of them
+
+
+def _attr_trigger(store: Path, phase: str, rng: random.Random):
+    units = lambda: _count(store, "catalog/attribution_scores", "u*.parquet")  # noqa: E731
+    if phase == "query":  # bergson's Hessian or query step in progress
+        return lambda: next(store.glob("runs/attribution-*/bergson/*.part"), None) is not None
+    if phase == "final":  # every unit committed: the ranks and the subset are being written
+        return lambda: units() >= ATTR_ROWS
+    if phase == "commit":
+        target = units() + rng.randint(1, 3)
+        return lambda: units() >= target
+    return _trigger(store, phase, rng)
+
+
+@pytest.mark.slow  # ~60 s on 2 cores
+def test_seeded_kills_of_attribution_end_identical_to_an_uninterrupted_run(tmp_path, tiny_model, model_cache):
+    from tests.test_attribution_units import make_adapter
+
+    adapter = make_adapter(tiny_model, tmp_path / "adapter")  # named by its weights: the same in both stores
+    args = [*ATTR_ARGS, "--adapter", str(adapter)]
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    _run_in_process(_cmd(clean, tiny_model, model_cache, args))
+    cmd, rng, hits = _cmd(killed, tiny_model, model_cache, args), random.Random(5), []
+    for phase in ATTR_PHASES:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        fire, t0 = _attr_trigger(killed, phase, rng), time.monotonic()
+        while proc.poll() is None and not fire():
+            assert time.monotonic() - t0 < 300, "the chain hangs"
+            time.sleep(0.002)
+        assert proc.poll() is None, f"{phase}: the run ended before the kill ({proc.stderr.read().decode()[-2000:]})"
+        time.sleep(rng.uniform(0.0, 0.02))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        hits.append(phase)
+    assert len(hits) == KILLS
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    assert _tables(clean) == _tables(killed) and _tables(clean)["attribution_pairs"]
+    for table in ("attribution_scores", "attribution_pairs", "subsets"):
+        a, b = (sorted((s / "catalog" / table).rglob("*.parquet")) for s in (clean, killed))
+        assert [p.relative_to(clean) for p in a] == [p.relative_to(killed) for p in b] and a, table
+        assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True)), table  # byte-identical
+    assert Store(killed).query("SELECT bool_and(complete) FROM attribution_scores").column(0)[0].as_py()
+    assert not list(killed.rglob("*.partial")) and not list(killed.rglob(".*.tmp"))
+    assert not list((killed / "claims").rglob("*.json"))
+    problems, _ = verify(Store(killed))
+    assert problems == [], [p.line() for p in problems]
