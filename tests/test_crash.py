@@ -8,6 +8,10 @@ tokenization, chunk writes and commits (each rerun starts from what the last lef
 run to the end. The store must equal an uninterrupted run's: arrays byte-identical, catalog
 tables row-identical (order-independent, without timestamps and run ids), no leftovers
 (`*.partial`, temp files, claims), and `python -m store.verify` clean.
+
+Attribution (per-row scores, no arrays) has its own chain of 7 kills: the ingest, the
+tokenization, bergson's query side, seeded unit commits and the finalization; its final
+tables' Parquet files must be byte-identical to an uninterrupted run's.
 """
 
 from __future__ import annotations
