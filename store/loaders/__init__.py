@@ -33,7 +33,13 @@ strings as lists).
   only on the seed, the epoch and the tokens (not on the view's row order or the store's files).
   `state_dict()` / `load_state_dict()` follow torchdata's StatefulDataLoader protocol (called
   in each worker): a resumed stream replays the epoch's index plan without reading vectors,
-  gathers what its shuffle buffer held, and yields exactly the next batch.
+  gathers what its shuffle buffer held, and yields exactly the next batch. A batch's tokens come
+  in ascending tok_index; on a local store they are gathered straight from the memory-mapped
+  chunks (the buffer holds positions), on object storage from the buffer's bytes.
+
+`ActivationDataset` also takes a polars frame (row_id, tok_index) a trainer sampled itself, and
+gives `take(positions)` and `stack(array)`: the trainers (SAE, probes, monitor, token selector)
+read their batches this way.
 """
 
 from store.loaders.dataset import ActivationDataset, Selection

@@ -99,22 +99,36 @@ class Selection:
         self.row_id = frame["row_id"].to_numpy()
         self.columns = {c: frame[c].to_numpy() for c in keep}
         self.frame_rows = frame["row_id"]
+        # every part's chunks are local files, memory-mapped by its reader (not ranged reads)
+        self.mapped = all(reader(store, p)._base is not None for s in self.sources for p in s.parts)
 
-    def read(self, pos: np.ndarray) -> list[np.ndarray]:
-        """Stored (undecoded) rows of every array part for selection positions `pos`."""
+    def read(self, pos: np.ndarray, decoded: bool = False) -> list[np.ndarray]:
+        """Rows of every array part for selection positions `pos`: stored, or decoded (bf16 widened
+        to float32 as they are gathered, one pass)."""
         tok = self.tok[pos]
-        return [reader(self.store, p).gather(tok, decoded=False) for s in self.sources for p in s.parts]
+        return [reader(self.store, p).gather(tok, decoded=decoded) for s in self.sources for p in s.parts]
 
     def batch(self, pos: np.ndarray, raw: list[np.ndarray] | None = None) -> dict[str, Any]:
-        raw = self.read(pos) if raw is None else raw
+        """The batch dict of positions `pos`; `raw`: their stored rows, read already (a buffer)."""
+        decoded = raw is None
+        raw = self.read(pos, decoded=True) if raw is None else raw
         out: dict[str, Any] = {}
         i = 0
         for s in self.sources:
             if s.d_sae is None:
-                out[s.name] = torch.from_numpy(np.ascontiguousarray(decode(raw[i], s.dtypes[0])))
+                if decoded:
+                    x = raw[i]
+                elif s.dtypes[0] == "bfloat16":  # store.arrays.decode, shifted in place: one array, not two
+                    x = raw[i].astype(np.uint32)
+                    x <<= 16
+                    x = x.view(np.float32)
+                else:
+                    x = np.ascontiguousarray(decode(raw[i], s.dtypes[0]))
+                out[s.name] = torch.from_numpy(x)
                 i += 1
                 continue
-            idx, val = raw[i].astype(np.int64), decode(raw[i + 1], s.dtypes[1]).astype(np.float32, copy=False)
+            val = raw[i + 1] if decoded else decode(raw[i + 1], s.dtypes[1])
+            idx, val = raw[i].astype(np.int64), val.astype(np.float32, copy=False)
             i += 2
             b, j = np.nonzero(val)  # empty slots (value 0, index 0) are not codes
             out[s.name] = torch.sparse_coo_tensor(
