@@ -120,6 +120,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("bench read", "view materialization and streaming vs a raw np.memmap", "bench.read"),
     Command("bench sae-codes", "bytes per token of SAE codes vs dense arrays, encode throughput", "bench.sae_codes"),
     Command("bench gradnorm", "gradient-norm tokens/s vs the forward pass and plain autograd", "bench.gradnorm"),
+    Command("bench logits", "logits extraction vs hidden alone; decoder training sparse vs dense", "bench.logits"),
     Command("bench finetune", "finetune tokens/s vs plain peft + transformers.Trainer", "bench.finetune"),
     Command("bench attribution", "attribution rows/s vs bergson's command line", "bench.attribution"),
     Command("bench s3", "a local store vs one on an S3 server", "bench.s3"),

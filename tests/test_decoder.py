@@ -146,7 +146,6 @@ def test_bad_inputs_fail_before_the_model_loads(dec_store, tiny_model, sae_dir, 
     bogus = str(tmp_path / "no-such-model")  # any error below comes before a model load
     assert main(_args(dec_store, bogus, sae_dir, "--ood-category", "no-such-cat")) == 2
     assert "--ood-category 'no-such-cat' is not a category" in capsys.readouterr().err
-    assert main(_args(dec_store, bogus, sae_dir, "--max-train-rows", "24", "--max-eval-rows", "100000")) != 0
     # logits missing for the rows
     nolog = tmp_path / "nolog"
     shutil.copytree(dec_store, nolog)
