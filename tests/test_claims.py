@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -122,3 +123,70 @@ def test_a_dead_writers_claim_is_taken_over(ingested, copy_store, tiny_model):
     run_extraction(ExtractConfig(layers=[1, 3], store=str(path), model=tiny_model, unit_tokens=512, progress=False))
     n_units = st.query("SELECT max(n_units) FROM tokenizations").column(0)[0].as_py()
     assert sorted(committed_rows(st, "hidden/layer_1")) == list(range(n_units))
+
+
+def _attr_cmd(store: Path, model: str, cache: Path, adapter: Path) -> list[str]:
+    # Each unit takes >= 0.3 s, so two workers started together overlap for seconds.
+    code = (
+        "import sys, time; import extractors.attribution.scores as s; f = s.score_unit; "
+        "s.score_unit = lambda *a: (time.sleep(0.3), f(*a))[1]; "
+        "from extractors.run import main; sys.exit(main(sys.argv[1:]))"
+    )
+    return [sys.executable, "-c", code, *_attr_args(store, model, adapter), "--model-cache", str(cache)]
+
+
+def _attr_args(store: Path, model: str, adapter: Path) -> list[str]:
+    return [
+        "--kinds",
+        "attribution",
+        "--adapter",
+        str(adapter),
+        "--max-rows",
+        "8",
+        "--query-max-rows",
+        "2",
+        "--unit-rows",
+        "1",
+        "--score-mode",
+        "individual",
+        "--store",
+        str(store),
+        "--model",
+        model,
+        "--no-progress",
+    ]
+
+
+def test_two_attribution_workers_share_one_run_and_a_dead_workers_unit_is_taken_over(
+    ingested, copy_store, tiny_model, model_cache, tmp_path
+):
+    from extractors.run import main as extract_main
+    from tests.test_attribution_units import make_adapter
+
+    adapter = make_adapter(tiny_model, tmp_path / "adapter")
+    shared, alone = copy_store(ingested), copy_store(ingested)
+    procs = [
+        subprocess.Popen(
+            _attr_cmd(shared, tiny_model, model_cache, adapter),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    scored = [int(re.search(r"in 8 units, (\d+) scored here", o[0]).group(1)) for o in outs]
+    assert sum(scored) == 8 and min(scored) > 0, scored  # every unit scored exactly once, by one of the two
+    st = Store(shared)
+    run_id = st.query("SELECT DISTINCT run_id FROM attribution_scores").column(0).to_pylist()
+    assert len(run_id) == 1 and st.run_folder(run_id[0]).joinpath("complete.json").is_file()
+    # one worker alone, after a worker that died holding unit 0's claim: it takes the unit over
+    _fake_claim(Store(alone), f"attribution-{run_id[0]}", "u000000", DEAD_PID)
+    assert extract_main(_attr_args(alone, tiny_model, adapter)) == 0
+    for table in ("attribution_scores", "attribution_pairs"):
+        a, b = (sorted((s / "catalog" / table / run_id[0]).glob("*.parquet")) for s in (shared, alone))
+        assert len(a) == 8 and [p.name for p in a] == [p.name for p in b], table
+        assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b, strict=True)), table
+    assert not list(st.claims_dir.rglob("*.json")) and not list(Store(alone).claims_dir.rglob("*.json"))
