@@ -11,9 +11,12 @@ Methods, all over the same rows cut into the same batches (the extractor's own p
 length-sorted batches, `extractors.hidden.unit_batches`):
 
 * `forward`   the model alone, stopped after the deepest requested layer (inputs already on
-              the device): the compute limit;
+              the device), over right-padded batches (`--pack off`'s path);
+* `packed`    the same over packed batches (`extractors.hidden.unit_packs`, each unit's rows end to
+              end without padding, per-row positions and attention: extractors.packing), the
+              extractor's default path: the compute limit;
 * `extract`   `extractors.hidden.extract_hidden` end to end into the store (bf16 Zarr
-              chunks, fsynced, committed per unit);
+              chunks, fsynced, committed per unit; packed where the model allows, as by default);
 * `naive`     what users write today: `model(x, output_hidden_states=True)`, `.cpu()`,
               `np.save` per batch and layer (full forward, padded, fp32, no fsync);
 * `saelens`   SAELens' `CacheActivationsRunner` on the same model (it reads fixed-length
@@ -23,6 +26,10 @@ length-sorted batches, `extractors.hidden.unit_batches`):
               padding and shorter attention spans than whole rows (and rows leak into each
               other's context), so SAELens is compared with its own limit as well;
 * `forward_full` (opt-in) the whole model with logits: the naive approach's limit.
+
+Per method the table gives the padding fraction, the token slots the dense layers run on and the
+query-key pairs attention computes, both per real token (`extractors.packing.attention_cost`; a
+row alone needs L(L+1)/2 pairs, a window of C tokens C(C+1)/2 across its rows).
 
 The disk's write bandwidth is measured in the same run on the store's filesystem, so
 `disk limit = write GB/s / bytes per token` tells whether extraction is disk-bound. The
@@ -56,8 +63,9 @@ from bench.common import (
 )
 from extractors.chat_tokens import ensure_tokenization
 from extractors.forward import LayerCapture, pad_batch, padding_fraction, validate_layers
-from extractors.hidden import HiddenSpec, extract_hidden, unit_batches
+from extractors.hidden import HiddenSpec, extract_hidden, unit_batches, unit_packs
 from extractors.model import decoder_layers, pad_token_id
+from extractors.packing import PackedForward, attention_cost, use_packing
 from extractors.units import plan_work, select_rows
 from store.arrays import UNITS_TABLE, array_key
 from store.catalog.tokens import row_token_ids
@@ -73,7 +81,7 @@ from store.cli import (
 from store.core import Store
 from trainers.plots import bar_chart
 
-METHODS = ("forward", "extract", "naive", "forward_full", "forward_windows", "saelens")
+METHODS = ("forward", "packed", "extract", "naive", "forward_full", "forward_windows", "saelens")
 
 
 @dataclass
@@ -105,7 +113,7 @@ class BenchExtractConfig(StoreOptions, ModelOptions, LayerOptions, ProgressOptio
         },
     )
     methods: list[str] = field(
-        default_factory=lambda: ["forward", "extract", "naive", "forward_windows", "saelens"],
+        default_factory=lambda: ["forward", "packed", "extract", "naive", "forward_windows", "saelens"],
         metadata={"help": f"what to measure, among {', '.join(METHODS)}"},
     )
     repeats: int = field(
@@ -178,6 +186,9 @@ class _Setup:
         self.ids = [[ids[self.layout.row_ids[i]] for i in b.rows] for b in self.batches]
         self.tokens = sum(sum(b.lengths) for b in self.batches)
         self.padding = padding_fraction(self.batches)
+        self.packs = [b for w in self.work for b in unit_packs(self.layout, w.rows, self.batch_tokens)]
+        self.pack_ids = [[ids[self.layout.row_ids[i]] for i in b.rows] for b in self.packs]
+        self.extract_packs = use_packing(self.lm.model, "auto")
         self.pad_id = pad_token_id(self.lm.tokenizer)
         self.d_model = self.lm.model.config.hidden_size
 
@@ -200,6 +211,35 @@ def _forward(s: _Setup, full: bool) -> dict[str, Any]:
     secs = time.perf_counter() - t0
     what = "whole model with logits" if full else f"stops after layer {s.layers[-1]}"
     return {"seconds": secs, "tokens": s.tokens, "note": f"{what}; inputs already on the device"}
+
+
+def _packed(s: _Setup) -> dict[str, Any]:
+    """Forward-only over the extractor's packed batches (what `extract` runs by default)."""
+    if not use_packing(s.lm.model, "auto"):
+        return {"skipped": f"not run: {type(s.lm.model).__name__} cannot pack (extractors.packing)"}
+    with PackedForward(s.lm.model, s.layers) as fwd:
+        fwd.run([s.pack_ids[0][0][:16]], s.lm.device)  # warm-up, not timed
+        _sync(s.lm.device)
+        t0 = time.perf_counter()
+        for ids in s.pack_ids:
+            fwd.run(ids, s.lm.device)
+        _sync(s.lm.device)
+    secs = time.perf_counter() - t0
+    return {
+        "seconds": secs,
+        "tokens": s.tokens,
+        "note": f"packed: {len(s.packs)} batches, no padding, per-row positions and causal attention; "
+        f"stops after layer {s.layers[-1]}; token ids -> device included",
+    }
+
+
+def _costs(m: str, s: _Setup, ctx: int) -> dict[str, float]:
+    """Padding and attention cost per real token of a method's batches (module docstring)."""
+    if m in ("saelens", "forward_windows"):
+        return {"padding": 0.0, "dense_slots_per_token": 1.0, "attention_pairs_per_token": (ctx + 1) / 2}
+    packed = m == "packed" or (m == "extract" and s.extract_packs)
+    cost = attention_cost(s.packs if packed else s.batches, packed)
+    return {"padding": 0.0 if packed else s.padding, **cost}
 
 
 def _extract(s: _Setup, cfg: BenchExtractConfig, store: Store) -> dict[str, Any]:
@@ -230,7 +270,8 @@ def _extract(s: _Setup, cfg: BenchExtractConfig, store: Store) -> dict[str, Any]
         "overhead_beyond_forward": 1 - m["forward_seconds"] / secs,
         "writer_threads": m.get("writer_threads"),
         "writer_tokens_per_s": s.tokens / m["writer_seconds"] if m["writer_seconds"] else None,
-        "note": "end to end: bf16 Zarr chunks, fsync + commit per unit, run record",
+        "note": f"end to end ({'packed' if s.extract_packs else 'padded'}): bf16 Zarr chunks, fsync + "
+        "commit per unit, run record",
     }
 
 
@@ -354,7 +395,7 @@ def _saelens(s: _Setup, cfg: BenchExtractConfig, store: Store) -> dict[str, Any]
     }
 
 
-def _summarize(results: dict[str, dict[str, Any]], s: _Setup, disk: dict[str, float]) -> tuple[dict, str]:
+def _summarize(results: dict[str, dict[str, Any]], s: _Setup, disk: dict[str, float], ctx: int) -> tuple[dict, str]:
     """Rates, ratios, the disk limit and the goal; prints and returns the table."""
     fwd = results.get("forward", {}).get("seconds")
     fwd_tps = s.tokens / fwd if fwd else None
@@ -371,7 +412,14 @@ def _summarize(results: dict[str, dict[str, Any]], s: _Setup, disk: dict[str, fl
         "disk_limit_tokens_per_s": disk_limit,
         "forward_tokens_per_s": fwd_tps,
         "padding_fraction": s.padding,
+        "packed_batches": len(s.packs),
+        **{f"padded_{k}": v for k, v in attention_cost(s.batches, False).items()},
+        **{f"packed_{k}": v for k, v in attention_cost(s.packs, True).items()},
     }
+    tps = {m: r["tokens_per_s"] for m, r in results.items() if "tokens_per_s" in r}
+    for a, b in (("packed", "saelens"), ("packed", "forward_windows"), ("packed", "forward"), ("extract", "packed")):
+        if a in tps and b in tps:
+            summary[f"{a}_vs_{b}"] = tps[a] / tps[b]
     if "tokens_per_s" in ours:
         limit = min(x for x in (fwd_tps, disk_limit) if x)
         summary |= {
@@ -392,6 +440,7 @@ def _summarize(results: dict[str, dict[str, Any]], s: _Setup, disk: dict[str, fl
         )
     table = []
     for m, r in results.items():
+        r |= _costs(m, s, ctx)
         table.append(
             {
                 "method": m,
@@ -402,7 +451,9 @@ def _summarize(results: dict[str, dict[str, Any]], s: _Setup, disk: dict[str, fl
                 else None,
                 "bytes_per_token": r.get("bytes_per_token"),
                 "disk": disk["write_GBps"],
-                "padding": 0.0 if m in ("saelens", "forward_windows") and "seconds" in r else s.padding,
+                "padding": r["padding"],
+                "slots": r["dense_slots_per_token"],
+                "pairs": r["attention_pairs_per_token"],
                 "note": r.get("skipped") or r.get("note"),
             }
         )
@@ -417,6 +468,8 @@ def _summarize(results: dict[str, dict[str, Any]], s: _Setup, disk: dict[str, fl
             ("bytes_per_token", "bytes/token", ",.0f"),
             ("disk", "disk GB/s", ".2f"),
             ("padding", "padding", ".1%"),
+            ("slots", "dense slots/token", ".3f"),
+            ("pairs", "attn pairs/token", ",.0f"),
             ("note", "note", ""),
         ],
     )
@@ -445,6 +498,8 @@ def _measure(cfg: BenchExtractConfig, s: _Setup, store: Store) -> dict[str, dict
             )
             if m in ("forward", "forward_full"):
                 r = _forward(s, m == "forward_full")
+            elif m == "packed":
+                r = _packed(s)
             elif m == "extract":
                 r = _extract(s, cfg, store)
             elif m == "naive":
@@ -469,12 +524,12 @@ def run_bench(cfg: BenchExtractConfig) -> dict[str, Any]:
         print(
             f"model {s.lm.model_id} on {s.lm.device} ({str(s.lm.dtype).replace('torch.', '')}); "
             f"{len(s.selected)} rows, {s.tokens:,} tokens, {len(s.batches)} batches in {len(s.work)} units, "
-            f"padding {s.padding:.1%}; layers {s.layers}"
+            f"padding {s.padding:.1%} ({len(s.packs)} packed batches: none); layers {s.layers}"
         )
         disk = disk_write_bandwidth(store.run_dir("bench-disk"), cfg.disk_mb)
         print(f"disk: write + fsync {disk['write_GBps']:.2f} GB/s on {store.root}")
         results = _measure(cfg, s, store)
-        summary, text = _summarize(results, s, disk)
+        summary, text = _summarize(results, s, disk, cfg.saelens_context)
         result = {
             **bench.header(cfg, s.lm.device),
             "model": {

@@ -30,7 +30,7 @@ def extract_result(tiny_model, tmp_path_factory):
             unit_tokens=1024,
             disk_mb=8,
             saelens_context=64,
-            methods=["forward", "extract", "naive", "saelens", "forward_full", "forward_windows"],
+            methods=["forward", "packed", "extract", "naive", "saelens", "forward_full", "forward_windows"],
             store=str(store),
             out=str(d / "extract.json"),
             progress=False,
@@ -44,7 +44,21 @@ def test_bench_extract_measures_every_method(extract_result):
     saved = json.loads((d / "extract.json").read_text())
     assert (d / "extract.png").stat().st_size > 0
     assert saved["summary"] == pytest.approx(res["summary"])
-    assert set(saved["methods"]) == {"forward", "extract", "naive", "saelens", "forward_full", "forward_windows"}
+    assert set(saved["methods"]) == {
+        "forward",
+        "packed",
+        "extract",
+        "naive",
+        "saelens",
+        "forward_full",
+        "forward_windows",
+    }
+    packed, padded = saved["methods"]["packed"], saved["methods"]["forward"]
+    assert (
+        packed["padding"] == 0.0 and packed["dense_slots_per_token"] == 1.0 and padded["dense_slots_per_token"] >= 1.0
+    )
+    assert packed["attention_pairs_per_token"] >= packed["row_attention_pairs_per_token"] > 0
+    assert saved["summary"]["packed_vs_saelens"] > 0 and saved["methods"]["extract"]["padding"] == 0.0
     for name, m in saved["methods"].items():
         assert m["tokens_per_s"] > 0 and m["tokens"] > 0, name
     s = saved["summary"]
