@@ -1,4 +1,4 @@
-"""The frozen model's next-token distributions in the store: `python -m extractors.run --kinds logits`.
+"""The logits array kind (extractors.logits): `python -m extractors.run --kinds logits`.
 
     python -m extractors.run --kinds logits --split eval --max-rows 50      # top-64 logits of 50 eval rows
     python -m extractors.run --kinds hidden logits --layer 17               # states + logits, one forward pass
@@ -40,7 +40,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from extractors.adapters import AdapterRef, adapter_attrs
@@ -257,10 +256,3 @@ def extract_logits(
             f"padding {res.counts['padding_fraction']:.1%}; run {res.run_id}"
         )
     return res
-
-
-def stored_distribution(ids: np.ndarray, values: np.ndarray, lse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(top-k log-probabilities [n, k], tail log-mass [n]) of stored logits (values decoded to float32)."""
-    logp = values.astype(np.float64) - lse.astype(np.float64)[:, None]
-    tail = np.clip(1.0 - np.exp(logp).sum(-1), 1e-12, 1.0)
-    return logp.astype(np.float32), np.log(tail).astype(np.float32)
