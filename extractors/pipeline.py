@@ -5,11 +5,12 @@
     python -m extractors.run --layer 17 --split eval --max-rows 50 --store /tmp/st   # CPU-sized
     python -m extractors.run --layer 17 --kinds sae --sae latest   # codes of the newest layer-17 SAE
     python -m extractors.run --layers 17 24 --kinds gradnorm       # per-token gradient norms, one backward
+    python -m extractors.run --layer 17 --kinds hidden logits      # + top-64 next-token logits, one forward pass
     python -m extractors.run --layer 17 --kinds hidden sae --sae latest --adapter latest   # on base + adapter
     torchrun --nproc-per-node 4 -m extractors.run --layer 17   # each rank a disjoint set of units
 
 Every kind runs on the unit engine (extractors.units): hidden states (extractors.hidden),
-SAE codes (extractors.sae.codes), gradient norms (extractors.gradnorm). Attribution scores
+SAE codes (extractors.sae.codes), gradient norms (extractors.gradnorm), logits (extractors.logits). Attribution scores
 (extractors.attribution.scores, bergson) are per row: `--kinds attribution --adapter NAME`.
 `run_extraction` loads the model (and, with `--adapter`, wraps it with the adapter) once and
 hands each kind its own spec (HiddenSpec, SaeCodesSpec, GradnormSpec, AttributionSpec) and the
