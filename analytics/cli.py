@@ -118,6 +118,7 @@ COMMANDS: tuple[Command, ...] = (
         "bench.extract",
     ),
     Command("bench read", "view materialization and streaming vs a raw np.memmap", "bench.read"),
+    Command("bench loaders", "training loaders' tokens/s vs materialize, a raw np.memmap and SAELens", "bench.loaders"),
     Command("bench sae-codes", "bytes per token of SAE codes vs dense arrays, encode throughput", "bench.sae_codes"),
     Command("bench gradnorm", "gradient-norm tokens/s vs the forward pass and plain autograd", "bench.gradnorm"),
     Command("bench logits", "logits extraction vs hidden alone; decoder training sparse vs dense", "bench.logits"),
