@@ -163,3 +163,15 @@ def test_bad_inputs_fail_before_the_model_loads(dec_store, tiny_model, sae_dir, 
     assert "has no stored codes" in capsys.readouterr().err
     with pytest.raises(ValueError, match="takes one layer"):
         DecoderConfig(layers=[1, 2])
+
+
+def test_bf16_rounded_top_k_above_one_is_renormalized():
+    from trainers.decoder.kl import frozen_buckets
+
+    values = torch.tensor([[0.0625, -5.0, -6.0]])  # exp sums past 1 with lse 0: a bf16-rounded top-1
+    logp, tail = frozen_buckets(values, torch.zeros(1))
+    assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-6) and tail.exp().item() < 1e-9
+    logp, tail = frozen_buckets(torch.tensor([[-1.0, -2.0]]), torch.zeros(1))  # below 1: untouched
+    assert torch.allclose(logp, torch.tensor([[-1.0, -2.0]])) and tail.exp().item() == pytest.approx(
+        1 - np.exp(-1) - np.exp(-2), abs=1e-6
+    )

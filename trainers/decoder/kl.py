@@ -12,10 +12,12 @@ small tail keeps its precision). The estimator is the KL of the two (k + 1)-buck
 Bias, said plainly: merging outcomes never increases a KL (the data-processing inequality), so
 KL_k <= KL(p || q), with equality when q is proportional to p inside the tail; the gap is
 P_T * KL(p_tail || q_tail) of the renormalized tails, small when P_T is (k 64 keeps most of the
-mass of a 49,152-token vocabulary on SmolLM2, measured in docs/interpretation.md). The stored
+mass of a 49,152-token vocabulary on SmolLM2: mean tail 0.057, median 0.036, 90th percentile
+0.17 over 10,713 tokens, docs/interpretation.md). The stored
 values are bf16 (8 significant bits), so each log p_j carries a rounding error of at most
 |value_j| * 2^-9 (about 0.03 nats at a logit of 16); P_T is computed from the same rounded values,
-so the buckets still sum to 1 (P_T clamped at 0 when rounding makes sum_j p_j exceed 1).
+and on tokens where the rounding makes sum_j p_j exceed 1 (23% of SmolLM2's eval tokens, where the
+top-1 probability is near 1) the top k are renormalized to sum to 1 and the tail is 0.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ EPS = 1e-12
 def frozen_buckets(values: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p over the top k [n, k], log P_T [n]) of stored logits (values float32 [n, k], lse [n])."""
     logp = values.float() - lse.float()[:, None]
-    tail = (1.0 - logp.double().exp().sum(-1)).clamp_min(0.0)
+    mass = logp.double().exp().sum(-1)
+    # bf16 rounding can push sum_j p_j above 1 (module docstring): renormalize those tokens, tail 0
+    logp = logp - mass.clamp_min(1.0).log().float()[:, None]
+    tail = (1.0 - mass).clamp_min(0.0)
     return logp, tail.clamp_min(EPS).log().float()
 
 
