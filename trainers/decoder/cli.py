@@ -75,7 +75,7 @@ class DecoderConfig(StoreOptions, ModelOptions, LayerOptions, SeedOptions, Progr
     d_model: int = field(default=256, metadata={"help": "--arch transformer: width of the transformer"})
     kl_weight: float = field(default=1.0, metadata={"help": "loss = CE(true next token) + kl_weight x KL(frozen||dec)"})
     epochs: int = field(default=3, metadata={"help": "passes over the training rows (evaluated after each)"})
-    lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate (decoder and residual baseline)"})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate (decoder and residual baseline)"})
     batch_rows: int = field(
         default=4, metadata={"help": "rows per training batch (whole rows: the transformer reads them)"}
     )
