@@ -145,7 +145,8 @@ def select_rows(
 ) -> Rows:
     """The view's rows in the split (of the category; with a supervised token when the metric
     reads them), the first `max_rows` by row_id, with their tokens and site positions."""
-    where, params = [], {"tok": tokenization}
+    where: list[str] = []
+    params: dict[str, Any] = {}
     if split != "all":
         where.append("v.row_id IN (SELECT row_id FROM split_members WHERE split = $split)")
         params["split"] = split
@@ -154,6 +155,7 @@ def select_rows(
         params["cat"] = category
     if supervised:
         where.append("v.row_id IN (SELECT row_id FROM tokens WHERE tokenization = $tok AND is_supervised)")
+        params["tok"] = tokenization
     con = store.connect()
     try:
         cols = [c[0] for c in con.sql(f"SELECT * FROM ({view_sql(store, view)}) LIMIT 0").description]
@@ -162,6 +164,7 @@ def select_rows(
                 raise StoreError(f"--view {view!r} must return row_id and token_pos (it returns {', '.join(cols)})")
         if "tokenization" in cols:
             where.append("v.tokenization = $tok")
+            params["tok"] = tokenization
         cond = " AND ".join(where) or "TRUE"
         picked = con.sql(
             f"SELECT DISTINCT v.row_id FROM ({view_sql(store, view)}) v WHERE {cond} ORDER BY 1 LIMIT {int(max_rows)}",
