@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from extractors.attribution.scores import SCORES_SCHEMA, ranks_of
+from extractors.attribution.tables import UNIT_SCORES_SCHEMA
 from extractors.sft_data import select_rows_by
 from store.core import Store, StoreError
 from tests.conftest import ingest_small
@@ -22,6 +23,7 @@ from trainers.selection.subsets import (
     main,
     parse_window,
     ranking,
+    resolve_source,
     subset_name,
     subset_rows,
     train_rows_sql,
@@ -249,3 +251,40 @@ def test_a_category_short_of_rows_names_category_counts_and_fix(st):
     )
     with pytest.raises(StoreError, match="subset 'nope' is not in"):
         subset_rows(st, "nope")
+
+
+def test_a_partial_attribution_run_is_not_latest_and_is_refused_by_name(st):
+    """An attribution run still scoring its pool in units has committed rows with rank NULL and
+    `complete` false: `attribution:latest` passes over it, naming it is refused with the fix."""
+    partial = "attribution-20261201-110000-cccccc"  # newer than NEW by id; no runs record
+    rows = st.pool[:10]
+    part = _scores_table_partial(partial, rows)
+    st.write_table("attribution_scores", part, part=f"{partial}/u000000")
+    try:
+        assert resolve_source(st, "attribution:latest") == (f"attribution:{NEW}", NEW)
+        with pytest.raises(StoreError, match=f"attribution run '{partial}' is partial"):
+            resolve_source(st, f"attribution:{partial}")
+    finally:
+        for f in st.table_files("attribution_scores"):
+            if f.parent.name == partial:
+                f.unlink()
+
+
+def _scores_table_partial(run_id: str, rows: list[str]) -> pa.Table:
+    n = len(rows)
+    return pa.table(
+        {
+            "run_id": [run_id] * n,
+            "row_id": rows,
+            "score": np.zeros(n),
+            "rank": pa.nulls(n, pa.int64()),
+            "adapter": ["a"] * n,
+            "score_mode": ["mean"] * n,
+            "preconditioning": ["query"] * n,
+            "projection_dim": [32] * n,
+            "query_split": ["attr_query"] * n,
+            "pool_split": ["score_pool"] * n,
+            "complete": [False] * n,
+        },
+        schema=UNIT_SCORES_SCHEMA,
+    )

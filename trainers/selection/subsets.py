@@ -140,6 +140,18 @@ def parse_window(text: str, flag: str = "--ranks") -> tuple[int, int | None]:
 
 
 # ---- rankings ---------------------------------------------------------------------------------
+def _has_column(store: Store, table: str, col: str) -> bool:
+    return col in store.query(f"SELECT * FROM {table} LIMIT 0").schema.names
+
+
+def _finished_only(store: Store, table: str) -> str:
+    """A filter on `table` to the runs that are complete: attribution runs score the pool in units
+    and are readable while partial (rank NULL, `complete` false; stores from before units have no
+    such column, and every run in them is complete)."""
+    units = table == "attribution_scores" and _has_column(store, table, "complete")
+    return "WHERE complete IS NOT FALSE" if units else ""
+
+
 def _latest_run(store: Store, table: str, col: str, what: str) -> str:
     if not store.has_table(table):
         raise StoreError(
@@ -150,14 +162,21 @@ def _latest_run(store: Store, table: str, col: str, what: str) -> str:
                 else "run python -m trainers.sae_predictor --sae latest --attribution latest"
             )
         )
+    where = _finished_only(store, table)
+    if where and not store.query(f"SELECT 1 FROM {table} {where} LIMIT 1").num_rows:
+        raise StoreError(
+            f"{what}:latest: no attribution run in {store.root} is complete yet (only partial runs, rank NULL); "
+            "finish one by rerunning its command (python -m extractors.run --kinds attribution ...), "
+            "which resumes it"
+        )
     if store.has_table("runs"):
         sql = (
-            f"SELECT t.{col} FROM (SELECT DISTINCT {col} FROM {table}) t LEFT JOIN "
+            f"SELECT t.{col} FROM (SELECT DISTINCT {col} FROM {table} {where}) t LEFT JOIN "
             f"(SELECT run_id, max(started_at) AS started_at FROM runs GROUP BY run_id) r ON r.run_id = t.{col} "
             f"ORDER BY r.started_at DESC NULLS LAST, t.{col} DESC LIMIT 1"
         )
     else:
-        sql = f"SELECT max({col}) FROM {table}"
+        sql = f"SELECT max({col}) FROM {table} {where}"
     return store.query(sql).column(0)[0].as_py()
 
 
@@ -180,6 +199,13 @@ def resolve_source(store: Store, source: str) -> tuple[str, str | None]:
         known = _known_runs(store, table, col) if store.has_table(table) else "none"
         raise StoreError(
             f"{kind} run {run!r} has no rows in {table} of {store.root}; runs there: {known} (or use {kind}:latest)"
+        )
+    where = _finished_only(store, table)
+    if where and store.query(f"SELECT 1 FROM {table} WHERE {col} = ? AND complete = false LIMIT 1", [run]).num_rows:
+        raise StoreError(
+            f"attribution run {run!r} is partial (some of its pool units are not committed, ranks are NULL): "
+            "rerun the command that started it to finish it (it resumes), or use attribution:latest for the "
+            "newest complete run"
         )
     if not safe_name(run):
         raise StoreError(f"{kind} run id {run!r} cannot be part of a subset name (letters, digits, _ . -)")
