@@ -92,7 +92,8 @@ def test_hidden_and_logits_share_one_pass_with_the_same_bytes(rows_store, logits
     shutil.copytree(rows_store, both)
     shutil.copytree(rows_store, alone)
     res = _extract(both, tiny_model, kinds=["hidden", "logits"], layers=[1, 3])
-    _extract(alone, tiny_model, kinds=["hidden"], layers=[1, 3])
+    # the logits pass pads its batches (it has not moved to extractors.packing yet): compare with padded hidden
+    _extract(alone, tiny_model, kinds=["hidden"], layers=[1, 3], pack="off")
     assert res.counts["rows"] == sum(SMALL.values())
     for L in (1, 3):
         assert np.array_equal(_raw(both, f"hidden/layer_{L}"), _raw(alone, f"hidden/layer_{L}")), L
