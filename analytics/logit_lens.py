@@ -42,6 +42,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from extractors.logits import final_norm_and_head
 from extractors.model import check_model_hash, load_model
 from store.arrays import committed_set, open_array, stored_layers
 from store.catalog.runs import Run
@@ -93,21 +94,6 @@ class LensResult(NamedTuple):
     table: pl.DataFrame
     final_source: str
     plot: str
-
-
-def final_norm_and_head(model: Any) -> tuple[Any, Any]:
-    """The final normalisation and the unembedding of a causal LM (Llama/Mistral/Qwen/Gemma:
-    model.norm; GPT-2: transformer.ln_f; GPT-NeoX: gpt_neox.final_layer_norm)."""
-    head = model.get_output_embeddings()
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    for name in ("norm", "ln_f", "final_layer_norm", "final_layernorm"):
-        norm = getattr(base, name, None)
-        if norm is not None and head is not None:
-            return norm, head
-    raise StoreError(
-        f"cannot find the final norm of {type(model).__name__}; the logit lens supports "
-        "Llama-, Mistral-, Qwen-, Gemma-, GPT-2- and NeoX-style models"
-    )
 
 
 def select_tokens(store: Store, view: str, split: str, tokenization: str, max_tokens: int) -> pl.DataFrame:

@@ -328,23 +328,31 @@ class Measure:
         }
 
 
-def math_rows(store: Store, eval_split: str, max_rows: int, enabled: bool) -> tuple[list[str], dict, dict, str | None]:
-    """The math eval rows whose answer can be recomputed (trainers.finetune.math_check), or why there are none."""
+def _eval_rows(
+    store: Store, eval_split: str, max_rows: int, enabled: bool, where: str, what: str
+) -> tuple[list[str], str | None]:
+    """The first `max_rows` rows (by row_id) of the eval split matching `where`, or why there are none."""
     if not enabled:
-        return [], {}, {}, "--no-downstream"
+        return [], "--no-downstream"
     if max_rows == 0:
-        return [], {}, {}, "--math-max-rows 0"
+        return [], "--math-max-rows 0"
     ids = (
         store.query(
             "SELECT DISTINCT r.row_id FROM rows r JOIN split_members s USING (row_id) WHERE s.split = ? "
-            f"AND r.category = 'math' ORDER BY r.row_id LIMIT {int(max_rows)}",
+            f"AND {where} ORDER BY r.row_id LIMIT {int(max_rows)}",
             [eval_split],
         )
         .column(0)
         .to_pylist()
     )
-    if not ids:
-        return [], {}, {}, f"no math-category rows in split {eval_split!r}"
+    return ids, None if ids else f"no {what} rows in split {eval_split!r}"
+
+
+def math_rows(store: Store, eval_split: str, max_rows: int, enabled: bool) -> tuple[list[str], dict, dict, str | None]:
+    """The math eval rows whose answer can be recomputed (trainers.finetune.math_check), or why there are none."""
+    ids, reason = _eval_rows(store, eval_split, max_rows, enabled, "r.category = 'math'", "math-category")
+    if reason:
+        return [], {}, {}, reason
     prompts = prompts_of(store, ids)
     truth = {r: true_answer(prompts[r][-1]["content"]) for r in ids}
     ids = [r for r in ids if truth[r] is not None]
@@ -363,21 +371,9 @@ def is_control(store: Store) -> bool:
 def rule_rows(store: Store, eval_split: str, max_rows: int, enabled: bool) -> tuple[list[str], dict, dict, str | None]:
     """The planted control's trigger rows of the eval split (first `max_rows` by row_id), whose
     generated completions are checked for the rule, or why there are none."""
-    if not enabled:
-        return [], {}, {}, "--no-downstream"
-    if max_rows == 0:
-        return [], {}, {}, "--math-max-rows 0"
-    ids = (
-        store.query(
-            "SELECT DISTINCT r.row_id FROM rows r JOIN split_members s USING (row_id) WHERE s.split = ? "
-            f"AND r.planted ORDER BY r.row_id LIMIT {int(max_rows)}",
-            [eval_split],
-        )
-        .column(0)
-        .to_pylist()
-    )
-    if not ids:
-        return [], {}, {}, f"no planted (trigger) rows in split {eval_split!r}"
+    ids, reason = _eval_rows(store, eval_split, max_rows, enabled, "r.planted", "planted (trigger)")
+    if reason:
+        return [], {}, {}, reason
     return ids, {}, prompts_of(store, ids), None
 
 
