@@ -1,13 +1,16 @@
 """Seeded SIGKILLs over every array kind: a chain of kills on one store ends identical to an
 uninterrupted run.
 
-For each kind (hidden states, SAE codes, gradient norms, logits) one process runs the documented
-commands (`python -m extractors.dataset` then `python -m extractors.run --kinds KIND`) on a
-tiny random model; it is SIGKILLed at 7 seeded moments spread over the ingest, the
-tokenization, chunk writes and commits (each rerun starts from what the last left), then
-run to the end. The store must equal an uninterrupted run's: arrays byte-identical, catalog
-tables row-identical (order-independent, without timestamps and run ids), no leftovers
-(`*.partial`, temp files, claims), and `python -m store.verify` clean.
+One process runs the documented commands (`python -m extractors.dataset` then
+`python -m extractors.run --kinds hidden sae logits gradnorm`: hidden states and logits
+from one forward pass, then SAE codes, then gradient norms) on a tiny random model; it is SIGKILLed
+at 8 seeded moments: the ingest, the tokenization, then for each kind in turn a seeded
+chunk write or unit commit of that kind (so every kind is hit), and two more anywhere (each
+rerun starts from what the last left), then run to the end. The store must equal an
+uninterrupted run's: arrays byte-identical, catalog tables row-identical (order-independent,
+without timestamps and run ids), no leftovers (`*.partial`, temp files, claims), and
+`python -m store.verify` clean. (One chain over all kinds costs one set of process starts;
+one chain per kind cost CI ~3 minutes more for the same phases.)
 
 Attribution (per-row scores, no arrays) has its own chain of 7 kills: the ingest, the
 tokenization, bergson's query side, seeded unit commits and the finalization; its final
@@ -34,8 +37,9 @@ from store.verify import verify
 from tests.store_compare import catalog_rows
 
 REPO = Path(__file__).resolve().parent.parent
-KILLS = 7  # ingest, tokenize, then 5 seeded chunk writes or commits (10 cost CI ~100 s more, for the same phases)
-SEEDS = {"hidden": 1, "sae": 2, "gradnorm": 3, "logits": 4}
+KILLS = 7  # attribution: ingest, tokenize, query side, 3 unit commits, finalization
+UNIT_KINDS = ("hidden", "logits", "sae", "gradnorm")  # the order they run in (extractors.pipeline)
+EXTRA_KILLS = 2  # after one kill per kind, two more at seeded kinds and moments
 INGEST = ["--train-base", "32", "--attr-query", "4", "--eval", "4", "--sample-train", "60", "--sample-test", "16"]
 VOLATILE = {
     "run_id",
@@ -59,14 +63,9 @@ DRIVER = (
 )
 
 
-def _kinds(sae_dir: Path) -> dict[str, list[str]]:
+def _kind_args(sae_dir: Path) -> list[str]:
     # Every kind, always: a kind whose module moved fails here (it used to be skipped silently).
-    return {
-        "hidden": ["--layers", "1", "3", "--kinds", "hidden"],
-        "sae": ["--layers", "2", "--kinds", "sae", "--sae", str(sae_dir)],
-        "gradnorm": ["--layers", "1", "3", "--kinds", "gradnorm"],
-        "logits": ["--kinds", "logits", "--logits-k", "8"],
-    }
+    return ["--layers", "2", "--kinds", *UNIT_KINDS, "--sae", str(sae_dir), "--logits-k", "8"]
 
 
 def _cmd(store: Path, model: str, cache: Path, kind_args: list[str]) -> list[str]:
@@ -111,24 +110,30 @@ def _count(root: Path, sub: str, pattern: str) -> int:
 
 
 def _trigger(store: Path, phase: str, rng: random.Random):
-    """A function that is true once the chosen moment of the chain has come."""
+    """A function that is true once the chosen moment of the chain has come: `ingest`,
+    `tokenize`, or `write:KIND` / `commit:KIND` (a seeded number of that kind's chunk files
+    or unit commits past the count now)."""
     if phase == "ingest":
         return lambda: (store / "catalog" / "rows").is_dir()
     if phase == "tokenize":
         return lambda: (store / "catalog" / "tokens").is_dir()
-    sub, pattern = ("arrays", "c/*") if phase == "write" else ("catalog/array_units", "*.parquet")
+    what, kind = phase.split(":")
+    sub, pattern = (f"arrays/{kind}", "c/*") if what == "write" else ("catalog/array_units", f"{kind}__*/*.parquet")
     target = _count(store, sub, pattern) + rng.randint(1, 3)
     return lambda: _count(store, sub, pattern) >= target
 
 
-def _kill_chain(store: Path, cmd: list[str], seed: int) -> list[str]:
-    """SIGKILL cmd at KILLS seeded moments (rerunning it after each); returns the phases hit."""
-    rng = random.Random(seed)
+def _phases(rng: random.Random) -> list[str]:
+    """ingest, tokenize, then a seeded write or commit of each kind in the order the kinds run,
+    with EXTRA_KILLS more among the first three."""
+    kinds = sorted([*UNIT_KINDS, *rng.choices(UNIT_KINDS[:3], k=EXTRA_KILLS)], key=UNIT_KINDS.index)
+    return ["ingest", "tokenize", *(f"{rng.choice(['write', 'commit'])}:{k}" for k in kinds)]
+
+
+def _kill_chain(store: Path, cmd: list[str], phases: list[str], rng: random.Random) -> list[str]:
+    """SIGKILL cmd at each phase in turn (rerunning it after each); returns the phases hit."""
     hits: list[str] = []
-    for attempt in range(KILLS + 4):
-        if len(hits) == KILLS:
-            break
-        phase = ["ingest", "tokenize"][attempt] if attempt < 2 else rng.choice(["write", "commit"])
+    for phase in phases:
         proc = subprocess.Popen(
             cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )
@@ -136,13 +141,11 @@ def _kill_chain(store: Path, cmd: list[str], seed: int) -> list[str]:
         while proc.poll() is None and not fire():
             assert time.monotonic() - t0 < 300, "the chain hangs"
             time.sleep(0.002)
-        if proc.poll() is None:
-            time.sleep(rng.uniform(0.0, 0.02))  # land anywhere between two events
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            hits.append(phase)
-        else:
-            assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+        assert proc.poll() is None, f"{phase}: the run ended before the kill ({proc.stderr.read().decode()[-2000:]})"
+        time.sleep(rng.uniform(0.0, 0.02))  # land anywhere between two events
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        hits.append(phase)
     return hits
 
 
@@ -159,15 +162,16 @@ def _arrays(store: Path) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.slow  # 60-75 s per kind on 2 cores: the three chains are the suite's slowest tests
-@pytest.mark.parametrize("kind", ["hidden", "sae", "gradnorm", "logits"])
-def test_seeded_kills_end_identical_to_an_uninterrupted_run(kind, tmp_path, tiny_model, model_cache, sae_dir):
-    kinds = _kinds(sae_dir)
+@pytest.mark.slow  # ~80 s on 2 cores
+def test_seeded_kills_end_identical_to_an_uninterrupted_run(tmp_path, tiny_model, model_cache, sae_dir):
+    args = _kind_args(sae_dir)
     clean, killed = tmp_path / "clean", tmp_path / "killed"
-    _run_in_process(_cmd(clean, tiny_model, model_cache, kinds[kind]))  # the uninterrupted reference
-    hits = _kill_chain(killed, _cmd(killed, tiny_model, model_cache, kinds[kind]), seed=SEEDS[kind])
-    assert len(hits) == KILLS and hits[:2] == ["ingest", "tokenize"], hits
-    subprocess.run(_cmd(killed, tiny_model, model_cache, kinds[kind]), cwd=REPO, check=True, capture_output=True)
+    _run_in_process(_cmd(clean, tiny_model, model_cache, args))  # the uninterrupted reference
+    rng = random.Random(1)
+    phases = _phases(rng)
+    hits = _kill_chain(killed, _cmd(killed, tiny_model, model_cache, args), phases, rng)
+    assert hits == phases and len(hits) == 2 + len(UNIT_KINDS) + EXTRA_KILLS, hits
+    subprocess.run(_cmd(killed, tiny_model, model_cache, args), cwd=REPO, check=True, capture_output=True)
     a, b = _arrays(clean), _arrays(killed)
     assert sorted(a) == sorted(b) and a
     for name in a:
