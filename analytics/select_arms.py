@@ -30,7 +30,7 @@ from extractors.adapters import apply_adapter, registered, resolve_adapter
 from extractors.ingest.sample.planted import rule_followed
 from extractors.model import load_model
 from store.core import Store, StoreError, write_json
-from trainers.finetune.eval_loss import EvalLossConfig, run_eval_loss
+from trainers.finetune.eval_loss import EvalLossConfig, merge, run_eval_loss
 from trainers.finetune.math_check import stated_answer, true_answer
 from trainers.finetune.train import FinetuneConfig, run_finetune
 from trainers.selection.subsets import SubsetSpec
@@ -267,17 +267,18 @@ class Measure:
     compute_dtype: str
     model_cache: str | None
     progress: bool
-    compare_json: Path
+    arms_dir: Path  # each arm's eval_loss comparison JSON (merged by `merge_compare` at the end)
     metric: str = "math"  # math: the answer is correct; rule: the planted control's rule is followed
 
-    def eval_loss(self, adapter: str | None) -> dict[str, Any]:
+    def eval_loss(self, adapter: str | None, arm_id: str) -> dict[str, Any]:
         doc = run_eval_loss(
             EvalLossConfig(
                 store=str(self.store.root),
                 split=self.eval_split,
                 max_rows=self.eval_max_rows,
                 adapter=adapter,
-                output_json=str(self.compare_json),
+                # one file per arm: concurrent workers never merge into the same document
+                output_json=str(self.arms_dir / f"{arm_id}.eval_loss.json"),
                 max_length=self.max_length,
                 on_long=self.on_long,
                 model=self.model,
@@ -298,6 +299,18 @@ class Measure:
             "n_tokens": t["n_tokens"],
             "loss_sum": t["loss_sum"],
         }
+
+    def merge_compare(self, path: Path, arm_ids: list[str]) -> Path:
+        """The experiment's eval_loss_compare.json: every arm's entry merged (as trainers.eval_loss
+        merges them) from the arms' own comparison files, in the experiment's order."""
+        doc: dict[str, Any] = {}
+        for arm_id in arm_ids:
+            one = json.loads((self.arms_dir / f"{arm_id}.eval_loss.json").read_text())
+            if one.get("base"):
+                doc = merge(doc, one["base"], None, path)
+            for name, entry in one.get("adapters", {}).items():
+                doc = merge(doc, entry, name, path)
+        return write_json(path, doc)
 
     def downstream(self, adapter: str | None) -> dict[str, Any]:
         if self.downstream_reason:

@@ -48,7 +48,19 @@ Outputs in runs/<run_id>/ (run_id = select-<hash of the config>, the same for th
 `arms/<arm>.json` (per-row losses, answers), `eval_loss_compare.json`; one row per (seed, arm) in
 table `selection_runs` (plus the `base` row, seed null), and a `runs` record (kind
 select_experiment). Resumable: rerunning the same command (also with more --seeds) reuses every
-finished arm and trains only the missing ones.
+finished arm and trains only the missing ones; rerunning a finished experiment does nothing.
+
+Shared arms: the base measurement and every (seed, arm) are claimable units (store.claims, as
+extraction units are): N processes started with the same command (N CPU processes, one per GPU
+with `CUDA_VISIBLE_DEVICES=i`, or `torchrun` ranks, whose LOCAL_RANK picks the GPU) split them,
+none computed twice; a killed worker's arm is taken over (its claim is stale at once on the same
+host, after `--claim-timeout` elsewhere) and continues from the arm's latest finetune checkpoint.
+Each unit's eval loss goes to `arms/<arm>.eval_loss.json`; the first worker to find every unit
+committed writes the summary (the others find it), which equals a single-process run's:
+
+    python -m analytics.select_experiment --selector attribution:latest --k 500 --seeds 5 &
+    python -m analytics.select_experiment --selector attribution:latest --k 500 --seeds 5 &
+    torchrun --nproc-per-node 4 -m analytics.select_experiment --selector attribution:latest --k 500
 """
 
 from __future__ import annotations
@@ -58,23 +70,50 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from analytics import select_arms as sa
-from analytics.selection.summary import plot, report, summarize
+from analytics.selection.summary import plot, report, result_doc, summarize
+from extractors.model import pick_device
 from extractors.sft_data import select_rows_by
+from extractors.units import claimed_units
+from store import claims
 from store.catalog.runs import Run
-from store.cli import ModelOptions, ProgressOptions, StoreOptions, config_dict, parse_config, user_errors
+from store.cli import (
+    ModelOptions,
+    ProgressOptions,
+    RankOptions,
+    StoreOptions,
+    config_dict,
+    parse_config,
+    user_errors,
+)
 from store.core import Store, StoreError, write_json
 from trainers.selection.subsets import resolve_source, subset_name, subset_rows, write_subset
 
 # Fields that do not change what an arm is: left out of the experiment's id, so changing them
 # (more seeds, other bootstrap settings, another device) reuses the finished arms.
-NOT_IN_ID = ("store", "seeds", "arms", "n_boot", "n_perm", "stats_seed", "device", "model_cache", "progress")
+# How the work is shared (ranks, claim timeout) is not what it is either: every process started with
+# the same command joins the same experiment.
+NOT_IN_ID = (
+    "store",
+    "seeds",
+    "arms",
+    "n_boot",
+    "n_perm",
+    "stats_seed",
+    "device",
+    "model_cache",
+    "progress",
+    "rank",
+    "world_size",
+    "local_rank",
+    "claim_timeout",
+)
 
 
 @dataclass(kw_only=True)
-class SelectExperimentConfig(StoreOptions, ModelOptions, ProgressOptions):
+class SelectExperimentConfig(StoreOptions, ModelOptions, RankOptions, ProgressOptions):
     """Top-k vs matched random-k continuation finetunes over seeds, with paired CIs (module docstring).
     --model is the base model the arms' adapters continue from."""
 
@@ -144,8 +183,19 @@ class SelectExperimentConfig(StoreOptions, ModelOptions, ProgressOptions):
         default="error", metadata={"help": "rows longer than --max-length: error, or truncate them"}
     )
 
+    claim_timeout: float = field(
+        default=3600.0,
+        metadata={
+            "help": "seconds after which another process's claim of an arm counts as stale and is taken over (a "
+            "dead process on this host is taken over at once)"
+        },
+    )
+
     def __post_init__(self) -> None:
         self.check_device()
+        self.fill_ranks()
+        if self.claim_timeout <= 0:
+            raise ValueError(f"--claim-timeout must be positive seconds, got {self.claim_timeout}")
         for name in (
             "k",
             "seeds",
@@ -182,11 +232,31 @@ def experiment_id(cfg: SelectExperimentConfig, base: Any, top_subset: str) -> st
     return "select-" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
+class _Unit(NamedTuple):
+    """One claimable unit of an experiment: `units[unit]` is `base` or an arm id (extractors.units)."""
+
+    unit: int
+
+
+def _stored_result(store: Store, run_id: str, arm_ids: list[str]) -> dict[str, Any] | None:
+    """The experiment's finished result JSON when it covers exactly these arms, else None."""
+    path = store.run_dir(run_id) / "select_experiment.json"
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if doc.get("status") != "finished" or [f"s{a['seed']}-{a['arm']}" for a in doc["arms"]] != arm_ids:
+        return None
+    return doc
+
+
 def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
-    """Plan, train the missing arms, measure, summarize (see the module docstring)."""
+    """Plan, train the missing arms (each claimed: N processes share them), measure, summarize (see
+    the module docstring)."""
     from tqdm.auto import tqdm
 
     store = Store(cfg.store)
+    if cfg.local_rank is not None and cfg.device in ("auto", "cuda"):
+        cfg.device = str(pick_device(cfg.device, cfg.local_rank))  # one GPU per rank of a node
     select_rows_by(store, split=cfg.eval_split, max_rows=cfg.eval_max_rows, flag="--eval-split")
     resolved, _ = resolve_source(store, cfg.selector)
     base = sa.resolve_base(store, cfg.resume_adapter)
@@ -201,6 +271,12 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
         sa.parse_arms(cfg.arms),
     )
     run_id = experiment_id(cfg, base, subset_name(store, arms[0].spec))
+    units = ["base", *(a.arm_id for a in arms)]
+    done = sa.finished(store, run_id)
+    stored = _stored_result(store, run_id, units[1:])
+    if stored is not None and all(u in done for u in units):
+        print(f"nothing to do: selection experiment {run_id} is finished ({len(arms)} arms)")
+        return stored
     # Every subset (cheap, deterministic) and the budget check before anything trains.
     subsets = {a.arm_id: write_subset(store, a.spec) for a in arms}
     sizes = {a.arm_id: len(subset_rows(store, subsets[a.arm_id])) for a in arms}
@@ -235,7 +311,7 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
         cfg.compute_dtype,
         cfg.model_cache,
         cfg.progress,
-        store.run_dir(run_id) / "eval_loss_compare.json",
+        store.run_dir(run_id) / "arms",
         metric,
     )
     budget_doc = {
@@ -249,50 +325,34 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
         "row_visits": steps * cfg.batch_size * cfg.grad_accum,
         "full_arm": "the whole pool at the same optimizer steps, batch and lr as the k-row arms" if full else None,
     }
-    record = {
-        **config_dict(cfg),
-        "run_id": run_id,
-        "selector_resolved": resolved,
+    common = {
+        "selector": resolved,
         "base_adapter": base.name if base else None,
-        "steps": steps,
-        "budget": budget_doc,
-        "downstream_metric": metric,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "lr": cfg.lr,
+        "eval_split": cfg.eval_split,
     }
-    with Run(
-        store,
-        "select_experiment",
-        record,
-        model_id=base.base_model if base else cfg.model,
-        model_hash=base.base_hash if base else "",
-        run_id=run_id,
-    ) as run:
-        done = sa.finished(store, run_id)
-        reused = sorted(a for a in done if a == "base" or a in subsets)
-        common = {
+    # The pre-declared budget, on disk before the first arm trains (replaced by the result; every
+    # worker of the experiment writes the same document).
+    write_json(
+        store.run_dir(run_id) / "select_experiment.json",
+        {
+            "run_id": run_id,
+            "status": "planned",
             "selector": resolved,
-            "base_adapter": base.name if base else None,
-            "batch_size": cfg.batch_size,
-            "grad_accum": cfg.grad_accum,
-            "lr": cfg.lr,
-            "eval_split": cfg.eval_split,
-        }
-        todo = [a for a in arms if a.arm_id not in done]
-        # The pre-declared budget, on disk before the first arm trains (replaced by the result).
-        write_json(
-            run.dir / "select_experiment.json",
-            {
-                "run_id": run_id,
-                "status": "planned",
-                "selector": resolved,
-                "k": cfg.k,
-                "budget": budget_doc,
-                "arms": [a.arm_id for a in arms],
-                "downstream_metric": metric,
-            },
-        )
-        bar = tqdm(total=len(todo) + ("base" not in done), desc="selection arms", disable=not cfg.progress)
-        if "base" not in done:
-            rec = {
+            "k": cfg.k,
+            "budget": budget_doc,
+            "arms": [a.arm_id for a in arms],
+            "downstream_metric": metric,
+        },
+    )
+    by_id = {a.arm_id: a for a in arms}
+    prior = set(done)  # committed before this process started (reported as reused)
+
+    def compute(arm_id: str) -> dict[str, Any]:
+        if arm_id == "base":
+            return {
                 **common,
                 "arm": "base",
                 "seed": None,
@@ -302,87 +362,84 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
                 "n_train_rows": 0,
                 "steps": 0,
                 "epochs": 0,
-                **measure.eval_loss(base_spec),
+                **measure.eval_loss(base_spec, "base"),
                 **measure.downstream(base_spec),
             }
-            sa.commit(store, run_id, "base", rec)
-            done["base"] = rec
+        arm = by_id[arm_id]
+        trained = sa.train_arm(store, run_id, arm, subsets[arm_id], sizes[arm_id], base, budget, cfg, steps)
+        return {
+            **common,
+            "arm": arm.name,
+            "seed": arm.seed,
+            "subset": subsets[arm_id],
+            "n_train_rows": sizes[arm_id],
+            **trained,
+            **measure.eval_loss(trained["adapter"], arm_id),
+            **measure.downstream(trained["adapter"]),
+        }
+
+    # Each unit (the base, then every arm) is claimed before it is computed (store.claims), so N
+    # processes started with this command split them; a dead worker's claim is taken over.
+    scope, timeout = f"select-{run_id}", cfg.claim_timeout
+    claims.sweep_stale(store, timeout)
+
+    def todo() -> list[_Unit]:  # the units not committed yet, this rank's share first
+        left = [i for i, u in enumerate(units) if u not in sa.finished(store, run_id)]
+        return [_Unit(i) for i in sorted(left, key=lambda i: (i % cfg.world_size != cfg.rank, i))]
+
+    mine: list[str] = []
+    work = todo()
+    bar = tqdm(total=len(work), desc="selection arms", disable=not cfg.progress)
+    try:
+        for w in claimed_units(store, scope, work, todo, timeout):
+            arm_id = units[w.unit]
+            if arm_id in sa.finished(store, run_id):  # committed by a worker that has ended
+                continue
+            bar.set_postfix(arm=arm_id)
+            sa.commit(store, run_id, arm_id, compute(arm_id))
+            mine.append(arm_id)
             bar.update(1)
-        for arm in todo:
-            bar.set_postfix(arm=arm.arm_id)
-            trained = sa.train_arm(store, run_id, arm, subsets[arm.arm_id], sizes[arm.arm_id], base, budget, cfg, steps)
-            rec = {
-                **common,
-                "arm": arm.name,
-                "seed": arm.seed,
-                "subset": subsets[arm.arm_id],
-                "n_train_rows": sizes[arm.arm_id],
-                **trained,
-                **measure.eval_loss(trained["adapter"]),
-                **measure.downstream(trained["adapter"]),
-            }
-            sa.commit(store, run_id, arm.arm_id, rec)
-            done[arm.arm_id] = rec
-            bar.update(1)
+    finally:
         bar.close()
+        claims.release_all(store, scope, timeout)
+    print(f"this process computed {len(mine)} of {len(units)} units: {','.join(mine) or 'none'}")
+    # The summary, once: whoever gets here first with every unit committed writes it, the others find it.
+    with claims.exclusive(store, scope, "summary", timeout):
+        stored = _stored_result(store, run_id, units[1:])
+        if stored is not None:
+            return stored
+        done = sa.finished(store, run_id)
+        missing = [u for u in units if u not in done]
+        if missing:
+            raise StoreError(f"experiment {run_id}: units {missing} are not committed; rerun the same command")
         summary = summarize(cfg, done, comps, done["base"])
         title = f"{resolved}, k {cfg.k}, {cfg.seeds} seeds, {steps} steps"
-        png = plot(summary, run.dir / "select_experiment.png", title, metric)
-        result = {
-            "run_id": run_id,
-            "selector": resolved,
-            "k": cfg.k,
-            "seeds": cfg.seeds,
-            "ablation": cfg.ablation,
-            "base_adapter": base.name if base else None,
-            "status": "finished",
-            "budget": budget_doc,
-            "eval": {
-                "split": cfg.eval_split,
-                "rows": len(done["base"]["eval_row_ids"]),
-                "supervised_tokens": int(sum(done["base"]["n_tokens"])),
-            },
-            "downstream": {"metric": metric, "rows": len(math_ids), "skipped_because": reason},
-            "arms": [
-                {
-                    "arm": a.name,
-                    "seed": a.seed,
-                    "subset": subsets[a.arm_id],
-                    "n_train_rows": sizes[a.arm_id],
-                    "adapter": done[a.arm_id]["adapter"],
-                    "eval_loss": done[a.arm_id]["eval_loss"],
-                    "downstream": done[a.arm_id]["downstream"],
-                    "reused": a.arm_id in reused,
-                }
-                for a in arms
-            ],
-            "reused_arms": len([a for a in reused if a != "base"]),
-            "trained_arms": len(todo),
-            **summary,
-            "plot": str(png),
-            "method": {
-                "difference": "a - b; eval loss token-weighted (negative: a better), downstream "
-                "accuracy (positive: a better)",
-                "ci": f"95% percentile bootstrap, {cfg.n_boot} resamples, paired by eval row; pooled: "
-                f"seeds and rows resampled independently (crossed), seed {cfg.stats_seed}",
-                "p_value": f"primary: the bootstrap's own two-sided p from the same {cfg.n_boot} replicates "
-                "as the CI (rows, and pooled also seeds, resampled): p < 0.05 exactly when the 95% CI excludes 0",
-                "p_sign_flip_rows": f"secondary: two-sided sign-flip permutation test on per-row differences "
-                f"pooled over seeds ({cfg.n_perm} permutations); rows only, conditional on these seeds' arms",
-            },
-        }
-        write_json(run.dir / "select_experiment.json", result)
-        pooled = {n: c["eval_loss"]["pooled"] for n, c in summary["comparisons"].items()}
-        run.finish(
-            counts={
-                "arms": len(arms),
-                "trained": len(todo),
-                "reused": result["reused_arms"],
-                "eval_rows": result["eval"]["rows"],
-                "math_rows": len(math_ids),
-            },
-            metrics={"pooled_eval_loss_difference": pooled},
-        )
+        run_dir = store.run_dir(run_id)
+        png = plot(summary, run_dir / "select_experiment.png", title, metric)
+        measure.merge_compare(run_dir / "eval_loss_compare.json", units)
+        result = result_doc(cfg, run_id, resolved, base, budget_doc, done, arms, subsets, sizes, prior, summary)
+        result.update(downstream={"metric": metric, "rows": len(math_ids), "skipped_because": reason}, plot=str(png))
+        record = {**config_dict(cfg), "run_id": run_id, "selector_resolved": resolved, "budget": budget_doc}
+        with Run(
+            store,
+            "select_experiment",
+            {**record, "base_adapter": common["base_adapter"], "steps": steps, "downstream_metric": metric},
+            model_id=base.base_model if base else cfg.model,
+            model_hash=base.base_hash if base else "",
+            run_id=run_id,
+        ) as run:
+            write_json(run.dir / "select_experiment.json", result)
+            pooled = {n: c["eval_loss"]["pooled"] for n, c in summary["comparisons"].items()}
+            run.finish(
+                counts={
+                    "arms": len(arms),
+                    "trained": result["trained_arms"],
+                    "reused": result["reused_arms"],
+                    "eval_rows": result["eval"]["rows"],
+                    "math_rows": len(math_ids),
+                },
+                metrics={"pooled_eval_loss_difference": pooled},
+            )
     return result
 
 

@@ -363,6 +363,63 @@ def test_anchor_arms_bottom_and_full(exp_store, tiny_model, capsys, monkeypatch)
         assert _inside(c["eval_loss"]["pooled"])
 
 
+def _measured(store: Path, run_id: str) -> dict:
+    """(seed, arm) -> what the arm measured (per-row losses and answers), from its selection_runs row's JSON."""
+    st = Store(store)
+    rows = st.query("SELECT seed, arm FROM selection_runs WHERE run_id = ?", [run_id]).to_pylist()
+    out = {}
+    for r in rows:
+        arm_id = "base" if r["seed"] is None else f"s{r['seed']}-{r['arm']}"
+        rec = json.loads((st.run_dir(run_id) / "arms" / f"{arm_id}.json").read_text())
+        out[arm_id] = {k: rec[k] for k in ("eval_loss", "loss_sum", "n_tokens", "correct", "subset", "steps")}
+    return out
+
+
+def test_two_processes_share_the_arms_and_a_dead_workers_arm_is_taken_over(exp_store, tiny_model, tmp_path, capsys):
+    """Two processes started with the same command split the 5 units (base + 2 seeds x 2 arms): each
+    computed at least one, none twice, 4 finetunes in all; the result equals a single process's, which
+    (on a copy of the store) also takes over an arm whose claim belongs to a dead process."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    shared, single = tmp_path / "shared", tmp_path / "single"
+    shutil.copytree(exp_store, shared)
+    shutil.copytree(exp_store, single)
+    before = _finetunes(shared)
+    argv = _args(shared, tiny_model, "--k", "3", "--seeds", "2", "--lr", "5e-3")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    cmd = [sys.executable, "-m", "analytics.select_experiment", *argv]
+    procs = [subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    procs.append(subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    units = [next(x for x in o.splitlines() if x.startswith("this process computed")) for o in outs]
+    mine = [set(u.split(": ", 1)[1].split(",")) - {"none"} for u in units]
+    assert all(mine) and not mine[0] & mine[1], units  # both worked, none twice
+    assert mine[0] | mine[1] == {"base", "s0-top", "s0-matched_random", "s1-top", "s1-matched_random"}
+    assert _finetunes(shared) == before + 4
+    summary = next(Path(x.split()[1]) for o in outs for x in o.splitlines() if x.startswith("JSON "))
+    res = json.loads(summary.read_text())
+    # The single process, on a copy, finds s0-top claimed by a process that has died: it takes it over.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claim = single / "claims" / f"select-{res['run_id']}" / "u000001.json"
+    claim.parent.mkdir(parents=True)
+    claim.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": dead.pid, "time": 0}))
+    assert main(_args(single, tiny_model, "--k", "3", "--seeds", "2", "--lr", "5e-3")) == 0
+    ref = _result(single, capsys)
+    assert ref["run_id"] == res["run_id"] and ref["trained_arms"] == res["trained_arms"] == 4
+    assert _measured(shared, res["run_id"]) == _measured(single, ref["run_id"])
+    assert res["comparisons"] == ref["comparisons"] and res["base"] == ref["base"]
+    # A rerun of the finished experiment does nothing.
+    n = _finetunes(single)
+    assert main(_args(single, tiny_model, "--k", "3", "--seeds", "2", "--lr", "5e-3")) == 0
+    assert "nothing to do: selection experiment" in capsys.readouterr().out and _finetunes(single) == n
+
+
 def test_help_documents_every_option(capsys):
     import dataclasses
 

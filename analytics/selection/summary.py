@@ -164,3 +164,62 @@ def report(res: dict[str, Any]) -> str:
         f"table {sa.TABLE} (SELECT * FROM {sa.TABLE} WHERE run_id = '{res['run_id']}')",
     ]
     return "\n".join(lines)
+
+
+def result_doc(
+    cfg: Any,
+    run_id: str,
+    resolved: str,
+    base: Any,
+    budget: dict[str, Any],
+    done: dict[str, dict[str, Any]],
+    arms: list[sa.Arm],
+    subsets: dict[str, str],
+    sizes: dict[str, int],
+    prior: set[str],
+    summary: dict[str, Any],
+) -> dict[str, Any]:
+    """The experiment's result document (select_experiment.json) from its committed arms; `prior`
+    are the arms committed before this invocation started (reported as reused)."""
+    reused = sorted(a for a in prior if a in subsets)
+    return {
+        "run_id": run_id,
+        "selector": resolved,
+        "k": cfg.k,
+        "seeds": cfg.seeds,
+        "ablation": cfg.ablation,
+        "base_adapter": base.name if base else None,
+        "status": "finished",
+        "budget": budget,
+        "eval": {
+            "split": cfg.eval_split,
+            "rows": len(done["base"]["eval_row_ids"]),
+            "supervised_tokens": int(sum(done["base"]["n_tokens"])),
+        },
+        "arms": [
+            {
+                "arm": a.name,
+                "seed": a.seed,
+                "subset": subsets[a.arm_id],
+                "n_train_rows": sizes[a.arm_id],
+                "adapter": done[a.arm_id]["adapter"],
+                "eval_loss": done[a.arm_id]["eval_loss"],
+                "downstream": done[a.arm_id]["downstream"],
+                "reused": a.arm_id in reused,
+            }
+            for a in arms
+        ],
+        "reused_arms": len(reused),
+        "trained_arms": len(arms) - len(reused),
+        **summary,
+        "method": {
+            "difference": "a - b; eval loss token-weighted (negative: a better), downstream "
+            "accuracy (positive: a better)",
+            "ci": f"95% percentile bootstrap, {cfg.n_boot} resamples, paired by eval row; pooled: "
+            f"seeds and rows resampled independently (crossed), seed {cfg.stats_seed}",
+            "p_value": f"primary: the bootstrap's own two-sided p from the same {cfg.n_boot} replicates "
+            "as the CI (rows, and pooled also seeds, resampled): p < 0.05 exactly when the 95% CI excludes 0",
+            "p_sign_flip_rows": f"secondary: two-sided sign-flip permutation test on per-row differences "
+            f"pooled over seeds ({cfg.n_perm} permutations); rows only, conditional on these seeds' arms",
+        },
+    }
