@@ -1,0 +1,5 @@
+import sys
+
+from analytics.study.command import main
+
+sys.exit(main())
