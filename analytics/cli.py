@@ -107,6 +107,12 @@ COMMANDS: tuple[Command, ...] = (
         "analytics.select_experiment",
     ),
     Command(
+        "study",
+        "the whole selection study from a YAML config (ingest to report), each step skipped when done",
+        "analytics.study",
+        main="analytics.study.command:main",
+    ),
+    Command(
         "planted-control",
         "precision@k and AUROC of rankings against a planted control's rows.planted",
         "analytics.selection.control",
