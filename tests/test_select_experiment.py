@@ -376,8 +376,8 @@ def _measured(store: Path, run_id: str) -> dict:
 
 
 def test_two_processes_share_the_arms_and_a_dead_workers_arm_is_taken_over(exp_store, tiny_model, tmp_path, capsys):
-    """Two processes started with the same command split the 5 units (base + 2 seeds x 2 arms): each
-    computed at least one, none twice, 4 finetunes in all; the result equals a single process's, which
+    """Two processes started with the same command split the 5 units (base + 2 seeds x 2 arms): none
+    computed twice, all computed, 4 finetunes in all; the result equals a single process's, which
     (on a copy of the store) also takes over an arm whose claim belongs to a dead process."""
     import os
     import shutil
@@ -398,7 +398,7 @@ def test_two_processes_share_the_arms_and_a_dead_workers_arm_is_taken_over(exp_s
     assert [p.returncode for p in procs] == [0, 0], outs
     units = [next(x for x in o.splitlines() if x.startswith("this process computed")) for o in outs]
     mine = [set(u.split(": ", 1)[1].split(",")) - {"none"} for u in units]
-    assert all(mine) and not mine[0] & mine[1], units  # both worked, none twice
+    assert not mine[0] & mine[1], units  # none computed twice (how they split depends on start-up times)
     assert mine[0] | mine[1] == {"base", "s0-top", "s0-matched_random", "s1-top", "s1-matched_random"}
     assert _finetunes(shared) == before + 4
     summary = next(Path(x.split()[1]) for o in outs for x in o.splitlines() if x.startswith("JSON "))

@@ -148,7 +148,7 @@ class Study:
         }
         self.save()
         self.ran.append(key)
-        self.log(f"done {key} in {seconds:.1f} s: runs {', '.join(new) or 'none (its result existed)'}")
+        self.log(f"done {key} in {seconds:.1f} s: runs {', '.join(new) or 'none (no new runs record)'}")
 
     def primary(self, step: str, new: list[str], runs: dict[str, tuple[str, str]], out: str) -> str | None:
         """The result a later step refers to: the finetune's adapter, the attribution run, the
