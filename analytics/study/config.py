@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from store.cli import ModelOptions, ProgressOptions, StoreOptions
+
 STEPS = (
     "ingest",
     "finetune",
@@ -64,7 +66,7 @@ COMMANDS = {
 }
 VARIANTS = ("eval_loss", "attribution", "experiment")  # sections of named variants
 BUDGET = ("seeds", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "warmup_steps")
-SHARED = ("store", "model", "device", "progress")  # set once at the top, passed to every command that has them
+SHARED = tuple(f.name for g in (StoreOptions, ModelOptions, ProgressOptions) for f in dataclasses.fields(g))
 
 
 class StudyError(ValueError):
@@ -72,14 +74,12 @@ class StudyError(ValueError):
 
 
 @dataclass(kw_only=True)
-class StudyConfig:
-    """The schema of a study YAML (analytics.study; see docs/selection.md)."""
+class StudyConfig(StoreOptions, ModelOptions, ProgressOptions):
+    """The schema of a study YAML (analytics.study; see docs/selection.md). The shared options
+    (store, model, device, compute_dtype, model_cache, progress) are set once and passed to every
+    step's command that has them."""
 
     name: str = field(default="study", metadata={"help": "a label for the report"})
-    store: str = field(default="./store_data", metadata={"help": "the store every step reads and writes"})
-    model: str = field(default="embedded", metadata={"help": "the base model of every step"})
-    device: str = field(default="auto", metadata={"help": "the device of every step"})
-    progress: bool = field(default=True, metadata={"help": "progress bars in every step"})
     steps: list[str] = field(default_factory=lambda: list(STEPS), metadata={"help": "the steps to run"})
     ingest: dict[str, Any] = field(default_factory=dict, metadata={"help": "python -m extractors.dataset flags"})
     finetune: dict[str, Any] = field(default_factory=dict, metadata={"help": "python -m trainers.finetune flags"})
@@ -103,10 +103,14 @@ class StudyConfig:
     lds: dict[str, Any] = field(default_factory=dict, metadata={"help": "python -m analytics.lds flags"})
     report: dict[str, Any] = field(default_factory=dict, metadata={"help": "no keys (the study's own report)"})
 
+    def __post_init__(self) -> None:
+        self.check_device()
+
     def study_id(self) -> str:
         """study-<hash of what the steps compute>: the steps list and progress bars left out, so
         disabling a step or a progress bar keeps the same study (and its state)."""
-        what = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("steps", "progress", "name")}
+        skip = ("steps", "progress", "name", "model_cache")
+        what = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return "study-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -206,7 +210,11 @@ def argv_of(cfg: StudyConfig, step: str, flags: dict[str, Any]) -> list[str]:
     cls = config_class(step)
     fields = {f.name for f in dataclasses.fields(cls)} if cls else set(SHARED)
     argv = list(COMMANDS[step].fixed)
-    shared = {"store": cfg.store, "model": cfg.model, "device": cfg.device, "progress": cfg.progress}
+    # store, model, device and progress always; the other shared options only when set (a default
+    # left out keeps the argv, and so the skip check, the same)
+    defaults = {f.name: f.default for f in dataclasses.fields(StudyConfig)}
+    always = ("store", "model", "device", "progress")
+    shared = {k: getattr(cfg, k) for k in SHARED if k in always or getattr(cfg, k) != defaults[k]}
     for key, value in [*((k, v) for k, v in shared.items() if k in fields), *flags.items()]:
         flag = "--" + key.replace("_", "-")
         if value is None:
