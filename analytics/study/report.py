@@ -48,7 +48,8 @@ def experiment_rows(study: Any) -> list[dict[str, Any]]:
             continue
         path = st.run_dir(entry["result"]) / "select_experiment.json"
         doc = json.loads(path.read_text())
-        flags = dict(zip(entry["argv"][::2], entry["argv"][1::2], strict=False))
+        argv = entry["argv"]
+        overlap = argv[argv.index("--overlap") + 1] if "--overlap" in argv else "exclude"
         sel = doc["selector"]
         scoring = variant_of.get(sel.split(":", 1)[-1], sel)
         base = doc["base"]["eval_loss"][0]
@@ -59,7 +60,7 @@ def experiment_rows(study: Any) -> list[dict[str, Any]]:
                     "run_id": doc["run_id"],
                     "scoring": scoring,
                     "k": doc["k"],
-                    "overlap": flags.get("--overlap", "exclude"),
+                    "overlap": overlap,
                     "ablation": doc["ablation"],
                     "seeds": doc["seeds"],
                     "steps": doc["budget"]["steps"],

@@ -85,8 +85,8 @@ class Study:
         if not entry or not entry.get("result"):
             step = key.split("/")[0]
             raise StudyError(
-                f"the study needs the result of {key}, which has not run; enable step {step!r} (steps: ...) "
-                "or run the study once with it"
+                f"the study needs the result of {key}, which has not run in this study: add {step!r} to its "
+                f"steps (or the variant {key.split('/')[1]!r} to its {step} section)"
             )
         return entry["result"]
 
