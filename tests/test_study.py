@@ -144,3 +144,60 @@ def test_bad_config_is_one_error_before_any_model_loads(tmp_path, capsys, edit, 
 def test_shipped_configs_are_valid(name, capsys):
     assert main([str(ROOT / "configs" / f"{name}.yaml"), "--check"]) == 0
     assert "valid study config" in capsys.readouterr().out
+
+
+def test_the_kept_tables_pick_their_experiments(tmp_path):
+    """The four tables our users kept, filtered from made-up experiment results: k 30 and 50 (mean,
+    exclude), mean vs nearest at 50, overlap allowed vs excluded at 50, and the rank-window ablation."""
+    from types import SimpleNamespace
+
+    from analytics.study.config import StudyConfig
+    from analytics.study.report import experiment_rows, kept_tables
+
+    st = Store(tmp_path / "store")
+    e = {"estimate": -0.01, "ci_low": -0.02, "ci_high": 0.0, "p_value": 0.04}
+    cmp = {"eval_loss": {"a_mean": 2.0, "b_mean": 2.01, "pooled": e}, "downstream": None}
+    attr = {"mean": "attribution-m", "nearest": "attribution-n"}
+    runs = {
+        "k30": ("mean", 30, "exclude", "none"),
+        "k50": ("mean", 50, "exclude", "none"),
+        "nearest_k50": ("nearest", 50, "exclude", "none"),
+        "allow_k50": ("mean", 50, "allow", "none"),
+        "ranks_k50": ("mean", 50, "exclude", "scale"),
+    }
+    commands = {f"attribution/{k}": {"step": "attribution", "result": v} for k, v in attr.items()}
+    for name, (scoring, k, overlap, ablation) in runs.items():
+        run_id = f"select-{name}"
+        comps = (
+            {"top30_vs_top50": cmp, "ranks31-50_vs_random20_from_51-": cmp}
+            if ablation == "scale"
+            else {"top_vs_matched_random": cmp}
+        )
+        doc = {
+            "run_id": run_id,
+            "selector": f"attribution:{attr[scoring]}",
+            "k": k,
+            "ablation": ablation,
+            "seeds": 2,
+            "budget": {"steps": 8},
+            "base": {"eval_loss": [2.1]},
+            "comparisons": comps,
+        }
+        st.run_dir(run_id).mkdir(parents=True, exist_ok=True)  # run_dir may create it
+        (st.run_dir(run_id) / "select_experiment.json").write_text(json.dumps(doc))
+        argv = ["--no-progress", "--k", str(k), "--overlap", overlap]
+        commands[f"experiment/{name}"] = {"step": "experiment", "result": run_id, "argv": argv}
+    cfg = StudyConfig(attribution={"mean": {}, "nearest": {}})
+    study = SimpleNamespace(store=st, cfg=cfg, state={"commands": commands})
+    rows = experiment_rows(study)
+    assert len(rows) == 6 and {r["scoring"] for r in rows} == {"mean", "nearest"}
+    md = "\n".join(kept_tables(study, rows))
+    names = {}
+    for table in md.split("### ")[1:]:
+        lines = table.splitlines()
+        names[lines[0]] = {r.split(" | ")[0][2:] for r in lines if r.startswith("| ") and "run id" not in r}
+    assert names["Base vs top vs random"] == {"k30", "k50"}
+    assert names["Mean vs nearest scoring"] == {"k50", "nearest_k50"}
+    assert names["Overlap allowed vs excluded"] == {"k50", "allow_k50"}
+    assert names["Rank window vs random from lower ranks"] == {"ranks_k50"}
+    assert "-0.0100 [-0.0200, +0.0000] p=0.04" in md and "`select-ranks_k50`" in md
