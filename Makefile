@@ -31,7 +31,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 test: setup lint
-	$(BIN)/python -m pytest -q -rs --durations=12
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile --durations=12
 
 # The edit loop: everything but the real-model end-to-end cases (marked slow).
 test-fast: setup

@@ -146,6 +146,7 @@ def _case(cfg: BenchRanksConfig, template: Path, model: str, n: int, dst: Path) 
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [
         str(torchrun) if torchrun.exists() else "torchrun",
+        "--standalone",  # its rendezvous on a free local port: two benchmarks (or test workers) never collide
         "--nproc-per-node",
         str(n),
         "-m",

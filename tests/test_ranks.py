@@ -188,7 +188,15 @@ def test_torchrun_two_ranks_write_the_one_rank_store(reference, ingested, tmp_pa
     st = _fresh(ingested, tmp_path / "two")
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run(
-        [str(torchrun), "--nproc-per-node", "2", "-m", "extractors.run", *_args(st, tiny_model, model_cache, sae_dir)],
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "extractors.run",
+            *_args(st, tiny_model, model_cache, sae_dir),
+        ],
         cwd=REPO,
         # torchrun sets OMP_NUM_THREADS=1 unless it is set; the CPU backward of the gradient norms
         # sums in a thread-count-dependent order, so the ranks get the reference's thread count.
