@@ -12,8 +12,8 @@ feature's row around one firing token, with the feature's activation at each win
     control   `n_test` windows around random token-set tokens where the feature is 0 on
               the whole window (delphi's "random" non-activating source)
 
-Windows of one feature never overlap within a group (a firing token inside a window already
-taken is skipped, as delphi pools one example per window). Sampling is seeded per feature, so
+No two windows of a feature share a token (a candidate overlapping a window already taken is
+skipped, as delphi pools one example per window). Sampling is seeded per feature, so
 a feature's examples do not depend on which other features are labelled.
 """
 
@@ -100,12 +100,11 @@ def feature_examples(
 
     def take(i: int, quantile: int) -> Example | None:
         p = int(pos[i])
-        if taken[p]:
+        lo, hi = max(int(bounds[0][p]), p - context), min(int(bounds[1][p]), p + context + 1)
+        if taken[lo:hi].any():
             return None
-        ex = window(c, bounds, feature, p, context)
-        lo = max(int(bounds[0][p]), p - context)
-        taken[lo : lo + len(ex.tokens)] = True
-        return ex._replace(quantile=quantile)
+        taken[lo:hi] = True
+        return window(c, bounds, feature, p, context)._replace(quantile=quantile)
 
     q_of = quantile_of(n, n_quantiles)
     explain: list[Example] = []
@@ -143,7 +142,7 @@ def feature_examples(
         if len(control) >= n_test:
             break
         lo, hi = max(int(bounds[0][p]), p - context), min(int(bounds[1][p]), p + context + 1)
-        if fires[lo:hi].any() or taken[p]:
+        if fires[lo:hi].any() or taken[lo:hi].any():
             continue
         ex = window(c, bounds, feature, int(p), context)
         taken[lo:hi] = True
