@@ -100,6 +100,13 @@ COMMANDS: tuple[Command, ...] = (
         "analytics.feature_importance",
         main="analytics.feature_importance.command:main",
     ),
+    Command(
+        "label-features",
+        "SAE feature labels (LLM in delphi's prompt form + deterministic), detection/fuzzing scores vs a shuffled "
+        "baseline; review CSV; --export-delphi",
+        "analytics.label_features",
+        main="analytics.label_features.command:main",
+    ),
     Command("report", "a single-file HTML summary of a store", "analytics.report"),
     Command(
         "select-experiment",
