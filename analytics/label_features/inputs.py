@@ -1,7 +1,7 @@
-"""What labelling reads from the store: the SAE named by --sae, its stored codes, the feature
-cards (analytics.feature_cards) and the feature selection of --features.
+"""What labelling reads from the store: the SAE named by --sae, its stored codes (with the token
+ids, texts and token-set mask) and the feature selection of --features.
 
-Every check here runs before any model loads: an SAE without codes or cards, or a --features
+Every check here runs before any model loads: an SAE without codes, or a --features
 naming a feature the SAE does not have, is one error naming the value and the command or
 value that fixes it.
 """
@@ -9,7 +9,7 @@ value that fixes it.
 from __future__ import annotations
 
 import json
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +20,6 @@ from store.arrays import array_exists, committed_set, open_array
 from store.core import Store, StoreError
 from store.materialize import gather, view_sql
 
-CARDS = "feature_cards"
 DEFAULT_TOKEN_SET = "content_tokens"  # the SAE trainer's default --view
 
 
@@ -147,27 +146,3 @@ def parse_features(spec: list[str], d_sae: int) -> tuple[int | None, list[int]]:
     if bad:
         raise StoreError(f"--features {bad[0]} is out of range: the SAE has features 0..{d_sae - 1}")
     return None, list(dict.fromkeys(nums))
-
-
-def read_cards(store: Store, sae: SaeRef) -> Any:
-    """The SAE's feature cards (newest run), or the error naming the command that builds them."""
-    import polars as pl
-
-    if not store.has_table(CARDS):
-        raise StoreError(
-            f"{store.root} has no {CARDS} table; build the cards first: "
-            f"python -m analytics.feature_cards --sae {sae.name} --store {store.root}"
-        )
-    t = pl.from_arrow(
-        store.query(
-            f"SELECT * FROM {CARDS} WHERE sae = ? AND layer = ? AND run_id = "
-            f"(SELECT max(run_id) FROM {CARDS} WHERE sae = ? AND layer = ?) ORDER BY feature",
-            [sae.name, sae.layer, sae.name, sae.layer],
-        )
-    )
-    if t.is_empty():
-        raise StoreError(
-            f"{CARDS} has no cards of SAE {sae.name} layer {sae.layer}; build them: "
-            f"python -m analytics.feature_cards --sae {sae.name} --store {store.root}"
-        )
-    return t

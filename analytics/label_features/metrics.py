@@ -52,7 +52,8 @@ def classify(score: np.ndarray, y: np.ndarray) -> Scores:
 def bootstrap_auroc(parts: list[tuple[np.ndarray, np.ndarray]], n_boot: int, seed: int) -> tuple[float, float]:
     """95% percentile CI of the mean AUROC over `parts` (e.g. detection and fuzzing), each
     part's positives and negatives resampled with replacement."""
-    if n_boot == 0:
+    parts = [(s, y) for s, y in parts if y.any() and (~y).any()]  # an AUROC needs both classes
+    if n_boot == 0 or not parts:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     boots = np.empty(n_boot)

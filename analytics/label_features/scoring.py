@@ -54,7 +54,8 @@ def score_explanation(
     )
     d, f = metrics.classify(det, y), metrics.classify(fuz, y)
     lo, hi = metrics.bootstrap_auroc([(det, y), (fuz, y)], n_boot, seed + ex.feature)
-    auc = float(np.nanmean([d.auroc, f.auroc]))
+    aucs = [a for a in (d.auroc, f.auroc) if np.isfinite(a)]
+    auc = float(np.mean(aucs)) if aucs else float("nan")  # nan: no held-out window of one class
     return {
         "detection_bacc": d.bacc,
         "detection_f1": d.f1,
