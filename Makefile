@@ -14,8 +14,21 @@ BERGSON := bergson==2.5.1
 # CUDA torch, which its latent loader and classifier scorers do not import; what they do import is in pyproject.toml.
 DELPHI := eai-delphi==0.1.3
 
-.PHONY: setup run lint test test-fast bench
-setup: $(VENV)/.installed
+.PHONY: setup browser run lint test test-fast bench
+setup: $(VENV)/.installed browser
+
+# tests/test_browse.py drives a real Chromium (playwright's sync API with executable_path=/usr/bin/chromium:
+# `playwright install` cannot download a browser here). Debian's package when missing and we are root
+# (CI, these machines); otherwise a note: the browser test then skips, saying why.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium (Debian package) for tests/test_browse.py"; \
+	  (apt-get update -q && apt-get install -y -q chromium) >/dev/null || \
+	  echo "warning: apt-get install chromium failed: tests/test_browse.py will skip (install /usr/bin/chromium by hand)"; \
+	else \
+	  echo "note: /usr/bin/chromium is missing and this is not root: tests/test_browse.py will skip (sudo apt-get install chromium)"; \
+	fi
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
