@@ -107,6 +107,12 @@ COMMANDS: tuple[Command, ...] = (
         "analytics.label_features",
         main="analytics.label_features.command:main",
     ),
+    Command(
+        "browse",
+        "a static feature browser (index with search and sort, a page per feature) that works offline",
+        "analytics.browse",
+        main="analytics.browse.command:main",
+    ),
     Command("report", "a single-file HTML summary of a store", "analytics.report"),
     Command(
         "select-experiment",
