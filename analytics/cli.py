@@ -108,6 +108,13 @@ COMMANDS: tuple[Command, ...] = (
         main="analytics.label_features.command:main",
     ),
     Command(
+        "feature-cards",
+        "per SAE feature: top/quantile contexts, histogram, density, logit effects, metadata, importance; "
+        "--export-delphi",
+        "analytics.feature_cards",
+        main="analytics.feature_cards.command:main",
+    ),
+    Command(
         "browse",
         "a static feature browser (index with search and sort, a page per feature) that works offline",
         "analytics.browse",
