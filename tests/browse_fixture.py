@@ -159,8 +159,9 @@ def label_rows() -> list[dict]:
     return rows
 
 
-def make_store(path: Path, n_features: int = 150, seed: int = 0) -> tuple[Store, list[dict]]:
-    """The store at `path` with an SAE of n_features features, all with cards; (store, cards)."""
+def make_store(path: Path, n_features: int = 150, seed: int = 0, with_cards: bool = True) -> tuple[Store, list[dict]]:
+    """The store at `path` with an SAE of n_features features, all with cards (unless not
+    with_cards) and labels; (store, cards)."""
     store = Store(path)
     write_sae_record(
         store,
@@ -177,7 +178,8 @@ def make_store(path: Path, n_features: int = 150, seed: int = 0) -> tuple[Store,
     )
     rng = np.random.default_rng(seed)
     cards = [card(rng, f) for f in range(n_features)]
-    store.write_table("feature_cards", pa.Table.from_pylist(cards, schema=CARDS_SCHEMA), part=CARDS_RUN)
+    if with_cards:
+        store.write_table("feature_cards", pa.Table.from_pylist(cards, schema=CARDS_SCHEMA), part=CARDS_RUN)
     store.write_table(review.TABLE, pa.Table.from_pylist(label_rows(), schema=review.SCHEMA), part=LABEL_RUN)
     human = [
         {"sae": SAE, "layer": LAYER, "feature": f, "explanation": t, "explainer": "human", "method": "human"}
