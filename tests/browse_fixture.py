@@ -1,7 +1,8 @@
 """A tiny store for the feature browser's tests, written by hand: one `saes` row, a
 `feature_cards` table in the cards' schema, and `feature_labels` rows (an automatic run with
 its shuffled baseline, and one human label that must win). Token strings carry markup, quotes
-and newlines, so a page that does not escape shows it."""
+and newlines, so a page that does not escape shows it. The cards' schema is the real one
+(analytics.feature_cards.schema); a second, newer run holds a card of one feature."""
 
 from __future__ import annotations
 
@@ -10,62 +11,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from analytics.feature_cards.schema import SCHEMA as CARDS_SCHEMA
 from analytics.label_features import review
 from extractors.sae.load import write_sae_record
 from store.core import Store
 
 SAE, LAYER, CARDS_RUN, LABEL_RUN = "tiny-sae", 3, "feature_cards-fixture", "label_features-fixture"
+NEWER_RUN, NEWER = "feature_cards-fixture2", 20  # a newer run with a card of feature 20 (a rerun under way)
 NASTY = ["<script>window.__pwned=1</script>", "&amp;", '"q"', "'", "\n", "<img src=x onerror=window.__pwned=1>"]
 WORDS = ["alpha", " beta", " gamma", " delta", " apple", "42", " +", " the", " and", ".", " math", " needle"]
 FIELDS = [("category", "math"), ("category", "coding"), ("difficulty", "hard"), ("quality", "poor"), ("planted", None)]
 
-_CTX = pa.struct(
-    [
-        ("row_id", pa.string()),
-        ("token_pos", pa.int32()),
-        ("act", pa.float32()),
-        ("tokens", pa.list_(pa.string())),
-        ("acts", pa.list_(pa.float32())),
-        ("center", pa.int32()),
-    ]
-)
-_QCTX = pa.struct([("quantile", pa.int32()), *[_CTX.field(i) for i in range(_CTX.num_fields)]])
-_ASSOC = pa.struct(
-    [
-        ("field", pa.string()),
-        ("level", pa.string()),
-        ("stat", pa.string()),
-        ("effect", pa.float64()),
-        ("p_value", pa.float64()),
-        ("q_value", pa.float64()),
-    ]
-)
-CARDS_SCHEMA = pa.schema(
-    [
-        ("sae", pa.string()),
-        ("layer", pa.int32()),
-        ("feature", pa.int32()),
-        ("run_id", pa.string()),
-        ("n_tokens", pa.int64()),
-        ("n_firing", pa.int64()),
-        ("density", pa.float64()),
-        ("max_act", pa.float64()),
-        ("mean_act", pa.float64()),
-        ("top_contexts", pa.list_(_CTX)),
-        ("quantiles", pa.list_(_QCTX)),
-        ("hist_edges", pa.list_(pa.float64())),
-        ("hist_counts", pa.list_(pa.int64())),
-        ("logit_top_tokens", pa.list_(pa.string())),
-        ("logit_top_values", pa.list_(pa.float32())),
-        ("logit_bottom_tokens", pa.list_(pa.string())),
-        ("logit_bottom_values", pa.list_(pa.float32())),
-        ("assoc", pa.list_(_ASSOC)),
-        ("importance", pa.float64()),
-        ("importance_method", pa.string()),
-        ("importance_metric", pa.string()),
-        ("attribution_rho", pa.float64()),
-    ]
-)
 DEAD = 7  # a feature that never fires: empty contexts and histogram
 
 
@@ -180,6 +136,10 @@ def make_store(path: Path, n_features: int = 150, seed: int = 0, with_cards: boo
     cards = [card(rng, f) for f in range(n_features)]
     if with_cards:
         store.write_table("feature_cards", pa.Table.from_pylist(cards, schema=CARDS_SCHEMA), part=CARDS_RUN)
+        if n_features > NEWER:
+            cards[NEWER] = card(rng, NEWER, NEWER_RUN)
+            one = pa.Table.from_pylist([cards[NEWER]], schema=CARDS_SCHEMA)
+            store.write_table("feature_cards", one, part=NEWER_RUN)
     store.write_table(review.TABLE, pa.Table.from_pylist(label_rows(), schema=review.SCHEMA), part=LABEL_RUN)
     human = [
         {"sae": SAE, "layer": LAYER, "feature": f, "explanation": t, "explainer": "human", "method": "human"}

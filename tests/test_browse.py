@@ -83,6 +83,11 @@ def test_site_files_and_shards(built):
     index = (out / "data" / "index.js").read_text()
     assert "top_contexts" not in index and "row-0" not in index
     assert index.isascii()
+    # each feature's newest card: the newer run's for its one feature, its run in the page data
+    cards_read = data.read_cards(store, resolve_sae(store, "latest", None))
+    assert cards_read.shown == [fx.NEWER_RUN, fx.CARDS_RUN]
+    assert cards_read.rows == cards
+    assert f'"run_id":"{fx.NEWER_RUN}"' in (out / "features" / f"{fx.NEWER // SHARD:04d}.js").read_text()
     # a rebuild with bigger shards removes the stale ones
     argv = ["--store", str(store.root), "--out", str(out), "--shard-size", "100", "--no-progress"]
     assert main(argv) == 0
@@ -193,11 +198,18 @@ def test_feature_page_contexts_histogram_hover_and_sql(built, page):
         assert near(shown, value), (el.get_attribute("data-sql"), shown, value)
         checked += 1
     assert checked > 40
+    # the card of the newer run: its numbers, its run id in the SQL
+    page.goto((out / "feature.html").as_uri() + f"?f={fx.NEWER}")
+    page.wait_for_selector("body[data-ready]")
+    density = page.query_selector('#stats tr[data-key="density"] .num')
+    assert f"run_id = '{fx.NEWER_RUN}'" in density.get_attribute("data-sql")
+    (value,) = store.query(density.get_attribute("data-sql")).to_pylist()[0].values()
+    assert value == cards[fx.NEWER]["density"] and near(density.text_content(), value)
     # clicking a number shows its SQL
     page.click('#stats tr[data-key="density"] .num')
     assert page.text_content("#sql") == (
         f"SELECT density FROM feature_cards WHERE sae = '{fx.SAE}' AND layer = {fx.LAYER} "
-        f"AND run_id = '{fx.CARDS_RUN}' AND feature = {f}"
+        f"AND run_id = '{fx.NEWER_RUN}' AND feature = {fx.NEWER}"
     )
 
 
@@ -252,5 +264,5 @@ def test_bad_input_is_one_clear_error(built, tmp_path, capsys):
     # nothing was written for the bad calls
     assert not (tmp_path / "s").exists()
     sae = resolve_sae(store, "latest", None)
-    assert data.read_cards(store, sae).run_id == fx.CARDS_RUN
+    assert data.read_cards(store, sae, fx.CARDS_RUN).shown == [fx.CARDS_RUN]
     assert command.BrowseConfig(out=str(tmp_path / "s")).shard_size == 64

@@ -4,8 +4,8 @@
     python -m analytics.browse --sae latest --layer 17 --out site/ --shard-size 32
     (open site/index.html in a browser, or: python -m http.server -d site 8000)
 
-Reads table `feature_cards` (python -m analytics.feature_cards; the newest run of the SAE unless
---cards-run names one) and, when present, `feature_labels` (python -m analytics.label_features;
+Reads table `feature_cards` (python -m analytics.feature_cards; each feature's newest card unless
+--cards-run names one run) and, when present, `feature_labels` (python -m analytics.label_features;
 each feature's current label is the one analytics.label_features.review chooses: a human label
 above automatic ones). Writes index.html (every feature: search by label / token / metadata
 text, sort by density, importance or label score), feature.html?f=ID (contexts highlighted by
@@ -44,7 +44,10 @@ class BrowseConfig(StoreOptions, LayerOptions, ProgressOptions):
         metadata={"help": "the site's folder (created; default: the browse run's folder, runs/<run_id>/site)"},
     )
     shard_size: int = field(default=64, metadata={"help": "features per lazily loaded data file features/NNNN.js"})
-    cards_run: str = field(default="latest", metadata={"help": "the feature_cards run shown: latest or its run id"})
+    cards_run: str = field(
+        default="all",
+        metadata={"help": "the feature_cards shown: all (each feature's newest card) or one run's (its run id)"},
+    )
 
     def __post_init__(self) -> None:
         if len(self.layers) > 1:
@@ -58,7 +61,7 @@ class BrowseConfig(StoreOptions, LayerOptions, ProgressOptions):
 class BrowseResult(NamedTuple):
     out: Path
     sae: SaeRef
-    cards_run: str
+    cards_runs: list[str]  # the feature_cards runs shown
     n_features: int  # features with a card (index rows)
     n_labelled: int  # of them, with a current label
     n_shards: int
@@ -83,8 +86,7 @@ def build_site(cfg: BrowseConfig) -> BrowseResult:
             "layer": sae.layer,
             "d_sae": sae.d_sae,
             "token_set": sae.token_set,
-            "cards_run": cards.run_id,
-            "cards_runs": cards.runs,
+            "cards_runs": cards.shown,
             "n_cards": len(cards.rows),
             "n_labelled": sum(1 for c in cards.rows if c["feature"] in current),
             "shard_size": cfg.shard_size,
@@ -102,11 +104,11 @@ def build_site(cfg: BrowseConfig) -> BrowseResult:
             site.write_shard(out, shard, records)
         secs = time.perf_counter() - t0
         counts = {"features": len(index), "labelled": meta["n_labelled"], "shards": len(shards)}
-        run.finish(counts=counts, metrics={"seconds": secs, "out": str(out), "cards_run": cards.run_id})
+        run.finish(counts=counts, metrics={"seconds": secs, "out": str(out), "cards_runs": cards.shown})
     return BrowseResult(
         out,
         sae,
-        cards.run_id,
+        cards.shown,
         len(index),
         meta["n_labelled"],
         len(shards),
@@ -119,8 +121,8 @@ def build_site(cfg: BrowseConfig) -> BrowseResult:
 def report(res: BrowseResult) -> str:
     return (
         f"SAE {res.sae.name} layer {res.sae.layer}: {res.n_features} features ({res.n_labelled} labelled) from "
-        f"feature_cards run {res.cards_run} in {res.seconds:.1f} s; index {res.index_bytes / 1e3:.0f} kB, "
-        f"{res.n_shards} page data files\n"
+        f"feature_cards run(s) {', '.join(res.cards_runs)} in {res.seconds:.1f} s; "
+        f"index {res.index_bytes / 1e3:.0f} kB, {res.n_shards} page data files\n"
         f"open {res.out / 'index.html'} (or: python -m http.server -d {res.out} 8000)"
     )
 

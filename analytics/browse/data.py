@@ -1,11 +1,11 @@
-"""What the browser shows, read from the store: the SAE's `feature_cards` rows (one run) and the
+"""What the browser shows, read from the store: the SAE's `feature_cards` rows (one per feature) and the
 current label of each feature with every label row's scores (`feature_labels`).
 
 The site's data is plain JSON-able values: one small index record per feature (id, current label,
 density, importance, label score, top tokens, metadata text for search) and one record per feature
 for its page (contexts, histogram, logit effects, associations, labels). Numbers keep their
 stored value (rounded to 6 significant digits to keep the shards small); the page builds, for
-each number, the SQL that reads it back from the same run's row.
+each number, the SQL that reads it back from the card's row (its run_id included).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ CONTEXT_KEYS = ("row_id", "token_pos", "act", "tokens", "acts", "center")
 
 
 class Cards(NamedTuple):
-    run_id: str  # the feature_cards run shown
     runs: list[str]  # every feature_cards run of the SAE (newest first)
-    rows: list[dict[str, Any]]  # its rows, by feature
+    shown: list[str]  # the runs whose cards are shown
+    rows: list[dict[str, Any]]  # one card per feature, by feature
 
 
 def _num(x: Any) -> Any:
@@ -56,23 +56,31 @@ def card_runs(store: Store, sae: SaeRef) -> list[str]:
     return runs
 
 
-def read_cards(store: Store, sae: SaeRef, run: str = "latest") -> Cards:
-    """The rows of one feature_cards run of the SAE (the newest by default), or the error naming
-    the command that computes them."""
+def read_cards(store: Store, sae: SaeRef, run: str = "all") -> Cards:
+    """The SAE's cards: for `all`, each feature's card of the newest run that has one (the table
+    holds one per feature once a run finishes; a running one may overlap an older one); else
+    the cards of the run named. No cards: the error names the command that computes them."""
     runs = card_runs(store, sae)
     if not runs:
         raise StoreError(
             f"SAE {sae.name} layer {sae.layer} has no {CARDS} in {store.root}; compute them first: "
             f"python -m analytics.feature_cards --sae {sae.name} --layer {sae.layer} --store {store.root}"
         )
-    if run != "latest" and run not in runs:
-        raise StoreError(f"--cards-run {run!r} is not a {CARDS} run of SAE {sae.name} (runs: {', '.join(runs)})")
-    run_id = runs[0] if run == "latest" else run
-    rows = store.query(
-        f"SELECT * FROM {CARDS} WHERE sae = ? AND layer = ? AND run_id = ? ORDER BY feature",
-        [sae.name, sae.layer, run_id],
-    ).to_pylist()
-    return Cards(run_id, runs, rows)
+    if run != "all" and run not in runs:
+        raise StoreError(
+            f"--cards-run {run!r} is not a {CARDS} run of SAE {sae.name} (runs: {', '.join(runs)}, or all)"
+        )
+    where, params = "WHERE sae = ? AND layer = ?", [sae.name, sae.layer]
+    if run != "all":
+        where, params = where + " AND run_id = ?", params + [run]
+    newest = {r: i for i, r in enumerate(runs)}
+    best: dict[int, dict[str, Any]] = {}
+    for r in store.query(f"SELECT * FROM {CARDS} {where} ORDER BY feature", params).to_pylist():
+        f = r["feature"]
+        if f not in best or newest[r["run_id"]] < newest[best[f]["run_id"]]:
+            best[f] = r
+    rows = [best[f] for f in sorted(best)]
+    return Cards(runs, sorted({r["run_id"] for r in rows}, key=newest.__getitem__), rows)
 
 
 def read_labels(store: Store, sae: SaeRef) -> tuple[dict[int, dict], dict[int, list[dict]]]:
@@ -146,6 +154,7 @@ def page_record(card: dict[str, Any], labels: list[dict], current: dict | None) 
     rec: dict[str, Any] = {k: _num(card.get(k)) for k in keys}
     rec |= {
         "feature": card["feature"],
+        "run_id": card["run_id"],
         "importance_method": card.get("importance_method"),
         "importance_metric": card.get("importance_metric"),
         "top": _contexts(card.get("top_contexts")),

@@ -25,10 +25,10 @@ var Browse = (function () {
     return "'" + String(s).replace(/'/g, "''") + "'";
   }
 
-  /* SELECT <expr> of one feature's row of the shown feature_cards run. */
-  function cardSql(meta, f, expr) {
+  /* SELECT <expr> of one feature's card (the row of run `run`). */
+  function cardSql(meta, run, f, expr) {
     return "SELECT " + expr + " FROM feature_cards WHERE sae = " + sqlStr(meta.sae) + " AND layer = " +
-      meta.layer + " AND run_id = " + sqlStr(meta.cards_run) + " AND feature = " + f;
+      meta.layer + " AND run_id = " + sqlStr(run) + " AND feature = " + f;
   }
 
   /* SELECT <expr> of one label row (a run's method for the feature). */

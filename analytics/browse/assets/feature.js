@@ -59,15 +59,17 @@
   var shard = Math.floor(f / meta.shard_size);
   B.loadScript("features/" + B.pad4(shard) + ".js", function () {
     var rec = ((window.BROWSE_SHARDS || {})[shard] || {})[String(f)];
-    if (!rec) return fail("feature " + f + " has no card in feature_cards run " + meta.cards_run + " (" + meta.n_cards + " of " + meta.d_sae + " features have one)");
+    if (!rec) return fail("feature " + f + " has no card in feature_cards run(s) " + meta.cards_runs.join(", ") + " (" + meta.n_cards + " of " + meta.d_sae + " features have one)");
     render(rec);
   }, function () {
     fail("features/" + B.pad4(shard) + ".js did not load: feature " + f + " has no card in this site");
   });
 
-  function cs(expr) { return B.cardSql(meta, f, expr); }
+  var runId = null;  // the card's feature_cards run
+  function cs(expr) { return B.cardSql(meta, runId, f, expr); }
 
   function render(rec) {
+    runId = rec.run_id;
     page.textContent = "";
     var cur = null;
     (rec.labels || []).forEach(function (l) {

@@ -25,7 +25,7 @@
   document.title = "Features of " + meta.sae + " (layer " + meta.layer + ")";
   document.getElementById("title").textContent = "SAE " + meta.sae + " \u00b7 layer " + meta.layer;
   document.getElementById("meta").textContent = meta.n_cards + " features with cards (of " + meta.d_sae +
-    "), " + meta.n_labelled + " labelled \u00b7 feature_cards run " + meta.cards_run + " \u00b7 token set " +
+    "), " + meta.n_labelled + " labelled \u00b7 feature_cards run " + meta.cards_runs.join(", ") + " \u00b7 token set " +
     meta.token_set + " \u00b7 store " + meta.store + " \u00b7 built " + meta.generated_at;
 
   function sortValue(r, key) {
