@@ -1,0 +1,7 @@
+"""`python -m analytics.lds`: the linear datamodeling score (analytics.lds.command)."""
+
+import sys
+
+from analytics.lds.command import main
+
+sys.exit(main())
