@@ -19,8 +19,13 @@ import pytest
 
 from analytics.browse import command, data
 from analytics.browse.command import main
+from analytics.feature_cards.command import main as cards_main
 from analytics.label_features.inputs import resolve_sae
+from extractors.pipeline import ExtractConfig
+from extractors.pipeline import run_extraction as extract
+from store.core import Store
 from tests import browse_fixture as fx
+from tests.conftest import ingest_small
 
 CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(
@@ -39,6 +44,22 @@ def built(tmp_path_factory):
     argv = ["--store", str(store.root), "--sae", "latest", "--out", str(out), "--shard-size", str(SHARD)]
     assert main([*argv, "--no-progress"]) == 0
     return store, cards, out
+
+
+@pytest.fixture(scope="module")
+def real_site(tiny_model, sae_dir, tmp_path_factory):
+    """(store, site): the tiny model's layer-2 codes of the tiny SAE, carded by the real
+    python -m analytics.feature_cards, then the site by python -m analytics.browse."""
+    root = tmp_path_factory.mktemp("browse_real")
+    store = root / "store"
+    ingest_small(store, {"train_base": 12, "attr_query": 2, "eval": 4})
+    common = dict(store=str(store), model=tiny_model, layers=[2], progress=False)
+    extract(ExtractConfig(kinds=["hidden"], **common))
+    extract(ExtractConfig(kinds=["sae"], sae=str(sae_dir), **common))
+    small = ["--top-k", "5", "--quantiles", "3", "--per-quantile", "2", "--context", "4", "--no-progress"]
+    assert cards_main(["--store", str(store), *small]) == 0
+    assert main(["--store", str(store), "--out", str(root / "site"), "--no-progress"]) == 0
+    return Store(store), root / "site"
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +259,33 @@ def test_dead_feature_missing_feature_and_http_server(built, page):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@needs_chromium
+def test_real_feature_cards_site(real_site, page):
+    """The site of cards written by analytics.feature_cards itself (tokens of the real tokenizer)."""
+    store, out = real_site
+    cards = store.query(
+        "SELECT feature, density, top_contexts FROM feature_cards ORDER BY density DESC, feature"
+    ).to_pylist()
+    page.goto((out / "index.html").as_uri())
+    page.wait_for_selector("body[data-ready]")
+    ids = page.eval_on_selector_all("#rows tr", "rs => rs.map(r => Number(r.dataset.feature))")
+    assert sorted(ids) == sorted(c["feature"] for c in cards) and len(ids) == 128
+    page.click('th[data-key="density"]')
+    ids = page.eval_on_selector_all("#rows tr", "rs => rs.map(r => Number(r.dataset.feature))")
+    assert ids == [c["feature"] for c in cards]
+    top = cards[0]
+    page.click(f'tr[data-feature="{top["feature"]}"] a')
+    page.wait_for_selector("body[data-ready]")
+    ctx = page.query_selector_all("#top .ctx")
+    assert len(ctx) == len(top["top_contexts"]) == 5
+    for line, want in zip(ctx, top["top_contexts"], strict=True):
+        assert line.eval_on_selector(".ctx-text", "e => e.textContent") == "".join(want["tokens"]).replace("\n", "↵")
+    assert len(page.query_selector_all("#histogram rect.bar")) > 0
+    centre = ctx[0].query_selector_all(".t")[top["top_contexts"][0]["center"]]
+    centre.hover()
+    assert near(page.text_content("#hover").split("activation ")[1].split(" ")[0], top["top_contexts"][0]["act"])
 
 
 def test_bad_input_is_one_clear_error(built, tmp_path, capsys):
