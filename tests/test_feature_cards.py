@@ -7,6 +7,7 @@ card replacing older ones, --export-delphi and the bad inputs."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -340,3 +341,16 @@ def test_bad_input_is_one_clear_error_before_any_load(cards, code_store, tmp_pat
     Store(nocodes).refresh_catalog()
     assert main(["--store", str(nocodes), "--no-progress"]) == 2
     assert "has no codes at layer 2" in capsys.readouterr().err
+
+
+def test_the_benchmark_runs_and_agrees_with_the_naive_scan(cards, tmp_path):
+    from bench import feature_cards as bench
+
+    store, _ = cards
+    out = tmp_path / "bench.json"
+    argv = ["--store", str(store), "--naive-features", "8", "--out", str(out), "--no-progress"]
+    res = bench.run_bench(bench.parse_config(bench.BenchConfig, argv))
+    saved = json.loads(out.read_text())
+    assert saved["features"] == 128 and saved["seconds"] > 0 and saved["naive"]["features_timed"] == 8
+    assert out.with_suffix(".png").stat().st_size > 0 and len(saved["load_before"]) == 3
+    assert res["n_tokens"] == len(Reference(store).in_set)
