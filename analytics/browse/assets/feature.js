@@ -89,6 +89,7 @@
     labelsBlock(rec);
     contextsBlock(rec, "Top activations", "top", rec.top, null);
     contextsBlock(rec, "Quantile samples", "quantiles", rec.quantiles, 1);
+    document.body.dataset.renderMs = performance.now().toFixed(1);
     document.body.dataset.ready = "1";
   }
 
