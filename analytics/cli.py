@@ -153,7 +153,6 @@ COMMANDS: tuple[Command, ...] = (
     Command("bench s3", "a local store vs one on an S3 server", "bench.s3"),
     Command("bench ranks", "torchrun ranks: tokens/s for several N", "bench.ranks"),
     Command("bench catalog", "the catalog at full size: ingest, tokenization and view times", "bench.catalog"),
-    Command("bench browse", "the feature browser's index, search and page times, measured in Chromium", "bench.browse"),
 )
 
 
