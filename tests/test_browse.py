@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import math
 import threading
 from pathlib import Path
@@ -288,6 +289,19 @@ def test_real_feature_cards_site(real_site, page):
     assert near(page.text_content("#hover").split("activation ")[1].split(" ")[0], top["top_contexts"][0]["act"])
 
 
+@needs_chromium
+def test_measure_reports_the_pages_own_times(built, tmp_path, capsys):
+    store, cards, _ = built
+    argv = ["--store", str(store.root), "--out", str(tmp_path / "site"), "--measure", "1", "--measure-feature", "3"]
+    assert main([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"index.html, {len(cards)} features listed" in out and "console errors: 0" in out
+    (rec,) = store.query("SELECT metrics FROM runs WHERE kind = 'browse' ORDER BY started_at DESC LIMIT 1").to_pylist()
+    timing = json.loads(rec["metrics"])["timing"]
+    assert timing["feature"] == 3 and timing["console_errors"] == []
+    assert 0 < timing["index_open_ms"]["min"] <= timing["index_open_ms"]["median"]
+
+
 def test_bad_input_is_one_clear_error(built, tmp_path, capsys):
     store, cards, out = built
 
@@ -309,6 +323,9 @@ def test_bad_input_is_one_clear_error(built, tmp_path, capsys):
     assert "is not in the saes table" in err("--store", str(store.root), "--sae", "nope", "--out", str(tmp_path / "s"))
     msg = err("--store", str(store.root), "--cards-run", "nope", "--out", str(tmp_path / "s"))
     assert "--cards-run 'nope' is not a feature_cards run" in msg
+    with pytest.raises(SystemExit):
+        main(["--store", str(store.root), "--measure", "2", "--chromium", str(tmp_path / "no-chromium")])
+    assert "--chromium" in capsys.readouterr().err
     # nothing was written for the bad calls
     assert not (tmp_path / "s").exists()
     sae = resolve_sae(store, "latest", None)

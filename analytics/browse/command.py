@@ -2,6 +2,7 @@
 
     python -m analytics.browse --sae latest --out site/
     python -m analytics.browse --sae latest --layer 17 --out site/ --shard-size 32
+    python -m analytics.browse --sae latest --out site/ --measure 5      # + index/search/page times in Chromium
     (open site/index.html in a browser, or: python -m http.server -d site 8000)
 
 Reads table `feature_cards` (python -m analytics.feature_cards; each feature's newest card unless
@@ -10,8 +11,10 @@ each feature's current label is the one analytics.label_features.review chooses:
 above automatic ones). Writes index.html (every feature: search by label / token / metadata
 text, sort by density, importance or label score), feature.html?f=ID (contexts highlighted by
 activation, histogram, logit effects, metadata associations, labels and scores, the SQL of each
-number) and the data as script files (site.py). Leaves a `runs` record (kind browse); without
---out the site goes to that run's folder, runs/<run_id>/site/.
+number) and the data as script files (site.py). Leaves a `runs` record (kind browse) and its
+browse.json; without --out the site goes to that run's folder, runs/<run_id>/site/.
+`--measure N` then opens the site N times in Chromium and reports the times the pages measure
+(measure.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from analytics.browse import data, site
+from analytics.browse import measure as in_browser
 from analytics.label_features.inputs import SaeRef, resolve_sae
 from store.catalog.runs import Run
 from store.cli import LayerOptions, ProgressOptions, StoreOptions, config_dict, parse_config, user_errors
@@ -48,6 +52,18 @@ class BrowseConfig(StoreOptions, LayerOptions, ProgressOptions):
         default="all",
         metadata={"help": "the feature_cards shown: all (each feature's newest card) or one run's (its run id)"},
     )
+    measure: int = field(
+        default=0,
+        metadata={
+            "help": "then open the site N times in Chromium and report the times the pages measure (index listed, "
+            "a search, a feature page): 0 = do not"
+        },
+    )
+    measure_feature: int | None = field(
+        default=None, metadata={"help": "--measure: the feature page timed (default: the densest feature)"}
+    )
+    measure_search: str = field(default="the", metadata={"help": "--measure: the search typed into the index"})
+    chromium: str = field(default=in_browser.DEFAULT_CHROMIUM, metadata={"help": "--measure: the Chromium executable"})
 
     def __post_init__(self) -> None:
         if len(self.layers) > 1:
@@ -56,6 +72,13 @@ class BrowseConfig(StoreOptions, LayerOptions, ProgressOptions):
             raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
         if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"--out {self.out} is a file; pass a folder (it is created when missing)")
+        if self.measure < 0:
+            raise ValueError(f"--measure must be >= 0, got {self.measure}")
+        if self.measure and not Path(self.chromium).is_file():
+            raise ValueError(
+                f"--measure: --chromium {self.chromium} does not exist; install it (apt-get install -y chromium) "
+                "or pass --chromium PATH"
+            )
 
 
 class BrowseResult(NamedTuple):
@@ -68,6 +91,7 @@ class BrowseResult(NamedTuple):
     index_bytes: int
     seconds: float
     run_id: str
+    timing: dict | None  # --measure: the pages' own timings in Chromium (measure.measure)
 
 
 def build_site(cfg: BrowseConfig) -> BrowseResult:
@@ -103,8 +127,16 @@ def build_site(cfg: BrowseConfig) -> BrowseResult:
         for shard, records in tqdm(sorted(shards.items()), desc="feature pages", disable=not cfg.progress):
             site.write_shard(out, shard, records)
         secs = time.perf_counter() - t0
+        timing = None
+        if cfg.measure:
+            f = cfg.measure_feature
+            if f is None:
+                f = max(cards.rows, key=lambda c: (c["density"], -c["feature"]))["feature"]
+            timing = in_browser.measure(out, cfg.measure, f, cfg.measure_search, cfg.chromium)
         counts = {"features": len(index), "labelled": meta["n_labelled"], "shards": len(shards)}
-        run.finish(counts=counts, metrics={"seconds": secs, "out": str(out), "cards_runs": cards.shown})
+        metrics = {"seconds": secs, "out": str(out), "cards_runs": cards.shown, "timing": timing}
+        store.write_json(run.dir / "browse.json", {"run_id": run.run_id, "meta": meta, "metrics": metrics})
+        run.finish(counts=counts, metrics=metrics)
     return BrowseResult(
         out,
         sae,
@@ -115,15 +147,17 @@ def build_site(cfg: BrowseConfig) -> BrowseResult:
         index_path.stat().st_size,
         secs,
         run.run_id,
+        timing,
     )
 
 
 def report(res: BrowseResult) -> str:
+    timing = "\n" + in_browser.report(res.timing, res.n_features) if res.timing else ""
     return (
         f"SAE {res.sae.name} layer {res.sae.layer}: {res.n_features} features ({res.n_labelled} labelled) from "
         f"feature_cards run(s) {', '.join(res.cards_runs)} in {res.seconds:.1f} s; "
         f"index {res.index_bytes / 1e3:.0f} kB, {res.n_shards} page data files\n"
-        f"open {res.out / 'index.html'} (or: python -m http.server -d {res.out} 8000)"
+        f"open {res.out / 'index.html'} (or: python -m http.server -d {res.out} 8000)" + timing
     )
 
 
