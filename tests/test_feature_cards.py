@@ -305,6 +305,10 @@ def test_a_new_run_replaces_the_older_cards_of_its_features(cards, tmp_path):
     assert sorted(got) == list(range(128))  # one card per feature
     assert {f for f, r in got.items() if r["run_id"] == res.run_id} == {3, 40}
     assert len(got[3]["top_contexts"]) == 2 and len(got[5]["top_contexts"]) == TOP_K
+    # --features N: the top N by |importance| (features 3 and 4 have one in the newest run)
+    res = run_cards(command.parse_config(CardsConfig, ["--store", str(store), "--features", "2", "--no-progress"]))
+    assert res.features == [3, 4] and res.summary["chosen_by"] == "importance"
+    assert sorted(table(store)) == list(range(128))
 
 
 def test_export_delphi_is_label_features_export(code_store, tmp_path):  # noqa: F811

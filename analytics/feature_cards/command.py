@@ -134,7 +134,8 @@ def choose_features(cfg: CardsConfig, store: Store, sae: SaeRef, firing: Firing 
         return ids, "ids"
     imp = inputs.importance(store, sae)
     if imp:
-        return sorted(range(sae.d_sae), key=lambda f: (-abs(imp.get(f, (-1.0,))[0]), f))[:top_n], "importance"
+        by_effect = sorted(range(sae.d_sae), key=lambda f: (f not in imp, -abs(imp[f][0]) if f in imp else 0.0, f))
+        return by_effect[:top_n], "importance"
     assert firing is not None
     n = np.diff(firing.start)
     return sorted(range(sae.d_sae), key=lambda f: (-int(n[f]), f))[:top_n], "density"
