@@ -1,5 +1,5 @@
-"""Benchmark: the feature cards of every feature of an SAE (`python -m analytics.feature_cards`),
-end to end, against a naive per-feature scan of the codes.
+"""Benchmark (`python -m bench.feature_cards`): the feature cards of every feature of an SAE
+(`python -m analytics.feature_cards`), end to end, against a naive per-feature scan of the codes.
 
     python -m bench.feature_cards --store /tmp/cards-store                 # its newest SAE, all features
     python -m bench.feature_cards --store S --sae NAME --repeats 2 --naive-features 64

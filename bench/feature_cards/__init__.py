@@ -1,0 +1,4 @@
+"""Benchmark of the feature cards: `python -m bench.feature_cards` (bench.feature_cards.run).
+
+A folder of its own, as bench/ holds its dozen modules already (tests/test_architecture.py).
+"""
