@@ -146,6 +146,13 @@ def test_index_lists_searches_and_sorts(built, page):
     got = [int(x) for x in page.eval_on_selector_all("#rows tr", "rs => rs.map(r => r.dataset.feature)")]
     assert got == want and want
 
+    # a search the label text and the token strings both hold
+    page.fill("#search", "<script>")
+    want = [c["feature"] for c in cards if "<script>" in " ".join(data.top_tokens(c) + c["logit_top_tokens"][:5])]
+    want = sorted(set(want) | {12})  # feature 12's label is "the word <script>"
+    assert [int(x) for x in page.eval_on_selector_all("#rows tr", "rs => rs.map(r => r.dataset.feature)")] == want
+    assert page.is_hidden("#more")
+
     # sort by density (largest first), then importance (|effect|, missing last)
     page.fill("#search", "")
     page.click('th[data-key="density"]')
@@ -290,10 +297,29 @@ def test_real_feature_cards_site(real_site, page):
 
 
 @needs_chromium
-def test_measure_reports_the_pages_own_times(built, tmp_path, capsys):
+def test_index_draws_a_limit_then_all(built, tmp_path, page):
+    store, cards, _ = built
+    out = tmp_path / "site"
+    assert main(["--store", str(store.root), "--out", str(out), "--index-rows", "40", "--no-progress"]) == 0
+    page.goto((out / "index.html").as_uri())
+    page.wait_for_selector("body[data-ready]")
+    assert len(page.query_selector_all("#rows tr")) == 40
+    assert page.text_content("#count") == f"{len(cards)} of {len(cards)} features"
+    page.click("#more")
+    assert len(page.query_selector_all("#rows tr")) == len(cards) and page.is_hidden("#more")
+
+
+@needs_chromium
+def test_measure_reports_the_pages_own_times(built, browser, tmp_path, capsys):
     store, cards, _ = built
     argv = ["--store", str(store.root), "--out", str(tmp_path / "site"), "--measure", "1", "--measure-feature", "3"]
-    assert main([*argv, "--no-progress"]) == 0
+    # in a thread of its own: playwright's sync API allows one driver per thread, and this
+    # module's browser fixture holds this one's
+    rc: list[int] = []
+    worker = threading.Thread(target=lambda: rc.append(main([*argv, "--no-progress"])))
+    worker.start()
+    worker.join()
+    assert rc == [0]
     out = capsys.readouterr().out
     assert f"index.html, {len(cards)} features listed" in out and "console errors: 0" in out
     (rec,) = store.query("SELECT metrics FROM runs WHERE kind = 'browse' ORDER BY started_at DESC LIMIT 1").to_pylist()

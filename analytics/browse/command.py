@@ -48,6 +48,9 @@ class BrowseConfig(StoreOptions, LayerOptions, ProgressOptions):
         metadata={"help": "the site's folder (created; default: the browse run's folder, runs/<run_id>/site)"},
     )
     shard_size: int = field(default=64, metadata={"help": "features per lazily loaded data file features/NNNN.js"})
+    index_rows: int = field(
+        default=5000, metadata={"help": "rows the index draws at once (a 'show all' button draws the rest)"}
+    )
     cards_run: str = field(
         default="all",
         metadata={"help": "the feature_cards shown: all (each feature's newest card) or one run's (its run id)"},
@@ -68,8 +71,8 @@ class BrowseConfig(StoreOptions, LayerOptions, ProgressOptions):
     def __post_init__(self) -> None:
         if len(self.layers) > 1:
             self.one_layer("browse")
-        if self.shard_size < 1:
-            raise ValueError(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.shard_size < 1 or self.index_rows < 1:
+            raise ValueError(f"--shard-size and --index-rows must be >= 1, got {self.shard_size}, {self.index_rows}")
         if self.out is not None and Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"--out {self.out} is a file; pass a folder (it is created when missing)")
         if self.measure < 0:
@@ -114,6 +117,7 @@ def build_site(cfg: BrowseConfig) -> BrowseResult:
             "n_cards": len(cards.rows),
             "n_labelled": sum(1 for c in cards.rows if c["feature"] in current),
             "shard_size": cfg.shard_size,
+            "index_rows": cfg.index_rows,
             "store": str(store.root),
             "generated_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "browse_run": run.run_id,

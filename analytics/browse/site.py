@@ -16,6 +16,7 @@ or an escaping function, never as markup.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -40,7 +41,8 @@ def prepare(out: Path) -> None:
     fdir = out / "features"
     fdir.mkdir(exist_ok=True)
     for p in fdir.glob("*.js"):
-        p.unlink()
+        if re.fullmatch(r"\d{4,}\.js", p.name):  # ours only: NNNN.js
+            p.unlink()
 
 
 def write_assets(out: Path) -> None:

@@ -68,17 +68,26 @@
       '<td class="meta-text">' + B.esc(r[C.meta]) + "</td></tr>";
   }
 
+  var LIMIT = meta.index_rows || 5000;  // rows drawn at once (--index-rows; "show all" draws the rest)
+  var showAll = false;
+  var more = document.getElementById("more");
   function render() {
     var terms = state.q.toLowerCase().split(/\s+/).filter(Boolean);
     var html = [], n = 0;
     for (var k = 0; k < order.length; k++) {
       var i = order[k], h = hay[i], ok = true;
       for (var j = 0; j < terms.length && ok; j++) ok = h.indexOf(terms[j]) >= 0;
-      if (ok) { html.push(rowHtml(rows[i])); n++; }
+      if (ok) {
+        if (showAll || n < LIMIT) html.push(rowHtml(rows[i]));
+        n++;
+      }
     }
     tbody.innerHTML = html.join("");
     count.textContent = n + " of " + rows.length + " features";
+    more.hidden = html.length >= n;
+    more.textContent = "show all " + n + " (" + html.length + " drawn)";
   }
+  more.addEventListener("click", function () { showAll = true; render(); });
 
   function saveState() {
     var h = "q=" + encodeURIComponent(state.q) + "&sort=" + state.sort + "&dir=" + (state.desc ? "desc" : "asc");
