@@ -45,10 +45,8 @@ def card_runs(store: Store, sae: SaeRef) -> list[str]:
     them, else by run id)."""
     if not store.has_table(CARDS):
         return []
-    got = store.query(f"SELECT DISTINCT run_id FROM {CARDS} WHERE sae = ? AND layer = ?", [sae.name, sae.layer]).column(
-        0
-    )
-    runs = sorted((r.as_py() for r in got), reverse=True)
+    sql = f"SELECT DISTINCT run_id FROM {CARDS} WHERE sae = ? AND layer = ?"
+    runs = sorted(store.query(sql, [sae.name, sae.layer]).column(0).to_pylist(), reverse=True)
     if len(runs) > 1 and store.has_table("runs"):
         t = store.query("SELECT run_id, max(started_at) AS t FROM runs GROUP BY run_id").to_pydict()
         started = {r: x.timestamp() for r, x in zip(t["run_id"], t["t"], strict=True) if x is not None}
