@@ -127,6 +127,12 @@ COMMANDS: tuple[Command, ...] = (
         "analytics.select_experiment",
     ),
     Command(
+        "lds",
+        "the linear datamodeling score: Spearman of subsets' summed attribution scores vs their finetunes' eval loss",
+        "analytics.lds",
+        main="analytics.lds.command:main",
+    ),
+    Command(
         "study",
         "the whole selection study from a YAML config (ingest to report), each step skipped when done",
         "analytics.study",
