@@ -45,7 +45,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from unittest import mock
 
 import numpy as np
@@ -61,7 +61,9 @@ from bench.common import (
     load_bench_model,
     print_table,
 )
+from bench.profile import OpProfile, op_table, profiled
 from extractors.chat_tokens import ensure_tokenization
+from extractors.cpu_memory import keep_freed_memory
 from extractors.forward import LayerCapture, pad_batch, padding_fraction, validate_layers
 from extractors.hidden import HiddenSpec, extract_hidden, unit_batches, unit_packs
 from extractors.model import decoder_layers, pad_token_id
@@ -125,16 +127,40 @@ class BenchExtractConfig(StoreOptions, ModelOptions, LayerOptions, ProgressOptio
     )
     disk_mb: int = field(default=256, metadata={"help": "MB written + fsynced by the disk probe"})
     saelens_context: int = field(default=256, metadata={"help": "SAELens window length (tokens)"})
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch CPU threads for every method (default: torch's own, all cores); 1 makes a "
+            "loaded shared CPU hurt the methods alike"
+        },
+    )
+    profile: bool = field(
+        default=False,
+        metadata={
+            "help": "after the timed rounds, run each method once more under torch.profiler and print "
+            "its top ops by self CPU time side by side (ms per 1k tokens, share; bench/profile.py)"
+        },
+    )
+    profile_top: int = field(default=10, metadata={"help": "ops per method in the --profile table"})
+    malloc: Literal["keep", "default"] = field(
+        default="keep",
+        metadata={
+            "help": "CPU: keep freed memory for reuse as the extractor does (extractors.cpu_memory), or "
+            "glibc's defaults (page faults every layer); for the whole process, so every method alike"
+        },
+    )
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ValueError(f"--methods {bad[0]!r} is not one of {', '.join(METHODS)}")
-        for name in ("rows", "repeats", "disk_mb", "saelens_context", "unit_tokens"):
+        for name in ("rows", "repeats", "disk_mb", "saelens_context", "unit_tokens", "profile_top"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.batch_tokens is not None and self.batch_tokens <= 0:
             raise ValueError(f"--batch-tokens must be positive, got {self.batch_tokens}")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"--threads must be positive, got {self.threads} (omit it for torch's default)")
 
 
 def _sync(device: Any) -> None:
@@ -486,6 +512,36 @@ def _summarize(results: dict[str, dict[str, Any]], s: _Setup, disk: dict[str, fl
     return summary, text
 
 
+def _run(m: str, s: _Setup, cfg: BenchExtractConfig, store: Store) -> dict[str, Any]:
+    if m in ("forward", "forward_full"):
+        return _forward(s, m == "forward_full")
+    if m == "packed":
+        return _packed(s)
+    if m == "extract":
+        return _extract(s, cfg, store)
+    if m == "naive":
+        return _naive(s, store)
+    if m == "forward_windows":
+        return _forward_windows(s, cfg)
+    return _saelens(s, cfg, store)
+
+
+def _profile(cfg: BenchExtractConfig, s: _Setup, store: Store) -> tuple[dict[str, Any], str]:
+    """Each method once more under torch.profiler (bench/profile.py); returns (JSON part, table)."""
+    profiles: dict[str, OpProfile] = {}
+    for m in [m for m in METHODS if m in cfg.methods]:
+        print(f"profiling {m} ...", flush=True)
+        r, prof = profiled(lambda m=m: _run(m, s, cfg, store), cuda=s.lm.device.type == "cuda")
+        if "tokens" in r:
+            prof.tokens = r["tokens"]
+            profiles[m] = prof
+    if not profiles:
+        return {}, ""
+    print(f"\ntop ops by self CPU time ({torch.get_num_threads()} threads), one profiled call per method:")
+    text = op_table(profiles, cfg.profile_top)
+    return {m: p.as_dict(cfg.profile_top) for m, p in profiles.items()}, text
+
+
 def _measure(cfg: BenchExtractConfig, s: _Setup, store: Store) -> dict[str, dict[str, Any]]:
     """Every method, in interleaved rounds; each method's fastest round is kept."""
     results: dict[str, dict[str, Any]] = {}
@@ -496,18 +552,9 @@ def _measure(cfg: BenchExtractConfig, s: _Setup, store: Store) -> dict[str, dict
                 f"measuring {m}" + (f" (round {rnd + 1}/{cfg.repeats})" if cfg.repeats > 1 else "") + " ...",
                 flush=True,
             )
-            if m in ("forward", "forward_full"):
-                r = _forward(s, m == "forward_full")
-            elif m == "packed":
-                r = _packed(s)
-            elif m == "extract":
-                r = _extract(s, cfg, store)
-            elif m == "naive":
-                r = _naive(s, store)
-            elif m == "forward_windows":
-                r = _forward_windows(s, cfg)
-            else:
-                r = _saelens(s, cfg, store)
+            c0 = time.process_time()
+            r = _run(m, s, cfg, store)
+            r["cpu_seconds_call"] = time.process_time() - c0
             rounds = results.get(m, {}).get("seconds_per_round", []) + [r.get("seconds")]
             if m not in results or r.get("seconds", np.inf) < results[m].get("seconds", np.inf):
                 results[m] = r
@@ -517,6 +564,10 @@ def _measure(cfg: BenchExtractConfig, s: _Setup, store: Store) -> dict[str, dict
 
 def run_bench(cfg: BenchExtractConfig) -> dict[str, Any]:
     """Set up once, measure each method, print the table, write JSON + PNG; returns the result."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if not cfg.device.startswith("cuda"):
+        keep_freed_memory(cfg.malloc == "keep")  # the first call decides; load_model's then agrees
     with Bench("extract", cfg.store, cfg.out, keep=cfg.keep_store) as bench:
         store = bench.store
         ingest_rows(store, cfg.rows, cfg.model, cfg.progress)
@@ -530,6 +581,7 @@ def run_bench(cfg: BenchExtractConfig) -> dict[str, Any]:
         print(f"disk: write + fsync {disk['write_GBps']:.2f} GB/s on {store.root}")
         results = _measure(cfg, s, store)
         summary, text = _summarize(results, s, disk, cfg.saelens_context)
+        profile, profile_text = _profile(cfg, s, store) if cfg.profile else ({}, "")
         result = {
             **bench.header(cfg, s.lm.device),
             "model": {
@@ -552,6 +604,8 @@ def run_bench(cfg: BenchExtractConfig) -> dict[str, Any]:
             "methods": results,
             "table": text,
             "torch_threads": torch.get_num_threads(),
+            "keep_freed_memory": keep_freed_memory(),
+            **({"profile": profile, "profile_table": profile_text} if cfg.profile else {}),
         }
         labels = [m for m in results if "tokens_per_s" in results[m]]
         bench.write(

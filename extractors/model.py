@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from extractors.cpu_memory import keep_freed_memory
 from store.core import StoreError
 
 if TYPE_CHECKING:
@@ -172,13 +173,16 @@ class LoadedModel(NamedTuple):
 def load_model(
     model: str = EMBEDDED, device: str = "auto", dtype: str = "auto", cache_dir: Path | None = None
 ) -> LoadedModel:
-    """Load model + tokenizer for inference (eval mode, no parameter grads)."""
+    """Load model + tokenizer for inference (eval mode, no parameter grads). On a CPU the process
+    keeps freed memory for reuse (extractors.cpu_memory: 17-20 % less CPU time per forward)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers takes seconds to import
 
     t0 = time.perf_counter()
     src = resolve(model, cache_dir)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
+    if dev.type == "cpu":
+        keep_freed_memory()  # CPU forwards reuse freed activations instead of faulting in new pages
     try:
         tok = AutoTokenizer.from_pretrained(src.path)
         m = AutoModelForCausalLM.from_pretrained(src.path, dtype=dt)
