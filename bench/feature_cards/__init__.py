@@ -2,3 +2,7 @@
 
 A folder of its own, as bench/ holds its dozen modules already (tests/test_architecture.py).
 """
+
+from bench.feature_cards.run import main
+
+__all__ = ["main"]
