@@ -13,7 +13,9 @@ Self CPU time is the time spent in an op itself (not its children), measured as 
 the calling thread: with `--threads 1` it is the op's compute; the process CPU time beside it
 tells how much the machine's load stretched the wall clock (wall / CPU > 1: waiting for a core).
 Python outside aten ops (hooks, the HF model's glue, Arrow writes) is `other`: the call's
-wall time minus its ops' self time. The profiler's own cost is a few microseconds per op
+wall time minus its ops' self time. The process's kernel CPU time and minor page faults over
+the call (getrusage) show what no op owns: memory the allocator maps afresh and the kernel
+zeroes (extractors/cpu_memory.py). The profiler's own cost is a few microseconds per op
 (~0.1-1 % of these forwards); profiled figures are for shares, the timed rounds for rates.
 """
 
@@ -37,6 +39,8 @@ class OpProfile:
     wall_seconds: float
     cpu_seconds: float
     ops: dict[str, tuple[float, int]] = field(default_factory=dict)
+    sys_seconds: float | None = None  # of cpu_seconds, in the kernel (page faults: zeroing new pages)
+    minor_faults: int | None = None
 
     @property
     def traced_seconds(self) -> float:
@@ -71,6 +75,8 @@ class OpProfile:
         ]
         d["ms_per_1k_tokens"] = 1e6 * self.wall_seconds / self.tokens
         d["cpu_ms_per_1k_tokens"] = 1e6 * self.cpu_seconds / self.tokens
+        d["sys_ms_per_1k_tokens"] = None if self.sys_seconds is None else 1e6 * self.sys_seconds / self.tokens
+        d["minor_faults_per_token"] = None if self.minor_faults is None else self.minor_faults / self.tokens
         return d
 
 
@@ -80,16 +86,29 @@ def profiled(fn: Callable[[], Any], tokens: int = 0, cuda: bool = False) -> tupl
     from torch.profiler import ProfilerActivity, profile  # lazy: heavy
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    r0 = _rusage()
     c0, t0 = time.process_time(), time.perf_counter()
     with profile(activities=acts) as prof:
         out = fn()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    r1 = _rusage()
     ops: dict[str, tuple[float, int]] = {}
     for e in prof.key_averages():
         if e.self_cpu_time_total > 0 and not e.key.startswith("ProfilerStep"):
             s, n = ops.get(e.key, (0.0, 0))
             ops[e.key] = (s + e.self_cpu_time_total / 1e6, n + e.count)
-    return out, OpProfile(tokens, wall, cpu, ops)
+    sys_s, faults = (r1[0] - r0[0], r1[1] - r0[1]) if r0 and r1 else (None, None)
+    return out, OpProfile(tokens, wall, cpu, ops, sys_s, faults)
+
+
+def _rusage() -> tuple[float, int] | None:
+    """(kernel CPU seconds, minor page faults) of this process so far; None off Unix."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_stime, r.ru_minflt
 
 
 def op_table(profiles: dict[str, OpProfile], top: int = 10) -> str:
@@ -114,9 +133,19 @@ def op_table(profiles: dict[str, OpProfile], top: int = 10) -> str:
         total_row[f"{m}_ms"] = 1e6 * p.wall_seconds / p.tokens
         total_row[f"{m}_share"] = p.cpu_seconds / p.wall_seconds if p.wall_seconds else None
     rows.append(total_row)
+    cpu_row: dict[str, Any] = {"op": "process CPU / of it in the kernel"}
+    fault_row: dict[str, Any] = {"op": "minor page faults per token"}
+    for m, p in profiles.items():
+        cpu_row[f"{m}_ms"] = 1e6 * p.cpu_seconds / p.tokens
+        cpu_row[f"{m}_share"] = p.sys_seconds / p.cpu_seconds if p.sys_seconds is not None and p.cpu_seconds else None
+        fault_row[f"{m}_ms"] = p.minor_faults / p.tokens if p.minor_faults is not None else None
+    rows += [cpu_row, fault_row]
     cols = [("op", "op (ms per 1k tokens, share, calls)", "")]
     for m in profiles:
         cols += [(f"{m}_ms", m, ",.1f"), (f"{m}_share", "share", ".1%"), (f"{m}_calls", "calls", ",")]
     text = print_table(rows, cols)
-    print("(last row: each method's wall ms per 1k tokens, and process CPU / wall in the share column)")
+    print(
+        "(last rows: each method's wall ms per 1k tokens and process CPU / wall; its process CPU ms per 1k "
+        "tokens and the kernel's share of it; minor page faults per token)"
+    )
     return text
