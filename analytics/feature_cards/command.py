@@ -60,8 +60,8 @@ class CardsConfig(StoreOptions, LayerOptions, ModelOptions, ProgressOptions):
     model: str = field(
         default=inputs.CODES_MODEL,
         metadata={
-            "help": "the model whose unembedding gives the logit effects: codes (the one that computed the codes, "
-            "as their arrays record), embedded, a Hugging Face id or a local folder; it is loaded, never run"
+            "default_help": "codes, the model that computed the codes (their arrays record it); its unembedding "
+            "gives the logit effects: loaded, never run"
         },
     )
     features: list[str] = field(
@@ -120,7 +120,8 @@ def part_name(sae: SaeRef, run_id: str, batch: int) -> str:
 
 def run_key(cfg: CardsConfig, sae: SaeRef, codes: dict[str, Any], joins: dict[str, str | None]) -> str:
     """The hash of what is computed: the same command on the same store resumes the same run."""
-    what = {k: getattr(cfg, k) for k in ("features", "top_k", "context", "quantiles", "per_quantile", "logits")}
+    keys = ("features", "top_k", "context", "quantiles", "per_quantile", "logits", "compute_dtype")
+    what = {k: getattr(cfg, k) for k in keys}
     what |= {"batch_features": cfg.batch_features, "sae": sae.name, "layer": sae.layer, "codes": codes, "joins": joins}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -284,7 +285,7 @@ def run_cards(cfg: CardsConfig) -> CardsResult:
         t = time.perf_counter()
         rho, n_rho_rows, _ = inputs.attribution_spearman(store, codes, sae.d_sae)
         joins = {"assoc": inputs.metadata_assoc(store, sae), "importance": inputs.importance(store, sae), "rho": rho}
-        un = inputs.unembedding(store, sae, model, cfg.device, cache)
+        un = inputs.unembedding(store, sae, model, cfg.device, cache, cfg.compute_dtype)
         timings["joins_and_weights"] = time.perf_counter() - t
         t = time.perf_counter()
         computed = 0

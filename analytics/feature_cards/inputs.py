@@ -136,18 +136,21 @@ def codes_model(store: Store, attrs: dict[str, Any], requested: str, cache: Path
     return model
 
 
-def unembedding(store: Store, sae: SaeRef, model: str, device: str, cache: Path | None) -> Unembedding:
+def unembedding(
+    store: Store, sae: SaeRef, model: str, device: str, cache: Path | None, dtype: str = "fp32"
+) -> Unembedding:
     """The SAE's W_dec (from its checkpoint) and the model's unembedding, loaded, never run. The
     final norm's per-dimension scale is folded into W_U (TransformerLens' fold_ln, whose W_U
     sae_vis and Neuronpedia use): W_U' = W_U diag(g), with g = weight (1 + weight for Gemma's
     norms); the normalisation by the residual's RMS, a positive scalar per token, does not
-    change which tokens a direction raises."""
+    change which tokens a direction raises. The weights load in `dtype` (--compute-dtype); the
+    product is taken in float32."""
     # lazy: only a run that computes cards loads weights
     from extractors.logits.kind import final_norm_and_head
     from extractors.sae.load import load_sae
 
     W_dec = load_sae(sae.name, "cpu", layer=sae.layer, store=store).sae.W_dec.detach().float()
-    lm = load_model(model, device, "fp32", cache)
+    lm = load_model(model, device, dtype, cache)
     norm, head = final_norm_and_head(lm.model)
     W_U = head.weight.detach().float()
     g = getattr(norm, "weight", None)
