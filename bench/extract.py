@@ -2,6 +2,8 @@
 
     python -m bench.extract                                   # embedded SmolLM2, layer 17, 200 rows
     python -m bench.extract --rows 40 --disk-mb 64            # CPU-sized smoke run
+    python -m bench.extract --rows 40 --threads 1 --profile --methods packed forward_windows saelens
+                                                              # where each method's time goes
     python -m bench.extract --model random:smollm2-135m --rows 20000 --unit-tokens 65536 --repeats 2
     python -m bench.extract --model random:llama-1b --layers 15 --rows 8000 --unit-tokens 65536 --repeats 2
 
@@ -30,6 +32,12 @@ length-sorted batches, `extractors.hidden.unit_batches`):
 Per method the table gives the padding fraction, the token slots the dense layers run on and the
 query-key pairs attention computes, both per real token (`extractors.packing.attention_cost`; a
 row alone needs L(L+1)/2 pairs, a window of C tokens C(C+1)/2 across its rows).
+
+`--profile` runs each method once more under torch.profiler and prints their top ops side by
+side (bench/profile.py), with each call's process CPU time, kernel share and page faults;
+`--threads 1` lets a loaded shared CPU hurt every method alike. `--malloc default` keeps glibc's
+allocator defaults instead of the extractor's CPU setting (extractors/cpu_memory.py), for the
+whole process: run it once with each value to A/B that setting.
 
 The disk's write bandwidth is measured in the same run on the store's filesystem, so
 `disk limit = write GB/s / bytes per token` tells whether extraction is disk-bound. The
