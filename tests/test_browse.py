@@ -16,6 +16,7 @@ import math
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from analytics.browse import command, data
@@ -108,7 +109,13 @@ def test_site_files_and_shards(built):
     # each feature's newest card: the newer run's for its one feature, its run in the page data
     cards_read = data.read_cards(store, resolve_sae(store, "latest", None))
     assert cards_read.shown == [fx.NEWER_RUN, fx.CARDS_RUN]
-    assert cards_read.rows == cards
+    key = lambda c: (c["feature"], c["run_id"], c["density"], c["hist_counts"], c["assoc"])  # noqa: E731
+    assert [key(r) for r in cards_read.rows] == [key(c) for c in cards]
+    # contexts come back with activations rounded to 6 significant digits (smaller shards)
+    for r, c in zip(cards_read.rows, cards, strict=True):
+        for got, want in zip(r["top_contexts"] + r["quantiles"], c["top_contexts"] + c["quantiles"], strict=True):
+            assert got["tokens"] == want["tokens"] and math.isclose(got["act"], want["act"], rel_tol=1e-5)
+            assert np.allclose(got["acts"], want["acts"], rtol=1e-5, atol=0)
     assert f'"run_id":"{fx.NEWER_RUN}"' in (out / "features" / f"{fx.NEWER // SHARD:04d}.js").read_text()
     # a rebuild with bigger shards removes the stale ones
     argv = ["--store", str(store.root), "--out", str(out), "--shard-size", "100", "--no-progress"]
