@@ -301,6 +301,7 @@ def test_a_new_run_replaces_the_older_cards_of_its_features(cards, tmp_path):
     argv = ["--store", str(store), "--top-k", "2", "--features", "3", "40", "--no-progress"]
     res = run_cards(command.parse_config(CardsConfig, argv))
     assert res.features == [3, 40] and res.summary["dropped_older_cards"] == 2
+    second = res.run_id
     got = table(store)
     assert sorted(got) == list(range(128))  # one card per feature
     assert {f for f, r in got.items() if r["run_id"] == res.run_id} == {3, 40}
@@ -309,6 +310,11 @@ def test_a_new_run_replaces_the_older_cards_of_its_features(cards, tmp_path):
     res = run_cards(command.parse_config(CardsConfig, ["--store", str(store), "--features", "2", "--no-progress"]))
     assert res.features == [3, 4] and res.summary["chosen_by"] == "importance"
     assert sorted(table(store)) == list(range(128))
+    # a run whose features cover all of an older run's cards removes that run's part and folder
+    folder = next(p.parent for p in Store(store).table_files(TABLE) if p.parent.name == second)
+    res = run_cards(command.parse_config(CardsConfig, [*argv[:-1], "--context", "1", "--no-progress"]))
+    assert not folder.exists() and sorted(table(store)) == list(range(128))
+    assert {f for f, r in table(store).items() if r["run_id"] == res.run_id} == {3, 40}
 
 
 def test_export_delphi_is_label_features_export(code_store, tmp_path):  # noqa: F811

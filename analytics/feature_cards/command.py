@@ -202,6 +202,8 @@ def supersede(store: Store, sae: SaeRef, run_id: str, feats: list[int]) -> int:
         dropped += int((~keep).sum())
         if not keep.any():
             store.delete_part(TABLE, part)
+            if not store.remote and not any(f.parent.iterdir()):
+                f.parent.rmdir()  # the older run's folder, now empty
         elif not keep.all():
             store.write_table(TABLE, t.filter(pa.array(keep)), part=part)
     return dropped
