@@ -128,7 +128,7 @@
       s.appendChild(el("p", { cls: "none", text: "no activations" }));
       return s;
     }
-    var W = 420, H = 150, pad = 28, max = Math.max.apply(null, counts.concat([1]));
+    var W = 440, H = 150, pad = 44, max = Math.max.apply(null, counts.concat([1]));
     var g = svg("svg", { width: W, height: H + pad, viewBox: "0 0 " + W + " " + (H + pad), role: "img" });
     var bw = (W - 2 * pad) / counts.length;
     counts.forEach(function (c, i) {
