@@ -27,8 +27,9 @@ def scatter(by_source: dict[str, dict[str, Any]], base_loss: float, path: Path, 
     for ax, (name, v) in zip(axes, shown.items(), strict=True):
         ax.scatter(v["predicted"], v["actual_loss"], s=22)
         ax.axhline(base_loss, color="grey", ls=":", lw=0.9, label=f"base adapter {base_loss:.4f}")
-        ax.set_xlabel("predicted benefit (sum over the subset; higher = more helpful)", fontsize=8)
-        ax.set_ylabel("eval loss after the subset's finetune (nats/token)", fontsize=8)
+        ax.set_xlabel("predicted benefit (subset sum; higher = more helpful)", fontsize=7)
+        if ax is axes[0]:
+            ax.set_ylabel("eval loss after the subset's finetune (nats/token)", fontsize=8)
         ax.set_title(f"{name}\n{_ci(v)}", fontsize=9)
         ax.legend(fontsize=7)
     skipped = [f"{k}: {v['skipped_because']}" for k, v in by_source.items() if "predicted" not in v]
