@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from bench.common import Bench, BenchOutOptions, ScratchOptions, ingest_rows, load_bench_model, print_table
-from bench.extract import _clear_arrays
+from bench.extract.run import _clear_arrays
 from extractors.chat_tokens import ensure_tokenization
 from extractors.forward import pad_batch, validate_layers
 from extractors.gradnorm import (

@@ -11,15 +11,17 @@ sha256 of the weight files for a local folder, and `hub:<id>@<commit>` for a Hub
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from extractors.cpu_memory import keep_freed_memory
 from store.core import StoreError
 
 if TYPE_CHECKING:
@@ -174,7 +176,7 @@ def load_model(
     model: str = EMBEDDED, device: str = "auto", dtype: str = "auto", cache_dir: Path | None = None
 ) -> LoadedModel:
     """Load model + tokenizer for inference (eval mode, no parameter grads). On a CPU the process
-    keeps freed memory for reuse (extractors.cpu_memory: 17-20 % less CPU time per forward)."""
+    keeps freed memory for reuse (keep_freed_memory: 17-20 % less CPU time per forward)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers takes seconds to import
 
     t0 = time.perf_counter()
@@ -226,3 +228,52 @@ def check_model_hash(lm: LoadedModel, attrs: dict[str, Any], what: str, flag: st
             f"{flag} {lm.model_id} has hash {lm.model_hash}, but {what} was computed with "
             f"{attrs.get('model')} ({want}); pass that model with {flag}"
         )
+
+
+# CPU forwards without page-fault churn: keep freed memory in the process (glibc's malloc).
+#
+# A CPU forward allocates and frees the same large activations every layer ([tokens, d_ff] fp32
+# is 50 MB at 8,192 tokens for SmolLM2). glibc serves blocks above its mmap threshold (at most
+# 32 MB in its dynamic mode) with a fresh `mmap` and returns them with `munmap`, and trims the
+# heap's free top beyond its trim threshold: so every layer's buffers come back as new pages,
+# and the kernel faults and zeroes them again. Measured on the embedded SmolLM2 (2026-12-03, 1
+# thread, 11,785 tokens in 8,192-token packed batches): ~150 minor page faults per token, 15 %
+# of the forward's CPU time in the kernel; with the thresholds below, ~0 faults and 17-20 % less
+# CPU time per token (docs/performance.md, "Packed batches"). SAELens, PyTorch and transformers
+# pay the same on CPU; CUDA has its own caching allocator and is unaffected.
+#
+# `keep_freed_memory()` raises both thresholds (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), so
+# large blocks come from the heap and freed ones are reused by the next layer instead of being
+# returned to the kernel. Effect: the process keeps its peak heap (about one forward's
+# activations) resident until it exits. It is what `MALLOC_MMAP_THRESHOLD_` /
+# `MALLOC_TRIM_THRESHOLD_` do, set in code where a CPU model is loaded (`extractors.model.
+# load_model`), not through the environment. The first call decides for the process (later
+# calls return that decision): `keep_freed_memory(False)` first keeps glibc's defaults, which is
+# how `bench.extract --malloc default` measures the difference. A no-op where the C library has
+# no `mallopt` (macOS, musl), returning False. Stored values are unaffected (only where memory
+# comes from changes).
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GiB from the heap (glibc refusing that: its 32 MiB maximum)
+DYNAMIC_MAX = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of free heap top instead of trimming it
+
+_applied: bool | None = None
+
+
+def keep_freed_memory(enable: bool = True) -> bool:
+    """Raise glibc's mmap and trim thresholds once per process (module docstring); whether applied."""
+    global _applied
+    if _applied is None:
+        _applied = False
+        if enable and sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                mallopt = libc.mallopt
+            except (OSError, AttributeError):
+                return False
+            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+            mmap_ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 or mallopt(M_MMAP_THRESHOLD, DYNAMIC_MAX) == 1
+            _applied = bool(mmap_ok and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
+    return _applied

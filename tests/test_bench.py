@@ -13,9 +13,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bench import extract as bench_extract
 from bench import read as bench_read
 from bench.common import disk_write_bandwidth, print_table
+from bench.extract import run as bench_extract
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""`bench.extract --profile` (bench/profile.py) and the CPU allocator setting it measures
-(extractors/cpu_memory.py), on a tiny model: the profile counts the ops the model really runs
+"""`bench.extract --profile` (bench/extract/profile.py) and the CPU allocator setting it measures
+(extractors/model.py (keep_freed_memory)), on a tiny model: the profile counts the ops the model really runs
 (7 projections per Llama block, per forward), its per-token figures follow from its own
 seconds, and keeping freed memory stops the page faults of a repeated large allocation."""
 
@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from bench import extract as bench_extract
-from bench.profile import OTHER, op_table, profiled
-from extractors.cpu_memory import keep_freed_memory
+from bench.extract import run as bench_extract
+from bench.extract.profile import OTHER, op_table, profiled
+from extractors.model import keep_freed_memory
 
 
 def test_profiled_counts_ops_and_normalises_per_token():
@@ -74,7 +74,7 @@ def test_bench_extract_profile_counts_the_models_projections(tiny_model, tmp_pat
 _FAULTS = """
 import resource, sys
 import numpy as np
-from extractors.cpu_memory import keep_freed_memory
+from extractors.model import keep_freed_memory
 applied = keep_freed_memory(sys.argv[1] == "keep")
 np.ones(8 << 20).sum()  # a 64 MB block, once, so both runs start alike
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -15,7 +15,7 @@ tells how much the machine's load stretched the wall clock (wall / CPU > 1: wait
 Python outside aten ops (hooks, the HF model's glue, Arrow writes) is `other`: the call's
 wall time minus its ops' self time. The process's kernel CPU time and minor page faults over
 the call (getrusage) show what no op owns: memory the allocator maps afresh and the kernel
-zeroes (extractors/cpu_memory.py). The profiler's own cost is a few microseconds per op
+zeroes (extractors/model.py (keep_freed_memory)). The profiler's own cost is a few microseconds per op
 (~0.1-1 % of these forwards); profiled figures are for shares, the timed rounds for rates.
 """
 

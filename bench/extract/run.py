@@ -34,9 +34,9 @@ query-key pairs attention computes, both per real token (`extractors.packing.att
 row alone needs L(L+1)/2 pairs, a window of C tokens C(C+1)/2 across its rows).
 
 `--profile` runs each method once more under torch.profiler and prints their top ops side by
-side (bench/profile.py), with each call's process CPU time, kernel share and page faults;
+side (bench/extract/profile.py), with each call's process CPU time, kernel share and page faults;
 `--threads 1` lets a loaded shared CPU hurt every method alike. `--malloc default` keeps glibc's
-allocator defaults instead of the extractor's CPU setting (extractors/cpu_memory.py), for the
+allocator defaults instead of the extractor's CPU setting (extractors/model.py (keep_freed_memory)), for the
 whole process: run it once with each value to A/B that setting.
 
 The disk's write bandwidth is measured in the same run on the store's filesystem, so
@@ -69,12 +69,11 @@ from bench.common import (
     load_bench_model,
     print_table,
 )
-from bench.profile import OpProfile, op_table, profiled
+from bench.extract.profile import OpProfile, op_table, profiled
 from extractors.chat_tokens import ensure_tokenization
-from extractors.cpu_memory import keep_freed_memory
 from extractors.forward import LayerCapture, pad_batch, padding_fraction, validate_layers
 from extractors.hidden import HiddenSpec, extract_hidden, unit_batches, unit_packs
-from extractors.model import decoder_layers, pad_token_id
+from extractors.model import decoder_layers, keep_freed_memory, pad_token_id
 from extractors.packing import PackedForward, attention_cost, use_packing
 from extractors.units import plan_work, select_rows
 from store.arrays import UNITS_TABLE, array_key
@@ -146,14 +145,14 @@ class BenchExtractConfig(StoreOptions, ModelOptions, LayerOptions, ProgressOptio
         default=False,
         metadata={
             "help": "after the timed rounds, run each method once more under torch.profiler and print "
-            "its top ops by self CPU time side by side (ms per 1k tokens, share; bench/profile.py)"
+            "its top ops by self CPU time side by side (ms per 1k tokens, share; bench/extract/profile.py)"
         },
     )
     profile_top: int = field(default=10, metadata={"help": "ops per method in the --profile table"})
     malloc: Literal["keep", "default"] = field(
         default="keep",
         metadata={
-            "help": "CPU: keep freed memory for reuse as the extractor does (extractors.cpu_memory), or "
+            "help": "CPU: keep freed memory for reuse as the extractor does (extractors.model.keep_freed_memory), or "
             "glibc's defaults (page faults every layer); for the whole process, so every method alike"
         },
     )
@@ -535,7 +534,7 @@ def _run(m: str, s: _Setup, cfg: BenchExtractConfig, store: Store) -> dict[str, 
 
 
 def _profile(cfg: BenchExtractConfig, s: _Setup, store: Store) -> tuple[dict[str, Any], str]:
-    """Each method once more under torch.profiler (bench/profile.py); returns (JSON part, table)."""
+    """Each method once more under torch.profiler (bench/extract/profile.py); returns (JSON part, table)."""
     profiles: dict[str, OpProfile] = {}
     for m in [m for m in METHODS if m in cfg.methods]:
         print(f"profiling {m} ...", flush=True)
