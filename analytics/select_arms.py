@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,8 @@ import pyarrow as pa
 from extractors.adapters import apply_adapter, registered, resolve_adapter
 from extractors.ingest.sample.planted import rule_followed
 from extractors.model import load_model
+from extractors.units import claimed_units
+from store import claims
 from store.core import Store, StoreError, write_json
 from trainers.finetune.eval_loss import EvalLossConfig, merge, run_eval_loss
 from trainers.finetune.math_check import stated_answer, true_answer
@@ -440,3 +443,53 @@ def train_arm(
     if res.metrics["steps"] != steps:  # the budget check's promise, verified on the result
         raise StoreError(f"arm {arm.arm_id} took {res.metrics['steps']} steps, expected {steps}")
     return {"adapter": res.adapter, "finetune_run_id": res.run_id, "steps": steps, "epochs": epochs}
+
+
+class _Unit(NamedTuple):
+    """One claimable unit (extractors.units.claimed_units): `units[unit]` is its name."""
+
+    unit: int
+
+
+def share_units(
+    store: Store,
+    scope: str,
+    units: list[str],
+    committed: Callable[[], dict[str, Any]],
+    compute_commit: Callable[[str], None],
+    *,
+    rank: int,
+    world_size: int,
+    timeout: float,
+    desc: str,
+    progress: bool,
+) -> list[str]:
+    """Compute and commit every unit not committed yet, each claimed first, so N processes on the
+    same run split them (this rank's share first; a dead worker's claim is taken over); the units
+    this process computed. Shared by the selection experiment's arms and the LDS subsets; the
+    caller writes the summary under claims.exclusive(store, scope, "summary", timeout)."""
+    from tqdm.auto import tqdm  # lazy: startup cost of the CLIs that import this module
+
+    claims.sweep_stale(store, timeout)
+
+    def todo() -> list[_Unit]:  # the units not committed yet, this rank's share first
+        left = [i for i, u in enumerate(units) if u not in committed()]
+        return [_Unit(i) for i in sorted(left, key=lambda i: (i % world_size != rank, i))]
+
+    mine: list[str] = []
+    work = todo()
+    bar = tqdm(total=len(work), desc=desc, disable=not progress)
+    try:
+        for w in claimed_units(store, scope, work, todo, timeout):
+            unit = units[w.unit]
+            if unit in committed():  # committed by a worker that has ended
+                continue
+            bar.set_postfix(unit=unit)
+            compute_commit(unit)
+            mine.append(unit)
+            bar.update(1)
+    finally:
+        bar.close()
+        claims.release_all(store, scope, timeout)
+    print(f"this process computed {len(mine)} of {len(units)} units: {','.join(mine) or 'none'}")
+    return mine

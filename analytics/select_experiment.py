@@ -70,13 +70,12 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 from analytics import select_arms as sa
 from analytics.selection.summary import plot, report, result_doc, summarize
 from extractors.model import pick_device
 from extractors.sft_data import select_rows_by
-from extractors.units import claimed_units
 from store import claims
 from store.catalog.runs import Run
 from store.cli import (
@@ -232,12 +231,6 @@ def experiment_id(cfg: SelectExperimentConfig, base: Any, top_subset: str) -> st
     return "select-" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
 
 
-class _Unit(NamedTuple):
-    """One claimable unit of an experiment: `units[unit]` is `base` or an arm id (extractors.units)."""
-
-    unit: int
-
-
 def _stored_result(store: Store, run_id: str, arm_ids: list[str]) -> dict[str, Any] | None:
     """The experiment's finished result JSON when it covers exactly these arms, else None."""
     path = store.run_dir(run_id) / "select_experiment.json"
@@ -252,7 +245,6 @@ def _stored_result(store: Store, run_id: str, arm_ids: list[str]) -> dict[str, A
 def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
     """Plan, train the missing arms (each claimed: N processes share them), measure, summarize (see
     the module docstring)."""
-    from tqdm.auto import tqdm
 
     store = Store(cfg.store)
     if cfg.local_rank is not None and cfg.device in ("auto", "cuda"):
@@ -378,31 +370,23 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
             **measure.downstream(trained["adapter"]),
         }
 
-    # Each unit (the base, then every arm) is claimed before it is computed (store.claims), so N
-    # processes started with this command split them; a dead worker's claim is taken over.
+        # Each unit (the base, then every arm) is claimed before it is computed (store.claims), so N
+        # processes started with this command split them; a dead worker's claim is taken over.
+
     scope, timeout = f"select-{run_id}", cfg.claim_timeout
-    claims.sweep_stale(store, timeout)
 
-    def todo() -> list[_Unit]:  # the units not committed yet, this rank's share first
-        left = [i for i, u in enumerate(units) if u not in sa.finished(store, run_id)]
-        return [_Unit(i) for i in sorted(left, key=lambda i: (i % cfg.world_size != cfg.rank, i))]
-
-    mine: list[str] = []
-    work = todo()
-    bar = tqdm(total=len(work), desc="selection arms", disable=not cfg.progress)
-    try:
-        for w in claimed_units(store, scope, work, todo, timeout):
-            arm_id = units[w.unit]
-            if arm_id in sa.finished(store, run_id):  # committed by a worker that has ended
-                continue
-            bar.set_postfix(arm=arm_id)
-            sa.commit(store, run_id, arm_id, compute(arm_id))
-            mine.append(arm_id)
-            bar.update(1)
-    finally:
-        bar.close()
-        claims.release_all(store, scope, timeout)
-    print(f"this process computed {len(mine)} of {len(units)} units: {','.join(mine) or 'none'}")
+    sa.share_units(
+        store,
+        scope,
+        units,
+        lambda: sa.finished(store, run_id),
+        lambda u: sa.commit(store, run_id, u, compute(u)),
+        rank=cfg.rank,
+        world_size=cfg.world_size,
+        timeout=timeout,
+        desc="selection arms",
+        progress=cfg.progress,
+    )
     # The summary, once: whoever gets here first with every unit committed writes it, the others find it.
     with claims.exclusive(store, scope, "summary", timeout):
         stored = _stored_result(store, run_id, units[1:])

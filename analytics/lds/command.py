@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -35,7 +35,6 @@ from analytics.lds.config import NOT_IN_ID, LdsConfig
 from analytics.lds.plot import report, scatter
 from extractors.model import pick_device
 from extractors.sft_data import select_rows_by
-from extractors.units import claimed_units
 from store import claims
 from store.catalog.runs import Run
 from store.cli import config_dict, parse_config, user_errors
@@ -59,12 +58,6 @@ SCHEMA = pa.schema(
         ("created_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-
-
-class _Unit(NamedTuple):
-    """One claimable unit (extractors.units.claimed_units): `units[unit]` is base or subsetNNN."""
-
-    unit: int
 
 
 def check_pool(n: int, k: int, cfg: LdsConfig, run: str) -> None:
@@ -161,7 +154,6 @@ def summarize(store: Store, run_id: str, srcs: list[scores.Source], cfg: LdsConf
 
 def run_lds(cfg: LdsConfig) -> dict[str, Any]:
     """Plan, compute the missing units (claimed: N processes share them), summarize (module docstring)."""
-    from tqdm.auto import tqdm
 
     store = Store(cfg.store)
     if cfg.local_rank is not None and cfg.device in ("auto", "cuda"):
@@ -252,28 +244,19 @@ def run_lds(cfg: LdsConfig) -> dict[str, Any]:
         }
 
     scope, timeout = run_id, cfg.claim_timeout
-    claims.sweep_stale(store, timeout)
 
-    def todo() -> list[_Unit]:  # the units not committed yet, this rank's share first
-        left = [i for i, u in enumerate(units) if u not in finished(store, run_id)]
-        return [_Unit(i) for i in sorted(left, key=lambda i: (i % cfg.world_size != cfg.rank, i))]
-
-    mine: list[str] = []
-    work = todo()
-    bar = tqdm(total=len(work), desc="lds subsets", disable=not cfg.progress)
-    try:
-        for w in claimed_units(store, scope, work, todo, timeout):
-            unit = units[w.unit]
-            if unit in finished(store, run_id):  # committed by a worker that has ended
-                continue
-            bar.set_postfix(unit=unit)
-            commit(store, run_id, unit, compute(unit), srcs)
-            mine.append(unit)
-            bar.update(1)
-    finally:
-        bar.close()
-        claims.release_all(store, scope, timeout)
-    print(f"this process computed {len(mine)} of {len(units)} units: {','.join(mine) or 'none'}")
+    mine = sa.share_units(
+        store,
+        scope,
+        units,
+        lambda: finished(store, run_id),
+        lambda u: commit(store, run_id, u, compute(u), srcs),
+        rank=cfg.rank,
+        world_size=cfg.world_size,
+        timeout=timeout,
+        desc="lds subsets",
+        progress=cfg.progress,
+    )
     with claims.exclusive(store, scope, "summary", timeout):
         stored = _stored(store, run_id, units)
         if stored is not None:
