@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +24,7 @@ from scipy import stats as sps
 
 from analytics.lds import LdsConfig, main
 from analytics.lds import scores as lds_scores
+from analytics.study.report import lds_rows, lds_table
 from store.core import Store
 from tests.conftest import ingest_small
 from tests.test_select_experiment import RUN, SIZES, synthetic_attribution
@@ -193,6 +195,29 @@ def test_table_predictions_losses_lds_and_noop_rerun(finished_run, tiny_model, c
     n = _count(store, "finetune")
     assert main(_args(store, tiny_model)) == 0
     assert "nothing to do: lds run" in capsys.readouterr().out and _count(store, "finetune") == n
+
+
+def test_study_report_shows_every_sources_lds(finished_run):
+    """The study report's LDS table (analytics.study.report) carries each source's figures from the
+    run's lds.json, one row per source, and says so when there is no lds step."""
+    store, res, _ = finished_run
+    commands = {"lds/lds": {"step": "lds", "result": res["run_id"]}}
+    study = SimpleNamespace(store=Store(store), state={"commands": commands})
+    rows = lds_rows(study)
+    assert {r["source"] for r in rows} == set(res["sources"])
+    for r in rows:
+        src = res["sources"][r["source"]]
+        assert (r["lds"], r["ci_low"], r["ci_high"], r["n_subsets"]) == (
+            src["lds"],
+            src["ci_low"],
+            src["ci_high"],
+            src["n_subsets"],
+        )
+    table = "\n".join(lds_table(rows))
+    for r in rows:
+        if r["lds"] is not None:
+            assert f"| {r['source']} | {r['lds']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" in table
+    assert lds_table([]) == ["(no lds step in this study)", ""]
 
 
 def test_lds_sign_and_bootstrap_equal_a_plain_loop():

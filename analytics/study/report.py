@@ -6,7 +6,8 @@ variant; every other step's runs with their recorded metrics; the selection expe
 per comparison (a - b, pooled over seeds, 95% CI, bootstrap p); and the tables our users kept,
 filtered from those rows: base vs top vs random at each k (the first attribution variant, overlap
 excluded), scoring variants at the largest k (mean vs nearest), overlap allowed vs excluded at the
-largest k, and the rank-window ablation (ranks 3k/5+1..k vs a random k-3k/5 from ranks > k).
+largest k, and the rank-window ablation (ranks 3k/5+1..k vs a random k-3k/5 from ranks > k); then the
+linear datamodeling score of every source of the lds step (LDS, 95% CI, bootstrap p).
 """
 
 from __future__ import annotations
@@ -73,6 +74,40 @@ def experiment_rows(study: Any) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+def lds_rows(study: Any) -> list[dict[str, Any]]:
+    """One row per (lds command, source): the LDS with its CI from the run's lds.json."""
+    st, out = study.store, []
+    for key, entry in study.state["commands"].items():
+        if entry.get("step") != "lds" or not entry.get("result"):
+            continue
+        path = st.run_folder(entry["result"]) / "lds.json"
+        if not path.is_file():
+            continue
+        doc = json.loads(path.read_text())
+        for source, r in doc.get("sources", {}).items():
+            keep = ("lds", "ci_low", "ci_high", "p_value", "n_subsets", "skipped_because")
+            out.append({"command": key, "run_id": entry["result"], "source": source, **{k: r.get(k) for k in keep}})
+    return out
+
+
+def lds_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The LDS of every source (docs/selection.md "Linear datamodeling score")."""
+    if not rows:
+        return ["(no lds step in this study)", ""]
+    lines = ["| source | LDS [95% CI] | bootstrap p | subsets | run |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["lds"] is None:
+            why = r["skipped_because"] or "undefined (constant predictions or losses)"
+            lines.append(f"| {r['source']} | skipped: {why} | | | `{r['run_id']}` |")
+            continue
+        p = "" if r["p_value"] is None else f"{r['p_value']:.3f}"
+        lines.append(
+            f"| {r['source']} | {r['lds']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {p} | "
+            f"{r['n_subsets']} | `{r['run_id']}` |"
+        )
+    return [*lines, ""]
 
 
 def _table(rows: list[dict[str, Any]], title: str, note: str) -> list[str]:
@@ -176,6 +211,8 @@ def write_report(study: Any) -> dict[str, Any]:
     rows = experiment_rows(study)
     lines += ["", "## Selection experiments", ""]
     lines += kept_tables(study, rows)
+    lds = lds_rows(study)
+    lines += ["## Linear datamodeling score", "", *lds_table(lds)]
     doc = {
         "study_id": study.id,
         "name": study.cfg.name,
@@ -183,6 +220,7 @@ def write_report(study: Any) -> dict[str, Any]:
         "commands": cmds,
         "eval_loss": {k: {"run_id": r, "loss": loss, "rows": n} for k, (r, loss, n) in evals.items()},
         "experiments": rows,
+        "lds": lds,
     }
     if rows:
         png = _plot(rows, study.dir / "study.png")

@@ -153,7 +153,8 @@ class Study:
     def primary(self, step: str, new: list[str], runs: dict[str, tuple[str, str]], out: str) -> str | None:
         """The result a later step refers to: the finetune's adapter, the attribution run, the
         experiment's run id (from the new runs, else from what the command printed)."""
-        kind = {"finetune": "finetune", "attribution": "attribution", "experiment": "select_experiment"}.get(step)
+        kinds = {"finetune": "finetune", "attribution": "attribution", "experiment": "select_experiment", "lds": "lds"}
+        kind = kinds.get(step)
         ids = [r for r in new if runs[r][0] == kind] if kind else new
         if step == "finetune":
             st = Store(self.cfg.store)
@@ -167,6 +168,9 @@ class Study:
             return ids[-1]
         if step == "experiment":
             m = re.findall(r"(select-[0-9a-f]{12})", out)
+            return m[-1] if m else None
+        if step == "lds":  # a finished run's rerun prints its id
+            m = re.findall(r"\b(lds-[0-9a-f]{12})\b", out)
             return m[-1] if m else None
         if step == "attribution":
             m = re.findall(r"attribution run (\S+)", out)
