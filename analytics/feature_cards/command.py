@@ -50,7 +50,7 @@ KIND = "feature_cards"
 
 
 @dataclass(kw_only=True)
-class CardsConfig(StoreOptions, LayerOptions, ModelOptions, ProgressOptions):
+class CardsConfig(delphi.DelphiOptions, StoreOptions, LayerOptions, ModelOptions, ProgressOptions):
     """Feature cards of an SAE, in one pass over its stored codes: top and quantile contexts,
     activation histogram, density, logit effects, metadata associations, importance and the
     attribution-rank correlation, into table feature_cards (resumable per batch of features)."""
@@ -78,12 +78,6 @@ class CardsConfig(StoreOptions, LayerOptions, ModelOptions, ProgressOptions):
     per_quantile: int = field(default=5, metadata={"help": "contexts sampled from each quantile"})
     logits: int = field(default=10, metadata={"help": "top and bottom logit effects per card"})
     batch_features: int = field(default=256, metadata={"help": "features per batch (one table part and JSON each)"})
-    export_delphi: str | None = field(
-        default=None,
-        metadata={"help": "write the SAE's codes in delphi's latent-cache layout to this folder, then stop"},
-    )
-    delphi_ctx_len: int = field(default=delphi.DEFAULT_CTX_LEN, metadata={"help": "delphi export: tokens per sequence"})
-    delphi_splits: int = field(default=delphi.DEFAULT_SPLITS, metadata={"help": "delphi export: safetensors files"})
 
     def __post_init__(self) -> None:
         self.check_device()

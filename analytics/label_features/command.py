@@ -44,7 +44,7 @@ METHODS = ("llm", "deterministic", "shuffled")
 
 
 @dataclass(kw_only=True)
-class LabelConfig(StoreOptions, LayerOptions, ModelOptions, SeedOptions, ProgressOptions):
+class LabelConfig(delphi.DelphiOptions, StoreOptions, LayerOptions, ModelOptions, SeedOptions, ProgressOptions):
     """Label SAE features: explanations from their top and quantile contexts (an LLM in delphi's
     prompt form, and a deterministic baseline), scored by detection and fuzzing on held-out
     windows against a shuffled-explanation chance baseline; a hand-review loop; a delphi export."""
@@ -77,12 +77,6 @@ class LabelConfig(StoreOptions, LayerOptions, ModelOptions, SeedOptions, Progres
         default=None, metadata={"help": "store the CSV's hand labels (source human, kept above automatic ones)"}
     )
     review_below: float = field(default=0.5, metadata={"help": "--export-review takes labels of confidence below this"})
-    export_delphi: str | None = field(
-        default=None,
-        metadata={"help": "write the SAE's codes in delphi's latent-cache layout to this folder, then stop"},
-    )
-    delphi_ctx_len: int = field(default=delphi.DEFAULT_CTX_LEN, metadata={"help": "delphi export: tokens per sequence"})
-    delphi_splits: int = field(default=delphi.DEFAULT_SPLITS, metadata={"help": "delphi export: safetensors files"})
 
     def __post_init__(self) -> None:
         self.check_device()

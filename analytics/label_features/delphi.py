@@ -24,6 +24,7 @@ cards. `export.json` beside `latents/` maps each row to its span of the stream, 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,6 +35,18 @@ from store.core import Store, StoreError
 
 DEFAULT_CTX_LEN = 256  # delphi's CacheConfig.cache_ctx_len
 DEFAULT_SPLITS = 5  # delphi's CacheConfig.n_splits
+
+
+@dataclass(kw_only=True)
+class DelphiOptions:
+    """The export's flags, shared by analytics.label_features and analytics.feature_cards."""
+
+    export_delphi: str | None = field(
+        default=None,
+        metadata={"help": "write the SAE's codes in delphi's latent-cache layout to this folder, then stop"},
+    )
+    delphi_ctx_len: int = field(default=DEFAULT_CTX_LEN, metadata={"help": "delphi export: tokens per sequence"})
+    delphi_splits: int = field(default=DEFAULT_SPLITS, metadata={"help": "delphi export: safetensors files"})
 
 
 class DelphiExport(NamedTuple):
