@@ -359,14 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.export_delphi:
         store = Store(cfg.store)
         sae = resolve_sae(store, cfg.sae, cfg.layers[0] if cfg.layers else None)
-        out = delphi.export_delphi(
-            store, sae, Path(cfg.export_delphi), ctx_len=cfg.delphi_ctx_len, n_splits=cfg.delphi_splits
-        )
-        print(
-            f"delphi latent cache of SAE {sae.name} layer {sae.layer}: {out.n_active} activations over "
-            f"{out.n_sequences} sequences of {cfg.delphi_ctx_len} tokens in {len(out.files)} files under "
-            f"{out.module_dir} (LatentDataset raw_dir = {out.dir / 'latents'})"
-        )
+        print(delphi.export_from(store, sae, cfg))
         return 0
     print(report(run_cards(cfg)))
     return 0

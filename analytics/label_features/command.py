@@ -401,14 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.export_delphi or cfg.export_review or cfg.import_review:
         sae = resolve_sae(store, cfg.sae, cfg.layers[0] if cfg.layers else None)
         if cfg.export_delphi:
-            out = delphi.export_delphi(
-                store, sae, Path(cfg.export_delphi), ctx_len=cfg.delphi_ctx_len, n_splits=cfg.delphi_splits
-            )
-            print(
-                f"delphi latent cache of SAE {sae.name} layer {sae.layer}: {out.n_active} activations over "
-                f"{out.n_sequences} sequences of {cfg.delphi_ctx_len} tokens in {len(out.files)} files under "
-                f"{out.module_dir} (LatentDataset raw_dir = {out.dir / 'latents'})"
-            )
+            print(delphi.export_from(store, sae, cfg))
         elif cfg.import_review:
             n, part = review.import_review(store, sae, Path(cfg.import_review))
             print(f"{n} hand labels stored in {review.TABLE} (source human, part {part})")

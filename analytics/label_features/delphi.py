@@ -152,3 +152,13 @@ def export_delphi(
     }
     (out / "export.json").write_text(json.dumps(meta, indent=1))
     return DelphiExport(out, module_dir, files, int(tokens.shape[0]), int(len(act)))
+
+
+def export_from(store: Store, sae: SaeRef, opts: DelphiOptions) -> str:
+    """The export the --export-delphi flags ask for (both commands' flag), and the line describing it."""
+    out = export_delphi(store, sae, Path(opts.export_delphi), ctx_len=opts.delphi_ctx_len, n_splits=opts.delphi_splits)
+    return (
+        f"delphi latent cache of SAE {sae.name} layer {sae.layer}: {out.n_active} activations over "
+        f"{out.n_sequences} sequences of {opts.delphi_ctx_len} tokens in {len(out.files)} files under "
+        f"{out.module_dir} (LatentDataset raw_dir = {out.dir / 'latents'})"
+    )
