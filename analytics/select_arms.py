@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 
+from analytics.select_budget import Budget
 from extractors.adapters import apply_adapter, registered, resolve_adapter
 from extractors.ingest.sample.planted import rule_followed
 from extractors.model import load_model
@@ -108,25 +109,6 @@ class Comparison(NamedTuple):
     name: str  # a - b
     a: str
     b: str
-
-
-@dataclass
-class Budget:
-    """What every arm's finetune gets (identical across arms, checked by `check_budget`)."""
-
-    epochs: int
-    max_steps: int | None
-    batch_size: int
-    grad_accum: int
-    lr: float
-    warmup_steps: int
-
-    def steps_for(self, n_rows: int) -> tuple[int, int]:
-        """(optimizer steps, epochs to ask trainers.finetune for) for a subset of n_rows."""
-        per_epoch = math.ceil(n_rows / (self.batch_size * self.grad_accum))
-        if self.max_steps is None:
-            return self.epochs * per_epoch, self.epochs
-        return self.max_steps, math.ceil(self.max_steps / per_epoch)
 
 
 def ablation_sizes(k: int) -> tuple[int, int]:

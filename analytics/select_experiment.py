@@ -73,6 +73,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from analytics import select_arms as sa
+from analytics.select_budget import ArmTrainingOptions
 from analytics.selection.summary import plot, report, result_doc, summarize
 from extractors.model import pick_device
 from extractors.sft_data import select_rows_by
@@ -112,7 +113,7 @@ NOT_IN_ID = (
 
 
 @dataclass(kw_only=True)
-class SelectExperimentConfig(StoreOptions, ModelOptions, RankOptions, ProgressOptions):
+class SelectExperimentConfig(ArmTrainingOptions, StoreOptions, ModelOptions, RankOptions, ProgressOptions):
     """Top-k vs matched random-k continuation finetunes over seeds, with paired CIs (module docstring).
     --model is the base model the arms' adapters continue from."""
 
@@ -155,15 +156,6 @@ class SelectExperimentConfig(StoreOptions, ModelOptions, RankOptions, ProgressOp
         metadata={"help": "scale: top{3k//5} vs top{k} and ranks {3k//5+1}-{k} vs random {k-3k//5} from ranks > k"},
     )
     pool_split: str = field(default="score_pool", metadata={"help": "the split the selector ranks"})
-    epochs: int = field(default=1, metadata={"help": "passes over each arm's rows (ignored with --max-steps)"})
-    max_steps: int | None = field(
-        default=None,
-        metadata={"help": "every arm takes exactly this many optimizer steps (needed when arm sizes differ)"},
-    )
-    batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=2e-4, metadata={"help": "AdamW peak learning rate"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then linear decay"})
     eval_split: str = field(default="eval", metadata={"help": "rows whose loss is compared"})
     eval_max_rows: int | None = field(default=None, metadata={"help": "compare on the first N eval rows by row_id"})
     downstream: bool = field(
@@ -177,44 +169,18 @@ class SelectExperimentConfig(StoreOptions, ModelOptions, RankOptions, ProgressOp
         default=10000, metadata={"help": "sign-flip permutations of the secondary rows-only p (p_sign_flip_rows)"}
     )
     stats_seed: int = field(default=0, metadata={"help": "seed of the bootstrap and the permutations"})
-    max_length: int = field(default=2048, metadata={"help": "longest row in tokens (see --on-long)"})
-    on_long: Literal["error", "truncate"] = field(
-        default="error", metadata={"help": "rows longer than --max-length: error, or truncate them"}
-    )
-
-    claim_timeout: float = field(
-        default=3600.0,
-        metadata={
-            "help": "seconds after which another process's claim of an arm counts as stale and is taken over (a "
-            "dead process on this host is taken over at once)"
-        },
-    )
 
     def __post_init__(self) -> None:
         self.check_device()
         self.fill_ranks()
-        if self.claim_timeout <= 0:
-            raise ValueError(f"--claim-timeout must be positive seconds, got {self.claim_timeout}")
-        for name in (
-            "k",
-            "seeds",
-            "epochs",
-            "batch_size",
-            "grad_accum",
-            "n_boot",
-            "n_perm",
-            "max_new_tokens",
-            "gen_batch_size",
-            "max_length",
-        ):
+        self.check_training()
+        for name in ("k", "seeds", "n_boot", "n_perm", "max_new_tokens", "gen_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_max_rows"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.math_max_rows < 0:
-            raise ValueError(f"--lr must be positive (got {self.lr}), --warmup-steps and --math-max-rows >= 0")
+        if self.eval_max_rows is not None and self.eval_max_rows <= 0:
+            raise ValueError(f"--eval-max-rows must be positive, got {self.eval_max_rows}")
+        if self.math_max_rows < 0:
+            raise ValueError(f"--math-max-rows must be >= 0, got {self.math_max_rows}")
         sa.parse_arms(self.arms)
         if self.ablation != "none" and self.arms != "top,matched_random":
             raise ValueError(f"--ablation {self.ablation} has its own arms; drop --arms {self.arms} (or --ablation)")
@@ -272,7 +238,7 @@ def run_select_experiment(cfg: SelectExperimentConfig) -> dict[str, Any]:
     # Every subset (cheap, deterministic) and the budget check before anything trains.
     subsets = {a.arm_id: write_subset(store, a.spec) for a in arms}
     sizes = {a.arm_id: len(subset_rows(store, subsets[a.arm_id])) for a in arms}
-    budget = sa.Budget(cfg.epochs, cfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.warmup_steps)
+    budget = cfg.budget()
     # The full pool takes the k-row arms' optimizer steps and batch (fewer passes over each row).
     full = tuple(a.arm_id for a in arms if a.name == "full")
     steps = sa.check_budget(sizes, budget, fixed=full)

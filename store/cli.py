@@ -183,7 +183,9 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser whose options are `cls`'s fields, with their help and defaults: the
-    command's own options first, then the shared option groups' under "shared options"."""
+    command's own options first, then those of a field group (`metadata["group"]`, e.g. the
+    selection arms' training budget) under its name, then the shared option groups' under
+    "shared options"."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description or (cls.__doc__ or "").strip(),
@@ -193,9 +195,14 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
     fields = [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli") is not False]
     order = list(SHARED_HELP)
     shared = sorted((f for f in fields if is_shared(f)), key=lambda f: order.index(f.name))
-    for f in fields:
-        if not is_shared(f):
+    groups: dict[str, Any] = {}
+    for f in fields:  # own options first; a field with metadata["group"] goes under that heading
+        if not is_shared(f) and "group" not in f.metadata:
             _add_option(parser, cls, f, hints[f.name])
+    for f in fields:
+        if not is_shared(f) and "group" in f.metadata:
+            name = f.metadata["group"]
+            _add_option(groups.setdefault(name, parser.add_argument_group(name)), cls, f, hints[f.name])
     group = parser.add_argument_group("shared options") if shared else None
     for f in shared:
         _add_option(group, cls, f, hints[f.name])

@@ -10,6 +10,7 @@ a subprocess.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 import runpy
 import subprocess
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from analytics import cli
-from store.cli import SHARED_HELP
+from store.cli import SHARED_HELP, build_parser, parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = {c.name: c for c in cli.COMMANDS}
@@ -139,3 +140,42 @@ def test_shared_options_are_not_redefined_in_store_trainers_analytics():
         if name in SHARED_HELP and help_ is not None and path.as_posix() != "store/cli.py"
     ]
     assert not own, "shared options redefined with their own help:\n" + "\n".join(own)
+
+
+def test_arm_training_budget_is_defined_once(capsys):
+    """The selection experiment and the LDS train their arms / subsets with one option group
+    (analytics.select_budget.ArmTrainingOptions): no selection, LDS or study config redefines its
+    flags with its own help, both commands list them under the group's heading, and each parses to the same Budget."""
+    from analytics.lds.config import LdsConfig
+    from analytics.select_budget import GROUP, ArmTrainingOptions, Budget
+    from analytics.select_experiment import SelectExperimentConfig
+
+    names = {f.name for f in dataclasses.fields(ArmTrainingOptions)}
+    own = [
+        f"{path}: {cls}.{name}"
+        for path, cls, name, help_ in _dataclass_fields(["analytics"])
+        if name in names
+        and help_ is not None
+        and (path.name.startswith("select_") or path.parts[1] in ("lds", "study", "selection"))
+        and path.as_posix() != "analytics/select_budget.py"
+    ]
+    assert not own, "arm training flags redefined (inherit analytics.select_budget.ArmTrainingOptions):\n" + "\n".join(
+        own
+    )
+    argv = ["--max-steps", "7", "--batch-size", "3", "--lr", "0.01", "--claim-timeout", "5"]
+    budgets = []
+    for cls in (SelectExperimentConfig, LdsConfig):
+        text = build_parser(cls).format_help()
+        heading = text.index(f"{GROUP}:")
+        assert heading < text.index("shared options:")
+        own_options, group = text[text.index("\noptions:") : heading], text[heading : text.index("shared options:")]
+        flags = [f"--{n.replace('_', '-')} " for n in names]
+        assert all(f in group and f not in own_options for f in flags), text
+        cfg = parse_config(cls, argv)
+        assert cfg.claim_timeout == 5.0
+        budgets.append(cfg.budget())
+    expected = Budget(epochs=1, max_steps=7, batch_size=3, grad_accum=1, lr=0.01, warmup_steps=0)
+    assert budgets[0] == budgets[1] == expected
+    with pytest.raises(SystemExit):
+        parse_config(LdsConfig, ["--max-steps", "0"])
+    assert "--max-steps must be positive, got 0" in capsys.readouterr().err

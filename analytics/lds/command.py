@@ -182,7 +182,7 @@ def run_lds(cfg: LdsConfig) -> dict[str, Any]:
     }
     subsets = {u: write_subset(store, specs[u]) for u in names}  # cheap and deterministic
     rows = {u: subset_rows(store, subsets[u]) for u in names}
-    budget = sa.Budget(cfg.epochs, cfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.lr, cfg.warmup_steps)
+    budget = cfg.budget()
     steps = sa.check_budget({u: len(rows[u]) for u in names}, budget)
     srcs = scores.sources(store, pool, run, predictor_run, why_not, cfg.seed)
     run_dir = store.run_dir(run_id)

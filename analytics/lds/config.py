@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
+from analytics.select_budget import ArmTrainingOptions
 from store.cli import ModelOptions, ProgressOptions, RankOptions, SeedOptions, StoreOptions
 
 # Fields that do not change what a subset's finetune or measurement is: left out of the run's id, so
@@ -25,7 +25,7 @@ MIN_SUBSETS = 3  # a rank correlation over fewer subsets has no interval
 
 
 @dataclass(kw_only=True)
-class LdsConfig(StoreOptions, ModelOptions, RankOptions, SeedOptions, ProgressOptions):
+class LdsConfig(ArmTrainingOptions, StoreOptions, ModelOptions, RankOptions, SeedOptions, ProgressOptions):
     """The linear datamodeling score of an attribution run (analytics.lds): N seeded random subsets
     of its scored pool, one continuation finetune of the base adapter on each (identical budgets),
     the measured eval loss of each; LDS = Spearman(predicted benefit, -eval loss) over the subsets,
@@ -53,29 +53,10 @@ class LdsConfig(StoreOptions, ModelOptions, RankOptions, SeedOptions, ProgressOp
         },
     )
     pool_split: str = field(default="score_pool", metadata={"help": "the split the attribution run scored"})
-    epochs: int = field(default=1, metadata={"help": "passes over each subset's rows (ignored with --max-steps)"})
-    max_steps: int | None = field(
-        default=None, metadata={"help": "every subset's finetune takes exactly this many optimizer steps"}
-    )
-    batch_size: int = field(default=8, metadata={"help": "rows per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=2e-4, metadata={"help": "AdamW peak learning rate"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up steps, then linear decay"})
     eval_split: str = field(default="eval", metadata={"help": "the rows whose eval loss is measured"})
     eval_max_rows: int | None = field(default=None, metadata={"help": "measure on the first N eval rows by row_id"})
     n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples of the subsets (the CI of the LDS)"})
     stats_seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
-    max_length: int = field(default=2048, metadata={"help": "longest row in tokens (see --on-long)"})
-    on_long: Literal["error", "truncate"] = field(
-        default="error", metadata={"help": "rows longer than --max-length: error, or truncate them"}
-    )
-    claim_timeout: float = field(
-        default=3600.0,
-        metadata={
-            "help": "seconds after which another process's claim of a subset counts as stale and is taken over (a "
-            "dead process on this host is taken over at once)"
-        },
-    )
 
     def __post_init__(self) -> None:
         self.check_device()
@@ -94,14 +75,8 @@ class LdsConfig(StoreOptions, ModelOptions, RankOptions, SeedOptions, ProgressOp
                 f"--fraction {self.fraction} must be strictly between 0 and 1 (each subset's share of the pool), "
                 "e.g. --fraction 0.5"
             )
-        if self.claim_timeout <= 0:
-            raise ValueError(f"--claim-timeout must be positive seconds, got {self.claim_timeout}")
-        for name in ("epochs", "batch_size", "grad_accum", "n_boot", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_max_rows"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {v}")
-        if self.lr <= 0 or self.warmup_steps < 0:
-            raise ValueError(f"--lr must be positive (got {self.lr}) and --warmup-steps >= 0 (got {self.warmup_steps})")
+        self.check_training()
+        if self.n_boot <= 0:
+            raise ValueError(f"--n-boot must be positive, got {self.n_boot}")
+        if self.eval_max_rows is not None and self.eval_max_rows <= 0:
+            raise ValueError(f"--eval-max-rows must be positive, got {self.eval_max_rows}")

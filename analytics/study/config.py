@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from analytics.select_budget import BUDGET_FIELDS
 from store.cli import ModelOptions, ProgressOptions, StoreOptions
 
 STEPS = (
@@ -65,7 +66,7 @@ COMMANDS = {
     "lds": Command("analytics.lds:main", None),
 }
 VARIANTS = ("eval_loss", "attribution", "experiment")  # sections of named variants
-BUDGET = ("seeds", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "warmup_steps")
+BUDGET = ("seeds", *BUDGET_FIELDS)  # one budget for every arm of every experiment
 SHARED = tuple(f.name for g in (StoreOptions, ModelOptions, ProgressOptions) for f in dataclasses.fields(g))
 
 
