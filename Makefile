@@ -54,9 +54,13 @@ test: setup lint
 test-fast: setup
 	$(BIN)/python -m pytest -q -rs -m "not slow" --durations=8
 
+# Every benchmark that builds its own scratch store. bench.feature_cards times the cards of a
+# store's SAE, so it runs on a store with SAE codes: python -m bench.feature_cards --store S --sae latest
 bench: setup
 	$(BIN)/python -m bench.extract
 	$(BIN)/python -m bench.read
+	$(BIN)/python -m bench.loaders
+	$(BIN)/python -m bench.logits
 	$(BIN)/python -m bench.sae_codes
 	$(BIN)/python -m bench.gradnorm
 	$(BIN)/python -m bench.finetune
