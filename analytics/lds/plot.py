@@ -22,7 +22,7 @@ def scatter(by_source: dict[str, dict[str, Any]], base_loss: float, path: Path, 
     """One panel per source that predicts: each subset's predicted benefit (x) against its adapter's
     eval loss (y), the base adapter's loss as a line; LDS and its 95% CI in the panel's title."""
     shown = {k: v for k, v in by_source.items() if "predicted" in v}
-    fig = Figure(figsize=(4.2 * len(shown), 4.0))
+    fig = Figure(figsize=(4.2 * len(shown), 4.0), layout="constrained")  # keeps the suptitle off the panels
     axes = fig.subplots(1, len(shown), squeeze=False)[0]
     for ax, (name, v) in zip(axes, shown.items(), strict=True):
         ax.scatter(v["predicted"], v["actual_loss"], s=22)
@@ -33,7 +33,7 @@ def scatter(by_source: dict[str, dict[str, Any]], base_loss: float, path: Path, 
         ax.set_title(f"{name}\n{_ci(v)}", fontsize=9)
         ax.legend(fontsize=7)
     skipped = [f"{k}: {v['skipped_because']}" for k, v in by_source.items() if "predicted" not in v]
-    fig.suptitle(title + ("\nskipped: " + "; ".join(skipped) if skipped else ""), fontsize=9, y=1.02)
+    fig.suptitle(title + ("\nskipped: " + "; ".join(skipped) if skipped else ""), fontsize=9)
     return save_figure(fig, path)
 
 
