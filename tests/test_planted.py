@@ -108,6 +108,13 @@ def test_recovery_metrics_equal_plain_references():
     assert got["auroc_ci"][0] <= got["auroc"] <= got["auroc_ci"][1]
     perfect = recovery(np.argsort(np.argsort(~truth, kind="stable"), kind="stable") + 1, truth, 50, rng)
     assert (perfect["precision_at_k"], perfect["auroc"]) == (1.0, 1.0)
+    assert got["median_rank_planted"] == pytest.approx(np.median(rank[truth]))
+    # a held-out subset keeps the global ranks: its median rank is counted within the subset (1..n)
+    sub = np.arange(40) % 3 == 0
+    held = recovery(rank[sub] + 100, truth[sub], 50, rng)
+    within = np.argsort(np.argsort(rank[sub], kind="stable"), kind="stable") + 1
+    assert held["median_rank_planted"] == pytest.approx(np.median(within[truth[sub]]))
+    assert held["median_rank_planted"] <= held["pool"]
 
 
 def test_control_needs_a_planted_store(tmp_path, tiny_model, capsys):

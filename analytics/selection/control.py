@@ -85,7 +85,10 @@ def recovery(rank: np.ndarray, truth: np.ndarray, n_boot: int, rng: np.random.Ge
     k = int(truth.sum())
     if k == 0 or k == len(truth):
         raise StoreError(f"the pool has {k} planted rows of {len(truth)}: the control needs both kinds")
-    top = np.argsort(rank, kind="stable")[:k]
+    order = np.argsort(rank, kind="stable")
+    top = order[:k]
+    local = np.empty(len(rank), dtype=np.int64)  # 1..n within these rows (a held-out subset keeps global ranks)
+    local[order] = np.arange(1, len(rank) + 1)
     score = -rank.astype(np.float64)  # higher = better
     pos, neg = np.flatnonzero(truth), np.flatnonzero(~truth)
     draws = [
@@ -100,7 +103,7 @@ def recovery(rank: np.ndarray, truth: np.ndarray, n_boot: int, rng: np.random.Ge
         "base_rate": float(truth.mean()),
         "auroc": auroc(score, truth),
         "auroc_ci": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))],
-        "median_rank_planted": float(np.median(rank[truth])),
+        "median_rank_planted": float(np.median(local[truth])),
     }
 
 
