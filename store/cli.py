@@ -202,7 +202,9 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
     for f in fields:
         if not is_shared(f) and "group" in f.metadata:
             name = f.metadata["group"]
-            _add_option(groups.setdefault(name, parser.add_argument_group(name)), cls, f, hints[f.name])
+            if name not in groups:
+                groups[name] = parser.add_argument_group(name)
+            _add_option(groups[name], cls, f, hints[f.name])
     group = parser.add_argument_group("shared options") if shared else None
     for f in shared:
         _add_option(group, cls, f, hints[f.name])
