@@ -396,8 +396,7 @@ def train_arm(
 ) -> dict[str, Any]:
     """Continuation finetune of one arm (see the module docstring) for exactly `steps` optimizer
     steps (the experiment's common budget); returns the new adapter's record."""
-    per_epoch = math.ceil(n_rows / (budget.batch_size * budget.grad_accum))
-    epochs = math.ceil(steps / per_epoch)
+    epochs = budget.epochs_for(n_rows, steps)
     sql = f"SELECT row_id FROM subsets WHERE subset = '{subset}' /* {TAG} {run_id}, arm {arm.arm_id} */"
     res = run_finetune(
         FinetuneConfig(

@@ -26,12 +26,18 @@ class Budget:
     lr: float
     warmup_steps: int
 
+    def steps_per_epoch(self, n_rows: int) -> int:
+        return math.ceil(n_rows / (self.batch_size * self.grad_accum))
+
+    def epochs_for(self, n_rows: int, steps: int) -> int:
+        """Epochs to ask trainers.finetune for so that n_rows give at least `steps` optimizer steps."""
+        return math.ceil(steps / self.steps_per_epoch(n_rows))
+
     def steps_for(self, n_rows: int) -> tuple[int, int]:
         """(optimizer steps, epochs to ask trainers.finetune for) for a subset of n_rows."""
-        per_epoch = math.ceil(n_rows / (self.batch_size * self.grad_accum))
         if self.max_steps is None:
-            return self.epochs * per_epoch, self.epochs
-        return self.max_steps, math.ceil(self.max_steps / per_epoch)
+            return self.epochs * self.steps_per_epoch(n_rows), self.epochs
+        return self.max_steps, self.epochs_for(n_rows, self.max_steps)
 
 
 BUDGET_FIELDS = tuple(f.name for f in dataclasses.fields(Budget))
